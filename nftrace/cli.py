@@ -1,0 +1,162 @@
+"""The command line: parse, call one function of the library, render. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import List, Optional
+
+import typer
+
+from .errors import NftraceError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Why was my packet dropped? Trace a flow through nftables and iptables, rule by rule.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_NO_PACKET = 3
+EXIT_INTERRUPTED = 130
+
+
+def _fail(err: NftraceError) -> None:
+    typer.echo(f"nftrace: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    netns: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help="Work inside /run/netns/NAME (never created)."),
+):
+    ctx.obj = {"netns": netns}
+
+
+class JsonStream:
+    """One JSON document on stdout, written as packets complete, so memory stays flat.
+
+    Nothing is written before the first packet, so an error found while setting up leaves
+    stdout empty; once started, the document is always closed, even on Ctrl-C.
+    """
+
+    def __init__(self, out, report):
+        self.out = out
+        self.report = report
+        self.count = 0
+        self.started = False
+
+    def _start(self) -> None:
+        header = json.dumps(self.report.header_json())
+        self.out.write(header[:-1] + ', "packets": [')
+        self.started = True
+
+    def packet(self, path) -> None:
+        from .report import packet_json
+
+        if not self.started:
+            self._start()
+        self.out.write(("," if self.count else "") + "\n  " + json.dumps(packet_json(path, self.report.interfaces)))
+        self.out.flush()
+        self.count += 1
+
+    def finish(self) -> None:
+        if not self.started:
+            self._start()
+        self.out.write("\n], " + json.dumps(self.report.trailer_json())[1:] + "\n")
+        self.out.flush()
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def why(
+    ctx: typer.Context,
+    src: str = typer.Option(..., "--from", metavar="ADDR[/LEN]", help="Source address or prefix."),
+    dst: str = typer.Option(..., "--to", metavar="ADDR[/LEN]", help="Destination address or prefix."),
+    proto: Optional[str] = typer.Option(None, "--proto", help="tcp, udp, icmp, icmpv6 or sctp."),
+    sport: Optional[int] = typer.Option(None, "--sport", metavar="N", help="Source port (tcp/udp/sctp)."),
+    dport: Optional[int] = typer.Option(None, "--dport", metavar="N", help="Destination port (tcp/udp/sctp)."),
+    iif: Optional[str] = typer.Option(None, "--iif", metavar="IF", help="Only packets arriving on this interface."),
+    oif: Optional[str] = typer.Option(None, "--oif", metavar="IF", help="Only packets leaving on this interface."),
+    count: int = typer.Option(10, "--count", min=0, help="Stop after N traced packets (0: no limit)."),
+    timeout: float = typer.Option(60.0, "--timeout", min=0, metavar="SEC", help="Stop after SEC seconds (0: no limit)."),
+    max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    command: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS...]", help="Traffic to run once tracing is on."),
+):
+    """Trace the packets of one flow and say which rule decided each one's fate."""
+    from .flow import parse_flow
+    from .render import render_closing, render_packet
+    from .report import TraceReport
+    from .session import Interrupted, TraceOptions, TraceSession
+
+    netns = ctx.obj["netns"]
+    try:
+        flow = parse_flow(src, dst, proto, sport, dport, iif, oif)
+    except NftraceError as err:
+        _fail(err)
+    options = TraceOptions(flow=flow, netns=netns, count=count, timeout=timeout, max_rate=max_rate,
+                           command=list(command or []))
+    report = TraceReport(flow=flow, netns=netns)
+    session = TraceSession(options, report)
+    stream = JsonStream(sys.stdout, report) if as_json else None
+
+    def on_packet(path):
+        if stream:
+            stream.packet(path)
+        else:
+            typer.echo(render_packet(path, report.interfaces) + "\n")
+
+    if not as_json:
+        where = f" in netns {netns}" if netns else ""
+        typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
+    exit_code = None
+    try:
+        session.run(on_packet)
+    except NftraceError as err:
+        if not (stream and stream.started):
+            _fail(err)
+        typer.echo(f"nftrace: {err}", err=True)
+        exit_code = err.exit_code
+    except KeyboardInterrupt:
+        typer.echo("nftrace: interrupted; trace rules removed", err=True)
+        exit_code = EXIT_INTERRUPTED
+    except Interrupted as stop:
+        typer.echo(f"nftrace: stopped by {signal.Signals(stop.signum).name}; trace rules removed", err=True)
+        exit_code = 128 + stop.signum
+    if stream:
+        stream.finish()
+    else:
+        closing = render_closing(report, session.packets_seen)
+        if closing:
+            typer.echo(closing, err=True)
+    if exit_code is None:
+        exit_code = 0 if session.packets_seen else EXIT_NO_PACKET
+    raise typer.Exit(exit_code)
+
+
+@app.command()
+def cleanup(ctx: typer.Context):
+    """Remove what killed nftrace runs left behind (only nftrace's own, never anything else)."""
+    from .session import open_nftables
+    from .ruleset import RulesetSnapshot
+    from .system import enter_namespace, require_net_admin
+    from .tracetable import remove_leftover_tables
+
+    try:
+        require_net_admin()
+        if ctx.obj["netns"]:
+            enter_namespace(ctx.obj["netns"])
+        nft = open_nftables()
+        removed = remove_leftover_tables(nft, RulesetSnapshot.take(nft))
+    except NftraceError as err:
+        _fail(err)
+    for item in removed:
+        typer.echo(f"removed table {item}")
+    if not removed:
+        typer.echo("nothing to clean up")
+
+
+def run() -> None:
+    app()

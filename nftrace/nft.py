@@ -1,0 +1,68 @@
+"""libnftables, through its Python bindings: one context per namespace, errors as NftraceError.
+
+The context opens its netlink socket when it is created, in the namespace the process is in
+then; the trace table's `flags owner` ties that table to this socket, so the context lives
+as long as the trace does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import EnvironmentProblem, KernelError
+
+
+def _load_bindings():
+    try:
+        import nftables  # Debian's python3-nftables, on top of libnftables1
+    except ImportError:
+        raise EnvironmentProblem(
+            "the nftables Python bindings are missing: apt-get install python3-nftables "
+            "(and run nftrace from a Python that sees Debian's packages)"
+        ) from None
+    return nftables
+
+
+class NftContext:
+    """A libnftables context with the output options nftrace relies on."""
+
+    def __init__(self):
+        nftables = _load_bindings()
+        try:
+            self._nft = nftables.Nftables()
+        except OSError as err:
+            raise EnvironmentProblem(f"libnftables cannot be loaded: {err} (apt-get install libnftables1)") from None
+
+    def run(self, command: str, *, json_output: bool = False, handles: bool = False, stateless: bool = False,
+            terse: bool = False) -> str:
+        """Run nft command text that nftrace wrote itself (never user input); return its output."""
+        nft = self._nft
+        nft.set_json_output(json_output)
+        nft.set_handle_output(handles)
+        nft.set_stateless_output(stateless)
+        nft.set_terse_output(terse)
+        rc, output, error = nft.cmd(command)
+        if rc != 0:
+            raise KernelError(_first_error_line(error) or f"nft: '{command}' failed")
+        return output
+
+    def run_json(self, commands: list[dict[str, Any]]) -> None:
+        """Apply a list of JSON commands as one atomic transaction.
+
+        libnftables parses its input as JSON only while JSON output is on.
+        """
+        nft = self._nft
+        nft.set_json_output(True)
+        nft.set_handle_output(False)
+        rc, _, error = nft.cmd(json.dumps({"nftables": commands}))
+        if rc != 0:
+            raise KernelError(_first_error_line(error) or "nft refused nftrace's trace rules")
+
+
+def _first_error_line(error: str) -> str:
+    for line in (error or "").splitlines():
+        if "Error:" in line:
+            return "nft: " + line.split("Error:", 1)[1].strip()
+    lines = [line for line in (error or "").splitlines() if line.strip()]
+    return "nft: " + lines[0].strip() if lines else ""

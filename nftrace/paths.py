@@ -1,0 +1,437 @@
+"""Rebuild each packet's path through hooks, tables, chains and rules from trace events.
+
+Pure logic: events in, `PacketPath`s out; the kernel is not touched here, so recorded
+event streams and hand-written ones test it exactly.
+
+What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
+- which packet: trace ids are reused by later packets. A packet starts where one of
+  nftrace's mark chains (the first chain that sees it, at prerouting or output) starts a
+  base-chain run for an id whose current packet has already passed that mark chain, or
+  where a finished packet's id shows up again at the start of a base chain;
+- which hook: events carry table and chain only. A base chain's hook comes from the
+  ruleset snapshot; nftrace's observation chains (last priority on every hook) close each
+  hook, so steps whose hook is still unknown get the hook of the next observation;
+- returns: nothing is sent when a caller resumes after a jump, so a jump stack is kept;
+  falling off the end of a chain is a rule event without handle (older kernels: a return
+  event); a goto pushes nothing, so the end of a goto'd chain goes back past it;
+- when a packet is done: a drop, queue or stolen verdict, or nftrace's observation chain
+  at input or postrouting (netfilter has let it through); else it ends when it goes idle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, ConntrackInfo, PacketHeaders, TraceEvent
+from .flow import PROTOCOL_NAMES
+from .ruleset import ChainInfo, RuleInfo, is_trace_table
+
+HOOK_ORDER = ("ingress", "prerouting", "input", "forward", "output", "postrouting", "egress")
+HOOK_RANK = {hook: rank for rank, hook in enumerate(HOOK_ORDER)}
+# After nftrace's observation chain on these hooks, netfilter has nothing more to say.
+EXIT_HOOKS = frozenset({"input", "postrouting"})
+MARK_CHAIN_PREFIX = "mark_"
+OBSERVE_CHAIN_PREFIX = "obs_"
+
+
+class RuleLookup(Protocol):
+    def rule(self, family: str, table: str, chain: str, handle: int) -> Optional[RuleInfo]: ...
+
+    def chain(self, family: str, table: str, chain: str) -> Optional[ChainInfo]: ...
+
+
+@dataclass
+class Step:
+    """One thing that happened to the packet in the ruleset: a rule matched, a chain returned,
+    a policy applied."""
+
+    hook: Optional[str]
+    family: str
+    table: str
+    chain: str
+    type: str  # rule | policy | return
+    handle: Optional[int]
+    rule_number: Optional[int]
+    text: Optional[str]
+    verdict: str  # continue | accept | drop | jump | goto | return | queue | stolen
+    target: Optional[str] = None
+    depth: int = 0
+    rule_deleted: bool = False
+    iptables: Optional[str] = None
+
+    def location(self) -> str:
+        """`inet filter input rule handle 7: tcp dport 22 drop`, the words an admin searches for."""
+        where = f"{self.family} {self.table} {self.chain}"
+        if self.type == "policy":
+            return f"{where} policy {self.verdict}"
+        if self.type == "return" and self.handle is None:
+            return f"{where} (end of chain)"
+        if self.handle is not None:
+            label = f"rule handle {self.handle}"
+        elif self.rule_number is not None:
+            label = f"rule {self.rule_number}"
+        else:
+            label = "rule"
+        text = self.iptables or self.text
+        if text is None:
+            text = "(rule deleted before it could be read)" if self.rule_deleted else "(rule text unknown)"
+        elif self.rule_deleted:
+            text += " (since deleted)"
+        return f"{where} {label}: {text}"
+
+    def to_json(self) -> dict:
+        return {
+            "hook": self.hook,
+            "family": self.family,
+            "table": self.table,
+            "chain": self.chain,
+            "type": self.type,
+            "handle": self.handle,
+            "rule_number": self.rule_number,
+            "text": self.text,
+            "verdict": self.verdict,
+            "target": self.target,
+            "depth": self.depth,
+            "rule_deleted": self.rule_deleted,
+            "iptables": self.iptables,
+        }
+
+
+@dataclass
+class HookObservation:
+    """The packet as one base chain first saw it: headers, interfaces, conntrack."""
+
+    hook: Optional[str]
+    table: str
+    chain: str
+    packet: Optional[PacketHeaders]
+    iif: Optional[int]
+    oif: Optional[int]
+    mark: Optional[int]
+    ct: Optional[ConntrackInfo]
+    own: bool  # from nftrace's own mark or observation chain
+
+
+@dataclass
+class PacketPath:
+    """Everything nftrace learnt about one packet; rendered for people and as JSON."""
+
+    trace_id: int
+    steps: list = field(default_factory=list)
+    observations: list = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+    verdict: str = "unknown"
+    decided_by: Optional[Step] = None
+    complete: bool = False
+    incomplete_reason: Optional[str] = None
+    kernel_drop: Optional[dict] = None
+    nat: list = field(default_factory=list)
+
+    @property
+    def first_packet(self) -> Optional[PacketHeaders]:
+        for observation in self.observations:
+            if observation.packet is not None:
+                return observation.packet
+        return None
+
+    def interface_index(self, which: str) -> Optional[int]:
+        """iif: the first one seen; oif: the last one seen (routing may change it)."""
+        values = [getattr(o, which) for o in self.observations if getattr(o, which)]
+        if not values:
+            return None
+        return values[0] if which == "iif" else values[-1]
+
+    @property
+    def mark(self) -> Optional[int]:
+        marks = [o.mark for o in self.observations if o.mark]
+        return marks[-1] if marks else None
+
+
+@dataclass
+class _PacketState:
+    path: PacketPath
+    last_seen: float
+    frames: list = field(default_factory=list)  # [chain, depth] of the running chain and its callers
+    base_chain: Optional[str] = None
+    hook: Optional[str] = None  # hook of the running base chain, None while unknown
+    last_hook: Optional[str] = None  # latest hook known to have been entered
+    marks_seen: set = field(default_factory=set)
+    unhooked_from: int = 0  # first step whose hook is still unknown
+    checked: bool = False
+    finished: bool = False
+    ignored: bool = False
+    closed: bool = False
+
+
+def _own_chain_hook(chain: str) -> Optional[str]:
+    for prefix in (MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX):
+        if chain.startswith(prefix):
+            hook = chain[len(prefix):]
+            return hook if hook in HOOK_RANK else None
+    return None
+
+
+class PathBuilder:
+    """Turns an interleaved stream of trace events into finished packet paths.
+
+    `keep` decides from a packet's first headers whether it belongs to this run's flow;
+    packets it rejects are forgotten at once, so a busy box costs no memory.
+    """
+
+    def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
+                 idle_seconds: float = 2.0):
+        self.lookup = lookup
+        self.keep = keep
+        self.idle_seconds = idle_seconds
+        self._open: dict[int, _PacketState] = {}
+
+    def feed(self, event: TraceEvent, now: float = 0.0) -> list:
+        """Add one event; return the packets it finished (a new packet can finish an old one)."""
+        done = []
+        state = self._open.get(event.trace_id)
+        if state is not None and self._starts_new_packet(state, event):
+            done.extend(self._close(state))
+            state = None
+        if state is None:
+            if not event.starts_base_chain:
+                # The start of this packet was lost, or it was not ours: nothing sound can be
+                # built from the middle of a path.
+                return done
+            state = _PacketState(PacketPath(event.trace_id), now)
+            self._open[event.trace_id] = state
+        state.last_seen = now
+        if state.ignored or state.closed:
+            return done
+        self._apply(state, event)
+        if not state.checked and state.path.first_packet is not None:
+            state.checked = True
+            if self.keep is not None and not self.keep(state.path):
+                state.ignored = True
+                state.path = PacketPath(event.trace_id)
+                return done
+        if state.finished:
+            done.extend(self._close(state, forget=False))
+        return done
+
+    def expire(self, now: float) -> list:
+        """Close packets that went quiet: whatever happened next, netfilter did not see it."""
+        done = []
+        for state in list(self._open.values()):
+            if now - state.last_seen >= self.idle_seconds:
+                done.extend(self._close(state))
+        return done
+
+    def flush(self) -> list:
+        """Close every open packet (end of the run)."""
+        done = []
+        for state in list(self._open.values()):
+            done.extend(self._close(state))
+        return done
+
+    def mark_loss(self) -> None:
+        """The kernel dropped events: every packet still open may miss some of its own."""
+        for state in self._open.values():
+            if not state.closed:
+                state.path.incomplete_reason = "events lost"
+
+    @property
+    def open_packets(self) -> int:
+        return sum(1 for state in self._open.values() if not state.closed and not state.ignored)
+
+    # -- one event -------------------------------------------------------------------------
+
+    def _starts_new_packet(self, state: _PacketState, event: TraceEvent) -> bool:
+        if not event.starts_base_chain:
+            return False
+        if state.finished or state.closed:
+            return True
+        if is_trace_table(event.table) and event.chain.startswith(MARK_CHAIN_PREFIX):
+            if (event.table, event.chain) in state.marks_seen:
+                return True
+        hook = self._base_chain_hook(event)
+        # Hooks only move forward for one packet; going back means a new packet under a reused id.
+        return hook is not None and state.last_hook is not None and HOOK_RANK[hook] < HOOK_RANK[state.last_hook]
+
+    def _base_chain_hook(self, event: TraceEvent) -> Optional[str]:
+        if is_trace_table(event.table):
+            return _own_chain_hook(event.chain)
+        chain = self.lookup.chain(event.family, event.table, event.chain)
+        return chain.hook if chain is not None else None
+
+    def _apply(self, state: _PacketState, event: TraceEvent) -> None:
+        path = state.path
+        own = is_trace_table(event.table)
+        if event.starts_base_chain:
+            state.hook = self._base_chain_hook(event)
+            if state.hook is not None:
+                self._enter_hook(state, state.hook)
+            state.frames = [[event.chain, 0]]
+            state.base_chain = event.chain
+            path.observations.append(
+                HookObservation(state.hook, event.table, event.chain, event.packet, event.iif, event.oif,
+                                event.mark, event.ct, own)
+            )
+            if own and event.chain.startswith(MARK_CHAIN_PREFIX):
+                state.marks_seen.add((event.table, event.chain))
+        elif event.mark and path.observations:
+            path.observations[-1].mark = event.mark
+        if not own:
+            self._add_step(state, event)
+        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX) and state.hook in EXIT_HOOKS and event.type == "policy":
+            state.finished = True
+            path.complete = True
+            path.verdict = "accept"
+
+    def _enter_hook(self, state: _PacketState, hook: str) -> None:
+        """Steps whose base chain was unknown to the snapshot ran on the hook entered next."""
+        path = state.path
+        for step in path.steps[state.unhooked_from:]:
+            if step.hook is None:
+                step.hook = hook
+        state.unhooked_from = len(path.steps)
+        state.last_hook = hook
+        if not path.hooks or path.hooks[-1] != hook:
+            path.hooks.append(hook)
+
+    def _add_step(self, state: _PacketState, event: TraceEvent) -> None:
+        frames = state.frames
+        # Follow the chain the kernel reports: a chain lower on the stack means the chains
+        # above it have returned.
+        if not frames or frames[-1][0] != event.chain:
+            for index in range(len(frames) - 1, -1, -1):
+                if frames[index][0] == event.chain:
+                    del frames[index + 1:]
+                    break
+            else:
+                if event.chain == state.base_chain:
+                    frames[:] = [[event.chain, 0]]
+                else:
+                    frames.append([event.chain, frames[-1][1] + 1 if frames else 1])
+        depth = frames[-1][1]
+        if event.type == "policy":
+            self._append(state, event, "policy", None, event.verdict or "unknown", 0)
+        elif event.handle is None:
+            # Falling off the end of a chain.
+            if len(frames) == 1 and event.chain == state.base_chain:
+                return  # the base chain's policy event follows and says it all
+            frames.pop()
+            self._append(state, event, "return", None, "return", depth)
+        else:
+            self._append(state, event, "rule", event.handle, event.verdict or "unknown", depth)
+            if event.verdict == "jump" and event.target:
+                frames.append([event.target, depth + 1])
+            elif event.verdict == "goto" and event.target:
+                # A goto replaces the running chain: its end returns to the caller's caller.
+                frames[-1] = [event.target, depth + 1]
+            elif event.verdict == "return":
+                frames.pop()
+        if event.verdict in FINAL_VERDICTS:
+            state.finished = True
+            state.path.complete = True
+            state.path.verdict = event.verdict
+            state.path.decided_by = state.path.steps[-1]
+
+    def _append(self, state: _PacketState, event: TraceEvent, step_type: str, handle: Optional[int],
+                verdict: str, depth: int) -> None:
+        rule = self.lookup.rule(event.family, event.table, event.chain, handle) if handle is not None else None
+        state.path.steps.append(
+            Step(
+                hook=state.hook,
+                family=event.family,
+                table=event.table,
+                chain=event.chain,
+                type=step_type,
+                handle=handle,
+                rule_number=rule.number if rule else None,
+                text=rule.text if rule else None,
+                verdict=verdict,
+                target=event.target if verdict in ("jump", "goto") else None,
+                depth=depth,
+                rule_deleted=bool(rule and rule.deleted),
+            )
+        )
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def _close(self, state: _PacketState, forget: bool = True) -> list:
+        """Finish a packet's path; return it unless it is not this run's.
+
+        A finished packet's state stays (forget=False) until its id starts a new packet or
+        goes idle, so that a late event of the same packet is not mistaken for a new one.
+        """
+        if forget:
+            self._open.pop(state.path.trace_id, None)
+        if state.closed:
+            return []
+        state.closed = True
+        path = state.path
+        if state.ignored or path.first_packet is None:
+            return []
+        if path.incomplete_reason == "events lost":
+            path.complete = False
+            path.verdict = "unknown"
+            path.decided_by = None
+        elif not path.complete:
+            path.incomplete_reason = "went idle"
+        finalise_path(path)
+        return [path]
+
+
+def finalise_path(path: PacketPath) -> None:
+    """Derive the deciding step and the NAT rewrites once the path is over."""
+    if path.verdict == "accept" and path.decided_by is None:
+        path.decided_by = _last_accepting_step(path.steps)
+    path.nat = nat_rewrites(path.observations)
+
+
+def _last_accepting_step(steps: list) -> Optional[Step]:
+    """The last accepting step of the last base chain that gave a verdict."""
+    for step in reversed(steps):
+        if step.verdict == "accept":
+            return step
+    return None
+
+
+def _endpoint(packet: PacketHeaders, side: str) -> str:
+    address = getattr(packet, side)
+    port = packet.sport if side == "src" else packet.dport
+    text = f"[{address}]" if address is not None and address.version == 6 and port else str(address)
+    return f"{text}:{port}" if port else text
+
+
+def nat_rewrites(observations: list) -> list:
+    """Each change of source or destination between consecutive hook observations."""
+    changes = []
+    previous = None
+    for observation in observations:
+        packet = observation.packet
+        if packet is None:
+            continue
+        if previous is not None:
+            for side in ("src", "dst"):
+                before, after = _endpoint(previous, side), _endpoint(packet, side)
+                if before != after:
+                    changes.append({"hook": observation.hook, "field": side, "from": before, "to": after,
+                                    "seen_in": f"{observation.table} {observation.chain}"})
+        previous = packet
+    return changes
+
+
+def protocol_name(number: Optional[int]) -> Optional[str]:
+    if number is None:
+        return None
+    return PROTOCOL_NAMES.get(number, str(number))
+
+
+__all__ = [
+    "HOOK_ORDER",
+    "HookObservation",
+    "PacketPath",
+    "PathBuilder",
+    "Step",
+    "TERMINAL_VERDICTS",
+    "finalise_path",
+    "nat_rewrites",
+    "protocol_name",
+]

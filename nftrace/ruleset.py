@@ -1,0 +1,138 @@
+"""A snapshot of the nftables ruleset: rule text and chain facts, looked up by handle.
+
+Trace events name a rule by (family, table, chain, handle) only; the text an admin reads
+comes from here. The listing is nft's own text (`nft -a -s -t list ruleset`), so a rule reads
+exactly as `nft -a list ruleset` prints it, without counter values or set elements.
+Handles are unique only within one table's lifetime, so a refreshed snapshot keeps the
+rules of a table that still exists (same table handle) as deleted, and forgets the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional
+
+TRACE_TABLE_PREFIX = "nftrace_"
+
+_TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)$")
+_CHAIN_RE = re.compile(r"^chain (.+?) \{ # handle (\d+)$")
+_BASE_RE = re.compile(r"^type (\S+) hook (\S+)(?: .*?)? priority ([^;]+);(?: policy (\S+);)?")
+_RULE_RE = re.compile(r"^(.*) # handle (\d+)$")
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    family: str
+    table: str
+    chain: str
+    handle: int
+    text: str
+    number: int  # position in its chain, from 1, as iptables counts rules
+    deleted: bool = False
+
+
+@dataclass
+class ChainInfo:
+    family: str
+    table: str
+    name: str
+    hook: Optional[str] = None
+    priority: Optional[str] = None
+    policy: Optional[str] = None
+    type: Optional[str] = None
+    rules: list = field(default_factory=list)
+
+    @property
+    def is_base(self) -> bool:
+        return self.hook is not None
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1] if len(name) >= 2 and name[0] == name[-1] == '"' else name
+
+
+def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
+    """Parse `nft -a -s -t list ruleset` into (tables, chains, rules).
+
+    nft indents with one tab per level: tables at 0, their objects at 1, a chain's rules and
+    base-chain line at 2. Blocks other than chains (sets, maps, flowtables, objects) are
+    skipped by indentation, so their contents never look like rules.
+    """
+    tables: dict = {}
+    chains: dict = {}
+    rules: dict = {}
+    family = table = None
+    chain: Optional[ChainInfo] = None
+    for line in text.splitlines():
+        depth = len(line) - len(line.lstrip("\t"))
+        body = line.strip()
+        if not body:
+            continue
+        if depth == 0:
+            match = _TABLE_RE.match(body)
+            if match:
+                family, table = match.group(1), _unquote(match.group(2))
+                tables[(family, table)] = int(match.group(3))
+            chain = None
+        elif depth == 1:
+            match = _CHAIN_RE.match(body)
+            if match and table is not None:
+                chain = ChainInfo(family, table, _unquote(match.group(1)))
+                chains[(family, table, chain.name)] = chain
+            elif body != "}":
+                chain = None
+        elif depth == 2 and chain is not None:
+            base = _BASE_RE.match(body)
+            if base and not chain.rules and chain.hook is None:
+                chain.type, chain.hook, chain.priority, chain.policy = base.groups()
+                chain.priority = chain.priority.strip()
+                continue
+            match = _RULE_RE.match(body)
+            if match:
+                handle = int(match.group(2))
+                chain.rules.append(handle)
+                rules[(family, table, chain.name, handle)] = RuleInfo(
+                    family, table, chain.name, handle, match.group(1).strip(), len(chain.rules)
+                )
+    return tables, chains, rules
+
+
+class RulesetSnapshot:
+    """Rule texts and chain facts, refreshed when the ruleset generation changes."""
+
+    def __init__(self, listing: str = ""):
+        self.tables, self.chains, self.rules = parse_ruleset_listing(listing)
+
+    @classmethod
+    def take(cls, nft) -> "RulesetSnapshot":
+        return cls(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+
+    def refresh(self, listing: str) -> None:
+        """Replace with a newer listing; rules gone from a table that still exists stay, marked deleted."""
+        tables, chains, rules = parse_ruleset_listing(listing)
+        for key, rule in self.rules.items():
+            if key in rules:
+                continue
+            table_key = (rule.family, rule.table)
+            if table_key in tables and tables[table_key] == self.tables.get(table_key):
+                rules[key] = rule if rule.deleted else replace(rule, deleted=True)
+        for key, chain in self.chains.items():
+            table_key = (chain.family, chain.table)
+            if key not in chains and table_key in tables and tables[table_key] == self.tables.get(table_key):
+                chains[key] = chain
+        self.tables, self.chains, self.rules = tables, chains, rules
+
+    def rule(self, family: str, table: str, chain: str, handle: int) -> Optional[RuleInfo]:
+        return self.rules.get((family, table, chain, handle))
+
+    def chain(self, family: str, table: str, chain: str) -> Optional[ChainInfo]:
+        return self.chains.get((family, table, chain))
+
+    def trace_tables(self) -> Iterable[tuple[str, str]]:
+        """Tables that nftrace runs made (its own, or a killed run's leftovers)."""
+        return [key for key in self.tables if is_trace_table(key[1])]
+
+
+def is_trace_table(name: str) -> bool:
+    return name.startswith(TRACE_TABLE_PREFIX)
