@@ -30,8 +30,14 @@ def _fail(err: NftraceError) -> None:
 @app.callback()
 def main(
     ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
     netns: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help="Work inside /run/netns/NAME (never created)."),
 ):
+    if version:
+        from . import __version__
+
+        typer.echo(f"nftrace {__version__}")
+        raise typer.Exit(0)
     ctx.obj = {"netns": netns}
 
 
