@@ -27,7 +27,7 @@ def _fail(err: NftraceError) -> None:
     raise typer.Exit(err.exit_code)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
@@ -39,6 +39,9 @@ def main(
         typer.echo(f"nftrace {__version__}")
         raise typer.Exit(0)
     ctx.obj = {"netns": netns}
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
 
 
 class JsonStream:
