@@ -92,9 +92,12 @@ def why(
     timeout: float = typer.Option(60.0, "--timeout", min=0, metavar="SEC", help="Stop after SEC seconds (0: no limit)."),
     max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    backend: str = typer.Option("auto", "--backend", metavar="auto|nft|iptables",
+                                help="What to trace: nftables (iptables-nft included), legacy iptables, or auto: both where present."),
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS...]", help="Traffic to run once tracing is on."),
 ):
     """Trace the packets of one flow and say which rule decided each one's fate."""
+    from .backends import parse_backend
     from .flow import parse_flow
     from .render import render_closing, render_packet
     from .report import TraceReport
@@ -103,10 +106,11 @@ def why(
     netns = ctx.obj["netns"]
     try:
         flow = parse_flow(src, dst, proto, sport, dport, iif, oif)
+        backend = parse_backend(backend)
     except NftraceError as err:
         _fail(err)
     options = TraceOptions(flow=flow, netns=netns, count=count, timeout=timeout, max_rate=max_rate,
-                           command=list(command or []))
+                           command=list(command or []), backend=backend)
     report = TraceReport(flow=flow, netns=netns)
     session = TraceSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None
@@ -148,21 +152,29 @@ def why(
 @app.command()
 def cleanup(ctx: typer.Context):
     """Remove what killed nftrace runs left behind (only nftrace's own, never anything else)."""
+    from .backends import clean_up_legacy
+    from .errors import EnvironmentProblem
     from .session import open_nftables
     from .ruleset import RulesetSnapshot
     from .system import enter_namespace, require_net_admin
     from .tracetable import remove_leftover_tables
 
+    removed = []
     try:
         require_net_admin()
         if ctx.obj["netns"]:
             enter_namespace(ctx.obj["netns"])
-        nft = open_nftables()
-        removed = remove_leftover_tables(nft, RulesetSnapshot.take(nft))
+        try:
+            nft = open_nftables()
+        except EnvironmentProblem:
+            nft = None  # no nf_tables here: nothing of nftrace's can be in it
+        if nft is not None:
+            removed.extend(f"removed table {item}" for item in remove_leftover_tables(nft, RulesetSnapshot.take(nft)))
+        removed.extend(clean_up_legacy())
     except NftraceError as err:
         _fail(err)
     for item in removed:
-        typer.echo(f"removed table {item}")
+        typer.echo(item)
     if not removed:
         typer.echo("nothing to clean up")
 

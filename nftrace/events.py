@@ -116,6 +116,11 @@ class PacketHeaders:
     icmp_type: Optional[int] = None
     icmp_code: Optional[int] = None
     tcp_flags: Optional[int] = None
+    # Fields that NAT leaves alone: with `length`, they tell one packet from the next of the
+    # same flow when nothing else does (legacy TRACE lines carry no trace id).
+    ip_id: Optional[int] = None  # IPv4 identification
+    tcp_seq: Optional[int] = None
+    tcp_ack: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -176,9 +181,9 @@ def parse_packet_headers(nfproto: Optional[int], network: Optional[bytes], trans
     if not network:
         return None
     version = network[0] >> 4
-    src = dst = proto = length = None
+    src = dst = proto = length = ip_id = None
     if version == 4 and len(network) >= 20:
-        length = struct.unpack_from("!H", network, 2)[0]
+        length, ip_id = struct.unpack_from("!HH", network, 2)
         proto = network[9]
         src = ipaddress.IPv4Address(network[12:16])
         dst = ipaddress.IPv4Address(network[16:20])
@@ -189,15 +194,16 @@ def parse_packet_headers(nfproto: Optional[int], network: Optional[bytes], trans
         dst = ipaddress.IPv6Address(network[24:40])
     else:
         return None
-    sport = dport = icmp_type = icmp_code = tcp_flags = None
+    sport = dport = icmp_type = icmp_code = tcp_flags = tcp_seq = tcp_ack = None
     if transport:
         if proto in (6, 17, 132, 136) and len(transport) >= 4:
             sport, dport = struct.unpack_from("!HH", transport, 0)
             if proto == 6 and len(transport) >= 14:
+                tcp_seq, tcp_ack = struct.unpack_from("!II", transport, 4)
                 tcp_flags = transport[13]
         elif proto in (1, 58) and len(transport) >= 2:
             icmp_type, icmp_code = transport[0], transport[1]
-    return PacketHeaders(src, dst, proto, length, sport, dport, icmp_type, icmp_code, tcp_flags)
+    return PacketHeaders(src, dst, proto, length, sport, dport, icmp_type, icmp_code, tcp_flags, ip_id, tcp_seq, tcp_ack)
 
 
 def _ct_state_name(bits: int) -> str:

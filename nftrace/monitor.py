@@ -92,21 +92,55 @@ def _attr_be32(raw: bytes, wanted: int) -> Optional[int]:
     return None
 
 
+def open_netfilter_socket(rcvbuf: int) -> socket.socket:
+    """A non-blocking NETLINK_NETFILTER socket with a receive buffer of `rcvbuf` bytes, bound."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                             NETLINK_NETFILTER)
+    except OSError as err:
+        raise KernelError(f"cannot open a netfilter netlink socket: {err.strerror}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((0, 0))
+    return sock
+
+
+def socket_drops(inode: int) -> int:
+    """Messages the kernel dropped on the netlink socket with this inode (/proc/net/netlink)."""
+    try:
+        with open("/proc/net/netlink") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 10 and int(fields[9]) == inode:
+                    return int(fields[8])
+    except (OSError, ValueError, StopIteration):
+        pass
+    return 0
+
+
+def read_datagrams(sock: socket.socket, buffer: bytearray, what: str = "trace events") -> Iterator[Optional[bytes]]:
+    """Every datagram queued on a non-blocking socket now; an overrun (ENOBUFS) yields None."""
+    while True:
+        try:
+            size = sock.recv_into(buffer)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            if err.errno == errno.ENOBUFS:
+                yield None
+                continue
+            raise KernelError(f"reading {what} failed: {err.strerror}") from None
+        yield bytes(buffer[:size])
+
+
 class TraceMonitor:
     """Receives trace events; counts every event the kernel had to drop for lack of room."""
 
     def __init__(self, rcvbuf: int = DEFAULT_RCVBUF):
-        try:
-            self.sock = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
-            )
-        except OSError as err:
-            raise KernelError(f"cannot open a netfilter netlink socket: {err.strerror}") from None
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except PermissionError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.bind((0, 0))
+        self.sock = open_netfilter_socket(rcvbuf)
         self._join(NFNLGRP_NFTRACE)
         self.overruns = 0
         self._buffer = bytearray(1 << 20)
@@ -130,16 +164,7 @@ class TraceMonitor:
 
         ENOBUFS only says that something was lost; the socket's drop counter says how much.
         """
-        try:
-            with open("/proc/net/netlink") as table:
-                next(table)
-                for line in table:
-                    fields = line.split()
-                    if len(fields) >= 10 and int(fields[9]) == self._inode:
-                        return int(fields[8])
-        except (OSError, ValueError, StopIteration):
-            pass
-        return 0
+        return socket_drops(self._inode)
 
     def wait(self, timeout: float) -> bool:
         ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
@@ -147,19 +172,10 @@ class TraceMonitor:
 
     def read_raw(self) -> Iterator[Optional[bytes]]:
         """Every datagram queued now; an overrun yields None, is counted, and reading goes on."""
-        sock, buffer = self.sock, self._buffer
-        while True:
-            try:
-                size = sock.recv_into(buffer)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno == errno.ENOBUFS:
-                    self.overruns += 1
-                    yield None
-                    continue
-                raise KernelError(f"reading trace events failed: {err.strerror}") from None
-            yield bytes(buffer[:size])
+        for datagram in read_datagrams(self.sock, self._buffer):
+            if datagram is None:
+                self.overruns += 1
+            yield datagram
 
     def read(self) -> Iterator[MonitorItem]:
         """Decode everything queued now into trace events and ruleset notices."""

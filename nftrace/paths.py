@@ -59,10 +59,17 @@ class Step:
     depth: int = 0
     rule_deleted: bool = False
     iptables: Optional[str] = None
+    backend: str = "nft"  # nft | iptables-legacy: which part of netfilter ran the chain
+
+    def where(self) -> str:
+        """`inet filter input`; a legacy iptables chain as `iptables filter INPUT`."""
+        if self.backend == "iptables-legacy":
+            return f"{'ip6tables' if self.family == 'ip6' else 'iptables'} {self.table} {self.chain}"
+        return f"{self.family} {self.table} {self.chain}"
 
     def location(self) -> str:
         """`inet filter input rule handle 7: tcp dport 22 drop`, the words an admin searches for."""
-        where = f"{self.family} {self.table} {self.chain}"
+        where = self.where()
         if self.type == "policy":
             return f"{where} policy {self.verdict}"
         if self.type == "return" and self.handle is None:
@@ -95,6 +102,7 @@ class Step:
             "depth": self.depth,
             "rule_deleted": self.rule_deleted,
             "iptables": self.iptables,
+            "backend": self.backend,
         }
 
 
@@ -239,6 +247,19 @@ class PathBuilder:
     def open_packets(self) -> int:
         return sum(1 for state in self._open.values() if not state.closed and not state.ignored)
 
+    def open_paths(self) -> list:
+        """Paths of this run's packets still being traced, oldest first: where steps that other
+        sources saw (legacy iptables TRACE lines) belong."""
+        return [state.path for state in self._open.values() if state.checked and not state.closed and not state.ignored]
+
+    def finish_packet(self, path: PacketPath) -> list:
+        """Another source saw the packet's end (a legacy iptables DROP): close its path now."""
+        state = self._open.get(path.trace_id)
+        if state is None or state.path is not path or state.closed:
+            return []
+        state.finished = True
+        return self._close(state, forget=False)
+
     # -- one event -------------------------------------------------------------------------
 
     def _starts_new_packet(self, state: _PacketState, event: TraceEvent) -> bool:
@@ -374,23 +395,34 @@ class PathBuilder:
             path.decided_by = None
         elif not path.complete:
             path.incomplete_reason = "went idle"
-        finalise_path(path)
+        finalise_path(path, self.lookup)
         return [path]
 
 
-def finalise_path(path: PacketPath) -> None:
+def finalise_path(path: PacketPath, lookup: Optional[RuleLookup] = None) -> None:
     """Derive the deciding step and the NAT rewrites once the path is over."""
     if path.verdict == "accept" and path.decided_by is None:
-        path.decided_by = _last_accepting_step(path.steps)
+        path.decided_by = deciding_accept(path.steps, lookup)
     path.nat = nat_rewrites(path.observations)
 
 
-def _last_accepting_step(steps: list) -> Optional[Step]:
-    """The last accepting step of the last base chain that gave a verdict."""
-    for step in reversed(steps):
-        if step.verdict == "accept":
-            return step
-    return None
+def is_nat_step(step: Step, lookup: Optional[RuleLookup] = None) -> bool:
+    """Whether the step ran in a NAT chain (a legacy `nat` table, an nftables `type nat` chain)."""
+    if step.backend == "iptables-legacy":
+        return step.table == "nat"
+    chain = lookup.chain(step.family, step.table, step.chain) if lookup is not None else None
+    return chain is not None and chain.type == "nat"
+
+
+def deciding_accept(steps: list, lookup: Optional[RuleLookup] = None) -> Optional[Step]:
+    """The step that let an accepted packet through: the last accepting rule, else the last
+    accepting policy, of the chains that filter. NAT chains accept every packet they see (a
+    masquerade rule, a policy), so they decide only when nothing else accepted."""
+    accepting = [step for step in steps if step.verdict == "accept"]
+    filtering = [step for step in accepting if not is_nat_step(step, lookup)] or accepting
+    rules = [step for step in filtering if step.type == "rule"]
+    chosen = rules or filtering
+    return chosen[-1] if chosen else None
 
 
 def _endpoint(packet: PacketHeaders, side: str) -> str:
@@ -431,6 +463,7 @@ __all__ = [
     "PathBuilder",
     "Step",
     "TERMINAL_VERDICTS",
+    "deciding_accept",
     "finalise_path",
     "nat_rewrites",
     "protocol_name",

@@ -54,9 +54,9 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
         lines.append(f"  {hook or '(hook unknown)'}{where.rstrip()}")
         current = None
         for step in steps_by_hook.get(hook, []):
-            chain = (step.family, step.table, step.chain)
+            chain = (step.backend, step.family, step.table, step.chain)
             if step.depth == 0 and chain != current:
-                lines.append(f"    {step.family} {step.table} {step.chain}")
+                lines.append(f"    {step.where()}")
                 current = chain
             lines.append("  " + _step_line(step))
         if not steps_by_hook.get(hook):

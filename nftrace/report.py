@@ -60,7 +60,7 @@ def summary(path: PacketPath) -> str:
             return f"accepted: no chain of the ruleset gave a verdict on its path ({hooks})"
         return VERDICT_WORDS.get(path.verdict, path.verdict)
     word = VERDICT_WORDS.get(path.verdict, path.verdict)
-    if path.verdict == "drop" and step.type == "rule" and step.text and "reject" in step.text:
+    if path.verdict == "drop" and step.type == "rule" and step.text and "reject" in step.text.lower():
         word = "rejected"
     text = f"{word} by {step.location()}"
     if path.verdict == "accept" and path.kernel_drop:
@@ -91,7 +91,7 @@ def _decided_by_json(path: PacketPath) -> Optional[dict]:
         return None
     fields = step.to_json()
     return {key: fields[key] for key in ("hook", "family", "table", "chain", "type", "handle", "rule_number", "text",
-                                         "verdict", "iptables")}
+                                         "verdict", "iptables", "backend")}
 
 
 def packet_json(path: PacketPath, interfaces: dict) -> dict:

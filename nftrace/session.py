@@ -7,23 +7,28 @@ crashes; SIGKILL is covered by the trace table's `flags owner`.
 
 from __future__ import annotations
 
+import select
 import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .backends import BackendPlan, LegacyTracing, make_path_builder, plan_backend
 from .errors import EnvironmentProblem, KernelError, NftraceError, TraceTableGone
 from .events import TraceEvent
 from .flow import Flow
+from .legacy import legacy_tables
 from .monitor import DEFAULT_RCVBUF, EventsLost, RulesetChanged, TableDeleted, TraceMonitor
 from .nft import NftContext
-from .paths import PacketPath, PathBuilder
+from .paths import PacketPath
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from .system import enter_namespace, interface_index, interface_names, require_net_admin
 from .tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
+from .xtnft import IptablesNftText
 
 COMMAND_GRACE_SECONDS = 0.5
 POLL_SECONDS = 0.2
@@ -47,6 +52,7 @@ class TraceOptions:
     command: list = field(default_factory=list)
     idle_seconds: float = 2.0
     rcvbuf: int = DEFAULT_RCVBUF
+    backend: str = "auto"  # auto | nft | iptables (see backends.py)
 
 
 def _raise_interrupted(signum, _frame):
@@ -94,27 +100,52 @@ class TraceSession:
         self.report = report
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
+        self._iptables_nft: Optional[IptablesNftText] = None
 
     def run(self, on_packet: Callable[[PacketPath], None]) -> None:
         options = self.options
         with _SignalsAsExceptions():
             prepare_namespace(options)
-            nft = open_nftables()
-            snapshot = RulesetSnapshot.take(nft)
-            removed = remove_leftover_tables(nft, snapshot)
-            if removed:
-                self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
+            nft, plan = self._plan()
+            self.report.backend = plan.name
             self.report.interfaces = interface_names()
-            with TraceMonitor(options.rcvbuf) as monitor, TraceTable(nft, options.flow, options.max_rate) as table:
-                monitor.watch_ruleset()
-                snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
-                builder = PathBuilder(snapshot, keep=self._keep, idle_seconds=options.idle_seconds)
+            with ExitStack() as undo:
+                snapshot = monitor = table = legacy = None
+                if plan.nft:
+                    snapshot = RulesetSnapshot.take(nft)
+                    removed = remove_leftover_tables(nft, snapshot)
+                    if removed:
+                        self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
+                    monitor = undo.enter_context(TraceMonitor(options.rcvbuf))
+                if plan.legacy:
+                    # Listening before anything sets the trace bit: no TRACE line is missed.
+                    legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
+                if plan.nft:
+                    table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
+                    monitor.watch_ruleset()
+                    snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
+                self._iptables_nft = IptablesNftText.read(snapshot) if snapshot is not None else None
                 try:
                     self._start_command()
-                    self._loop(nft, snapshot, monitor, table, builder, on_packet)
+                    self._loop(nft, snapshot, monitor, table, builder, on_packet, legacy)
                 finally:
                     self._stop_command()
-                    self.report.lost_events = monitor.dropped_messages() or monitor.overruns
+                    self.report.lost_events = ((monitor.dropped_messages() or monitor.overruns) if monitor else 0) + (
+                        legacy.lost_messages() if legacy else 0)
+
+    def _plan(self) -> tuple[Optional[NftContext], BackendPlan]:
+        """nftables where it works and is wanted; legacy tables of the flow's family where they exist."""
+        choice = self.options.backend
+        nft, problem = None, None
+        if choice != "iptables":
+            try:
+                nft = open_nftables()
+            except EnvironmentProblem as err:
+                problem = str(err)
+        plan = plan_backend(choice, self.options.flow, problem, legacy_tables(self.options.flow.nft_family),
+                            self.report.warnings)
+        return nft, plan
 
     def _keep(self, path: PacketPath) -> bool:
         packet = path.first_packet
@@ -147,16 +178,19 @@ class TraceSession:
             process.kill()
             process.wait()
 
-    def _loop(self, nft, snapshot, monitor, table, builder, on_packet) -> None:
+    def _loop(self, nft, snapshot, monitor, table, builder, on_packet, legacy=None) -> None:
         options = self.options
         start = time.monotonic()
         deadline = start + options.timeout if options.timeout else None
         command_done_at = None
+        sources = [source for source in (monitor, legacy) if source is not None]
 
         def deliver(paths):
             for path in paths:
                 if not self._wanted(path):
                     continue
+                if self._iptables_nft is not None:
+                    self._iptables_nft.annotate(path)
                 self.packets_seen += 1
                 on_packet(path)
 
@@ -172,18 +206,22 @@ class TraceSession:
                 if builder.open_packets == 0 or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
                     break
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
-            if monitor.wait(wait):
-                for item in monitor.read():
+            if select.select(sources, [], [], max(0.0, wait))[0]:
+                for item in monitor.read() if monitor is not None else ():
                     if isinstance(item, TraceEvent):
                         deliver(builder.feed(item, time.monotonic()))
                         if options.count and self.packets_seen >= options.count:
                             return
                     elif isinstance(item, RulesetChanged):
                         snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                        self._iptables_nft = IptablesNftText.read(snapshot)
                     elif isinstance(item, EventsLost):
                         builder.mark_loss()
                     elif isinstance(item, TableDeleted) and item.name == table.name:
                         table.installed = False
                         raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
+                if legacy is not None:
+                    # Read after the trace events: the TRACE lines written before them are all here.
+                    deliver(builder.feed_legacy(legacy.read(), time.monotonic()))
             deliver(builder.expire(time.monotonic()))
         deliver(builder.flush())

@@ -34,6 +34,17 @@ def require_net_admin() -> None:
     raise EnvironmentProblem("nftrace needs root (CAP_NET_ADMIN) to add trace rules and read trace events; run it with sudo")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists: a run's leftovers are removed only once it is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def namespace_path(name: str) -> str:
     if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise InputError(f"--netns: '{name}' is not a valid namespace name")

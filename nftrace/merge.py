@@ -1,0 +1,397 @@
+"""Legacy iptables TRACE lines joined to packets, and their steps merged into packet paths.
+
+Pure logic: TRACE lines and nftables paths in, paths out; nothing here touches the kernel.
+
+A TRACE line carries no trace id, only the packet. It is joined to a packet by the header
+fields NAT leaves alone (`packet_identity`: IP version, protocol, length, IPv4 id, TCP
+sequence and acknowledgement numbers, ICMP type), and when several open packets share them,
+to the oldest one that can take the line: a line continues the table that is running, or
+starts a table that runs later than the packet's last one (hooks in order, then priority).
+On hosts with nf_tables, nftrace's mark chain sets the trace bit, so the nftables path of
+the packet exists before its first TRACE line; without nf_tables (TRACE rules), the lines
+alone make the path.
+
+Steps of both are put in the order the kernel ran them: by hook, then by the priority of
+the nftables base chain or the x_tables table (raw -300, mangle -150, nat -100/100, filter 0,
+security 50). At equal priority the kernel runs the one registered last first, which nftrace
+cannot see: legacy steps go first then.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Protocol
+
+from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, PacketHeaders
+from .legacy import BACKEND, CHAIN_HOOKS, TABLE_HOOKS, Resolution, table_priority
+from .monitor import EventsLost
+from .nflog import LegacyTraceEvent
+from .paths import EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step, finalise_path
+
+# nft's named priorities for the ip, ip6 and inet families.
+PRIORITY_NAMES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+_PRIORITY_RE = re.compile(r"^\s*(-?\d+|[a-z]+)\s*(?:([+-])\s*(\d+))?\s*$")
+HOOK_CHAINS = {hook: chain for chain, hook in CHAIN_HOOKS.items()}
+
+
+class LegacyResolver(Protocol):
+    def resolve(self, table: str, chain: str, kind: str, position: int) -> Optional[Resolution]: ...
+
+
+def priority_value(text: Optional[str]) -> Optional[int]:
+    """`filter - 10` → -10, `-350` → -350, `dstnat` → -100; None when it cannot be read."""
+    match = _PRIORITY_RE.match(text or "")
+    if match is None:
+        return None
+    base, sign, offset = match.groups()
+    value = PRIORITY_NAMES.get(base) if not base.lstrip("-").isdigit() else int(base)
+    if value is None:
+        return None
+    if sign:
+        value += int(offset) if sign == "+" else -int(offset)
+    return value
+
+
+def packet_identity(packet: Optional[PacketHeaders]) -> Optional[tuple]:
+    """The header fields that NAT does not rewrite: what a TRACE line and a trace event of the
+    same packet have in common wherever they were taken."""
+    if packet is None or packet.src is None:
+        return None
+    return (packet.src.version, packet.proto, packet.length, packet.ip_id, packet.tcp_seq, packet.tcp_ack,
+            packet.icmp_type, packet.icmp_code)
+
+
+def legacy_position(step_or_event) -> tuple[int, int]:
+    hook = step_or_event.hook
+    return (HOOK_RANK.get(hook, -1), table_priority(step_or_event.table, hook))
+
+
+class LegacyTrail:
+    """The legacy steps of one packet, built from its TRACE lines in the order they came.
+
+    Keeps a jump stack per table run, as the kernel does not say when a caller resumes.
+    """
+
+    def __init__(self, identity: Optional[tuple]):
+        self.identity = identity
+        self.steps: list[Step] = []
+        self.observations: list[HookObservation] = []
+        self.hooks: list[str] = []
+        self.final: Optional[Step] = None  # the drop / queue that ended the packet
+        self.run: Optional[tuple[str, Optional[str]]] = None  # (table, hook) running now
+        self.run_over = False
+        self.run_verdict: Optional[str] = None  # accept / drop / ... that ended the run
+        self._position: Optional[tuple[int, int]] = None
+        self._frames: list = []
+
+    def takes(self, event: LegacyTraceEvent) -> bool:
+        """Whether `event` can be this packet's next line."""
+        if self.final is not None:
+            return False
+        if (event.table, event.hook) == self.run and not self.run_over:
+            return True
+        return self._position is None or legacy_position(event) > self._position
+
+    def add(self, event: LegacyTraceEvent, resolution: Optional[Resolution]) -> None:
+        if (event.table, event.hook) != self.run or self.run_over:
+            self._start_run(event)
+        frames = self._frames
+        if frames[-1][0] != event.chain:
+            for index in range(len(frames) - 1, -1, -1):
+                if frames[index][0] == event.chain:
+                    del frames[index + 1:]
+                    break
+            else:
+                if event.chain == frames[0][0]:
+                    frames[:] = frames[:1]
+                else:
+                    frames.append([event.chain, frames[-1][1] + 1])
+        depth = frames[-1][1]
+        if resolution is None:
+            # The rules changed and the new ones could not be read: say what the kernel said.
+            kind = event.type
+            resolution = Resolution(kind, None, "unknown")
+            number = event.rule_number if kind == "rule" else None
+        else:
+            kind = resolution.type
+            number = resolution.rule.number if resolution.rule is not None else None
+            if resolution.rule is not None and resolution.rule.own:
+                return
+        text = resolution.rule.text if resolution.rule is not None else None
+        if kind == "policy":
+            depth = 0
+        step = Step(hook=event.hook, family=event.family, table=event.table, chain=event.chain, type=kind, handle=None,
+                    rule_number=number, text=text, verdict=resolution.verdict, target=resolution.target, depth=depth,
+                    iptables=text, backend=BACKEND)
+        self.steps.append(step)
+        if kind == "policy":
+            self.run_over = True
+        elif kind == "return" or resolution.verdict == "return":
+            if len(frames) > 1:
+                frames.pop()
+        elif resolution.verdict == "jump" and resolution.target:
+            frames.append([resolution.target, depth + 1])
+        elif resolution.verdict == "goto" and resolution.target:
+            frames[-1] = [resolution.target, depth + 1]
+        if resolution.verdict in TERMINAL_VERDICTS:
+            self.run_over = True
+        if self.run_over:
+            self.run_verdict = resolution.verdict
+        if resolution.verdict in FINAL_VERDICTS:
+            self.final = step
+
+    def _start_run(self, event: LegacyTraceEvent) -> None:
+        self.run = (event.table, event.hook)
+        self.run_over = False
+        self.run_verdict = None
+        self._position = legacy_position(event)
+        builtin = HOOK_CHAINS.get(event.hook or "", event.chain)
+        self._frames = [[builtin, 0]]
+        if event.hook and (not self.hooks or self.hooks[-1] != event.hook):
+            self.hooks.append(event.hook)
+        self.observations.append(HookObservation(event.hook, event.table, event.chain, event.packet, event.iif,
+                                                 event.oif, event.mark, None, False))
+
+
+def _nft_positions(steps: list, lookup: RuleLookup) -> list[tuple[int, int]]:
+    """Each nftables step's place in the kernel's order: its hook, then its base chain's priority."""
+    positions = []
+    current: tuple[int, int] = (-1, 0)
+    for step in steps:
+        if step.hook is not None:
+            priority = current[1] if HOOK_RANK[step.hook] == current[0] else 0
+            if step.depth == 0 or step.type == "policy":
+                chain = lookup.chain(step.family, step.table, step.chain)
+                if chain is not None and chain.is_base:
+                    found = priority_value(chain.priority)
+                    priority = found if found is not None else priority
+            current = (HOOK_RANK[step.hook], priority)
+        positions.append(current)
+    return positions
+
+
+def merge_steps(nft_steps: list, legacy_steps: list, lookup: RuleLookup) -> list:
+    """Both step lists, each in its own order, interleaved in the kernel's order."""
+    merged = []
+    legacy = [(legacy_position(step), step) for step in legacy_steps]
+    index = 0
+    for position, step in zip(_nft_positions(nft_steps, lookup), nft_steps):
+        while index < len(legacy) and legacy[index][0] <= position:
+            merged.append(legacy[index][1])
+            index += 1
+        merged.append(step)
+    merged.extend(step for _, step in legacy[index:])
+    return merged
+
+
+def merge_trail(path: PacketPath, trail: LegacyTrail, lookup: RuleLookup) -> PacketPath:
+    """Put a packet's legacy steps into its nftables path and say again what decided it."""
+    if not trail.steps:
+        return path
+    path.steps = merge_steps(path.steps, trail.steps, lookup)
+    path.hooks = sorted(set(path.hooks) | set(trail.hooks), key=HOOK_RANK.__getitem__)
+    if path.incomplete_reason == "events lost":
+        return path
+    if trail.final is not None:
+        path.complete = True
+        path.incomplete_reason = None
+        path.verdict = trail.final.verdict
+        path.decided_by = trail.final
+    elif path.complete and path.verdict == "accept":
+        path.decided_by = None
+        finalise_path(path, lookup)
+    return path
+
+
+class MergedPathBuilder:
+    """nftables trace events build each packet's path; legacy TRACE lines add their steps.
+
+    Feed each batch of trace events, then the TRACE lines read after it: a path that the
+    trace events finished waits for those lines (the kernel wrote them before the event that
+    finished it), and a legacy DROP finishes its path at once.
+    """
+
+    def __init__(self, builder: PathBuilder, lookup: RuleLookup, resolver: LegacyResolver):
+        self.builder = builder
+        self.lookup = lookup
+        self.resolver = resolver
+        self.unmatched_lines = 0
+        self._trails: dict[int, LegacyTrail] = {}
+        self._held: list[PacketPath] = []
+
+    def feed(self, event, now: float = 0.0) -> list:
+        self._held.extend(self.builder.feed(event, now))
+        return []
+
+    def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
+        for item in items:
+            if isinstance(item, EventsLost):
+                self.builder.mark_loss()
+            else:
+                self._attach(item)
+        return self._release()
+
+    def expire(self, now: float) -> list:
+        self._held.extend(self.builder.expire(now))
+        return self._release()
+
+    def flush(self) -> list:
+        self._held.extend(self.builder.flush())
+        return self._release()
+
+    def mark_loss(self) -> None:
+        self.builder.mark_loss()
+
+    @property
+    def open_packets(self) -> int:
+        return self.builder.open_packets
+
+    def _attach(self, event: LegacyTraceEvent) -> None:
+        identity = packet_identity(event.packet)
+        if identity is not None:
+            for path in self._held + self.builder.open_paths():
+                if packet_identity(path.first_packet) != identity:
+                    continue
+                trail = self._trails.setdefault(id(path), LegacyTrail(identity))
+                if not trail.takes(event):
+                    continue
+                trail.add(event, self.resolver.resolve(event.table, event.chain, event.type, event.rule_number))
+                if trail.final is not None and path not in self._held:
+                    self._held.extend(self.builder.finish_packet(path))
+                return
+        self.unmatched_lines += 1
+
+    def _release(self) -> list:
+        done, self._held = self._held, []
+        return [self._merged(path) for path in done]
+
+    def _merged(self, path: PacketPath) -> PacketPath:
+        trail = self._trails.pop(id(path), None)
+        return merge_trail(path, trail, self.lookup) if trail is not None else path
+
+
+@dataclass
+class _LegacyPacket:
+    path: PacketPath  # shares its observations with the trail
+    trail: LegacyTrail
+    last_seen: float
+    kept: Optional[bool] = None  # decided on its first line
+
+
+class LegacyPathBuilder:
+    """Packet paths from legacy TRACE lines alone (no nf_tables: TRACE rules set the bit).
+
+    A packet ends with a DROP or queue, when the last table on its exit hook (input or
+    postrouting) lets it through, or when it goes idle; an idle packet whose last table at
+    an exit hook accepted it went through netfilter.
+    """
+
+    def __init__(self, resolver: LegacyResolver, keep: Optional[Callable[[PacketPath], bool]] = None,
+                 idle_seconds: float = 2.0, last_tables: Optional[dict] = None):
+        self.resolver = resolver
+        self.keep = keep
+        self.idle_seconds = idle_seconds
+        self.last_tables = last_tables or {}  # exit hook → the table that runs last there
+        self._open: list[_LegacyPacket] = []
+        self._ids = itertools.count(1)
+
+    def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
+        done = []
+        for item in items:
+            if isinstance(item, EventsLost):
+                self.mark_loss()
+                continue
+            packet = self._packet_for(item, now)
+            trail = packet.trail
+            trail.add(item, self.resolver.resolve(item.table, item.chain, item.type, item.rule_number))
+            packet.last_seen = now
+            if packet.kept is None:
+                packet.kept = self.keep is None or self.keep(packet.path)
+            if trail.final is not None or self._went_through(trail, at_end=False):
+                done.extend(self._close(packet))
+        return done
+
+    def expire(self, now: float) -> list:
+        done = []
+        for packet in list(self._open):
+            if now - packet.last_seen >= self.idle_seconds:
+                done.extend(self._close(packet))
+        return done
+
+    def flush(self) -> list:
+        done = []
+        for packet in list(self._open):
+            done.extend(self._close(packet))
+        return done
+
+    def mark_loss(self) -> None:
+        for packet in self._open:
+            packet.path.incomplete_reason = "events lost"
+
+    @property
+    def open_packets(self) -> int:
+        return sum(1 for packet in self._open if packet.kept)
+
+    def _packet_for(self, event: LegacyTraceEvent, now: float) -> _LegacyPacket:
+        """The oldest open packet that can take the line, or a new one."""
+        identity = packet_identity(event.packet)
+        for packet in self._open:
+            if packet.trail.identity == identity and packet.trail.takes(event):
+                return packet
+        trail = LegacyTrail(identity)
+        path = PacketPath(next(self._ids), observations=trail.observations)
+        packet = _LegacyPacket(path, trail, now)
+        self._open.append(packet)
+        return packet
+
+    def _went_through(self, trail: LegacyTrail, at_end: bool) -> bool:
+        """Netfilter let the packet go: an exit hook's last table (or, once idle, any table
+        at an exit hook) ended its run on accept."""
+        if trail.run is None or not trail.run_over or trail.run_verdict != "accept":
+            return False
+        table, hook = trail.run
+        if hook not in EXIT_HOOKS:
+            return False
+        return at_end or self.last_tables.get(hook) == table
+
+    def _close(self, packet: _LegacyPacket) -> list:
+        self._open.remove(packet)
+        if not packet.kept:
+            return []
+        path, trail = packet.path, packet.trail
+        path.steps = trail.steps
+        path.hooks = trail.hooks
+        if path.incomplete_reason == "events lost":
+            pass
+        elif trail.final is not None:
+            path.complete, path.verdict, path.decided_by = True, trail.final.verdict, trail.final
+        elif self._went_through(trail, at_end=True):
+            path.complete, path.verdict = True, "accept"
+        else:
+            path.incomplete_reason = "went idle"
+        finalise_path(path)
+        return [path]
+
+
+def last_tables_on_exit_hooks(tables: Iterable[str]) -> dict:
+    """For input and postrouting, the present table that runs last there."""
+    last = {}
+    for hook in EXIT_HOOKS:
+        present = [table for table in tables if hook in TABLE_HOOKS.get(table, ())]
+        if present:
+            last[hook] = max(present, key=lambda table: table_priority(table, hook))
+    return last
+
+
+__all__ = [
+    "LegacyPathBuilder",
+    "LegacyTrail",
+    "MergedPathBuilder",
+    "last_tables_on_exit_hooks",
+    "merge_steps",
+    "merge_trail",
+    "packet_identity",
+    "priority_value",
+]
