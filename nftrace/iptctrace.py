@@ -176,5 +176,8 @@ def remove_leftover_trace_rules(family: str) -> list[str]:
     if not pids:
         return []
     count = remove_trace_rules(load_iptc(), family, pids)
+    if not count:
+        return []
     command = "iptables" if family == "ip" else "ip6tables"
-    return [f"{count} {command} TRACE rule(s) of killed run(s) {', '.join(map(str, sorted(pids)))}"] if count else []
+    runs = f"run{'s' if len(pids) > 1 else ''} {', '.join(map(str, sorted(pids)))}"
+    return [f"{count} {command} TRACE rule{'s' if count > 1 else ''} of killed {runs}"]

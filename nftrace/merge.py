@@ -208,10 +208,17 @@ def merge_trail(path: PacketPath, trail: LegacyTrail, lookup: RuleLookup) -> Pac
 class MergedPathBuilder:
     """nftables trace events build each packet's path; legacy TRACE lines add their steps.
 
-    Feed each batch of trace events, then the TRACE lines read after it: a path that the
-    trace events finished waits for those lines (the kernel wrote them before the event that
-    finished it), and a legacy DROP finishes its path at once.
+    Feed each batch of trace events, then the TRACE lines read after it. The two come on two
+    sockets, so the order of reading is not the order of writing, but it is bounded:
+    - every line that the kernel wrote before a trace event is read by then: a path that
+      trace events finished waits for the lines read after them, and a legacy DROP finishes
+      its path at once;
+    - a line can be read before the trace event of its packet's mark chain (the packet
+      came between the two reads): it waits for the next batch of trace events, and is
+      given up, counted, after PENDING_SECONDS.
     """
+
+    PENDING_SECONDS = 1.0
 
     def __init__(self, builder: PathBuilder, lookup: RuleLookup, resolver: LegacyResolver):
         self.builder = builder
@@ -220,24 +227,34 @@ class MergedPathBuilder:
         self.unmatched_lines = 0
         self._trails: dict[int, LegacyTrail] = {}
         self._held: list[PacketPath] = []
+        self._pending: list[tuple[float, LegacyTraceEvent]] = []
 
     def feed(self, event, now: float = 0.0) -> list:
         self._held.extend(self.builder.feed(event, now))
         return []
 
     def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
+        waiting, self._pending = self._pending, []
+        for seen, line in waiting:
+            if not self._attach(line):
+                self._pending.append((seen, line))
         for item in items:
             if isinstance(item, EventsLost):
                 self.builder.mark_loss()
-            else:
-                self._attach(item)
+            elif not self._attach(item):
+                self._pending.append((now, item))
         return self._release()
 
     def expire(self, now: float) -> list:
+        kept = [(seen, line) for seen, line in self._pending if now - seen < self.PENDING_SECONDS]
+        self.unmatched_lines += len(self._pending) - len(kept)
+        self._pending = kept
         self._held.extend(self.builder.expire(now))
         return self._release()
 
     def flush(self) -> list:
+        self.unmatched_lines += len(self._pending)
+        self._pending = []
         self._held.extend(self.builder.flush())
         return self._release()
 
@@ -248,20 +265,23 @@ class MergedPathBuilder:
     def open_packets(self) -> int:
         return self.builder.open_packets
 
-    def _attach(self, event: LegacyTraceEvent) -> None:
+    def _attach(self, event: LegacyTraceEvent) -> bool:
+        """Add the line to its packet's trail; False when no packet can take it (yet)."""
         identity = packet_identity(event.packet)
-        if identity is not None:
-            for path in self._held + self.builder.open_paths():
-                if packet_identity(path.first_packet) != identity:
-                    continue
-                trail = self._trails.setdefault(id(path), LegacyTrail(identity))
-                if not trail.takes(event):
-                    continue
-                trail.add(event, self.resolver.resolve(event.table, event.chain, event.type, event.rule_number))
-                if trail.final is not None and path not in self._held:
-                    self._held.extend(self.builder.finish_packet(path))
-                return
-        self.unmatched_lines += 1
+        if identity is None:
+            return False
+        for path in self._held + self.builder.open_paths():
+            if packet_identity(path.first_packet) != identity:
+                continue
+            trail = self._trails.get(id(path)) or LegacyTrail(identity)
+            if not trail.takes(event):
+                continue
+            self._trails[id(path)] = trail
+            trail.add(event, self.resolver.resolve(event.table, event.chain, event.type, event.rule_number))
+            if trail.final is not None and path not in self._held:
+                self._held.extend(self.builder.finish_packet(path))
+            return True
+        return False
 
     def _release(self) -> list:
         done, self._held = self._held, []

@@ -133,6 +133,10 @@ class TraceSession:
                     self._stop_command()
                     self.report.lost_events = ((monitor.dropped_messages() or monitor.overruns) if monitor else 0) + (
                         legacy.lost_messages() if legacy else 0)
+                    unmatched = getattr(builder, "unmatched_lines", 0)
+                    if unmatched:
+                        self.report.warnings.append(f"{unmatched} legacy TRACE lines belonged to no packet of this run "
+                                                    "(packets traced by someone else's TRACE rules?)")
 
     def _plan(self) -> tuple[Optional[NftContext], BackendPlan]:
         """nftables where it works and is wanted; legacy tables of the flow's family where they exist."""

@@ -181,11 +181,28 @@ def test_lines_go_to_the_oldest_packet_that_can_take_them(legacy, snapshot):
     assert [(s.table, s.chain) for s in later.steps] == [("raw", "PREROUTING")]
 
 
+def test_line_read_before_the_trace_event_of_its_packet_waits_for_it(legacy, snapshot):
+    # The packet went through between the read of the trace events and the read of the lines.
+    pkt = packet(25)
+    merged = MergedPathBuilder(PathBuilder(snapshot), snapshot, legacy)
+    assert merged.feed_legacy([line("raw", "PREROUTING", "policy", 1, "prerouting", pkt),
+                               line("filter", "INPUT", "rule", 2, "input", pkt)], now=0.0) == []
+    assert merged.expire(0.1) == []
+    for event in marked(1, pkt) + [observed(1, "prerouting", pkt)]:
+        merged.feed(event, now=0.2)
+    [path] = merged.feed_legacy([line("filter", "CLIENTS", "rule", 2, "input", pkt)], now=0.2)
+    assert [(s.table, s.chain) for s in path.steps] == [("raw", "PREROUTING"), ("filter", "INPUT"), ("filter", "CLIENTS")]
+    assert path.verdict == "drop"
+    assert merged.unmatched_lines == 0
+
+
 def test_line_of_a_packet_nftrace_does_not_trace_is_counted_not_guessed(legacy, snapshot):
     merged = MergedPathBuilder(PathBuilder(snapshot), snapshot, legacy)
     for event in marked(1, packet(25)):
         merged.feed(event)
-    assert merged.feed_legacy([line("filter", "INPUT", "rule", 2, "input", packet(25, seq=999))]) == []
+    assert merged.feed_legacy([line("filter", "INPUT", "rule", 2, "input", packet(25, seq=999))], now=0.0) == []
+    assert merged.unmatched_lines == 0
+    merged.expire(merged.PENDING_SECONDS + 0.1)
     assert merged.unmatched_lines == 1
 
 

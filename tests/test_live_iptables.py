@@ -1,0 +1,535 @@
+"""`nftrace why` against the real kernel on iptables routers: legacy x_tables (TRACE lines
+through nfnetlink_log), iptables-nft (nftables trace events, shown in iptables syntax), and
+a host with both. Each run must leave the router's firewall and its nf_log bindings exactly
+as they were.
+
+The kernel decides; these tests state what iptables' documented semantics say it must have
+decided, and that nftrace names the rule that did it: table, chain, rule number (legacy) or
+handle (nftables), and the rule as iptables-save prints it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, load_ruleset, nftrace, traffic, unique_name
+from nftrace.netlab import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4,
+                            Topology, in_netns)
+
+pytestmark = pytest.mark.kernel
+
+RULES_V4 = """*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -p tcp -m tcp --dport 7000 -j DROP
+-A PREROUTING -p udp -m udp --dport 5001 -j CT --notrack
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x1/0xffffffff
+-A FORWARD -p tcp -m tcp --dport 8443 -j DROP
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d 10.77.1.1/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.77.2.2:80
+-A POSTROUTING -o r-server -j MASQUERADE
+COMMIT
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:CLIENTS - [0:0]
+:SSH - [0:0]
+-A INPUT -i lo -j ACCEPT
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -s 10.77.1.0/24 -j CLIENTS
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -i r-client -o r-server -p tcp -m tcp --dport 443 -j ACCEPT
+-A FORWARD -d 10.77.2.2/32 -p tcp -m tcp --dport 80 -j ACCEPT
+-A OUTPUT -p tcp -m tcp --dport 25 -j DROP
+-A CLIENTS -p tcp -m tcp --dport 22 -j SSH
+-A CLIENTS -p tcp -m tcp --dport 25 -j DROP
+-A CLIENTS -p tcp -m tcp --dport 2323 -j REJECT --reject-with tcp-reset
+-A CLIENTS -p udp -m udp --dport 5000 -j ACCEPT
+-A SSH -s 10.77.1.3/32 -j ACCEPT
+-A SSH -j RETURN
+COMMIT
+"""
+
+RULES_V6 = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:CLIENTS6 - [0:0]
+-A INPUT -p ipv6-icmp -j ACCEPT
+-A INPUT -s fd77:1::/64 -j CLIENTS6
+-A CLIENTS6 -p tcp -m tcp --dport 80 -j DROP
+-A CLIENTS6 -p tcp -m tcp --dport 443 -j ACCEPT
+COMMIT
+"""
+
+FLAVOURS = {"legacy": ("iptables-legacy-restore", "ip6tables-legacy-restore"),
+            "nft": ("iptables-nft-restore", "ip6tables-nft-restore")}
+
+
+def firewall_state(ns: str) -> dict:
+    """Everything a run could change: legacy rules (counters aside), legacy tables, the
+    nftables ruleset, and the nf_log bindings."""
+    def save(command):
+        text = in_netns(ns, [command], check=False).stdout
+        return "\n".join(re.sub(r"\[\d+:\d+\]", "", line) for line in text.splitlines() if not line.startswith("#"))
+
+    def read(path):
+        return in_netns(ns, ["cat", path], check=False).stdout
+
+    return {
+        "iptables-legacy": save("iptables-legacy-save"),
+        "ip6tables-legacy": save("ip6tables-legacy-save"),
+        "ip_tables": sorted(read("/proc/net/ip_tables_names").split()),
+        "ip6_tables": sorted(read("/proc/net/ip6_tables_names").split()),
+        "nft": in_netns(ns, ["nft", "-s", "list", "ruleset"]).stdout,
+        "nf_log": read("/proc/sys/net/netfilter/nf_log/2") + read("/proc/sys/net/netfilter/nf_log/10"),
+    }
+
+
+def make_lab(flavour: str, extra_nft: str = "") -> Topology:
+    topo = Topology(unique_name(f"ipt{flavour[0]}"))
+    topo.up()
+    try:
+        v4, v6 = FLAVOURS[flavour]
+        in_netns(topo.router, [v4], input=RULES_V4)
+        in_netns(topo.router, [v6], input=RULES_V6)
+        if extra_nft:
+            load_ruleset(topo.router, extra_nft)
+    except BaseException:
+        topo.down()
+        raise
+    return topo
+
+
+@pytest.fixture(scope="module")
+def legacy_lab():
+    topo = make_lab("legacy")
+    try:
+        yield topo
+    finally:
+        topo.down()
+
+
+@pytest.fixture(scope="module")
+def nft_lab():
+    topo = make_lab("nft")
+    try:
+        yield topo
+    finally:
+        topo.down()
+
+
+def why(lab, *flow, command, backend=None):
+    """Trace one flow in the router while `command` sends its packet; check nothing stays changed."""
+    before = firewall_state(lab.router)
+    extra = ("--backend", backend) if backend else ()
+    result = nftrace("--netns", lab.router, "why", *flow, "--count", "1", "--timeout", "15", "--json", *extra,
+                     "--", *command)
+    assert result.returncode == 0, result.stderr
+    assert firewall_state(lab.router) == before, "the router's firewall changed"
+    packets = result.packets
+    assert len(packets) == 1, result.stdout
+    packet = packets[0]
+    packet["backend"] = result.json["backend"]
+    return packet
+
+
+def tcp_to_router(lab, port, host=ROUTER_CLIENT_V4):
+    return traffic(lab.client, "tcp", host, str(port), "--timeout", "1")
+
+
+def tcp_flow(port, src=CLIENT_V4, dst=ROUTER_CLIENT_V4):
+    return ("--from", src, "--to", dst, "--proto", "tcp", "--dport", str(port))
+
+
+def chain_steps(packet):
+    return [(s["backend"], s["table"], s["chain"], s["type"], s["rule_number"], s["verdict"], s["depth"])
+            for s in packet["steps"]]
+
+
+LEGACY = "iptables-legacy"
+
+
+# -- legacy iptables ---------------------------------------------------------------------------
+
+
+def test_legacy_drop_names_table_chain_rule_number_and_save_text(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25))
+    assert packet["backend"] == "nft+iptables-legacy"
+    assert packet["verdict"] == "drop"
+    assert packet["decided_by"] == {
+        "hook": "input", "family": "ip", "table": "filter", "chain": "CLIENTS", "type": "rule", "handle": None,
+        "rule_number": 2, "text": "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP", "verdict": "drop",
+        "iptables": "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP", "backend": LEGACY,
+    }
+    assert packet["summary"] == "dropped by iptables filter CLIENTS rule 2: -A CLIENTS -p tcp -m tcp --dport 25 -j DROP"
+
+
+def test_legacy_tables_report_in_hook_and_priority_order(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25))
+    assert [(s["hook"], s["table"], s["chain"], s["type"]) for s in packet["steps"]] == [
+        ("prerouting", "raw", "PREROUTING", "policy"),
+        ("prerouting", "mangle", "PREROUTING", "policy"),
+        ("prerouting", "nat", "PREROUTING", "policy"),
+        ("input", "mangle", "INPUT", "policy"),
+        ("input", "filter", "INPUT", "rule"),
+        ("input", "filter", "CLIENTS", "rule"),
+    ]
+    assert packet["hooks"] == ["prerouting", "input"]
+
+
+def test_legacy_return_rule_and_end_of_chain_lead_back_to_the_drop_policy(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(22), command=tcp_to_router(legacy_lab, 22))
+    filter_steps = [step for step in chain_steps(packet) if step[1] == "filter"]
+    assert filter_steps == [
+        (LEGACY, "filter", "INPUT", "rule", 3, "jump", 0),
+        (LEGACY, "filter", "CLIENTS", "rule", 1, "jump", 1),
+        (LEGACY, "filter", "SSH", "rule", 2, "return", 2),
+        (LEGACY, "filter", "CLIENTS", "return", None, "return", 1),
+        (LEGACY, "filter", "INPUT", "policy", None, "drop", 0),
+    ]
+    assert packet["steps"][-3]["text"] == "-A SSH -j RETURN"
+    assert packet["summary"] == "dropped by iptables filter INPUT policy drop"
+    assert packet["decided_by"]["rule_number"] is None and packet["decided_by"]["type"] == "policy"
+
+
+def test_legacy_reject_is_a_drop_that_says_rejected(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(2323), command=tcp_to_router(legacy_lab, 2323))
+    assert packet["verdict"] == "drop"
+    assert packet["summary"] == ("rejected by iptables filter CLIENTS rule 3: "
+                                 "-A CLIENTS -p tcp -m tcp --dport 2323 -j REJECT --reject-with tcp-reset")
+
+
+def test_legacy_accept_is_decided_by_the_filter_rule_not_the_nat_policy_after_it(legacy_lab):
+    packet = why(legacy_lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5000",
+                 command=traffic(legacy_lab.client, "udp", ROUTER_CLIENT_V4, "5000"))
+    assert (packet["verdict"], packet["complete"]) == ("accept", True)
+    assert packet["decided_by"]["text"] == "-A CLIENTS -p udp -m udp --dport 5000 -j ACCEPT"
+    assert packet["decided_by"]["rule_number"] == 4
+    assert packet["steps"][-1]["table"] == "nat" and packet["steps"][-1]["type"] == "policy"
+
+
+def test_legacy_raw_table_drop(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(7000), command=tcp_to_router(legacy_lab, 7000))
+    assert packet["decided_by"]["table"] == "raw"
+    assert packet["decided_by"]["rule_number"] == 1
+    assert packet["hooks"] == ["prerouting"]
+
+
+def test_legacy_mangle_drop_in_forward(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(8443, dst=SERVER_V4), command=traffic(legacy_lab.client, "tcp", SERVER_V4, "8443",
+                                                                               "--timeout", "1"))
+    assert packet["summary"] == "dropped by iptables mangle FORWARD rule 1: -A FORWARD -p tcp -m tcp --dport 8443 -j DROP"
+    assert packet["hooks"] == ["prerouting", "forward"]
+
+
+def test_legacy_forward_accept_then_masquerade(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(443, dst=SERVER_V4), command=traffic(legacy_lab.client, "tcp", SERVER_V4, "443",
+                                                                              "--timeout", "1"))
+    assert (packet["verdict"], packet["complete"]) == ("accept", True)
+    assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
+    assert packet["decided_by"]["text"] == "-A FORWARD -i r-client -o r-server -p tcp -m tcp --dport 443 -j ACCEPT"
+    masquerade = next(s for s in packet["steps"] if s["table"] == "nat" and s["chain"] == "POSTROUTING")
+    assert (masquerade["rule_number"], masquerade["verdict"]) == (1, "accept")
+    assert {"field": "src", "to": f"{ROUTER_SERVER_V4}:{packet['packet']['sport']}"}.items() <= packet["nat"][-1].items()
+
+
+def test_legacy_dnat_is_followed_to_the_forward_rule(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(8080), command=tcp_to_router(legacy_lab, 8080))
+    dnat = next(s for s in packet["steps"] if s["table"] == "nat" and s["chain"] == "PREROUTING")
+    assert dnat["text"] == "-A PREROUTING -d 10.77.1.1/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.77.2.2:80"
+    assert packet["decided_by"]["text"] == "-A FORWARD -d 10.77.2.2/32 -p tcp -m tcp --dport 80 -j ACCEPT"
+    assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
+    assert any(change["field"] == "dst" and change["to"] == f"{SERVER_V4}:80" for change in packet["nat"])
+
+
+def test_legacy_output_drop_of_a_locally_sent_packet(legacy_lab):
+    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
+    packet = why(legacy_lab, *tcp_flow(25, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
+    assert packet["hooks"] == ["output"]
+    assert packet["summary"] == "dropped by iptables filter OUTPUT rule 1: -A OUTPUT -p tcp -m tcp --dport 25 -j DROP"
+
+
+def test_legacy_ipv6_drop_in_a_user_chain(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(80, src=CLIENT_V6, dst=ROUTER_CLIENT_V6),
+                 command=tcp_to_router(legacy_lab, 80, ROUTER_CLIENT_V6))
+    assert packet["summary"] == "dropped by ip6tables filter CLIENTS6 rule 1: -A CLIENTS6 -p tcp -m tcp --dport 80 -j DROP"
+    assert packet["decided_by"]["family"] == "ip6"
+
+
+def test_legacy_ipv6_accept(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(443, src=CLIENT_V6, dst=ROUTER_CLIENT_V6),
+                 command=tcp_to_router(legacy_lab, 443, ROUTER_CLIENT_V6))
+    assert (packet["verdict"], packet["complete"]) == ("accept", True)
+    assert packet["decided_by"]["text"] == "-A CLIENTS6 -p tcp -m tcp --dport 443 -j ACCEPT"
+
+
+def test_human_output_names_the_legacy_rule_first(legacy_lab):
+    before = firewall_state(legacy_lab.router)
+    result = nftrace("--netns", legacy_lab.router, "why", *tcp_flow(25), "--count", "1", "--timeout", "15", "--",
+                     *tcp_to_router(legacy_lab, 25))
+    assert result.returncode == 0, result.stderr
+    assert firewall_state(legacy_lab.router) == before
+    lines = result.stdout.splitlines()
+    assert re.match(r"^DROP\s+10\.77\.1\.2:\d+ → 10\.77\.1\.1:25 tcp  dropped by iptables filter CLIENTS rule 2: "
+                    r"-A CLIENTS -p tcp -m tcp --dport 25 -j DROP$", lines[0]), lines[0]
+    assert "    iptables filter INPUT" in lines
+    assert any(line.strip() == "[#2] -A CLIENTS -p tcp -m tcp --dport 25 -j DROP  → drop" for line in lines)
+
+
+# -- legacy iptables with TRACE rules (the path for kernels without nf_tables) ----------------
+
+
+def test_trace_rules_give_the_same_answer_without_nftables(legacy_lab):
+    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25), backend="iptables")
+    assert packet["backend"] == "iptables-legacy"
+    assert packet["summary"] == "dropped by iptables filter CLIENTS rule 2: -A CLIENTS -p tcp -m tcp --dport 25 -j DROP"
+    assert packet["packet"]["dport"] == 25
+    assert all(step["backend"] == LEGACY for step in packet["steps"])
+
+
+def test_trace_rules_keep_raw_rule_numbers_as_the_admin_counts_them(legacy_lab):
+    # nftrace's TRACE rule is first in raw PREROUTING while it runs; the admin's DROP stays rule 1.
+    packet = why(legacy_lab, *tcp_flow(7000), command=tcp_to_router(legacy_lab, 7000), backend="iptables")
+    assert packet["summary"] == "dropped by iptables raw PREROUTING rule 1: -A PREROUTING -p tcp -m tcp --dport 7000 -j DROP"
+
+
+def test_trace_rules_accept_completes_at_the_last_table_of_the_exit_hook(legacy_lab):
+    packet = why(legacy_lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5000",
+                 command=traffic(legacy_lab.client, "udp", ROUTER_CLIENT_V4, "5000"), backend="iptables")
+    assert (packet["verdict"], packet["complete"]) == ("accept", True)
+    assert packet["decided_by"]["rule_number"] == 4
+
+
+def test_trace_rules_ipv6_create_the_missing_raw_table_and_say_so(legacy_lab):
+    before = firewall_state(legacy_lab.router)
+    had_raw = "raw" in before["ip6_tables"]
+    result = nftrace("--netns", legacy_lab.router, "why", *tcp_flow(80, src=CLIENT_V6, dst=ROUTER_CLIENT_V6), "--count",
+                     "1", "--timeout", "15", "--json", "--backend", "iptables", "--",
+                     *tcp_to_router(legacy_lab, 80, ROUTER_CLIENT_V6))
+    assert result.returncode == 0, result.stderr
+    assert [p["summary"] for p in result.packets] == [
+        "dropped by ip6tables filter CLIENTS6 rule 1: -A CLIENTS6 -p tcp -m tcp --dport 80 -j DROP"]
+    after = firewall_state(legacy_lab.router)
+    assert any("raw table did not exist" in warning for warning in result.json["warnings"]) == (not had_raw)
+    if not had_raw:
+        # x_tables tables cannot be removed from userspace: an empty raw table is all that stays.
+        assert after["ip6_tables"] == sorted(before["ip6_tables"] + ["raw"])
+        empty_raw = "*raw\n:PREROUTING ACCEPT \n:OUTPUT ACCEPT \nCOMMIT\n"
+        assert empty_raw in after["ip6tables-legacy"]
+        after["ip6tables-legacy"] = after["ip6tables-legacy"].replace(empty_raw, "")
+        after["ip6_tables"] = before["ip6_tables"]
+    assert after == before
+
+
+# -- what a killed run leaves, and two runs at once -------------------------------------------
+
+
+def wait_for(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def start_nftrace(*args):
+    return subprocess.Popen([sys.executable, "-m", "nftrace", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL)
+
+
+def test_cleanup_removes_trace_rules_and_restores_nf_log_after_sigkill(legacy_lab):
+    before = firewall_state(legacy_lab.router)
+    run = start_nftrace("--netns", legacy_lab.router, "why", *tcp_flow(9), "--timeout", "30", "--backend", "iptables")
+    try:
+        assert wait_for(lambda: "nftrace trace rule" in in_netns(legacy_lab.router, ["iptables-legacy-save"]).stdout)
+    finally:
+        run.kill()
+        run.communicate()
+    left = firewall_state(legacy_lab.router)
+    assert left["nf_log"].split()[0] == "nfnetlink_log"
+    assert f"nftrace trace rule, pid {run.pid}" in left["iptables-legacy"]
+    result = nftrace("--netns", legacy_lab.router, "cleanup")
+    assert result.returncode == 0, result.stderr
+    assert "restored nf_log ip → nf_log_ipv4" in result.stdout
+    assert f"removed 2 iptables TRACE rules of killed run {run.pid}" in result.stdout  # PREROUTING and OUTPUT
+    assert firewall_state(legacy_lab.router) == before
+    assert nftrace("--netns", legacy_lab.router, "cleanup").stdout.strip() == "nothing to clean up"
+
+
+def test_second_run_in_the_namespace_is_refused_and_sigterm_undoes_the_first(legacy_lab):
+    before = firewall_state(legacy_lab.router)
+    first = start_nftrace("--netns", legacy_lab.router, "why", *tcp_flow(9), "--timeout", "30")
+    try:
+        assert wait_for(lambda: firewall_state(legacy_lab.router)["nf_log"].startswith("nfnetlink_log"))
+        second = nftrace("--netns", legacy_lab.router, "why", *tcp_flow(10), "--timeout", "5", "--json")
+        assert second.returncode == 2
+        assert "NFLOG group 0" in second.stderr and second.stdout == ""
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=10)
+        assert first.returncode == 128 + signal.SIGTERM, stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert firewall_state(legacy_lab.router) == before
+
+
+# -- iptables-nft ------------------------------------------------------------------------------
+
+
+def nft_handle(lab, family, table, chain, position):
+    listing = in_netns(lab.router, ["nft", "-a", "list", "chain", family, table, chain]).stdout
+    handles = [int(m.group(1)) for m in re.finditer(r"# handle (\d+)$", listing, re.M)][1:]
+    return handles[position - 1]
+
+
+def test_iptables_nft_drop_names_handle_rule_number_and_iptables_text(nft_lab):
+    packet = why(nft_lab, *tcp_flow(25), command=tcp_to_router(nft_lab, 25))
+    assert packet["backend"] == "nft"
+    decided = packet["decided_by"]
+    assert (decided["backend"], decided["family"], decided["table"], decided["chain"]) == ("nft", "ip", "filter", "CLIENTS")
+    assert decided["rule_number"] == 2
+    assert decided["handle"] == nft_handle(nft_lab, "ip", "filter", "CLIENTS", 2)
+    assert decided["iptables"] == "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP"
+    assert "drop" in decided["text"] and not decided["text"].startswith("-A")
+    assert packet["summary"] == (f"dropped by ip filter CLIENTS rule handle {decided['handle']}: "
+                                 "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP")
+
+
+def test_iptables_nft_return_rule_end_of_chain_and_policy(nft_lab):
+    packet = why(nft_lab, *tcp_flow(22), command=tcp_to_router(nft_lab, 22))
+    steps = [(s["table"], s["chain"], s["type"], s["rule_number"], s["verdict"], s["iptables"])
+             for s in packet["steps"] if s["table"] == "filter"]
+    assert steps == [
+        ("filter", "INPUT", "rule", 3, "jump", "-A INPUT -s 10.77.1.0/24 -j CLIENTS"),
+        ("filter", "CLIENTS", "rule", 1, "jump", "-A CLIENTS -p tcp -m tcp --dport 22 -j SSH"),
+        ("filter", "SSH", "rule", 2, "return", "-A SSH -j RETURN"),
+        ("filter", "CLIENTS", "return", None, "return", None),
+        ("filter", "INPUT", "policy", None, "drop", None),
+    ]
+    assert packet["summary"] == "dropped by ip filter INPUT policy drop"
+
+
+def test_iptables_nft_reject(nft_lab):
+    packet = why(nft_lab, *tcp_flow(2323), command=tcp_to_router(nft_lab, 2323))
+    assert packet["summary"].startswith("rejected by ip filter CLIENTS rule handle ")
+    assert packet["summary"].endswith(": -A CLIENTS -p tcp -m tcp --dport 2323 -j REJECT --reject-with tcp-reset")
+
+
+def test_iptables_nft_accept_is_decided_by_the_filter_rule_not_the_nat_chain(nft_lab):
+    packet = why(nft_lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5000",
+                 command=traffic(nft_lab.client, "udp", ROUTER_CLIENT_V4, "5000"))
+    assert packet["verdict"] == "accept"
+    assert packet["decided_by"]["iptables"] == "-A CLIENTS -p udp -m udp --dport 5000 -j ACCEPT"
+    assert packet["decided_by"]["rule_number"] == 4
+
+
+def test_iptables_nft_forward_accept_with_masquerade(nft_lab):
+    packet = why(nft_lab, *tcp_flow(443, dst=SERVER_V4), command=traffic(nft_lab.client, "tcp", SERVER_V4, "443",
+                                                                          "--timeout", "1"))
+    assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
+    assert packet["decided_by"]["iptables"] == "-A FORWARD -i r-client -o r-server -p tcp -m tcp --dport 443 -j ACCEPT"
+    masquerade = next(s for s in packet["steps"] if s["table"] == "nat" and s["type"] == "rule")
+    assert masquerade["iptables"] == "-A POSTROUTING -o r-server -j MASQUERADE"
+
+
+def test_iptables_nft_ipv6(nft_lab):
+    packet = why(nft_lab, *tcp_flow(80, src=CLIENT_V6, dst=ROUTER_CLIENT_V6),
+                 command=tcp_to_router(nft_lab, 80, ROUTER_CLIENT_V6))
+    decided = packet["decided_by"]
+    assert (decided["family"], decided["chain"], decided["rule_number"]) == ("ip6", "CLIENTS6", 1)
+    assert decided["iptables"] == "-A CLIENTS6 -p tcp -m tcp --dport 80 -j DROP"
+
+
+# -- both on one host --------------------------------------------------------------------------
+
+MIXED_LEGACY = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p tcp -m tcp --dport 22 -j DROP
+-A INPUT -p tcp -m tcp --dport 80 -j LOG --log-prefix "legacy sees 80: "
+COMMIT
+"""
+MIXED_NFT = """
+table ip early {
+    chain input {
+        type filter hook input priority filter - 10; policy accept;
+        tcp dport { 22, 25, 80 } counter
+    }
+}
+table inet fw {
+    chain input {
+        type filter hook input priority filter + 10; policy accept;
+        tcp dport 25 drop
+        tcp dport 80 accept
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mixed_lab():
+    topo = Topology(unique_name("iptm"))
+    topo.up()
+    try:
+        in_netns(topo.router, ["iptables-legacy-restore"], input=MIXED_LEGACY)
+        load_ruleset(topo.router, MIXED_NFT)
+        yield topo
+    finally:
+        topo.down()
+
+
+def mixed_steps(packet):
+    return [(s["backend"], s["table"], s["chain"], s["type"], s["verdict"]) for s in packet["steps"] if s["hook"] == "input"]
+
+
+def test_mixed_host_legacy_drop_between_two_nft_chains(mixed_lab):
+    packet = why(mixed_lab, *tcp_flow(22), command=tcp_to_router(mixed_lab, 22))
+    assert packet["backend"] == "nft+iptables-legacy"
+    assert mixed_steps(packet) == [("nft", "early", "input", "rule", "continue"),
+                                   ("nft", "early", "input", "policy", "accept"),
+                                   (LEGACY, "filter", "INPUT", "rule", "drop")]
+    assert packet["summary"] == "dropped by iptables filter INPUT rule 1: -A INPUT -p tcp -m tcp --dport 22 -j DROP"
+
+
+def test_mixed_host_nft_drop_after_the_legacy_policy(mixed_lab):
+    packet = why(mixed_lab, *tcp_flow(25), command=tcp_to_router(mixed_lab, 25))
+    assert mixed_steps(packet) == [("nft", "early", "input", "rule", "continue"),
+                                   ("nft", "early", "input", "policy", "accept"),
+                                   (LEGACY, "filter", "INPUT", "policy", "accept"),
+                                   ("nft", "fw", "input", "rule", "drop")]
+    assert packet["decided_by"]["handle"] is not None
+    assert packet["summary"].startswith("dropped by inet fw input rule handle")
+
+
+def test_mixed_host_accept_through_all_three_with_a_legacy_log_rule(mixed_lab):
+    packet = why(mixed_lab, *tcp_flow(80), command=tcp_to_router(mixed_lab, 80))
+    assert mixed_steps(packet) == [("nft", "early", "input", "rule", "continue"),
+                                   ("nft", "early", "input", "policy", "accept"),
+                                   (LEGACY, "filter", "INPUT", "rule", "continue"),
+                                   (LEGACY, "filter", "INPUT", "policy", "accept"),
+                                   ("nft", "fw", "input", "rule", "accept")]
+    assert packet["summary"].startswith("accepted by inet fw input rule handle")
