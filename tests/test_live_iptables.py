@@ -10,12 +10,16 @@ handle (nftables), and the rule as iptables-save prints it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -533,3 +537,89 @@ def test_mixed_host_accept_through_all_three_with_a_legacy_log_rule(mixed_lab):
                                    (LEGACY, "filter", "INPUT", "policy", "accept"),
                                    ("nft", "fw", "input", "rule", "accept")]
     assert packet["summary"].startswith("accepted by inet fw input rule handle")
+
+
+# -- a ruleset not written for these tests: ufw ------------------------------------------------
+
+UFW_FILES = ("after.init", "after.rules", "after6.rules", "before.init", "before.rules", "before6.rules", "user.rules",
+             "user6.rules", "ufw.conf")
+
+
+def configure_ufw_namespace(etc: Path, flavour: str) -> None:
+    """/etc/netns/NS/{ufw,alternatives}: `ip netns exec NS ufw` then uses its own pristine
+    configuration, applies no sysctl, and runs the iptables flavour asked for."""
+    (etc / "ufw" / "applications.d").mkdir(parents=True)
+    for name in UFW_FILES:
+        shutil.copy2(Path("/usr/share/ufw") / name, etc / "ufw" / name)
+    (etc / "ufw" / "sysctl.conf").write_text("# nftrace tests: ufw changes no sysctl here\n")
+    alternatives = etc / "alternatives"
+    alternatives.mkdir()
+    for entry in Path("/etc/alternatives").iterdir():
+        if entry.is_symlink():
+            (alternatives / entry.name).symlink_to(os.readlink(entry))
+    for command in ("iptables", "ip6tables"):
+        for suffix in ("", "-restore", "-save"):
+            link = alternatives / f"{command}{suffix}"
+            link.unlink(missing_ok=True)
+            link.symlink_to(f"/usr/sbin/{command}-{flavour}{suffix}")
+
+
+@dataclass
+class UfwTopology(Topology):
+    flavour: str = "legacy"  # the iptables that ufw runs in the router: legacy or nft
+
+
+@pytest.fixture(scope="module", params=["legacy", "nft"])
+def ufw_lab(request):
+    if shutil.which("ufw") is None:
+        pytest.skip("ufw is not installed (scripts/setup.sh installs it)")
+    topo = UfwTopology(unique_name(f"ufw{request.param[0]}"), request.param)
+    etc = Path("/etc/netns") / topo.router
+    try:
+        topo.up()
+        configure_ufw_namespace(etc, topo.flavour)
+        for command in (["ufw", "allow", "22/tcp"], ["ufw", "deny", "25/tcp"], ["ufw", "--force", "enable"]):
+            in_netns(topo.router, command)
+        yield topo
+    finally:
+        topo.down()
+        if etc.exists():
+            shutil.rmtree(etc)
+        with contextlib.suppress(OSError):  # not empty: other namespaces' files, not ours
+            Path("/etc/netns").rmdir()
+
+
+def ufw_rule(lab, text):
+    """(position in its chain, save text) of a rule of ufw's ruleset, as the flavour's save prints it."""
+    save = in_netns(lab.router, [f"iptables-{lab.flavour}-save"]).stdout
+    chain = text.split()[1]
+    rules = [line for line in save.splitlines() if line.startswith(f"-A {chain} ")]
+    return rules.index(text) + 1
+
+
+def test_ufw_allow_rule_is_named_in_the_flavour_it_was_written_with(ufw_lab):
+    packet = why(ufw_lab, *tcp_flow(22), command=tcp_to_router(ufw_lab, 22))
+    text = "-A ufw-user-input -p tcp -m tcp --dport 22 -j ACCEPT"
+    decided = packet["decided_by"]
+    assert (packet["verdict"], decided["chain"], decided["iptables"]) == ("accept", "ufw-user-input", text)
+    assert decided["rule_number"] == ufw_rule(ufw_lab, text)
+    if ufw_lab.flavour == "legacy":
+        assert (decided["backend"], decided["handle"], packet["backend"]) == (LEGACY, None, "nft+iptables-legacy")
+    else:
+        assert (decided["backend"], packet["backend"]) == ("nft", "nft")
+        assert decided["handle"] == nft_handle(ufw_lab, "ip", "filter", "ufw-user-input", decided["rule_number"])
+
+
+def test_ufw_deny_rule(ufw_lab):
+    packet = why(ufw_lab, *tcp_flow(25), command=tcp_to_router(ufw_lab, 25))
+    text = "-A ufw-user-input -p tcp -m tcp --dport 25 -j DROP"
+    assert (packet["verdict"], packet["decided_by"]["iptables"]) == ("drop", text)
+    assert packet["decided_by"]["rule_number"] == ufw_rule(ufw_lab, text)
+
+
+def test_ufw_default_deny_is_the_input_policy_after_its_log_rule(ufw_lab):
+    packet = why(ufw_lab, *tcp_flow(8080), command=tcp_to_router(ufw_lab, 8080))
+    where = "iptables filter" if ufw_lab.flavour == "legacy" else "ip filter"
+    assert packet["summary"] == f"dropped by {where} INPUT policy drop"
+    log = [s for s in packet["steps"] if "[UFW BLOCK]" in (s["iptables"] or "")]
+    assert [(s["chain"], s["verdict"]) for s in log] == [("ufw-after-logging-input", "continue")]
