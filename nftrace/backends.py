@@ -20,7 +20,7 @@ from .flow import Flow
 from .iptctrace import TraceRules, remove_leftover_trace_rules
 from .legacy import COMMAND_NAMES, LiveLegacyRuleset, legacy_tables
 from .merge import LegacyPathBuilder, MergedPathBuilder, last_tables_on_exit_hooks
-from .nflog import NflogListener, restore_leftover_loggers
+from .nflog import NFNETLINK_LOG, NflogListener, in_initial_netns, restore_leftover_loggers
 from .paths import PathBuilder
 
 BACKENDS = ("auto", "nft", "iptables")
@@ -90,6 +90,10 @@ class LegacyTracing:
         if cleaned:
             self.warnings.append(f"undid what killed nftrace runs left: {'; '.join(cleaned)}")
         self.listener = NflogListener((self.family,))
+        previous = self.listener.previous_loggers().get(self.family)
+        if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
+            self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {COMMAND_NAMES[self.family]} wrote "
+                                 f"to nftrace instead of the kernel log ({previous} is bound again now)")
         try:
             if self.plan.trace_rules:
                 self.rules = TraceRules(self.family, self.flow, self.max_rate)

@@ -20,7 +20,6 @@ cannot see: legacy steps go first then.
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Protocol
 
@@ -29,29 +28,13 @@ from .legacy import BACKEND, CHAIN_HOOKS, TABLE_HOOKS, Resolution, table_priorit
 from .monitor import EventsLost
 from .nflog import LegacyTraceEvent
 from .paths import EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step, finalise_path
+from .ruleset import priority_value
 
-# nft's named priorities for the ip, ip6 and inet families.
-PRIORITY_NAMES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
-_PRIORITY_RE = re.compile(r"^\s*(-?\d+|[a-z]+)\s*(?:([+-])\s*(\d+))?\s*$")
 HOOK_CHAINS = {hook: chain for chain, hook in CHAIN_HOOKS.items()}
 
 
 class LegacyResolver(Protocol):
     def resolve(self, table: str, chain: str, kind: str, position: int) -> Optional[Resolution]: ...
-
-
-def priority_value(text: Optional[str]) -> Optional[int]:
-    """`filter - 10` → -10, `-350` → -350, `dstnat` → -100; None when it cannot be read."""
-    match = _PRIORITY_RE.match(text or "")
-    if match is None:
-        return None
-    base, sign, offset = match.groups()
-    value = PRIORITY_NAMES.get(base) if not base.lstrip("-").isdigit() else int(base)
-    if value is None:
-        return None
-    if sign:
-        value += int(offset) if sign == "+" else -int(offset)
-    return value
 
 
 def packet_identity(packet: Optional[PacketHeaders]) -> Optional[tuple]:
@@ -413,5 +396,4 @@ __all__ = [
     "merge_steps",
     "merge_trail",
     "packet_identity",
-    "priority_value",
 ]

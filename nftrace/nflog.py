@@ -55,6 +55,7 @@ FAMILY_NAMES = {number: name for name, number in PROTOCOL_FAMILIES.items()}
 HOOK_NAMES = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
 
 NF_LOG_SYSCTL = "/proc/sys/net/netfilter/nf_log/{pf}"
+NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
 NFNETLINK_LOG = "nfnetlink_log"
 STATE_DIR = Path(os.environ.get("NFTRACE_STATE_DIR", "/run/nftrace"))
 
@@ -186,8 +187,18 @@ def decode_nflog_datagram(datagram: bytes) -> Iterator[LegacyTraceEvent]:
 
 def read_logger(family: str) -> str:
     """The logger bound for a protocol family in this namespace: a name, or NONE."""
-    with open(NF_LOG_SYSCTL.format(pf=PROTOCOL_FAMILIES[family])) as sysctl:
-        return sysctl.read().strip()
+    try:
+        with open(NF_LOG_SYSCTL.format(pf=PROTOCOL_FAMILIES[family])) as sysctl:
+            return sysctl.read().strip()
+    except OSError as err:
+        raise EnvironmentProblem(f"cannot read the nf_log logger of {family} ({err.strerror}): legacy TRACE lines "
+                                 "need nf_log and nfnetlink_log in the kernel") from None
+
+
+def in_initial_netns() -> bool:
+    """Whether this is the machine's own namespace, where a LOG rule's lines reach the kernel log
+    (nf_log_all_netns, which lets other namespaces log too, exists only there)."""
+    return os.path.exists(NF_LOG_ALL_NETNS)
 
 
 def write_logger(family: str, name: str) -> None:
@@ -348,6 +359,10 @@ class NflogListener:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def previous_loggers(self) -> dict:
+        """family → the logger bound before this listener bound nfnetlink_log."""
+        return dict(self._saved.loggers) if self._saved is not None else {}
 
     def read(self) -> Iterator[NflogItem]:
         """Every TRACE line queued now; an overflow of the socket yields EventsLost."""

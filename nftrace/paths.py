@@ -25,12 +25,13 @@ from typing import Callable, Optional, Protocol
 
 from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, ConntrackInfo, PacketHeaders, TraceEvent
 from .flow import PROTOCOL_NAMES
-from .ruleset import ChainInfo, RuleInfo, is_trace_table
+from .ruleset import ChainInfo, RuleInfo, is_trace_table, priority_value
 
 HOOK_ORDER = ("ingress", "prerouting", "input", "forward", "output", "postrouting", "egress")
 HOOK_RANK = {hook: rank for rank, hook in enumerate(HOOK_ORDER)}
 # After nftrace's observation chain on these hooks, netfilter has nothing more to say.
 EXIT_HOOKS = frozenset({"input", "postrouting"})
+MANGLE_PRIORITY = -150
 MARK_CHAIN_PREFIX = "mark_"
 OBSERVE_CHAIN_PREFIX = "obs_"
 
@@ -406,23 +407,32 @@ def finalise_path(path: PacketPath, lookup: Optional[RuleLookup] = None) -> None
     path.nat = nat_rewrites(path.observations)
 
 
-def is_nat_step(step: Step, lookup: Optional[RuleLookup] = None) -> bool:
-    """Whether the step ran in a NAT chain (a legacy `nat` table, an nftables `type nat` chain)."""
+def accept_tier(step: Step, lookup: Optional[RuleLookup] = None) -> int:
+    """How much an accepting step says about why a packet was let through: 0 for chains that
+    filter, 1 for raw and mangle tables and chains at their priorities or of type route (they
+    accept nearly everything by policy), 2 for NAT chains (a masquerade rule, a policy: they
+    accept every packet they see)."""
     if step.backend == "iptables-legacy":
-        return step.table == "nat"
+        return {"nat": 2, "raw": 1, "mangle": 1}.get(step.table, 0)
     chain = lookup.chain(step.family, step.table, step.chain) if lookup is not None else None
-    return chain is not None and chain.type == "nat"
+    if chain is None:
+        return 0
+    if chain.type == "nat":
+        return 2
+    priority = priority_value(chain.priority)
+    return 1 if chain.type == "route" or (priority is not None and priority <= MANGLE_PRIORITY) else 0
 
 
 def deciding_accept(steps: list, lookup: Optional[RuleLookup] = None) -> Optional[Step]:
-    """The step that let an accepted packet through: the last accepting rule, else the last
-    accepting policy, of the chains that filter. NAT chains accept every packet they see (a
-    masquerade rule, a policy), so they decide only when nothing else accepted."""
+    """The step that let an accepted packet through: among the accepting steps of the most
+    telling chains (see accept_tier), the last rule, else the last policy."""
     accepting = [step for step in steps if step.verdict == "accept"]
-    filtering = [step for step in accepting if not is_nat_step(step, lookup)] or accepting
-    rules = [step for step in filtering if step.type == "rule"]
-    chosen = rules or filtering
-    return chosen[-1] if chosen else None
+    if not accepting:
+        return None
+    tiers = [accept_tier(step, lookup) for step in accepting]
+    best = [step for step, tier in zip(accepting, tiers) if tier == min(tiers)]
+    rules = [step for step in best if step.type == "rule"]
+    return (rules or best)[-1]
 
 
 def _endpoint(packet: PacketHeaders, side: str) -> str:

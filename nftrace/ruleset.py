@@ -21,6 +21,26 @@ _BASE_RE = re.compile(r"^type (\S+) hook (\S+)(?: .*?)? priority ([^;]+);(?: pol
 _RULE_RE = re.compile(r"^(.*) # handle (\d+)$")
 
 
+# nft's named priorities for the ip, ip6 and inet families.
+PRIORITY_NAMES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+_PRIORITY_RE = re.compile(r"^\s*(-?\d+|[a-z]+)\s*(?:([+-])\s*(\d+))?\s*$")
+
+
+def priority_value(text: Optional[str]) -> Optional[int]:
+    """A base chain's priority as nft prints it, as a number: `filter - 10` → -10, `-350` → -350,
+    `dstnat` → -100; None when it cannot be read."""
+    match = _PRIORITY_RE.match(text or "")
+    if match is None:
+        return None
+    base, sign, offset = match.groups()
+    value = int(base) if base.lstrip("-").isdigit() else PRIORITY_NAMES.get(base)
+    if value is None:
+        return None
+    if sign:
+        value += int(offset) if sign == "+" else -int(offset)
+    return value
+
+
 @dataclass(frozen=True)
 class RuleInfo:
     family: str

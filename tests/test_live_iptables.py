@@ -274,6 +274,15 @@ def test_legacy_output_drop_of_a_locally_sent_packet(legacy_lab):
     assert packet["summary"] == "dropped by iptables filter OUTPUT rule 1: -A OUTPUT -p tcp -m tcp --dport 25 -j DROP"
 
 
+def test_legacy_output_policy_accept_of_a_locally_sent_packet(legacy_lab):
+    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
+    packet = why(legacy_lab, *tcp_flow(80, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
+    assert (packet["verdict"], packet["complete"]) == ("accept", True)
+    assert packet["hooks"] == ["output", "postrouting"]
+    assert packet["summary"] == "accepted by iptables filter OUTPUT policy accept"
+    assert packet["decided_by"]["type"] == "policy" and packet["decided_by"]["backend"] == LEGACY
+
+
 def test_legacy_ipv6_drop_in_a_user_chain(legacy_lab):
     packet = why(legacy_lab, *tcp_flow(80, src=CLIENT_V6, dst=ROUTER_CLIENT_V6),
                  command=tcp_to_router(legacy_lab, 80, ROUTER_CLIENT_V6))
@@ -457,6 +466,12 @@ def test_iptables_nft_forward_accept_with_masquerade(nft_lab):
     assert packet["decided_by"]["iptables"] == "-A FORWARD -i r-client -o r-server -p tcp -m tcp --dport 443 -j ACCEPT"
     masquerade = next(s for s in packet["steps"] if s["table"] == "nat" and s["type"] == "rule")
     assert masquerade["iptables"] == "-A POSTROUTING -o r-server -j MASQUERADE"
+
+
+def test_iptables_nft_output_policy_accept(nft_lab):
+    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
+    packet = why(nft_lab, *tcp_flow(80, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
+    assert packet["summary"] == "accepted by ip filter OUTPUT policy accept"
 
 
 def test_iptables_nft_ipv6(nft_lab):

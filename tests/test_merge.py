@@ -10,11 +10,11 @@ import pytest
 from nftrace.events import PacketHeaders, TraceEvent
 from nftrace.legacy import LegacyRuleset
 from nftrace.merge import (LegacyPathBuilder, LegacyTrail, MergedPathBuilder, last_tables_on_exit_hooks, merge_steps,
-                           packet_identity, priority_value)
+                           packet_identity)
 from nftrace.monitor import EventsLost
 from nftrace.nflog import LegacyTraceEvent
 from nftrace.paths import PathBuilder, Step, deciding_accept
-from nftrace.ruleset import RulesetSnapshot
+from nftrace.ruleset import RulesetSnapshot, priority_value
 
 OWN = "nftrace_1_abcdef"
 CLIENT, ROUTER, SERVER = (ipaddress.ip_address(a) for a in ("10.77.1.2", "10.77.1.1", "10.77.2.2"))
@@ -342,6 +342,21 @@ def test_nat_chains_decide_an_accept_only_when_nothing_else_accepted():
     masquerade = step("iptables-legacy", "nat", "POSTROUTING", "postrouting", verdict="accept")
     assert deciding_accept([forward, masquerade]) is forward
     assert deciding_accept([masquerade]) is masquerade
+
+
+def test_filter_policy_decides_over_raw_and_mangle_policies_around_it():
+    raw = step("iptables-legacy", "raw", "OUTPUT", "output", "policy", "accept")
+    output = step("iptables-legacy", "filter", "OUTPUT", "output", "policy", "accept")
+    mangle = step("iptables-legacy", "mangle", "POSTROUTING", "postrouting", "policy", "accept")
+    assert deciding_accept([raw, output, mangle]) is output
+    assert deciding_accept([raw, mangle]) is mangle
+
+
+def test_nft_chain_at_mangle_priority_decides_only_without_a_filter_chain(snapshot):
+    pre = step("nft", "fw", "pre", "prerouting", "policy", "accept", family="inet")
+    forward = step("nft", "other", "forward", "forward", "policy", "accept", family="inet")
+    assert deciding_accept([forward, pre], snapshot) is forward
+    assert deciding_accept([pre], snapshot) is pre
 
 
 def test_an_accepting_rule_decides_over_a_later_accepting_policy():
