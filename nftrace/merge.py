@@ -217,14 +217,19 @@ class MergedPathBuilder:
         return []
 
     def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
+        # The packets a line can belong to, by identity, oldest first: no path starts while
+        # lines are read, so one index serves the whole batch.
+        candidates: dict = {}
+        for path in self._held + self.builder.open_paths():
+            candidates.setdefault(packet_identity(path.first_packet), []).append(path)
         waiting, self._pending = self._pending, []
         for seen, line in waiting:
-            if not self._attach(line):
+            if not self._attach(line, candidates):
                 self._pending.append((seen, line))
         for item in items:
             if isinstance(item, EventsLost):
                 self.builder.mark_loss()
-            elif not self._attach(item):
+            elif not self._attach(item, candidates):
                 self._pending.append((now, item))
         return self._release()
 
@@ -248,20 +253,17 @@ class MergedPathBuilder:
     def open_packets(self) -> int:
         return self.builder.open_packets
 
-    def _attach(self, event: LegacyTraceEvent) -> bool:
+    def _attach(self, event: LegacyTraceEvent, candidates: dict) -> bool:
         """Add the line to its packet's trail; False when no packet can take it (yet)."""
         identity = packet_identity(event.packet)
-        if identity is None:
-            return False
-        for path in self._held + self.builder.open_paths():
-            if packet_identity(path.first_packet) != identity:
-                continue
+        for path in candidates.get(identity, ()) if identity is not None else ():
             trail = self._trails.get(id(path)) or LegacyTrail(identity)
             if not trail.takes(event):
                 continue
             self._trails[id(path)] = trail
             trail.add(event, self.resolver.resolve(event.table, event.chain, event.type, event.rule_number))
-            if trail.final is not None and path not in self._held:
+            if trail.final is not None:
+                # Closing an open path hands it back; a held one is already closed (returns nothing).
                 self._held.extend(self.builder.finish_packet(path))
             return True
         return False
@@ -297,7 +299,8 @@ class LegacyPathBuilder:
         self.keep = keep
         self.idle_seconds = idle_seconds
         self.last_tables = last_tables or {}  # exit hook → the table that runs last there
-        self._open: list[_LegacyPacket] = []
+        self._open: dict[int, _LegacyPacket] = {}  # by path id, oldest first
+        self._by_identity: dict[Optional[tuple], list] = {}
         self._ids = itertools.count(1)
 
     def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
@@ -318,35 +321,36 @@ class LegacyPathBuilder:
 
     def expire(self, now: float) -> list:
         done = []
-        for packet in list(self._open):
+        for packet in list(self._open.values()):
             if now - packet.last_seen >= self.idle_seconds:
                 done.extend(self._close(packet))
         return done
 
     def flush(self) -> list:
         done = []
-        for packet in list(self._open):
+        for packet in list(self._open.values()):
             done.extend(self._close(packet))
         return done
 
     def mark_loss(self) -> None:
-        for packet in self._open:
+        for packet in self._open.values():
             packet.path.incomplete_reason = "events lost"
 
     @property
     def open_packets(self) -> int:
-        return sum(1 for packet in self._open if packet.kept)
+        return sum(1 for packet in self._open.values() if packet.kept)
 
     def _packet_for(self, event: LegacyTraceEvent, now: float) -> _LegacyPacket:
         """The oldest open packet that can take the line, or a new one."""
         identity = packet_identity(event.packet)
-        for packet in self._open:
-            if packet.trail.identity == identity and packet.trail.takes(event):
+        same = self._by_identity.setdefault(identity, [])
+        for packet in same:
+            if packet.trail.takes(event):
                 return packet
         trail = LegacyTrail(identity)
-        path = PacketPath(next(self._ids), observations=trail.observations)
-        packet = _LegacyPacket(path, trail, now)
-        self._open.append(packet)
+        packet = _LegacyPacket(PacketPath(next(self._ids), observations=trail.observations), trail, now)
+        self._open[packet.path.trace_id] = packet
+        same.append(packet)
         return packet
 
     def _went_through(self, trail: LegacyTrail, at_end: bool) -> bool:
@@ -360,20 +364,23 @@ class LegacyPathBuilder:
         return at_end or self.last_tables.get(hook) == table
 
     def _close(self, packet: _LegacyPacket) -> list:
-        self._open.remove(packet)
+        del self._open[packet.path.trace_id]
+        same = self._by_identity[packet.trail.identity]
+        same.remove(packet)
+        if not same:
+            del self._by_identity[packet.trail.identity]
         if not packet.kept:
             return []
         path, trail = packet.path, packet.trail
         path.steps = trail.steps
         path.hooks = trail.hooks
-        if path.incomplete_reason == "events lost":
-            pass
-        elif trail.final is not None:
-            path.complete, path.verdict, path.decided_by = True, trail.final.verdict, trail.final
-        elif self._went_through(trail, at_end=True):
-            path.complete, path.verdict = True, "accept"
-        else:
-            path.incomplete_reason = "went idle"
+        if path.incomplete_reason != "events lost":
+            if trail.final is not None:
+                path.complete, path.verdict, path.decided_by = True, trail.final.verdict, trail.final
+            elif self._went_through(trail, at_end=True):
+                path.complete, path.verdict = True, "accept"
+            else:
+                path.incomplete_reason = "went idle"
         finalise_path(path)
         return [path]
 
