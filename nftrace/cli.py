@@ -117,12 +117,14 @@ def why(
         else:
             typer.echo(render_packet(path, report.interfaces) + "\n")
 
-    if not as_json:
-        where = f" in netns {netns}" if netns else ""
-        typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
+    def on_ready():
+        if not as_json:
+            where = f" in netns {netns}" if netns else ""
+            typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
+
     exit_code = None
     try:
-        session.run(on_packet)
+        session.run(on_packet, on_ready)
     except NftraceError as err:
         if not (stream and stream.started):
             _fail(err)
@@ -168,4 +170,17 @@ def cleanup(ctx: typer.Context):
 
 
 def run() -> None:
-    app()
+    """Entry point: usage errors become one line on stderr and exit status 2, like every other bad input."""
+    from typer._click.exceptions import ClickException
+
+    try:
+        result = app(standalone_mode=False)
+    except ClickException as err:
+        typer.echo(f"nftrace: {err.format_message()}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("nftrace: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)

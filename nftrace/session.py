@@ -95,7 +95,7 @@ class TraceSession:
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
 
-    def run(self, on_packet: Callable[[PacketPath], None]) -> None:
+    def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None) -> None:
         options = self.options
         with _SignalsAsExceptions():
             prepare_namespace(options)
@@ -109,6 +109,7 @@ class TraceSession:
                 monitor.watch_ruleset()
                 snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
                 builder = PathBuilder(snapshot, keep=self._keep, idle_seconds=options.idle_seconds)
+                on_ready()
                 try:
                     self._start_command()
                     self._loop(nft, snapshot, monitor, table, builder, on_packet)
