@@ -47,8 +47,10 @@ def main(
 class JsonStream:
     """One JSON document on stdout, written as packets complete, so memory stays flat.
 
-    Nothing is written before the first packet, so an error found while setting up leaves
-    stdout empty; once started, the document is always closed, even on Ctrl-C.
+    Each packet is one complete line as soon as it is known (lines after the first start
+    with ", "), so a reader can follow a long run line by line. Nothing is written before
+    the first packet, so an error found while setting up leaves stdout empty; once
+    started, the document is always closed, even on Ctrl-C.
     """
 
     def __init__(self, out, report):
@@ -59,7 +61,7 @@ class JsonStream:
 
     def _start(self) -> None:
         header = json.dumps(self.report.header_json())
-        self.out.write(header[:-1] + ', "packets": [')
+        self.out.write(header[:-1] + ', "packets": [\n')
         self.started = True
 
     def packet(self, path) -> None:
@@ -67,14 +69,14 @@ class JsonStream:
 
         if not self.started:
             self._start()
-        self.out.write(("," if self.count else "") + "\n  " + json.dumps(packet_json(path, self.report.interfaces)))
+        self.out.write(("  " if self.count == 0 else ", ") + json.dumps(packet_json(path, self.report.interfaces)) + "\n")
         self.out.flush()
         self.count += 1
 
     def finish(self) -> None:
         if not self.started:
             self._start()
-        self.out.write("\n], " + json.dumps(self.report.trailer_json())[1:] + "\n")
+        self.out.write("], " + json.dumps(self.report.trailer_json())[1:] + "\n")
         self.out.flush()
 
 
@@ -118,9 +120,9 @@ def why(
             typer.echo(render_packet(path, report.interfaces) + "\n")
 
     def on_ready():
-        if not as_json:
-            where = f" in netns {netns}" if netns else ""
-            typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
+        # On stderr in every mode: scripts reading --json can wait for it before sending traffic.
+        where = f" in netns {netns}" if netns else ""
+        typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
 
     exit_code = None
     try:

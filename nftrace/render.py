@@ -77,8 +77,6 @@ def render_closing(report: TraceReport, packet_count: int) -> str:
     lines = []
     if packet_count == 0:
         lines.append(f"no packet of {report.flow.describe()} was seen")
-    if report.lost_events:
-        lines.append(f"warning: {report.lost_events} trace events were lost; affected packets are marked incomplete")
     for warning in report.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

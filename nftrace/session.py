@@ -7,6 +7,7 @@ crashes; SIGKILL is covered by the trace table's `flags owner`.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ class TraceOptions:
     max_rate: int = DEFAULT_MAX_RATE
     command: list = field(default_factory=list)
     idle_seconds: float = 2.0
-    rcvbuf: int = DEFAULT_RCVBUF
+    rcvbuf: int = field(default_factory=lambda: int(os.environ.get("NFTRACE_RCVBUF", DEFAULT_RCVBUF)))
 
 
 def _raise_interrupted(signum, _frame):
@@ -116,6 +117,11 @@ class TraceSession:
                 finally:
                     self._stop_command()
                     self.report.lost_events = monitor.dropped_messages() or monitor.overruns
+                    if self.report.lost_events:
+                        self.report.warnings.append(
+                            f"{self.report.lost_events} trace events were lost (netlink socket buffer full); the packets "
+                            "they belonged to are marked incomplete. Lower --max-rate or raise NFTRACE_RCVBUF."
+                        )
 
     def _keep(self, path: PacketPath) -> bool:
         packet = path.first_packet
