@@ -311,8 +311,8 @@ class PathBuilder:
         depth = frames[-1][1]
         if event.type == "policy":
             self._append(state, event, "policy", None, event.verdict or "unknown", 0)
-        elif event.handle is None:
-            # Falling off the end of a chain.
+        elif event.handle is None and event.verdict in ("continue", "return", None):
+            # Falling off the end of a chain (a return event on older kernels).
             if len(frames) == 1 and event.chain == state.base_chain:
                 return  # the base chain's policy event follows and says it all
             frames.pop()
