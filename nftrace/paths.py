@@ -150,6 +150,7 @@ class PacketPath:
 
 @dataclass
 class _PacketState:
+    trace_id: int
     path: PacketPath
     last_seen: float
     frames: list = field(default_factory=list)  # [chain, depth] of the running chain and its callers
@@ -180,11 +181,15 @@ class PathBuilder:
     """
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
-                 idle_seconds: float = 2.0):
+                 idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1})):
         self.lookup = lookup
         self.keep = keep
         self.idle_seconds = idle_seconds
+        # `lo` is ifindex 1 in every network namespace.
+        self.loopback_ifindexes = loopback_ifindexes
         self._open: dict[int, _PacketState] = {}
+        # Paths that left through loopback, waiting for their second half (see _close).
+        self._looped: dict[tuple, tuple[PacketPath, float]] = {}
 
     def feed(self, event: TraceEvent, now: float = 0.0) -> list:
         """Add one event; return the packets it finished (a new packet can finish an old one)."""
@@ -198,7 +203,13 @@ class PathBuilder:
                 # The start of this packet was lost, or it was not ours: nothing sound can be
                 # built from the middle of a path.
                 return done
-            state = _PacketState(PacketPath(event.trace_id), now)
+            state = _PacketState(event.trace_id, PacketPath(event.trace_id), now)
+            looped = self._looped.pop(_header_key(event.packet), None) if event.iif in self.loopback_ifindexes else None
+            if looped is not None:
+                # The packet comes back in through loopback under a new trace id (the id
+                # hashes the input interface): its path goes on where it left off.
+                state.path, state.checked = looped[0], True
+                state.path.complete, state.path.verdict, state.path.decided_by = False, "unknown", None
             self._open[event.trace_id] = state
         state.last_seen = now
         if state.ignored or state.closed:
@@ -220,13 +231,19 @@ class PathBuilder:
         for state in list(self._open.values()):
             if now - state.last_seen >= self.idle_seconds:
                 done.extend(self._close(state))
+        for key, (path, since) in list(self._looped.items()):
+            if now - since >= self.idle_seconds:
+                del self._looped[key]
+                done.append(path)
         return done
 
     def flush(self) -> list:
         """Close every open packet (end of the run)."""
         done = []
         for state in list(self._open.values()):
-            done.extend(self._close(state))
+            done.extend(self._close(state, wait_for_loop=False))
+        done.extend(path for path, _ in self._looped.values())
+        self._looped.clear()
         return done
 
     def mark_loss(self) -> None:
@@ -354,14 +371,16 @@ class PathBuilder:
 
     # -- closing ---------------------------------------------------------------------------
 
-    def _close(self, state: _PacketState, forget: bool = True) -> list:
+    def _close(self, state: _PacketState, forget: bool = True, wait_for_loop: bool = True) -> list:
         """Finish a packet's path; return it unless it is not this run's.
 
         A finished packet's state stays (forget=False) until its id starts a new packet or
         goes idle, so that a late event of the same packet is not mistaken for a new one.
+        A packet that left through loopback is not finished yet: it comes back in at
+        prerouting, so its path waits (until idle) for that second half.
         """
         if forget:
-            self._open.pop(state.path.trace_id, None)
+            self._open.pop(state.trace_id, None)
         if state.closed:
             return []
         state.closed = True
@@ -375,7 +394,18 @@ class PathBuilder:
         elif not path.complete:
             path.incomplete_reason = "went idle"
         finalise_path(path)
+        if wait_for_loop and path.complete and path.verdict == "accept" and path.hooks[-1:] == ["postrouting"] \
+                and path.interface_index("oif") in self.loopback_ifindexes:
+            last = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
+            self._looped[_header_key(last)] = (path, state.last_seen)
+            return []
         return [path]
+
+
+def _header_key(packet: Optional[PacketHeaders]) -> tuple:
+    if packet is None:
+        return ()
+    return (packet.src, packet.dst, packet.proto, packet.sport, packet.dport, packet.icmp_type)
 
 
 def finalise_path(path: PacketPath) -> None:

@@ -43,7 +43,12 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
     for step in path.steps:
         steps_by_hook.setdefault(step.hook, []).append(step)
     hooks = list(path.hooks) + [hook for hook in steps_by_hook if hook not in path.hooks]
-    observations = {o.hook: o for o in path.observations if o.own and o.hook}
+    # Interfaces as the hook left them (nftrace's observation chain), else as a chain of the
+    # ruleset first saw them (a packet dropped on a hook never reaches the observation).
+    observations: dict = {}
+    for observation in path.observations:
+        if observation.hook and (observation.hook not in observations or observation.own):
+            observations[observation.hook] = observation
     for hook in hooks:
         observation = observations.get(hook)
         where = ""
@@ -51,7 +56,7 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
             iif = interface_name(interfaces, observation.iif)
             oif = interface_name(interfaces, observation.oif)
             where = "  " + " ".join(part for part in (f"in {iif}" if iif else "", f"out {oif}" if oif else "") if part)
-        lines.append(f"  {hook or '(hook unknown)'}{where.rstrip()}")
+        lines.append(f"  {hook or '(hook unknown)'}{where}".rstrip())
         current = None
         for step in steps_by_hook.get(hook, []):
             chain = (step.family, step.table, step.chain)

@@ -265,3 +265,24 @@ def test_debian_workstation_ruleset_accepts_icmpv6_echo_with_its_icmpv6_rule(wor
     assert packet["verdict"] == "accept"
     assert (packet["decided_by"]["handle"], packet["decided_by"]["text"]) == (handle, text)
     assert packet["hooks"] == ["prerouting", "input"]
+
+
+def test_local_traffic_over_loopback_is_one_packet_through_all_four_hooks(netns):
+    host = netns("h")
+    load_ruleset(host, """
+table inet host {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp dport 8080 drop
+    }
+}
+""")
+    command = [sys.executable, "-m", "nftrace.traffic", "tcp", "127.0.0.1", "8080", "--timeout", "0.5"]
+    result = nftrace("--netns", host, "why", "--from", "127.0.0.1", "--to", "127.0.0.1", "--proto", "tcp",
+                     "--dport", "8080", "--count", "1", "--timeout", "15", "--json", "--", *command)
+    assert result.returncode == 0, result.stderr
+    (packet,) = result.packets
+    assert packet["hooks"] == ["output", "postrouting", "prerouting", "input"]
+    assert packet["verdict"] == "drop"
+    assert packet["decided_by"]["text"] == "tcp dport 8080 drop"
+    assert (packet["packet"]["iif"], packet["packet"]["oif"]) == ("lo", "lo")

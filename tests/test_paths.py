@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from pathkit import OWN, SYN, end_of_chain, first, headers, mark, observe, policy, recorded, rule
+from pathkit import OWN, end_of_chain, event, first, headers, mark, observe, policy, recorded, rule
 
 from nftrace.flow import parse_flow
 from nftrace.paths import PathBuilder
@@ -299,3 +299,24 @@ def test_headline_tree_shows_jumps_indented():
     assert "      [7] jump zone  → jump zone" in lines
     assert "          ↩ return (end of zone)" in lines
     assert lines[1] == "  prerouting  in eth0"
+
+
+def test_a_packet_looping_through_lo_is_one_path_across_its_two_trace_ids():
+    local = headers(src="127.0.0.1", dst="127.0.0.1", dport=8080)
+    out = [event(3, OWN, "mark_output", handle=3, packet=local, oif=1), event(3, OWN, "mark_output", "policy", "accept"),
+           *observe(3, "output", packet=local, iif=None, oif=1), *observe(3, "postrouting", packet=local, iif=None, oif=1)]
+    back = [*mark(4, packet=local, iif=1), *observe(4, "prerouting", packet=local, iif=1),
+            first(4, "input", 8, "drop", packet=local, iif=1)]
+    path = only(build(out + back))
+    assert path.hooks == ["output", "postrouting", "prerouting", "input"]
+    assert path.verdict == "drop" and path.decided_by.handle == 8
+
+
+def test_a_looped_packet_whose_second_half_never_comes_is_still_reported():
+    local = headers(src="127.0.0.1", dst="127.0.0.1", dport=8080)
+    out = [event(3, OWN, "mark_output", handle=3, packet=local, oif=1), event(3, OWN, "mark_output", "policy", "accept"),
+           *observe(3, "output", packet=local, iif=None, oif=1), *observe(3, "postrouting", packet=local, iif=None, oif=1)]
+    builder = PathBuilder(SNAPSHOT)
+    assert [p for e in out for p in builder.feed(e, now=1.0)] == []
+    (path,) = builder.expire(10.0)
+    assert path.verdict == "accept" and path.hooks == ["output", "postrouting"]
