@@ -296,3 +296,29 @@ def test_lost_events_are_counted_and_their_packets_never_get_a_verdict(router):
         if not packet["complete"]:
             assert packet["verdict"] == "unknown"
             assert packet["incomplete_reason"] in ("events lost", "went idle")
+
+
+def test_rules_added_and_chains_flushed_mid_trace_read_right(router):
+    import json
+
+    process = start_nftrace(router.router, *FLOW, "--timeout", "30", "--count", "0", "--json")
+
+    def syn():
+        in_netns(router.client, [sys.executable, "-m", "nftrace.traffic", "tcp", ROUTER_CLIENT_V4, "22", "--timeout", "0.3"])
+        time.sleep(0.3)
+
+    syn()  # dropped by `tcp dport 22 counter drop`
+    in_netns(router.router, ["nft", "insert", "rule", "inet", "fw", "input", "tcp", "dport", "22", "counter", "reject",
+                             "comment", '"inserted mid-trace"'])
+    syn()  # rejected by the new first rule
+    in_netns(router.router, ["nft", "flush", "chain", "inet", "fw", "input"])
+    syn()  # no rule left: policy accept
+    process.send_signal(signal.SIGINT)
+    process.wait(10)
+    packets = json.loads(process.stdout.read())["packets"]
+    decided = [(p["verdict"], p["decided_by"]["type"], p["decided_by"]["text"]) for p in packets]
+    assert decided == [
+        ("drop", "rule", "tcp dport 22 counter drop"),
+        ("drop", "rule", 'tcp dport 22 counter reject comment "inserted mid-trace"'),
+        ("accept", "policy", None),
+    ]
