@@ -257,5 +257,19 @@ def lab_load(
     typer.echo(f"loaded scenario {chosen.name} ({chosen.ruleset.name}, {chosen.kind}) into {netns}")
 
 
+@app.command()
+def demo(ctx: typer.Context):
+    """Build a lab, trace four flows (accepted, dropped by a rule, by a policy, NATed), remove the lab."""
+    from .demo import run_demo
+
+    if ctx.obj and ctx.obj.get("netns"):
+        _fail(InputError("--netns does not apply to 'demo': it makes its own namespaces"))
+    try:
+        code = run_demo()
+    except NftraceError as err:
+        _fail(err)
+    raise typer.Exit(code)
+
+
 def run() -> None:
     app()
