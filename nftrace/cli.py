@@ -178,9 +178,12 @@ app.add_typer(lab_app, name="lab")
 def _lab(ctx: typer.Context, command: str, prefix: Optional[str]):
     from .lab import LAB_PREFIX, Lab
 
-    if ctx.obj and ctx.obj.get("netns"):
-        _fail(InputError(f"--netns does not apply to 'lab {command}': the lab makes its own namespaces"))
-    return Lab(prefix or LAB_PREFIX)
+    try:
+        if ctx.obj and ctx.obj.get("netns"):
+            raise InputError(f"--netns does not apply to 'lab {command}': the lab makes its own namespaces")
+        return Lab(prefix or LAB_PREFIX)
+    except NftraceError as err:
+        _fail(err)
 
 
 @lab_app.command("up")
@@ -193,9 +196,9 @@ def lab_up(
     """Build the lab (or leave it as it is) and load the scenario on the router."""
     from .lab import DEFAULT_SCENARIO, LISTEN_SECONDS, find_scenario, render_status, require_root
 
+    lab = _lab(ctx, "up", prefix)
     try:
         require_root()
-        lab = _lab(ctx, "up", prefix)
         done = lab.up(find_scenario(scenario or DEFAULT_SCENARIO), listen_seconds=listen_seconds or LISTEN_SECONDS)
         status = lab.status()
     except NftraceError as err:
@@ -211,8 +214,9 @@ def lab_down(
     prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
 ):
     """Remove everything `lab up` made: listeners, namespaces, state."""
+    lab = _lab(ctx, "down", prefix)
     try:
-        removed = _lab(ctx, "down", prefix).down()
+        removed = lab.down()
     except NftraceError as err:
         _fail(err)
     for item in removed:
@@ -229,8 +233,9 @@ def lab_status(
     """Say whether the lab is up, which scenario it runs, and what to try. Exit 3 when it is not up."""
     from .lab import render_status, scenario_names
 
+    lab = _lab(ctx, "status", prefix)
     try:
-        status = _lab(ctx, "status", prefix).status()
+        status = lab.status()
     except NftraceError as err:
         _fail(err)
     typer.echo(render_status(status, scenario_names()))

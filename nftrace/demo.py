@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Optional, TextIO
 
 from .expectations import FlowExpectation
-from .lab import Lab, Scenario, find_scenario, require_root, scenario_names, why_arguments
+from .lab import Lab, Scenario, command_name, find_scenario, require_root, scenario_names, why_arguments
 from .netlab import python_env
 from .session import Interrupted
 from .system import NETNS_RUN_DIR
@@ -107,7 +107,7 @@ class _SignalsIgnored:
 
 def shown_command(args: list[str]) -> str:
     """The command as a user types it (the CLI is `nftrace`, not `python -m nftrace`)."""
-    return "nftrace " + shlex.join(args)
+    return shlex.join([command_name(), *args])
 
 
 class Demo:
@@ -200,7 +200,8 @@ class Demo:
             self.show(f"  {(answer.verdict or 'none').upper():<7} {answer.expectation.name}  [{mark}]")
         self.show("")
         self.show("Each answer names the rule (or policy) that decided, and the tree shows the packet's path.")
-        self.show(f"Try more: sudo nftrace lab up --scenario {self.scenario.name}   (then: sudo nftrace lab status)")
+        name = command_name()
+        self.show(f"Try more: sudo {name} lab up --scenario {self.scenario.name}   (then: sudo {name} lab status)")
         self.show(f"Scenarios: {', '.join(scenario_names(self.scenario.expectations.path.parent))}")
 
 

@@ -61,6 +61,12 @@ def require_root(command: str = "nftrace lab") -> None:
         raise EnvironmentProblem(f"{command} needs root to create network namespaces and load rulesets; run it with sudo")
 
 
+def command_name() -> str:
+    """How the user ran nftrace (`.venv/bin/nftrace` after setup.sh), for commands we suggest."""
+    invoked = sys.argv[0] if sys.argv else ""
+    return invoked if os.path.basename(invoked) == "nftrace" else "nftrace"
+
+
 def rules_dir() -> Path:
     """rules/ next to the nftrace package (a checkout, or the Vagrant synced folder)."""
     override = os.environ.get("NFTRACE_RULES")
@@ -326,7 +332,7 @@ class Lab:
             return None  # the scenario's file went away since; the lab still says what it runs
         if not flows:
             return None
-        return f"# {flows[0].name}\n  sudo " + shlex.join(["nftrace", *why_arguments(self.topology, flows[0])])
+        return f"# {flows[0].name}\n  sudo " + shlex.join([command_name(), *why_arguments(self.topology, flows[0])])
 
 
 def render_status(status: LabStatus, scenarios: Sequence[str] = ()) -> str:

@@ -53,6 +53,20 @@ def test_lab_load_without_netns_is_refused_before_touching_anything():
     assert "--netns" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_lab_commands_refuse_netns_since_the_lab_makes_its_own():
+    for command in ("up", "down", "status"):
+        result = nftrace("--netns", "somewhere", "lab", command)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (f"nftrace: --netns does not apply to 'lab {command}': "
+                                         "the lab makes its own namespaces")
+
+
+def test_a_prefix_that_cannot_name_namespaces_is_refused():
+    result = nftrace("lab", "status", "--prefix", "../etc")
+    assert result.returncode == 2
+    assert result.stderr.startswith("nftrace: --prefix: '../etc' is not a usable name")
+
+
 def test_legacy_reset_text_names_every_builtin_chain_with_policy_accept():
     assert legacy_reset_text("nat") == (":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
                                         ":POSTROUTING ACCEPT [0:0]\n").join(["*nat\n", "COMMIT\n"])
