@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import NftraceError
+from .errors import InputError, NftraceError
 
 app = typer.Typer(
     add_completion=False,
@@ -169,6 +169,115 @@ def cleanup(ctx: typer.Context):
         typer.echo(f"removed table {item}")
     if not removed:
         typer.echo("nothing to clean up")
+
+
+lab_app = typer.Typer(
+    no_args_is_help=True,
+    help="A client, a router and a server in network namespaces; a rules/ scenario on the router.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(lab_app, name="lab")
+
+
+def _lab(ctx: typer.Context, command: str, prefix: Optional[str]):
+    from .lab import LAB_PREFIX, Lab
+
+    try:
+        if ctx.obj and ctx.obj.get("netns"):
+            raise InputError(f"--netns does not apply to 'lab {command}': the lab makes its own namespaces")
+        return Lab(prefix or LAB_PREFIX)
+    except NftraceError as err:
+        _fail(err)
+
+
+@lab_app.command("up")
+def lab_up(
+    ctx: typer.Context,
+    scenario: Optional[str] = typer.Option(None, "--scenario", metavar="NAME", help="A rules/ scenario (default: host-firewall)."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="Namespaces NAME-client, -router, -server (default: nftlab)."),
+    listen_seconds: Optional[float] = typer.Option(None, "--listen-seconds", min=1, metavar="SEC", help="The server's listeners end after SEC seconds (default: 8 hours)."),
+):
+    """Build the lab (or leave it as it is) and load the scenario on the router."""
+    from .lab import DEFAULT_SCENARIO, LISTEN_SECONDS, find_scenario, render_status, require_root
+
+    lab = _lab(ctx, "up", prefix)
+    try:
+        require_root()
+        done = lab.up(find_scenario(scenario or DEFAULT_SCENARIO), listen_seconds=listen_seconds or LISTEN_SECONDS)
+        status = lab.status()
+    except NftraceError as err:
+        _fail(err)
+    for line in done or [f"lab {lab.prefix} is already up with scenario {status.state.scenario}: nothing to do"]:
+        typer.echo(line, err=True)
+    typer.echo(render_status(status))
+
+
+@lab_app.command("down")
+def lab_down(
+    ctx: typer.Context,
+    prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
+):
+    """Remove everything `lab up` made: listeners, namespaces, state."""
+    lab = _lab(ctx, "down", prefix)
+    try:
+        removed = lab.down()
+    except NftraceError as err:
+        _fail(err)
+    for item in removed:
+        typer.echo(f"removed {item}")
+    if not removed:
+        typer.echo("nothing to remove")
+
+
+@lab_app.command("status")
+def lab_status(
+    ctx: typer.Context,
+    prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
+):
+    """Say whether the lab is up, which scenario it runs, and what to try. Exit 3 when it is not up."""
+    from .lab import render_status, scenario_names
+
+    lab = _lab(ctx, "status", prefix)
+    try:
+        status = lab.status()
+    except NftraceError as err:
+        _fail(err)
+    typer.echo(render_status(status, scenario_names()))
+    raise typer.Exit(0 if status.up else EXIT_NO_PACKET)
+
+
+@lab_app.command("load")
+def lab_load(
+    ctx: typer.Context,
+    scenario: str = typer.Argument(..., metavar="SCENARIO", help="A rules/ scenario name."),
+):
+    """Replace the ruleset of the namespace given with --netns by a scenario's (the Vagrant lab uses it)."""
+    from .lab import find_scenario, load_scenario, require_root
+
+    netns = ctx.obj["netns"] if ctx.obj else None
+    try:
+        if not netns:
+            raise InputError("lab load replaces a whole ruleset: say where with --netns NAME (never this machine's own)")
+        require_root()
+        chosen = find_scenario(scenario)
+        load_scenario(chosen, netns)
+    except NftraceError as err:
+        _fail(err)
+    typer.echo(f"loaded scenario {chosen.name} ({chosen.ruleset.name}, {chosen.kind}) into {netns}")
+
+
+@app.command()
+def demo(ctx: typer.Context):
+    """Build a lab, trace four flows (accepted, dropped by a rule, by a policy, NATed), remove the lab."""
+    from .demo import run_demo
+
+    if ctx.obj and ctx.obj.get("netns"):
+        _fail(InputError("--netns does not apply to 'demo': it makes its own namespaces"))
+    try:
+        code = run_demo()
+    except NftraceError as err:
+        _fail(err)
+    raise typer.Exit(code)
 
 
 def run() -> None:

@@ -59,6 +59,8 @@ class Step:
     depth: int = 0
     rule_deleted: bool = False
     iptables: Optional[str] = None
+    # Run under a base chain of type nat: its accept is the NAT statement's, not a filter's.
+    in_nat_chain: bool = False
 
     def location(self) -> str:
         """`inet filter input rule handle 7: tcp dport 22 drop`, the words an admin searches for."""
@@ -156,6 +158,7 @@ class _PacketState:
     frames: list = field(default_factory=list)  # [chain, depth] of the running chain and its callers
     base_chain: Optional[str] = None
     hook: Optional[str] = None  # hook of the running base chain, None while unknown
+    base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
     last_hook: Optional[str] = None  # latest hook known to have been entered
     marks_seen: set = field(default_factory=set)
     unhooked_from: int = 0  # first step whose hook is still unknown
@@ -281,6 +284,8 @@ class PathBuilder:
         own = is_trace_table(event.table)
         if event.starts_base_chain:
             state.hook = self._base_chain_hook(event)
+            chain = None if own else self.lookup.chain(event.family, event.table, event.chain)
+            state.base_type = chain.type if chain is not None else None
             if state.hook is not None:
                 self._enter_hook(state, state.hook)
             state.frames = [[event.chain, 0]]
@@ -366,6 +371,7 @@ class PathBuilder:
                 target=event.target if verdict in ("jump", "goto") else None,
                 depth=depth,
                 rule_deleted=bool(rule and rule.deleted),
+                in_nat_chain=state.base_type == "nat",
             )
         )
 
@@ -416,11 +422,17 @@ def finalise_path(path: PacketPath) -> None:
 
 
 def _last_accepting_step(steps: list) -> Optional[Step]:
-    """The last accepting step of the last base chain that gave a verdict."""
-    for step in reversed(steps):
-        if step.verdict == "accept":
+    """The last accepting step of the last base chain that gave a verdict.
+
+    NAT chains do not count while a filtering chain accepted: a `dnat`, `masquerade` or a
+    nat chain's policy reports `accept`, but what let the packet through is the filter rule
+    before it (a forwarded, masqueraded packet was accepted by the forward chain).
+    """
+    accepting = [step for step in steps if step.verdict == "accept"]
+    for step in reversed(accepting):
+        if not step.in_nat_chain:
             return step
-    return None
+    return accepting[-1] if accepting else None
 
 
 def _endpoint(packet: PacketHeaders, side: str) -> str:
