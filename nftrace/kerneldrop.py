@@ -406,7 +406,7 @@ class _Held:
     path: PacketPath
     signature: PacketSignature
     until: float
-    released: bool = False
+    waiting: bool = True  # filed by headers, waiting for a drop
 
 
 @dataclass(eq=False)
@@ -426,6 +426,9 @@ class DropCorrelator:
     `vanished`. A drop that comes after the packet's answer was given (a next hop that never
     answers ARP makes the kernel drop the packet seconds later) becomes a note.
 
+    Answers come out in the order the packets finished: while one waits, those behind it
+    wait too.
+
     Per batch of drops: `add_drops`, then `PathBuilder.close_vanished(vanished)` and `hold`,
     then `release`; so a drop goes to an open packet before an answered one is considered.
     """
@@ -434,9 +437,8 @@ class DropCorrelator:
         self.interfaces = interfaces if interfaces is not None else {}
         self.hold_seconds = hold_seconds
         self.notes: list = []
-        self._held: deque = deque()  # in the order their wait ends
+        self._held: deque = deque()  # in the order the packets finished
         self._held_index = _ByHeaders()
-        self._matched: list = []  # held packets whose drop came
         self._drops: deque = deque()  # not yet paired, oldest first
         self._drops_index: dict = {}  # headers -> [drop]
         self._answered: deque = deque()
@@ -444,15 +446,14 @@ class DropCorrelator:
 
     @property
     def holding(self) -> int:
-        return sum(1 for item in self._held if not item.released)
+        return len(self._held)
 
     def add_drops(self, drops: Iterable[KernelDrop]) -> None:
         for drop in drops:
             held = _nearest(self._held_index.get(drop.headers()), drop)
             if held is not None:
                 attach_drop(held.path, drop, self.interfaces)
-                self._held_index.remove(held)
-                self._matched.append(held)
+                self._stop_waiting(held)
             else:
                 self._drops.append(drop)
                 self._drops_index.setdefault(drop.headers(), []).append(drop)
@@ -467,36 +468,37 @@ class DropCorrelator:
 
     def hold(self, paths: Iterable, now: float) -> list:
         """Pair each finished path with a remembered drop; return those whose answer is ready."""
-        ready = []
         for path in paths:
             signature = PacketSignature.of(path)
             drop = self._remembered_drop(signature)
             if drop is not None:
                 self._forget_drop(drop)
                 attach_drop(path, drop, self.interfaces)
-                ready.append(path)
-            elif path.complete and path.verdict == "accept":
-                held = _Held(path, signature, now + self.hold_seconds)
-                self._held.append(held)
+            held = _Held(path, signature, now, waiting=False)
+            if drop is None and path.complete and path.verdict == "accept":
+                held.until, held.waiting = now + self.hold_seconds, True
                 self._held_index.add(held)
-            else:
-                ready.append(path)
-        return self._answer(ready, now)
+            self._held.append(held)
+        return self.release(now)
 
     def release(self, now: float, everything: bool = False) -> list:
         """Held paths whose drop came or whose wait is over (all of them at the end of a run)."""
-        ready, self._matched = self._matched, []
-        for item in ready:
-            item.released = True
-        while self._held and (everything or self._held[0].released or self._held[0].until <= now):
-            item = self._held.popleft()
-            if not item.released:
-                item.released = True
-                self._held_index.remove(item)
-                ready.append(item)
+        ready = []
+        while self._held:
+            head = self._held[0]
+            if not (everything or not head.waiting or head.until <= now):
+                break
+            self._held.popleft()
+            self._stop_waiting(head)
+            ready.append(head.path)
         self._note_late_drops()
         self._forget(now)
-        return self._answer([item.path for item in ready], now)
+        return self._answer(ready, now)
+
+    def _stop_waiting(self, held: _Held) -> None:
+        if held.waiting:
+            held.waiting = False
+            self._held_index.remove(held)
 
     def _remembered_drop(self, signature: PacketSignature) -> Optional[KernelDrop]:
         candidates = [drop for key in signature.headers for drop in self._drops_index.get(key, ())

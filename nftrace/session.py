@@ -202,7 +202,7 @@ class TraceSession:
         def deliver(paths, held=False):
             if correlator is not None and not held:
                 now = time.monotonic()
-                paths = correlator.hold(paths, now) + correlator.release(now)
+                paths = correlator.hold(paths, now)
             for path in paths:
                 if not self._wanted(path) or (options.count and self.packets_seen >= options.count):
                     continue

@@ -211,6 +211,18 @@ def test_packet_dropped_by_a_rule_is_answered_at_once_without_netfilter_drop():
     assert summary(path) == "dropped by inet fw input rule handle 7: tcp dport 8081 drop"
 
 
+def test_answers_keep_the_order_in_which_packets_finished():
+    correlator = DropCorrelator(hold_seconds=0.3)
+    accepted = accepted_at_input()
+    step = rule_step("input", "tcp dport 8081 drop", verdict="drop")
+    dropped = PacketPath(2, steps=[step], observations=[observation("prerouting", tcp(sport=40001))],
+                         hooks=["prerouting", "input"], verdict="drop", decided_by=step, complete=True,
+                         first_seen=10.1, last_seen=10.1)
+    assert correlator.hold([accepted], now=10.0) == []
+    assert correlator.hold([dropped], now=10.1) == []
+    assert correlator.release(now=10.31) == [accepted, dropped]
+
+
 def test_drop_after_the_answer_becomes_a_note():
     correlator = DropCorrelator()
     path = accepted_at_input()
