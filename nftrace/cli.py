@@ -94,6 +94,8 @@ def why(
     timeout: float = typer.Option(60.0, "--timeout", min=0, metavar="SEC", help="Stop after SEC seconds (0: no limit)."),
     max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
+                                      help="Also say why the kernel dropped a packet after netfilter (needs bpftrace)."),
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS...]", help="Traffic to run once tracing is on."),
 ):
     """Trace the packets of one flow and say which rule decided each one's fate."""
@@ -108,7 +110,7 @@ def why(
     except NftraceError as err:
         _fail(err)
     options = TraceOptions(flow=flow, netns=netns, count=count, timeout=timeout, max_rate=max_rate,
-                           command=list(command or []))
+                           command=list(command or []), drop_reasons=drop_reasons)
     report = TraceReport(flow=flow, netns=netns)
     session = TraceSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None

@@ -20,6 +20,7 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -129,6 +130,8 @@ class PacketPath:
     incomplete_reason: Optional[str] = None
     kernel_drop: Optional[dict] = None
     nat: list = field(default_factory=list)
+    first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
+    last_seen: float = 0.0
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
@@ -217,6 +220,8 @@ class PathBuilder:
         state.last_seen = now
         if state.ignored or state.closed:
             return done
+        state.path.first_seen = state.path.first_seen or now
+        state.path.last_seen = now
         self._apply(state, event)
         if not state.checked and state.path.first_packet is not None:
             state.checked = True
@@ -247,6 +252,21 @@ class PathBuilder:
             done.extend(self._close(state, wait_for_loop=False))
         done.extend(path for path, _ in self._looped.values())
         self._looped.clear()
+        return done
+
+    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
+        """Close the open packets that the kernel is known to have freed (`vanished` says which,
+        e.g. from a kernel drop): netfilter will send nothing more, so there is no idle wait.
+        They end complete, dropped, with no rule to blame."""
+        done = []
+        for state in list(self._open.values()):
+            if state.closed or state.ignored or state.finished or state.path.first_packet is None:
+                continue
+            if vanished(state.path):
+                state.finished = True
+                state.path.complete = True
+                state.path.verdict = "drop"
+                done.extend(self._close(state, forget=False))
         return done
 
     def mark_loss(self) -> None:
@@ -399,7 +419,7 @@ class PathBuilder:
             path.decided_by = None
         elif not path.complete:
             path.incomplete_reason = "went idle"
-        finalise_path(path)
+        finalise_path(path, self.lookup)
         if wait_for_loop and path.complete and path.verdict == "accept" and path.hooks[-1:] == ["postrouting"] \
                 and path.interface_index("oif") in self.loopback_ifindexes:
             last = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
@@ -414,25 +434,31 @@ def _header_key(packet: Optional[PacketHeaders]) -> tuple:
     return (packet.src, packet.dst, packet.proto, packet.sport, packet.dport, packet.icmp_type)
 
 
-def finalise_path(path: PacketPath) -> None:
+def finalise_path(path: PacketPath, lookup: Optional[RuleLookup] = None) -> None:
     """Derive the deciding step and the NAT rewrites once the path is over."""
     if path.verdict == "accept" and path.decided_by is None:
-        path.decided_by = _last_accepting_step(path.steps)
-    path.nat = nat_rewrites(path.observations)
+        path.decided_by = _last_accepting_step(path.steps, lookup)
+    path.nat = nat_rewrites(path.observations, path.steps)
 
 
-def _last_accepting_step(steps: list) -> Optional[Step]:
+def _last_accepting_step(steps: list, lookup: Optional[RuleLookup] = None) -> Optional[Step]:
     """The last accepting step of the last base chain that gave a verdict.
 
-    NAT chains do not count while a filtering chain accepted: a `dnat`, `masquerade` or a
-    nat chain's policy reports `accept`, but what let the packet through is the filter rule
-    before it (a forwarded, masqueraded packet was accepted by the forward chain).
+    NAT does not filter: a NAT rule or a nat chain's policy accepts every packet it sees, so
+    it decides only when no other chain accepted the packet.
     """
     accepting = [step for step in steps if step.verdict == "accept"]
     for step in reversed(accepting):
-        if not step.in_nat_chain:
+        if not _is_nat_step(step, lookup):
             return step
     return accepting[-1] if accepting else None
+
+
+def _is_nat_step(step: Step, lookup: Optional[RuleLookup]) -> bool:
+    if step.in_nat_chain or (step.text and _NAT_STATEMENT_RE.search(step.text)):
+        return True
+    chain = lookup.chain(step.family, step.table, step.chain) if lookup is not None else None
+    return chain is not None and chain.type == "nat"
 
 
 def _endpoint(packet: PacketHeaders, side: str) -> str:
@@ -442,8 +468,32 @@ def _endpoint(packet: PacketHeaders, side: str) -> str:
     return f"{text}:{port}" if port else text
 
 
-def nat_rewrites(observations: list) -> list:
-    """Each change of source or destination between consecutive hook observations."""
+# NAT statements as nft lists them (`dnat ip to 10.0.0.2:80`, `masquerade`, `redirect to :8080`),
+# not the `ct status dnat` match.
+_NAT_STATEMENT_RE = re.compile(r"\b(snat|dnat)\b(?=\s+(?:ip6?\s+)?(?:prefix\s+)?to\b)|\b(masquerade|redirect)\b")
+_NAT_KINDS = {"src": ("snat", "masquerade"), "dst": ("dnat", "redirect")}
+
+
+def _nat_rule(steps: list, hook: Optional[str], side: str) -> tuple[Optional[str], Optional[Step]]:
+    """The last rule on `hook` whose NAT statement rewrites `side`."""
+    for step in reversed(steps):
+        if step.hook != hook or step.type != "rule" or not step.text:
+            continue
+        for match in _NAT_STATEMENT_RE.finditer(step.text):
+            kind = match.group(1) or match.group(2)
+            if kind in _NAT_KINDS[side]:
+                return kind, step
+    return None, None
+
+
+def nat_rewrites(observations: list, steps: list = ()) -> list:
+    """Each change of source or destination between consecutive hook observations.
+
+    nftrace's observation chain runs last on every hook, so a change shows at the hook that
+    made it. `kind` and `rule` name the NAT rule on that hook (dnat, snat, masquerade,
+    redirect); null means that no rule ran: the packet's connection already had its NAT
+    mapping (every packet after a connection's first, and its replies), and conntrack applied it.
+    """
     changes = []
     previous = None
     for observation in observations:
@@ -454,8 +504,10 @@ def nat_rewrites(observations: list) -> list:
             for side in ("src", "dst"):
                 before, after = _endpoint(previous, side), _endpoint(packet, side)
                 if before != after:
+                    kind, step = _nat_rule(steps, observation.hook, side)
                     changes.append({"hook": observation.hook, "field": side, "from": before, "to": after,
-                                    "seen_in": f"{observation.table} {observation.chain}"})
+                                    "kind": kind,
+                                    "rule": step.location() if step else None})
         previous = packet
     return changes
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .paths import PacketPath, Step, protocol_name
-from .report import TraceReport, endpoint_text, summary
+from .report import TraceReport, conntrack_json, endpoint_text, summary
 from .system import interface_name
 
 VERDICT_LABELS = {"accept": "ACCEPT", "drop": "DROP", "queue": "QUEUE", "stolen": "STOLEN", "unknown": "?"}
@@ -49,6 +49,7 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
     for observation in path.observations:
         if observation.hook and (observation.hook not in observations or observation.own):
             observations[observation.hook] = observation
+    conntrack = {entry["hook"]: entry for entry in conntrack_json(path)}
     for hook in hooks:
         observation = observations.get(hook)
         where = ""
@@ -56,6 +57,9 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
             iif = interface_name(interfaces, observation.iif)
             oif = interface_name(interfaces, observation.oif)
             where = "  " + " ".join(part for part in (f"in {iif}" if iif else "", f"out {oif}" if oif else "") if part)
+        if hook in conntrack:
+            ct = conntrack[hook]
+            where += f"  ct {ct['state']}" + (f" ({ct['direction']})" if ct["direction"] else "")
         lines.append(f"  {hook or '(hook unknown)'}{where}".rstrip())
         current = None
         for step in steps_by_hook.get(hook, []):
@@ -67,10 +71,13 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
         if not steps_by_hook.get(hook):
             lines.append("    (no chain of the ruleset on this hook)")
     for change in path.nat:
-        lines.append(f"  nat at {change['hook']}: {change['field']} {change['from']} → {change['to']}")
+        by = f"by {change['rule']}" if change.get("rule") else "by conntrack (the connection's NAT mapping)"
+        lines.append(f"  nat at {change['hook']}: {change['field']} {change['from']} → {change['to']}  {by}")
     if path.kernel_drop:
-        where = path.kernel_drop.get("location")
-        lines.append(f"  kernel drop: {path.kernel_drop.get('reason')}" + (f" at {where}" if where else ""))
+        drop = path.kernel_drop
+        where = f" at {drop['location']}" if drop.get("location") else ""
+        explained = f": {drop['explain']}" if drop.get("explain") else ""
+        lines.append(f"  kernel drop: {drop.get('reason')}{where}{explained}")
     return lines
 
 

@@ -2,22 +2,26 @@
 
 Everything that changes the kernel is undone in `finally` blocks, and SIGTERM/SIGHUP are
 turned into an exception so that those blocks run for them as they do for Ctrl-C and for
-crashes; SIGKILL is covered by the trace table's `flags owner`.
+crashes; SIGKILL is covered by the trace table's `flags owner`. The optional bpftrace that
+reports kernel drops (kerneldrop) is stopped the same way, and dies with nftrace on SIGKILL.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .errors import EnvironmentProblem, KernelError, NftraceError, TraceTableGone
 from .events import TraceEvent
 from .flow import Flow
+from .kerneldrop import DropCorrelator, DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from .monitor import DEFAULT_RCVBUF, EventsLost, RulesetChanged, TableDeleted, TraceMonitor
 from .nft import NftContext
 from .paths import PacketPath, PathBuilder
@@ -48,6 +52,7 @@ class TraceOptions:
     command: list = field(default_factory=list)
     idle_seconds: float = 2.0
     rcvbuf: int = field(default_factory=lambda: int(os.environ.get("NFTRACE_RCVBUF", DEFAULT_RCVBUF)))
+    drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
 
 
 def _raise_interrupted(signum, _frame):
@@ -95,6 +100,8 @@ class TraceSession:
         self.report = report
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
+        self._drops: Optional[KernelDropWatcher] = None
+        self._correlator: Optional[DropCorrelator] = None
 
     def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None) -> None:
         options = self.options
@@ -106,12 +113,14 @@ class TraceSession:
             if removed:
                 self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
             self.report.interfaces = interface_names()
-            with TraceMonitor(options.rcvbuf) as monitor, TraceTable(nft, options.flow, options.max_rate) as table:
+            with TraceMonitor(options.rcvbuf) as monitor, self._drop_watcher() as drops, \
+                    TraceTable(nft, options.flow, options.max_rate) as table:
                 monitor.watch_ruleset()
                 snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
                 builder = PathBuilder(snapshot, keep=self._keep, idle_seconds=options.idle_seconds)
-                on_ready()
                 try:
+                    self._await_drop_watcher(drops)
+                    on_ready()
                     self._start_command()
                     self._loop(nft, snapshot, monitor, table, builder, on_packet)
                 finally:
@@ -122,6 +131,41 @@ class TraceSession:
                             f"{self.report.lost_events} trace events were lost (netlink socket buffer full); the packets "
                             "they belonged to are marked incomplete. Lower --max-rate or raise NFTRACE_RCVBUF."
                         )
+                    if self._correlator is not None:
+                        self.report.warnings.extend(self._correlator.notes)
+
+    def _drop_watcher(self):
+        """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
+        without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
+        if not self.options.drop_reasons:
+            return nullcontext()
+        watcher = start_drop_watcher(self.report.warnings.append)
+        return watcher if watcher is not None else nullcontext()
+
+    def _await_drop_watcher(self, watcher: Optional[KernelDropWatcher]) -> None:
+        """Traffic starts only once bpftrace watches, so that no drop of it goes unseen."""
+        if watcher is None:
+            return
+        try:
+            watcher.wait_ready()
+        except DropReasonsUnavailable as err:
+            watcher.close()
+            self.report.warnings.append(f"kernel drop reasons unavailable: {err}")
+            return
+        self._drops = watcher
+        self._correlator = DropCorrelator(interfaces=self.report.interfaces)
+
+    def _read_drops(self) -> list:
+        """Drop lines available now; must be read before the netlink socket is drained (see kerneldrop)."""
+        watcher = self._drops
+        if watcher is None:
+            return []
+        drops = watcher.read()
+        if watcher.ended:
+            watcher.close()
+            self.report.warnings.append(f"kernel drop reasons unavailable from here on: {watcher.failure()}")
+            self._drops = None
+        return drops
 
     def _keep(self, path: PacketPath) -> bool:
         packet = path.first_packet
@@ -160,9 +204,14 @@ class TraceSession:
         deadline = start + options.timeout if options.timeout else None
         command_done_at = None
 
-        def deliver(paths):
+        correlator = self._correlator
+
+        def deliver(paths, held=False):
+            if correlator is not None and not held:
+                now = time.monotonic()
+                paths = correlator.hold(paths, now)
             for path in paths:
-                if not self._wanted(path):
+                if not self._wanted(path) or (options.count and self.packets_seen >= options.count):
                     continue
                 self.packets_seen += 1
                 on_packet(path)
@@ -176,10 +225,13 @@ class TraceSession:
             if self._process is not None and command_done_at is None and self._process.poll() is not None:
                 command_done_at = now
             if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS:
-                if builder.open_packets == 0 or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
+                settled = builder.open_packets == 0 and not (correlator and correlator.holding)
+                if settled or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
                     break
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
-            if monitor.wait(wait):
+            readable = self._wait(monitor, wait)
+            drops = self._read_drops()
+            if monitor in readable or drops:
                 for item in monitor.read():
                     if isinstance(item, TraceEvent):
                         deliver(builder.feed(item, time.monotonic()))
@@ -192,5 +244,18 @@ class TraceSession:
                     elif isinstance(item, TableDeleted) and item.name == table.name:
                         table.installed = False
                         raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
+            if correlator is not None and drops:
+                correlator.add_drops(drops)
+                deliver(builder.close_vanished(correlator.vanished))
             deliver(builder.expire(time.monotonic()))
+            if correlator is not None:
+                deliver(correlator.release(time.monotonic()), held=True)
         deliver(builder.flush())
+        if correlator is not None:
+            deliver(correlator.release(time.monotonic(), everything=True), held=True)
+
+    def _wait(self, monitor: TraceMonitor, timeout: float) -> list:
+        """Wait for trace events or kernel drops."""
+        sources = [monitor] if self._drops is None else [monitor, self._drops]
+        readable, _, _ = select.select(sources, [], [], max(0.0, timeout))
+        return readable
