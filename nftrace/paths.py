@@ -194,6 +194,7 @@ class PathBuilder:
         # `lo` is ifindex 1 in every network namespace.
         self.loopback_ifindexes = loopback_ifindexes
         self._open: dict[int, _PacketState] = {}
+        self.loss_pending = False
         # Paths that left through loopback, waiting for their second half (see _close).
         self._looped: dict[tuple, tuple[PacketPath, float]] = {}
 
@@ -210,6 +211,8 @@ class PathBuilder:
                 # built from the middle of a path.
                 return done
             state = _PacketState(event.trace_id, PacketPath(event.trace_id), now)
+            if self.loss_pending:
+                state.path.incomplete_reason = "events lost"
             looped = self._looped.pop(_header_key(event.packet), None) if event.iif in self.loopback_ifindexes else None
             if looped is not None:
                 # The packet comes back in through loopback under a new trace id (the id
@@ -250,7 +253,12 @@ class PathBuilder:
         done = []
         for state in list(self._open.values()):
             done.extend(self._close(state, wait_for_loop=False))
-        done.extend(path for path, _ in self._looped.values())
+        done.extend(self.release_looped())
+        return done
+
+    def release_looped(self) -> list:
+        """Paths that left through loopback and are still waiting for their way back in."""
+        done = [path for path, _ in self._looped.values()]
         self._looped.clear()
         return done
 
@@ -270,10 +278,21 @@ class PathBuilder:
         return done
 
     def mark_loss(self) -> None:
-        """The kernel dropped events: every packet still open may miss some of its own."""
+        """The kernel dropped events (ENOBUFS): which packets they belonged to is unknown.
+
+        The gap lies after everything that was queued on the socket when the overflow was
+        reported. So every packet open now, and every packet that starts before the socket
+        has been read empty (`socket_drained`), may miss events of its own: all of them end
+        incomplete rather than with a verdict that could be wrong.
+        """
+        self.loss_pending = True
         for state in self._open.values():
             if not state.closed:
                 state.path.incomplete_reason = "events lost"
+
+    def socket_drained(self) -> None:
+        """Everything queued before the last overflow has been read."""
+        self.loss_pending = False
 
     @property
     def open_packets(self) -> int:

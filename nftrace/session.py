@@ -200,10 +200,7 @@ class TraceSession:
 
     def _loop(self, nft, snapshot, monitor, table, builder, on_packet) -> None:
         options = self.options
-        start = time.monotonic()
-        deadline = start + options.timeout if options.timeout else None
-        command_done_at = None
-
+        deadline = time.monotonic() + options.timeout if options.timeout else None
         correlator = self._correlator
 
         def deliver(paths, held=False):
@@ -216,18 +213,43 @@ class TraceSession:
                 self.packets_seen += 1
                 on_packet(path)
 
+        try:
+            self._follow(nft, snapshot, monitor, table, builder, deliver, deadline)
+        except (KeyboardInterrupt, Interrupted):
+            # What happened up to now is still answered: events already queued on the socket,
+            # and answers complete but held (for a late kernel drop, or for their way back in
+            # through loopback); then the interruption goes on.
+            for item in monitor.read():
+                if isinstance(item, TraceEvent):
+                    deliver(builder.feed(item, time.monotonic()))
+                elif isinstance(item, EventsLost):
+                    builder.mark_loss()
+            if correlator is not None:
+                correlator.add_drops(self._read_drops())
+                deliver(builder.close_vanished(correlator.vanished))
+                deliver(correlator.release(time.monotonic(), everything=True), held=True)
+            deliver(builder.release_looped(), held=True)
+            raise
+        deliver(builder.flush())
+        if correlator is not None:
+            deliver(correlator.release(time.monotonic(), everything=True), held=True)
+
+    def _follow(self, nft, snapshot, monitor, table, builder, deliver, deadline) -> None:
+        """Read events until --count, --timeout, or the traffic command is done and settled."""
+        options, correlator = self.options, self._correlator
+        command_done_at = None
         while True:
             now = time.monotonic()
             if options.count and self.packets_seen >= options.count:
                 return
             if deadline is not None and now >= deadline:
-                break
+                return
             if self._process is not None and command_done_at is None and self._process.poll() is not None:
                 command_done_at = now
             if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS:
                 settled = builder.open_packets == 0 and not (correlator and correlator.holding)
                 if settled or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
-                    break
+                    return
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
             readable = self._wait(monitor, wait)
             drops = self._read_drops()
@@ -244,15 +266,13 @@ class TraceSession:
                     elif isinstance(item, TableDeleted) and item.name == table.name:
                         table.installed = False
                         raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
+                builder.socket_drained()
             if correlator is not None and drops:
                 correlator.add_drops(drops)
                 deliver(builder.close_vanished(correlator.vanished))
             deliver(builder.expire(time.monotonic()))
             if correlator is not None:
                 deliver(correlator.release(time.monotonic()), held=True)
-        deliver(builder.flush())
-        if correlator is not None:
-            deliver(correlator.release(time.monotonic(), everything=True), held=True)
 
     def _wait(self, monitor: TraceMonitor, timeout: float) -> list:
         """Wait for trace events or kernel drops."""

@@ -320,3 +320,12 @@ def test_a_looped_packet_whose_second_half_never_comes_is_still_reported():
     assert [p for e in out for p in builder.feed(e, now=1.0)] == []
     (path,) = builder.expire(10.0)
     assert path.verdict == "accept" and path.hooks == ["output", "postrouting"]
+
+
+def test_packets_starting_before_the_socket_is_drained_after_a_loss_are_incomplete_too():
+    builder = PathBuilder(SNAPSHOT)
+    builder.mark_loss()  # ENOBUFS: the gap is after what is still queued
+    done = [p for e in [*mark(1), *observe(1, "prerouting"), first(1, "input", 8, "drop")] for p in builder.feed(e)]
+    builder.socket_drained()
+    done += [p for e in [*mark(2), *observe(2, "prerouting"), first(2, "input", 8, "drop")] for p in builder.feed(e)]
+    assert [(p.trace_id, p.verdict, p.complete) for p in done] == [(1, "unknown", False), (2, "drop", True)]
