@@ -102,7 +102,8 @@ def why(
     from .flow import parse_flow
     from .render import render_closing, render_packet
     from .report import TraceReport
-    from .session import Interrupted, TraceOptions, TraceSession
+    from .session import TraceOptions, TraceSession
+    from .signals import Interrupted
 
     netns = ctx.obj["netns"]
     try:

@@ -27,8 +27,8 @@ from typing import Optional, TextIO
 from .expectations import FlowExpectation
 from .lab import Lab, Scenario, command_name, find_scenario, require_root, scenario_names, why_arguments
 from .netlab import python_env
-from .session import Interrupted
-from .system import NETNS_RUN_DIR
+from .signals import Interrupted, SignalsAsExceptions, SignalsIgnored
+from .system import NETNS_RUN_DIR, pid_alive
 
 DEMO_SCENARIO = "nat-router"
 DEMO_PREFIX = "nftdemo"
@@ -60,49 +60,9 @@ def leftover_demo_labs(netns_names) -> list[str]:
     prefixes = set()
     for name in netns_names:
         match = _LEFTOVER_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             prefixes.add(f"{DEMO_PREFIX}{match.group(1)}")
     return sorted(prefixes)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _SignalsAsExceptions:
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-    def __enter__(self):
-        self._previous = {signum: signal.signal(signum, self._raise) for signum in self.SIGNALS}
-        return self
-
-    @staticmethod
-    def _raise(signum, _frame):
-        raise Interrupted(signum)
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-class _SignalsIgnored:
-    """While the lab is being removed, a second Ctrl-C must not leave half of it behind."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __enter__(self):
-        self._previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def shown_command(args: list[str]) -> str:
@@ -136,7 +96,7 @@ class Demo:
         total = len(self.flows) + 2
         started = time.monotonic()
         try:
-            with _SignalsAsExceptions():
+            with SignalsAsExceptions():
                 try:
                     self.say(f"[1/{total}] building the lab: client, router and server namespaces "
                              f"({self.lab.prefix}-*); the router runs rules/{self.scenario.ruleset.name}")
@@ -145,7 +105,7 @@ class Demo:
                         self._trace(step, total, flow)
                 finally:
                     self._stop_child()
-                    with _SignalsIgnored():
+                    with SignalsIgnored():
                         self.say(f"[{total}/{total}] removing the lab")
                         self.lab.down()
         except KeyboardInterrupt:

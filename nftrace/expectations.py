@@ -95,10 +95,10 @@ class FlowExpectation:
             wanted = _blanks_collapsed(self.text)
             if not any(text == wanted or f'comment "{wanted}"' in text for text in texts):
                 problems.append(f"decided by '{texts[0] or texts[1]}', expected '{self.text}'")
-        for field, expected in (("dst", self.dnat), ("src", self.snat)):
-            if expected is not None and not _nat_matches(packet.get("nat") or [], field, expected):
+        for side, expected in (("dst", self.dnat), ("src", self.snat)):
+            if expected is not None and not _nat_matches(packet.get("nat") or [], side, expected):
                 seen = ", ".join(f"{c.get('field')} {c.get('from')} → {c.get('to')}" for c in packet.get("nat") or [])
-                problems.append(f"{'dnat' if field == 'dst' else 'snat'} to {expected} expected, saw {seen or 'no NAT'}")
+                problems.append(f"{'dnat' if side == 'dst' else 'snat'} to {expected} expected, saw {seen or 'no NAT'}")
         return problems
 
 

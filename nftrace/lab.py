@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 from .errors import EnvironmentProblem, InputError
 from .expectations import EXPECTATION_SUFFIX, ExpectationFile, FlowExpectation, load_expectations
 from .netlab import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, ROUTER_SERVER_V6,
-                     SERVER_V4, SERVER_V6, Topology, in_netns, netns_exists, run)
+                     SERVER_V4, SERVER_V6, Topology, in_netns, netns_exists)
 
 LAB_PREFIX = "nftlab"
 DEFAULT_SCENARIO = "host-firewall"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -27,19 +26,12 @@ from .nft import NftContext
 from .paths import PacketPath, PathBuilder
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
+from .signals import Interrupted, SignalsAsExceptions
 from .system import enter_namespace, interface_index, interface_names, require_net_admin
 from .tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
 
 COMMAND_GRACE_SECONDS = 0.5
 POLL_SECONDS = 0.2
-
-
-class Interrupted(BaseException):
-    """A signal asked nftrace to stop; cleanup runs, then the exit status says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 @dataclass
@@ -53,24 +45,6 @@ class TraceOptions:
     idle_seconds: float = 2.0
     rcvbuf: int = field(default_factory=lambda: int(os.environ.get("NFTRACE_RCVBUF", DEFAULT_RCVBUF)))
     drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
-
-
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
-
-
-class _SignalsAsExceptions:
-    """SIGTERM and SIGHUP end the run the way Ctrl-C does: through every finally block."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-    def __enter__(self):
-        self._previous = {signum: signal.signal(signum, _raise_interrupted) for signum in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def prepare_namespace(options: TraceOptions) -> None:
@@ -105,7 +79,7 @@ class TraceSession:
 
     def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None) -> None:
         options = self.options
-        with _SignalsAsExceptions():
+        with SignalsAsExceptions():
             prepare_namespace(options)
             nft = open_nftables()
             snapshot = RulesetSnapshot.take(nft)

@@ -24,6 +24,7 @@ from .errors import KernelError
 from .flow import Flow, PROTOCOL_NUMBERS
 from .nft import NftContext
 from .ruleset import TRACE_TABLE_PREFIX, RulesetSnapshot
+from .system import pid_alive
 
 MARK_PRIORITY = -350
 OBSERVE_PRIORITY = 2**31 - 1
@@ -136,22 +137,12 @@ class TraceTable:
         self.remove()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def leftover_tables(snapshot: RulesetSnapshot) -> list[tuple[str, str]]:
     """Trace tables whose run is gone (its pid no longer exists)."""
     leftovers = []
     for family, name in snapshot.trace_tables():
         match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             leftovers.append((family, name))
     return leftovers
 

@@ -18,8 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from nftrace.flow import parse_flow  # noqa: E402
-from nftrace.netlab import CLIENT_V4, ROUTER_CLIENT_V4, SERVER_V4, Topology, in_netns  # noqa: E402
+from nftrace.netlab import ROUTER_CLIENT_V4, SERVER_V4, Topology, in_netns  # noqa: E402
 from test_live_nftables import ROUTER_RULESET  # noqa: E402
 
 FLOWS = [
