@@ -249,6 +249,17 @@ class MergedPathBuilder:
     def mark_loss(self) -> None:
         self.builder.mark_loss()
 
+    def socket_drained(self) -> None:
+        self.builder.socket_drained()
+
+    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
+        self._held.extend(self.builder.close_vanished(vanished))
+        return self._release()
+
+    def release_looped(self) -> list:
+        self._held.extend(self.builder.release_looped())
+        return self._release()
+
     @property
     def open_packets(self) -> int:
         return self.builder.open_packets
@@ -336,6 +347,22 @@ class LegacyPathBuilder:
         for packet in self._open.values():
             packet.path.incomplete_reason = "events lost"
 
+    def socket_drained(self) -> None:
+        """Nothing to do: an overflow marks the packets open then (see mark_loss)."""
+
+    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
+        """Close the open packets the kernel dropped after netfilter let them through."""
+        done = []
+        for packet in list(self._open.values()):
+            if packet.kept and packet.trail.final is None and vanished(packet.path):
+                packet.path.complete, packet.path.verdict = True, "drop"
+                done.extend(self._close(packet))
+        return done
+
+    def release_looped(self) -> list:
+        """A packet that comes back in through loopback starts a path of its own here."""
+        return []
+
     @property
     def open_packets(self) -> int:
         return sum(1 for packet in self._open.values() if packet.kept)
@@ -374,7 +401,7 @@ class LegacyPathBuilder:
         path, trail = packet.path, packet.trail
         path.steps = trail.steps
         path.hooks = trail.hooks
-        if path.incomplete_reason != "events lost":
+        if path.incomplete_reason != "events lost" and not path.complete:
             if trail.final is not None:
                 path.complete, path.verdict, path.decided_by = True, trail.final.verdict, trail.final
             elif self._went_through(trail, at_end=True):

@@ -2,17 +2,18 @@
 
 Everything that changes the kernel is undone in `finally` blocks, and SIGTERM/SIGHUP are
 turned into an exception so that those blocks run for them as they do for Ctrl-C and for
-crashes; SIGKILL is covered by the trace table's `flags owner`.
+crashes; SIGKILL is covered by the trace table's `flags owner`. The optional bpftrace that
+reports kernel drops (kerneldrop) is stopped the same way, and dies with nftrace on SIGKILL.
 """
 
 from __future__ import annotations
 
+import os
 import select
-import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -20,26 +21,20 @@ from .backends import BackendPlan, LegacyTracing, make_path_builder, plan_backen
 from .errors import EnvironmentProblem, KernelError, NftraceError, TraceTableGone
 from .events import TraceEvent
 from .flow import Flow
+from .kerneldrop import DropCorrelator, DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from .legacy import legacy_tables
 from .monitor import DEFAULT_RCVBUF, EventsLost, RulesetChanged, TableDeleted, TraceMonitor
 from .nft import NftContext
 from .paths import PacketPath
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
+from .signals import Interrupted, SignalsAsExceptions
 from .system import enter_namespace, interface_index, interface_names, require_net_admin
 from .tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
 from .xtnft import IptablesNftText
 
 COMMAND_GRACE_SECONDS = 0.5
 POLL_SECONDS = 0.2
-
-
-class Interrupted(BaseException):
-    """A signal asked nftrace to stop; cleanup runs, then the exit status says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 @dataclass
@@ -51,26 +46,9 @@ class TraceOptions:
     max_rate: int = DEFAULT_MAX_RATE
     command: list = field(default_factory=list)
     idle_seconds: float = 2.0
-    rcvbuf: int = DEFAULT_RCVBUF
+    rcvbuf: int = field(default_factory=lambda: int(os.environ.get("NFTRACE_RCVBUF", DEFAULT_RCVBUF)))
+    drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
-
-
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
-
-
-class _SignalsAsExceptions:
-    """SIGTERM and SIGHUP end the run the way Ctrl-C does: through every finally block."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-    def __enter__(self):
-        self._previous = {signum: signal.signal(signum, _raise_interrupted) for signum in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def prepare_namespace(options: TraceOptions) -> None:
@@ -100,11 +78,13 @@ class TraceSession:
         self.report = report
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
+        self._drops: Optional[KernelDropWatcher] = None
+        self._correlator: Optional[DropCorrelator] = None
         self._iptables_nft: Optional[IptablesNftText] = None
 
-    def run(self, on_packet: Callable[[PacketPath], None]) -> None:
+    def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None) -> None:
         options = self.options
-        with _SignalsAsExceptions():
+        with SignalsAsExceptions():
             prepare_namespace(options)
             nft, plan = self._plan()
             self.report.backend = plan.name
@@ -117,6 +97,7 @@ class TraceSession:
                     if removed:
                         self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
                     monitor = undo.enter_context(TraceMonitor(options.rcvbuf))
+                drops = undo.enter_context(self._drop_watcher())
                 if plan.legacy:
                     # Listening before anything sets the trace bit: no TRACE line is missed.
                     legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
@@ -124,15 +105,24 @@ class TraceSession:
                     table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
                     monitor.watch_ruleset()
                     snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                    self._iptables_nft = IptablesNftText.read(snapshot)
                 builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
-                self._iptables_nft = IptablesNftText.read(snapshot) if snapshot is not None else None
                 try:
+                    self._await_drop_watcher(drops)
+                    on_ready()
                     self._start_command()
                     self._loop(nft, snapshot, monitor, table, builder, on_packet, legacy)
                 finally:
                     self._stop_command()
                     self.report.lost_events = ((monitor.dropped_messages() or monitor.overruns) if monitor else 0) + (
                         legacy.lost_messages() if legacy else 0)
+                    if self.report.lost_events:
+                        self.report.warnings.append(
+                            f"{self.report.lost_events} trace events were lost (netlink socket buffer full); the packets "
+                            "they belonged to are marked incomplete. Lower --max-rate or raise NFTRACE_RCVBUF."
+                        )
+                    if self._correlator is not None:
+                        self.report.warnings.extend(self._correlator.notes)
                     unmatched = getattr(builder, "unmatched_lines", 0)
                     if unmatched:
                         self.report.warnings.append(f"{unmatched} legacy TRACE lines belonged to no packet of this run "
@@ -150,6 +140,39 @@ class TraceSession:
         plan = plan_backend(choice, self.options.flow, problem, legacy_tables(self.options.flow.nft_family),
                             self.report.warnings)
         return nft, plan
+
+    def _drop_watcher(self):
+        """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
+        without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
+        if not self.options.drop_reasons:
+            return nullcontext()
+        watcher = start_drop_watcher(self.report.warnings.append)
+        return watcher if watcher is not None else nullcontext()
+
+    def _await_drop_watcher(self, watcher: Optional[KernelDropWatcher]) -> None:
+        """Traffic starts only once bpftrace watches, so that no drop of it goes unseen."""
+        if watcher is None:
+            return
+        try:
+            watcher.wait_ready()
+        except DropReasonsUnavailable as err:
+            watcher.close()
+            self.report.warnings.append(f"kernel drop reasons unavailable: {err}")
+            return
+        self._drops = watcher
+        self._correlator = DropCorrelator(interfaces=self.report.interfaces)
+
+    def _read_drops(self) -> list:
+        """Drop lines available now; must be read before the netlink socket is drained (see kerneldrop)."""
+        watcher = self._drops
+        if watcher is None:
+            return []
+        drops = watcher.read()
+        if watcher.ended:
+            watcher.close()
+            self.report.warnings.append(f"kernel drop reasons unavailable from here on: {watcher.failure()}")
+            self._drops = None
+        return drops
 
     def _keep(self, path: PacketPath) -> bool:
         packet = path.first_packet
@@ -184,34 +207,65 @@ class TraceSession:
 
     def _loop(self, nft, snapshot, monitor, table, builder, on_packet, legacy=None) -> None:
         options = self.options
-        start = time.monotonic()
-        deadline = start + options.timeout if options.timeout else None
-        command_done_at = None
-        sources = [source for source in (monitor, legacy) if source is not None]
+        deadline = time.monotonic() + options.timeout if options.timeout else None
+        correlator = self._correlator
 
-        def deliver(paths):
+        def deliver(paths, held=False):
+            if correlator is not None and not held:
+                now = time.monotonic()
+                paths = correlator.hold(paths, now)
             for path in paths:
-                if not self._wanted(path):
+                if not self._wanted(path) or (options.count and self.packets_seen >= options.count):
                     continue
                 if self._iptables_nft is not None:
                     self._iptables_nft.annotate(path)
                 self.packets_seen += 1
                 on_packet(path)
 
+        try:
+            self._follow(nft, snapshot, monitor, table, builder, deliver, deadline, legacy)
+        except (KeyboardInterrupt, Interrupted):
+            # What happened up to now is still answered: events already queued on the socket,
+            # and answers complete but held (for a late kernel drop, or for their way back in
+            # through loopback); then the interruption goes on.
+            for item in monitor.read() if monitor is not None else ():
+                if isinstance(item, TraceEvent):
+                    deliver(builder.feed(item, time.monotonic()))
+                elif isinstance(item, EventsLost):
+                    builder.mark_loss()
+            if legacy is not None:
+                deliver(builder.feed_legacy(legacy.read(), time.monotonic()))
+            if correlator is not None:
+                correlator.add_drops(self._read_drops())
+                deliver(builder.close_vanished(correlator.vanished))
+                deliver(correlator.release(time.monotonic(), everything=True), held=True)
+            deliver(builder.release_looped(), held=True)
+            raise
+        deliver(builder.flush())
+        if correlator is not None:
+            deliver(correlator.release(time.monotonic(), everything=True), held=True)
+
+    def _follow(self, nft, snapshot, monitor, table, builder, deliver, deadline, legacy=None) -> None:
+        """Read events until --count, --timeout, or the traffic command is done and settled."""
+        options, correlator = self.options, self._correlator
+        command_done_at = None
         while True:
             now = time.monotonic()
             if options.count and self.packets_seen >= options.count:
                 return
             if deadline is not None and now >= deadline:
-                break
+                return
             if self._process is not None and command_done_at is None and self._process.poll() is not None:
                 command_done_at = now
             if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS:
-                if builder.open_packets == 0 or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
-                    break
+                settled = builder.open_packets == 0 and not (correlator and correlator.holding)
+                if settled or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
+                    return
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
-            if select.select(sources, [], [], max(0.0, wait))[0]:
-                for item in monitor.read() if monitor is not None else ():
+            readable = self._wait([source for source in (monitor, legacy) if source is not None], wait)
+            drops = self._read_drops()
+            if monitor is not None and (monitor in readable or drops):
+                for item in monitor.read():
                     if isinstance(item, TraceEvent):
                         deliver(builder.feed(item, time.monotonic()))
                         if options.count and self.packets_seen >= options.count:
@@ -224,8 +278,19 @@ class TraceSession:
                     elif isinstance(item, TableDeleted) and item.name == table.name:
                         table.installed = False
                         raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
-                if legacy is not None:
-                    # Read after the trace events: the TRACE lines written before them are all here.
-                    deliver(builder.feed_legacy(legacy.read(), time.monotonic()))
+                builder.socket_drained()
+            if legacy is not None and (readable or drops):
+                # Read after the trace events: the TRACE lines written before them are all here.
+                deliver(builder.feed_legacy(legacy.read(), time.monotonic()))
+            if correlator is not None and drops:
+                correlator.add_drops(drops)
+                deliver(builder.close_vanished(correlator.vanished))
             deliver(builder.expire(time.monotonic()))
-        deliver(builder.flush())
+            if correlator is not None:
+                deliver(correlator.release(time.monotonic()), held=True)
+
+    def _wait(self, sources: list, timeout: float) -> list:
+        """Wait for trace events, TRACE lines or kernel drops."""
+        sources = sources if self._drops is None else sources + [self._drops]
+        readable, _, _ = select.select(sources, [], [], max(0.0, timeout))
+        return readable

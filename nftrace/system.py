@@ -34,17 +34,6 @@ def require_net_admin() -> None:
     raise EnvironmentProblem("nftrace needs root (CAP_NET_ADMIN) to add trace rules and read trace events; run it with sudo")
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists: a run's leftovers are removed only once it is gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def namespace_path(name: str) -> str:
     if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise InputError(f"--netns: '{name}' is not a valid namespace name")
@@ -85,3 +74,14 @@ def interface_name(names: dict[int, str], index: Optional[int]) -> Optional[str]
     if index is None:
         return None
     return names.get(index) or f"if{index}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists: tells a live nftrace run's leftovers from a killed one's."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -104,10 +104,13 @@ class TraceTable:
         """Create the table and its chains; on any failure leave nothing behind."""
         comment = f'comment "nftrace trace rules, pid {os.getpid()}; nftrace cleanup removes them"'
         try:
+            if os.environ.get("NFTRACE_TABLE_OWNER", "1") == "0":
+                raise KernelError("owner flag turned off by NFTRACE_TABLE_OWNER=0")
             self.nft.run(f"add table {self.family} {self.name} {{ flags owner; {comment}; }}")
             self.owner = True
         except KernelError:
-            # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself.
+            # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself
+            # (and on `nftrace cleanup` after a SIGKILL). NFTRACE_TABLE_OWNER=0 forces this path.
             self.nft.run(f"add table {self.family} {self.name} {{ {comment}; }}")
         self.installed = True
         try:
