@@ -31,6 +31,8 @@ from .paths import EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuild
 from .ruleset import priority_value
 
 HOOK_CHAINS = {hook: chain for chain, hook in CHAIN_HOOKS.items()}
+# A packet sent to a local address leaves through loopback and comes back in at prerouting.
+LOOPBACK_IFINDEXES = frozenset({1})
 
 
 class LegacyResolver(Protocol):
@@ -51,6 +53,18 @@ def legacy_position(step_or_event) -> tuple[int, int]:
     return (HOOK_RANK.get(hook, -1), table_priority(step_or_event.table, hook))
 
 
+def hook_passes(hooks: list) -> list[int]:
+    """For each hook a packet passed, in order, how often it had looped back before: a hook
+    earlier than the one before it means the packet came back in through loopback."""
+    passes, count, previous = [], 0, None
+    for hook in hooks:
+        if previous is not None and HOOK_RANK[hook] < HOOK_RANK[previous]:
+            count += 1
+        passes.append(count)
+        previous = hook
+    return passes
+
+
 class LegacyTrail:
     """The legacy steps of one packet, built from its TRACE lines in the order they came.
 
@@ -63,10 +77,12 @@ class LegacyTrail:
         self.observations: list[HookObservation] = []
         self.hooks: list[str] = []
         self.final: Optional[Step] = None  # the drop / queue that ended the packet
+        self.positions: list[tuple[int, int, int]] = []  # (loop pass, hook rank, priority) of each step
+        self.passes = 0  # times the packet came back in through loopback
         self.run: Optional[tuple[str, Optional[str]]] = None  # (table, hook) running now
         self.run_over = False
         self.run_verdict: Optional[str] = None  # accept / drop / ... that ended the run
-        self._position: Optional[tuple[int, int]] = None
+        self._position: Optional[tuple[int, int, int]] = None
         self._frames: list = []
 
     def takes(self, event: LegacyTraceEvent) -> bool:
@@ -75,10 +91,21 @@ class LegacyTrail:
             return False
         if (event.table, event.hook) == self.run and not self.run_over:
             return True
-        return self._position is None or legacy_position(event) > self._position
+        if self._position is None or (self.passes,) + legacy_position(event) > self._position:
+            return True
+        return self._loops_back(event)
+
+    def _loops_back(self, event: LegacyTraceEvent) -> bool:
+        """The packet left through loopback and this line is its way back in (at prerouting, or
+        at input when no legacy table runs at prerouting)."""
+        return (event.hook in ("prerouting", "input") and event.iif in LOOPBACK_IFINDEXES and bool(self.hooks)
+                and self.hooks[-1] in ("output", "postrouting"))
 
     def add(self, event: LegacyTraceEvent, resolution: Optional[Resolution]) -> None:
         if (event.table, event.hook) != self.run or self.run_over:
+            if self._position is not None and (self.passes,) + legacy_position(event) <= self._position \
+                    and self._loops_back(event):
+                self.passes += 1
             self._start_run(event)
         frames = self._frames
         if frames[-1][0] != event.chain:
@@ -109,6 +136,7 @@ class LegacyTrail:
                     rule_number=number, text=text, verdict=resolution.verdict, target=resolution.target, depth=depth,
                     iptables=text, backend=BACKEND)
         self.steps.append(step)
+        self.positions.append(self._position)
         if kind == "policy":
             self.run_over = True
         elif kind == "return" or resolution.verdict == "return":
@@ -129,38 +157,45 @@ class LegacyTrail:
         self.run = (event.table, event.hook)
         self.run_over = False
         self.run_verdict = None
-        self._position = legacy_position(event)
+        self._position = (self.passes,) + legacy_position(event)
         builtin = HOOK_CHAINS.get(event.hook or "", event.chain)
         self._frames = [[builtin, 0]]
-        if event.hook and (not self.hooks or self.hooks[-1] != event.hook):
+        if event.hook and (not self.hooks or self.hooks[-1] != event.hook or self._loops_back(event)):
             self.hooks.append(event.hook)
         self.observations.append(HookObservation(event.hook, event.table, event.chain, event.packet, event.iif,
                                                  event.oif, event.mark, None, False))
 
 
-def _nft_positions(steps: list, lookup: RuleLookup) -> list[tuple[int, int]]:
-    """Each nftables step's place in the kernel's order: its hook, then its base chain's priority."""
+def _nft_positions(steps: list, hooks: list, lookup: RuleLookup) -> list[tuple[int, int, int]]:
+    """Each nftables step's place in the kernel's order: its loop pass (from the path's
+    hooks), its hook, then its base chain's priority."""
+    passes = hook_passes(hooks)
     positions = []
-    current: tuple[int, int] = (-1, 0)
+    current: tuple[int, int, int] = (0, -1, 0)
+    index = 0
     for step in steps:
         if step.hook is not None:
-            priority = current[1] if HOOK_RANK[step.hook] == current[0] else 0
+            found = next((i for i in range(index, len(hooks)) if hooks[i] == step.hook), None)
+            index = found if found is not None else index
+            loop = passes[index] if found is not None else current[0]
+            rank = HOOK_RANK[step.hook]
+            priority = current[2] if (loop, rank) == current[:2] else 0
             if step.depth == 0 or step.type == "policy":
                 chain = lookup.chain(step.family, step.table, step.chain)
                 if chain is not None and chain.is_base:
-                    found = priority_value(chain.priority)
-                    priority = found if found is not None else priority
-            current = (HOOK_RANK[step.hook], priority)
+                    found_priority = priority_value(chain.priority)
+                    priority = found_priority if found_priority is not None else priority
+            current = (loop, rank, priority)
         positions.append(current)
     return positions
 
 
-def merge_steps(nft_steps: list, legacy_steps: list, lookup: RuleLookup) -> list:
+def merge_steps(nft_steps: list, nft_hooks: list, trail: "LegacyTrail", lookup: RuleLookup) -> list:
     """Both step lists, each in its own order, interleaved in the kernel's order."""
     merged = []
-    legacy = [(legacy_position(step), step) for step in legacy_steps]
+    legacy = list(zip(trail.positions, trail.steps))
     index = 0
-    for position, step in zip(_nft_positions(nft_steps, lookup), nft_steps):
+    for position, step in zip(_nft_positions(nft_steps, nft_hooks, lookup), nft_steps):
         while index < len(legacy) and legacy[index][0] <= position:
             merged.append(legacy[index][1])
             index += 1
@@ -169,12 +204,18 @@ def merge_steps(nft_steps: list, legacy_steps: list, lookup: RuleLookup) -> list
     return merged
 
 
+def merge_hooks(first: list, second: list) -> list:
+    """The hooks of both lists in the order the packet passed them, loops through loopback kept."""
+    keyed = {(loop, HOOK_RANK[hook], hook) for hooks in (first, second) for loop, hook in zip(hook_passes(hooks), hooks)}
+    return [hook for _, _, hook in sorted(keyed)]
+
+
 def merge_trail(path: PacketPath, trail: LegacyTrail, lookup: RuleLookup) -> PacketPath:
     """Put a packet's legacy steps into its nftables path and say again what decided it."""
     if not trail.steps:
         return path
-    path.steps = merge_steps(path.steps, trail.steps, lookup)
-    path.hooks = sorted(set(path.hooks) | set(trail.hooks), key=HOOK_RANK.__getitem__)
+    path.steps = merge_steps(path.steps, path.hooks, trail, lookup)
+    path.hooks = merge_hooks(path.hooks, trail.hooks)
     if path.incomplete_reason == "events lost":
         return path
     if trail.final is not None:
@@ -388,7 +429,11 @@ class LegacyPathBuilder:
         table, hook = trail.run
         if hook not in EXIT_HOOKS:
             return False
-        return at_end or self.last_tables.get(hook) == table
+        if at_end:
+            return True
+        # Out through loopback, the packet comes back in at prerouting: not the end yet.
+        leaving_by_loopback = hook == "postrouting" and trail.observations[-1].oif in LOOPBACK_IFINDEXES
+        return self.last_tables.get(hook) == table and not leaving_by_loopback
 
     def _close(self, packet: _LegacyPacket) -> list:
         del self._open[packet.path.trace_id]
@@ -427,6 +472,7 @@ __all__ = [
     "LegacyTrail",
     "MergedPathBuilder",
     "last_tables_on_exit_hooks",
+    "merge_hooks",
     "merge_steps",
     "merge_trail",
     "packet_identity",

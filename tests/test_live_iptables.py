@@ -283,6 +283,16 @@ def test_legacy_output_policy_accept_of_a_locally_sent_packet(legacy_lab):
     assert packet["decided_by"]["type"] == "policy" and packet["decided_by"]["backend"] == LEGACY
 
 
+@pytest.mark.parametrize("backend", ["auto", "iptables"])
+def test_legacy_packet_to_a_local_address_is_followed_through_loopback(legacy_lab, backend):
+    command = [sys.executable, "-m", "nftrace.traffic", "tcp", ROUTER_CLIENT_V4, "9", "--timeout", "1"]
+    packet = why(legacy_lab, *tcp_flow(9, src=ROUTER_CLIENT_V4, dst=ROUTER_CLIENT_V4), command=command, backend=backend)
+    assert packet["hooks"][:1] == ["output"] and packet["hooks"][-2:] == ["prerouting", "input"]
+    assert (packet["verdict"], packet["decided_by"]["text"]) == ("accept", "-A INPUT -i lo -j ACCEPT")
+    tables = [(s["hook"], s["table"], s["chain"]) for s in packet["steps"]]
+    assert tables.index(("output", "filter", "OUTPUT")) < tables.index(("input", "filter", "INPUT"))
+
+
 def test_legacy_ipv6_drop_in_a_user_chain(legacy_lab):
     packet = why(legacy_lab, *tcp_flow(80, src=CLIENT_V6, dst=ROUTER_CLIENT_V6),
                  command=tcp_to_router(legacy_lab, 80, ROUTER_CLIENT_V6))

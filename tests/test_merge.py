@@ -9,8 +9,8 @@ import pytest
 
 from nftrace.events import PacketHeaders, TraceEvent
 from nftrace.legacy import LegacyRuleset
-from nftrace.merge import (LegacyPathBuilder, LegacyTrail, MergedPathBuilder, last_tables_on_exit_hooks, merge_steps,
-                           packet_identity)
+from nftrace.merge import (LegacyPathBuilder, LegacyTrail, MergedPathBuilder, last_tables_on_exit_hooks, merge_hooks,
+                           merge_steps, packet_identity)
 from nftrace.monitor import EventsLost
 from nftrace.nflog import LegacyTraceEvent
 from nftrace.paths import PathBuilder, Step, deciding_accept
@@ -324,17 +324,56 @@ def step(backend, table, chain, hook, kind="rule", verdict="continue", depth=0, 
                 rule_number=None if backend == "nft" else 1, text=None, verdict=verdict, depth=depth, backend=backend)
 
 
-def test_steps_merge_by_hook_then_priority(snapshot):
+def trail_of(legacy, *lines):
+    trail = LegacyTrail(packet_identity(lines[0].packet))
+    for event in lines:
+        assert trail.takes(event), event
+        trail.add(event, legacy.resolve(event.table, event.chain, event.type, event.rule_number))
+    return trail
+
+
+def test_steps_merge_by_hook_then_priority(legacy, snapshot):
+    pkt = packet(80)
     nft_steps = [step("nft", "fw", "pre", "prerouting", family="inet"), step("nft", "fw", "input", "input", family="inet"),
                  step("nft", "fw", "input", "input", "policy", "accept", family="inet")]
-    legacy_steps = [step("iptables-legacy", "raw", "PREROUTING", "prerouting"),
-                    step("iptables-legacy", "nat", "PREROUTING", "prerouting"),
-                    step("iptables-legacy", "filter", "INPUT", "input", "policy", "accept"),
-                    step("iptables-legacy", "nat", "INPUT", "input", "policy", "accept")]
-    merged = merge_steps(nft_steps, legacy_steps, snapshot)
+    trail = trail_of(legacy, line("raw", "PREROUTING", "policy", 1, "prerouting", pkt),
+                     line("nat", "PREROUTING", "policy", 1, "prerouting", pkt),
+                     line("filter", "INPUT", "rule", 1, "input", pkt),
+                     line("nat", "INPUT", "policy", 1, "input", pkt))
+    merged = merge_steps(nft_steps, ["prerouting", "input"], trail, snapshot)
     assert [(s.table, s.chain) for s in merged] == [("raw", "PREROUTING"), ("fw", "pre"), ("nat", "PREROUTING"),
                                                     ("filter", "INPUT"), ("fw", "input"), ("fw", "input"),
                                                     ("nat", "INPUT")]
+
+
+def test_a_packet_back_in_through_loopback_is_merged_after_its_way_out(legacy, snapshot):
+    out = packet(22, src=ROUTER, dst=ROUTER)
+    back = LegacyTraceEvent("ip", "raw", "PREROUTING", "policy", 1, "prerouting", iif=1, packet=out)
+    trail = trail_of(legacy, line("raw", "OUTPUT", "policy", 1, "output", out),
+                     line("filter", "OUTPUT", "policy", 1, "output", out),
+                     back,
+                     LegacyTraceEvent("ip", "filter", "INPUT", "rule", 1, "input", iif=1, packet=out))
+    assert trail.passes == 1
+    assert trail.hooks == ["output", "prerouting", "input"]
+    nft_steps = [step("nft", "fw", "input", "input", "rule", "accept", family="inet")]
+    hooks = ["output", "postrouting", "prerouting", "input"]
+    merged = merge_steps(nft_steps, hooks, trail, snapshot)
+    assert [(s.table, s.chain) for s in merged] == [("raw", "OUTPUT"), ("filter", "OUTPUT"), ("raw", "PREROUTING"),
+                                                    ("filter", "INPUT"), ("fw", "input")]
+    assert merge_hooks(hooks, trail.hooks) == hooks
+
+
+def test_without_a_legacy_prerouting_table_the_way_back_in_starts_at_input(legacy):
+    out = packet(22, src=ROUTER, dst=ROUTER)
+    trail = trail_of(legacy, line("filter", "OUTPUT", "policy", 1, "output", out),
+                     LegacyTraceEvent("ip", "filter", "INPUT", "rule", 1, "input", iif=1, packet=out))
+    assert (trail.passes, trail.hooks) == (1, ["output", "input"])
+
+
+def test_a_prerouting_line_from_another_interface_is_not_a_loopback_return(legacy):
+    out = packet(22, src=ROUTER, dst=ROUTER)
+    trail = trail_of(legacy, line("filter", "OUTPUT", "policy", 1, "output", out))
+    assert not trail.takes(line("raw", "PREROUTING", "policy", 1, "prerouting", out))
 
 
 def test_nat_chains_decide_an_accept_only_when_nothing_else_accepted():
