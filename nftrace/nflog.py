@@ -32,7 +32,7 @@ from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
 from .errors import EnvironmentProblem, KernelError
 from .events import PacketHeaders, decode_datagram, parse_packet_headers
 from .monitor import EventsLost, open_netfilter_socket, read_datagrams, socket_drops
-from .system import pid_alive
+from .system import NETNS_RUN_DIR, pid_alive
 
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
@@ -54,6 +54,7 @@ FAMILY_NAMES = {number: name for name, number in PROTOCOL_FAMILIES.items()}
 # NF_INET_* hook numbers, as NFULA_PACKET_HDR carries them.
 HOOK_NAMES = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
 
+SO_NETNS_COOKIE = 71
 NF_LOG_SYSCTL = "/proc/sys/net/netfilter/nf_log/{pf}"
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
 NFNETLINK_LOG = "nfnetlink_log"
@@ -210,8 +211,29 @@ def write_logger(family: str, name: str) -> None:
 
 
 def current_netns() -> int:
-    """The inode of this process's network namespace: what state files are keyed by."""
+    """The inode of this process's network namespace: what state files are named by."""
     return os.stat("/proc/self/ns/net").st_ino
+
+
+def netns_cookie() -> Optional[int]:
+    """The namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): unlike its inode, never reused by
+    a later namespace. None where the kernel has no cookies."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        except OSError:
+            return None
+
+
+def netns_exists(inode: int) -> bool:
+    """Whether some named namespace or some process still has the namespace with this inode."""
+    for holder in list(Path(NETNS_RUN_DIR).glob("*")) + list(Path("/proc").glob("[0-9]*/ns/net")):
+        try:
+            if holder.stat().st_ino == inode:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @dataclass
@@ -219,8 +241,9 @@ class SavedLoggers:
     """The loggers a run found bound before it bound nfnetlink_log, as written to its state file."""
 
     pid: int
-    netns: int
+    netns: int  # inode
     loggers: dict  # family → previous logger name
+    cookie: Optional[int] = None  # the namespace's cookie, where the kernel has them
 
     @property
     def path(self) -> Path:
@@ -229,7 +252,8 @@ class SavedLoggers:
     def write(self) -> None:
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"pid": self.pid, "netns": self.netns, "loggers": self.loggers}))
+        temporary.write_text(json.dumps({"pid": self.pid, "netns": self.netns, "cookie": self.cookie,
+                                         "loggers": self.loggers}))
         temporary.replace(self.path)
 
     def restore(self) -> list[str]:
@@ -260,21 +284,30 @@ class SavedLoggers:
     def load(cls, path: Path) -> Optional["SavedLoggers"]:
         try:
             data = json.loads(path.read_text())
-            return cls(int(data["pid"]), int(data["netns"]), dict(data["loggers"]))
+            cookie = data.get("cookie")
+            return cls(int(data["pid"]), int(data["netns"]), dict(data["loggers"]), None if cookie is None else int(cookie))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
 
 def restore_leftover_loggers() -> list[str]:
-    """Loggers that killed runs in this namespace left bound to nfnetlink_log, put back."""
+    """Loggers that killed runs in this namespace left bound to nfnetlink_log, put back.
+
+    State files of killed runs whose namespace is gone (its inode may come back with another
+    namespace: the cookie tells them apart) are removed on the way.
+    """
     if not STATE_DIR.is_dir():
         return []
-    netns = current_netns()
+    netns, cookie = current_netns(), netns_cookie()
     restored = []
-    for path in sorted(STATE_DIR.glob(f"nflog-{netns}-*.json")):
+    for path in sorted(STATE_DIR.glob("nflog-*.json")):
         saved = SavedLoggers.load(path)
-        if saved is not None and saved.netns == netns and not pid_alive(saved.pid):
+        if saved is None or pid_alive(saved.pid):
+            continue
+        if saved.netns == netns and (saved.cookie is None or cookie is None or saved.cookie == cookie):
             restored.extend(saved.restore())
+        elif saved.netns == netns or not netns_exists(saved.netns):
+            saved.forget()
     return restored
 
 
@@ -326,7 +359,8 @@ class NflogListener:
                             ("NFULA_CFG_QTHRESH", 1)])
 
     def _bind_loggers(self) -> None:
-        self._saved = SavedLoggers(os.getpid(), current_netns(), {family: read_logger(family) for family in self.families})
+        self._saved = SavedLoggers(os.getpid(), current_netns(), {family: read_logger(family) for family in self.families},
+                                   netns_cookie())
         self._saved.write()
         for family in self.families:
             self._configure(PROTOCOL_FAMILIES[family], [("NFULA_CFG_CMD", {"command": NFULNL_CFG_CMD_PF_BIND})])

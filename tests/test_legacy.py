@@ -268,3 +268,56 @@ def test_unknown_backend_is_an_input_error():
     assert parse_backend("NFT") == "nft"
     with pytest.raises(InputError, match="--backend"):
         parse_backend("ebtables")
+
+
+# -- state files of killed runs ---------------------------------------------------------------
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    import nftrace.nflog as nflog
+
+    monkeypatch.setattr(nflog, "STATE_DIR", tmp_path / "nftrace")
+    return tmp_path / "nftrace"
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_state_file_of_a_killed_run_in_a_namespace_that_is_gone_is_removed(state_dir):
+    from nftrace.nflog import SavedLoggers, restore_leftover_loggers
+
+    # No loggers in it: whatever happens, nothing is written to this namespace's nf_log.
+    saved = SavedLoggers(dead_pid(), netns=1, loggers={}, cookie=1)
+    saved.write()
+    assert saved.path.exists()
+    assert restore_leftover_loggers() == []
+    assert not state_dir.exists()
+
+
+def test_state_file_of_an_earlier_namespace_with_the_same_inode_is_not_restored(state_dir):
+    from nftrace.nflog import SavedLoggers, current_netns, netns_cookie, restore_leftover_loggers
+
+    cookie = netns_cookie()
+    if cookie is None:
+        pytest.skip("this kernel has no namespace cookies")
+    saved = SavedLoggers(dead_pid(), netns=current_netns(), loggers={}, cookie=cookie + 1)
+    saved.write()
+    assert restore_leftover_loggers() == []
+    assert not saved.path.exists()
+
+
+def test_state_file_of_a_live_run_stays(state_dir):
+    import os
+
+    from nftrace.nflog import SavedLoggers, restore_leftover_loggers
+
+    saved = SavedLoggers(os.getpid(), netns=1, loggers={}, cookie=1)
+    saved.write()
+    assert restore_leftover_loggers() == []
+    assert saved.path.exists()
