@@ -65,7 +65,6 @@ POLICY_VERDICTS = {"ACCEPT": "accept", "DROP": "drop"}
 
 OWN_COMMENT = "nftrace trace rule, pid {pid}"
 _OWN_COMMENT_RE = re.compile(r"^nftrace trace rule, pid (\d+)$")
-REFRESH_INTERVAL = 0.5
 
 
 def table_priority(table: str, hook: Optional[str]) -> int:
@@ -248,21 +247,34 @@ def read_legacy_ruleset(family: str) -> LegacyRuleset:
 
 
 class LiveLegacyRuleset:
-    """The namespace's legacy ruleset, read again (at most every REFRESH_INTERVAL) when a TRACE
-    line names a rule the last reading did not have."""
+    """The namespace's legacy ruleset as TRACE lines need it.
 
-    def __init__(self, family: str, ruleset: Optional[LegacyRuleset] = None):
+    x_tables announce no change, and a rule inserted above another shifts the numbers that
+    lines carry. So the ruleset is read again when a line names a rule the last reading did
+    not have (at most every REFRESH_INTERVAL), and while lines come, when the last reading is
+    older than MAX_AGE: a change is named right at most MAX_AGE after it.
+    """
+
+    REFRESH_INTERVAL = 0.5
+    MAX_AGE = 2.0
+
+    def __init__(self, family: str, ruleset: Optional[LegacyRuleset] = None, clock=time.monotonic):
         self.family = family
+        self.clock = clock
         self.ruleset = ruleset if ruleset is not None else read_legacy_ruleset(family)
-        self._read_at = time.monotonic()
+        self._read_at = clock()
 
     def refresh(self) -> None:
         self.ruleset = read_legacy_ruleset(self.family)
-        self._read_at = time.monotonic()
+        self._read_at = self.clock()
 
     def resolve(self, table: str, chain: str, kind: str, position: int) -> Optional[Resolution]:
+        age = self.clock() - self._read_at
+        if age >= self.MAX_AGE:
+            self.refresh()
+            age = 0.0
         found = self.ruleset.resolve(table, chain, kind, position)
-        if found is None and time.monotonic() - self._read_at >= REFRESH_INTERVAL:
+        if found is None and age >= self.REFRESH_INTERVAL:
             self.refresh()
             found = self.ruleset.resolve(table, chain, kind, position)
         return found

@@ -6,7 +6,8 @@ A TRACE line carries no trace id, only the packet. It is joined to a packet by t
 fields NAT leaves alone (`packet_identity`: IP version, protocol, length, IPv4 id, TCP
 sequence and acknowledgement numbers, ICMP type), and when several open packets share them,
 to the oldest one that can take the line: a line continues the table that is running, or
-starts a table that runs later than the packet's last one (hooks in order, then priority).
+starts a table that runs later than the packet's last one (hooks in order, then priority),
+or is the packet's way back in after it left through loopback.
 On hosts with nf_tables, nftrace's mark chain sets the trace bit, so the nftables path of
 the packet exists before its first TRACE line; without nf_tables (TRACE rules), the lines
 alone make the path.
@@ -109,15 +110,14 @@ class LegacyTrail:
             self._start_run(event)
         frames = self._frames
         if frames[-1][0] != event.chain:
+            # A chain lower on the stack: the chains above it have returned. One not on it: the
+            # line of the jump there was lost; it is one level deeper.
             for index in range(len(frames) - 1, -1, -1):
                 if frames[index][0] == event.chain:
                     del frames[index + 1:]
                     break
             else:
-                if event.chain == frames[0][0]:
-                    frames[:] = frames[:1]
-                else:
-                    frames.append([event.chain, frames[-1][1] + 1])
+                frames.append([event.chain, frames[-1][1] + 1])
         depth = frames[-1][1]
         if resolution is None:
             # The rules changed and the new ones could not be read: say what the kernel said.

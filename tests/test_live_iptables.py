@@ -320,6 +320,25 @@ def test_human_output_names_the_legacy_rule_first(legacy_lab):
     assert any(line.strip() == "[#2] -A CLIENTS -p tcp -m tcp --dport 25 -j DROP  → drop" for line in lines)
 
 
+def test_legacy_rules_changed_mid_trace_are_named_as_they_are_now(topology):
+    in_netns(topology.router, ["iptables-legacy-restore"], input="""*filter
+:INPUT DROP [0:0]
+-A INPUT -p udp -m udp --dport 5001 -j DROP
+-A INPUT -p udp -m udp --dport 5000 -j ACCEPT
+COMMIT
+""")
+    send = " ".join(traffic(topology.client, "udp", ROUTER_CLIENT_V4, "5000"))
+    # Rule 1 goes away between the two datagrams: the ACCEPT is rule 1 for the second one, and
+    # the rule that was rule 1 must not be blamed for it.
+    script = f"{send}; iptables-legacy -D INPUT 1; sleep 2.3; {send}"
+    result = nftrace("--netns", topology.router, "why", "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp",
+                     "--dport", "5000", "--count", "2", "--timeout", "20", "--json", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    decided = [(p["verdict"], p["decided_by"]["rule_number"], p["decided_by"]["text"]) for p in result.packets]
+    assert decided == [("accept", 2, "-A INPUT -p udp -m udp --dport 5000 -j ACCEPT"),
+                       ("accept", 1, "-A INPUT -p udp -m udp --dport 5000 -j ACCEPT")]
+
+
 # -- legacy iptables with TRACE rules (the path for kernels without nf_tables) ----------------
 
 
