@@ -67,6 +67,10 @@ class _SignalsAsExceptions:
             signal.signal(signum, handler)
 
 
+# Public name for other long-running commands (the dry run builds its sandbox under it).
+SignalsAsExceptions = _SignalsAsExceptions
+
+
 def prepare_namespace(options: TraceOptions) -> None:
     """Checks that need no kernel change, in the order a user would fix them."""
     require_net_admin()
