@@ -153,6 +153,12 @@ class NetworkState:
     nft_listing: str = ""  # `nft -a list ruleset`: handles as comments, state and elements kept
     legacy: dict = field(default_factory=dict)  # iptables|ip6tables -> `*-legacy-save -c` text
     xtables_nft: dict = field(default_factory=dict)  # (family, table) -> `*-nft-save -c -t TABLE` text
+    iptables_managed: set = field(default_factory=set)  # (family, table) that nft says iptables-nft manages
+
+    def copied_with_xtables(self, block: TableBlock) -> bool:
+        """Tables of iptables-nft are copied with its own save/restore: nft's text of them can
+        lose what iptables put there (compat matches and targets, comments)."""
+        return block.family in ("ip", "ip6") and (block.uses_xtables or (block.family, block.name) in self.iptables_managed)
 
     def interface(self, name: str) -> Optional[Interface]:
         return next((i for i in self.interfaces if i.name == name), None)
@@ -313,6 +319,11 @@ def _proc_net_address(text: str, family: int) -> str:
     return socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw)
 
 
+def iptables_managed_tables(messages: str) -> set:
+    """Tables that nft, listing them, says iptables-nft manages: (family, name)."""
+    return set(re.findall(r"table (\S+) (\S+) is managed by iptables-nft", messages))
+
+
 def split_tables(listing: str) -> list[TableBlock]:
     """An nft listing → its table blocks (nft prints `table ...{` and `}` at column 0)."""
     blocks = []
@@ -427,9 +438,10 @@ def _read_inside(paths: Sequence[str]) -> dict:
                 legacy[tool] = handle.read().split()
         except FileNotFoundError:
             legacy[tool] = []  # module not loaded: no legacy table anywhere
-    listing = NftContext().run("list ruleset", handles=True)
+    nft = NftContext()
+    listing = nft.run("list ruleset", handles=True)
     return {"sysctls": sysctls, "listeners": sorted(set(listeners), key=lambda l: (l.proto, l.address, l.port)),
-            "legacy_tables": legacy, "listing": listing}
+            "legacy_tables": legacy, "listing": listing, "managed": iptables_managed_tables(nft.messages)}
 
 
 def read_network_state(netns: Optional[str]) -> NetworkState:
@@ -453,12 +465,13 @@ def read_network_state(netns: Optional[str]) -> NetworkState:
     state.sysctls = inside["sysctls"]
     state.listeners = inside["listeners"]
     state.nft_listing = inside["listing"]
+    state.iptables_managed = inside["managed"]
     saves = {}
     for tool, tables in inside["legacy_tables"].items():
         if tables:
             saves[("legacy", tool)] = _in_netns(netns, f"{tool}-legacy-save", "-c")
     for block in split_tables(state.nft_listing):
-        if block.uses_xtables and block.family in ("ip", "ip6"):
+        if state.copied_with_xtables(block):
             tool = "iptables" if block.family == "ip" else "ip6tables"
             saves[("nft", block.family, block.name)] = _in_netns(netns, f"{tool}-nft-save", "-c", "-t", block.name)
     if saves:
@@ -466,8 +479,9 @@ def read_network_state(netns: Optional[str]) -> NetworkState:
         for key, text in saved.items():
             if key[0] == "legacy":
                 state.legacy[key[1]] = text
-            else:
+            elif re.search(rf"^\*{re.escape(key[2])}$", text, re.MULTILINE):
                 state.xtables_nft[(key[1], key[2])] = text
+            # else: iptables-nft cannot save this table ("incompatible"): nft's text is the copy
     return state
 
 

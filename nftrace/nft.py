@@ -33,6 +33,7 @@ class NftContext:
             self._nft = nftables.Nftables()
         except OSError as err:
             raise EnvironmentProblem(f"libnftables cannot be loaded: {err} (apt-get install libnftables1)") from None
+        self.messages = ""
 
     def run(self, command: str, *, json_output: bool = False, handles: bool = False, stateless: bool = False,
             terse: bool = False) -> str:
@@ -45,6 +46,8 @@ class NftContext:
         rc, output, error = nft.cmd(command)
         if rc != 0:
             raise KernelError(_first_error_line(error) or f"nft: '{command}' failed")
+        # What nft says besides the output, such as "table ip filter is managed by iptables-nft".
+        self.messages = error or ""
         return output
 
     def run_json(self, commands: list[dict[str, Any]]) -> None:

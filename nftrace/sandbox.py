@@ -19,11 +19,13 @@ Names are `nftrace-sbx-<pid>-<hex>`: `close()` removes them on every exit path, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,7 +35,7 @@ from .netstate import (NetworkState, parse_route_lines, parse_rule_lines, sandbo
                        split_tables)
 from .nft import NftContext
 from .nsexec import call_in_namespace
-from .ruleset import is_trace_table
+from .ruleset import is_trace_table, parse_ruleset_listing
 
 NETNS_RUN_DIR = "/run/netns"
 SANDBOX_PREFIX = "nftrace-sbx-"
@@ -42,6 +44,11 @@ IPTABLES_SAVE_RE = re.compile(r"^\*(filter|nat|mangle|raw|security)\s*$", re.MUL
 _IPV6_HINT_RE = re.compile(r"(\s-[sd]\s+!?\s*[0-9a-fA-F]*:[0-9a-fA-F:]*|icmpv6|ipv6-icmp|--icmpv6-type)")
 RULESET_KINDS = ("nft", "iptables-legacy", "iptables-nft")
 LISTEN_BACKLOG = 16
+LINK_SETTLE_SECONDS = 2.0
+ROUTE_SYNC_ROUNDS = 6
+PEER_INDEX_BASE = 1 << 20
+ROUTE_SYNC_PAUSE = 0.02
+IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
 
 
 def sandbox_name() -> str:
@@ -199,9 +206,9 @@ class Sandbox:
             call_in_namespace(self.helper, _write_sysctls, {"ipv6/conf/all/disable_ipv6": "1",
                                                             "ipv6/conf/default/disable_ipv6": "1"})
             self._make_interfaces()
+            self._raise_peers()
             self._copy_sysctls()
             self._copy_addresses_and_routes()
-            self._raise_peers()
             if candidate is None:
                 self._copy_ruleset()
             else:
@@ -228,8 +235,12 @@ class Sandbox:
             peer = f"p{interface.index}"
             mac = interface.ethernet_mac or _random_mac()
             self.peers[interface.name] = PeerLink(interface.name, peer, mac)
-            lines.append(f"link add {interface.name} address {mac} mtu {interface.mtu} type veth "
-                         f"peer name {peer} mtu {interface.mtu} netns {self.helper}")
+            # The copy keeps the target's ifindex (`meta iif` compares numbers). The peer's must
+            # differ: the kernel announces a veth's carrier at once only when its peer's index
+            # is not its own, and a second later otherwise.
+            lines.append(f"link add {interface.name} index {interface.index} address {mac} mtu {interface.mtu} "
+                         f"type veth peer name {peer} index {PEER_INDEX_BASE + interface.index} mtu {interface.mtu} "
+                         f"netns {self.helper}")
             if interface.kind not in (None, "veth"):
                 self.not_copied.append(f"interface {interface.name} is a {interface.kind}; the sandbox has a "
                                        f"plain veth of that name")
@@ -256,9 +267,23 @@ class Sandbox:
         lines += [f"nexthop replace {line}" for line in self.state.nexthops]
         for line, message in _run_batch(self.name, lines).failed:
             self.warnings.append(f"not copied: ip {line} ({message})")
+        self._wait_for_links()
         for family in (4, 6):
             self._copy_routes(family)
             self._copy_rules(family)
+
+    def _wait_for_links(self) -> None:
+        """The kernel finishes bringing a link up asynchronously (linkwatch): IPv6 adds its
+        link-local and multicast routes only then. Routes are compared after that."""
+        wanted = {i.name for i in self.state.interfaces if i.up and not i.is_loopback}
+        deadline = time.monotonic() + LINK_SETTLE_SECONDS
+        while wanted:
+            links = json.loads(self._sandbox_text("-j", "link", "show") or "[]")
+            if all(link.get("operstate") == "UP" for link in links if link.get("ifname") in wanted):
+                return
+            if time.monotonic() >= deadline:
+                return  # a link that stays down is the copy's truth too
+            time.sleep(0.01)
 
     def _sandbox_text(self, *args: str) -> str:
         result = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True)
@@ -267,21 +292,28 @@ class Sandbox:
         return result.stdout
 
     def _copy_routes(self, family: int) -> None:
+        """Make the sandbox's routes those of the target: delete what only the sandbox has
+        (routes the kernel made on its own), add what it lacks, until both lists agree.
+
+        `replace` cannot be used: for IPv6 it may pick another device's route of the same
+        prefix and metric (fe80::/64 on every interface) and overwrite it. The kernel adds
+        some routes a moment after a link comes up (IPv6 multicast and link-local routes),
+        so the lists are compared again after each round.
+        """
         wanted = self.state.routes.get(family, [])
-        pending = [f"route replace {line}" for line in wanted]
         failed: list = []
-        # A route through a gateway needs the route that reaches the gateway: try again once.
-        for _ in range(2):
-            failed = _run_batch(self.name, pending, family).failed
-            pending = [line for line, _ in failed]
-            if not pending:
-                break
+        for round_number in range(ROUTE_SYNC_ROUNDS):
+            if round_number:
+                time.sleep(ROUTE_SYNC_PAUSE)
+            present = parse_route_lines(self._sandbox_text(f"-{family}", "route", "show", "table", "all"), family)
+            extra = [f"route delete {line}" for line in present if line not in set(wanted)]
+            missing = [f"route add {line}" for line in wanted if line not in set(present)]
+            if not extra and [line for line, _ in failed] == missing:
+                break  # equal, or equal but for routes the kernel refuses
+            _run_batch(self.name, extra, family)
+            failed = _run_batch(self.name, missing, family).failed
         for line, message in failed:
-            if " proto kernel" not in line:
-                self.warnings.append(f"route not copied: {line[len('route replace '):]} ({message})")
-        present = parse_route_lines(self._sandbox_text(f"-{family}", "route", "show", "table", "all"), family)
-        extra = [f"route delete {line}" for line in present if line not in set(wanted)]
-        _run_batch(self.name, extra, family)
+            self.warnings.append(f"route not copied: {line[len('route add '):]} ({message})")
 
     def _copy_rules(self, family: int) -> None:
         wanted = self.state.rules.get(family, [])
@@ -302,10 +334,11 @@ class Sandbox:
         for block in split_tables(self.state.nft_listing):
             if is_trace_table(block.name):
                 continue  # a live nftrace run's own trace rules, not the admin's
+            if (block.family, block.name) in self.state.xtables_nft:
+                continue  # restored below with iptables-nft-restore
             if block.uses_xtables:
-                if (block.family, block.name) not in self.state.xtables_nft:
-                    self.not_copied.append(f"table {block.family} {block.name}: iptables-nft rules that nft "
-                                           f"cannot print, and no way to copy them for this family")
+                self.not_copied.append(f"table {block.family} {block.name}: {block.family} tables with rules that "
+                                       f"nft cannot print are not copied")
                 continue
             text, changes = sandbox_table_text(block)
             self.not_copied += changes
@@ -328,6 +361,22 @@ class Sandbox:
             if result.returncode != 0:
                 raise EnvironmentProblem(f"cannot copy the iptables rules of {self.state.where} into the sandbox: "
                                          f"{tool}: {result.stderr.strip().splitlines()[0] if result.stderr.strip() else 'failed'}")
+        if self.state.xtables_nft:
+            self._drop_chains_the_target_lacks(set(self.state.xtables_nft))
+
+    def _drop_chains_the_target_lacks(self, tables: set) -> None:
+        """iptables-nft-restore creates every built-in chain the save names, iptables-nft itself
+        only those it needs; an extra base chain would add steps (its policy) to every path."""
+        target_chains = parse_ruleset_listing(self.state.nft_listing)[1]
+
+        def drop() -> None:
+            nft = NftContext()
+            sandbox_chains = parse_ruleset_listing(nft.run("list ruleset", handles=True, stateless=True, terse=True))[1]
+            for key, chain in sandbox_chains.items():
+                if (key[0], key[1]) in tables and key not in target_chains and not chain.rules:
+                    nft.run(f"delete chain {key[0]} {key[1]} {key[2]}")
+
+        call_in_namespace(self.name, drop)
 
     def _open_listeners(self) -> None:
         listeners = list(self.state.listeners)
@@ -389,7 +438,7 @@ def _open_sockets(listeners) -> tuple[list, list]:
         sock = socket.socket(family, kind)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_IP, socket.IP_FREEBIND, 1)
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((listener.address, listener.port))
