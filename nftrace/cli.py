@@ -130,13 +130,9 @@ def why(
         else:
             typer.echo(render_packet(path, report.interfaces) + dry_run_line(report) + "\n")
 
-    if not as_json:
+    if not as_json and not dry_run:  # a dry run takes a moment; its answer says it is one
         where = f" in netns {netns}" if netns else ""
-        if dry_run:
-            typer.echo(f"dry run of {flow.describe()}: one crafted packet in a sandbox copy of "
-                       f"{f'netns {netns}' if netns else 'this namespace'}, which is not touched", err=True)
-        else:
-            typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
+        typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
     exit_code = None
     try:
         session.run(on_packet)
