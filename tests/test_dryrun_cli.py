@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -180,3 +184,23 @@ def test_bad_dry_run_requests_are_one_line_and_leave_nothing(router, args, messa
     line = one_line_error(nftrace("--netns", router, "why", *args))
     assert message in line
     assert sandboxes() == before
+
+
+def test_sigterm_while_the_sandbox_is_built_removes_it(router, tmp_path):
+    big = tmp_path / "big.nft"
+    rules = "".join(f"    tcp dport {1000 + i} ip saddr 192.0.2.{i % 250} drop\n" for i in range(100_000))
+    big.write_text("table inet big {\n  chain input {\n    type filter hook input priority 0;\n" + rules + "  }\n}\n")
+    process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", router, "why", *WEB, "--dry-run",
+                                "--ruleset", str(big), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    prefix = f"{SANDBOX_PREFIX}{process.pid}-"
+    deadline = time.monotonic() + 20
+    while not any(name.startswith(prefix) for name in sandboxes()) and process.poll() is None:
+        assert time.monotonic() < deadline, "no sandbox appeared"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr
+    assert not any(name.startswith(prefix) for name in sandboxes())
