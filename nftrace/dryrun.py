@@ -284,7 +284,13 @@ class DryRun:
 
         def deliver(path: PacketPath) -> None:
             translate_handles(path, self.handles)
-            for caveat in path_caveats(path, self.snapshot, self.request.state):
+            caveats = path_caveats(path, self.snapshot, self.request.state)
+            for which in ("iif", "oif"):
+                name = report.interfaces.get(path.interface_index(which) or -1)
+                if name in self.sandbox.approximated:
+                    caveats.append(f"the packet passed {self.sandbox.approximated[name]} in {self.netstate.where}; "
+                                   f"the sandbox has a plain veth of that name, so the live path may differ")
+            for caveat in caveats:
                 if caveat not in report.warnings:
                     report.warnings.append(caveat)
             on_packet(path)

@@ -100,7 +100,7 @@ def in_netns_argv(netns: Optional[str], argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
 
-def load_ruleset_file(netns: Optional[str], candidate: CandidateRuleset) -> None:
+def load_ruleset_file(netns: str, candidate: CandidateRuleset) -> None:
     """Load a ruleset file into a namespace; a bad file is one line naming file and line."""
     if candidate.kind == "nft":
         try:
@@ -189,7 +189,7 @@ class Sandbox:
         self.peers: dict[str, PeerLink] = {}
         self.warnings: list[str] = []
         self.not_copied: list[str] = []
-        self.ruleset_source = "copy"
+        self.approximated: dict[str, str] = {}  # interface → what it really is (bridge, vlan, port of ...)
         self._namespaces: list[str] = []
         self._listeners: list[socket.socket] = []
 
@@ -212,7 +212,6 @@ class Sandbox:
             if candidate is None:
                 self._copy_ruleset()
             else:
-                self.ruleset_source = candidate.describe()
                 load_ruleset_file(self.name, candidate)
             self._open_listeners()
         except BaseException:
@@ -226,27 +225,33 @@ class Sandbox:
         self._namespaces.append(name)
 
     def _make_interfaces(self) -> None:
+        # A new namespace can already hold devices: lo, and the fallback tunnels (tunl0, sit0,
+        # ...) that tunnel modules add to every namespace. Those are configured, not made.
+        existing = {link["ifname"]: link for link in json.loads(self._sandbox_text("-j", "link", "show") or "[]")}
+        taken = {link["ifindex"] for link in existing.values()}
         lines = []
         for interface in self.state.interfaces:
-            if interface.is_loopback:
-                if interface.mtu != 65536:
-                    lines.append(f"link set lo mtu {interface.mtu}")
+            if interface.name in existing:
+                if interface.mtu != existing[interface.name].get("mtu"):
+                    lines.append(f"link set {interface.name} mtu {interface.mtu}")
                 continue
             peer = f"p{interface.index}"
             mac = interface.ethernet_mac or _random_mac()
             self.peers[interface.name] = PeerLink(interface.name, peer, mac)
-            # The copy keeps the target's ifindex (`meta iif` compares numbers). The peer's must
-            # differ: the kernel announces a veth's carrier at once only when its peer's index
-            # is not its own, and a second later otherwise.
-            lines.append(f"link add {interface.name} index {interface.index} address {mac} mtu {interface.mtu} "
+            # The copy keeps the target's ifindex where it is free (`meta iif` compares
+            # numbers). The peer's must differ: the kernel announces a veth's carrier at once
+            # only when its peer's index is not its own, and a second later otherwise.
+            index = f"index {interface.index} " if interface.index not in taken else ""
+            lines.append(f"link add {interface.name} {index}address {mac} mtu {interface.mtu} "
                          f"type veth peer name {peer} index {PEER_INDEX_BASE + interface.index} mtu {interface.mtu} "
                          f"netns {self.helper}")
             if interface.kind not in (None, "veth"):
-                self.not_copied.append(f"interface {interface.name} is a {interface.kind}; the sandbox has a "
-                                       f"plain veth of that name")
-            if interface.master:
-                self.not_copied.append(f"interface {interface.name} is a port of {interface.master}; bridge and "
-                                       f"bond ports are not copied as such")
+                self.approximated[interface.name] = f"{interface.name} is a {interface.kind}"
+            elif interface.master:
+                self.approximated[interface.name] = f"{interface.name} is a port of {interface.master}"
+            if interface.name in self.approximated:
+                self.not_copied.append(f"interface {self.approximated[interface.name]}: the sandbox has a plain veth "
+                                       f"of that name")
         failed = _run_batch(self.name, lines).failed
         if failed:
             line, message = failed[0]
@@ -301,13 +306,15 @@ class Sandbox:
         so the lists are compared again after each round.
         """
         wanted = self.state.routes.get(family, [])
+        wanted_set = set(wanted)
         failed: list = []
         for round_number in range(ROUTE_SYNC_ROUNDS):
             if round_number:
                 time.sleep(ROUTE_SYNC_PAUSE)
             present = parse_route_lines(self._sandbox_text(f"-{family}", "route", "show", "table", "all"), family)
-            extra = [f"route delete {line}" for line in present if line not in set(wanted)]
-            missing = [f"route add {line}" for line in wanted if line not in set(present)]
+            present_set = set(present)
+            extra = [f"route delete {line}" for line in present if line not in wanted_set]
+            missing = [f"route add {line}" for line in wanted if line not in present_set]
             if not extra and [line for line, _ in failed] == missing:
                 break  # equal, or equal but for routes the kernel refuses
             _run_batch(self.name, extra, family)

@@ -204,3 +204,47 @@ def test_sigterm_while_the_sandbox_is_built_removes_it(router, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr
     assert not any(name.startswith(prefix) for name in sandboxes())
+
+
+BRIDGED_RULESET = """
+table inet host {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        tcp dport 22 accept
+    }
+    chain output {
+        type filter hook output priority filter; policy drop;
+        meta skuid 0 udp dport 53 accept
+    }
+}
+"""
+
+
+@pytest.fixture
+def bridged_host(netns):
+    """A host whose address sits on a bridge, with a rule on socket owners."""
+    host = netns("brh")
+    for command in (["ip", "link", "add", "br0", "type", "bridge"], ["ip", "link", "add", "port0", "type", "veth",
+                    "peer", "name", "port0-peer"], ["ip", "link", "set", "port0", "master", "br0"],
+                    ["ip", "address", "add", "10.88.0.1/24", "dev", "br0"], ["ip", "link", "set", "br0", "up"]):
+        in_netns(host, command)
+    in_netns(host, ["nft", "-f", "-"], input=BRIDGED_RULESET)
+    return host
+
+
+def test_a_packet_through_an_interface_that_is_only_approximated_carries_a_warning(bridged_host):
+    result = nftrace("--netns", bridged_host, "why", "--from", "10.88.0.5", "--to", "10.88.0.1", "--proto", "tcp",
+                     "--dport", "22", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.json["packets"][0]["packet"]["iif"] == "br0"
+    assert any("br0 is a bridge" in warning for warning in result.json["warnings"])
+    assert any("port0 is a port of br0" in item for item in result.json["dry_run"]["not_copied"])
+
+
+def test_a_rule_on_socket_owners_on_the_path_carries_a_warning(bridged_host):
+    result = nftrace("--netns", bridged_host, "why", "--from", "10.88.0.1", "--to", "10.88.0.5", "--proto", "udp",
+                     "--dport", "53", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    packet = result.json["packets"][0]
+    assert (packet["verdict"], packet["decided_by"]["text"]) == ("accept", "meta skuid 0 udp dport 53 accept")
+    assert any("socket owners" in warning for warning in result.json["warnings"])

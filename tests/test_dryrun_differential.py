@@ -10,7 +10,6 @@ the router into a sandbox and must leave the router's ruleset and counters as th
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from pathlib import Path
 

@@ -3,7 +3,6 @@ packet enters, mapping handles, and the warnings for what the sandbox cannot cop
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 
 import pytest
@@ -14,7 +13,7 @@ from nftrace.errors import InputError
 from nftrace.flow import parse_flow
 from nftrace.inject import (TCP_ACK, TCP_SYN, Injection, crc32c, ethernet_frame, icmp_echo, internet_checksum,
                             ipv4_packet, sctp_init, tcp_segment, udp_datagram)
-from nftrace.netstate import (Address, Interface, NetworkState, RouteLookup, TableBlock, parse_interfaces,
+from nftrace.netstate import (Address, Interface, NetworkState, RouteLookup, parse_interfaces,
                               parse_nexthop_lines, parse_route_lines, parse_rule_lines, parse_socket_table,
                               sandbox_table_text, split_tables)
 from nftrace.paths import PacketPath, Step
