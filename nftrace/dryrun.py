@@ -299,6 +299,9 @@ class DryRun:
             session.run(deliver)
         finally:
             self._bookmark.restore()
+        if not session.packets_seen and injection.iif and not self.netstate.interface(injection.iif).up:
+            report.warnings.append(f"interface {injection.iif} is down in {self.netstate.where}: the packet cannot "
+                                   f"arrive on it")
         return session.packets_seen
 
     def _forget_connections(self) -> None:

@@ -38,6 +38,7 @@ class FlowResult:
     problems: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
+    error: bool = False  # the flow could not be run at all
 
     @property
     def passed(self) -> bool:
@@ -45,6 +46,8 @@ class FlowResult:
 
     @property
     def got(self) -> str:
+        if self.error:
+            return "not run"
         return self.packet["verdict"] if self.packet else "no packet"
 
     @property
@@ -127,8 +130,14 @@ def run_flow(dry: DryRun, file: ExpectationFile, expectation: FlowExpectation, r
     report = TraceReport(flow=expectation.flow, netns=dry.request.netns)
     packets: list = []
     started = time.monotonic()
-    dry.trace(expectation.flow, report, lambda path: packets.append(packet_json(path, report.interfaces)),
-              timeout=timeout)
+    try:
+        dry.trace(expectation.flow, report, lambda path: packets.append(packet_json(path, report.interfaces)),
+                  timeout=timeout)
+    except InputError as err:
+        # This flow cannot enter this namespace (no route back to its source, no such
+        # interface): a failed test of its own, the others still run.
+        return FlowResult(file.path, ruleset, expectation, None, [f"not run: {err}"], [], time.monotonic() - started,
+                          error=True)
     packet = packets[0] if packets else None
     return FlowResult(file.path, ruleset, expectation, packet, expectation.check(packet or NO_PACKET),
                       list(report.warnings), time.monotonic() - started)
@@ -168,19 +177,22 @@ def render_table(results: list[FlowResult]) -> str:
 def junit_xml(results: list[FlowResult]) -> str:
     """JUnit XML: one test suite per expectation file, one test case per flow."""
     suites = ET.Element("testsuites", name="nftrace test", tests=str(len(results)),
-                        failures=str(sum(1 for r in results if not r.passed)), errors="0",
-                        time=f"{sum(r.seconds for r in results):.3f}")
+                        failures=str(sum(1 for r in results if not r.passed and not r.error)),
+                        errors=str(sum(1 for r in results if r.error)), time=f"{sum(r.seconds for r in results):.3f}")
     by_file: dict = {}
     for result in results:
         by_file.setdefault(result.file, []).append(result)
     for file, file_results in by_file.items():
         suite = ET.SubElement(suites, "testsuite", name=str(file), tests=str(len(file_results)),
-                              failures=str(sum(1 for r in file_results if not r.passed)), errors="0",
+                              failures=str(sum(1 for r in file_results if not r.passed and not r.error)),
+                              errors=str(sum(1 for r in file_results if r.error)),
                               time=f"{sum(r.seconds for r in file_results):.3f}")
         for result in file_results:
             case = ET.SubElement(suite, "testcase", classname=Path(file).name, name=flow_label(result.expectation),
                                  time=f"{result.seconds:.3f}")
-            if not result.passed:
+            if result.error:
+                ET.SubElement(case, "error", type="not run", message="; ".join(result.problems))
+            elif not result.passed:
                 failure = ET.SubElement(case, "failure", type="mismatch", message="; ".join(result.problems))
                 failure.text = (f"expected {result.expectation.expect}, got {result.got}\n"
                                 f"deciding rule: {result.deciding_rule}\nruleset: {result.ruleset}")

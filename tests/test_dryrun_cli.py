@@ -248,3 +248,14 @@ def test_a_rule_on_socket_owners_on_the_path_carries_a_warning(bridged_host):
     packet = result.json["packets"][0]
     assert (packet["verdict"], packet["decided_by"]["text"]) == ("accept", "meta skuid 0 udp dport 53 accept")
     assert any("socket owners" in warning for warning in result.json["warnings"])
+
+
+def test_no_packet_seen_exits_3_and_says_why_when_the_interface_is_down(netns):
+    host = netns("down")
+    in_netns(host, ["ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan0-peer"])
+    in_netns(host, ["ip", "address", "add", "10.89.0.1/24", "dev", "wan0"])
+    result = nftrace("--netns", host, "why", "--from", "10.89.0.5", "--to", "10.89.0.1", "--proto", "udp",
+                     "--dport", "53", "--iif", "wan0", "--dry-run", "--json")
+    assert result.returncode == 3, result.stderr
+    assert result.json["packets"] == []
+    assert "interface wan0 is down in netns" in " ".join(result.json["warnings"])

@@ -139,3 +139,16 @@ def test_bad_expectation_file_is_one_line_exit_2(router, tmp_path, content, mess
     assert result.returncode == 2
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
     assert message in result.stderr
+
+
+def test_a_flow_that_cannot_enter_is_an_error_row_and_the_others_still_run(router, tmp_path):
+    shutil.copy(DATA / "router.nft", tmp_path / "router.nft")
+    path = tmp_path / "unreachable.expect.toml"
+    path.write_text(WRONG.split("[[flow]]")[0] + "[[flow]]\nname = 'from nowhere'\nfrom = '192.0.2.9'\n"
+                    "to = '10.77.1.1'\nproto = 'udp'\ndport = 53\nexpect = 'accept'\n\n[[flow]]" + WRONG.split("[[flow]]")[3])
+    report = tmp_path / "junit.xml"
+    result = nftrace("--netns", router, "test", str(path), "--junit", str(report))
+    assert result.returncode == 1
+    assert "not run: --dry-run: netns" in result.stdout and "no route back to 192.0.2.9" in result.stdout
+    assert "2 flows: 1 passed, 1 failed" in result.stdout
+    assert ET.parse(report).getroot().get("errors") == "1"
