@@ -399,7 +399,8 @@ def _run_all(commands: dict, allowed_to_fail: Sequence[str] = ()) -> dict:
     for key, process in started.items():
         out, err = process.communicate(timeout=60)
         if process.returncode != 0 and key not in allowed_to_fail:
-            raise EnvironmentProblem(f"{' '.join(commands[key])}: {(err or out).strip().splitlines()[0] if (err or out).strip() else 'failed'}")
+            message = next((line.strip() for line in (err or out).splitlines() if line.strip()), "failed")
+            raise EnvironmentProblem(f"{' '.join(commands[key])}: {message}")
         results[key] = out if process.returncode == 0 else ""
     return results
 

@@ -366,8 +366,9 @@ class Sandbox:
             except FileNotFoundError:
                 raise EnvironmentProblem(f"{tool} is not installed (apt-get install iptables)") from None
             if result.returncode != 0:
+                message = next((line.strip() for line in result.stderr.splitlines() if line.strip()), "failed")
                 raise EnvironmentProblem(f"cannot copy the iptables rules of {self.state.where} into the sandbox: "
-                                         f"{tool}: {result.stderr.strip().splitlines()[0] if result.stderr.strip() else 'failed'}")
+                                         f"{tool}: {message}")
         if self.state.xtables_nft:
             self._drop_chains_the_target_lacks(set(self.state.xtables_nft))
 
