@@ -22,6 +22,7 @@ from typing import Callable, Optional
 from .dryrun import DryRun, DryRunRequest, check_dry_run_flow
 from .errors import InputError
 from .expectations import ExpectationFile, FlowExpectation, load_expectations
+from .paths import Step
 from .report import TraceReport, packet_json
 
 NO_PACKET = {"verdict": "unknown", "decided_by": None}
@@ -62,11 +63,9 @@ def deciding_rule_text(packet: Optional[dict]) -> str:
     decided = packet.get("decided_by")
     if not decided:
         return packet.get("summary") or "-"
-    where = f"{decided['family']} {decided['table']} {decided['chain']}"
-    if decided["type"] == "policy":
-        return f"{where} policy {decided['verdict']}"
-    label = f"rule handle {decided['handle']}" if decided.get("handle") is not None else "rule"
-    return f"{where} {label}: {decided.get('iptables') or decided.get('text') or '?'}"
+    # The step again, so that it reads as the answer's own line does (a legacy rule by number).
+    fields = ("hook", "family", "table", "chain", "type", "handle", "rule_number", "text", "verdict", "iptables")
+    return Step(**{name: decided.get(name) for name in fields}, backend=decided.get("backend") or "nft").location()
 
 
 @dataclass(frozen=True)
