@@ -317,6 +317,8 @@ NflogItem = Union[LegacyTraceEvent, EventsLost]
 
 
 class ConfigurationRefused(KernelError):
+    """nfnetlink_log said no to a configuration request; `errno` says why."""
+
     def __init__(self, code: int):
         super().__init__(f"nfnetlink_log refused a configuration request: {os.strerror(code)}")
         self.errno = code
@@ -412,8 +414,7 @@ class NflogListener:
 
     def close(self) -> None:
         """Close the socket (the kernel drops the group binding with it), then restore the loggers."""
-        if self.sock.fileno() >= 0:
-            self.sock.close()
+        self.sock.close()
         if self._saved is not None:
             saved, self._saved = self._saved, None
             saved.restore()
