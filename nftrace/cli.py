@@ -48,7 +48,9 @@ class JsonStream:
     """One JSON document on stdout, written as packets complete, so memory stays flat.
 
     Nothing is written before the first packet, so an error found while setting up leaves
-    stdout empty; once started, the document is always closed, even on Ctrl-C.
+    stdout empty; once started, the document is always closed, even on Ctrl-C. Packets are
+    flushed after each batch of events read (`flush`), not one by one: under a flood a
+    write(2) per packet costs more than the packet's decoding.
     """
 
     def __init__(self, out, report):
@@ -68,8 +70,10 @@ class JsonStream:
         if not self.started:
             self._start()
         self.out.write(("," if self.count else "") + "\n  " + json.dumps(packet_json(path, self.report.interfaces)))
-        self.out.flush()
         self.count += 1
+
+    def flush(self) -> None:
+        self.out.flush()
 
     def finish(self) -> None:
         if not self.started:
@@ -122,7 +126,7 @@ def why(
         typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
     exit_code = None
     try:
-        session.run(on_packet)
+        session.run(on_packet, on_batch=stream.flush if stream else None)
     except NftraceError as err:
         if not (stream and stream.started):
             _fail(err)

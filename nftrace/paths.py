@@ -20,6 +20,8 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -164,6 +166,7 @@ class _PacketState:
     closed: bool = False
 
 
+@functools.lru_cache(maxsize=256)
 def _own_chain_hook(chain: str) -> Optional[str]:
     for prefix in (MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX):
         if chain.startswith(prefix):
@@ -177,6 +180,10 @@ class PathBuilder:
 
     `keep` decides from a packet's first headers whether it belongs to this run's flow;
     packets it rejects are forgotten at once, so a busy box costs no memory.
+
+    Memory stays flat under a flood: `_open` is kept in order of last activity (an event
+    moves its packet to the end), so `expire` looks only at the packets that went idle, and a
+    finished packet keeps nothing but its id until it expires. `now` must not go backwards.
     """
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
@@ -184,12 +191,13 @@ class PathBuilder:
         self.lookup = lookup
         self.keep = keep
         self.idle_seconds = idle_seconds
-        self._open: dict[int, _PacketState] = {}
+        self._open: OrderedDict[int, _PacketState] = OrderedDict()
 
     def feed(self, event: TraceEvent, now: float = 0.0) -> list:
         """Add one event; return the packets it finished (a new packet can finish an old one)."""
         done = []
-        state = self._open.get(event.trace_id)
+        trace_id = event.trace_id
+        state = self._open.get(trace_id)
         if state is not None and self._starts_new_packet(state, event):
             done.extend(self._close(state))
             state = None
@@ -198,8 +206,10 @@ class PathBuilder:
                 # The start of this packet was lost, or it was not ours: nothing sound can be
                 # built from the middle of a path.
                 return done
-            state = _PacketState(PacketPath(event.trace_id), now)
-            self._open[event.trace_id] = state
+            state = _PacketState(PacketPath(trace_id), now)
+            self._open[trace_id] = state
+        else:
+            self._open.move_to_end(trace_id)  # _open stays in order of last activity
         state.last_seen = now
         if state.ignored or state.closed:
             return done
@@ -217,9 +227,14 @@ class PathBuilder:
     def expire(self, now: float) -> list:
         """Close packets that went quiet: whatever happened next, netfilter did not see it."""
         done = []
-        for state in list(self._open.values()):
-            if now - state.last_seen >= self.idle_seconds:
-                done.extend(self._close(state))
+        packets = self._open
+        while packets:
+            trace_id = next(iter(packets))
+            state = packets[trace_id]
+            if now - state.last_seen < self.idle_seconds:
+                break  # every later packet was active more recently
+            del packets[trace_id]
+            done.extend(self._close(state))
         return done
 
     def flush(self) -> list:
@@ -360,12 +375,17 @@ class PathBuilder:
         A finished packet's state stays (forget=False) until its id starts a new packet or
         goes idle, so that a late event of the same packet is not mistaken for a new one.
         """
+        path = state.path
         if forget:
-            self._open.pop(state.path.trace_id, None)
+            self._open.pop(path.trace_id, None)
         if state.closed:
             return []
         state.closed = True
-        path = state.path
+        # Only the id is needed from now on: let go of the path and the bookkeeping, so that a
+        # flood of finished packets waiting to expire holds no steps.
+        state.path = PacketPath(path.trace_id)
+        state.frames = []
+        state.marks_seen = set()
         if state.ignored or path.first_packet is None:
             return []
         if path.incomplete_reason == "events lost":
@@ -400,6 +420,14 @@ def _endpoint(packet: PacketHeaders, side: str) -> str:
     return f"{text}:{port}" if port else text
 
 
+def _same_endpoint(one: PacketHeaders, other: PacketHeaders, side: str) -> bool:
+    if side == "src":
+        address, port, other_address, other_port = one.src, one.sport, other.src, other.sport
+    else:
+        address, port, other_address, other_port = one.dst, one.dport, other.dst, other.dport
+    return port == other_port and (address is other_address or address == other_address)
+
+
 def nat_rewrites(observations: list) -> list:
     """Each change of source or destination between consecutive hook observations."""
     changes = []
@@ -410,6 +438,8 @@ def nat_rewrites(observations: list) -> list:
             continue
         if previous is not None:
             for side in ("src", "dst"):
+                if _same_endpoint(previous, packet, side):
+                    continue  # the common case, decided without making text
                 before, after = _endpoint(previous, side), _endpoint(packet, side)
                 if before != after:
                     changes.append({"hook": observation.hook, "field": side, "from": before, "to": after,

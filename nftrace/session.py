@@ -17,9 +17,10 @@ from typing import Callable, Optional
 from .errors import EnvironmentProblem, KernelError, NftraceError, TraceTableGone
 from .events import TraceEvent
 from .flow import Flow
-from .monitor import DEFAULT_RCVBUF, EventsLost, RulesetChanged, TableDeleted, TraceMonitor
+from .monitor import EventsLost, RulesetChanged, TableDeleted, TraceMonitor
 from .nft import NftContext
 from .paths import PacketPath, PathBuilder
+from .rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from .system import enter_namespace, interface_index, interface_names, require_net_admin
@@ -46,7 +47,7 @@ class TraceOptions:
     max_rate: int = DEFAULT_MAX_RATE
     command: list = field(default_factory=list)
     idle_seconds: float = 2.0
-    rcvbuf: int = DEFAULT_RCVBUF
+    rcvbuf: Optional[int] = None  # None: sized from max_rate (rcvbuf.py)
 
 
 def _raise_interrupted(signum, _frame):
@@ -95,26 +96,32 @@ class TraceSession:
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
 
-    def run(self, on_packet: Callable[[PacketPath], None]) -> None:
+    def run(self, on_packet: Callable[[PacketPath], None], on_batch: Optional[Callable[[], None]] = None) -> None:
+        """`on_batch` is called after each batch of events read: the moment to flush output."""
         options = self.options
+        rcvbuf = options.rcvbuf or receive_buffer_size(options.max_rate)
         with _SignalsAsExceptions():
             prepare_namespace(options)
             nft = open_nftables()
-            snapshot = RulesetSnapshot.take(nft)
+            # Tables only until the trace rules are in: a full listing of a big ruleset takes
+            # long, and it is taken once they are in anyway.
+            snapshot = RulesetSnapshot.take_tables(nft)
             removed = remove_leftover_tables(nft, snapshot)
             if removed:
                 self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
             self.report.interfaces = interface_names()
-            with TraceMonitor(options.rcvbuf) as monitor, TraceTable(nft, options.flow, options.max_rate) as table:
+            with TraceMonitor(rcvbuf) as monitor, TraceTable(nft, options.flow, options.max_rate) as table:
                 monitor.watch_ruleset()
                 snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
                 builder = PathBuilder(snapshot, keep=self._keep, idle_seconds=options.idle_seconds)
                 try:
                     self._start_command()
-                    self._loop(nft, snapshot, monitor, table, builder, on_packet)
+                    self._loop(nft, snapshot, monitor, table, builder, on_packet, on_batch)
                 finally:
                     self._stop_command()
                     self.report.lost_events = monitor.dropped_messages() or monitor.overruns
+                    if self.report.lost_events:
+                        self.report.warnings.append(loss_warning(self.report.lost_events, rcvbuf, options.max_rate))
 
     def _keep(self, path: PacketPath) -> bool:
         packet = path.first_packet
@@ -147,7 +154,7 @@ class TraceSession:
             process.kill()
             process.wait()
 
-    def _loop(self, nft, snapshot, monitor, table, builder, on_packet) -> None:
+    def _loop(self, nft, snapshot, monitor, table, builder, on_packet, on_batch=None) -> None:
         options = self.options
         start = time.monotonic()
         deadline = start + options.timeout if options.timeout else None
@@ -168,7 +175,8 @@ class TraceSession:
                 break
             if self._process is not None and command_done_at is None and self._process.poll() is not None:
                 command_done_at = now
-            if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS:
+            # A backlog still in the socket belongs to the command's packets: read it all first.
+            if command_done_at is not None and monitor.drained and now - command_done_at >= COMMAND_GRACE_SECONDS:
                 if builder.open_packets == 0 or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
                     break
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
@@ -186,4 +194,6 @@ class TraceSession:
                         table.installed = False
                         raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
             deliver(builder.expire(time.monotonic()))
+            if on_batch is not None:
+                on_batch()
         deliver(builder.flush())
