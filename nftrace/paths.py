@@ -181,9 +181,11 @@ class PathBuilder:
     `keep` decides from a packet's first headers whether it belongs to this run's flow;
     packets it rejects are forgotten at once, so a busy box costs no memory.
 
-    Memory stays flat under a flood: `_open` is kept in order of last activity (an event
-    moves its packet to the end), so `expire` looks only at the packets that went idle, and a
-    finished packet keeps nothing but its id until it expires. `now` must not go backwards.
+    Memory stays flat under a flood: a finished packet leaves nothing but its id and the time
+    of its last event (`_finished`) until that id starts a new packet or goes idle; packets
+    still being built (`_open`) are few. Both maps are kept in order of last activity (an
+    event moves its id to the end), so `expire` looks only at what went idle. `now` must not
+    go backwards.
     """
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
@@ -192,13 +194,22 @@ class PathBuilder:
         self.keep = keep
         self.idle_seconds = idle_seconds
         self._open: OrderedDict[int, _PacketState] = OrderedDict()
+        self._finished: OrderedDict[int, float] = OrderedDict()  # trace id -> last event's time
 
     def feed(self, event: TraceEvent, now: float = 0.0) -> list:
         """Add one event; return the packets it finished (a new packet can finish an old one)."""
         done = []
         trace_id = event.trace_id
         state = self._open.get(trace_id)
-        if state is not None and self._starts_new_packet(state, event):
+        if state is None:
+            if trace_id in self._finished:
+                if not event.starts_base_chain:
+                    # A late event of a packet already finished: swallowed.
+                    self._finished[trace_id] = now
+                    self._finished.move_to_end(trace_id)
+                    return done
+                del self._finished[trace_id]  # the id is reused by a new packet
+        elif self._starts_new_packet(state, event):
             done.extend(self._close(state))
             state = None
         if state is None:
@@ -235,6 +246,12 @@ class PathBuilder:
                 break  # every later packet was active more recently
             del packets[trace_id]
             done.extend(self._close(state))
+        finished = self._finished
+        while finished:
+            trace_id = next(iter(finished))
+            if now - finished[trace_id] < self.idle_seconds:
+                break
+            del finished[trace_id]
         return done
 
     def flush(self) -> list:
@@ -242,6 +259,7 @@ class PathBuilder:
         done = []
         for state in list(self._open.values()):
             done.extend(self._close(state))
+        self._finished.clear()
         return done
 
     def mark_loss(self) -> None:
@@ -253,6 +271,11 @@ class PathBuilder:
     @property
     def open_packets(self) -> int:
         return sum(1 for state in self._open.values() if not state.closed and not state.ignored)
+
+    @property
+    def tracked_ids(self) -> int:
+        """Trace ids held in memory: packets being built, and finished ones not yet expired."""
+        return len(self._open) + len(self._finished)
 
     # -- one event -------------------------------------------------------------------------
 
@@ -372,20 +395,18 @@ class PathBuilder:
     def _close(self, state: _PacketState, forget: bool = True) -> list:
         """Finish a packet's path; return it unless it is not this run's.
 
-        A finished packet's state stays (forget=False) until its id starts a new packet or
-        goes idle, so that a late event of the same packet is not mistaken for a new one.
+        A finished packet's id is remembered (forget=False) until it starts a new packet or
+        goes idle, so that a late event of the same packet is not mistaken for a new one; the
+        rest of its state is let go at once.
         """
         path = state.path
-        if forget:
-            self._open.pop(path.trace_id, None)
+        self._open.pop(path.trace_id, None)
         if state.closed:
             return []
         state.closed = True
-        # Only the id is needed from now on: let go of the path and the bookkeeping, so that a
-        # flood of finished packets waiting to expire holds no steps.
-        state.path = PacketPath(path.trace_id)
-        state.frames = []
-        state.marks_seen = set()
+        if not forget:
+            self._finished[path.trace_id] = state.last_seen
+            self._finished.move_to_end(path.trace_id)
         if state.ignored or path.first_packet is None:
             return []
         if path.incomplete_reason == "events lost":

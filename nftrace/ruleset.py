@@ -9,7 +9,6 @@ rules of a table that still exists (same table handle) as deleted, and forgets t
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
@@ -17,6 +16,7 @@ from typing import Iterable, Optional
 TRACE_TABLE_PREFIX = "nftrace_"
 
 _TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)$")
+_TABLE_NAME_RE = re.compile(r"^table (\S+) (.+?) \{")
 _CHAIN_RE = re.compile(r"^chain (.+?) \{ # handle (\d+)$")
 _BASE_RE = re.compile(r"^type (\S+) hook (\S+)(?: .*?)? priority ([^;]+);(?: policy (\S+);)?")
 _RULE_RE = re.compile(r"^(.*) # handle (\d+)$")
@@ -66,9 +66,22 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
     family = table = None
     chain: Optional[ChainInfo] = None
     for line in text.splitlines():
-        depth = len(line) - len(line.lstrip("\t"))
+        if line.startswith("\t\t\t") or not line.startswith("\t\t"):
+            depth = len(line) - len(line.lstrip("\t"))
+        else:
+            depth = 2  # a rule, most lines of a big ruleset: no need to count
         body = line.strip()
         if not body:
+            continue
+        if depth == 2 and chain is not None and chain.rules:
+            # A chain's base-chain line comes before its first rule: from then on only rules.
+            head, marker, handle = body.rpartition(" # handle ")
+            if marker and handle.isdecimal():
+                number = int(handle)
+                chain.rules.append(number)
+                rules[(family, table, chain.name, number)] = RuleInfo(
+                    family, table, chain.name, number, head.strip(), len(chain.rules)
+                )
             continue
         if depth == 0:
             match = _TABLE_RE.match(body)
@@ -111,14 +124,19 @@ class RulesetSnapshot:
 
     @classmethod
     def take_tables(cls, nft) -> "RulesetSnapshot":
-        """Tables only, no chain or rule: enough to find leftover trace tables, and cheap on a
-        ruleset of 50,000 rules, so that the trace rules go in without waiting for a full
-        listing (`refresh` with one fills the rest in)."""
+        """Table names only (handles unknown): enough to find leftover trace tables, and cheap
+        on a ruleset of 50,000 rules, so that the trace rules go in without waiting for a full
+        listing (`refresh` with one fills the rest in).
+
+        `list chains`, not `list tables`: nft 1.0.6 fetches the whole ruleset, set elements
+        included, to list tables, and only tables and chains to list chains; both name every
+        table, empty ones too.
+        """
         snapshot = cls()
-        for item in json.loads(nft.run("list tables", json_output=True)).get("nftables", []):
-            table = item.get("table")
-            if table:
-                snapshot.tables[(table["family"], table["name"])] = table["handle"]
+        for line in nft.run("list chains").splitlines():
+            match = _TABLE_NAME_RE.match(line)
+            if match:
+                snapshot.tables[(match.group(1), _unquote(match.group(2)))] = None
         return snapshot
 
     def refresh(self, listing: str) -> None:

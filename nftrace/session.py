@@ -81,7 +81,7 @@ def prepare_namespace(options: TraceOptions) -> None:
 def open_nftables() -> NftContext:
     nft = NftContext()
     try:
-        nft.run("list tables")
+        nft.run("list chains")  # not `list tables`: nft 1.0.6 fetches the whole ruleset for that
     except KernelError as err:
         raise EnvironmentProblem(f"nf_tables is not available in this kernel or namespace ({err})") from None
     return nft

@@ -50,14 +50,24 @@ def test_forwarded_packet_is_complete_when_postrouting_is_observed():
     assert done[0].decided_by.text == "udp dport 5000 accept"
 
 
-def test_finished_packets_keep_no_steps_while_they_wait_to_expire():
-    builder = PathBuilder(SNAPSHOT)
+def test_finished_packets_are_remembered_by_id_only_until_they_expire():
+    builder = PathBuilder(SNAPSHOT, idle_seconds=2.0)
     for trace_id in range(1000):
         for event in forwarded_packet(trace_id):
             builder.feed(event, 0.0)
-    states = list(builder._open.values())
-    assert len(states) == 1000
-    assert all(state.closed and not state.path.steps and not state.path.observations for state in states)
+    assert builder.open_packets == 0
+    assert builder.tracked_ids == 1000
+    builder.expire(2.0)
+    assert builder.tracked_ids == 0
+
+
+def test_a_late_event_of_a_finished_packet_is_swallowed():
+    builder = PathBuilder(SNAPSHOT)
+    for event in forwarded_packet(1):
+        builder.feed(event, 0.0)
+    late = TraceEvent(1, "inet", "fw", "forward", "rule", "accept", handle=2, nfproto=2)
+    assert builder.feed(late, 0.5) == []
+    assert builder.open_packets == 0
 
 
 def test_a_flood_of_distinct_ids_holds_only_the_packets_of_the_idle_window():
@@ -68,7 +78,7 @@ def test_a_flood_of_distinct_ids_holds_only_the_packets_of_the_idle_window():
         for event in forwarded_packet(trace_id):
             builder.feed(event, now)
         builder.expire(now)
-        largest = max(largest, len(builder._open))
+        largest = max(largest, builder.tracked_ids)
     assert largest <= 2001
 
 
