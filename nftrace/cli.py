@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import NftraceError
+from .errors import InputError, NftraceError
 
 app = typer.Typer(
     add_completion=False,
@@ -47,10 +47,12 @@ def main(
 class JsonStream:
     """One JSON document on stdout, written as packets complete, so memory stays flat.
 
-    Nothing is written before the first packet, so an error found while setting up leaves
-    stdout empty; once started, the document is always closed, even on Ctrl-C. Packets are
-    flushed after each batch of events read (`flush`), not one by one: under a flood a
-    write(2) per packet costs more than the packet's decoding.
+    Each packet is one complete line as soon as it is known (lines after the first start
+    with ", "), so a reader can follow a long run line by line. Nothing is written before
+    the first packet, so an error found while setting up leaves stdout empty; once
+    started, the document is always closed, even on Ctrl-C. Lines are flushed after each
+    batch of events read (`flush`), not one by one: under a flood a write(2) per packet
+    costs more than the packet's decoding; when events trickle in, a batch is one packet.
     """
 
     def __init__(self, out, report):
@@ -61,7 +63,7 @@ class JsonStream:
 
     def _start(self) -> None:
         header = json.dumps(self.report.header_json())
-        self.out.write(header[:-1] + ', "packets": [')
+        self.out.write(header[:-1] + ', "packets": [\n')
         self.started = True
 
     def packet(self, path) -> None:
@@ -69,7 +71,7 @@ class JsonStream:
 
         if not self.started:
             self._start()
-        self.out.write(("," if self.count else "") + "\n  " + json.dumps(packet_json(path, self.report.interfaces)))
+        self.out.write(("  " if self.count == 0 else ", ") + json.dumps(packet_json(path, self.report.interfaces)) + "\n")
         self.count += 1
 
     def flush(self) -> None:
@@ -78,7 +80,7 @@ class JsonStream:
     def finish(self) -> None:
         if not self.started:
             self._start()
-        self.out.write("\n], " + json.dumps(self.report.trailer_json())[1:] + "\n")
+        self.out.write("], " + json.dumps(self.report.trailer_json())[1:] + "\n")
         self.out.flush()
 
 
@@ -96,13 +98,16 @@ def why(
     timeout: float = typer.Option(60.0, "--timeout", min=0, metavar="SEC", help="Stop after SEC seconds (0: no limit)."),
     max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
+                                      help="Also say why the kernel dropped a packet after netfilter (needs bpftrace)."),
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS...]", help="Traffic to run once tracing is on."),
 ):
     """Trace the packets of one flow and say which rule decided each one's fate."""
     from .flow import parse_flow
     from .render import render_closing, render_packet
     from .report import TraceReport
-    from .session import Interrupted, TraceOptions, TraceSession
+    from .session import TraceOptions, TraceSession
+    from .signals import Interrupted
 
     netns = ctx.obj["netns"]
     try:
@@ -110,7 +115,7 @@ def why(
     except NftraceError as err:
         _fail(err)
     options = TraceOptions(flow=flow, netns=netns, count=count, timeout=timeout, max_rate=max_rate,
-                           command=list(command or []))
+                           command=list(command or []), drop_reasons=drop_reasons)
     report = TraceReport(flow=flow, netns=netns)
     session = TraceSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None
@@ -121,12 +126,14 @@ def why(
         else:
             typer.echo(render_packet(path, report.interfaces) + "\n")
 
-    if not as_json:
+    def on_ready():
+        # On stderr in every mode: scripts reading --json can wait for it before sending traffic.
         where = f" in netns {netns}" if netns else ""
         typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
+
     exit_code = None
     try:
-        session.run(on_packet, on_batch=stream.flush if stream else None)
+        session.run(on_packet, on_ready, on_batch=stream.flush if stream else None)
     except NftraceError as err:
         if not (stream and stream.started):
             _fail(err)
@@ -171,5 +178,127 @@ def cleanup(ctx: typer.Context):
         typer.echo("nothing to clean up")
 
 
+lab_app = typer.Typer(
+    no_args_is_help=True,
+    help="A client, a router and a server in network namespaces; a rules/ scenario on the router.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(lab_app, name="lab")
+
+
+def _lab(ctx: typer.Context, command: str, prefix: Optional[str]):
+    from .lab import LAB_PREFIX, Lab
+
+    try:
+        if ctx.obj and ctx.obj.get("netns"):
+            raise InputError(f"--netns does not apply to 'lab {command}': the lab makes its own namespaces")
+        return Lab(prefix or LAB_PREFIX)
+    except NftraceError as err:
+        _fail(err)
+
+
+@lab_app.command("up")
+def lab_up(
+    ctx: typer.Context,
+    scenario: Optional[str] = typer.Option(None, "--scenario", metavar="NAME", help="A rules/ scenario (default: host-firewall)."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="Namespaces NAME-client, -router, -server (default: nftlab)."),
+    listen_seconds: Optional[float] = typer.Option(None, "--listen-seconds", min=1, metavar="SEC", help="The server's listeners end after SEC seconds (default: 8 hours)."),
+):
+    """Build the lab (or leave it as it is) and load the scenario on the router."""
+    from .lab import DEFAULT_SCENARIO, LISTEN_SECONDS, find_scenario, render_status, require_root
+
+    lab = _lab(ctx, "up", prefix)
+    try:
+        require_root()
+        done = lab.up(find_scenario(scenario or DEFAULT_SCENARIO), listen_seconds=listen_seconds or LISTEN_SECONDS)
+        status = lab.status()
+    except NftraceError as err:
+        _fail(err)
+    for line in done or [f"lab {lab.prefix} is already up with scenario {status.state.scenario}: nothing to do"]:
+        typer.echo(line, err=True)
+    typer.echo(render_status(status))
+
+
+@lab_app.command("down")
+def lab_down(
+    ctx: typer.Context,
+    prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
+):
+    """Remove everything `lab up` made: listeners, namespaces, state."""
+    lab = _lab(ctx, "down", prefix)
+    try:
+        removed = lab.down()
+    except NftraceError as err:
+        _fail(err)
+    for item in removed:
+        typer.echo(f"removed {item}")
+    if not removed:
+        typer.echo("nothing to remove")
+
+
+@lab_app.command("status")
+def lab_status(
+    ctx: typer.Context,
+    prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
+):
+    """Say whether the lab is up, which scenario it runs, and what to try. Exit 3 when it is not up."""
+    from .lab import render_status, scenario_names
+
+    lab = _lab(ctx, "status", prefix)
+    try:
+        status = lab.status()
+    except NftraceError as err:
+        _fail(err)
+    typer.echo(render_status(status, scenario_names()))
+    raise typer.Exit(0 if status.up else EXIT_NO_PACKET)
+
+
+@lab_app.command("load")
+def lab_load(
+    ctx: typer.Context,
+    scenario: str = typer.Argument(..., metavar="SCENARIO", help="A rules/ scenario name."),
+):
+    """Replace the ruleset of the namespace given with --netns by a scenario's (the Vagrant lab uses it)."""
+    from .lab import find_scenario, load_scenario, require_root
+
+    netns = ctx.obj["netns"] if ctx.obj else None
+    try:
+        if not netns:
+            raise InputError("lab load replaces a whole ruleset: say where with --netns NAME (never this machine's own)")
+        require_root()
+        chosen = find_scenario(scenario)
+        load_scenario(chosen, netns)
+    except NftraceError as err:
+        _fail(err)
+    typer.echo(f"loaded scenario {chosen.name} ({chosen.ruleset.name}, {chosen.kind}) into {netns}")
+
+
+@app.command()
+def demo(ctx: typer.Context):
+    """Build a lab, trace four flows (accepted, dropped by a rule, by a policy, NATed), remove the lab."""
+    from .demo import run_demo
+
+    if ctx.obj and ctx.obj.get("netns"):
+        _fail(InputError("--netns does not apply to 'demo': it makes its own namespaces"))
+    try:
+        code = run_demo()
+    except NftraceError as err:
+        _fail(err)
+    raise typer.Exit(code)
+
+
 def run() -> None:
-    app()
+    """Entry point: usage errors become one line on stderr and exit status 2, like every other bad input."""
+    from typer._click.exceptions import ClickException
+
+    try:
+        result = app(standalone_mode=False)
+    except ClickException as err:
+        typer.echo(f"nftrace: {err.format_message()}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("nftrace: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -72,6 +72,12 @@ class Flow:
         return f"{src} → {dst}" + (f" {self.proto}" if self.proto else "")
 
 
+def shown(text: str, limit: int = 60) -> str:
+    """User input as it may appear in a one-line message: escaped, and cut if very long."""
+    escaped = text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+
+
 def _network_text(network: IPNetwork) -> str:
     if network.prefixlen == network.max_prefixlen:
         return str(network.network_address)
@@ -83,7 +89,9 @@ def parse_address(text: str, option: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as err:
-        raise InputError(f"{option}: '{text}' is not an IP address or prefix ({err})") from None
+        # ipaddress says "has host bits set" or "... does not appear to be an IPv4 or IPv6 network".
+        reason = "not IPv4 or IPv6" if "does not appear" in str(err) else shown(str(err))
+        raise InputError(f"{option}: '{shown(text)}' is not an IP address or prefix ({reason})") from None
 
 
 def parse_port(value: Optional[int], option: str) -> Optional[int]:
@@ -99,7 +107,7 @@ def parse_interface(name: Optional[str], option: str) -> Optional[str]:
     if name is None:
         return None
     if not name or len(name) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name) or "\0" in name:
-        raise InputError(f"{option}: '{name}' is not a valid interface name")
+        raise InputError(f"{option}: '{shown(name)}' is not a valid interface name")
     return name
 
 
@@ -117,12 +125,13 @@ def parse_flow(
     dst_net = parse_address(dst, "--to")
     if src_net.version != dst_net.version:
         raise InputError(
-            f"--from {src} is IPv{src_net.version} but --to {dst} is IPv{dst_net.version}: one flow has one family"
+            f"--from {shown(src)} is IPv{src_net.version} but --to {shown(dst)} is IPv{dst_net.version}: "
+            "one flow has one family"
         )
     if proto is not None:
         proto = proto.lower()
         if proto not in PROTOCOL_NUMBERS:
-            raise InputError(f"--proto: '{proto}' is not one of {', '.join(PROTOCOL_NUMBERS)}")
+            raise InputError(f"--proto: '{shown(proto)}' is not one of {', '.join(PROTOCOL_NUMBERS)}")
         if proto == "icmp" and src_net.version == 6:
             raise InputError("--proto icmp is IPv4; use --proto icmpv6 with IPv6 addresses")
         if proto == "icmpv6" and src_net.version == 4:

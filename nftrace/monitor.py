@@ -115,7 +115,6 @@ class TraceMonitor:
         self._join(NFNLGRP_NFTRACE)
         self.rcvbuf = rcvbuf
         self.overruns = 0
-        self.drained = True  # the last read emptied the socket
         self._buffer = bytearray(1 << 20)
         self._view = memoryview(self._buffer)
         self._inode = os.fstat(self.sock.fileno()).st_ino
@@ -151,22 +150,24 @@ class TraceMonitor:
 
     def wait(self, timeout: float) -> bool:
         ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
-        if not ready:
-            self.drained = True
         return bool(ready)
+
+    @property
+    def drained(self) -> bool:
+        """Nothing is queued on the socket now (reads come in batches: a backlog may remain)."""
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        return not ready
 
     def read_raw(self, limit: Optional[int] = None) -> Iterator[Optional[bytes]]:
         """The datagrams queued now (at most `limit`); an overrun yields None, is counted, and
         reading goes on."""
         sock, buffer, view = self.sock, self._buffer, self._view
         left = -1 if limit is None else limit
-        self.drained = False
         while left:
             left -= 1
             try:
                 size = sock.recv_into(buffer)
             except BlockingIOError:
-                self.drained = True
                 return
             except OSError as err:
                 if err.errno == errno.ENOBUFS:

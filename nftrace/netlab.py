@@ -7,14 +7,23 @@ A topology is a client, a router and a server:
 
 Links are created directly inside their namespaces, so no interface ever appears in the
 machine's own namespace, and the names inside each namespace are the same for every lab.
+
+The server can run listeners (`python -m nftrace.traffic listen-tcp|listen-udp`, bound to
+`::`, which takes IPv4 too), so that accepted connections complete. They are bounded in time
+and `down()` ends them first: a process inside a namespace would keep it alive, unnamed,
+after `ip netns del`.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import EnvironmentProblem
@@ -23,6 +32,8 @@ CLIENT_V4, ROUTER_CLIENT_V4 = "10.77.1.2", "10.77.1.1"
 SERVER_V4, ROUTER_SERVER_V4 = "10.77.2.2", "10.77.2.1"
 CLIENT_V6, ROUTER_CLIENT_V6 = "fd77:1::2", "fd77:1::1"
 SERVER_V6, ROUTER_SERVER_V6 = "fd77:2::2", "fd77:2::1"
+LISTENER_MODULE = "nftrace.traffic"
+LISTENER_READY_SECONDS = 10.0
 
 
 def run(args: Sequence[str], *, check: bool = True, input: Optional[str] = None, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -46,6 +57,40 @@ def in_netns(name: str, args: Sequence[str], **kwargs) -> subprocess.CompletedPr
 def python_in_netns(name: str, module_args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     """Run `python -m ...` with this interpreter (it sees nftrace and its dependencies)."""
     return in_netns(name, [sys.executable, "-m", *module_args], **kwargs)
+
+
+def python_env() -> dict:
+    """The environment for a child Python: it imports this very nftrace, wherever it lives."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    paths = [package_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_root]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+def netns_pids(name: str) -> list[int]:
+    """Processes that live in the namespace (`ip netns pids`)."""
+    if not netns_exists(name):
+        return []
+    result = run(["ip", "netns", "pids", name], check=False)
+    return [int(word) for word in result.stdout.split() if word.isdigit()]
+
+
+def is_listener(pid: int) -> bool:
+    """Whether the process is one of the lab's listeners (and not anything else with that pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            args = cmdline.read().split(b"\0")
+    except OSError:
+        return False
+    return LISTENER_MODULE.encode() in args and any(arg.startswith(b"listen-") for arg in args)
+
+
+def _wait_gone(pids: Sequence[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [pid for pid in alive if is_listener(pid)]
+    return alive
 
 
 @dataclass
@@ -108,7 +153,60 @@ class Topology:
             in_netns(ns, ["ip", "-6", "route", "add", "default", "via", v6])
         in_netns(self.router, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
 
+    def start_listeners(self, tcp_ports: Sequence[int], udp_ports: Sequence[int], seconds: float) -> list[int]:
+        """TCP and UDP listeners on the server for `seconds`; returns their pids once they listen.
+
+        They run in a session of their own, so that they outlive the command that started
+        them (`nftrace lab up`) and a Ctrl-C meant for a later command does not reach them.
+        """
+        pids = []
+        for kind, ports in (("listen-tcp", tcp_ports), ("listen-udp", udp_ports)):
+            if not ports:
+                continue
+            args = ["ip", "netns", "exec", self.server, sys.executable, "-m", LISTENER_MODULE, kind, "::",
+                    *[str(port) for port in sorted(set(ports))], "--seconds", str(seconds)]
+            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                       env=python_env(), start_new_session=True)
+            pids.append(process.pid)
+            try:
+                self._await_ready(process, kind)
+            except BaseException:
+                self.stop_listeners()
+                raise
+        return pids
+
+    @staticmethod
+    def _await_ready(process: subprocess.Popen, kind: str) -> None:
+        ready, _, _ = select.select([process.stdout], [], [], LISTENER_READY_SECONDS)
+        line = process.stdout.readline() if ready else b""
+        process.stdout.close()
+        if line.strip() != b"ready":
+            lines = []
+            if process.poll() is not None:
+                lines = process.stderr.read().decode(errors="replace").strip().splitlines()
+            process.stderr.close()
+            reason = lines[-1] if lines else f"no answer in {LISTENER_READY_SECONDS:g} s"
+            raise EnvironmentProblem(f"the server's {kind} listener did not start: {reason}")
+        process.stderr.close()
+
+    def listener_pids(self) -> list[int]:
+        return [pid for pid in netns_pids(self.server) if is_listener(pid)]
+
+    def stop_listeners(self) -> None:
+        """End the server's listeners: SIGTERM, then SIGKILL for any that linger."""
+        pids = self.listener_pids()
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+            pids = _wait_gone(pids, 2.0)
+            if not pids:
+                return
+
     def down(self) -> None:
+        self.stop_listeners()
         for name in self.namespaces:
             if netns_exists(name):
                 run(["ip", "netns", "del", name], check=False)

@@ -21,6 +21,7 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
 from __future__ import annotations
 
 import functools
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
@@ -61,6 +62,8 @@ class Step:
     depth: int = 0
     rule_deleted: bool = False
     iptables: Optional[str] = None
+    # Run under a base chain of type nat: its accept is the NAT statement's, not a filter's.
+    in_nat_chain: bool = False
 
     def location(self) -> str:
         """`inet filter input rule handle 7: tcp dport 22 drop`, the words an admin searches for."""
@@ -129,6 +132,8 @@ class PacketPath:
     incomplete_reason: Optional[str] = None
     kernel_drop: Optional[dict] = None
     nat: list = field(default_factory=list)
+    first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
+    last_seen: float = 0.0
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
@@ -152,11 +157,13 @@ class PacketPath:
 
 @dataclass
 class _PacketState:
+    trace_id: int
     path: PacketPath
     last_seen: float
     frames: list = field(default_factory=list)  # [chain, depth] of the running chain and its callers
     base_chain: Optional[str] = None
     hook: Optional[str] = None  # hook of the running base chain, None while unknown
+    base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
     last_hook: Optional[str] = None  # latest hook known to have been entered
     marks_seen: set = field(default_factory=set)
     unhooked_from: int = 0  # first step whose hook is still unknown
@@ -183,18 +190,23 @@ class PathBuilder:
 
     Memory stays flat under a flood: a finished packet leaves nothing but its id and the time
     of its last event (`_finished`) until that id starts a new packet or goes idle; packets
-    still being built (`_open`) are few. Both maps are kept in order of last activity (an
+    still being built (`_open`) are few. The maps are kept in order of last activity (an
     event moves its id to the end), so `expire` looks only at what went idle. `now` must not
     go backwards.
     """
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
-                 idle_seconds: float = 2.0):
+                 idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1})):
         self.lookup = lookup
         self.keep = keep
         self.idle_seconds = idle_seconds
+        # `lo` is ifindex 1 in every network namespace.
+        self.loopback_ifindexes = loopback_ifindexes
         self._open: OrderedDict[int, _PacketState] = OrderedDict()
         self._finished: OrderedDict[int, float] = OrderedDict()  # trace id -> last event's time
+        self.loss_pending = False
+        # Paths that left through loopback, waiting for their second half (see _close).
+        self._looped: OrderedDict[tuple, tuple[PacketPath, float]] = OrderedDict()
 
     def feed(self, event: TraceEvent, now: float = 0.0) -> list:
         """Add one event; return the packets it finished (a new packet can finish an old one)."""
@@ -217,13 +229,23 @@ class PathBuilder:
                 # The start of this packet was lost, or it was not ours: nothing sound can be
                 # built from the middle of a path.
                 return done
-            state = _PacketState(PacketPath(trace_id), now)
+            state = _PacketState(event.trace_id, PacketPath(event.trace_id), now)
+            if self.loss_pending:
+                state.path.incomplete_reason = "events lost"
+            looped = self._looped.pop(_header_key(event.packet), None) if event.iif in self.loopback_ifindexes else None
+            if looped is not None:
+                # The packet comes back in through loopback under a new trace id (the id
+                # hashes the input interface): its path goes on where it left off.
+                state.path, state.checked = looped[0], True
+                state.path.complete, state.path.verdict, state.path.decided_by = False, "unknown", None
             self._open[trace_id] = state
         else:
             self._open.move_to_end(trace_id)  # _open stays in order of last activity
         state.last_seen = now
         if state.ignored or state.closed:
             return done
+        state.path.first_seen = state.path.first_seen or now
+        state.path.last_seen = now
         self._apply(state, event)
         if not state.checked and state.path.first_packet is not None:
             state.checked = True
@@ -252,21 +274,62 @@ class PathBuilder:
             if now - finished[trace_id] < self.idle_seconds:
                 break
             del finished[trace_id]
+        looped = self._looped
+        while looped:
+            key = next(iter(looped))
+            path, since = looped[key]
+            if now - since < self.idle_seconds:
+                break
+            del looped[key]
+            done.append(path)
         return done
 
     def flush(self) -> list:
         """Close every open packet (end of the run)."""
         done = []
         for state in list(self._open.values()):
-            done.extend(self._close(state))
+            done.extend(self._close(state, wait_for_loop=False))
         self._finished.clear()
+        done.extend(self.release_looped())
+        return done
+
+    def release_looped(self) -> list:
+        """Paths that left through loopback and are still waiting for their way back in."""
+        done = [path for path, _ in self._looped.values()]
+        self._looped.clear()
+        return done
+
+    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
+        """Close the open packets that the kernel is known to have freed (`vanished` says which,
+        e.g. from a kernel drop): netfilter will send nothing more, so there is no idle wait.
+        They end complete, dropped, with no rule to blame."""
+        done = []
+        for state in list(self._open.values()):
+            if state.closed or state.ignored or state.finished or state.path.first_packet is None:
+                continue
+            if vanished(state.path):
+                state.finished = True
+                state.path.complete = True
+                state.path.verdict = "drop"
+                done.extend(self._close(state, forget=False))
         return done
 
     def mark_loss(self) -> None:
-        """The kernel dropped events: every packet still open may miss some of its own."""
+        """The kernel dropped events (ENOBUFS): which packets they belonged to is unknown.
+
+        The gap lies after everything that was queued on the socket when the overflow was
+        reported. So every packet open now, and every packet that starts before the socket
+        has been read empty (`socket_drained`), may miss events of its own: all of them end
+        incomplete rather than with a verdict that could be wrong.
+        """
+        self.loss_pending = True
         for state in self._open.values():
             if not state.closed:
                 state.path.incomplete_reason = "events lost"
+
+    def socket_drained(self) -> None:
+        """Everything queued before the last overflow has been read."""
+        self.loss_pending = False
 
     @property
     def open_packets(self) -> int:
@@ -302,6 +365,8 @@ class PathBuilder:
         own = is_trace_table(event.table)
         if event.starts_base_chain:
             state.hook = self._base_chain_hook(event)
+            chain = None if own else self.lookup.chain(event.family, event.table, event.chain)
+            state.base_type = chain.type if chain is not None else None
             if state.hook is not None:
                 self._enter_hook(state, state.hook)
             state.frames = [[event.chain, 0]]
@@ -349,8 +414,8 @@ class PathBuilder:
         depth = frames[-1][1]
         if event.type == "policy":
             self._append(state, event, "policy", None, event.verdict or "unknown", 0)
-        elif event.handle is None:
-            # Falling off the end of a chain.
+        elif event.handle is None and event.verdict in ("continue", "return", None):
+            # Falling off the end of a chain (a return event on older kernels).
             if len(frames) == 1 and event.chain == state.base_chain:
                 return  # the base chain's policy event follows and says it all
             frames.pop()
@@ -387,26 +452,29 @@ class PathBuilder:
                 target=event.target if verdict in ("jump", "goto") else None,
                 depth=depth,
                 rule_deleted=bool(rule and rule.deleted),
+                in_nat_chain=state.base_type == "nat",
             )
         )
 
     # -- closing ---------------------------------------------------------------------------
 
-    def _close(self, state: _PacketState, forget: bool = True) -> list:
+    def _close(self, state: _PacketState, forget: bool = True, wait_for_loop: bool = True) -> list:
         """Finish a packet's path; return it unless it is not this run's.
 
         A finished packet's id is remembered (forget=False) until it starts a new packet or
         goes idle, so that a late event of the same packet is not mistaken for a new one; the
         rest of its state is let go at once.
+        A packet that left through loopback is not finished yet: it comes back in at
+        prerouting, so its path waits (until idle) for that second half.
         """
-        path = state.path
-        self._open.pop(path.trace_id, None)
+        self._open.pop(state.trace_id, None)
         if state.closed:
             return []
         state.closed = True
         if not forget:
-            self._finished[path.trace_id] = state.last_seen
-            self._finished.move_to_end(path.trace_id)
+            self._finished[state.trace_id] = state.last_seen
+            self._finished.move_to_end(state.trace_id)
+        path = state.path
         if state.ignored or path.first_packet is None:
             return []
         if path.incomplete_reason == "events lost":
@@ -415,23 +483,48 @@ class PathBuilder:
             path.decided_by = None
         elif not path.complete:
             path.incomplete_reason = "went idle"
-        finalise_path(path)
+        finalise_path(path, self.lookup)
+        if wait_for_loop and path.complete and path.verdict == "accept" and path.hooks[-1:] == ["postrouting"] \
+                and path.interface_index("oif") in self.loopback_ifindexes:
+            last = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
+            key = _header_key(last)
+            self._looped[key] = (path, state.last_seen)
+            self._looped.move_to_end(key)
+            return []
         return [path]
 
 
-def finalise_path(path: PacketPath) -> None:
+def _header_key(packet: Optional[PacketHeaders]) -> tuple:
+    if packet is None:
+        return ()
+    return (packet.src, packet.dst, packet.proto, packet.sport, packet.dport, packet.icmp_type)
+
+
+def finalise_path(path: PacketPath, lookup: Optional[RuleLookup] = None) -> None:
     """Derive the deciding step and the NAT rewrites once the path is over."""
     if path.verdict == "accept" and path.decided_by is None:
-        path.decided_by = _last_accepting_step(path.steps)
-    path.nat = nat_rewrites(path.observations)
+        path.decided_by = _last_accepting_step(path.steps, lookup)
+    path.nat = nat_rewrites(path.observations, path.steps)
 
 
-def _last_accepting_step(steps: list) -> Optional[Step]:
-    """The last accepting step of the last base chain that gave a verdict."""
-    for step in reversed(steps):
-        if step.verdict == "accept":
+def _last_accepting_step(steps: list, lookup: Optional[RuleLookup] = None) -> Optional[Step]:
+    """The last accepting step of the last base chain that gave a verdict.
+
+    NAT does not filter: a NAT rule or a nat chain's policy accepts every packet it sees, so
+    it decides only when no other chain accepted the packet.
+    """
+    accepting = [step for step in steps if step.verdict == "accept"]
+    for step in reversed(accepting):
+        if not _is_nat_step(step, lookup):
             return step
-    return None
+    return accepting[-1] if accepting else None
+
+
+def _is_nat_step(step: Step, lookup: Optional[RuleLookup]) -> bool:
+    if step.in_nat_chain or (step.text and _NAT_STATEMENT_RE.search(step.text)):
+        return True
+    chain = lookup.chain(step.family, step.table, step.chain) if lookup is not None else None
+    return chain is not None and chain.type == "nat"
 
 
 def _endpoint(packet: PacketHeaders, side: str) -> str:
@@ -449,8 +542,32 @@ def _same_endpoint(one: PacketHeaders, other: PacketHeaders, side: str) -> bool:
     return port == other_port and (address is other_address or address == other_address)
 
 
-def nat_rewrites(observations: list) -> list:
-    """Each change of source or destination between consecutive hook observations."""
+# NAT statements as nft lists them (`dnat ip to 10.0.0.2:80`, `masquerade`, `redirect to :8080`),
+# not the `ct status dnat` match.
+_NAT_STATEMENT_RE = re.compile(r"\b(snat|dnat)\b(?=\s+(?:ip6?\s+)?(?:prefix\s+)?to\b)|\b(masquerade|redirect)\b")
+_NAT_KINDS = {"src": ("snat", "masquerade"), "dst": ("dnat", "redirect")}
+
+
+def _nat_rule(steps: list, hook: Optional[str], side: str) -> tuple[Optional[str], Optional[Step]]:
+    """The last rule on `hook` whose NAT statement rewrites `side`."""
+    for step in reversed(steps):
+        if step.hook != hook or step.type != "rule" or not step.text:
+            continue
+        for match in _NAT_STATEMENT_RE.finditer(step.text):
+            kind = match.group(1) or match.group(2)
+            if kind in _NAT_KINDS[side]:
+                return kind, step
+    return None, None
+
+
+def nat_rewrites(observations: list, steps: list = ()) -> list:
+    """Each change of source or destination between consecutive hook observations.
+
+    nftrace's observation chain runs last on every hook, so a change shows at the hook that
+    made it. `kind` and `rule` name the NAT rule on that hook (dnat, snat, masquerade,
+    redirect); null means that no rule ran: the packet's connection already had its NAT
+    mapping (every packet after a connection's first, and its replies), and conntrack applied it.
+    """
     changes = []
     previous = None
     for observation in observations:
@@ -463,8 +580,10 @@ def nat_rewrites(observations: list) -> list:
                     continue  # the common case, decided without making text
                 before, after = _endpoint(previous, side), _endpoint(packet, side)
                 if before != after:
+                    kind, step = _nat_rule(steps, observation.hook, side)
                     changes.append({"hook": observation.hook, "field": side, "from": before, "to": after,
-                                    "seen_in": f"{observation.table} {observation.chain}"})
+                                    "kind": kind,
+                                    "rule": step.location() if step else None})
         previous = packet
     return changes
 

@@ -77,6 +77,6 @@ def describe_size(size: int) -> str:
 def loss_warning(lost: int, size: int, max_rate: int) -> str:
     """What to tell the user when the buffer overflowed: what was lost and what to change."""
     rate = "no rate limit (--max-rate 0)" if max_rate <= 0 else f"--max-rate {max_rate}"
-    advice = "lower --max-rate" if size >= MAX_RCVBUF else f"raise {ENV_VAR} (up to 1G) or lower --max-rate"
-    return (f"{lost} trace events were dropped by the kernel: the {describe_size(size)} receive buffer filled up "
-            f"with {rate}; {advice}")
+    advice = "Lower --max-rate" if size >= MAX_RCVBUF else f"Lower --max-rate or raise {ENV_VAR} (up to 1G)"
+    return (f"{lost} trace events were lost: the kernel dropped them when the {describe_size(size)} receive buffer "
+            f"was full ({rate}); the packets they belonged to are marked incomplete. {advice}.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .paths import PacketPath, Step, protocol_name
-from .report import TraceReport, endpoint_text, summary
+from .report import TraceReport, conntrack_json, endpoint_text, summary
 from .system import interface_name
 
 VERDICT_LABELS = {"accept": "ACCEPT", "drop": "DROP", "queue": "QUEUE", "stolen": "STOLEN", "unknown": "?"}
@@ -43,7 +43,13 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
     for step in path.steps:
         steps_by_hook.setdefault(step.hook, []).append(step)
     hooks = list(path.hooks) + [hook for hook in steps_by_hook if hook not in path.hooks]
-    observations = {o.hook: o for o in path.observations if o.own and o.hook}
+    # Interfaces as the hook left them (nftrace's observation chain), else as a chain of the
+    # ruleset first saw them (a packet dropped on a hook never reaches the observation).
+    observations: dict = {}
+    for observation in path.observations:
+        if observation.hook and (observation.hook not in observations or observation.own):
+            observations[observation.hook] = observation
+    conntrack = {entry["hook"]: entry for entry in conntrack_json(path)}
     for hook in hooks:
         observation = observations.get(hook)
         where = ""
@@ -51,7 +57,10 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
             iif = interface_name(interfaces, observation.iif)
             oif = interface_name(interfaces, observation.oif)
             where = "  " + " ".join(part for part in (f"in {iif}" if iif else "", f"out {oif}" if oif else "") if part)
-        lines.append(f"  {hook or '(hook unknown)'}{where.rstrip()}")
+        if hook in conntrack:
+            ct = conntrack[hook]
+            where += f"  ct {ct['state']}" + (f" ({ct['direction']})" if ct["direction"] else "")
+        lines.append(f"  {hook or '(hook unknown)'}{where}".rstrip())
         current = None
         for step in steps_by_hook.get(hook, []):
             chain = (step.family, step.table, step.chain)
@@ -62,10 +71,13 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
         if not steps_by_hook.get(hook):
             lines.append("    (no chain of the ruleset on this hook)")
     for change in path.nat:
-        lines.append(f"  nat at {change['hook']}: {change['field']} {change['from']} → {change['to']}")
+        by = f"by {change['rule']}" if change.get("rule") else "by conntrack (the connection's NAT mapping)"
+        lines.append(f"  nat at {change['hook']}: {change['field']} {change['from']} → {change['to']}  {by}")
     if path.kernel_drop:
-        where = path.kernel_drop.get("location")
-        lines.append(f"  kernel drop: {path.kernel_drop.get('reason')}" + (f" at {where}" if where else ""))
+        drop = path.kernel_drop
+        where = f" at {drop['location']}" if drop.get("location") else ""
+        explained = f": {drop['explain']}" if drop.get("explain") else ""
+        lines.append(f"  kernel drop: {drop.get('reason')}{where}{explained}")
     return lines
 
 
@@ -77,8 +89,6 @@ def render_closing(report: TraceReport, packet_count: int) -> str:
     lines = []
     if packet_count == 0:
         lines.append(f"no packet of {report.flow.describe()} was seen")
-    if report.lost_events:
-        lines.append(f"warning: {report.lost_events} trace events were lost; affected packets are marked incomplete")
     for warning in report.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

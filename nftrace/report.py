@@ -5,6 +5,7 @@ The terminal renderer and `--json` both read these; nothing in the CLI assembles
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -48,12 +49,16 @@ def summary(path: PacketPath) -> str:
         if path.incomplete_reason == "events lost":
             return "incomplete: trace events were lost (socket buffer full), verdict not known"
         where = path.hooks[-1] if path.hooks else "its first hook"
-        text = f"not seen after {where}: netfilter did not drop it, something outside the ruleset did (routing, rp_filter, no socket, ...)"
-        if path.kernel_drop:
-            text = f"accepted by every chain, then dropped by the kernel: {path.kernel_drop.get('reason')}"
-            if path.kernel_drop.get("explain"):
-                text += f" — {path.kernel_drop['explain']}"
-        return text
+        return f"not seen after {where}: netfilter did not drop it, something outside the ruleset did (routing, rp_filter, no socket, ...)"
+    drop = path.kernel_drop
+    if drop:
+        said = drop.get("reason") + (f" — {drop['explain']}" if drop.get("explain") else "")
+        if path.verdict == "accept":
+            accepted = f"accepted by {step.location()}" if step is not None else "accepted by every chain"
+            return f"{accepted}, then dropped by the kernel: {said}"
+        if path.verdict == "drop" and step is None:
+            where = path.hooks[-1] if path.hooks else "its first hook"
+            return f"no rule dropped it: it passed every chain up to {where}, then the kernel dropped it: {said}"
     if step is None:
         if path.verdict == "accept":
             hooks = ", ".join(path.hooks)
@@ -63,11 +68,26 @@ def summary(path: PacketPath) -> str:
     if path.verdict == "drop" and step.type == "rule" and step.text and "reject" in step.text:
         word = "rejected"
     text = f"{word} by {step.location()}"
-    if path.verdict == "accept" and path.kernel_drop:
-        text = f"accepted by every chain, then dropped by the kernel: {path.kernel_drop.get('reason')}"
-        if path.kernel_drop.get("explain"):
-            text += f" — {path.kernel_drop['explain']}"
+    state = accepted_by_connection(path)
+    if state == "established":
+        text += " — only because it belongs to an earlier connection (ct state established)"
+    elif state == "related":
+        text += " — only because it is related to an earlier connection (ct state related)"
     return text
+
+
+def accepted_by_connection(path: PacketPath) -> Optional[str]:
+    """`established` or `related` when the accepting rule matched on the connection's state
+    (`ct state established,related accept`) and that was the packet's state there."""
+    step = path.decided_by
+    if path.verdict != "accept" or step is None or step.type != "rule" or not step.text:
+        return None
+    if not re.search(r"\bct state\b", step.text) or re.search(r"\bnew\b", step.text):
+        return None  # a rule that also accepts new connections does not owe its match to an old one
+    for entry in conntrack_json(path):
+        if entry["hook"] == step.hook and entry["state"] in ("established", "related"):
+            return entry["state"] if re.search(rf"\b{entry['state']}\b", step.text) else None
+    return None
 
 
 def packet_fields(path: PacketPath, interfaces: dict) -> dict:
@@ -106,22 +126,34 @@ def packet_json(path: PacketPath, interfaces: dict) -> dict:
         "steps": [step.to_json() for step in path.steps],
         "packet": packet_fields(path, interfaces),
         "conntrack": conntrack_json(path),
+        # "established" / "related": the accepting rule matched only because of an earlier connection
+        "accepted_by_connection": accepted_by_connection(path),
         "nat": list(path.nat),
         "kernel_drop": path.kernel_drop,
     }
 
 
 def conntrack_json(path: PacketPath) -> list:
-    """The packet's conntrack state at each hook where the kernel reported it."""
-    seen = []
+    """The packet's conntrack state at each hook where the kernel reported it.
+
+    The kernel reports the state as the hook's last chain (nftrace's observation chain) saw it.
+    It sends nothing for an invalid packet; a rule that matched `ct state invalid` says it.
+    """
+    by_hook: dict = {}
     for observation in path.observations:
-        ct = observation.ct
-        if ct is None or observation.hook is None:
-            continue
-        entry = {"hook": observation.hook, "state": ct.state, "direction": ct.direction, "status": list(ct.status)}
-        if not seen or {k: v for k, v in seen[-1].items() if k != "hook"} != {k: v for k, v in entry.items() if k != "hook"}:
-            seen.append(entry)
-    return seen
+        if observation.ct is not None and observation.hook is not None:
+            ct = observation.ct
+            by_hook[observation.hook] = {"hook": observation.hook, "state": ct.state, "direction": ct.direction,
+                                         "status": list(ct.status), "id": ct.id}
+    for step in path.steps:
+        if step.hook and step.hook not in by_hook and step.type == "rule" and step.text \
+                and _INVALID_RULE_RE.search(step.text):
+            by_hook[step.hook] = {"hook": step.hook, "state": "invalid", "direction": None, "status": [], "id": None}
+    return [by_hook[hook] for hook in path.hooks if hook in by_hook]
+
+
+# A matched rule that tests for invalid alone (not within a set of states).
+_INVALID_RULE_RE = re.compile(r"\bct state invalid\b(?!\s*,)")
 
 
 def endpoint_text(address, port) -> str:

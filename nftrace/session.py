@@ -2,40 +2,36 @@
 
 Everything that changes the kernel is undone in `finally` blocks, and SIGTERM/SIGHUP are
 turned into an exception so that those blocks run for them as they do for Ctrl-C and for
-crashes; SIGKILL is covered by the trace table's `flags owner`.
+crashes; SIGKILL is covered by the trace table's `flags owner`. The optional bpftrace that
+reports kernel drops (kerneldrop) is stopped the same way, and dies with nftrace on SIGKILL.
 """
 
 from __future__ import annotations
 
-import signal
+import select
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .errors import EnvironmentProblem, KernelError, NftraceError, TraceTableGone
 from .events import TraceEvent
 from .flow import Flow
+from .kerneldrop import DropCorrelator, DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from .monitor import EventsLost, RulesetChanged, TableDeleted, TraceMonitor
 from .nft import NftContext
 from .paths import PacketPath, PathBuilder
 from .rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
+from .signals import Interrupted, SignalsAsExceptions
 from .system import enter_namespace, interface_index, interface_names, require_net_admin
 from .tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
 
 COMMAND_GRACE_SECONDS = 0.5
 POLL_SECONDS = 0.2
-
-
-class Interrupted(BaseException):
-    """A signal asked nftrace to stop; cleanup runs, then the exit status says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 @dataclass
@@ -47,25 +43,8 @@ class TraceOptions:
     max_rate: int = DEFAULT_MAX_RATE
     command: list = field(default_factory=list)
     idle_seconds: float = 2.0
-    rcvbuf: Optional[int] = None  # None: sized from max_rate (rcvbuf.py)
-
-
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
-
-
-class _SignalsAsExceptions:
-    """SIGTERM and SIGHUP end the run the way Ctrl-C does: through every finally block."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-    def __enter__(self):
-        self._previous = {signum: signal.signal(signum, _raise_interrupted) for signum in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+    rcvbuf: Optional[int] = None  # None: sized from max_rate, or NFTRACE_RCVBUF (rcvbuf.py)
+    drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
 
 
 def prepare_namespace(options: TraceOptions) -> None:
@@ -95,12 +74,15 @@ class TraceSession:
         self.report = report
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
+        self._drops: Optional[KernelDropWatcher] = None
+        self._correlator: Optional[DropCorrelator] = None
 
-    def run(self, on_packet: Callable[[PacketPath], None], on_batch: Optional[Callable[[], None]] = None) -> None:
+    def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
+            on_batch: Optional[Callable[[], None]] = None) -> None:
         """`on_batch` is called after each batch of events read: the moment to flush output."""
         options = self.options
         rcvbuf = options.rcvbuf or receive_buffer_size(options.max_rate)
-        with _SignalsAsExceptions():
+        with SignalsAsExceptions():
             prepare_namespace(options)
             nft = open_nftables()
             # Tables only until the trace rules are in: a full listing of a big ruleset takes
@@ -110,11 +92,14 @@ class TraceSession:
             if removed:
                 self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
             self.report.interfaces = interface_names()
-            with TraceMonitor(rcvbuf) as monitor, TraceTable(nft, options.flow, options.max_rate) as table:
+            with TraceMonitor(rcvbuf) as monitor, self._drop_watcher() as drops, \
+                    TraceTable(nft, options.flow, options.max_rate) as table:
                 monitor.watch_ruleset()
                 snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
                 builder = PathBuilder(snapshot, keep=self._keep, idle_seconds=options.idle_seconds)
                 try:
+                    self._await_drop_watcher(drops)
+                    on_ready()
                     self._start_command()
                     self._loop(nft, snapshot, monitor, table, builder, on_packet, on_batch)
                 finally:
@@ -122,6 +107,41 @@ class TraceSession:
                     self.report.lost_events = monitor.dropped_messages() or monitor.overruns
                     if self.report.lost_events:
                         self.report.warnings.append(loss_warning(self.report.lost_events, rcvbuf, options.max_rate))
+                    if self._correlator is not None:
+                        self.report.warnings.extend(self._correlator.notes)
+
+    def _drop_watcher(self):
+        """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
+        without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
+        if not self.options.drop_reasons:
+            return nullcontext()
+        watcher = start_drop_watcher(self.report.warnings.append)
+        return watcher if watcher is not None else nullcontext()
+
+    def _await_drop_watcher(self, watcher: Optional[KernelDropWatcher]) -> None:
+        """Traffic starts only once bpftrace watches, so that no drop of it goes unseen."""
+        if watcher is None:
+            return
+        try:
+            watcher.wait_ready()
+        except DropReasonsUnavailable as err:
+            watcher.close()
+            self.report.warnings.append(f"kernel drop reasons unavailable: {err}")
+            return
+        self._drops = watcher
+        self._correlator = DropCorrelator(interfaces=self.report.interfaces)
+
+    def _read_drops(self) -> list:
+        """Drop lines available now; must be read before the netlink socket is drained (see kerneldrop)."""
+        watcher = self._drops
+        if watcher is None:
+            return []
+        drops = watcher.read()
+        if watcher.ended:
+            watcher.close()
+            self.report.warnings.append(f"kernel drop reasons unavailable from here on: {watcher.failure()}")
+            self._drops = None
+        return drops
 
     def _keep(self, path: PacketPath) -> bool:
         packet = path.first_packet
@@ -156,31 +176,61 @@ class TraceSession:
 
     def _loop(self, nft, snapshot, monitor, table, builder, on_packet, on_batch=None) -> None:
         options = self.options
-        start = time.monotonic()
-        deadline = start + options.timeout if options.timeout else None
-        command_done_at = None
+        deadline = time.monotonic() + options.timeout if options.timeout else None
+        correlator = self._correlator
 
-        def deliver(paths):
+        def deliver(paths, held=False):
+            if correlator is not None and not held:
+                now = time.monotonic()
+                paths = correlator.hold(paths, now)
             for path in paths:
-                if not self._wanted(path):
+                if not self._wanted(path) or (options.count and self.packets_seen >= options.count):
                     continue
                 self.packets_seen += 1
                 on_packet(path)
 
+        try:
+            self._follow(nft, snapshot, monitor, table, builder, deliver, deadline, on_batch)
+        except (KeyboardInterrupt, Interrupted):
+            # What happened up to now is still answered: events already queued on the socket,
+            # and answers complete but held (for a late kernel drop, or for their way back in
+            # through loopback); then the interruption goes on.
+            for item in monitor.read(limit=None):
+                if isinstance(item, TraceEvent):
+                    deliver(builder.feed(item, time.monotonic()))
+                elif isinstance(item, EventsLost):
+                    builder.mark_loss()
+            if correlator is not None:
+                correlator.add_drops(self._read_drops())
+                deliver(builder.close_vanished(correlator.vanished))
+                deliver(correlator.release(time.monotonic(), everything=True), held=True)
+            deliver(builder.release_looped(), held=True)
+            raise
+        deliver(builder.flush())
+        if correlator is not None:
+            deliver(correlator.release(time.monotonic(), everything=True), held=True)
+
+    def _follow(self, nft, snapshot, monitor, table, builder, deliver, deadline, on_batch=None) -> None:
+        """Read events until --count, --timeout, or the traffic command is done and settled."""
+        options, correlator = self.options, self._correlator
+        command_done_at = None
         while True:
             now = time.monotonic()
             if options.count and self.packets_seen >= options.count:
                 return
             if deadline is not None and now >= deadline:
-                break
+                return
             if self._process is not None and command_done_at is None and self._process.poll() is not None:
                 command_done_at = now
             # A backlog still in the socket belongs to the command's packets: read it all first.
-            if command_done_at is not None and monitor.drained and now - command_done_at >= COMMAND_GRACE_SECONDS:
-                if builder.open_packets == 0 or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
-                    break
+            if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS and monitor.drained:
+                settled = builder.open_packets == 0 and not (correlator and correlator.holding)
+                if settled or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
+                    return
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
-            if monitor.wait(wait):
+            readable = self._wait(monitor, wait)
+            drops = self._read_drops()
+            if monitor in readable or drops:
                 for item in monitor.read():
                     if isinstance(item, TraceEvent):
                         deliver(builder.feed(item, time.monotonic()))
@@ -193,7 +243,19 @@ class TraceSession:
                     elif isinstance(item, TableDeleted) and item.name == table.name:
                         table.installed = False
                         raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
+                if monitor.drained:  # reads come in batches: a backlog may still be queued
+                    builder.socket_drained()
+            if correlator is not None and drops:
+                correlator.add_drops(drops)
+                deliver(builder.close_vanished(correlator.vanished))
             deliver(builder.expire(time.monotonic()))
+            if correlator is not None:
+                deliver(correlator.release(time.monotonic()), held=True)
             if on_batch is not None:
                 on_batch()
-        deliver(builder.flush())
+
+    def _wait(self, monitor: TraceMonitor, timeout: float) -> list:
+        """Wait for trace events or kernel drops."""
+        sources = [monitor] if self._drops is None else [monitor, self._drops]
+        readable, _, _ = select.select(sources, [], [], max(0.0, timeout))
+        return readable

@@ -74,3 +74,14 @@ def interface_name(names: dict[int, str], index: Optional[int]) -> Optional[str]
     if index is None:
         return None
     return names.get(index) or f"if{index}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists: tells a live nftrace run's leftovers from a killed one's."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

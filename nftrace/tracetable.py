@@ -24,6 +24,7 @@ from .errors import KernelError
 from .flow import Flow, PROTOCOL_NUMBERS
 from .nft import NftContext
 from .ruleset import TRACE_TABLE_PREFIX, RulesetSnapshot
+from .system import pid_alive
 
 MARK_PRIORITY = -350
 OBSERVE_PRIORITY = 2**31 - 1
@@ -103,10 +104,13 @@ class TraceTable:
         """Create the table and its chains; on any failure leave nothing behind."""
         comment = f'comment "nftrace trace rules, pid {os.getpid()}; nftrace cleanup removes them"'
         try:
+            if os.environ.get("NFTRACE_TABLE_OWNER", "1") == "0":
+                raise KernelError("owner flag turned off by NFTRACE_TABLE_OWNER=0")
             self.nft.run(f"add table {self.family} {self.name} {{ flags owner; {comment}; }}")
             self.owner = True
         except KernelError:
-            # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself.
+            # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself
+            # (and on `nftrace cleanup` after a SIGKILL). NFTRACE_TABLE_OWNER=0 forces this path.
             self.nft.run(f"add table {self.family} {self.name} {{ {comment}; }}")
         self.installed = True
         try:
@@ -133,22 +137,12 @@ class TraceTable:
         self.remove()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def leftover_tables(snapshot: RulesetSnapshot) -> list[tuple[str, str]]:
     """Trace tables whose run is gone (its pid no longer exists)."""
     leftovers = []
     for family, name in snapshot.trace_tables():
         match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             leftovers.append((family, name))
     return leftovers
 

@@ -15,14 +15,19 @@ import sys
 import time
 
 
-def tcp_connect(host: str, port: int, timeout: float = 1.0, sport: int = 0, payload: bytes = b"") -> str:
+def _any_address(family) -> str:
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
+def tcp_connect(host: str, port: int, timeout: float = 1.0, sport: int = 0, payload: bytes = b"",
+                source: str = "") -> str:
     """One TCP connection attempt; says what came back (connected, refused, timeout)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sport:
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+        if sport or source:
+            sock.bind((source or _any_address(family), sport))
         try:
             sock.connect((host, port))
             if payload:
@@ -37,14 +42,14 @@ def tcp_connect(host: str, port: int, timeout: float = 1.0, sport: int = 0, payl
 
 
 def udp_send(host: str, port: int, count: int = 1, sport: int = 0, payload: bytes = b"nftrace", rate: float = 0.0,
-             max_seconds: float = 30.0) -> int:
+             max_seconds: float = 30.0, source: str = "") -> int:
     """Send `count` datagrams, at most for `max_seconds`; return how many were sent."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sent = 0
     deadline = time.monotonic() + max_seconds
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        if sport:
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+        if sport or source:
+            sock.bind((source or _any_address(family), sport))
         gap = 1.0 / rate if rate else 0.0
         for _ in range(count):
             try:
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
     tcp.add_argument("--sport", type=int, default=0)
     tcp.add_argument("--timeout", type=float, default=1.0)
     tcp.add_argument("--count", type=int, default=1)
+    tcp.add_argument("--source", default="", help="send from this local address")
+    tcp.add_argument("--send", default="", help="text to send once connected")
     udp = sub.add_parser("udp", help="a bounded number of UDP datagrams")
     udp.add_argument("host")
     udp.add_argument("port", type=int)
@@ -142,6 +149,7 @@ def main(argv=None) -> int:
     udp.add_argument("--count", type=int, default=1)
     udp.add_argument("--rate", type=float, default=0.0)
     udp.add_argument("--max-seconds", type=float, default=30.0)
+    udp.add_argument("--source", default="", help="send from this local address")
     icmp = sub.add_parser("icmp", help="ICMP echo requests")
     icmp.add_argument("host")
     icmp.add_argument("--count", type=int, default=1)
@@ -154,9 +162,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.kind == "tcp":
         for _ in range(args.count):
-            print(tcp_connect(args.host, args.port, args.timeout, args.sport), flush=True)
+            print(tcp_connect(args.host, args.port, args.timeout, args.sport, args.send.encode(), args.source), flush=True)
     elif args.kind == "udp":
-        print(udp_send(args.host, args.port, args.count, args.sport, rate=args.rate, max_seconds=args.max_seconds))
+        print(udp_send(args.host, args.port, args.count, args.sport, rate=args.rate, max_seconds=args.max_seconds,
+                       source=args.source))
     elif args.kind == "icmp":
         print(icmp_echo(args.host, args.count, args.timeout))
     else:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pytest
 
@@ -135,11 +135,11 @@ class NftraceResult:
         return self.json["packets"]
 
 
-def nftrace(*args: str, timeout: float = 60, env: Optional[dict] = None) -> NftraceResult:
+def nftrace(*args: str, timeout: float = 60, env: Optional[dict] = None, wrapper: Sequence[str] = ()) -> NftraceResult:
     """Run the real command line in a process of its own, as a user would."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO))
     full_env.update(env or {})
-    result = subprocess.run([sys.executable, "-m", "nftrace", *args], capture_output=True, text=True,
+    result = subprocess.run([*wrapper, sys.executable, "-m", "nftrace", *args], capture_output=True, text=True,
                             timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
     return NftraceResult(result.returncode, result.stdout, result.stderr)
 

@@ -1,8 +1,9 @@
 """The compact trace decoder says exactly what pyroute2's decoder says.
 
 Both are made from the same attribute maps (events.TRACE_ATTRIBUTES, VERDICT_ATTRIBUTES).
-tests/data/trace_datagrams.hex holds real datagrams recorded on this project's lab
-(bench/record.py): every one must decode to the same TraceEvent both ways. Synthetic
+tests/data/trace_datagrams.hex (bench/record.py) and tests/data/router-flows.json
+(tests/record_trace.py) hold real datagrams recorded on this project's lab: every one must
+decode to the same TraceEvent both ways. Synthetic
 messages encoded by pyroute2 cover what a recording may not (queue verdicts, unknown
 attributes, odd values).
 """
@@ -10,6 +11,7 @@ attributes, odd values).
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 
 import pytest
@@ -29,12 +31,17 @@ from nftrace.events import (
 )
 from nftrace.monitor import decode_monitor_datagram
 
-RECORDED = Path(__file__).parent / "data" / "trace_datagrams.hex"
+DATA = Path(__file__).parent / "data"
+RECORDED = DATA / "trace_datagrams.hex"
 
 
 def recorded_messages() -> list[bytes]:
+    datagrams = RECORDED.read_text().split()
+    router_flows = DATA / "router-flows.json"
+    if router_flows.exists():
+        datagrams += json.loads(router_flows.read_text())["datagrams"]
     messages = []
-    for line in RECORDED.read_text().split():
+    for line in datagrams:
         for msg_type, raw in decode_datagram(bytes.fromhex(line)):
             if msg_type == TRACE_MESSAGE_TYPE:
                 messages.append(raw)

@@ -219,3 +219,70 @@ def test_no_matching_packet_exits_3_and_leaves_nothing(lab):
     assert result.returncode == 3
     assert result.json["packets"] == []
     assert ruleset_state(lab.router) == before
+
+
+DEBIAN_WORKSTATION = "/usr/share/doc/nftables/examples/workstation.nft"
+
+
+def chain_rules(ns, family, table, chain):
+    """(handle, text) of every rule, as `nft -a -s list chain` prints them."""
+    from nftrace.netlab import in_netns
+
+    listing = in_netns(ns, ["nft", "-a", "-s", "list", "chain", family, table, chain]).stdout
+    return [(int(m.group(2)), m.group(1).strip()) for m in
+            (re.match(r"^\s*(.*) # handle (\d+)$", line) for line in listing.splitlines()) if m]
+
+
+@pytest.fixture
+def workstation(topology):
+    """The router runs the workstation ruleset Debian ships with nftables: not written for these tests."""
+    import os
+
+    if not os.path.exists(DEBIAN_WORKSTATION):
+        pytest.fail(f"{DEBIAN_WORKSTATION} is missing: scripts/setup.sh installs the nftables package")
+    from nftrace.netlab import in_netns
+
+    in_netns(topology.router, ["nft", "-f", DEBIAN_WORKSTATION])
+    return topology
+
+
+def test_debian_workstation_ruleset_drops_ssh_with_its_last_rule(workstation):
+    packet = why(workstation, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "22",
+                 command=tcp_from_client(workstation, 22))
+    rules = chain_rules(workstation.router, "inet", "filter", "input")
+    last_handle, last_text = rules[-1]
+    assert last_text == "counter drop"
+    assert packet["verdict"] == "drop"
+    assert (packet["decided_by"]["handle"], packet["decided_by"]["text"]) == (last_handle, last_text)
+    assert packet["summary"] == f"dropped by inet filter input rule handle {last_handle}: counter drop"
+
+
+def test_debian_workstation_ruleset_accepts_icmpv6_echo_with_its_icmpv6_rule(workstation):
+    packet = why(workstation, "--from", CLIENT_V6, "--to", ROUTER_CLIENT_V6, "--proto", "icmpv6",
+                 command=traffic(workstation.client, "icmp", ROUTER_CLIENT_V6))
+    handle, text = next((h, t) for h, t in chain_rules(workstation.router, "inet", "filter", "input")
+                        if "echo-request" in t)
+    assert packet["verdict"] == "accept"
+    assert (packet["decided_by"]["handle"], packet["decided_by"]["text"]) == (handle, text)
+    assert packet["hooks"] == ["prerouting", "input"]
+
+
+def test_local_traffic_over_loopback_is_one_packet_through_all_four_hooks(netns):
+    host = netns("h")
+    load_ruleset(host, """
+table inet host {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp dport 8080 drop
+    }
+}
+""")
+    command = [sys.executable, "-m", "nftrace.traffic", "tcp", "127.0.0.1", "8080", "--timeout", "0.5"]
+    result = nftrace("--netns", host, "why", "--from", "127.0.0.1", "--to", "127.0.0.1", "--proto", "tcp",
+                     "--dport", "8080", "--count", "1", "--timeout", "15", "--json", "--", *command)
+    assert result.returncode == 0, result.stderr
+    (packet,) = result.packets
+    assert packet["hooks"] == ["output", "postrouting", "prerouting", "input"]
+    assert packet["verdict"] == "drop"
+    assert packet["decided_by"]["text"] == "tcp dport 8080 drop"
+    assert (packet["packet"]["iif"], packet["packet"]["oif"]) == ("lo", "lo")

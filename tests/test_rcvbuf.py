@@ -44,4 +44,4 @@ def test_loss_warning_says_how_much_was_lost_and_what_to_change():
 
 def test_loss_warning_at_the_largest_buffer_asks_for_a_lower_rate_only():
     text = loss_warning(5, MAX_RCVBUF, 0)
-    assert "lower --max-rate" in text and "NFTRACE_RCVBUF" not in text
+    assert "Lower --max-rate" in text and "NFTRACE_RCVBUF" not in text

@@ -1,0 +1,221 @@
+"""Beyond netfilter, against the real kernel: drops after every chain accepted (closed port,
+reverse-path filter), NAT rewrites along the path, and conntrack state, in a router namespace.
+
+The kernel decides; these tests state what it must have done (nothing listens on the port,
+rp_filter is on, the DNAT rule rewrites the destination) and that nftrace says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, load_ruleset, nftrace, ruleset_state, traffic, unique_name
+from nftrace.netlab import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, Topology, in_netns
+
+pytestmark = pytest.mark.kernel
+
+SPOOFED_V4 = "10.77.9.9"  # an extra address of the client that the router has no route back to
+
+ROUTER_RULESET = """
+table ip nat {
+    chain pre {
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "r-client" tcp dport 8080 dnat to 10.77.2.2:80
+    }
+    chain post {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "r-server" ip saddr 10.77.1.0/24 tcp dport 443 masquerade
+    }
+}
+table inet fw {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp dport 9090 drop
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        tcp dport { 80, 443 } accept
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """Router with NAT and filter rules, strict rp_filter, a server listening on 80 and 443."""
+    topo = Topology(unique_name("drops"))
+    topo.up()
+    listener = None
+    try:
+        load_ruleset(topo.router, ROUTER_RULESET)
+        in_netns(topo.router, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.r-client.rp_filter=1"])
+        in_netns(topo.client, ["ip", "addr", "add", f"{SPOOFED_V4}/32", "dev", "eth0"])
+        listener = subprocess.Popen(
+            ["ip", "netns", "exec", topo.server, sys.executable, "-m", "nftrace.traffic", "listen-tcp", "0.0.0.0", "80",
+             "443", "--seconds", "300"], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert listener.stdout.readline().strip() == "ready"
+        yield topo
+    finally:
+        if listener is not None:
+            listener.terminate()
+            listener.wait(5)
+        topo.down()
+
+
+def why(lab, *flow, command, count=1, extra=(), env=None):
+    """Trace one flow in the router while `command` sends its packets; nothing may stay behind."""
+    before = ruleset_state(lab.router)
+    result = nftrace("--netns", lab.router, "why", *flow, "--count", str(count), "--timeout", "15", "--json", *extra,
+                     "--", *command, env=env)
+    assert ruleset_state(lab.router) == before, "the router's ruleset changed"
+    assert result.returncode == 0, result.stderr
+    assert len(result.packets) == count, result.stdout
+    return result
+
+
+def tcp_to(lab, host, port, *args):
+    return traffic(lab.client, "tcp", host, str(port), "--timeout", "1", *args)
+
+
+def closed_port(lab, extra=(), env=None):
+    return why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "8081",
+               command=tcp_to(lab, ROUTER_CLIENT_V4, 8081), extra=extra, env=env)
+
+
+def netns_inode(name: str) -> int:
+    return os.stat(f"/run/netns/{name}").st_ino
+
+
+# -- kernel drops -------------------------------------------------------------------------------
+
+
+def test_connect_to_closed_port_is_accepted_then_dropped_no_socket(lab):
+    result = closed_port(lab)
+    packet = result.packets[0]
+    assert packet["verdict"] == "accept"
+    assert packet["complete"] is True
+    assert packet["kernel_drop"]["reason"] == "NO_SOCKET"
+    assert packet["kernel_drop"]["location"].startswith("tcp_v4_rcv+0x")
+    assert packet["kernel_drop"]["explain"] == "nothing listens on tcp/8081 in this namespace"
+    assert packet["summary"].endswith(", then dropped by the kernel: NO_SOCKET — nothing listens on tcp/8081 in this namespace")
+    assert result.json["warnings"] == []
+
+
+def test_udp_to_closed_port_over_ipv6_is_dropped_no_socket(lab):
+    result = why(lab, "--from", CLIENT_V6, "--to", ROUTER_CLIENT_V6, "--proto", "udp", "--dport", "5353",
+                 command=traffic(lab.client, "udp", ROUTER_CLIENT_V6, "5353"))
+    drop = result.packets[0]["kernel_drop"]
+    assert (drop["reason"], drop["explain"]) == ("NO_SOCKET", "nothing listens on udp/5353 in this namespace")
+
+
+def test_human_answer_says_the_kernel_dropped_it(lab):
+    result = nftrace("--netns", lab.router, "why", "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp",
+                     "--dport", "8081", "--count", "1", "--timeout", "15", "--", *tcp_to(lab, ROUTER_CLIENT_V4, 8081))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ACCEPT ")
+    assert "then dropped by the kernel: NO_SOCKET — nothing listens on tcp/8081" in lines[0]
+    assert any(line.strip().startswith("kernel drop: NO_SOCKET at tcp_v4_rcv+0x") for line in lines[1:])
+
+
+def test_packet_dropped_by_a_rule_gets_no_kernel_drop(lab):
+    result = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "9090",
+                 command=tcp_to(lab, ROUTER_CLIENT_V4, 9090))
+    packet = result.packets[0]
+    assert packet["verdict"] == "drop"
+    assert packet["decided_by"]["text"] == "tcp dport 9090 drop"
+    assert packet["kernel_drop"] is None
+    assert result.json["warnings"] == []
+
+
+def test_spoofed_source_is_dropped_by_rp_filter_after_prerouting(lab):
+    result = why(lab, "--from", SPOOFED_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5000",
+                 command=traffic(lab.client, "udp", ROUTER_CLIENT_V4, "5000", "--source", SPOOFED_V4))
+    packet = result.packets[0]
+    assert (packet["complete"], packet["verdict"], packet["decided_by"]) == (True, "drop", None)
+    assert packet["hooks"] == ["prerouting"]
+    assert packet["kernel_drop"]["reason"] == "IP_RPFILTER"
+    assert "r-client" in packet["kernel_drop"]["explain"]
+    assert packet["summary"].startswith("no rule dropped it: it passed every chain up to prerouting, "
+                                        "then the kernel dropped it: IP_RPFILTER — reverse-path filter")
+
+
+def test_without_bpftrace_drop_reasons_are_unavailable_once_and_the_trace_goes_on(lab):
+    result = closed_port(lab, env={"NFTRACE_BPFTRACE": "/nonexistent/bpftrace"})
+    packet = result.packets[0]
+    assert packet["verdict"] == "accept"
+    assert packet["kernel_drop"] is None
+    assert result.json["warnings"] == [
+        "kernel drop reasons unavailable: NFTRACE_BPFTRACE=/nonexistent/bpftrace is not an executable bpftrace"]
+
+
+def test_no_drop_reasons_option_runs_no_bpftrace(lab):
+    result = closed_port(lab, extra=("--no-drop-reasons",))
+    assert result.packets[0]["kernel_drop"] is None
+    assert result.json["warnings"] == []
+
+
+def test_bpftrace_does_not_outlive_the_run(lab):
+    closed_port(lab)
+    marker = f"$netns == {netns_inode(lab.router)}".encode()
+    survivors = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if marker in cmdline.read():
+                    survivors.append(pid)
+        except OSError:
+            continue
+    assert survivors == []
+
+
+# -- NAT ----------------------------------------------------------------------------------------
+
+
+def test_dnat_port_forward_shows_the_rewritten_destination_at_prerouting(lab):
+    result = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "8080",
+                 command=tcp_to(lab, ROUTER_CLIENT_V4, 8080))
+    packet = result.packets[0]
+    assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
+    change = packet["nat"][0]
+    assert len(packet["nat"]) == 1
+    assert {key: change[key] for key in ("hook", "field", "from", "to", "kind")} == {
+        "hook": "prerouting", "field": "dst", "from": f"{ROUTER_CLIENT_V4}:8080", "to": f"{SERVER_V4}:80", "kind": "dnat"}
+    assert re.fullmatch(r'ip nat pre rule handle \d+: iifname "r-client" tcp dport 8080 dnat to 10\.77\.2\.2:80',
+                        change["rule"])
+    assert packet["verdict"] == "accept"
+    assert packet["decided_by"]["text"] == "tcp dport { 80, 443 } accept"
+    assert packet["packet"]["dst"] == ROUTER_CLIENT_V4  # as the client sent it
+
+
+def test_masquerade_rewrites_the_source_at_postrouting(lab):
+    result = why(lab, "--from", CLIENT_V4, "--to", SERVER_V4, "--proto", "tcp", "--dport", "443",
+                 command=tcp_to(lab, SERVER_V4, 443))
+    packet = result.packets[0]
+    sport = packet["packet"]["sport"]
+    assert [(c["hook"], c["field"], c["from"], c["to"], c["kind"]) for c in packet["nat"]] == [
+        ("postrouting", "src", f"{CLIENT_V4}:{sport}", f"{ROUTER_SERVER_V4}:{sport}", "masquerade")]
+
+
+# -- conntrack ----------------------------------------------------------------------------------
+
+
+def test_later_packet_of_a_connection_is_accepted_because_it_is_established(lab):
+    result = why(lab, "--from", CLIENT_V4, "--to", SERVER_V4, "--proto", "tcp", "--dport", "80", count=2,
+                 command=tcp_to(lab, SERVER_V4, 80, "--send", "hello"))
+    syn, ack = result.packets
+    assert [(c["hook"], c["state"], c["direction"]) for c in syn["conntrack"]] == [
+        ("prerouting", "new", "original"), ("forward", "new", "original"), ("postrouting", "new", "original")]
+    assert syn["accepted_by_connection"] is None
+    assert syn["decided_by"]["text"] == "tcp dport { 80, 443 } accept"
+    assert {c["state"] for c in ack["conntrack"]} == {"established"}
+    assert ack["conntrack"][0]["id"] == syn["conntrack"][0]["id"]
+    assert ack["decided_by"]["text"] == "ct state established,related accept"
+    assert ack["accepted_by_connection"] == "established"
+    assert ack["summary"].endswith("— only because it belongs to an earlier connection (ct state established)")

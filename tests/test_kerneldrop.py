@@ -1,0 +1,376 @@
+"""Kernel drops, NAT and conntrack in the answer: the pure logic, from hand-written events.
+
+The kernel-backed counterparts are in test_kernel_drops.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from nftrace.events import ConntrackInfo, PacketHeaders, TraceEvent
+from nftrace.kerneldrop import (
+    DropCorrelator,
+    KernelDrop,
+    KernelSymbols,
+    bpftrace_program,
+    explain,
+    has_reason_field,
+    parse_drop_line,
+    parse_reason_names,
+)
+from nftrace.paths import HookObservation, PacketPath, PathBuilder, Step, finalise_path, nat_rewrites
+from nftrace.report import accepted_by_connection, conntrack_json, packet_json, summary
+from nftrace.ruleset import ChainInfo
+
+CLIENT, ROUTER, SERVER = (ipaddress.ip_address(a) for a in ("10.77.1.2", "10.77.1.1", "10.77.2.2"))
+TRACE_TABLE = "nftrace_1_abcdef"
+
+FORMAT = """name: kfree_skb
+ID: 2310
+format:
+	field:void * skbaddr;	offset:8;	size:8;	signed:0;
+	field:void * location;	offset:16;	size:8;	signed:0;
+	field:enum skb_drop_reason reason;	offset:36;	size:4;	signed:0;
+
+print fmt: "skbaddr=%p location=%pS reason: %s", REC->skbaddr, REC->location, __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 12, "NETFILTER_DROP" }, { 16, "IP_RPFILTER" })
+"""
+
+
+def tcp(src=CLIENT, dst=ROUTER, sport=40000, dport=8081) -> PacketHeaders:
+    return PacketHeaders(src, dst, 6, 60, sport, dport)
+
+
+def drop(reason="NO_SOCKET", at=10.0, src=CLIENT, dst=ROUTER, sport=40000, dport=8081, proto=6) -> KernelDrop:
+    return KernelDrop(at, reason, "tcp_v4_rcv+0x91", src, dst, proto, sport, dport)
+
+
+def observation(hook, packet=None, ct=None, table=TRACE_TABLE, chain=None, iif=3, oif=None) -> HookObservation:
+    own = table == TRACE_TABLE
+    return HookObservation(hook, table, chain or f"obs_{hook}", packet, iif, oif, None, ct, own)
+
+
+def rule_step(hook, text, verdict="accept", family="inet", table="fw", chain="input", handle=7) -> Step:
+    return Step(hook, family, table, chain, "rule", handle, 1, text, verdict)
+
+
+def accepted_at_input(first=10.0, last=10.0, packet=None) -> PacketPath:
+    packet = packet or tcp()
+    return PacketPath(1, observations=[observation("prerouting", packet), observation("input", packet)],
+                      hooks=["prerouting", "input"], verdict="accept", complete=True,
+                      first_seen=first, last_seen=last)
+
+
+# -- what bpftrace prints, read back -------------------------------------------------------------
+
+
+def test_reason_names_come_from_the_tracepoint_format():
+    assert parse_reason_names(FORMAT) == {2: "NOT_SPECIFIED", 3: "NO_SOCKET", 12: "NETFILTER_DROP",
+                                          16: "IP_RPFILTER"}
+
+
+def test_a_format_without_reason_field_is_recognised():
+    assert has_reason_field(FORMAT)
+    assert not has_reason_field(FORMAT.replace("enum skb_drop_reason reason;", "unsigned short protocol;"))
+
+
+def test_drop_line_gives_reason_name_headers_and_time():
+    line = "nftrace-drop 1123729402057 3 18446744071595833937 4 10.77.1.2 10.77.1.1 6 36894 8081"
+    parsed = parse_drop_line(line, parse_reason_names(FORMAT))
+    assert parsed == KernelDrop(1123.729402057, "NO_SOCKET", "0xffffffff82033a51", CLIENT, ROUTER, 6, 36894, 8081)
+
+
+def test_drop_line_of_ipv6_packet():
+    line = "nftrace-drop 5000000000 3 18446744071596779103 6 fd77:1::2 fd77:1::1 6 59260 8081"
+    parsed = parse_drop_line(line, {3: "NO_SOCKET"})
+    assert (str(parsed.src), str(parsed.dst), parsed.dport) == ("fd77:1::2", "fd77:1::1", 8081)
+
+
+def test_drop_line_of_portless_protocol_has_no_ports():
+    parsed = parse_drop_line("nftrace-drop 5000000000 16 4096 4 10.77.9.9 10.77.1.1 1 2048 1234", {16: "IP_RPFILTER"})
+    assert (parsed.proto, parsed.sport, parsed.dport) == (1, None, None)
+
+
+def test_unknown_reason_number_keeps_the_number():
+    parsed = parse_drop_line("nftrace-drop 1 999 4096 4 10.77.1.2 10.77.1.1 17 1 2", {})
+    assert parsed.reason == "reason-999"
+
+
+@pytest.mark.parametrize("line", ["Attaching 1 probe...", "nftrace-drop 1 2 3", "nftrace-drop x 3 4 4 a b 6 1 2"])
+def test_other_lines_are_not_drops(line):
+    assert parse_drop_line(line, {}) is None
+
+
+def test_location_is_function_plus_offset(tmp_path):
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("ffffffff82033a90 T tcp_v4_err\nffffffff820339c0 T tcp_v4_rcv\nffffffff82000000 d some_data\n")
+    symbols = KernelSymbols(str(kallsyms))
+    assert symbols.location(0xFFFFFFFF82033A51) == "tcp_v4_rcv+0x91"
+    assert symbols.location(0x1000) == "0x1000"
+
+
+def test_program_filters_traced_packets_of_one_namespace():
+    program = bpftrace_program(4026532246)
+    assert "tracepoint:skb:kfree_skb" in program
+    assert "->nf_trace/" in program
+    assert "$netns == 4026532246" in program
+    assert "NETNS_INODE" not in program and "DROP_PREFIX" not in program
+
+
+# -- plain words ---------------------------------------------------------------------------------
+
+
+def test_no_socket_names_protocol_and_port():
+    assert explain(drop("NO_SOCKET")) == "nothing listens on tcp/8081 in this namespace"
+
+
+def test_rp_filter_names_source_and_interface():
+    text = explain(drop("IP_RPFILTER", src=ipaddress.ip_address("10.77.9.9")), iif="r-client")
+    assert "10.77.9.9" in text and "r-client" in text and "rp_filter" in text
+
+
+def test_unlisted_tcp_reason_falls_back_to_its_family():
+    assert explain(drop("TCP_OFO_DROP")) == "TCP's own checks refused it"
+
+
+def test_unknown_reason_points_to_the_kernel_enum():
+    assert "skb_drop_reason" in explain(drop("SOMETHING_NEW"))
+
+
+# -- pairing drops with packets ------------------------------------------------------------------
+
+
+def test_accepted_packet_is_held_until_its_drop_comes():
+    correlator = DropCorrelator()
+    path = accepted_at_input()
+    assert correlator.hold([path], now=10.0) == []
+    correlator.add_drops([drop(at=10.001)])
+    assert correlator.release(now=10.05) == [path]
+    assert path.kernel_drop == {"reason": "NO_SOCKET", "location": "tcp_v4_rcv+0x91",
+                                "explain": "nothing listens on tcp/8081 in this namespace"}
+    assert path.verdict == "accept"
+    assert summary(path) == ("accepted by every chain, then dropped by the kernel: NO_SOCKET — "
+                             "nothing listens on tcp/8081 in this namespace")
+
+
+def test_accepted_packet_without_drop_is_answered_after_the_hold():
+    correlator = DropCorrelator(hold_seconds=0.3)
+    path = accepted_at_input()
+    correlator.hold([path], now=10.0)
+    assert correlator.release(now=10.2) == []
+    assert correlator.release(now=10.31) == [path]
+    assert path.kernel_drop is None
+
+
+def test_end_of_run_releases_every_held_packet():
+    correlator = DropCorrelator()
+    path = accepted_at_input()
+    correlator.hold([path], now=10.0)
+    assert correlator.release(now=10.0, everything=True) == [path]
+
+
+def test_drop_of_other_packet_is_not_attached():
+    correlator = DropCorrelator()
+    path = accepted_at_input()
+    correlator.hold([path], now=10.0)
+    correlator.add_drops([drop(at=10.001, sport=40001)])
+    assert correlator.release(now=10.05) == []
+    assert path.kernel_drop is None
+
+
+def test_drop_long_after_the_packet_is_not_attached():
+    correlator = DropCorrelator()
+    path = accepted_at_input(first=10.0, last=10.0)
+    correlator.hold([path], now=10.0)
+    correlator.add_drops([drop(at=11.0)])  # a retransmission's drop, a second later
+    assert path.kernel_drop is None
+
+
+def test_drop_matches_the_packet_after_nat():
+    rewritten = tcp(dst=SERVER, dport=80)
+    path = PacketPath(1, observations=[observation("prerouting", tcp(dport=8080)),
+                                       observation("prerouting", rewritten, chain="obs_prerouting"),
+                                       observation("forward", rewritten), observation("postrouting", rewritten)],
+                      hooks=["prerouting", "forward", "postrouting"], verdict="accept", complete=True,
+                      first_seen=10.0, last_seen=10.0)
+    correlator = DropCorrelator()
+    correlator.hold([path], now=10.0)
+    correlator.add_drops([drop("QDISC_DROP", at=10.01, dst=SERVER, dport=80)])
+    assert path.kernel_drop["reason"] == "QDISC_DROP"
+
+
+def test_packet_dropped_by_a_rule_is_answered_at_once_without_netfilter_drop():
+    correlator = DropCorrelator()
+    step = rule_step("input", "tcp dport 8081 drop", verdict="drop")
+    path = PacketPath(1, steps=[step], observations=[observation("prerouting", tcp())], hooks=["prerouting", "input"],
+                      verdict="drop", decided_by=step, complete=True, first_seen=10.0, last_seen=10.0)
+    correlator.add_drops([drop("NETFILTER_DROP", at=10.0)])
+    assert correlator.hold([path], now=10.0) == [path]
+    assert path.kernel_drop is None
+    assert summary(path) == "dropped by inet fw input rule handle 7: tcp dport 8081 drop"
+
+
+def test_answers_keep_the_order_in_which_packets_finished():
+    correlator = DropCorrelator(hold_seconds=0.3)
+    accepted = accepted_at_input()
+    step = rule_step("input", "tcp dport 8081 drop", verdict="drop")
+    dropped = PacketPath(2, steps=[step], observations=[observation("prerouting", tcp(sport=40001))],
+                         hooks=["prerouting", "input"], verdict="drop", decided_by=step, complete=True,
+                         first_seen=10.1, last_seen=10.1)
+    assert correlator.hold([accepted], now=10.0) == []
+    assert correlator.hold([dropped], now=10.1) == []
+    assert correlator.release(now=10.31) == [accepted, dropped]
+
+
+def test_drop_after_the_answer_becomes_a_note():
+    correlator = DropCorrelator()
+    path = accepted_at_input()
+    correlator.hold([path], now=10.0)
+    assert correlator.release(now=10.3) == [path]
+    correlator.add_drops([drop("NEIGH_FAILED", at=13.0)])
+    correlator.release(now=13.01)
+    assert len(correlator.notes) == 1
+    assert correlator.notes[0].startswith("the kernel dropped packet 10.77.1.2:40000 → 10.77.1.1:8081 tcp "
+                                          "(trace id 00000001) after its answer was given: NEIGH_FAILED")
+    assert path.kernel_drop is None
+
+
+# -- a packet that vanishes after a hook ---------------------------------------------------------
+
+
+class Lookup:
+    def rule(self, family, table, chain, handle):
+        return None
+
+    def chain(self, family, table, chain):
+        return None
+
+
+def base_chain_event(chain, packet, trace_id=0x51, iif=3) -> TraceEvent:
+    """The first event of one of nftrace's own base chains: a policy accept with headers."""
+    return TraceEvent(trace_id, "inet", TRACE_TABLE, chain, "policy", "accept", nfproto=2, iif=iif, packet=packet)
+
+
+def test_packet_that_vanished_after_prerouting_is_closed_by_its_drop():
+    spoofed = tcp(src=ipaddress.ip_address("10.77.9.9"))
+    builder = PathBuilder(Lookup())
+    for chain in ("mark_prerouting", "obs_prerouting"):
+        assert builder.feed(base_chain_event(chain, spoofed), now=20.0) == []
+    correlator = DropCorrelator(interfaces={3: "r-client"})
+    correlator.add_drops([drop("IP_RPFILTER", at=20.0, src=spoofed.src)])
+    closed = builder.close_vanished(correlator.vanished)
+    assert [path.trace_id for path in closed] == [0x51]
+    ready = correlator.hold(closed, now=20.01)
+    path = ready[0]
+    assert (path.complete, path.verdict, path.decided_by, path.incomplete_reason) == (True, "drop", None, None)
+    assert path.kernel_drop["reason"] == "IP_RPFILTER"
+    assert "r-client" in path.kernel_drop["explain"]
+    assert summary(path).startswith("no rule dropped it: it passed every chain up to prerouting, "
+                                    "then the kernel dropped it: IP_RPFILTER — reverse-path filter")
+    assert builder.open_packets == 0
+
+
+def test_open_packet_without_a_matching_drop_stays_open():
+    builder = PathBuilder(Lookup())
+    builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)
+    correlator = DropCorrelator()
+    correlator.add_drops([drop(at=20.0, dport=9999)])
+    assert builder.close_vanished(correlator.vanished) == []
+    assert builder.open_packets == 1
+
+
+# -- NAT ----------------------------------------------------------------------------------------
+
+
+def test_dnat_is_reported_at_prerouting_with_its_rule():
+    dnat = rule_step("prerouting", "tcp dport 8080 dnat ip to 10.77.2.2:80", family="ip", table="nat", chain="pre")
+    original, rewritten = tcp(dport=8080), tcp(dst=SERVER, dport=80)
+    observations = [observation("prerouting", original, chain="mark_prerouting"),
+                    observation("prerouting", original, table="nat", chain="pre"),
+                    observation("prerouting", rewritten), observation("forward", rewritten)]
+    assert nat_rewrites(observations, [dnat]) == [{
+        "hook": "prerouting", "field": "dst", "from": "10.77.1.1:8080", "to": "10.77.2.2:80", "kind": "dnat",
+        "rule": "ip nat pre rule handle 7: tcp dport 8080 dnat ip to 10.77.2.2:80",
+    }]
+
+
+def test_masquerade_is_reported_at_postrouting():
+    masquerade = rule_step("postrouting", 'oifname "r-server" masquerade', family="ip", table="nat", chain="post")
+    before, after = tcp(dst=SERVER), tcp(src=ipaddress.ip_address("10.77.2.1"), dst=SERVER)
+    changes = nat_rewrites([observation("forward", before), observation("postrouting", after)], [masquerade])
+    assert [(c["hook"], c["field"], c["from"], c["to"], c["kind"]) for c in changes] == [
+        ("postrouting", "src", "10.77.1.2:40000", "10.77.2.1:40000", "masquerade")]
+
+
+def test_rewrite_without_a_nat_rule_is_the_connections_mapping():
+    changes = nat_rewrites([observation("prerouting", tcp(dport=8080), chain="mark_prerouting"),
+                            observation("prerouting", tcp(dst=SERVER, dport=80))],
+                           [rule_step("prerouting", "ct status dnat accept")])
+    assert (changes[0]["kind"], changes[0]["rule"]) == (None, None)
+
+
+def test_nat_rule_accept_does_not_decide_the_verdict():
+    steps = [rule_step("forward", "tcp dport 80 accept", chain="forward", handle=4),
+             Step("postrouting", "ip", "nat", "post", "policy", None, None, None, "accept")]
+
+    class NatLookup(Lookup):
+        def chain(self, family, table, chain):
+            return ChainInfo(family, table, chain, hook="postrouting", type="nat") if table == "nat" else None
+
+    path = PacketPath(1, steps=steps, observations=[observation("forward", tcp())], verdict="accept", complete=True)
+    finalise_path(path, NatLookup())
+    assert path.decided_by is steps[0]
+
+
+# -- conntrack ----------------------------------------------------------------------------------
+
+
+def established_path() -> PacketPath:
+    ct = ConntrackInfo("established", "original", 99, ("seen-reply", "assured", "confirmed"))
+    step = rule_step("forward", "ct state established,related accept", chain="forward", handle=2)
+    return PacketPath(1, steps=[step],
+                      observations=[observation("prerouting", tcp(), chain="mark_prerouting"),
+                                    observation("prerouting", tcp(), ct=ct), observation("forward", tcp(), ct=ct),
+                                    observation("postrouting", tcp(), ct=ct)],
+                      hooks=["prerouting", "forward", "postrouting"], verdict="accept", decided_by=step,
+                      complete=True)
+
+
+def test_conntrack_state_is_given_per_hook():
+    entries = conntrack_json(established_path())
+    assert [(e["hook"], e["state"], e["direction"], e["id"]) for e in entries] == [
+        ("prerouting", "established", "original", 99), ("forward", "established", "original", 99),
+        ("postrouting", "established", "original", 99)]
+
+
+def test_acceptance_only_because_of_an_earlier_connection_is_said():
+    path = established_path()
+    assert accepted_by_connection(path) == "established"
+    assert summary(path) == ("accepted by inet fw forward rule handle 2: ct state established,related accept"
+                             " — only because it belongs to an earlier connection (ct state established)")
+    assert packet_json(path, {})["accepted_by_connection"] == "established"
+
+
+def test_rule_that_also_accepts_new_connections_is_not_credited_to_the_connection():
+    path = established_path()
+    path.decided_by.text = "ct state new,established tcp dport 22 accept"
+    assert accepted_by_connection(path) is None
+
+
+def test_invalid_state_is_read_from_the_rule_that_matched_it():
+    step = rule_step("prerouting", "ct state invalid drop", verdict="drop", chain="pre")
+    path = PacketPath(1, steps=[step], observations=[observation("prerouting", tcp())], hooks=["prerouting"],
+                      verdict="drop", decided_by=step, complete=True)
+    assert conntrack_json(path) == [{"hook": "prerouting", "state": "invalid", "direction": None, "status": [],
+                                     "id": None}]
+
+
+def test_packet_json_carries_nat_and_kernel_drop():
+    path = accepted_at_input()
+    path.kernel_drop = {"reason": "NO_SOCKET", "location": "tcp_v4_rcv+0x91", "explain": "x"}
+    document = packet_json(path, {})
+    assert document["kernel_drop"]["reason"] == "NO_SOCKET"
+    assert document["nat"] == []
+    assert document["verdict"] == "accept"
+
