@@ -21,7 +21,7 @@ from typing import Optional
 
 from bench import nftmonitor
 from bench.probes import (
-    CommitWatcher, Finished, exited, inside_netns, reap, rss_bytes, trace_sockets, wait_for_trace_listener,
+    CommitWatcher, Finished, exited, inside_netns, own_usage, reap, rss_bytes, trace_sockets, wait_for_trace_listener,
 )
 from nftrace.monitor import TraceMonitor
 from nftrace.netlab import CLIENT_V4, SERVER_V4, Topology, in_netns
@@ -65,7 +65,9 @@ class ToolResult:
     kernel_drops: int = 0  # the kernel's drop counter of the tool's trace socket
     drained_after: Optional[float] = None  # seconds after the flood ended, until its last output
     unaccounted: int = 0  # packets sent that were shown neither complete nor incomplete
-    finished: Optional[Finished] = None
+    finished: Optional[Finished] = None  # the process and the children it reaped (wait4)
+    own_cpu_seconds: Optional[float] = None  # the process alone, children not included
+    own_max_rss_bytes: Optional[int] = None
     exit_code: Optional[int] = None
     stderr: str = ""
 
@@ -191,6 +193,7 @@ def run_flood(lab: Lab, packets: int, *, rate: float = 0.0, record: bool = False
         sender.stdout.close()
         nft_drops = _queued(nft_process.pid)[1] if nft_process else 0
         nftrace_drops = _queued(nftrace_process.pid)[1]
+        nftrace_own = own_usage(nftrace_process.pid)
         datagrams = []
         if recorder is not None:
             datagrams = [d for d in recorder.read_raw() if d is not None]
@@ -204,6 +207,7 @@ def run_flood(lab: Lab, packets: int, *, rate: float = 0.0, record: bool = False
             recorder.close()
 
     nftrace_result = _nftrace_result(workdir, sent, nftrace_finished, nftrace_drops, drained.get("nftrace"))
+    nftrace_result.own_cpu_seconds, nftrace_result.own_max_rss_bytes = nftrace_own
     monitor_output = None
     if nft_process:
         with open(workdir / "nft-monitor.txt") as lines:

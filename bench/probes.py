@@ -122,6 +122,23 @@ def rss_bytes(pid: int) -> Optional[int]:
     return None
 
 
+def own_usage(pid: int) -> tuple[Optional[float], Optional[int]]:
+    """CPU seconds and peak resident memory of process `pid` itself, children not included
+    (its wait4 figures include the children it reaped, such as nftrace's bpftrace)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        peak = None
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+        return cpu, peak
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
 class CommitWatcher:
     """Sees every ruleset commit of one namespace the moment the kernel announces it.
 
