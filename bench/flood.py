@@ -278,8 +278,8 @@ def _nftrace_result(workdir: Path, sent: int, finished: Finished, kernel_drops: 
     try:
         document = json.loads(text)
     except ValueError:
-        result.loss_reported = "output is not valid JSON"
-        return result
+        raise RuntimeError(f"nftrace's output is not one JSON document (exit {finished.exit_code}): "
+                           f"{result.stderr.strip()[-500:]}") from None
     for packet in document["packets"]:
         if packet["complete"] and packet["verdict"] == "accept" and packet["hooks"] == EXPECTED_HOOKS:
             result.complete += 1
@@ -325,4 +325,4 @@ def machine() -> dict:
         pass
     nft = subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip()
     return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": os.uname().release, "memory": memory, "nft": nft,
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "load": os.getloadavg()[0]}

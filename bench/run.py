@@ -36,6 +36,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 from bench import costs  # noqa: E402
 from bench.flood import FloodResult, Lab, machine, run_flood  # noqa: E402
 from bench.probes import inside_netns  # noqa: E402
+from nftrace.errors import NftraceError  # noqa: E402
 from nftrace.netlab import in_netns, netns_exists, run  # noqa: E402
 from nftrace.tracetable import DEFAULT_MAX_RATE  # noqa: E402
 
@@ -167,7 +168,8 @@ def report(figures: dict, flood: FloodResult, default_rate: FloodResult, startup
            imports: dict, snapshots: list, decode: Optional[costs.DecodeResult]) -> tuple[list[str], list]:
     box = figures["machine"]
     lines = [f"nftrace benchmark on {box['nproc']} CPUs ({box['cpu']}), {mib(box['memory'])} RAM, "
-             f"Linux {box['kernel']}, {box['nft']}, Python {box['python']}", ""]
+             f"Linux {box['kernel']}, {box['nft']}, Python {box['python']}; "
+             f"load average {figures['load_at_start']:.2f} at the start", ""]
     lines += flood_table(flood)
     lines += ["", f"Default --max-rate ({DEFAULT_MAX_RATE}/s), same flood, nftrace alone: "
                   f"{default_rate.nftrace.complete + default_rate.nftrace.incomplete_reported:,} packets traced, "
@@ -277,6 +279,7 @@ def main(argv=None) -> int:
         print("bench/run.py: --packets must be between 1 and 2,000,000", file=sys.stderr)
         return 2
     sizes = [int(size) for size in args.rulesets.split(",") if size.strip()]
+    load_at_start = os.getloadavg()[0]
     prefix = f"nftbench{os.getpid()}"
     workdir = Path(tempfile.mkdtemp(prefix="nftbench"))
     previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
@@ -317,6 +320,9 @@ def main(argv=None) -> int:
     except Stop as stop:
         print(f"bench/run.py: stopped by {stop}; namespaces removed", file=sys.stderr)
         return 130
+    except (RuntimeError, NftraceError) as err:
+        print(f"bench/run.py: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bench/run.py: interrupted; namespaces removed", file=sys.stderr)
         return 130
@@ -328,7 +334,7 @@ def main(argv=None) -> int:
             shutil.copytree(workdir, args.keep_output, dirs_exist_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    figures = {"machine": machine()}
+    figures = {"machine": machine(), "load_at_start": load_at_start}
     lines, targets = report(figures, flood, default_rate, startup, imports, snapshots, decode)
     print("\n".join(lines))
     if args.json:
