@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -100,11 +101,16 @@ def why(
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
                                       help="Also say why the kernel dropped a packet after netfilter (needs bpftrace)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="No live traffic: trace one crafted packet of the flow in a sandbox copy of the namespace, which is never touched."),
+    ruleset_file: Optional[Path] = typer.Option(None, "--ruleset", metavar="FILE", help="With --dry-run: load FILE (nft, or iptables-save text) in the sandbox instead of the current ruleset."),
+    ruleset_kind: Optional[str] = typer.Option(None, "--ruleset-kind", metavar="KIND", help="With --ruleset: nft, iptables-legacy or iptables-nft (default: guessed from the file)."),
+    state: str = typer.Option("new", "--state", metavar="new|established", help="With --dry-run: the packet opens a connection, or belongs to an established one."),
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS...]", help="Traffic to run once tracing is on."),
 ):
     """Trace the packets of one flow and say which rule decided each one's fate."""
+    from .errors import InputError
     from .flow import parse_flow
-    from .render import render_closing, render_packet
+    from .render import dry_run_line, render_closing, render_packet
     from .report import TraceReport
     from .session import TraceOptions, TraceSession
     from .signals import Interrupted
@@ -112,22 +118,32 @@ def why(
     netns = ctx.obj["netns"]
     try:
         flow = parse_flow(src, dst, proto, sport, dport, iif, oif)
+        if not dry_run and (ruleset_file is not None or ruleset_kind is not None or state != "new"):
+            raise InputError("--ruleset, --ruleset-kind and --state go with --dry-run")
     except NftraceError as err:
         _fail(err)
     options = TraceOptions(flow=flow, netns=netns, count=count, timeout=timeout, max_rate=max_rate,
                            command=list(command or []), drop_reasons=drop_reasons)
     report = TraceReport(flow=flow, netns=netns)
-    session = TraceSession(options, report)
+    if dry_run:
+        from .dryrun import DryRunRequest, DryRunSession
+
+        session = DryRunSession(options, report, DryRunRequest(netns, ruleset_file, ruleset_kind, state))
+    else:
+        session = TraceSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None
 
     def on_packet(path):
         if stream:
             stream.packet(path)
         else:
-            typer.echo(render_packet(path, report.interfaces) + "\n")
+            typer.echo(render_packet(path, report.interfaces) + dry_run_line(report) + "\n")
 
     def on_ready():
         # On stderr in every mode: scripts reading --json can wait for it before sending traffic.
+        # A dry run takes a moment; its answer says it is one.
+        if dry_run:
+            return
         where = f" in netns {netns}" if netns else ""
         typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
 
@@ -159,6 +175,7 @@ def why(
 @app.command()
 def cleanup(ctx: typer.Context):
     """Remove what killed nftrace runs left behind (only nftrace's own, never anything else)."""
+    from .sandbox import remove_leftover_sandboxes
     from .session import open_nftables
     from .ruleset import RulesetSnapshot
     from .system import enter_namespace, require_net_admin
@@ -166,15 +183,18 @@ def cleanup(ctx: typer.Context):
 
     try:
         require_net_admin()
+        sandboxes = remove_leftover_sandboxes()
         if ctx.obj["netns"]:
             enter_namespace(ctx.obj["netns"])
         nft = open_nftables()
         removed = remove_leftover_tables(nft, RulesetSnapshot.take(nft))
     except NftraceError as err:
         _fail(err)
+    for name in sandboxes:
+        typer.echo(f"removed dry-run sandbox namespace {name}")
     for item in removed:
         typer.echo(f"removed table {item}")
-    if not removed:
+    if not removed and not sandboxes:
         typer.echo("nothing to clean up")
 
 
@@ -285,6 +305,53 @@ def demo(ctx: typer.Context):
     except NftraceError as err:
         _fail(err)
     raise typer.Exit(code)
+
+
+@app.command("test")
+def test_command(
+    ctx: typer.Context,
+    files: List[Path] = typer.Argument(..., metavar="FILE...", help="Expectation files (the format of rules/*.expect.toml)."),
+    ruleset_file: Optional[Path] = typer.Option(None, "--ruleset", metavar="FILE", help="Test every flow against FILE instead of the ruleset each expectation file names."),
+    ruleset_kind: Optional[str] = typer.Option(None, "--ruleset-kind", metavar="KIND", help="With --ruleset: nft, iptables-legacy or iptables-nft (default: guessed from the file)."),
+    current: bool = typer.Option(False, "--current", help="Test against the namespace's current ruleset."),
+    lab: bool = typer.Option(False, "--lab", help="Copy a fresh lab router (client, router, server as in rules/) instead of a namespace."),
+    junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE", help="Also write a JUnit XML report to FILE."),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.1, metavar="SEC", help="Give up on a flow after SEC seconds."),
+):
+    """Firewall regression tests: every flow a dry run; exit 1 if any verdict or deciding rule differs."""
+    from .errors import InputError
+    from .testing import load_all, render_table, run_files, junit_xml
+
+    netns = ctx.obj["netns"]
+    try:
+        if lab and netns:
+            raise InputError("--lab and --netns exclude each other")
+        if current and ruleset_file is not None:
+            raise InputError("--current and --ruleset exclude each other")
+        expectation_files = load_all(files)
+        if lab:
+            from .netlab import Topology
+            from .sandbox import sandbox_name
+
+            topology = Topology(f"{sandbox_name()}-lab")
+            try:
+                topology.up()
+                results = run_files(expectation_files, topology.router, ruleset=ruleset_file,
+                                    ruleset_kind=ruleset_kind, current=current, timeout=timeout)
+            finally:
+                topology.down()
+        else:
+            results = run_files(expectation_files, netns, ruleset=ruleset_file, ruleset_kind=ruleset_kind,
+                                current=current, timeout=timeout)
+        if junit is not None:
+            try:
+                junit.write_text(junit_xml(results))
+            except OSError as err:
+                raise InputError(f"--junit: cannot write {junit}: {err.strerror}") from None
+    except NftraceError as err:
+        _fail(err)
+    typer.echo(render_table(results))
+    raise typer.Exit(0 if all(result.passed for result in results) else 1)
 
 
 def run() -> None:

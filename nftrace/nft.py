@@ -33,6 +33,7 @@ class NftContext:
             self._nft = nftables.Nftables()
         except OSError as err:
             raise EnvironmentProblem(f"libnftables cannot be loaded: {err} (apt-get install libnftables1)") from None
+        self.messages = ""
 
     def run(self, command: str, *, json_output: bool = False, handles: bool = False, stateless: bool = False,
             terse: bool = False) -> str:
@@ -45,6 +46,8 @@ class NftContext:
         rc, output, error = nft.cmd(command)
         if rc != 0:
             raise KernelError(_first_error_line(error) or f"nft: '{command}' failed")
+        # What nft says besides the output, such as "table ip filter is managed by iptables-nft".
+        self.messages = error or ""
         return output
 
     def run_json(self, commands: list[dict[str, Any]]) -> None:
@@ -59,6 +62,15 @@ class NftContext:
         if rc != 0:
             raise KernelError(_first_error_line(error) or "nft refused nftrace's trace rules")
 
+    def run_file(self, path: str) -> None:
+        """Load an nft file as `nft -f FILE` does; the error names the file and line."""
+        nft = self._nft
+        nft.set_json_output(False)
+        nft.set_handle_output(False)
+        rc, _, error = nft.cmd_from_file(path)
+        if rc != 0:
+            raise KernelError(load_file_error(error))
+
 
 def _first_error_line(error: str) -> str:
     for line in (error or "").splitlines():
@@ -66,3 +78,12 @@ def _first_error_line(error: str) -> str:
             return "nft: " + line.split("Error:", 1)[1].strip()
     lines = [line for line in (error or "").splitlines() if line.strip()]
     return "nft: " + lines[0].strip() if lines else ""
+
+
+def load_file_error(error: str) -> str:
+    """nft's first error line for a file, as the parser prints it: `FILE:LINE:COL: Error: ...`."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    for line in lines:
+        if "Error:" in line:
+            return line
+    return lines[0] if lines else "nft could not load the file"

@@ -92,3 +92,16 @@ def render_closing(report: TraceReport, packet_count: int) -> str:
     for warning in report.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def dry_run_line(report: TraceReport) -> str:
+    """For a dry run, the line under each packet that says where the answer comes from."""
+    if report.dry_run is None:
+        return ""
+    dry = report.dry_run
+    where = f"netns {report.netns}" if report.netns else "this namespace"
+    ruleset = "its ruleset" if dry["ruleset"] == "copy" else dry["ruleset"]
+    injected = dry["injected"]
+    entry = f"arriving on {injected['iif']}" if injected["iif"] else "sent by a local socket"
+    return (f"\n  dry run: sandbox copy of {where} with {ruleset}; one {dry['state']} packet {entry}; "
+            f"nothing was sent to {where}")

@@ -28,9 +28,11 @@ class TraceReport:
     lost_events: int = 0
     warnings: list = field(default_factory=list)
     interfaces: dict = field(default_factory=dict)
+    dry_run: Optional[dict] = None  # mode "dry-run": the sandbox, the packet sent, what was not copied
 
     def header_json(self) -> dict:
-        return {"backend": self.backend, "mode": self.mode, "netns": self.netns, "flow": self.flow.to_json()}
+        return {"backend": self.backend, "mode": self.mode, "netns": self.netns, "flow": self.flow.to_json(),
+                "dry_run": self.dry_run}
 
     def trailer_json(self) -> dict:
         return {"lost_events": self.lost_events, "warnings": list(self.warnings)}

@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 PACKAGES=(nftables libnftables1 python3-nftables iptables iproute2 python3 python3-venv python3-pip
-          bpftrace ufw ruby kmod procps)
+          bpftrace ufw ruby kmod procps conntrack)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -1,0 +1,261 @@
+"""`nftrace why --dry-run` as a user runs it, against a lab router with an ordinary office
+ruleset (tests/data/router.nft): the answer, its marking, candidate rulesets, established
+connections, and bad input, which is one line, exit 2, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, nftrace, unique_name
+from nftrace.netlab import Topology, in_netns
+from nftrace.sandbox import NETNS_RUN_DIR, SANDBOX_PREFIX, load_ruleset_file, read_candidate
+
+pytestmark = pytest.mark.kernel
+
+ROUTER_RULESET = REPO / "tests" / "data" / "router.nft"
+WEB = ("--from", "10.77.1.2", "--to", "10.77.2.2", "--proto", "tcp", "--dport", "443")
+DMZ_TO_LAN_HTTP = ("--from", "10.77.2.2", "--to", "10.77.1.2", "--proto", "tcp", "--dport", "80")
+
+CANDIDATE = """flush ruleset
+table inet candidate {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        tcp dport 443 drop comment "web closed for maintenance"
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def router():
+    topology = Topology(unique_name("dcli"))
+    topology.up()
+    try:
+        load_ruleset_file(topology.router, read_candidate(ROUTER_RULESET))
+        yield topology.router
+    finally:
+        topology.down()
+
+
+def sandboxes() -> set:
+    return {name for name in os.listdir(NETNS_RUN_DIR) if name.startswith(SANDBOX_PREFIX)}
+
+
+def dry(router, *args):
+    return nftrace("--netns", router, "why", *args, "--dry-run", "--json")
+
+
+def test_dry_run_is_marked_as_such_in_json(router):
+    result = dry(router, *WEB)
+    assert result.returncode == 0, result.stderr
+    document = result.json
+    assert document["mode"] == "dry-run" and document["netns"] == router
+    assert document["dry_run"]["injected"]["iif"] == "r-client"
+    assert document["dry_run"]["ruleset"] == "copy"
+    assert document["dry_run"]["sandbox"].startswith(SANDBOX_PREFIX)
+    assert any("conntrack" in item for item in document["dry_run"]["not_copied"])
+
+
+def test_live_runs_say_live(router):
+    result = nftrace("--netns", router, "why", *WEB, "--timeout", "1", "--json")
+    assert result.json["mode"] == "live" and result.json["dry_run"] is None
+
+
+def test_human_answer_comes_first_and_says_it_is_a_dry_run(router):
+    result = nftrace("--netns", router, "why", *WEB, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.match(r"^ACCEPT 10\.77\.1\.2:\d+ → 10\.77\.2\.2:443 tcp  accepted by inet filter lan_to_dmz rule handle \d+: "
+                    r"meta l4proto \. th dport @dmz_services accept$", lines[0]), lines[0]
+    assert any(line.strip().startswith(f"dry run: sandbox copy of netns {router}") for line in lines)
+
+
+def test_rule_handles_are_the_targets_own(router):
+    decided = dry(router, *WEB).json["packets"][0]["decided_by"]
+    listing = in_netns(router, ["nft", "-a", "list", "chain", "inet", "filter", "lan_to_dmz"]).stdout
+    assert f"{decided['text']} # handle {decided['handle']}" in listing
+
+
+def test_candidate_ruleset_answers_instead_of_the_current_one(router, tmp_path):
+    candidate = tmp_path / "new.nft"
+    candidate.write_text(CANDIDATE)
+    before = in_netns(router, ["nft", "-a", "list", "ruleset"]).stdout
+    result = nftrace("--netns", router, "why", *WEB, "--dry-run", "--ruleset", str(candidate), "--json")
+    assert result.returncode == 0, result.stderr
+    packet = result.json["packets"][0]
+    assert packet["verdict"] == "drop"
+    assert (packet["decided_by"]["table"], packet["decided_by"]["text"]) == (
+        "candidate", 'tcp dport 443 drop comment "web closed for maintenance"')
+    assert result.json["dry_run"]["ruleset"] == str(candidate)
+    assert in_netns(router, ["nft", "-a", "list", "ruleset"]).stdout == before
+    assert dry(router, *WEB).json["packets"][0]["verdict"] == "accept"
+
+
+def test_candidate_in_iptables_save_form_is_recognised(router, tmp_path):
+    candidate = tmp_path / "rules.v4"
+    candidate.write_text("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -p tcp --dport 80 -j ACCEPT\nCOMMIT\n")
+    result = nftrace("--netns", router, "why", *WEB, "--dry-run", "--ruleset", str(candidate),
+                     "--ruleset-kind", "iptables-nft", "--json")
+    assert result.returncode == 0, result.stderr
+    decided = result.json["packets"][0]["decided_by"]
+    assert (decided["table"], decided["chain"], decided["type"], decided["verdict"]) == ("filter", "FORWARD", "policy",
+                                                                                          "drop")
+
+
+def test_established_connection_is_let_through_where_a_new_one_is_not(router):
+    new = dry(router, *DMZ_TO_LAN_HTTP).json["packets"][0]
+    established = nftrace("--netns", router, "why", *DMZ_TO_LAN_HTTP, "--dry-run", "--state", "established",
+                          "--json").json
+    assert (new["verdict"], new["decided_by"]["type"]) == ("drop", "policy")
+    packet = established["packets"][0]
+    assert packet["verdict"] == "accept"
+    assert packet["decided_by"]["text"] == "ct state established,related accept"
+    assert established["dry_run"]["state"] == "established"
+    assert packet["conntrack"][0]["state"] == "established"
+
+
+def test_a_new_packet_through_conntrack_rules_carries_the_conntrack_warning(router):
+    warnings = dry(router, *WEB).json["warnings"]
+    assert any("conntrack table starts empty" in warning for warning in warnings)
+
+
+def test_locally_sent_flow_starts_in_the_output_hook(router):
+    packet = dry(router, "--from", "10.77.2.1", "--to", "10.77.2.2", "--proto", "udp", "--dport", "514").json["packets"][0]
+    assert packet["hooks"] == ["output"]
+    assert packet["decided_by"]["text"] == 'oifname "r-server" udp dport 514 drop comment "no syslog to the dmz"'
+
+
+def test_iif_says_where_a_packet_from_afar_arrives(router):
+    packet = dry(router, "--from", "192.0.2.7", "--to", "10.77.2.2", "--proto", "tcp", "--dport", "443",
+                 "--iif", "r-client").json["packets"][0]
+    assert packet["packet"]["iif"] == "r-client"
+    assert packet["decided_by"]["chain"] == "lan_to_dmz"
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_invalid_candidate_is_the_parsers_message_with_file_and_line(router, tmp_path):
+    bad = tmp_path / "bad.nft"
+    bad.write_text("table inet t {\n  chain c {\n    tcp dport 22 acccept\n  }\n}\n")
+    before = sandboxes()
+    line = one_line_error(nftrace("--netns", router, "why", *WEB, "--dry-run", "--ruleset", str(bad), "--json"))
+    assert re.match(rf"^nftrace: --ruleset: {re.escape(str(bad))}:3:\d+(-\d+)?: Error: ", line), line
+    assert sandboxes() == before
+
+
+def test_unreadable_candidate_is_one_line(router, tmp_path):
+    before = sandboxes()
+    line = one_line_error(nftrace("--netns", router, "why", *WEB, "--dry-run", "--ruleset", str(tmp_path / "none.nft")))
+    assert line == f"nftrace: --ruleset: cannot read {tmp_path / 'none.nft'}: No such file or directory"
+    assert sandboxes() == before
+
+
+def test_iptables_candidate_that_does_not_load_is_one_line(router, tmp_path):
+    bad = tmp_path / "bad.rules"
+    bad.write_text("*filter\n-A FORWARD -p tcp --dport 80 -j NOSUCHTARGET\nCOMMIT\n")
+    line = one_line_error(nftrace("--netns", router, "why", *WEB, "--dry-run", "--ruleset", str(bad),
+                                  "--ruleset-kind", "iptables-nft"))
+    assert line.startswith(f"nftrace: --ruleset: {bad}: iptables-nft-restore:")
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--from", "10.77.1.2", "--to", "10.77.2.2", "--dry-run"), "give --proto"),
+    (("--from", "10.77.1.0/24", "--to", "10.77.2.2", "--proto", "tcp", "--dport", "1", "--dry-run"), "one address"),
+    (WEB + ("--ruleset", "x.nft"), "go with --dry-run"),
+    (WEB + ("--dry-run", "--state", "half-open"), "--state"),
+    (("--from", "192.0.2.7", "--to", "10.77.2.2", "--proto", "tcp", "--dport", "443", "--dry-run"), "no route back"),
+    (WEB + ("--dry-run", "--", "true"), "no COMMAND"),
+])
+def test_bad_dry_run_requests_are_one_line_and_leave_nothing(router, args, message):
+    before = sandboxes()
+    line = one_line_error(nftrace("--netns", router, "why", *args))
+    assert message in line
+    assert sandboxes() == before
+
+
+def test_sigterm_while_the_sandbox_is_built_removes_it(router, tmp_path):
+    big = tmp_path / "big.nft"
+    rules = "".join(f"    tcp dport {1000 + i} ip saddr 192.0.2.{i % 250} drop\n" for i in range(100_000))
+    big.write_text("table inet big {\n  chain input {\n    type filter hook input priority 0;\n" + rules + "  }\n}\n")
+    process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", router, "why", *WEB, "--dry-run",
+                                "--ruleset", str(big), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    prefix = f"{SANDBOX_PREFIX}{process.pid}-"
+    deadline = time.monotonic() + 20
+    while not any(name.startswith(prefix) for name in sandboxes()) and process.poll() is None:
+        assert time.monotonic() < deadline, "no sandbox appeared"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr
+    assert not any(name.startswith(prefix) for name in sandboxes())
+
+
+BRIDGED_RULESET = """
+table inet host {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        tcp dport 22 accept
+    }
+    chain output {
+        type filter hook output priority filter; policy drop;
+        meta skuid 0 udp dport 53 accept
+    }
+}
+"""
+
+
+@pytest.fixture
+def bridged_host(netns):
+    """A host whose address sits on a bridge, with a rule on socket owners."""
+    host = netns("brh")
+    for command in (["ip", "link", "add", "br0", "type", "bridge"], ["ip", "link", "add", "port0", "type", "veth",
+                    "peer", "name", "port0-peer"], ["ip", "link", "set", "port0", "master", "br0"],
+                    ["ip", "address", "add", "10.88.0.1/24", "dev", "br0"], ["ip", "link", "set", "br0", "up"]):
+        in_netns(host, command)
+    in_netns(host, ["nft", "-f", "-"], input=BRIDGED_RULESET)
+    return host
+
+
+def test_a_packet_through_an_interface_that_is_only_approximated_carries_a_warning(bridged_host):
+    result = nftrace("--netns", bridged_host, "why", "--from", "10.88.0.5", "--to", "10.88.0.1", "--proto", "tcp",
+                     "--dport", "22", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.json["packets"][0]["packet"]["iif"] == "br0"
+    assert any("br0 is a bridge" in warning for warning in result.json["warnings"])
+    assert any("port0 is a port of br0" in item for item in result.json["dry_run"]["not_copied"])
+
+
+def test_a_rule_on_socket_owners_on_the_path_carries_a_warning(bridged_host):
+    result = nftrace("--netns", bridged_host, "why", "--from", "10.88.0.1", "--to", "10.88.0.5", "--proto", "udp",
+                     "--dport", "53", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    packet = result.json["packets"][0]
+    assert (packet["verdict"], packet["decided_by"]["text"]) == ("accept", "meta skuid 0 udp dport 53 accept")
+    assert any("socket owners" in warning for warning in result.json["warnings"])
+
+
+def test_no_packet_seen_exits_3_and_says_why_when_the_interface_is_down(netns):
+    host = netns("down")
+    in_netns(host, ["ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan0-peer"])
+    in_netns(host, ["ip", "address", "add", "10.89.0.1/24", "dev", "wan0"])
+    result = nftrace("--netns", host, "why", "--from", "10.89.0.5", "--to", "10.89.0.1", "--proto", "udp",
+                     "--dport", "53", "--iif", "wan0", "--dry-run", "--json")
+    assert result.returncode == 3, result.stderr
+    assert result.json["packets"] == []
+    assert "interface wan0 is down in netns" in " ".join(result.json["warnings"])

@@ -1,0 +1,139 @@
+"""Differential tests against the kernel: for every flow of every expectation file (the
+scenarios in rules/ and the files in tests/data/), a dry run with no traffic at all and a
+live trace of a real packet in the lab give the same verdict, the same deciding rule (its
+handle in the router included), and the same path through hooks and chains.
+
+The lab's router loads the file's ruleset; the live packet comes from the flow's sender
+(client, server, or the router itself) with the flow's source address. The dry run copies
+the router into a sandbox and must leave the router's ruleset and counters as they were.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, nftrace, unique_name
+from nftrace.expectations import load_expectations
+from nftrace.netlab import Topology, in_netns
+from nftrace.sandbox import load_ruleset_file, read_candidate
+
+pytestmark = pytest.mark.kernel
+
+LIVE_SENDER = str(REPO / "tests" / "live_sender.py")
+LIVE_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
+
+
+def expectation_files() -> list[Path]:
+    """tests/data/ always; rules/ once the lab scenarios are there (none is no failure)."""
+    return sorted((REPO / "tests" / "data").glob("*.expect.toml")) + sorted((REPO / "rules").glob("*.expect.toml"))
+
+
+def cases() -> list:
+    found = []
+    for path in expectation_files():
+        for index, flow in enumerate(load_expectations(path).flows):
+            found.append(pytest.param(path, index, id=f"{path.parent.name}/{path.name}:{flow.name}"))
+    return found
+
+
+class Labs:
+    """One lab at a time, for the expectation file whose flows are being run."""
+
+    def __init__(self):
+        self.path = None
+        self.topology = None
+
+    def get(self, path: Path):
+        if path != self.path:
+            self.close()
+            file = load_expectations(path)
+            topology = Topology(unique_name("dif"))
+            topology.up()
+            self.topology, self.path = topology, path
+            load_ruleset_file(topology.router, read_candidate(file.ruleset, file.ruleset_kind))
+            self._add_source_addresses(file)
+        return self.topology
+
+    def _add_source_addresses(self, file) -> None:
+        """Each flow's source address on its sender, so that a real packet can carry it."""
+        topology = self.topology
+        for flow in file.flows:
+            namespace = getattr(topology, flow.sender)
+            address = flow.flow.src.network_address
+            present = in_netns(namespace, ["ip", "-j", "address", "show"]).stdout
+            if f'"{address}"' in present:
+                continue
+            device = "eth0" if flow.sender != "router" else "lo"
+            length = 32 if address.version == 4 else 128
+            in_netns(namespace, ["ip", "address", "add", f"{address}/{length}", "dev", device,
+                                 *(["nodad"] if address.version == 6 else [])])
+
+    def close(self) -> None:
+        if self.topology is not None:
+            self.topology.down()
+        self.topology = self.path = None
+
+
+@pytest.fixture(scope="module")
+def labs():
+    holder = Labs()
+    try:
+        yield holder
+    finally:
+        holder.close()
+
+
+def flow_args(flow) -> list[str]:
+    args = ["--from", str(flow.src.network_address), "--to", str(flow.dst.network_address)]
+    for option, value in (("--proto", flow.proto), ("--sport", flow.sport), ("--dport", flow.dport),
+                          ("--iif", flow.iif), ("--oif", flow.oif)):
+        if value is not None:
+            args += [option, str(value)]
+    return args
+
+
+def live_command(topology, expectation) -> list[str]:
+    flow = expectation.flow
+    argv = [sys.executable, LIVE_SENDER, str(flow.src.network_address), str(flow.dst.network_address), flow.proto,
+            str(flow.dport or 0), str(flow.sport or 0)]
+    if expectation.sender == "router":
+        return argv  # nftrace runs inside the router, and so does its traffic command
+    return ["ip", "netns", "exec", getattr(topology, expectation.sender), *argv]
+
+
+def essentials(result) -> dict:
+    """What must agree: whether a packet was seen, its verdict, its deciding rule, its path."""
+    if result.returncode == 3:
+        return {"packet": None}
+    assert result.returncode == 0, result.stderr
+    packet = result.packets[0]
+    decided = packet["decided_by"] or {}
+    return {
+        "verdict": packet["verdict"],
+        "hooks": packet["hooks"],
+        "decided_by": {key: decided.get(key) for key in ("hook", "family", "table", "chain", "type", "handle",
+                                                           "text", "verdict")},
+        "steps": [(s["hook"], s["family"], s["table"], s["chain"], s["type"], s["handle"], s["verdict"], s["target"])
+                  for s in packet["steps"]],
+        "nat": [(n["hook"], n["field"], n["to"]) for n in packet["nat"]],
+    }
+
+
+@pytest.mark.parametrize("path,index", cases())
+def test_dry_run_and_live_trace_agree(labs, path, index):
+    expectation = load_expectations(path).flows[index]
+    if expectation.flow.proto not in LIVE_PROTOCOLS:
+        pytest.skip(f"the lab has no live sender for {expectation.flow.proto}")
+    topology = labs.get(path)
+    args = flow_args(expectation.flow)
+    live = nftrace("--netns", topology.router, "why", *args, "--count", "1", "--timeout", "8", "--json", "--",
+                   *live_command(topology, expectation))
+    before = in_netns(topology.router, ["nft", "-a", "list", "ruleset"]).stdout
+    dry = nftrace("--netns", topology.router, "why", *args, "--dry-run", "--json")
+    assert in_netns(topology.router, ["nft", "-a", "list", "ruleset"]).stdout == before
+    assert dry.returncode in (0, 3), dry.stderr
+    assert dry.json["mode"] == "dry-run" and (live.returncode == 3 or live.json["mode"] == "live")
+    assert essentials(dry) == essentials(live)
