@@ -149,7 +149,10 @@ def why(
 
     exit_code = None
     try:
-        session.run(on_packet, on_ready, on_batch=stream.flush if stream else None)
+        # A live trace flushes JSON once per batch of events read; a dry run's one answer is
+        # flushed when the document is finished.
+        batches = {"on_batch": stream.flush} if stream and not dry_run else {}
+        session.run(on_packet, on_ready, **batches)
     except NftraceError as err:
         if not (stream and stream.started):
             _fail(err)
