@@ -118,8 +118,16 @@ def essentials(result) -> dict:
                                                            "text", "verdict")},
         "steps": [(s["hook"], s["family"], s["table"], s["chain"], s["type"], s["handle"], s["verdict"], s["target"])
                   for s in packet["steps"]],
-        "nat": [(n["hook"], n["field"], n["to"]) for n in packet["nat"]],
+        "nat": [(n["hook"], n["field"], _nat_target(n)) for n in packet["nat"]],
     }
+
+
+def _nat_target(change: dict) -> str:
+    """Where NAT sent the packet; an ephemeral source port that NAT kept differs between any two
+    packets, so it reads as "kept"."""
+    before_port, after = change["from"].rpartition(":")[2], change["to"]
+    address, _, port = after.rpartition(":")
+    return f"{address}:kept" if port == before_port else after
 
 
 @pytest.mark.parametrize("path,index", cases())
