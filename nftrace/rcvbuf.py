@@ -11,7 +11,8 @@ sized from how far nftrace may fall behind:
 - without one (`--max-rate 0`): MAX_RCVBUF, 1 GiB, which holds about 1.5 million events
   (a flood of 100,000 forwarded packets through a small ruleset, unread);
 - NFTRACE_RCVBUF=SIZE (bytes, or with K, M, G; 1G at most, the kernel's limit) replaces the
-  computed size, to cap it on a small box or to raise it for a rate limit above ~6,000/s.
+  computed size: to cap it on a small box, or to give a rate limit with a heavy ruleset (many
+  events per packet) more room than the estimate.
 
 When it was not enough, the socket's drop counter says how many events were lost, and the
 run says so (lost_events, a warning naming this setting).
