@@ -27,7 +27,7 @@ from bench.probes import inside_netns  # noqa: E402
 from nftrace.events import TRACE_MESSAGE_TYPE, decode_datagram  # noqa: E402
 from nftrace.monitor import TraceMonitor  # noqa: E402
 from nftrace.netlab import (  # noqa: E402
-    CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, SERVER_V4, Topology, in_netns, python_in_netns,
+    ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, SERVER_V4, Topology, in_netns, python_in_netns,
 )
 
 RECORD_RULESET = """
