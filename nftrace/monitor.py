@@ -3,8 +3,10 @@
 One raw NETLINK_NETFILTER socket joins NFNLGRP_NFTRACE (trace events) and, once the
 trace rules are in, NFNLGRP_NFTABLES (ruleset changes). Both arrive on the same socket, so
 a generation change is seen in order with the trace events around it. The socket is read
-until it is empty on every wake-up: the kernel queues datagrams, and a reader that takes one
-per wake-up falls behind under a flood.
+in batches of up to READ_BATCH datagrams per wake-up, without waiting in between: the kernel
+queues datagrams, and a reader that takes one per wake-up falls behind under a flood, while
+one that drains a backlog of a million events in a single call never lets its caller expire
+finished packets. How big the receive buffer may grow is decided in rcvbuf.py.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ NLMSG_OVERRUN = 4
 
 DELTABLE_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE
 NEWGEN_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
-# Default receive buffer: big enough for the default rate limit with a wide margin, small
-# enough to be a reasonable amount of kernel memory on a production box.
+# Receive buffer of a monitor made without a size (nftrace's runs size it with rcvbuf.py).
 DEFAULT_RCVBUF = 64 * 1024 * 1024
+# Datagrams read per call of read(): enough to make the wake-up cost nothing, few enough that
+# the caller gets control back every few tens of milliseconds while it drains a backlog.
+READ_BATCH = 4096
+_NLMSG_HEADER = struct.Struct("=IH")
 
 
 @dataclass(frozen=True)
@@ -121,9 +126,13 @@ def socket_drops(inode: int) -> int:
     return 0
 
 
-def read_datagrams(sock: socket.socket, buffer: bytearray, what: str = "trace events") -> Iterator[Optional[bytes]]:
-    """Every datagram queued on a non-blocking socket now; an overrun (ENOBUFS) yields None."""
-    while True:
+def read_datagrams(sock: socket.socket, buffer, what: str = "trace events",
+                   limit: Optional[int] = None) -> Iterator[Optional[bytes]]:
+    """The datagrams queued on a non-blocking socket now (at most `limit`); an overrun
+    (ENOBUFS) yields None. `buffer` may be a memoryview, which slices without copying."""
+    left = -1 if limit is None else limit
+    while left:
+        left -= 1
         try:
             size = sock.recv_into(buffer)
         except BlockingIOError:
@@ -142,8 +151,10 @@ class TraceMonitor:
     def __init__(self, rcvbuf: int = DEFAULT_RCVBUF):
         self.sock = open_netfilter_socket(rcvbuf)
         self._join(NFNLGRP_NFTRACE)
+        self.rcvbuf = rcvbuf
         self.overruns = 0
         self._buffer = bytearray(1 << 20)
+        self._view = memoryview(self._buffer)
         self._inode = os.fstat(self.sock.fileno()).st_ino
 
     def _join(self, group: int) -> None:
@@ -170,18 +181,32 @@ class TraceMonitor:
         ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
         return bool(ready)
 
-    def read_raw(self) -> Iterator[Optional[bytes]]:
-        """Every datagram queued now; an overrun yields None, is counted, and reading goes on."""
-        for datagram in read_datagrams(self.sock, self._buffer):
+    @property
+    def drained(self) -> bool:
+        """Nothing is queued on the socket now (reads come in batches: a backlog may remain)."""
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        return not ready
+
+    def read_raw(self, limit: Optional[int] = None) -> Iterator[Optional[bytes]]:
+        """The datagrams queued now (at most `limit`); an overrun yields None, is counted, and
+        reading goes on."""
+        for datagram in read_datagrams(self.sock, self._view, limit=limit):
             if datagram is None:
                 self.overruns += 1
             yield datagram
 
-    def read(self) -> Iterator[MonitorItem]:
-        """Decode everything queued now into trace events and ruleset notices."""
-        for datagram in self.read_raw():
+    def read(self, limit: Optional[int] = READ_BATCH) -> Iterator[MonitorItem]:
+        """Decode what is queued now (up to `limit` datagrams; None: until the socket is empty)
+        into trace events and ruleset notices."""
+        header = _NLMSG_HEADER.unpack_from
+        for datagram in self.read_raw(limit):
             if datagram is None:
                 yield EventsLost()
+                continue
+            length, msg_type = header(datagram, 0) if len(datagram) >= 16 else (0, 0)
+            if msg_type == TRACE_MESSAGE_TYPE and length == len(datagram):
+                # The kernel sends each trace event in a datagram of its own.
+                yield decode_trace_message(datagram)
             else:
                 yield from decode_monitor_datagram(datagram)
 

@@ -20,7 +20,9 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -180,6 +182,7 @@ class _PacketState:
     closed: bool = False
 
 
+@functools.lru_cache(maxsize=256)
 def _own_chain_hook(chain: str) -> Optional[str]:
     for prefix in (MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX):
         if chain.startswith(prefix):
@@ -193,6 +196,12 @@ class PathBuilder:
 
     `keep` decides from a packet's first headers whether it belongs to this run's flow;
     packets it rejects are forgotten at once, so a busy box costs no memory.
+
+    Memory stays flat under a flood: a finished packet leaves nothing but its id and the time
+    of its last event (`_finished`) until that id starts a new packet or goes idle; packets
+    still being built (`_open`) are few. The maps are kept in order of last activity (an
+    event moves its id to the end), so `expire` looks only at what went idle. `now` must not
+    go backwards.
     """
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
@@ -202,16 +211,26 @@ class PathBuilder:
         self.idle_seconds = idle_seconds
         # `lo` is ifindex 1 in every network namespace.
         self.loopback_ifindexes = loopback_ifindexes
-        self._open: dict[int, _PacketState] = {}
+        self._open: OrderedDict[int, _PacketState] = OrderedDict()
+        self._finished: OrderedDict[int, float] = OrderedDict()  # trace id -> last event's time
         self.loss_pending = False
         # Paths that left through loopback, waiting for their second half (see _close).
-        self._looped: dict[tuple, tuple[PacketPath, float]] = {}
+        self._looped: OrderedDict[tuple, tuple[PacketPath, float]] = OrderedDict()
 
     def feed(self, event: TraceEvent, now: float = 0.0) -> list:
         """Add one event; return the packets it finished (a new packet can finish an old one)."""
         done = []
-        state = self._open.get(event.trace_id)
-        if state is not None and self._starts_new_packet(state, event):
+        trace_id = event.trace_id
+        state = self._open.get(trace_id)
+        if state is None:
+            if trace_id in self._finished:
+                if not event.starts_base_chain:
+                    # A late event of a packet already finished: swallowed.
+                    self._finished[trace_id] = now
+                    self._finished.move_to_end(trace_id)
+                    return done
+                del self._finished[trace_id]  # the id is reused by a new packet
+        elif self._starts_new_packet(state, event):
             done.extend(self._close(state))
             state = None
         if state is None:
@@ -228,7 +247,9 @@ class PathBuilder:
                 # hashes the input interface): its path goes on where it left off.
                 state.path, state.checked = looped[0], True
                 state.path.complete, state.path.verdict, state.path.decided_by = False, "unknown", None
-            self._open[event.trace_id] = state
+            self._open[trace_id] = state
+        else:
+            self._open.move_to_end(trace_id)  # _open stays in order of last activity
         state.last_seen = now
         if state.ignored or state.closed:
             return done
@@ -248,13 +269,28 @@ class PathBuilder:
     def expire(self, now: float) -> list:
         """Close packets that went quiet: whatever happened next, netfilter did not see it."""
         done = []
-        for state in list(self._open.values()):
-            if now - state.last_seen >= self.idle_seconds:
-                done.extend(self._close(state))
-        for key, (path, since) in list(self._looped.items()):
-            if now - since >= self.idle_seconds:
-                del self._looped[key]
-                done.append(path)
+        packets = self._open
+        while packets:
+            trace_id = next(iter(packets))
+            state = packets[trace_id]
+            if now - state.last_seen < self.idle_seconds:
+                break  # every later packet was active more recently
+            del packets[trace_id]
+            done.extend(self._close(state))
+        finished = self._finished
+        while finished:
+            trace_id = next(iter(finished))
+            if now - finished[trace_id] < self.idle_seconds:
+                break
+            del finished[trace_id]
+        looped = self._looped
+        while looped:
+            key = next(iter(looped))
+            path, since = looped[key]
+            if now - since < self.idle_seconds:
+                break
+            del looped[key]
+            done.append(path)
         return done
 
     def flush(self) -> list:
@@ -262,6 +298,7 @@ class PathBuilder:
         done = []
         for state in list(self._open.values()):
             done.extend(self._close(state, wait_for_loop=False))
+        self._finished.clear()
         done.extend(self.release_looped())
         return done
 
@@ -319,6 +356,11 @@ class PathBuilder:
             return []
         state.finished = True
         return self._close(state, forget=False)
+
+    @property
+    def tracked_ids(self) -> int:
+        """Trace ids held in memory: packets being built, and finished ones not yet expired."""
+        return len(self._open) + len(self._finished)
 
     # -- one event -------------------------------------------------------------------------
 
@@ -441,16 +483,19 @@ class PathBuilder:
     def _close(self, state: _PacketState, forget: bool = True, wait_for_loop: bool = True) -> list:
         """Finish a packet's path; return it unless it is not this run's.
 
-        A finished packet's state stays (forget=False) until its id starts a new packet or
-        goes idle, so that a late event of the same packet is not mistaken for a new one.
+        A finished packet's id is remembered (forget=False) until it starts a new packet or
+        goes idle, so that a late event of the same packet is not mistaken for a new one; the
+        rest of its state is let go at once.
         A packet that left through loopback is not finished yet: it comes back in at
         prerouting, so its path waits (until idle) for that second half.
         """
-        if forget:
-            self._open.pop(state.trace_id, None)
+        self._open.pop(state.trace_id, None)
         if state.closed:
             return []
         state.closed = True
+        if not forget:
+            self._finished[state.trace_id] = state.last_seen
+            self._finished.move_to_end(state.trace_id)
         path = state.path
         if state.ignored or path.first_packet is None:
             return []
@@ -464,7 +509,9 @@ class PathBuilder:
         if wait_for_loop and path.complete and path.verdict == "accept" and path.hooks[-1:] == ["postrouting"] \
                 and path.interface_index("oif") in self.loopback_ifindexes:
             last = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
-            self._looped[_header_key(last)] = (path, state.last_seen)
+            key = _header_key(last)
+            self._looped[key] = (path, state.last_seen)
+            self._looped.move_to_end(key)
             return []
         return [path]
 
@@ -526,6 +573,14 @@ def _endpoint(packet: PacketHeaders, side: str) -> str:
     return f"{text}:{port}" if port else text
 
 
+def _same_endpoint(one: PacketHeaders, other: PacketHeaders, side: str) -> bool:
+    if side == "src":
+        address, port, other_address, other_port = one.src, one.sport, other.src, other.sport
+    else:
+        address, port, other_address, other_port = one.dst, one.dport, other.dst, other.dport
+    return port == other_port and (address is other_address or address == other_address)
+
+
 # NAT statements as nft lists them (`dnat ip to 10.0.0.2:80`, `masquerade`, `redirect to :8080`),
 # not the `ct status dnat` match.
 _NAT_STATEMENT_RE = re.compile(r"\b(snat|dnat)\b(?=\s+(?:ip6?\s+)?(?:prefix\s+)?to\b)|\b(masquerade|redirect)\b")
@@ -560,6 +615,8 @@ def nat_rewrites(observations: list, steps: list = ()) -> list:
             continue
         if previous is not None:
             for side in ("src", "dst"):
+                if _same_endpoint(previous, packet, side):
+                    continue  # the common case, decided without making text
                 before, after = _endpoint(previous, side), _endpoint(packet, side)
                 if before != after:
                     kind, step = _nat_rule(steps, observation.hook, side)

@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 TRACE_TABLE_PREFIX = "nftrace_"
 
 _TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)$")
+_TABLE_NAME_RE = re.compile(r"^table (\S+) (.+?) \{")
 _CHAIN_RE = re.compile(r"^chain (.+?) \{ # handle (\d+)$")
 _BASE_RE = re.compile(r"^type (\S+) hook (\S+)(?: .*?)? priority ([^;]+);(?: policy (\S+);)?")
 _RULE_RE = re.compile(r"^(.*) # handle (\d+)$")
@@ -85,9 +86,22 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
     family = table = None
     chain: Optional[ChainInfo] = None
     for line in text.splitlines():
-        depth = len(line) - len(line.lstrip("\t"))
+        if line.startswith("\t\t\t") or not line.startswith("\t\t"):
+            depth = len(line) - len(line.lstrip("\t"))
+        else:
+            depth = 2  # a rule, most lines of a big ruleset: no need to count
         body = line.strip()
         if not body:
+            continue
+        if depth == 2 and chain is not None and chain.rules:
+            # A chain's base-chain line comes before its first rule: from then on only rules.
+            head, marker, handle = body.rpartition(" # handle ")
+            if marker and handle.isdecimal():
+                number = int(handle)
+                chain.rules.append(number)
+                rules[(family, table, chain.name, number)] = RuleInfo(
+                    family, table, chain.name, number, head.strip(), len(chain.rules)
+                )
             continue
         if depth == 0:
             match = _TABLE_RE.match(body)
@@ -127,6 +141,23 @@ class RulesetSnapshot:
     @classmethod
     def take(cls, nft) -> "RulesetSnapshot":
         return cls(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+
+    @classmethod
+    def take_tables(cls, nft) -> "RulesetSnapshot":
+        """Table names only (handles unknown): enough to find leftover trace tables, and cheap
+        on a ruleset of 50,000 rules, so that the trace rules go in without waiting for a full
+        listing (`refresh` with one fills the rest in).
+
+        `list chains`, not `list tables`: nft 1.0.6 fetches the whole ruleset, set elements
+        included, to list tables, and only tables and chains to list chains; both name every
+        table, empty ones too.
+        """
+        snapshot = cls()
+        for line in nft.run("list chains").splitlines():
+            match = _TABLE_NAME_RE.match(line)
+            if match:
+                snapshot.tables[(match.group(1), _unquote(match.group(2)))] = None
+        return snapshot
 
     def refresh(self, listing: str) -> None:
         """Replace with a newer listing; rules gone from a table that still exists stay, marked deleted."""

@@ -8,7 +8,6 @@ reports kernel drops (kerneldrop) is stopped the same way, and dies with nftrace
 
 from __future__ import annotations
 
-import os
 import select
 import subprocess
 import sys
@@ -23,9 +22,10 @@ from .events import TraceEvent
 from .flow import Flow
 from .kerneldrop import DropCorrelator, DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from .legacy import legacy_tables
-from .monitor import DEFAULT_RCVBUF, EventsLost, RulesetChanged, TableDeleted, TraceMonitor
+from .monitor import EventsLost, RulesetChanged, TableDeleted, TraceMonitor
 from .nft import NftContext
 from .paths import PacketPath
+from .rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from .signals import Interrupted, SignalsAsExceptions
@@ -46,7 +46,7 @@ class TraceOptions:
     max_rate: int = DEFAULT_MAX_RATE
     command: list = field(default_factory=list)
     idle_seconds: float = 2.0
-    rcvbuf: int = field(default_factory=lambda: int(os.environ.get("NFTRACE_RCVBUF", DEFAULT_RCVBUF)))
+    rcvbuf: Optional[int] = None  # None: sized from max_rate, or NFTRACE_RCVBUF (rcvbuf.py)
     drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
 
@@ -64,7 +64,7 @@ def prepare_namespace(options: TraceOptions) -> None:
 def open_nftables() -> NftContext:
     nft = NftContext()
     try:
-        nft.run("list tables")
+        nft.run("list chains")  # not `list tables`: nft 1.0.6 fetches the whole ruleset for that
     except KernelError as err:
         raise EnvironmentProblem(f"nf_tables is not available in this kernel or namespace ({err})") from None
     return nft
@@ -82,8 +82,11 @@ class TraceSession:
         self._correlator: Optional[DropCorrelator] = None
         self._iptables_nft: Optional[IptablesNftText] = None
 
-    def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None) -> None:
+    def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
+            on_batch: Optional[Callable[[], None]] = None) -> None:
+        """`on_batch` is called after each batch of events read: the moment to flush output."""
         options = self.options
+        rcvbuf = options.rcvbuf or receive_buffer_size(options.max_rate)
         with SignalsAsExceptions():
             prepare_namespace(options)
             nft, plan = self._plan()
@@ -92,11 +95,13 @@ class TraceSession:
             with ExitStack() as undo:
                 snapshot = monitor = table = legacy = None
                 if plan.nft:
-                    snapshot = RulesetSnapshot.take(nft)
+                    # Tables only until the trace rules are in: a full listing of a big ruleset takes
+                    # long, and it is taken once they are in anyway.
+                    snapshot = RulesetSnapshot.take_tables(nft)
                     removed = remove_leftover_tables(nft, snapshot)
                     if removed:
                         self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
-                    monitor = undo.enter_context(TraceMonitor(options.rcvbuf))
+                    monitor = undo.enter_context(TraceMonitor(rcvbuf))
                 drops = undo.enter_context(self._drop_watcher())
                 if plan.legacy:
                     # Listening before anything sets the trace bit: no TRACE line is missed.
@@ -111,16 +116,13 @@ class TraceSession:
                     self._await_drop_watcher(drops)
                     on_ready()
                     self._start_command()
-                    self._loop(nft, snapshot, monitor, table, builder, on_packet, legacy)
+                    self._loop(nft, snapshot, monitor, table, builder, on_packet, legacy, on_batch)
                 finally:
                     self._stop_command()
                     self.report.lost_events = ((monitor.dropped_messages() or monitor.overruns) if monitor else 0) + (
                         legacy.lost_messages() if legacy else 0)
                     if self.report.lost_events:
-                        self.report.warnings.append(
-                            f"{self.report.lost_events} trace events were lost (netlink socket buffer full); the packets "
-                            "they belonged to are marked incomplete. Lower --max-rate or raise NFTRACE_RCVBUF."
-                        )
+                        self.report.warnings.append(loss_warning(self.report.lost_events, rcvbuf, options.max_rate))
                     if self._correlator is not None:
                         self.report.warnings.extend(self._correlator.notes)
                     unmatched = getattr(builder, "unmatched_lines", 0)
@@ -205,7 +207,7 @@ class TraceSession:
             process.kill()
             process.wait()
 
-    def _loop(self, nft, snapshot, monitor, table, builder, on_packet, legacy=None) -> None:
+    def _loop(self, nft, snapshot, monitor, table, builder, on_packet, legacy=None, on_batch=None) -> None:
         options = self.options
         deadline = time.monotonic() + options.timeout if options.timeout else None
         correlator = self._correlator
@@ -223,12 +225,12 @@ class TraceSession:
                 on_packet(path)
 
         try:
-            self._follow(nft, snapshot, monitor, table, builder, deliver, deadline, legacy)
+            self._follow(nft, snapshot, monitor, table, builder, deliver, deadline, legacy, on_batch)
         except (KeyboardInterrupt, Interrupted):
             # What happened up to now is still answered: events already queued on the socket,
             # and answers complete but held (for a late kernel drop, or for their way back in
             # through loopback); then the interruption goes on.
-            for item in monitor.read() if monitor is not None else ():
+            for item in monitor.read(limit=None) if monitor is not None else ():
                 if isinstance(item, TraceEvent):
                     deliver(builder.feed(item, time.monotonic()))
                 elif isinstance(item, EventsLost):
@@ -245,7 +247,7 @@ class TraceSession:
         if correlator is not None:
             deliver(correlator.release(time.monotonic(), everything=True), held=True)
 
-    def _follow(self, nft, snapshot, monitor, table, builder, deliver, deadline, legacy=None) -> None:
+    def _follow(self, nft, snapshot, monitor, table, builder, deliver, deadline, legacy=None, on_batch=None) -> None:
         """Read events until --count, --timeout, or the traffic command is done and settled."""
         options, correlator = self.options, self._correlator
         command_done_at = None
@@ -257,7 +259,8 @@ class TraceSession:
                 return
             if self._process is not None and command_done_at is None and self._process.poll() is not None:
                 command_done_at = now
-            if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS:
+            # A backlog still in the socket belongs to the command's packets: read it all first.
+            if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS and monitor.drained:
                 settled = builder.open_packets == 0 and not (correlator and correlator.holding)
                 if settled or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
                     return
@@ -278,7 +281,8 @@ class TraceSession:
                     elif isinstance(item, TableDeleted) and item.name == table.name:
                         table.installed = False
                         raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
-                builder.socket_drained()
+                if monitor.drained:  # reads come in batches: a backlog may still be queued
+                    builder.socket_drained()
             if legacy is not None and (readable or drops):
                 # Read after the trace events: the TRACE lines written before them are all here.
                 deliver(builder.feed_legacy(legacy.read(), time.monotonic()))
@@ -288,6 +292,8 @@ class TraceSession:
             deliver(builder.expire(time.monotonic()))
             if correlator is not None:
                 deliver(correlator.release(time.monotonic()), held=True)
+            if on_batch is not None:
+                on_batch()
 
     def _wait(self, sources: list, timeout: float) -> list:
         """Wait for trace events, TRACE lines or kernel drops."""
