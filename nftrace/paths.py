@@ -186,7 +186,7 @@ class _PacketState:
 def _own_chain_hook(chain: str) -> Optional[str]:
     for prefix in (MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX):
         if chain.startswith(prefix):
-            hook = chain[len(prefix):]
+            hook = chain[len(prefix):].split("@")[0]  # mark_ingress@N: one chain per device
             return hook if hook in HOOK_RANK else None
     return None
 

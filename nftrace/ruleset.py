@@ -20,6 +20,7 @@ _TABLE_NAME_RE = re.compile(r"^table (\S+) (.+?) \{")
 _CHAIN_RE = re.compile(r"^chain (.+?) \{ # handle (\d+)$")
 _BASE_RE = re.compile(r"^type (\S+) hook (\S+)(?: .*?)? priority ([^;]+);(?: policy (\S+);)?")
 _RULE_RE = re.compile(r"^(.*) # handle (\d+)$")
+_DEVICES_RE = re.compile(r' hook \S+ (?:device "?([^" ]+)"?|devices = \{ ([^}]*) \})')
 
 
 # nft's named priorities for the ip, ip6 and inet families.
@@ -63,6 +64,7 @@ class ChainInfo:
     policy: Optional[str] = None
     type: Optional[str] = None
     rules: list = field(default_factory=list)
+    devices: tuple = ()  # ingress/egress chains: the interfaces they are attached to
 
     @property
     def is_base(self) -> bool:
@@ -121,6 +123,10 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
             if base and not chain.rules and chain.hook is None:
                 chain.type, chain.hook, chain.priority, chain.policy = base.groups()
                 chain.priority = chain.priority.strip()
+                devices = _DEVICES_RE.search(body)
+                if devices:
+                    listed = devices.group(1) or devices.group(2)
+                    chain.devices = tuple(d.strip().strip('"') for d in listed.split(",") if d.strip())
                 continue
             match = _RULE_RE.match(body)
             if match:
@@ -179,6 +185,11 @@ class RulesetSnapshot:
 
     def chain(self, family: str, table: str, chain: str) -> Optional[ChainInfo]:
         return self.chains.get((family, table, chain))
+
+    def ingress_devices(self) -> list[str]:
+        """Interfaces with ingress chains of the ruleset: they act before prerouting."""
+        return sorted({device for chain in self.chains.values() if chain.hook == "ingress"
+                       and not is_trace_table(chain.table) for device in chain.devices})
 
     def trace_tables(self) -> Iterable[tuple[str, str]]:
         """Tables that nftrace runs made (its own, or a killed run's leftovers)."""

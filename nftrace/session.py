@@ -110,6 +110,8 @@ class TraceSession:
                     table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
                     monitor.watch_ruleset()
                     snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                    if snapshot.ingress_devices():
+                        table.mark_ingress(snapshot.ingress_devices())
                     self._iptables_nft = IptablesNftText.read(snapshot)
                 builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
                 try:

@@ -27,6 +27,7 @@ from .ruleset import TRACE_TABLE_PREFIX, RulesetSnapshot
 from .system import pid_alive
 
 MARK_PRIORITY = -350
+INGRESS_MARK_PRIORITY = -10000
 OBSERVE_PRIORITY = 2**31 - 1
 MARK_HOOKS = ("prerouting", "output")
 OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
@@ -70,17 +71,37 @@ def mark_hooks(flow: Flow) -> tuple[str, ...]:
     return ("prerouting",) if flow.iif else MARK_HOOKS
 
 
+def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
+                         **attach) -> list[dict]:
+    """A chain on `hook` whose one rule switches tracing on for the flow."""
+    chain = f"mark_{hook}{suffix}"
+    exprs = flow_match(flow, hook)
+    if max_rate:
+        exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
+    exprs.append({"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}})
+    return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
+                               "policy": "accept", **attach}}},
+            {"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": exprs}}}]
+
+
+def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, devices: list[str]) -> list[dict]:
+    """Ingress chains (netdev, or inet ingress) run before prerouting: a packet they drop never
+    reaches the prerouting mark chain, so the trace bit is set at ingress too, on their devices,
+    before them. Its rate limit is a rule of its own: a packet passes it and the prerouting one."""
+    if flow.iif:
+        devices = [device for device in devices if device == flow.iif]
+    commands = []
+    for index, device in enumerate(devices):
+        # libnftables' JSON takes one device per inet ingress chain: a chain per device.
+        commands += _mark_chain_commands(family, name, flow, max_rate, "ingress", f"@{index}", dev=device,
+                                         prio=INGRESS_MARK_PRIORITY)
+    return commands
+
+
 def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int) -> list[dict]:
     commands = []
     for hook in mark_hooks(flow):
-        chain = f"mark_{hook}"
-        commands.append({"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter",
-                                           "hook": hook, "prio": MARK_PRIORITY, "policy": "accept"}}})
-        exprs = flow_match(flow, hook)
-        if max_rate:
-            exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
-        exprs.append({"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}})
-        commands.append({"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": exprs}}})
+        commands += _mark_chain_commands(family, name, flow, max_rate, hook, prio=MARK_PRIORITY)
     for hook in OBSERVE_HOOKS:
         commands.append({"add": {"chain": {"family": family, "table": name, "name": f"obs_{hook}", "type": "filter",
                                            "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept"}}})
@@ -118,6 +139,12 @@ class TraceTable:
         except BaseException:
             self.remove()
             raise
+
+    def mark_ingress(self, devices: list[str]) -> None:
+        """Also set the trace bit at ingress on these interfaces (see ingress_mark_commands)."""
+        commands = ingress_mark_commands(self.family, self.name, self.flow, self.max_rate, devices)
+        if commands:
+            self.nft.run_json(commands)
 
     def remove(self) -> None:
         if not self.installed:

@@ -75,3 +75,23 @@ def test_refresh_forgets_rules_of_a_table_that_was_recreated():
 def test_trace_tables_are_recognised_by_name():
     snapshot = RulesetSnapshot(LISTING + "table inet nftrace_123_abcdef { # handle 9\n}\n")
     assert list(snapshot.trace_tables()) == [("inet", "nftrace_123_abcdef")]
+
+
+def test_ingress_chains_know_their_devices():
+    snapshot = RulesetSnapshot("""table netdev edge { # handle 1
+	chain one { # handle 2
+		type filter hook ingress device "r-server" priority -500; policy accept;
+	}
+	chain two { # handle 3
+		type filter hook ingress devices = { d0, d1 } priority -500; policy accept;
+	}
+}
+table inet nftrace_1_abcdef { # handle 2
+	chain mark_ingress@0 { # handle 1
+		type filter hook ingress device "eth9" priority -10000; policy accept;
+	}
+}
+""")
+    assert snapshot.chain("netdev", "edge", "one").devices == ("r-server",)
+    assert snapshot.chain("netdev", "edge", "two").devices == ("d0", "d1")
+    assert snapshot.ingress_devices() == ["d0", "d1", "r-server"]  # nftrace's own chains are not the ruleset's
