@@ -44,8 +44,16 @@ def router():
         topology.down()
 
 
-def sandboxes() -> set:
+def all_sandboxes() -> set:
     return {name for name in os.listdir(NETNS_RUN_DIR) if name.startswith(SANDBOX_PREFIX)}
+
+
+def sandboxes() -> set:
+    """Sandboxes of processes that are gone: what a finished nftrace run must not leave. (Live
+    ones belong to other runs on the machine, e.g. a concurrent `nftrace test`.)"""
+    from nftrace.system import pid_alive
+
+    return {name for name in all_sandboxes() if not pid_alive(int(name[len(SANDBOX_PREFIX):].split("-")[0]))}
 
 
 def dry(router, *args):
@@ -195,7 +203,7 @@ def test_sigterm_while_the_sandbox_is_built_removes_it(router, tmp_path):
                                text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     prefix = f"{SANDBOX_PREFIX}{process.pid}-"
     deadline = time.monotonic() + 20
-    while not any(name.startswith(prefix) for name in sandboxes()) and process.poll() is None:
+    while not any(name.startswith(prefix) for name in all_sandboxes()) and process.poll() is None:
         assert time.monotonic() < deadline, "no sandbox appeared"
         time.sleep(0.01)
     time.sleep(0.3)
@@ -203,7 +211,7 @@ def test_sigterm_while_the_sandbox_is_built_removes_it(router, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr
-    assert not any(name.startswith(prefix) for name in sandboxes())
+    assert not any(name.startswith(prefix) for name in all_sandboxes())
 
 
 BRIDGED_RULESET = """
