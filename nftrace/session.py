@@ -262,7 +262,8 @@ class TraceSession:
             if self._process is not None and command_done_at is None and self._process.poll() is not None:
                 command_done_at = now
             # A backlog still in the socket belongs to the command's packets: read it all first.
-            if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS and monitor.drained:
+            if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS \
+                    and (monitor is None or monitor.drained):
                 settled = builder.open_packets == 0 and not (correlator and correlator.holding)
                 if settled or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
                     return
