@@ -36,6 +36,7 @@ from .netstate import (NetworkState, parse_route_lines, parse_rule_lines, sandbo
 from .nft import NftContext
 from .nsexec import call_in_namespace
 from .ruleset import is_trace_table, parse_ruleset_listing
+from .system import pid_alive
 
 NETNS_RUN_DIR = "/run/netns"
 SANDBOX_PREFIX = "nftrace-sbx-"
@@ -460,16 +461,6 @@ def _open_sockets(listeners) -> tuple[list, list]:
     return opened, failures
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def leftover_sandboxes() -> list[str]:
     """Sandbox namespaces (and their helpers) whose nftrace run is gone."""
     try:
@@ -479,7 +470,7 @@ def leftover_sandboxes() -> list[str]:
     leftovers = []
     for name in names:
         match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             leftovers.append(name)
     return leftovers
 
