@@ -152,6 +152,20 @@ class Topology:
             in_netns(ns, ["ip", "route", "add", "default", "via", v4])
             in_netns(ns, ["ip", "-6", "route", "add", "default", "via", v6])
         in_netns(self.router, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+        self._wait_until_ready()
+
+    def _wait_until_ready(self, seconds: float = 5.0) -> None:
+        """Links have carrier and no address is still tentative: a first packet sent right after
+        `up` must not be lost to a link that is still coming up (seen on a loaded machine)."""
+        deadline = time.monotonic() + seconds
+        for ns in self.namespaces:
+            while time.monotonic() < deadline:
+                links = in_netns(ns, ["ip", "-o", "link", "show", "type", "veth"]).stdout
+                addresses = in_netns(ns, ["ip", "-o", "addr", "show"]).stdout
+                if "LOWER_UP" in links and all("LOWER_UP" in line for line in links.splitlines()) \
+                        and "tentative" not in addresses:
+                    break
+                time.sleep(0.02)
 
     def start_listeners(self, tcp_ports: Sequence[int], udp_ports: Sequence[int], seconds: float) -> list[int]:
         """TCP and UDP listeners on the server for `seconds`; returns their pids once they listen.
