@@ -23,8 +23,8 @@ from bench import nftmonitor
 from bench.probes import (
     CommitWatcher, Finished, exited, inside_netns, own_usage, reap, rss_bytes, trace_sockets, wait_for_trace_listener,
 )
-from nftrace.monitor import TraceMonitor
-from nftrace.netlab import CLIENT_V4, SERVER_V4, Topology, in_netns
+from nftrace.kernel.monitor import TraceMonitor
+from nftrace.lab.topology import CLIENT_V4, SERVER_V4, Topology, in_netns
 
 FLOOD_PORT = 5000
 ROUTER_RULESET = f"""
@@ -119,7 +119,7 @@ def nftrace_command(netns: str, *, max_rate: int, timeout: float) -> list[str]:
 
 
 def flood_command(lab: Lab, packets: int, rate: float) -> list[str]:
-    return ["ip", "netns", "exec", lab.topology.client, sys.executable, "-m", "nftrace.traffic", "udp", SERVER_V4,
+    return ["ip", "netns", "exec", lab.topology.client, sys.executable, "-m", "nftrace.lab.traffic", "udp", SERVER_V4,
             str(FLOOD_PORT), "--count", str(packets), "--rate", str(rate), "--max-seconds", "120"]
 
 

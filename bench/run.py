@@ -37,8 +37,8 @@ from bench import costs  # noqa: E402
 from bench.flood import FloodResult, Lab, machine, run_flood  # noqa: E402
 from bench.probes import inside_netns  # noqa: E402
 from nftrace.errors import NftraceError  # noqa: E402
-from nftrace.netlab import in_netns, netns_exists, run  # noqa: E402
-from nftrace.tracetable import DEFAULT_MAX_RATE  # noqa: E402
+from nftrace.lab.topology import in_netns, netns_exists, run  # noqa: E402
+from nftrace.kernel.tracetable import DEFAULT_MAX_RATE  # noqa: E402
 
 CALIBRATION_PACKETS = 50
 TARGET_RATIO = 1.5
@@ -304,8 +304,8 @@ def main(argv=None) -> int:
         decode = None
         if calibration.datagrams and args.decode_events:
             print("decoding ...", file=sys.stderr, flush=True)
-            from nftrace.nft import NftContext
-            from nftrace.ruleset import RulesetSnapshot
+            from nftrace.kernel.nft import NftContext
+            from nftrace.trace.ruleset import RulesetSnapshot
 
             with inside_netns(lab.router):
                 router_snapshot = RulesetSnapshot.take(NftContext())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -45,46 +44,6 @@ def main(
         raise typer.Exit(2)
 
 
-class JsonStream:
-    """One JSON document on stdout, written as packets complete, so memory stays flat.
-
-    Each packet is one complete line as soon as it is known (lines after the first start
-    with ", "), so a reader can follow a long run line by line. Nothing is written before
-    the first packet, so an error found while setting up leaves stdout empty; once
-    started, the document is always closed, even on Ctrl-C. Lines are flushed after each
-    batch of events read (`flush`), not one by one: under a flood a write(2) per packet
-    costs more than the packet's decoding; when events trickle in, a batch is one packet.
-    """
-
-    def __init__(self, out, report):
-        self.out = out
-        self.report = report
-        self.count = 0
-        self.started = False
-
-    def _start(self) -> None:
-        header = json.dumps(self.report.header_json())
-        self.out.write(header[:-1] + ', "packets": [\n')
-        self.started = True
-
-    def packet(self, path) -> None:
-        from .report import packet_json
-
-        if not self.started:
-            self._start()
-        self.out.write(("  " if self.count == 0 else ", ") + json.dumps(packet_json(path, self.report.interfaces)) + "\n")
-        self.count += 1
-
-    def flush(self) -> None:
-        self.out.flush()
-
-    def finish(self) -> None:
-        if not self.started:
-            self._start()
-        self.out.write("], " + json.dumps(self.report.trailer_json())[1:] + "\n")
-        self.out.flush()
-
-
 @app.command(context_settings={"allow_interspersed_args": False})
 def why(
     ctx: typer.Context,
@@ -110,12 +69,13 @@ def why(
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS...]", help="Traffic to run once tracing is on."),
 ):
     """Trace the packets of one flow and say which rule decided each one's fate."""
-    from .backends import parse_backend
+    from .iptables.backends import parse_backend
     from .errors import InputError
     from .flow import parse_flow
-    from .render import dry_run_line, render_closing, render_packet
-    from .report import TraceReport
-    from .session import TraceOptions, TraceSession
+    from .trace.jsonstream import JsonStream
+    from .trace.render import dry_run_line, render_closing, render_packet
+    from .trace.report import TraceReport
+    from .trace.session import TraceOptions, TraceSession
     from .signals import Interrupted
 
     netns = ctx.obj["netns"]
@@ -130,7 +90,7 @@ def why(
                            command=list(command or []), drop_reasons=drop_reasons, backend=backend)
     report = TraceReport(flow=flow, netns=netns)
     if dry_run:
-        from .dryrun import DryRunRequest, DryRunSession
+        from .dryrun.session import DryRunRequest, DryRunSession
 
         session = DryRunSession(options, report, DryRunRequest(netns, ruleset_file, ruleset_kind, state))
     else:
@@ -182,13 +142,13 @@ def why(
 @app.command()
 def cleanup(ctx: typer.Context):
     """Remove what killed nftrace runs left behind (only nftrace's own, never anything else)."""
-    from .backends import clean_up_legacy
+    from .iptables.backends import clean_up_legacy
     from .errors import EnvironmentProblem
-    from .sandbox import remove_leftover_sandboxes
-    from .session import open_nftables
-    from .ruleset import RulesetSnapshot
-    from .system import enter_namespace, require_net_admin
-    from .tracetable import remove_leftover_tables
+    from .dryrun.sandbox import remove_leftover_sandboxes
+    from .trace.session import open_nftables
+    from .trace.ruleset import RulesetSnapshot
+    from .kernel.system import enter_namespace, require_net_admin
+    from .kernel.tracetable import remove_leftover_tables
 
     removed = []
     try:
@@ -222,7 +182,7 @@ app.add_typer(lab_app, name="lab")
 
 
 def _lab(ctx: typer.Context, command: str, prefix: Optional[str]):
-    from .lab import LAB_PREFIX, Lab
+    from .lab.lab import LAB_PREFIX, Lab
 
     try:
         if ctx.obj and ctx.obj.get("netns"):
@@ -240,7 +200,7 @@ def lab_up(
     listen_seconds: Optional[float] = typer.Option(None, "--listen-seconds", min=1, metavar="SEC", help="The server's listeners end after SEC seconds (default: 8 hours)."),
 ):
     """Build the lab (or leave it as it is) and load the scenario on the router."""
-    from .lab import DEFAULT_SCENARIO, LISTEN_SECONDS, find_scenario, render_status, require_root
+    from .lab.lab import DEFAULT_SCENARIO, LISTEN_SECONDS, find_scenario, render_status, require_root
 
     lab = _lab(ctx, "up", prefix)
     try:
@@ -277,7 +237,7 @@ def lab_status(
     prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
 ):
     """Say whether the lab is up, which scenario it runs, and what to try. Exit 3 when it is not up."""
-    from .lab import render_status, scenario_names
+    from .lab.lab import render_status, scenario_names
 
     lab = _lab(ctx, "status", prefix)
     try:
@@ -294,7 +254,7 @@ def lab_load(
     scenario: str = typer.Argument(..., metavar="SCENARIO", help="A rules/ scenario name."),
 ):
     """Replace the ruleset of the namespace given with --netns by a scenario's (the Vagrant lab uses it)."""
-    from .lab import find_scenario, load_scenario, require_root
+    from .lab.lab import find_scenario, load_scenario, require_root
 
     netns = ctx.obj["netns"] if ctx.obj else None
     try:
@@ -311,7 +271,7 @@ def lab_load(
 @app.command()
 def demo(ctx: typer.Context):
     """Build a lab, trace four flows (accepted, dropped by a rule, by a policy, NATed), remove the lab."""
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     if ctx.obj and ctx.obj.get("netns"):
         _fail(InputError("--netns does not apply to 'demo': it makes its own namespaces"))
@@ -335,7 +295,7 @@ def test_command(
 ):
     """Firewall regression tests: every flow a dry run; exit 1 if any verdict or deciding rule differs."""
     from .errors import InputError
-    from .testing import load_all, render_table, run_files, junit_xml
+    from .dryrun.testing import load_all, render_table, run_files, junit_xml
 
     netns = ctx.obj["netns"]
     try:
@@ -345,8 +305,8 @@ def test_command(
             raise InputError("--current and --ruleset exclude each other")
         expectation_files = load_all(files)
         if lab:
-            from .netlab import Topology
-            from .sandbox import sandbox_name
+            from .lab.topology import Topology
+            from .dryrun.sandbox import sandbox_name
 
             topology = Topology(f"{sandbox_name()}-lab")
             try:

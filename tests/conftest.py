@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nftrace.netlab import Topology, in_netns, netns_exists, run  # noqa: E402
+from nftrace.lab.topology import Topology, in_netns, netns_exists, run  # noqa: E402
 
 _counter = itertools.count()
 
@@ -117,7 +117,7 @@ def ruleset_state(ns: str) -> str:
 
 def traffic(ns: str, *args: str, timeout: float = 30) -> list[str]:
     """argv of a bounded traffic command inside `ns` (for `nftrace why ... -- COMMAND`)."""
-    return ["ip", "netns", "exec", ns, sys.executable, "-m", "nftrace.traffic", *args]
+    return ["ip", "netns", "exec", ns, sys.executable, "-m", "nftrace.lab.traffic", *args]
 
 
 @dataclass

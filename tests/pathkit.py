@@ -12,9 +12,9 @@ import ipaddress
 import json
 from pathlib import Path
 
-from nftrace.events import PacketHeaders, TraceEvent
-from nftrace.monitor import decode_monitor_datagram
-from nftrace.ruleset import RulesetSnapshot
+from nftrace.trace.events import PacketHeaders, TraceEvent
+from nftrace.kernel.monitor import decode_monitor_datagram
+from nftrace.trace.ruleset import RulesetSnapshot
 
 OWN = "nftrace_100_abcdef"
 DATA = Path(__file__).parent / "data"

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nftrace.events import (
+from nftrace.trace.events import (
     TRACE_ATTRIBUTES,
     TRACE_MESSAGE_TYPE,
     TRACE_TABLE,
@@ -29,7 +29,7 @@ from nftrace.events import (
     decode_trace_message,
     decode_trace_message_pyroute2,
 )
-from nftrace.monitor import decode_monitor_datagram
+from nftrace.kernel.monitor import decode_monitor_datagram
 
 DATA = Path(__file__).parent / "data"
 RECORDED = DATA / "trace_datagrams.hex"
@@ -53,7 +53,7 @@ MESSAGES = recorded_messages()
 
 def encode(attrs: list, family: int = 1) -> bytes:
     """An NFT_MSG_TRACE as pyroute2 encodes it from (name, value) pairs."""
-    from nftrace.events import nft_trace_msg
+    from nftrace.trace.events import nft_trace_msg
 
     msg = nft_trace_msg()
     msg["header"]["type"] = TRACE_MESSAGE_TYPE

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from conftest import REPO, nftrace, unique_name
-from nftrace.netlab import Topology, in_netns
-from nftrace.sandbox import NETNS_RUN_DIR, SANDBOX_PREFIX, load_ruleset_file, read_candidate
+from nftrace.lab.topology import Topology, in_netns
+from nftrace.dryrun.sandbox import NETNS_RUN_DIR, SANDBOX_PREFIX, load_ruleset_file, read_candidate
 
 pytestmark = pytest.mark.kernel
 
@@ -51,7 +51,7 @@ def all_sandboxes() -> set:
 def sandboxes() -> set:
     """Sandboxes of processes that are gone: what a finished nftrace run must not leave. (Live
     ones belong to other runs on the machine, e.g. a concurrent `nftrace test`.)"""
-    from nftrace.system import pid_alive
+    from nftrace.kernel.system import pid_alive
 
     return {name for name in all_sandboxes() if not pid_alive(int(name[len(SANDBOX_PREFIX):].split("-")[0]))}
 

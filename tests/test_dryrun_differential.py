@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, nftrace, unique_name
-from nftrace.expectations import load_expectations
-from nftrace.netlab import Topology, in_netns
-from nftrace.sandbox import load_ruleset_file, read_candidate
+from nftrace.lab.expectations import load_expectations
+from nftrace.lab.topology import Topology, in_netns
+from nftrace.dryrun.sandbox import load_ruleset_file, read_candidate
 
 pytestmark = pytest.mark.kernel
 

@@ -7,19 +7,19 @@ import struct
 
 import pytest
 
-from nftrace.dryrun import (CONNTRACK_CAVEAT, check_dry_run_flow, conntrack_entry_argv, path_caveats, plan_injection,
+from nftrace.dryrun.session import (CONNTRACK_CAVEAT, check_dry_run_flow, conntrack_entry_argv, path_caveats, plan_injection,
                             target_handles, translate_handles)
 from nftrace.errors import InputError
 from nftrace.flow import parse_flow
-from nftrace.inject import (TCP_ACK, TCP_SYN, Injection, crc32c, ethernet_frame, icmp_echo, internet_checksum,
+from nftrace.dryrun.inject import (TCP_ACK, TCP_SYN, Injection, crc32c, ethernet_frame, icmp_echo, internet_checksum,
                             ipv4_packet, sctp_init, tcp_segment, udp_datagram)
-from nftrace.netstate import (Address, Interface, NetworkState, RouteLookup, parse_interfaces,
+from nftrace.dryrun.netstate import (Address, Interface, NetworkState, RouteLookup, parse_interfaces,
                               parse_nexthop_lines, parse_route_lines, parse_rule_lines, parse_socket_table,
                               sandbox_table_text, split_tables)
-from nftrace.paths import PacketPath, Step
-from nftrace.ruleset import RulesetSnapshot
-from nftrace.sandbox import IPTABLES_SAVE_RE, _NAME_RE, read_candidate
-from nftrace.testing import deciding_rule_text
+from nftrace.trace.paths import PacketPath, Step
+from nftrace.trace.ruleset import RulesetSnapshot
+from nftrace.dryrun.sandbox import IPTABLES_SAVE_RE, _NAME_RE, read_candidate
+from nftrace.dryrun.testing import deciding_rule_text
 
 
 # -- reading a namespace ------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_a_correct_checksum_sums_to_zero():
 
 @pytest.mark.parametrize("src,dst", [("10.0.0.1", "10.0.0.2"), ("fd00::1", "fd00::2")])
 def test_tcp_and_udp_checksums_cover_the_pseudo_header(src, dst):
-    from nftrace.inject import _pseudo_header
+    from nftrace.dryrun.inject import _pseudo_header
 
     for proto, segment in ((6, tcp_segment(src, dst, 40000, 22, TCP_SYN, 1)), (17, udp_datagram(src, dst, 40000, 53))):
         assert internet_checksum(_pseudo_header(src, dst, proto, len(segment)) + segment) == 0
@@ -185,7 +185,7 @@ def _state() -> NetworkState:
 
 
 def _peers():
-    from nftrace.sandbox import PeerLink
+    from nftrace.dryrun.sandbox import PeerLink
 
     return {"lan0": PeerLink("lan0", "p2", "02:00:00:00:00:aa")}
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, nftrace, unique_name
-from nftrace.netlab import CLIENT_V4, ROUTER_CLIENT_V4, SERVER_V4, Topology, in_netns
+from nftrace.lab.topology import CLIENT_V4, ROUTER_CLIENT_V4, SERVER_V4, Topology, in_netns
 from test_dryrun_differential import essentials
 
 pytestmark = pytest.mark.kernel

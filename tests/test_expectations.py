@@ -1,4 +1,4 @@
-"""The expectation format (nftrace/expectations.py): what a file states, and how an answer of
+"""The expectation format (nftrace/lab/expectations.py): what a file states, and how an answer of
 nftrace's JSON is held against it. Pure: no kernel."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from nftrace.errors import InputError
-from nftrace.expectations import load_expectations
+from nftrace.lab.expectations import load_expectations
 
 
 def write(tmp_path, text, name="demo.expect.toml"):

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import REPO, load_ruleset, nftrace, ruleset_state, traffic, unique_name
-from nftrace.netlab import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, Topology, in_netns
+from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, Topology, in_netns
 
 pytestmark = pytest.mark.kernel
 
@@ -57,7 +57,7 @@ def lab():
         in_netns(topo.router, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.r-client.rp_filter=1"])
         in_netns(topo.client, ["ip", "addr", "add", f"{SPOOFED_V4}/32", "dev", "eth0"])
         listener = subprocess.Popen(
-            ["ip", "netns", "exec", topo.server, sys.executable, "-m", "nftrace.traffic", "listen-tcp", "0.0.0.0", "80",
+            ["ip", "netns", "exec", topo.server, sys.executable, "-m", "nftrace.lab.traffic", "listen-tcp", "0.0.0.0", "80",
              "443", "--seconds", "300"], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
         assert listener.stdout.readline().strip() == "ready"
         yield topo

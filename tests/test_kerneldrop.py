@@ -9,20 +9,13 @@ import ipaddress
 
 import pytest
 
-from nftrace.events import ConntrackInfo, PacketHeaders, TraceEvent
-from nftrace.kerneldrop import (
-    DropCorrelator,
-    KernelDrop,
-    KernelSymbols,
-    bpftrace_program,
-    explain,
-    has_reason_field,
-    parse_drop_line,
-    parse_reason_names,
-)
-from nftrace.paths import HookObservation, PacketPath, PathBuilder, Step, finalise_path, nat_rewrites
-from nftrace.report import accepted_by_connection, conntrack_json, packet_json, summary
-from nftrace.ruleset import ChainInfo
+from nftrace.trace.events import ConntrackInfo, PacketHeaders, TraceEvent
+from nftrace.drops.bpftrace import KernelSymbols, bpftrace_program
+from nftrace.drops.correlator import DropCorrelator
+from nftrace.drops.reasons import KernelDrop, explain, has_reason_field, parse_drop_line, parse_reason_names
+from nftrace.trace.paths import HookObservation, PacketPath, PathBuilder, Step, finalise_path, nat_rewrites
+from nftrace.trace.report import accepted_by_connection, conntrack_json, packet_json, summary
+from nftrace.trace.ruleset import ChainInfo
 
 CLIENT, ROUTER, SERVER = (ipaddress.ip_address(a) for a in ("10.77.1.2", "10.77.1.1", "10.77.2.2"))
 TRACE_TABLE = "nftrace_1_abcdef"

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from conftest import REPO, NftraceResult, nftrace, ruleset_state, unique_name
-from nftrace.lab import LEGACY_BUILTIN_CHAINS, Lab, legacy_reset_text, rules_dir
-from nftrace.netlab import SERVER_V4, in_netns, netns_exists
+from nftrace.lab.lab import LEGACY_BUILTIN_CHAINS, Lab, legacy_reset_text, rules_dir
+from nftrace.lab.topology import SERVER_V4, in_netns, netns_exists
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ class TestLabAgainstTheKernel:
 
     def test_the_servers_listeners_answer_through_the_router(self, prefix):
         assert nftrace("lab", "up", "--prefix", prefix, "--scenario", "nat-router", "--listen-seconds", "120").returncode == 0
-        answer = in_netns(f"{prefix}-client", [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "80"])
+        answer = in_netns(f"{prefix}-client", [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "80"])
         assert answer.stdout.strip() == "connected"
 
     def test_up_again_changes_nothing(self, prefix):
@@ -151,7 +151,7 @@ class TestLabAgainstTheKernel:
         assert not netns_exists(f"{prefix}-router")
 
     def test_a_half_made_lab_is_rebuilt(self, prefix):
-        from nftrace.netlab import run
+        from nftrace.lab.topology import run
 
         run(["ip", "netns", "add", f"{prefix}-router"])
         result = nftrace("lab", "up", "--prefix", prefix, "--listen-seconds", "120")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, load_ruleset, nftrace, traffic, unique_name
-from nftrace.netlab import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4,
+from nftrace.lab.topology import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4,
                             Topology, in_netns)
 
 pytestmark = pytest.mark.kernel
@@ -268,14 +268,14 @@ def test_legacy_dnat_is_followed_to_the_forward_rule(legacy_lab):
 
 
 def test_legacy_output_drop_of_a_locally_sent_packet(legacy_lab):
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
     packet = why(legacy_lab, *tcp_flow(25, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
     assert packet["hooks"] == ["output"]
     assert packet["summary"] == "dropped by iptables filter OUTPUT rule 1: -A OUTPUT -p tcp -m tcp --dport 25 -j DROP"
 
 
 def test_legacy_output_policy_accept_of_a_locally_sent_packet(legacy_lab):
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
     packet = why(legacy_lab, *tcp_flow(80, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
     assert (packet["verdict"], packet["complete"]) == ("accept", True)
     assert packet["hooks"] == ["output", "postrouting"]
@@ -285,7 +285,7 @@ def test_legacy_output_policy_accept_of_a_locally_sent_packet(legacy_lab):
 
 @pytest.mark.parametrize("backend", ["auto", "iptables"])
 def test_legacy_packet_to_a_local_address_is_followed_through_loopback(legacy_lab, backend):
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", ROUTER_CLIENT_V4, "9", "--timeout", "1"]
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V4, "9", "--timeout", "1"]
     packet = why(legacy_lab, *tcp_flow(9, src=ROUTER_CLIENT_V4, dst=ROUTER_CLIENT_V4), command=command, backend=backend)
     assert packet["hooks"][:1] == ["output"] and packet["hooks"][-2:] == ["prerouting", "input"]
     assert (packet["verdict"], packet["decided_by"]["text"]) == ("accept", "-A INPUT -i lo -j ACCEPT")
@@ -498,7 +498,7 @@ def test_iptables_nft_forward_accept_with_masquerade(nft_lab):
 
 
 def test_iptables_nft_output_policy_accept(nft_lab):
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
     packet = why(nft_lab, *tcp_flow(80, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
     assert packet["summary"] == "accepted by ip filter OUTPUT policy accept"
 

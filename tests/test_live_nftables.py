@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import load_ruleset, nftrace, ruleset_state, traffic
-from nftrace.netlab import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, Topology
+from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, Topology
 
 pytestmark = pytest.mark.kernel
 
@@ -84,7 +84,7 @@ def why(lab, *flow, command, extra=()):
 
 def rule_handle(lab, family, table, chain, text):
     """The handle of the rule whose text is `text`, as `nft -a list` shows it."""
-    from nftrace.netlab import in_netns
+    from nftrace.lab.topology import in_netns
 
     listing = in_netns(lab.router, ["nft", "-a", "-s", "list", "chain", family, table, chain]).stdout
     for line in listing.splitlines():
@@ -192,7 +192,7 @@ def test_forwarded_packet_dropped_by_forward_policy(lab):
 
 def test_locally_sent_packet_dropped_in_output(lab):
     # The traffic command runs inside the router's namespace, like nftrace itself.
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
     packet = why(lab, "--from", ROUTER_SERVER_V4, "--to", SERVER_V4, "--proto", "tcp", "--dport", "25",
                  command=command)
     assert packet["hooks"] == ["output"]
@@ -226,7 +226,7 @@ DEBIAN_WORKSTATION = "/usr/share/doc/nftables/examples/workstation.nft"
 
 def chain_rules(ns, family, table, chain):
     """(handle, text) of every rule, as `nft -a -s list chain` prints them."""
-    from nftrace.netlab import in_netns
+    from nftrace.lab.topology import in_netns
 
     listing = in_netns(ns, ["nft", "-a", "-s", "list", "chain", family, table, chain]).stdout
     return [(int(m.group(2)), m.group(1).strip()) for m in
@@ -240,7 +240,7 @@ def workstation(topology):
 
     if not os.path.exists(DEBIAN_WORKSTATION):
         pytest.fail(f"{DEBIAN_WORKSTATION} is missing: scripts/setup.sh installs the nftables package")
-    from nftrace.netlab import in_netns
+    from nftrace.lab.topology import in_netns
 
     in_netns(topology.router, ["nft", "-f", DEBIAN_WORKSTATION])
     return topology
@@ -277,7 +277,7 @@ table inet host {
     }
 }
 """)
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", "127.0.0.1", "8080", "--timeout", "0.5"]
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", "127.0.0.1", "8080", "--timeout", "0.5"]
     result = nftrace("--netns", host, "why", "--from", "127.0.0.1", "--to", "127.0.0.1", "--proto", "tcp",
                      "--dport", "8080", "--count", "1", "--timeout", "15", "--json", "--", *command)
     assert result.returncode == 0, result.stderr

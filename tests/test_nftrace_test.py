@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, nftrace, unique_name
-from nftrace.netlab import Topology
-from nftrace.sandbox import load_ruleset_file, read_candidate
+from nftrace.lab.topology import Topology
+from nftrace.dryrun.sandbox import load_ruleset_file, read_candidate
 
 pytestmark = pytest.mark.kernel
 

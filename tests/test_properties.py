@@ -11,10 +11,10 @@ from pathkit import end_of_chain, event, first, headers, mark, observe, policy, 
 from test_paths import SNAPSHOT
 
 from nftrace.errors import InputError
-from nftrace.events import TraceEvent
+from nftrace.trace.events import TraceEvent
 from nftrace.flow import parse_flow
-from nftrace.paths import HOOK_RANK, PathBuilder
-from nftrace.report import packet_json, summary
+from nftrace.trace.paths import HOOK_RANK, PathBuilder
+from nftrace.trace.report import packet_json, summary
 
 # -- the flow parser -----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import load_ruleset
-from nftrace.ruleset import RulesetSnapshot, parse_ruleset_listing
+from nftrace.trace.ruleset import RulesetSnapshot, parse_ruleset_listing
 
 LISTING = (
     "table inet fw { # handle 4\n"
@@ -59,7 +59,7 @@ def test_set_contents_are_never_taken_for_rules():
 @pytest.mark.kernel
 def test_table_list_names_every_table_even_empty_ones(netns):
     from bench.probes import inside_netns
-    from nftrace.nft import NftContext
+    from nftrace.kernel.nft import NftContext
 
     ns = netns("tables")
     load_ruleset(ns, 'table inet fw {\n chain input { type filter hook input priority 0; }\n}\n'

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import REPO, load_ruleset, nftrace, ruleset_state, traffic
-from nftrace.netlab import CLIENT_V4, ROUTER_CLIENT_V4, in_netns
+from nftrace.lab.topology import CLIENT_V4, ROUTER_CLIENT_V4, in_netns
 
 pytestmark = pytest.mark.kernel
 
@@ -96,10 +96,10 @@ def test_an_interrupted_json_run_still_prints_a_valid_document(router):
 def test_a_crash_inside_nftrace_still_removes_the_rules(router, tmp_path):
     # sitecustomize runs in the nftrace process: it breaks the path builder, as a bug would.
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        import nftrace.paths
+        import nftrace.trace.paths
         def broken(self, event, now=0.0):
             raise RuntimeError("injected fault")
-        nftrace.paths.PathBuilder.feed = broken
+        nftrace.trace.paths.PathBuilder.feed = broken
     """))
     before = ruleset_state(router.router)
     result = nftrace("--netns", router.router, "why", *FLOW, "--timeout", "10", "--",
@@ -162,10 +162,10 @@ def counters(ns):
 def send_mix(topology):
     """The same packets every time: UDP first (it also resolves the router's address), then
     one SYN per port, with a timeout under TCP's first retransmission."""
-    in_netns(topology.client, [sys.executable, "-m", "nftrace.traffic", "udp", ROUTER_CLIENT_V4, "9", "--count", "3"])
+    in_netns(topology.client, [sys.executable, "-m", "nftrace.lab.traffic", "udp", ROUTER_CLIENT_V4, "9", "--count", "3"])
     results = []
     for port in ("22", "80", "443"):
-        results.append(in_netns(topology.client, [sys.executable, "-m", "nftrace.traffic", "tcp", ROUTER_CLIENT_V4, port,
+        results.append(in_netns(topology.client, [sys.executable, "-m", "nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V4, port,
                                                   "--timeout", "0.3"]).stdout.strip())
     return results
 
@@ -229,12 +229,12 @@ def test_rule_texts_follow_a_ruleset_reload_during_the_trace(router):
     import json
 
     process = start_nftrace(router.router, *FLOW, "--timeout", "30", "--count", "0", "--json")
-    in_netns(router.client, [sys.executable, "-m", "nftrace.traffic", "tcp", ROUTER_CLIENT_V4, "22", "--timeout", "0.3"])
+    in_netns(router.client, [sys.executable, "-m", "nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V4, "22", "--timeout", "0.3"])
     # A firewall manager reloads everything, as `nft -f` of a full file does.
     load_ruleset(router.router, "flush ruleset\n" + RULESET.replace("tcp dport 22 counter drop",
                                                                    'tcp dport 22 counter reject comment "reloaded"'))
     time.sleep(0.3)
-    in_netns(router.client, [sys.executable, "-m", "nftrace.traffic", "tcp", ROUTER_CLIENT_V4, "22", "--timeout", "0.3"])
+    in_netns(router.client, [sys.executable, "-m", "nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V4, "22", "--timeout", "0.3"])
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     process.wait(10)
@@ -263,7 +263,7 @@ def test_without_the_owner_flag_a_normal_end_still_removes_the_table(router):
 def test_packets_are_streamed_as_they_complete(router):
     process = start_nftrace(router.router, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp",
                             "--count", "0", "--max-rate", "0", "--timeout", "30", "--json")
-    in_netns(router.client, [sys.executable, "-m", "nftrace.traffic", "udp", ROUTER_CLIENT_V4, "9"])
+    in_netns(router.client, [sys.executable, "-m", "nftrace.lab.traffic", "udp", ROUTER_CLIENT_V4, "9"])
     # The run is still going: the packet must already be on stdout.
     import json
     import select
@@ -304,7 +304,7 @@ def test_rules_added_and_chains_flushed_mid_trace_read_right(router):
     process = start_nftrace(router.router, *FLOW, "--timeout", "30", "--count", "0", "--json")
 
     def syn():
-        in_netns(router.client, [sys.executable, "-m", "nftrace.traffic", "tcp", ROUTER_CLIENT_V4, "22", "--timeout", "0.3"])
+        in_netns(router.client, [sys.executable, "-m", "nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V4, "22", "--timeout", "0.3"])
         time.sleep(0.3)
 
     syn()  # dropped by `tcp dport 22 counter drop`

@@ -14,9 +14,9 @@ import time
 import pytest
 
 from conftest import REPO, load_ruleset, nftrace, unique_name
-from nftrace.netlab import ROUTER_CLIENT_V4, Topology, in_netns, netns_exists, run
-from nftrace.netstate import parse_route_lines, parse_rule_lines, read_network_state
-from nftrace.sandbox import Sandbox
+from nftrace.lab.topology import ROUTER_CLIENT_V4, Topology, in_netns, netns_exists, run
+from nftrace.dryrun.netstate import parse_route_lines, parse_rule_lines, read_network_state
+from nftrace.dryrun.sandbox import Sandbox
 
 pytestmark = pytest.mark.kernel
 
@@ -84,7 +84,7 @@ def target():
     listener = None
     try:
         _target_setup(topo.router)
-        listener = subprocess.Popen(["ip", "netns", "exec", topo.router, sys.executable, "-m", "nftrace.traffic",
+        listener = subprocess.Popen(["ip", "netns", "exec", topo.router, sys.executable, "-m", "nftrace.lab.traffic",
                                      "listen-tcp", "0.0.0.0", "2222", "--seconds", "300"], stdout=subprocess.PIPE,
                                     text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
         assert listener.stdout.readline().strip() == "ready"

@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 
 from conftest import nftrace, ruleset_state, unique_name
-from nftrace.lab import Lab, Scenario, list_scenarios, why_arguments
+from nftrace.lab.lab import Lab, Scenario, list_scenarios, why_arguments
 
 pytestmark = pytest.mark.kernel
 

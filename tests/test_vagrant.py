@@ -13,8 +13,8 @@ import subprocess
 import pytest
 
 from conftest import REPO, kernel_required
-from nftrace.lab import LISTEN_TCP, LISTEN_UDP, scenario_names
-from nftrace.netlab import CLIENT_V4, ROUTER_CLIENT_V4, ROUTER_SERVER_V4, SERVER_V4
+from nftrace.lab.lab import LISTEN_TCP, LISTEN_UDP, scenario_names
+from nftrace.lab.topology import CLIENT_V4, ROUTER_CLIENT_V4, ROUTER_SERVER_V4, SERVER_V4
 
 VAGRANT = REPO / "vagrant"
 VAGRANTFILE = VAGRANT / "Vagrantfile"

@@ -1,0 +1,277 @@
+"""Pairing kernel drops with packet paths: which traced packet did the kernel free, and why.
+
+Why the order of reading matters: the kernel queues a packet's trace events on nftrace's
+netlink socket while netfilter runs, before the packet can be freed; bpftrace learns of the
+drop only after that. So a drop line read *before* the netlink socket is drained has all of
+its packet's events in the drained batch: applying drops after the drain never closes a
+packet whose events are still unread.
+
+Pure: drops come in as `KernelDrop` records (reasons.py), whatever read them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from ..flow import PROTOCOL_NAMES
+from ..trace.paths import PacketPath
+from .reasons import PORT_PROTOCOLS, KernelDrop, explain
+
+# A drop happens after its packet's trace events were generated; nftrace reads those events
+# some time later. So a drop may precede the first reading by that delay (EARLY), and follows
+# the last event by little more than the kernel's own work (LATE).
+MATCH_EARLY_SECONDS = 1.0
+MATCH_LATE_SECONDS = 0.25
+# How long a packet that netfilter accepted waits for a drop before its answer is given.
+HOLD_SECONDS = 0.3
+# How long drops and answered packets are remembered for pairing.
+REMEMBER_SECONDS = 10.0
+REMEMBER_MAX = 4096
+
+
+@dataclass(frozen=True)
+class PacketSignature:
+    """What pairing a drop with a packet needs, and all that is kept of an answered packet."""
+
+    trace_id: int
+    headers: tuple  # (src, dst, proto, sport, dport) at each hook where they were seen, NAT included
+    first_seen: float
+    last_seen: float
+    dropped_by_rule: bool
+    iif: Optional[int]
+
+    @classmethod
+    def of(cls, path: PacketPath) -> "PacketSignature":
+        headers = []
+        for observation in path.observations:
+            packet = observation.packet
+            if packet is None:
+                continue
+            ports = packet.proto in PORT_PROTOCOLS
+            key = (packet.src, packet.dst, packet.proto, packet.sport if ports else None, packet.dport if ports else None)
+            if key not in headers:
+                headers.append(key)
+        return cls(path.trace_id, tuple(headers), path.first_seen, path.last_seen or path.first_seen,
+                   path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"))
+
+    def matches(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
+        """Same packet: the headers it had at some hook (before or after NAT), a time that fits.
+
+        A NETFILTER_DROP of a packet that a traced rule dropped says nothing the rule did not.
+        """
+        if drop.reason == "NETFILTER_DROP" and self.dropped_by_rule:
+            return False
+        if drop.headers() not in self.headers:
+            return False
+        return self.first_seen - MATCH_EARLY_SECONDS <= drop.time <= self.last_seen + late_seconds
+
+    def distance(self, drop: KernelDrop) -> float:
+        if drop.time < self.first_seen:
+            return self.first_seen - drop.time
+        return max(0.0, drop.time - self.last_seen)
+
+
+def _endpoint(address, port: Optional[int]) -> str:
+    text = f"[{address}]" if address is not None and address.version == 6 and port else str(address)
+    return f"{text}:{port}" if port else text
+
+
+def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS):
+    """The candidate (anything with a `.signature`) that the drop fits best, or None."""
+    matching = [item for item in candidates if item.signature.matches(drop, late_seconds)]
+    return min(matching, key=lambda item: item.signature.distance(drop)) if matching else None
+
+
+def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] = None) -> None:
+    """Put the drop on the packet. A packet that vanished after netfilter (it was never seen
+    leaving) is now a complete answer: dropped, by the kernel, not by a rule."""
+    iif_index = path.interface_index("iif")
+    iif = (interfaces or {}).get(iif_index) if iif_index else None
+    path.kernel_drop = {"reason": drop.reason, "location": drop.location, "explain": explain(drop, iif)}
+    if not path.complete and path.incomplete_reason != "events lost":
+        path.complete = True
+        path.verdict = "drop"
+        path.decided_by = None
+        path.incomplete_reason = None
+
+
+class _ByHeaders:
+    """Items filed under every header tuple of their packet: a drop is compared only with
+    what had its headers, so a flood costs no quadratic search."""
+
+    def __init__(self):
+        self._items: dict = {}
+
+    def add(self, item) -> None:
+        for key in item.signature.headers:
+            self._items.setdefault(key, []).append(item)
+
+    def remove(self, item) -> None:
+        for key in item.signature.headers:
+            items = self._items.get(key, [])
+            for index, other in enumerate(items):
+                if other is item:
+                    del items[index]
+                    break
+            if not items:
+                self._items.pop(key, None)
+
+    def get(self, key: tuple) -> list:
+        return self._items.get(key, [])
+
+
+@dataclass(eq=False)
+class _Held:
+    """A finished packet whose answer waits for a possible kernel drop."""
+
+    path: PacketPath
+    signature: PacketSignature
+    until: float
+    waiting: bool = True  # filed by headers, waiting for a drop
+
+
+@dataclass(eq=False)
+class _Answered:
+    """What is kept of a packet answered as accepted: enough to place a late drop."""
+
+    signature: PacketSignature
+    at: float
+
+
+class DropCorrelator:
+    """Pairs kernel drops with finished packet paths, before their answer is given.
+
+    A packet that netfilter accepted is held for `hold_seconds`: the kernel may still drop
+    it (a closed port is found after the input hook). A drop for a packet that is still open
+    (it vanished after a hook, e.g. rp_filter after prerouting) closes it at once through
+    `vanished`. A drop that comes after the packet's answer was given (a next hop that never
+    answers ARP makes the kernel drop the packet seconds later) becomes a note.
+
+    Answers come out in the order the packets finished: while one waits, those behind it
+    wait too.
+
+    Per batch of drops: `add_drops`, then `PathBuilder.close_vanished(vanished)` and `hold`,
+    then `release`; so a drop goes to an open packet before an answered one is considered.
+    """
+
+    def __init__(self, interfaces: Optional[dict] = None, hold_seconds: float = HOLD_SECONDS):
+        self.interfaces = interfaces if interfaces is not None else {}
+        self.hold_seconds = hold_seconds
+        self.notes: list = []
+        self._held: deque = deque()  # in the order the packets finished
+        self._held_index = _ByHeaders()
+        self._drops: deque = deque()  # not yet paired, oldest first
+        self._drops_index: dict = {}  # headers -> [drop]
+        self._answered: deque = deque()
+        self._answered_index = _ByHeaders()
+
+    @property
+    def holding(self) -> int:
+        return len(self._held)
+
+    def add_drops(self, drops: Iterable[KernelDrop]) -> None:
+        for drop in drops:
+            held = _nearest(self._held_index.get(drop.headers()), drop)
+            if held is not None:
+                attach_drop(held.path, drop, self.interfaces)
+                self._stop_waiting(held)
+            else:
+                self._drops.append(drop)
+                self._drops_index.setdefault(drop.headers(), []).append(drop)
+        while len(self._drops) > REMEMBER_MAX:
+            self._forget_drop(self._drops[0])
+
+    def vanished(self, path: PacketPath) -> bool:
+        """For PathBuilder.close_vanished: an open packet that a remembered drop accounts for."""
+        if not self._drops:
+            return False
+        return self._remembered_drop(PacketSignature.of(path)) is not None
+
+    def hold(self, paths: Iterable, now: float) -> list:
+        """Pair each finished path with a remembered drop; return those whose answer is ready."""
+        for path in paths:
+            signature = PacketSignature.of(path)
+            drop = self._remembered_drop(signature)
+            if drop is not None:
+                self._forget_drop(drop)
+                attach_drop(path, drop, self.interfaces)
+            held = _Held(path, signature, now, waiting=False)
+            if drop is None and path.complete and path.verdict == "accept":
+                held.until, held.waiting = now + self.hold_seconds, True
+                self._held_index.add(held)
+            self._held.append(held)
+        return self.release(now)
+
+    def release(self, now: float, everything: bool = False) -> list:
+        """Held paths whose drop came or whose wait is over (all of them at the end of a run)."""
+        ready = []
+        while self._held:
+            head = self._held[0]
+            if not (everything or not head.waiting or head.until <= now):
+                break
+            self._held.popleft()
+            self._stop_waiting(head)
+            ready.append(head.path)
+        self._note_late_drops()
+        self._forget(now)
+        return self._answer(ready, now)
+
+    def _stop_waiting(self, held: _Held) -> None:
+        if held.waiting:
+            held.waiting = False
+            self._held_index.remove(held)
+
+    def _remembered_drop(self, signature: PacketSignature) -> Optional[KernelDrop]:
+        candidates = [drop for key in signature.headers for drop in self._drops_index.get(key, ())
+                      if signature.matches(drop)]
+        return min(candidates, key=signature.distance) if candidates else None
+
+    def _forget_drop(self, drop: KernelDrop) -> None:
+        for index, other in enumerate(self._drops):
+            if other is drop:
+                del self._drops[index]
+                break
+        same = self._drops_index.get(drop.headers(), [])
+        for index, other in enumerate(same):
+            if other is drop:
+                del same[index]
+                break
+        if not same:
+            self._drops_index.pop(drop.headers(), None)
+
+    def _answer(self, paths: list, now: float) -> list:
+        """Remember what a late drop could still belong to: packets answered as accepted."""
+        for path in paths:
+            if path.complete and path.verdict == "accept" and path.kernel_drop is None:
+                answered = _Answered(PacketSignature.of(path), now)
+                self._answered.append(answered)
+                self._answered_index.add(answered)
+        while len(self._answered) > REMEMBER_MAX:
+            self._answered_index.remove(self._answered.popleft())
+        return paths
+
+    def _note_late_drops(self) -> None:
+        for drop in list(self._drops):
+            answered = _nearest(self._answered_index.get(drop.headers()), drop, late_seconds=REMEMBER_SECONDS)
+            if answered is not None:
+                self._answered_index.remove(answered)
+                self._answered.remove(answered)
+                self._forget_drop(drop)
+                self._late(answered.signature, drop)
+
+    def _late(self, signature: PacketSignature, drop: KernelDrop) -> None:
+        iif = self.interfaces.get(signature.iif) if signature.iif else None
+        src, dst, proto, sport, dport = signature.headers[0]
+        packet = f"{_endpoint(src, sport)} → {_endpoint(dst, dport)} {PROTOCOL_NAMES.get(proto, proto)}"
+        self.notes.append(
+            f"the kernel dropped packet {packet} (trace id {signature.trace_id:08x}) after its answer was given: "
+            f"{drop.reason} at {drop.location} — {explain(drop, iif)}"
+        )
+
+    def _forget(self, now: float) -> None:
+        while self._drops and now - self._drops[0].time >= REMEMBER_SECONDS:
+            self._forget_drop(self._drops[0])
+        while self._answered and now - self._answered[0].at >= REMEMBER_SECONDS:
+            self._answered_index.remove(self._answered.popleft())

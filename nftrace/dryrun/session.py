@@ -1,0 +1,337 @@
+"""`nftrace why --dry-run`: the answer for a flow that nobody sends, from the kernel itself.
+
+The target namespace's network state is copied into a sandbox (nftrace.dryrun.sandbox), one packet
+of the flow is crafted and sent into it (nftrace.dryrun.inject), and the ordinary trace machinery
+(TraceSession) traces it there. The answer has the kernel's exact semantics, and the target
+is never touched: not its ruleset, counters, conntrack table or sockets.
+
+What the copy cannot carry is said plainly: always in the JSON's `dry_run.not_copied`, and as
+a warning when a rule on the packet's path depends on it (socket owners, conntrack, ...).
+Rule handles in the answer are the target's own (the copy keeps every chain's rule order),
+so that `nft -a list ruleset` in the target shows the rule named.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import EnvironmentProblem, InputError
+from ..flow import PORT_PROTOCOLS, Flow
+from .inject import Injection
+from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
+from ..kernel.nft import NftContext
+from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
+from ..trace.paths import PacketPath
+from ..trace.report import TraceReport
+from ..trace.ruleset import RulesetSnapshot, parse_ruleset_listing
+from .sandbox import CandidateRuleset, Sandbox, read_candidate
+from ..trace.session import TraceOptions, TraceSession
+from ..signals import SignalsAsExceptions
+from ..kernel.system import namespace_path, require_net_admin
+
+STATES = ("new", "established")
+EPHEMERAL_PORTS = (32768, 60999)
+# A crafted packet's events all arrive within microseconds: a short idle time ends a packet
+# that the kernel dropped outside netfilter without making the user wait.
+DRY_RUN_IDLE_SECONDS = 0.5
+CONNTRACK_TIMEOUT = 120
+
+NOT_COPIED = (
+    "sockets of other processes: only the listening TCP/UDP ports are copied, as listeners of nftrace's own",
+    "the live conntrack table: the sandbox's starts empty (--state established makes the flow's connection)",
+    "socket owners and cgroups (meta skuid/skgid/cgroup, socket expressions): the sandbox's sockets are nftrace's",
+    "bridge and bond ports, VLAN and tunnel devices: every interface is a plain veth of the same name",
+    "hardware offload (offloaded flowtables, NIC offload)",
+)
+
+# Rule text on the packet's path → why the sandbox's answer may differ from the live one.
+PATH_CAVEATS = (
+    (re.compile(r"\b(skuid|skgid|cgroup|cgroupv2)\b"),
+     "a rule on the packet's path matches socket owners or cgroups: in the sandbox the only sockets are "
+     "nftrace's own, so the live answer may differ"),
+    (re.compile(r"\bsocket (transparent|mark|wildcard|cgroupv2)\b"),
+     "a rule on the packet's path matches sockets: the sandbox has only copies of the listening ports, so "
+     "the live answer may differ"),
+    (re.compile(r"\b(ibrname|obrname|ibridgename|obridgename|ibrpvid|ibrvproto)\b"),
+     "a rule on the packet's path matches bridge ports, which the sandbox does not have"),
+    (re.compile(r"\bflow (add|offload) @"),
+     "a rule on the packet's path offloads flows to a flowtable: packets of an offloaded connection skip "
+     "the ruleset live, and the sandbox has no offloaded flow"),
+    (re.compile(r"\blimit rate\b"),
+     "a rule on the packet's path has a rate limit: the sandbox's starts with a full token bucket, a busy "
+     "live one may not"),
+    (re.compile(r"\bnumgen random\b"),
+     "a rule on the packet's path decides at random (numgen random): another run may differ"),
+)
+CONNTRACK_CAVEAT_RE = re.compile(r"\bct (state|status)\b")
+CONNTRACK_CAVEAT = ("a rule on the packet's path matches conntrack state: the sandbox's conntrack table starts "
+                    "empty, so this packet opens a new connection; a connection already open live would be "
+                    "established (--state established)")
+NAT_CAVEAT = ("--state established: the connection was made directly in the sandbox's conntrack table, "
+              "without NAT: an address rewrite that NAT would apply to it is not shown")
+
+
+def check_dry_run_flow(flow: Flow, state: str) -> None:
+    """A dry run crafts one concrete packet: everything it needs must be given."""
+    if state not in STATES:
+        raise InputError(f"--state: '{state}' is not one of {', '.join(STATES)}")
+    for network, option in ((flow.src, "--from"), (flow.dst, "--to")):
+        if network.prefixlen != network.max_prefixlen:
+            raise InputError(f"--dry-run sends one packet: {option} must be one address, not the prefix {network}")
+    if flow.proto is None:
+        raise InputError("--dry-run crafts one packet: give --proto (tcp, udp, icmp, icmpv6 or sctp)")
+    if flow.proto in PORT_PROTOCOLS and flow.dport is None:
+        raise InputError(f"--dry-run crafts one {flow.proto} packet: give --dport")
+    if state == "established" and flow.proto == "sctp":
+        raise InputError("--state established: sctp is not supported; use tcp, udp, icmp or icmpv6")
+
+
+def plan_injection(flow: Flow, netstate: NetworkState, peers: dict, helper: str, state: str,
+                   route_back: Optional[RouteLookup], token: Callable[[int], int] = secrets.randbelow) -> Injection:
+    """Where the flow's packet enters the sandbox, and with which addresses, ports and MACs.
+
+    The packet arrives on --iif, or else on the interface that the route back to the source
+    says; a source that is one of the namespace's own addresses is a flow that starts on the
+    box, sent from a local socket.
+    """
+    src, dst = str(flow.src.network_address), str(flow.dst.network_address)
+    iif = flow.iif
+    if iif is None and ipaddress.ip_address(src) not in netstate.local_addresses():
+        if route_back is None:
+            raise InputError(f"--dry-run: {netstate.where} has no route back to {src}: say where the packet "
+                             f"arrives with --iif")
+        iif = None if route_back.local else route_back.dev
+    if iif == "lo":
+        iif = None
+    low, high = EPHEMERAL_PORTS
+    sport = flow.sport or (low + token(high - low + 1) if flow.proto in PORT_PROTOCOLS else None)
+    common = dict(src=src, dst=dst, proto=flow.proto, sport=sport, dport=flow.dport, state=state,
+                  icmp_id=1 + token(0xFFFE), seq=1 + token(0xFFFFFFFE), ack=1 + token(0xFFFFFFFE))
+    if iif is None:
+        return Injection(**common)
+    interface = netstate.interface(iif)
+    if interface is None or iif not in peers:
+        raise InputError(f"--iif: no interface '{iif}' in {netstate.where}")
+    gateway = route_back.gateway if route_back and route_back.dev == iif else None
+    neighbour = netstate.neighbours.get((iif, str(ipaddress.ip_address(gateway or src))))
+    return Injection(**common, iif=iif, netns=helper, peer=peers[iif].peer, src_mac=neighbour or _random_mac(token),
+                     dst_mac=peers[iif].mac, mtu=interface.mtu)
+
+
+def _random_mac(token: Callable[[int], int]) -> str:
+    octets = [token(256) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def conntrack_entry_argv(injection: Injection) -> list[str]:
+    """`conntrack -I`: the flow's connection, established, as if both sides had talked."""
+    i = injection
+    argv = ["conntrack", "-I", "-s", i.src, "-d", i.dst, "-p", i.proto]
+    if i.proto == "tcp":
+        argv += ["--sport", str(i.sport), "--dport", str(i.dport), "--state", "ESTABLISHED"]
+    elif i.proto == "udp":
+        argv += ["--sport", str(i.sport), "--dport", str(i.dport)]
+    elif i.proto == "icmp":
+        argv += ["--icmp-type", "8", "--icmp-code", "0", "--icmp-id", str(i.icmp_id)]
+    elif i.proto == "icmpv6":
+        argv += ["--icmpv6-type", "128", "--icmpv6-code", "0", "--icmpv6-id", str(i.icmp_id)]
+    return argv + ["-u", "SEEN_REPLY,ASSURED", "-t", str(CONNTRACK_TIMEOUT)]
+
+
+def target_handles(listing: str) -> dict:
+    """(family, table, chain, rule number) → the target's rule handle."""
+    _, _, rules = parse_ruleset_listing(listing)
+    return {(r.family, r.table, r.chain, r.number): r.handle for r in rules.values()}
+
+
+def translate_handles(path: PacketPath, handles: dict) -> None:
+    """Give each step the target's handle for its rule (the sandbox numbers its own)."""
+    for step in path.steps:
+        if step.type == "rule" and step.rule_number is not None:
+            handle = handles.get((step.family, step.table, step.chain, step.rule_number))
+            if handle is not None:
+                step.handle = handle
+
+
+def chains_on_path(path: PacketPath) -> set:
+    chains = {(s.family, s.table, s.chain) for s in path.steps}
+    chains |= {(s.family, s.table, s.target) for s in path.steps if s.target}
+    return chains
+
+
+def path_caveats(path: PacketPath, snapshot: RulesetSnapshot, state: str) -> list[str]:
+    """Warnings for what the sandbox could not copy, where a rule the packet met depends on it.
+
+    The packet met every rule of every chain it ran through (a rule that did not match sends
+    no trace event, but was evaluated), so all their rules count.
+    """
+    texts = []
+    for key in sorted(chains_on_path(path)):
+        chain = snapshot.chain(*key)
+        if chain is None:
+            continue
+        texts += [rule.text for handle in chain.rules if (rule := snapshot.rule(*key, handle)) is not None]
+    caveats = [message for pattern, message in PATH_CAVEATS if any(pattern.search(text) for text in texts)]
+    if state == "new" and any(CONNTRACK_CAVEAT_RE.search(text) for text in texts):
+        caveats.insert(0, CONNTRACK_CAVEAT)
+    return caveats
+
+
+@dataclass
+class DryRunRequest:
+    netns: Optional[str]
+    ruleset: Optional[Path] = None
+    ruleset_kind: Optional[str] = None
+    state: str = "new"
+
+
+class DryRun:
+    """One sandbox copy of the target; `trace()` answers for one flow at a time in it."""
+
+    def __init__(self, request: DryRunRequest):
+        self.request = request
+        if request.state not in STATES:
+            raise InputError(f"--state: '{request.state}' is not one of {', '.join(STATES)}")
+        self.candidate: Optional[CandidateRuleset] = (
+            read_candidate(request.ruleset, request.ruleset_kind) if request.ruleset is not None else None)
+        self.netstate: Optional[NetworkState] = None
+        self.sandbox: Optional[Sandbox] = None
+        self.snapshot: Optional[RulesetSnapshot] = None
+        self.handles: dict = {}
+        self._bookmark: Optional[NamespaceBookmark] = None
+        self._traced = 0
+
+    # -- the sandbox ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        require_net_admin()
+        if self.request.netns:
+            namespace_path(self.request.netns)
+        if self.request.state == "established" and shutil.which("conntrack") is None:
+            raise EnvironmentProblem("--state established needs the conntrack tool (apt-get install conntrack)")
+        self._bookmark = NamespaceBookmark()
+        self.netstate = read_network_state(self.request.netns)
+        self.sandbox = Sandbox(self.netstate)
+        self.sandbox.build(self.candidate)
+        self.snapshot = call_in_namespace(self.sandbox.name, lambda: RulesetSnapshot.take(NftContext()))
+        if self.candidate is None:
+            self.handles = target_handles(self.netstate.nft_listing)
+
+    def close(self) -> None:
+        try:
+            if self._bookmark is not None:
+                self._bookmark.restore()
+                self._bookmark.close()
+                self._bookmark = None
+        finally:
+            if self.sandbox is not None:
+                self.sandbox.close()
+                self.sandbox = None
+
+    def __enter__(self) -> "DryRun":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one flow ---------------------------------------------------------------------------
+
+    def plan(self, flow: Flow) -> Injection:
+        check_dry_run_flow(flow, self.request.state)
+        src = str(flow.src.network_address)
+        route_back = route_towards(self.request.netns, src) if flow.iif is None else None
+        return plan_injection(flow, self.netstate, self.sandbox.peers, self.sandbox.helper, self.request.state,
+                              route_back)
+
+    def describe(self, injection: Injection) -> dict:
+        """The `dry_run` section of the JSON document."""
+        sandbox = self.sandbox
+        return {
+            "sandbox": sandbox.name,
+            "ruleset": "copy" if self.candidate is None else str(self.candidate.path),
+            "ruleset_kind": None if self.candidate is None else self.candidate.kind,
+            "state": self.request.state,
+            "injected": {"src": injection.src, "dst": injection.dst, "proto": injection.proto,
+                         "sport": injection.sport, "dport": injection.dport, "iif": injection.iif,
+                         "local": injection.local},
+            "not_copied": list(NOT_COPIED) + list(sandbox.not_copied),
+        }
+
+    def trace(self, flow: Flow, report: TraceReport, on_packet: Callable[[PacketPath], None], *,
+              timeout: float = 10.0, max_rate: int = 100) -> int:
+        """Send the flow's packet into the sandbox and trace it; return how many packets were seen (0 or 1)."""
+        injection = self.plan(flow)
+        if self._traced:
+            self._forget_connections()
+        self._traced += 1
+        report.mode = "dry-run"
+        report.dry_run = self.describe(injection)
+        report.warnings.extend(w for w in self.sandbox.warnings if w not in report.warnings)
+        if self.request.state == "established":
+            self.sandbox.run(conntrack_entry_argv(injection))
+            if any(chain.type == "nat" for chain in self.snapshot.chains.values()):
+                report.warnings.append(NAT_CAVEAT)
+        options = TraceOptions(flow=flow, netns=self.sandbox.name, count=1, timeout=timeout, max_rate=max_rate,
+                               command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS)
+        session = TraceSession(options, report)
+
+        def deliver(path: PacketPath) -> None:
+            translate_handles(path, self.handles)
+            caveats = path_caveats(path, self.snapshot, self.request.state)
+            for which in ("iif", "oif"):
+                name = report.interfaces.get(path.interface_index(which) or -1)
+                if name in self.sandbox.approximated:
+                    caveats.append(f"the packet passed {self.sandbox.approximated[name]} in {self.netstate.where}; "
+                                   f"the sandbox has a plain veth of that name, so the live path may differ")
+            for caveat in caveats:
+                if caveat not in report.warnings:
+                    report.warnings.append(caveat)
+            on_packet(path)
+
+        try:
+            session.run(deliver)
+        finally:
+            self._bookmark.restore()
+        if not session.packets_seen and injection.iif and not self.netstate.interface(injection.iif).up:
+            report.warnings.append(f"interface {injection.iif} is down in {self.netstate.where}: the packet cannot "
+                                   f"arrive on it")
+        return session.packets_seen
+
+    def _forget_connections(self) -> None:
+        """Each flow of `nftrace test` starts with an empty conntrack table, as a single dry run does."""
+        if shutil.which("conntrack") is None:
+            return
+        for family in ("ipv4", "ipv6"):
+            self.sandbox.run(["conntrack", "-F", "-f", family], check=False)
+
+
+class DryRunSession:
+    """What `nftrace why --dry-run` runs in place of a live TraceSession: the same interface."""
+
+    def __init__(self, options: TraceOptions, report: TraceReport, request: DryRunRequest):
+        self.options = options
+        self.report = report
+        self.request = request
+        self.packets_seen = 0
+
+    def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None) -> None:
+        if self.options.command:
+            raise InputError("--dry-run sends its own packet: no COMMAND after --")
+        check_dry_run_flow(self.options.flow, self.request.state)
+        with SignalsAsExceptions():
+            dry = DryRun(self.request)
+            self.report.mode = "dry-run"
+            try:
+                dry.open()
+                self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
+                                              timeout=self.options.timeout, max_rate=self.options.max_rate)
+            finally:
+                dry.close()

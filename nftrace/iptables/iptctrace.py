@@ -1,0 +1,183 @@
+"""TRACE rules in the legacy raw table, through python-iptables: how packets get the trace bit
+where the kernel has no nf_tables (or with `--backend iptables`).
+
+`-t raw -I PREROUTING` (and `OUTPUT`) `<the flow> -m limit ... -m comment --comment "nftrace
+trace rule, pid N" -j TRACE`: first in their chains, so that every later rule is traced, and
+marked with the pid so that `nftrace cleanup`, or the next run, removes what a killed run left.
+Their positions are left out of the rule numbers nftrace shows (see legacy.py).
+
+python-iptables is imported only here, and only when needed. Two of its habits matter:
+opening a table that does not exist creates it (and x_tables tables cannot be removed again),
+and building a rule's target opens every table to see whether the target is a chain. So the
+tables it may open are limited to those that exist; the raw table is created only when it is
+missing and the TRACE rules need it, and the run then says so.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ..errors import EnvironmentProblem, KernelError
+from ..flow import PORT_PROTOCOLS, PROTOCOL_NUMBERS, Flow
+from .legacy import OWN_COMMENT, LegacyRuleset, legacy_tables, own_rule_pid, read_legacy_ruleset
+from ..kernel.system import pid_alive
+from ..kernel.tracetable import mark_hooks
+
+TRACE_TABLE = "raw"
+HOOK_CHAINS = {"prerouting": "PREROUTING", "output": "OUTPUT"}
+
+
+def load_iptc():
+    try:
+        import iptc  # python-iptables: the `iptables` extra of nftrace
+    except ImportError:
+        raise EnvironmentProblem(
+            "python-iptables is not installed, and legacy TRACE rules need it: pip install 'nftrace[iptables]'"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - XTablesError/OSError; iptc's classes are out of reach when its import fails
+        raise EnvironmentProblem(f"python-iptables cannot load libiptc/libxtables: {err}") from None
+    return iptc
+
+
+def _table(iptc, family: str):
+    """The raw table of the family, with python-iptables kept away from tables that do not exist."""
+    table_class = iptc.Table if family == "ip" else iptc.Table6
+    present = set(legacy_tables(family))
+    for name in table_class.ALL:
+        if name != TRACE_TABLE:
+            table_class.existing_table_names[name] = name in present
+    table_class.existing_table_names[TRACE_TABLE] = True
+    table = table_class(TRACE_TABLE)
+    table.autocommit = False
+    table.refresh()
+    return table
+
+
+def _address(network) -> str:
+    return f"{network.network_address}/{network.prefixlen}"
+
+
+def trace_rule(iptc, family: str, flow: Flow, hook: str, max_rate: int, pid: int):
+    """The python-iptables rule that sets the trace bit on the flow's packets at `hook`."""
+    rule = iptc.Rule() if family == "ip" else iptc.Rule6()
+    if flow.src.prefixlen:
+        rule.src = _address(flow.src)
+    if flow.dst.prefixlen:
+        rule.dst = _address(flow.dst)
+    if flow.proto:
+        rule.protocol = str(PROTOCOL_NUMBERS[flow.proto])
+    if hook == "prerouting" and flow.iif:
+        rule.in_interface = flow.iif
+    if hook == "output" and flow.oif:
+        rule.out_interface = flow.oif
+    if flow.proto in PORT_PROTOCOLS and (flow.sport or flow.dport):
+        ports = rule.create_match(flow.proto)
+        if flow.sport:
+            ports.sport = str(flow.sport)
+        if flow.dport:
+            ports.dport = str(flow.dport)
+    if max_rate:
+        limit = rule.create_match("limit")
+        limit.limit = f"{max_rate}/second"
+        limit.limit_burst = str(max_rate)
+    comment = rule.create_match("comment")
+    comment.comment = OWN_COMMENT.format(pid=pid)
+    rule.create_target("TRACE")
+    return rule
+
+
+def _rule_comment(rule) -> Optional[str]:
+    for match in rule.matches:
+        if match.name == "comment":
+            return match.comment
+    return None
+
+
+def iptc_errors(iptc) -> tuple:
+    return (iptc.IPTCError, iptc.XTablesError, ValueError)
+
+
+def _commit(iptc, table, what: str) -> None:
+    """Apply the table's pending changes in one replace; on refusal, forget them."""
+    try:
+        table.commit()
+    except iptc_errors(iptc) as err:
+        raise KernelError(f"the kernel refused {what}: {err}") from None
+    finally:
+        table.refresh()
+
+
+class TraceRules:
+    """nftrace's TRACE rules for one run; `remove()` (or leaving the `with` block) takes them out."""
+
+    def __init__(self, family: str, flow: Flow, max_rate: int):
+        self.family = family
+        self.flow = flow
+        self.max_rate = max_rate
+        self.pid = os.getpid()
+        self.created_raw_table = False
+        self.installed = False
+        self._iptc = None
+
+    def install(self) -> None:
+        iptc = self._iptc = load_iptc()
+        self.created_raw_table = TRACE_TABLE not in legacy_tables(self.family)
+        table = _table(iptc, self.family)
+        try:
+            for hook in mark_hooks(self.flow):
+                iptc.Chain(table, HOOK_CHAINS[hook]).insert_rule(
+                    trace_rule(iptc, self.family, self.flow, hook, self.max_rate, self.pid))
+        except iptc_errors(iptc) as err:
+            table.refresh()
+            raise EnvironmentProblem(f"cannot build nftrace's TRACE rules with python-iptables: {err}") from None
+        _commit(iptc, table, "nftrace's TRACE rules")
+        self.installed = True
+
+    def remove(self) -> None:
+        if not self.installed:
+            return
+        remove_trace_rules(self._iptc, self.family, {self.pid})
+        self.installed = False
+
+    def __enter__(self) -> "TraceRules":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def remove_trace_rules(iptc, family: str, pids: set) -> int:
+    """Delete the TRACE rules of runs with these pids from the raw table; return how many."""
+    table = _table(iptc, family)
+    removed = 0
+    for chain in table.chains:
+        for rule in list(chain.rules):
+            if rule.target.name == "TRACE" and own_rule_pid(_rule_comment(rule)) in pids:
+                chain.delete_rule(rule)
+                removed += 1
+    if removed:
+        _commit(iptc, table, "the removal of nftrace's TRACE rules")
+    return removed
+
+
+def leftover_trace_rules(ruleset: LegacyRuleset) -> set:
+    """Pids of dead runs whose TRACE rules are still in the ruleset."""
+    return {pid for pid in (own_rule_pid(rule.comment) for rule in ruleset.own_rules()) if not pid_alive(pid)}
+
+
+def remove_leftover_trace_rules(family: str) -> list[str]:
+    """TRACE rules that killed runs left in this namespace, removed (python-iptables is loaded
+    only when there are some)."""
+    if TRACE_TABLE not in legacy_tables(family):
+        return []
+    pids = leftover_trace_rules(read_legacy_ruleset(family))
+    if not pids:
+        return []
+    count = remove_trace_rules(load_iptc(), family, pids)
+    if not count:
+        return []
+    command = "iptables" if family == "ip" else "ip6tables"
+    runs = f"run{'s' if len(pids) > 1 else ''} {', '.join(map(str, sorted(pids)))}"
+    return [f"{count} {command} TRACE rule{'s' if count > 1 else ''} of killed {runs}"]

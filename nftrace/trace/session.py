@@ -1,0 +1,306 @@
+"""`nftrace why`: put trace rules in, read events while traffic flows, take the rules out.
+
+Everything that changes the kernel is undone in `finally` blocks, and SIGTERM/SIGHUP are
+turned into an exception so that those blocks run for them as they do for Ctrl-C and for
+crashes; SIGKILL is covered by the trace table's `flags owner`. The optional bpftrace that
+reports kernel drops (drops/bpftrace.py) is stopped the same way, and dies with nftrace on SIGKILL.
+"""
+
+from __future__ import annotations
+
+import select
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..iptables.backends import BackendPlan, LegacyTracing, make_path_builder, plan_backend
+from ..errors import EnvironmentProblem, KernelError, NftraceError, TraceTableGone
+from .events import TraceEvent
+from ..flow import Flow
+from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
+from ..drops.correlator import DropCorrelator
+from ..iptables.legacy import legacy_tables
+from ..kernel.monitor import EventsLost, RulesetChanged, TableDeleted, TraceMonitor
+from ..kernel.nft import NftContext
+from .paths import PacketPath
+from ..kernel.rcvbuf import loss_warning, receive_buffer_size
+from .report import TraceReport
+from .ruleset import RulesetSnapshot
+from ..signals import Interrupted, SignalsAsExceptions
+from ..kernel.system import enter_namespace, interface_index, interface_names, require_net_admin
+from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
+from ..iptables.xtnft import IptablesNftText
+
+COMMAND_GRACE_SECONDS = 0.5
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class TraceOptions:
+    flow: Flow
+    netns: Optional[str] = None
+    count: int = 10
+    timeout: float = 60.0
+    max_rate: int = DEFAULT_MAX_RATE
+    command: list = field(default_factory=list)
+    idle_seconds: float = 2.0
+    rcvbuf: Optional[int] = None  # None: sized from max_rate, or NFTRACE_RCVBUF (rcvbuf.py)
+    drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
+    backend: str = "auto"  # auto | nft | iptables (see backends.py)
+
+
+def prepare_namespace(options: TraceOptions) -> None:
+    """Checks that need no kernel change, in the order a user would fix them."""
+    require_net_admin()
+    if options.netns:
+        enter_namespace(options.netns)
+    for name, option in ((options.flow.iif, "--iif"), (options.flow.oif, "--oif")):
+        if name:
+            interface_index(name, option)
+
+
+def open_nftables() -> NftContext:
+    nft = NftContext()
+    try:
+        nft.run("list chains")  # not `list tables`: nft 1.0.6 fetches the whole ruleset for that
+    except KernelError as err:
+        raise EnvironmentProblem(f"nf_tables is not available in this kernel or namespace ({err})") from None
+    return nft
+
+
+class TraceSession:
+    """One live trace. `run(on_packet)` calls `on_packet` for each packet of the flow."""
+
+    def __init__(self, options: TraceOptions, report: TraceReport):
+        self.options = options
+        self.report = report
+        self.packets_seen = 0
+        self._process: Optional[subprocess.Popen] = None
+        self._drops: Optional[KernelDropWatcher] = None
+        self._correlator: Optional[DropCorrelator] = None
+        self._iptables_nft: Optional[IptablesNftText] = None
+
+    def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
+            on_batch: Optional[Callable[[], None]] = None) -> None:
+        """`on_batch` is called after each batch of events read: the moment to flush output."""
+        options = self.options
+        rcvbuf = options.rcvbuf or receive_buffer_size(options.max_rate)
+        with SignalsAsExceptions():
+            prepare_namespace(options)
+            nft, plan = self._plan()
+            self.report.backend = plan.name
+            self.report.interfaces = interface_names()
+            with ExitStack() as undo:
+                snapshot = monitor = table = legacy = None
+                if plan.nft:
+                    # Tables only until the trace rules are in: a full listing of a big ruleset takes
+                    # long, and it is taken once they are in anyway.
+                    snapshot = RulesetSnapshot.take_tables(nft)
+                    removed = remove_leftover_tables(nft, snapshot)
+                    if removed:
+                        self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
+                    monitor = undo.enter_context(TraceMonitor(rcvbuf))
+                drops = undo.enter_context(self._drop_watcher())
+                if plan.legacy:
+                    # Listening before anything sets the trace bit: no TRACE line is missed.
+                    legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
+                if plan.nft:
+                    table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
+                    monitor.watch_ruleset()
+                    snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                    if snapshot.ingress_devices():
+                        table.mark_ingress(snapshot.ingress_devices())
+                    self._iptables_nft = IptablesNftText.read(snapshot)
+                builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
+                try:
+                    self._await_drop_watcher(drops)
+                    on_ready()
+                    self._start_command()
+                    self._loop(nft, snapshot, monitor, table, builder, on_packet, legacy, on_batch)
+                finally:
+                    self._stop_command()
+                    self.report.lost_events = ((monitor.dropped_messages() or monitor.overruns) if monitor else 0) + (
+                        legacy.lost_messages() if legacy else 0)
+                    if self.report.lost_events:
+                        self.report.warnings.append(loss_warning(self.report.lost_events, rcvbuf, options.max_rate))
+                    if self._correlator is not None:
+                        self.report.warnings.extend(self._correlator.notes)
+                    unmatched = getattr(builder, "unmatched_lines", 0)
+                    if unmatched:
+                        self.report.warnings.append(f"{unmatched} legacy TRACE lines belonged to no packet of this run "
+                                                    "(packets traced by someone else's TRACE rules?)")
+
+    def _plan(self) -> tuple[Optional[NftContext], BackendPlan]:
+        """nftables where it works and is wanted; legacy tables of the flow's family where they exist."""
+        choice = self.options.backend
+        nft, problem = None, None
+        if choice != "iptables":
+            try:
+                nft = open_nftables()
+            except EnvironmentProblem as err:
+                problem = str(err)
+        plan = plan_backend(choice, self.options.flow, problem, legacy_tables(self.options.flow.nft_family),
+                            self.report.warnings)
+        return nft, plan
+
+    def _drop_watcher(self):
+        """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
+        without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
+        if not self.options.drop_reasons:
+            return nullcontext()
+        watcher = start_drop_watcher(self.report.warnings.append)
+        return watcher if watcher is not None else nullcontext()
+
+    def _await_drop_watcher(self, watcher: Optional[KernelDropWatcher]) -> None:
+        """Traffic starts only once bpftrace watches, so that no drop of it goes unseen."""
+        if watcher is None:
+            return
+        try:
+            watcher.wait_ready()
+        except DropReasonsUnavailable as err:
+            watcher.close()
+            self.report.warnings.append(f"kernel drop reasons unavailable: {err}")
+            return
+        self._drops = watcher
+        self._correlator = DropCorrelator(interfaces=self.report.interfaces)
+
+    def _read_drops(self) -> list:
+        """Drop lines available now; must be read before the netlink socket is drained (see drops/correlator.py)."""
+        watcher = self._drops
+        if watcher is None:
+            return []
+        drops = watcher.read()
+        if watcher.ended:
+            watcher.close()
+            self.report.warnings.append(f"kernel drop reasons unavailable from here on: {watcher.failure()}")
+            self._drops = None
+        return drops
+
+    def _keep(self, path: PacketPath) -> bool:
+        packet = path.first_packet
+        return self.options.flow.matches(packet.src, packet.dst, packet.proto, packet.sport, packet.dport)
+
+    def _wanted(self, path: PacketPath) -> bool:
+        """--oif cannot be matched where the packet is marked (before routing): filter here."""
+        oif = self.options.flow.oif
+        if not oif:
+            return True
+        return self.report.interfaces.get(path.interface_index("oif") or -1) == oif
+
+    def _start_command(self) -> None:
+        if not self.options.command:
+            return
+        try:
+            # The command's output goes to stderr, so that stdout stays nftrace's (and valid JSON).
+            self._process = subprocess.Popen(self.options.command, stdout=sys.stderr.fileno(), stdin=subprocess.DEVNULL)
+        except OSError as err:
+            raise NftraceError(f"cannot run {self.options.command[0]}: {err.strerror}") from None
+
+    def _stop_command(self) -> None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(2)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def _loop(self, nft, snapshot, monitor, table, builder, on_packet, legacy=None, on_batch=None) -> None:
+        options = self.options
+        deadline = time.monotonic() + options.timeout if options.timeout else None
+        correlator = self._correlator
+
+        def deliver(paths, held=False):
+            if correlator is not None and not held:
+                now = time.monotonic()
+                paths = correlator.hold(paths, now)
+            for path in paths:
+                if not self._wanted(path) or (options.count and self.packets_seen >= options.count):
+                    continue
+                if self._iptables_nft is not None:
+                    self._iptables_nft.annotate(path)
+                self.packets_seen += 1
+                on_packet(path)
+
+        try:
+            self._follow(nft, snapshot, monitor, table, builder, deliver, deadline, legacy, on_batch)
+        except (KeyboardInterrupt, Interrupted):
+            # What happened up to now is still answered: events already queued on the socket,
+            # and answers complete but held (for a late kernel drop, or for their way back in
+            # through loopback); then the interruption goes on.
+            for item in monitor.read(limit=None) if monitor is not None else ():
+                if isinstance(item, TraceEvent):
+                    deliver(builder.feed(item, time.monotonic()))
+                elif isinstance(item, EventsLost):
+                    builder.mark_loss()
+            if legacy is not None:
+                deliver(builder.feed_legacy(legacy.read(), time.monotonic()))
+            if correlator is not None:
+                correlator.add_drops(self._read_drops())
+                deliver(builder.close_vanished(correlator.vanished))
+                deliver(correlator.release(time.monotonic(), everything=True), held=True)
+            deliver(builder.release_looped(), held=True)
+            raise
+        deliver(builder.flush())
+        if correlator is not None:
+            deliver(correlator.release(time.monotonic(), everything=True), held=True)
+
+    def _follow(self, nft, snapshot, monitor, table, builder, deliver, deadline, legacy=None, on_batch=None) -> None:
+        """Read events until --count, --timeout, or the traffic command is done and settled."""
+        options, correlator = self.options, self._correlator
+        command_done_at = None
+        while True:
+            now = time.monotonic()
+            if options.count and self.packets_seen >= options.count:
+                return
+            if deadline is not None and now >= deadline:
+                return
+            if self._process is not None and command_done_at is None and self._process.poll() is not None:
+                command_done_at = now
+            # A backlog still in the socket belongs to the command's packets: read it all first.
+            if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS \
+                    and (monitor is None or monitor.drained):
+                settled = builder.open_packets == 0 and not (correlator and correlator.holding)
+                if settled or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
+                    return
+            wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
+            readable = self._wait([source for source in (monitor, legacy) if source is not None], wait)
+            drops = self._read_drops()
+            if monitor is not None and (monitor in readable or drops):
+                for item in monitor.read():
+                    if isinstance(item, TraceEvent):
+                        deliver(builder.feed(item, time.monotonic()))
+                        if options.count and self.packets_seen >= options.count:
+                            return
+                    elif isinstance(item, RulesetChanged):
+                        snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                        self._iptables_nft = IptablesNftText.read(snapshot)
+                    elif isinstance(item, EventsLost):
+                        builder.mark_loss()
+                    elif isinstance(item, TableDeleted) and item.name == table.name:
+                        table.installed = False
+                        raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
+                if monitor.drained:  # reads come in batches: a backlog may still be queued
+                    builder.socket_drained()
+            if legacy is not None and (readable or drops):
+                # Read after the trace events: the TRACE lines written before them are all here.
+                deliver(builder.feed_legacy(legacy.read(), time.monotonic()))
+            if correlator is not None and drops:
+                correlator.add_drops(drops)
+                deliver(builder.close_vanished(correlator.vanished))
+            deliver(builder.expire(time.monotonic()))
+            if correlator is not None:
+                deliver(correlator.release(time.monotonic()), held=True)
+            if on_batch is not None:
+                on_batch()
+
+    def _wait(self, sources: list, timeout: float) -> list:
+        """Wait for trace events, TRACE lines or kernel drops."""
+        sources = sources if self._drops is None else sources + [self._drops]
+        readable, _, _ = select.select(sources, [], [], max(0.0, timeout))
+        return readable
