@@ -1,11 +1,19 @@
 """nftrace's own nftables table: mark chains that switch tracing on for the flow, and
-observation chains that show every hook the packet passes.
+observation chains that show the packet where nothing else can.
 
 - mark chains at prerouting and output, priority -350, before raw (-300), conntrack
   (-200) and NAT: they see the packet as it arrived or was sent, and set `meta nftrace`
   for the flow only, under a kernel-side rate limit;
-- observation chains, no rules, policy accept, last priority, at every hook: their events
-  tell the path builder which hook the packet passed, and the headers it left it with.
+- observation chains, last priority, on the exit hooks (input, postrouting: their event says
+  that netfilter let the packet through, and shows it as it leaves) and on the hooks where
+  NAT may rewrite it unseen (prerouting and output, when the namespace has NAT chains there:
+  a packet that vanishes after a DNAT is known by its new headers). Everywhere else the
+  first chain of the next hook shows the packet as the hook left it (trace/paths.py).
+
+Every chain of the table ends on one `accept` rule: the kernel then sends one event per
+packet and chain, where a chain that falls off its end sends two (end of rules, policy).
+Each event costs the kernel an allocation and the reader its decoding: under a flood, the
+events per packet decide whether nftrace keeps up.
 
 The table is created with `flags owner` where the kernel has it, so that the kernel deletes
 it when nftrace's netlink socket closes, even on SIGKILL. Its name carries the pid, so that
@@ -23,7 +31,7 @@ from typing import Optional
 from ..errors import KernelError
 from ..flow import Flow, PROTOCOL_NUMBERS
 from .nft import NftContext
-from ..trace.ruleset import TRACE_TABLE_PREFIX, RulesetSnapshot
+from ..trace.ruleset import TRACE_TABLE_PREFIX, RulesetSnapshot, is_trace_table
 from .system import pid_alive
 
 MARK_PRIORITY = -350
@@ -31,6 +39,11 @@ INGRESS_MARK_PRIORITY = -10000
 OBSERVE_PRIORITY = 2**31 - 1
 MARK_HOOKS = ("prerouting", "output")
 OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
+# Observed always: their observation is where an accepted packet's path ends.
+EXIT_OBSERVE_HOOKS = ("input", "postrouting")
+# Observed when the namespace has NAT chains on them (DNAT happens there).
+NAT_OBSERVE_HOOKS = ("prerouting", "output")
+ACCEPT = {"accept": None}
 DEFAULT_MAX_RATE = 100
 _NAME_RE = re.compile(rf"^{TRACE_TABLE_PREFIX}(\d+)_[0-9a-f]+$")
 
@@ -79,9 +92,36 @@ def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook
     if max_rate:
         exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
     exprs.append({"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}})
+    exprs.append(ACCEPT)
     return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
                                "policy": "accept", **attach}}},
             {"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": exprs}}}]
+
+
+def observation_hooks(nat_hooks) -> tuple[str, ...]:
+    """The hooks that get an observation chain, given the hooks where the namespace has NAT."""
+    return tuple(hook for hook in OBSERVE_HOOKS if hook in EXIT_OBSERVE_HOOKS or (hook in NAT_OBSERVE_HOOKS
+                                                                                 and hook in nat_hooks))
+
+
+def nat_hooks(snapshot: RulesetSnapshot, legacy_nat: bool = False) -> frozenset:
+    """Hooks with NAT chains: nftables base chains of type nat (iptables-nft's included), and
+    every NAT hook when a legacy iptables nat table exists."""
+    hooks = {chain.hook for chain in snapshot.chains.values() if chain.type == "nat" and chain.hook
+             and not is_trace_table(chain.table)}
+    if legacy_nat:
+        hooks.update(("prerouting", "output", "input", "postrouting"))
+    return frozenset(hooks)
+
+
+def observation_commands(family: str, name: str, hooks) -> list[dict]:
+    commands = []
+    for hook in hooks:
+        chain = f"obs_{hook}"
+        commands.append({"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter",
+                                           "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept"}}})
+        commands.append({"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": [ACCEPT]}}})
+    return commands
 
 
 def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, devices: list[str]) -> list[dict]:
@@ -98,14 +138,12 @@ def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, dev
     return commands
 
 
-def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int) -> list[dict]:
+def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int,
+                         observe=EXIT_OBSERVE_HOOKS) -> list[dict]:
     commands = []
     for hook in mark_hooks(flow):
         commands += _mark_chain_commands(family, name, flow, max_rate, hook, prio=MARK_PRIORITY)
-    for hook in OBSERVE_HOOKS:
-        commands.append({"add": {"chain": {"family": family, "table": name, "name": f"obs_{hook}", "type": "filter",
-                                           "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept"}}})
-    return commands
+    return commands + observation_commands(family, name, observe)
 
 
 class TraceTable:
@@ -120,6 +158,7 @@ class TraceTable:
         self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
         self.owner = False
         self.installed = False
+        self.observed: tuple = EXIT_OBSERVE_HOOKS
 
     def install(self) -> None:
         """Create the table and its chains; on any failure leave nothing behind."""
@@ -135,10 +174,19 @@ class TraceTable:
             self.nft.run(f"add table {self.family} {self.name} {{ {comment}; }}")
         self.installed = True
         try:
-            self.nft.run_json(trace_table_commands(self.family, self.name, self.flow, self.max_rate))
+            self.nft.run_json(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.observed))
         except BaseException:
             self.remove()
             raise
+
+    def observe(self, nat: frozenset) -> None:
+        """Add the observation chains that NAT on these hooks calls for (see observation_hooks);
+        called once the ruleset is known, and again when it changes. Chains are only added:
+        one observation too many costs an event, one too few a fact."""
+        missing = [hook for hook in observation_hooks(nat) if hook not in self.observed]
+        if missing:
+            self.nft.run_json(observation_commands(self.family, self.name, missing))
+            self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in missing)
 
     def mark_ingress(self, devices: list[str]) -> None:
         """Also set the trace bit at ingress on these interfaces (see ingress_mark_commands)."""

@@ -9,13 +9,23 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
   base-chain run for an id whose current packet has already passed that mark chain, or
   where a finished packet's id shows up again at the start of a base chain;
 - which hook: events carry table and chain only. A base chain's hook comes from the
-  ruleset snapshot; nftrace's observation chains (last priority on every hook) close each
-  hook, so steps whose hook is still unknown get the hook of the next observation;
+  ruleset snapshot, or from nftrace's own chains' names; steps whose hook is still unknown
+  get the hook entered next;
+- what the packet looked like when a hook ended: nftrace's observation chains (last
+  priority) say it on the hooks where something can change it unseen (NAT), and on the exit
+  hooks. Elsewhere nothing runs between the end of one hook and the first chain of the next,
+  so that chain's first event says it: the hook's end is derived from it (`derived`), and a
+  hook that the kernel's order puts in between (forward, between prerouting and
+  postrouting) is added the same way;
 - returns: nothing is sent when a caller resumes after a jump, so a jump stack is kept;
   falling off the end of a chain is a rule event without handle (older kernels: a return
   event); a goto pushes nothing, so the end of a goto'd chain goes back past it;
 - when a packet is done: a drop, queue or stolen verdict, or nftrace's observation chain
   at input or postrouting (netfilter has let it through); else it ends when it goes idle.
+
+nftrace's own chains end on an `accept` rule, so that each sends one event per packet (a base
+chain that falls off its end sends two: the end of its rules, and its policy); streams where
+they end on their policy read the same.
 """
 
 from __future__ import annotations
@@ -34,6 +44,16 @@ HOOK_ORDER = ("ingress", "prerouting", "input", "forward", "output", "postroutin
 HOOK_RANK = {hook: rank for rank, hook in enumerate(HOOK_ORDER)}
 # After nftrace's observation chain on these hooks, netfilter has nothing more to say.
 EXIT_HOOKS = frozenset({"input", "postrouting"})
+# Hooks a packet must have passed between two hooks it was seen on, in the kernel's order
+# (ingress → prerouting → input, or → forward → postrouting; output → postrouting).
+HOOKS_BETWEEN = {
+    ("prerouting", "postrouting"): ("forward",),
+    ("ingress", "input"): ("prerouting",),
+    ("ingress", "forward"): ("prerouting",),
+    ("ingress", "postrouting"): ("prerouting", "forward"),
+}
+# Hooks run before routing: no output interface yet.
+BEFORE_ROUTING = frozenset({"ingress", "prerouting"})
 MANGLE_PRIORITY = -150
 MARK_CHAIN_PREFIX = "mark_"
 OBSERVE_CHAIN_PREFIX = "obs_"
@@ -125,6 +145,8 @@ class HookObservation:
     mark: Optional[int]
     ct: Optional[ConntrackInfo]
     own: bool  # from nftrace's own mark or observation chain
+    # The end of a hook that nftrace did not observe, read from the next hook's first chain.
+    derived: bool = False
 
 
 @dataclass
@@ -174,6 +196,7 @@ class _PacketState:
     hook: Optional[str] = None  # hook of the running base chain, None while unknown
     base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
     last_hook: Optional[str] = None  # latest hook known to have been entered
+    hook_end_seen: bool = False  # nftrace's observation chain of last_hook has run
     marks_seen: set = field(default_factory=set)
     unhooked_from: int = 0  # first step whose hook is still unknown
     checked: bool = False
@@ -390,7 +413,7 @@ class PathBuilder:
             chain = None if own else self.lookup.chain(event.family, event.table, event.chain)
             state.base_type = chain.type if chain is not None else None
             if state.hook is not None:
-                self._enter_hook(state, state.hook)
+                self._enter_hook(state, state.hook, event)
             state.frames = [[event.chain, 0]]
             state.base_chain = event.chain
             path.observations.append(
@@ -403,18 +426,34 @@ class PathBuilder:
             path.observations[-1].mark = event.mark
         if not own:
             self._add_step(state, event)
-        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX) and state.hook in EXIT_HOOKS and event.type == "policy":
-            state.finished = True
-            path.complete = True
-            path.verdict = "accept"
+        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX):
+            if event.starts_base_chain and state.hook == state.last_hook:
+                state.hook_end_seen = True
+            if state.hook in EXIT_HOOKS and (event.type == "policy" or event.verdict == "accept"):
+                state.finished = True
+                path.complete = True
+                path.verdict = "accept"
 
-    def _enter_hook(self, state: _PacketState, hook: str) -> None:
-        """Steps whose base chain was unknown to the snapshot ran on the hook entered next."""
+    def _enter_hook(self, state: _PacketState, hook: str, event: TraceEvent) -> None:
+        """Steps whose base chain was unknown to the snapshot ran on the hook entered next.
+
+        Moving on to a later hook, the packet left the previous one as this chain first sees
+        it: where nftrace did not observe that hook's end, it is derived from this event, and
+        so is every hook the kernel ran in between."""
         path = state.path
         for step in path.steps[state.unhooked_from:]:
             if step.hook is None:
                 step.hook = hook
         state.unhooked_from = len(path.steps)
+        previous = state.last_hook
+        if previous is not None and previous != hook and HOOK_RANK[hook] > HOOK_RANK[previous]:
+            if not state.hook_end_seen:
+                path.observations.append(_derived_observation(previous, event))
+            for between in HOOKS_BETWEEN.get((previous, hook), ()):
+                path.hooks.append(between)
+                path.observations.append(_derived_observation(between, event))
+        if previous != hook:
+            state.hook_end_seen = False
         state.last_hook = hook
         if not path.hooks or path.hooks[-1] != hook:
             path.hooks.append(hook)
@@ -514,6 +553,14 @@ class PathBuilder:
             self._looped.move_to_end(key)
             return []
         return [path]
+
+
+def _derived_observation(hook: str, event: TraceEvent) -> HookObservation:
+    """The end of `hook`, as the first chain of a later hook saw the packet (see the module's
+    docstring); before routing there is no output interface."""
+    oif = None if hook in BEFORE_ROUTING else event.oif
+    return HookObservation(hook, event.table, event.chain, event.packet, event.iif, oif, event.mark, event.ct,
+                           own=True, derived=True)
 
 
 def _header_key(packet: Optional[PacketHeaders]) -> tuple:

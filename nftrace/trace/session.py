@@ -31,7 +31,7 @@ from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions
 from ..kernel.system import enter_namespace, interface_index, interface_names, require_net_admin
-from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
+from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, nat_hooks, remove_leftover_tables
 from ..iptables.xtnft import IptablesNftText
 
 COMMAND_GRACE_SECONDS = 0.5
@@ -113,6 +113,7 @@ class TraceSession:
                     snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
                     if snapshot.ingress_devices():
                         table.mark_ingress(snapshot.ingress_devices())
+                    table.observe(nat_hooks(snapshot, legacy_nat=self._legacy_nat(legacy)))
                     self._iptables_nft = IptablesNftText.read(snapshot)
                 builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
                 try:
@@ -145,6 +146,10 @@ class TraceSession:
         plan = plan_backend(choice, self.options.flow, problem, legacy_tables(self.options.flow.nft_family),
                             self.report.warnings)
         return nft, plan
+
+    @staticmethod
+    def _legacy_nat(legacy: Optional[LegacyTracing]) -> bool:
+        return legacy is not None and "nat" in legacy.tables()
 
     def _drop_watcher(self):
         """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
@@ -280,6 +285,7 @@ class TraceSession:
                     elif isinstance(item, RulesetChanged):
                         snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
                         self._iptables_nft = IptablesNftText.read(snapshot)
+                        table.observe(nat_hooks(snapshot, legacy_nat=self._legacy_nat(legacy)))
                     elif isinstance(item, EventsLost):
                         builder.mark_loss()
                     elif isinstance(item, TableDeleted) and item.name == table.name:
