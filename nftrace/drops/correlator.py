@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from ..flow import PROTOCOL_NAMES
-from ..trace.paths import PacketPath
+from ..trace.paths import PacketPath, deciding_accept, verdict_before_kernel_drop
 from .reasons import PORT_PROTOCOLS, KernelDrop, explain
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
@@ -86,14 +86,15 @@ def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH
 
 def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] = None) -> None:
     """Put the drop on the packet. A packet that vanished after netfilter (it was never seen
-    leaving) is now a complete answer: dropped, by the kernel, not by a rule."""
+    leaving) is now a complete answer, with netfilter's verdict (verdict_before_kernel_drop)
+    and the kernel's drop after it."""
     iif_index = path.interface_index("iif")
     iif = (interfaces or {}).get(iif_index) if iif_index else None
     path.kernel_drop = {"reason": drop.reason, "location": drop.location, "explain": explain(drop, iif)}
     if not path.complete and path.incomplete_reason != "events lost":
         path.complete = True
-        path.verdict = "drop"
-        path.decided_by = None
+        path.verdict = verdict_before_kernel_drop(drop.reason)
+        path.decided_by = deciding_accept(path.steps) if path.verdict == "accept" else None
         path.incomplete_reason = None
 
 
@@ -183,11 +184,11 @@ class DropCorrelator:
         while len(self._drops) > REMEMBER_MAX:
             self._forget_drop(self._drops[0])
 
-    def vanished(self, path: PacketPath) -> bool:
-        """For PathBuilder.close_vanished: an open packet that a remembered drop accounts for."""
+    def vanished(self, path: PacketPath) -> Optional[KernelDrop]:
+        """For PathBuilder.close_vanished: the remembered drop that accounts for an open packet."""
         if not self._drops:
-            return False
-        return self._remembered_drop(PacketSignature.of(path)) is not None
+            return None
+        return self._remembered_drop(PacketSignature.of(path))
 
     def hold(self, paths: Iterable, now: float) -> list:
         """Pair each finished path with a remembered drop; return those whose answer is ready."""

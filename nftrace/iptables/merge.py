@@ -28,7 +28,8 @@ from ..trace.events import FINAL_VERDICTS, TERMINAL_VERDICTS, PacketHeaders
 from .legacy import BACKEND, CHAIN_HOOKS, TABLE_HOOKS, Resolution, table_priority
 from ..kernel.monitor import EventsLost
 from .nflog import LegacyTraceEvent
-from ..trace.paths import EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step, finalise_path
+from ..trace.paths import (EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step,
+                           finalise_path, verdict_before_kernel_drop)
 from ..trace.ruleset import priority_value
 
 HOOK_CHAINS = {hook: chain for chain, hook in CHAIN_HOOKS.items()}
@@ -395,8 +396,10 @@ class LegacyPathBuilder:
         """Close the open packets the kernel dropped after netfilter let them through."""
         done = []
         for packet in list(self._open.values()):
-            if packet.kept and packet.trail.final is None and vanished(packet.path):
-                packet.path.complete, packet.path.verdict = True, "drop"
+            drop = vanished(packet.path) if packet.kept and packet.trail.final is None else None
+            if drop:
+                packet.path.complete = True
+                packet.path.verdict = verdict_before_kernel_drop(getattr(drop, "reason", None))
                 done.extend(self._close(packet))
         return done
 

@@ -23,6 +23,7 @@ Everything the user typed reaches the kernel as JSON values, never as nft comman
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -44,12 +45,14 @@ EXIT_OBSERVE_HOOKS = ("input", "postrouting")
 # Observed when the namespace has NAT chains on them (DNAT happens there).
 NAT_OBSERVE_HOOKS = ("prerouting", "output")
 ACCEPT = {"accept": None}
+MATCHED_COUNTER = "matched"
+TRACED_COUNTER = "traced"
 DEFAULT_MAX_RATE = 100
 _NAME_RE = re.compile(rf"^{TRACE_TABLE_PREFIX}(\d+)_[0-9a-f]+$")
 
 
 def _address_match(field: str, flow: Flow, network) -> Optional[dict]:
-    if network.prefixlen == 0:
+    if network is None or network.prefixlen == 0:
         return None
     right = (
         str(network.network_address)
@@ -61,8 +64,10 @@ def _address_match(field: str, flow: Flow, network) -> Optional[dict]:
 
 def flow_match(flow: Flow, hook: str) -> list[dict]:
     """The nft JSON expressions that match the flow at a mark hook."""
-    nfproto = "ipv4" if flow.ip_version == 4 else "ipv6"
-    exprs = [{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": nfproto}}]
+    exprs = []
+    if flow.ip_version is not None:
+        nfproto = "ipv4" if flow.ip_version == 4 else "ipv6"
+        exprs.append({"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": nfproto}})
     for field, network in (("saddr", flow.src), ("daddr", flow.dst)):
         match = _address_match(field, flow, network)
         if match:
@@ -85,12 +90,23 @@ def mark_hooks(flow: Flow) -> tuple[str, ...]:
 
 
 def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
-                         **attach) -> list[dict]:
-    """A chain on `hook` whose one rule switches tracing on for the flow."""
+                         counted: bool = False, **attach) -> list[dict]:
+    """A chain on `hook` whose one rule switches tracing on for the flow.
+
+    `counted`: the rule counts the packets that match (MATCHED_COUNTER, before the rate limit)
+    and those it marks (TRACED_COUNTER, after it), so that a run can say how many packets it
+    did not trace. A packet counts once: at prerouting, packets that come in on `lo` were
+    counted (and marked, or not) at output, and the trace bit crosses loopback."""
     chain = f"mark_{hook}{suffix}"
     exprs = flow_match(flow, hook)
+    if counted:
+        if hook == "prerouting" and "output" in mark_hooks(flow):
+            exprs.append({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "lo"}})
+        exprs.append({"counter": MATCHED_COUNTER})
     if max_rate:
         exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
+    if counted:
+        exprs.append({"counter": TRACED_COUNTER})
     exprs.append({"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}})
     exprs.append(ACCEPT)
     return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
@@ -139,10 +155,13 @@ def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, dev
 
 
 def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int,
-                         observe=EXIT_OBSERVE_HOOKS) -> list[dict]:
+                         observe=EXIT_OBSERVE_HOOKS, counted: bool = False) -> list[dict]:
     commands = []
+    if counted:
+        commands += [{"add": {"counter": {"family": family, "table": name, "name": counter}}}
+                     for counter in (MATCHED_COUNTER, TRACED_COUNTER)]
     for hook in mark_hooks(flow):
-        commands += _mark_chain_commands(family, name, flow, max_rate, hook, prio=MARK_PRIORITY)
+        commands += _mark_chain_commands(family, name, flow, max_rate, hook, counted=counted, prio=MARK_PRIORITY)
     return commands + observation_commands(family, name, observe)
 
 
@@ -151,10 +170,11 @@ class TraceTable:
 
     family = "inet"
 
-    def __init__(self, nft: NftContext, flow: Flow, max_rate: int = DEFAULT_MAX_RATE):
+    def __init__(self, nft: NftContext, flow: Flow, max_rate: int = DEFAULT_MAX_RATE, counted: bool = False):
         self.nft = nft
         self.flow = flow
         self.max_rate = max_rate
+        self.counted = counted  # count matched and traced packets (see _mark_chain_commands)
         self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
         self.owner = False
         self.installed = False
@@ -174,7 +194,8 @@ class TraceTable:
             self.nft.run(f"add table {self.family} {self.name} {{ {comment}; }}")
         self.installed = True
         try:
-            self.nft.run_json(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.observed))
+            self.nft.run_json(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.observed,
+                                                   counted=self.counted))
         except BaseException:
             self.remove()
             raise
@@ -187,6 +208,13 @@ class TraceTable:
         if missing:
             self.nft.run_json(observation_commands(self.family, self.name, missing))
             self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in missing)
+
+    def counts(self) -> tuple[int, int]:
+        """(matched, traced) packets so far, from the table's counters (see `counted`)."""
+        listing = json.loads(self.nft.run(f"list counters table {self.family} {self.name}", json_output=True))
+        packets = {item["counter"]["name"]: item["counter"]["packets"] for item in listing.get("nftables", [])
+                   if "counter" in item}
+        return packets.get(MATCHED_COUNTER, 0), packets.get(TRACED_COUNTER, 0)
 
     def mark_ingress(self, devices: list[str]) -> None:
         """Also set the trace bit at ingress on these interfaces (see ingress_mark_commands)."""

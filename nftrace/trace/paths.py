@@ -165,6 +165,9 @@ class PacketPath:
     nat: list = field(default_factory=list)
     first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
     last_seen: float = 0.0
+    # nftrace tables whose mark rule set its trace bit: tells a run's own packets from those
+    # that a concurrent run traced (both runs receive every trace event of the namespace).
+    marked_by: set = field(default_factory=set)
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
@@ -331,18 +334,20 @@ class PathBuilder:
         self._looped.clear()
         return done
 
-    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
-        """Close the open packets that the kernel is known to have freed (`vanished` says which,
-        e.g. from a kernel drop): netfilter will send nothing more, so there is no idle wait.
-        They end complete, dropped, with no rule to blame."""
+    def close_vanished(self, vanished: Callable[[PacketPath], object]) -> list:
+        """Close the open packets that the kernel is known to have freed (`vanished` gives the
+        kernel's drop, with its `reason`, or None): netfilter will send nothing more, so there
+        is no idle wait. They end complete, with netfilter's verdict (see
+        verdict_before_kernel_drop): accept, by whatever accepted them on the hooks they passed."""
         done = []
         for state in list(self._open.values()):
             if state.closed or state.ignored or state.finished or state.path.first_packet is None:
                 continue
-            if vanished(state.path):
+            drop = vanished(state.path)
+            if drop:
                 state.finished = True
                 state.path.complete = True
-                state.path.verdict = "drop"
+                state.path.verdict = verdict_before_kernel_drop(getattr(drop, "reason", None))
                 done.extend(self._close(state, forget=False))
         return done
 
@@ -422,6 +427,8 @@ class PathBuilder:
             )
             if own and event.chain.startswith(MARK_CHAIN_PREFIX):
                 state.marks_seen.add((event.table, event.chain))
+        if own and event.handle is not None and event.type == "rule" and event.chain.startswith(MARK_CHAIN_PREFIX):
+            path.marked_by.add(event.table)  # the mark rule matched: it set the trace bit
         elif event.mark and path.observations:
             path.observations[-1].mark = event.mark
         if not own:
@@ -555,6 +562,14 @@ class PathBuilder:
         return [path]
 
 
+def verdict_before_kernel_drop(reason: Optional[str]) -> str:
+    """Netfilter's verdict on a packet that the kernel dropped after its traced chains: one rule
+    for every reason. The verdict is netfilter's, and `kernel_drop` says what happened next.
+    Netfilter let the packet go on (accept) unless the kernel says that netfilter dropped it
+    outside the traced chains (NETFILTER_DROP: conntrack, an untraced table)."""
+    return "drop" if reason == "NETFILTER_DROP" else "accept"
+
+
 def _derived_observation(hook: str, event: TraceEvent) -> HookObservation:
     """The end of `hook`, as the first chain of a later hook saw the packet (see the module's
     docstring); before routing there is no output interface."""
@@ -598,8 +613,8 @@ def deciding_accept(steps: list, lookup: Optional[RuleLookup] = None) -> Optiona
     policy (on a host with two firewalls, the other one's default lets through what this
     one's rule chose to)."""
     accepting = [step for step in steps if step.verdict == "accept"]
-    if not accepting:
-        return None
+    if len(accepting) < 2:
+        return accepting[0] if accepting else None  # the common case needs no ranking
     tiers = [accept_tier(step, lookup) for step in accepting]
     best = [step for step, tier in zip(accepting, tiers) if tier == min(tiers)]
     rules = [step for step in best if step.type == "rule"] if min(tiers) == 0 else []

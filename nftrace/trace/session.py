@@ -50,6 +50,7 @@ class TraceOptions:
     rcvbuf: Optional[int] = None  # None: sized from max_rate, or NFTRACE_RCVBUF (rcvbuf.py)
     drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
+    counted: bool = False  # count matched and traced packets in the trace table (`drops`)
 
 
 def prepare_namespace(options: TraceOptions) -> None:
@@ -82,6 +83,10 @@ class TraceSession:
         self._drops: Optional[KernelDropWatcher] = None
         self._correlator: Optional[DropCorrelator] = None
         self._iptables_nft: Optional[IptablesNftText] = None
+        self._table: Optional[TraceTable] = None
+
+    def _finishing(self, table: Optional[TraceTable]) -> None:
+        """Called once the trace is over, while the trace table is still in (for its counters)."""
 
     def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
             on_batch: Optional[Callable[[], None]] = None) -> None:
@@ -108,7 +113,8 @@ class TraceSession:
                     # Listening before anything sets the trace bit: no TRACE line is missed.
                     legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
                 if plan.nft:
-                    table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
+                    table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate, counted=options.counted))
+                    self._table = table
                     monitor.watch_ruleset()
                     snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
                     if snapshot.ingress_devices():
@@ -123,6 +129,7 @@ class TraceSession:
                     self._loop(nft, snapshot, monitor, table, builder, on_packet, legacy, on_batch)
                 finally:
                     self._stop_command()
+                    self._finishing(table)
                     self.report.lost_events = ((monitor.dropped_messages() or monitor.overruns) if monitor else 0) + (
                         legacy.lost_messages() if legacy else 0)
                     if self.report.lost_events:
