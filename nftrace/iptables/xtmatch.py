@@ -146,6 +146,9 @@ def rule_conditions(text: str, view: PacketView, family: str, ipsets: Optional[d
             module_tokens.append(f"{bang}{token}" + (f" {rule.next()}" if value and not value.startswith("-") else ""))
             negate = False
             continue
+        if not token.startswith("--"):
+            flush_unknown()  # a base option (-p, -s, ...): the module's options are over
+            module = None if token in _BASE_OPTIONS else module
         if module in NO_MATCH_MODULES and token.startswith("--"):
             rule.next()
             negate = False
