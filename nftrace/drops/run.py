@@ -62,6 +62,10 @@ class DropsSession(TraceSession):
                                         "matching packets of every output interface")
         return nft, BackendPlan(nft=True)
 
+    def _near_miss_annotator(self, nft, snapshot, plan):
+        """Near misses answer `why` about one flow; a tally of drops has no use for them."""
+        return None
+
     def _wanted(self, path: PacketPath) -> bool:
         table = self._table
         if table is None or table.name not in path.marked_by:

@@ -168,6 +168,9 @@ class PacketPath:
     # nftrace tables whose mark rule set its trace bit: tells a run's own packets from those
     # that a concurrent run traced (both runs receive every trace event of the namespace).
     marked_by: set = field(default_factory=set)
+    # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
+    # filled in when the answer is delivered, not on the event path.
+    near_misses: list = field(default_factory=list)
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
