@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from ..flow import PROTOCOL_NAMES
-from ..trace.paths import PacketPath, deciding_accept, verdict_before_kernel_drop
+from ..trace.paths import PacketPath, verdict_before_kernel_drop
 from .reasons import PORT_PROTOCOLS, KernelDrop, explain
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
@@ -94,7 +94,8 @@ def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] =
     if not path.complete and path.incomplete_reason != "events lost":
         path.complete = True
         path.verdict = verdict_before_kernel_drop(drop.reason)
-        path.decided_by = deciding_accept(path.steps) if path.verdict == "accept" else None
+        path.decided_by = None
+        path.vanished_after = path.hooks[-1] if path.hooks else "its first hook"
         path.incomplete_reason = None
 
 

@@ -400,6 +400,7 @@ class LegacyPathBuilder:
             if drop:
                 packet.path.complete = True
                 packet.path.verdict = verdict_before_kernel_drop(getattr(drop, "reason", None))
+                packet.path.vanished_after = packet.trail.hooks[-1] if packet.trail.hooks else "its first hook"
                 done.extend(self._close(packet))
         return done
 

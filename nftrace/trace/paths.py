@@ -165,6 +165,9 @@ class PacketPath:
     nat: list = field(default_factory=list)
     first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
     last_seen: float = 0.0
+    # The kernel freed the packet after this hook, before netfilter was done with it (a kernel
+    # drop closed the path): no step decided its fate (see verdict_before_kernel_drop).
+    vanished_after: Optional[str] = None
     # nftrace tables whose mark rule set its trace bit: tells a run's own packets from those
     # that a concurrent run traced (both runs receive every trace event of the namespace).
     marked_by: set = field(default_factory=set)
@@ -351,7 +354,8 @@ class PathBuilder:
                 state.finished = True
                 state.path.complete = True
                 state.path.verdict = verdict_before_kernel_drop(getattr(drop, "reason", None))
-                done.extend(self._close(state, forget=False))
+                state.path.vanished_after = state.path.hooks[-1] if state.path.hooks else "its first hook"
+                done.extend(self._close(state, forget=False, wait_for_loop=False))
         return done
 
     def mark_loss(self) -> None:
@@ -568,8 +572,10 @@ class PathBuilder:
 def verdict_before_kernel_drop(reason: Optional[str]) -> str:
     """Netfilter's verdict on a packet that the kernel dropped after its traced chains: one rule
     for every reason. The verdict is netfilter's, and `kernel_drop` says what happened next.
-    Netfilter let the packet go on (accept) unless the kernel says that netfilter dropped it
-    outside the traced chains (NETFILTER_DROP: conntrack, an untraced table)."""
+    Netfilter let the packet go on (accept: every chain it passed accepted it) unless the kernel
+    says that netfilter dropped it outside the traced chains (NETFILTER_DROP: conntrack, an
+    untraced table). A packet that vanished before netfilter was done with it
+    (`vanished_after`) has no deciding step: the kernel, not a chain, decided its fate."""
     return "drop" if reason == "NETFILTER_DROP" else "accept"
 
 
@@ -589,7 +595,7 @@ def _header_key(packet: Optional[PacketHeaders]) -> tuple:
 
 def finalise_path(path: PacketPath, lookup: Optional[RuleLookup] = None) -> None:
     """Derive the deciding step and the NAT rewrites once the path is over."""
-    if path.verdict == "accept" and path.decided_by is None:
+    if path.verdict == "accept" and path.decided_by is None and path.vanished_after is None:
         path.decided_by = deciding_accept(path.steps, lookup)
     path.nat = nat_rewrites(path.observations, path.steps)
 

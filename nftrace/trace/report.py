@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..flow import Flow
-from .paths import EXIT_HOOKS, PacketPath, Step, protocol_name
+from .paths import PacketPath, Step, protocol_name
 from ..kernel.system import interface_name
 
 VERDICT_WORDS = {"drop": "dropped", "accept": "accepted", "queue": "queued", "stolen": "stolen"}
@@ -57,13 +57,13 @@ def summary(path: PacketPath) -> str:
         # The verdict is netfilter's; the kernel's drop after it is said too (see
         # paths.verdict_before_kernel_drop).
         said = drop.get("reason") + (f" — {drop['explain']}" if drop.get("explain") else "")
-        where = path.hooks[-1] if path.hooks else "its first hook"
+        where = path.vanished_after or (path.hooks[-1] if path.hooks else "its first hook")
         if path.verdict == "accept":
+            if path.vanished_after:
+                return f"no rule dropped it: it passed every chain up to {where}, then the kernel dropped it: {said}"
             if step is not None:
                 return f"accepted by {step.location()}, then dropped by the kernel: {said}"
-            if where in EXIT_HOOKS:
-                return f"accepted by every chain, then dropped by the kernel: {said}"
-            return f"no rule dropped it: it passed every chain up to {where}, then the kernel dropped it: {said}"
+            return f"accepted by every chain, then dropped by the kernel: {said}"
         if path.verdict == "drop" and step is None:
             return f"dropped by netfilter outside the traced chains, after {where}: {said}"
     if step is None:
