@@ -66,6 +66,7 @@ class Step:
     # Run under a base chain of type nat: its accept is the NAT statement's, not a filter's.
     in_nat_chain: bool = False
     backend: str = "nft"  # nft | iptables-legacy: which part of netfilter ran the chain
+    netns: Optional[str] = None  # the network namespace it ran in (None: nftrace's own)
 
     def where(self) -> str:
         """`inet filter input`; a legacy iptables chain as `iptables filter INPUT`."""
@@ -109,6 +110,7 @@ class Step:
             "rule_deleted": self.rule_deleted,
             "iptables": self.iptables,
             "backend": self.backend,
+            "netns": self.netns,
         }
 
 
@@ -125,6 +127,7 @@ class HookObservation:
     mark: Optional[int]
     ct: Optional[ConntrackInfo]
     own: bool  # from nftrace's own mark or observation chain
+    netns: Optional[str] = None
 
 
 @dataclass
@@ -143,6 +146,9 @@ class PacketPath:
     nat: list = field(default_factory=list)
     first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
     last_seen: float = 0.0
+    netns: Optional[str] = None  # the namespace this path (or part of a path) ran in
+    # A packet traced across namespaces: its part in each, in the order it met them (crossing.py).
+    segments: list = field(default_factory=list)
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
@@ -550,12 +556,17 @@ def deciding_accept(steps: list, lookup: Optional[RuleLookup] = None) -> Optiona
     telling chains (see accept_tier); among chains that filter, an accepting rule over a later
     policy (on a host with two firewalls, the other one's default lets through what this
     one's rule chose to)."""
-    accepting = [step for step in steps if step.verdict == "accept"]
+    return choose_accept([(step, accept_tier(step, lookup)) for step in steps if step.verdict == "accept"])
+
+
+def choose_accept(accepting: list) -> Optional[Step]:
+    """deciding_accept's choice among (step, accept_tier) pairs in path order: steps of
+    several namespaces each need their own namespace's ruleset for their tier."""
     if not accepting:
         return None
-    tiers = [accept_tier(step, lookup) for step in accepting]
-    best = [step for step, tier in zip(accepting, tiers) if tier == min(tiers)]
-    rules = [step for step in best if step.type == "rule"] if min(tiers) == 0 else []
+    lowest = min(tier for _, tier in accepting)
+    best = [step for step, tier in accepting if tier == lowest]
+    rules = [step for step in best if step.type == "rule"] if lowest == 0 else []
     return (rules or best)[-1]
 
 
@@ -640,6 +651,7 @@ __all__ = [
     "PathBuilder",
     "Step",
     "TERMINAL_VERDICTS",
+    "choose_accept",
     "deciding_accept",
     "finalise_path",
     "nat_rewrites",
