@@ -45,14 +45,19 @@ def namespace_path(name: str) -> str:
 
 def enter_namespace(name: str) -> None:
     path = namespace_path(name)
-    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise EnvironmentProblem(f"cannot enter network namespace '{name}': {os.strerror(err)}")
+        enter_namespace_fd(fd, f"network namespace '{name}'")
     finally:
         os.close(fd)
+
+
+def enter_namespace_fd(fd: int, shown: str) -> None:
+    """Move the calling thread into the network namespace open as `fd` (`shown` names it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise EnvironmentProblem(f"cannot enter {shown}: {os.strerror(err)}")
 
 
 def interface_index(name: str, option: str) -> int:
