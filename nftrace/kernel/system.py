@@ -8,8 +8,11 @@ the traffic command it starts, live in that namespace. It never creates a namesp
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
+import subprocess
+from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import EnvironmentProblem, InputError
@@ -90,3 +93,32 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class Link:
+    """An interface of the namespace as `ip -d link` describes it."""
+
+    index: int
+    name: str
+    kind: Optional[str] = None  # bridge, veth, vlan, ...; None for a physical device
+    master: Optional[str] = None  # the bridge (or bond) it is a port of
+
+
+def parse_links(ip_json: str) -> list[Link]:
+    """`ip -d -j link show` → links."""
+    links = []
+    for entry in json.loads(ip_json or "[]"):
+        linkinfo = entry.get("linkinfo") or {}
+        links.append(Link(int(entry["ifindex"]), entry["ifname"], linkinfo.get("info_kind"), entry.get("master")))
+    return links
+
+
+def interface_links() -> list[Link]:
+    """The interfaces of the calling thread's namespace, with their kind (empty if `ip` fails)."""
+    try:
+        result = subprocess.run(["ip", "-d", "-j", "link", "show"], capture_output=True, text=True, timeout=10,
+                                stdin=subprocess.DEVNULL, env=dict(os.environ, LC_ALL="C"))
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_links(result.stdout) if result.returncode == 0 else []
