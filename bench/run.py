@@ -85,6 +85,13 @@ def memory_while_streaming(flood: FloodResult) -> Optional[tuple[int, int, int]]
     return middle, samples[-1][1], max(rss for _, rss in samples)
 
 
+def aligned(rows: list) -> list[str]:
+    """A table's rows: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + row[0].ljust(widths[0]) + "  " + "  ".join(cell.rjust(width) for cell, width in
+                                                              zip(row[1:], widths[1:])) for row in rows]
+
+
 def flood_table(flood: FloodResult) -> list[str]:
     nft, mine = flood.monitor, flood.nftrace
     events = f"; {flood.events_per_packet:.0f} trace events each" if flood.events_per_packet else ""
@@ -107,10 +114,7 @@ def flood_table(flood: FloodResult) -> list[str]:
          ratio(_own_peak(mine), nft.finished.max_rss_bytes)),
         ("last output, after the flood ended", _seconds(nft.drained_after), _seconds(mine.drained_after), ""),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        lines.append("  " + row[0].ljust(widths[0]) + "  " + "  ".join(cell.rjust(width) for cell, width in
-                                                                       zip(row[1:], widths[1:])))
+    lines += aligned(rows)
     helper_cpu, helper_rss = _helper_usage(mine)
     if helper_cpu is not None:
         lines.append(f"  (nftrace's figures include its bpftrace for kernel drop reasons, on by default: "
@@ -188,10 +192,7 @@ def drops_table(drops: DropsFloodResult) -> list[str]:
         ("peak memory (max RSS of the process)", mib(admin.finished.max_rss_bytes), mib(_own_peak(mine)), ""),
         ("last report, after the flood ended", _seconds(admin.drained_after), _seconds(mine.drained_after), ""),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        lines.append("  " + row[0].ljust(widths[0]) + "  " + "  ".join(cell.rjust(width) for cell, width in
-                                                                       zip(row[1:], widths[1:])))
+    lines += aligned(rows)
     helper_cpu, helper_rss = _helper_usage(mine)
     if helper_cpu is not None:
         lines.append(f"  (nftrace's figures include its bpftrace: {helper_cpu:.2f} CPU s, {mib(helper_rss)} peak; "

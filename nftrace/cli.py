@@ -10,7 +10,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -138,23 +138,10 @@ def why(
         where = f" in netns {netns}" if netns else ""
         typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
 
-    exit_code = None
-    try:
-        # A live trace flushes JSON once per batch of events read; a dry run's one answer is
-        # flushed when the document is finished.
-        batches = {"on_batch": stream.flush} if stream and not dry_run else {}
-        session.run(on_packet, on_ready, **batches)
-    except NftraceError as err:
-        if not (stream and stream.started):
-            _fail(err)
-        typer.echo(f"nftrace: {err}", err=True)
-        exit_code = err.exit_code
-    except KeyboardInterrupt:
-        typer.echo("nftrace: interrupted; trace rules removed", err=True)
-        exit_code = EXIT_INTERRUPTED
-    except Interrupted as stop:
-        typer.echo(f"nftrace: stopped by {signal.Signals(stop.signum).name}; trace rules removed", err=True)
-        exit_code = 128 + stop.signum
+    # A live trace flushes JSON once per batch of events read; a dry run's one answer is
+    # flushed when the document is finished.
+    batches = {"on_batch": stream.flush} if stream and not dry_run else {}
+    exit_code, _ = _run_session(lambda: session.run(on_packet, on_ready, **batches), stream)
     if stream:
         stream.finish()
     else:
@@ -164,6 +151,26 @@ def why(
     if exit_code is None:
         exit_code = 0 if session.packets_seen else EXIT_NO_PACKET
     raise typer.Exit(exit_code)
+
+
+def _run_session(run: Callable[[], None], stream) -> tuple[Optional[int], bool]:
+    """Run a live session. An error once output has started, Ctrl-C or a signal ends it with
+    one line on stderr (the rules are removed by then); returns the exit status it calls for
+    (None: the run ended by itself) and whether the user stopped it."""
+    try:
+        run()
+    except NftraceError as err:
+        if not (stream and stream.started):
+            _fail(err)
+        typer.echo(f"nftrace: {err}", err=True)
+        return err.exit_code, False
+    except KeyboardInterrupt:
+        typer.echo("nftrace: interrupted; trace rules removed", err=True)
+        return EXIT_INTERRUPTED, True
+    except Interrupted as stop:
+        typer.echo(f"nftrace: stopped by {signal.Signals(stop.signum).name}; trace rules removed", err=True)
+        return 128 + stop.signum, True
+    return None, False
 
 
 @app.command()
@@ -188,7 +195,6 @@ def drops(
     from .drops.report import DropsReport
     from .drops.run import DropsSession
     from .flow import parse_filter
-    from .signals import Interrupted
     from .trace.jsonstream import JsonStream
     from .trace.session import TraceOptions
     import shutil
@@ -230,18 +236,10 @@ def drops(
         limit = f"at most {max_rate} packets/s" if max_rate else "every packet"
         typer.echo(f"watching drops of {flow.describe()}{where}, tracing {limit} (Ctrl-C to stop)", err=True)
 
-    exit_code = 0
-    try:
-        session.run(on_drop, on_ready, on_batch)
-    except NftraceError as err:
-        if not (stream and stream.started):
-            _fail(err)
-        typer.echo(f"nftrace: {err}", err=True)
-        exit_code = err.exit_code
-    except KeyboardInterrupt:
-        typer.echo("nftrace: interrupted; trace rules removed", err=True)
-    except Interrupted as stop:
-        typer.echo(f"nftrace: stopped by {signal.Signals(stop.signum).name}; trace rules removed", err=True)
+    # Ctrl-C and SIGTERM are how a watch ends: the summary follows, and the status is 0.
+    exit_code, stopped = _run_session(lambda: session.run(on_drop, on_ready, on_batch), stream)
+    if stopped:
+        exit_code = 0
     note = report.sample_note()
     if stream and note:
         report.warnings.append(note)  # the text summary says it in its own line
@@ -251,7 +249,7 @@ def drops(
         if live is not None:
             sys.stdout.write(CLEAR)
         typer.echo(render_summary(report))
-    raise typer.Exit(exit_code)
+    raise typer.Exit(exit_code or 0)
 
 
 @app.command()

@@ -108,3 +108,44 @@ def test_the_document_has_the_fields_scripts_read():
     assert document["mode"] == "drops"
     assert document["filter"] == {"src": None, "dst": None, "proto": "tcp", "sport": None, "dport": 22, "iif": None,
                                   "oif": None}
+
+
+def test_one_line_per_drop_names_the_flow_the_interface_and_the_rule():
+    from nftrace.drops.render import drop_line
+
+    line = drop_line(path(decided_by=step()), INTERFACES, now=0)
+    assert line.endswith(" DROP   10.0.0.5:40000 → 10.0.0.9:22 tcp in eth0  "
+                         "dropped by inet filter input rule handle 7: tcp dport 22 drop")
+    kernel = path(verdict="accept", decided_by=step(verdict="accept", text="tcp dport 22 accept"),
+                  kernel_drop={"reason": "NO_SOCKET", "location": "tcp_v4_rcv", "explain": "nothing listens"})
+    assert " KERNEL 10.0.0.5:40000 → 10.0.0.9:22 tcp in eth0  accepted by " in drop_line(kernel, INTERFACES, now=0)
+
+
+def test_the_live_table_ranks_rules_and_shows_the_rate_since_the_last_refresh():
+    from nftrace.drops.render import LiveTable
+
+    report = DropsReport(flow=parse_filter())
+    table = LiveTable(report, width=200)
+    report.tally.add(path(decided_by=step()), INTERFACES)
+    first = table.render(now=10.0, elapsed=1.0)
+    for _ in range(4):
+        report.tally.add(path(decided_by=step(handle=9, text="udp dport 53 drop")), INTERFACES)
+    second = table.render(now=12.0, elapsed=3.0).splitlines()
+    assert "1 dropped of 1 traced packets" in first
+    rows = [line for line in second if "inet filter input" in line]
+    assert "udp dport 53 drop" in rows[0] and rows[0].split()[:2] == ["4", "2.0"]
+    assert "tcp dport 22 drop" in rows[1] and rows[1].split()[:2] == ["1", "0.0"]
+    assert rows[0].endswith("10.0.0.5:40000 → 10.0.0.9:22 tcp in eth0")
+
+
+def test_the_summary_gives_each_rule_its_top_flows_and_says_whether_counts_are_exact():
+    from nftrace.drops.render import render_summary
+
+    report = DropsReport(flow=parse_filter(), counts=TraceCounts(matched=5, traced=5), duration=2.0)
+    for sport in (1, 1, 2):
+        report.tally.add(path(decided_by=step(), headers=packet(sport=sport)), INTERFACES)
+    text = render_summary(report)
+    assert "3 dropped of 5 traced packets (0 matching packets not traced)" in text
+    assert "counts are exact" in text
+    assert "        3  dropped by inet filter input rule handle 7: tcp dport 22 drop" in text
+    assert "10.0.0.5:1 → 10.0.0.9:22 tcp in eth0" in text

@@ -13,6 +13,7 @@ from .report import DropsReport
 from .tally import Counted, DropTally
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: the table is redrawn in place
+LAST_FLOW_WIDTH = 48
 
 
 def drop_line(path: PacketPath, interfaces: dict, now: Optional[float] = None) -> str:
@@ -29,9 +30,13 @@ def drop_line(path: PacketPath, interfaces: dict, now: Optional[float] = None) -
 
 
 def _what(entry: Counted) -> str:
+    """The rule as the tree shows it (`[12] tcp dport 25 drop`), the policy, or the kernel's reason."""
     step = getattr(entry, "step", None)
     if step is not None:
-        return step.location()
+        if step.type == "policy":
+            return f"policy {step.verdict}"
+        label = f"[{step.handle}]" if step.handle is not None else f"[#{step.rule_number}]" if step.rule_number else "[?]"
+        return f"{label} {step.iptables or step.text or '(rule text unknown)'}"
     reason = getattr(entry, "reason", "?")
     explain = getattr(entry, "explain", None)
     return f"kernel: {reason}" + (f" — {explain}" if explain else "")
@@ -59,7 +64,8 @@ class LiveTable:
         where = f" in netns {self.report.netns}" if self.report.netns else ""
         lines = [f"nftrace drops{where}: {self.report.flow.describe()}   {elapsed:,.0f} s, "
                  f"{tally.packets:,} dropped of {tally.seen:,} traced packets   (Ctrl-C to stop)", ""]
-        header = f"{'PACKETS':>9} {'RATE/s':>8}  {'CHAIN':<28} {'RULE / REASON':<44} LAST FLOW"
+        rule_width = max(30, self.width - 9 - 1 - 8 - 2 - 28 - 1 - 1 - LAST_FLOW_WIDTH)
+        header = f"{'PACKETS':>9} {'RATE/s':>8}  {'CHAIN':<28} {'RULE / REASON':<{rule_width}} LAST FLOW"
         lines.append(header)
         entries = [(("rule",) + key, entry) for key, entry in tally.rules.items()] + \
                   [(("kernel", key), entry) for key, entry in tally.reasons.items()]
@@ -71,7 +77,7 @@ class LiveTable:
             rate = f"{(entry.packets - before) / since:,.1f}" if since else "-"
             last = entry.last_flow.describe() if entry.last_flow else ""
             lines.append(f"{entry.packets:>9,} {rate:>8}  {_cut(_chain(entry), 28):<28} "
-                         f"{_cut(_what(entry), 44):<44} {last}")
+                         f"{_cut(_what(entry), rule_width):<{rule_width}} {last}")
         if not entries:
             lines.append("  (no packet dropped yet)")
         elif len(entries) > self.rows:

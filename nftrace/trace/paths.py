@@ -191,10 +191,15 @@ class PacketPath:
 
     def interface_index(self, which: str) -> Optional[int]:
         """iif: the first one seen; oif: the last one seen (routing may change it)."""
-        values = [getattr(o, which) for o in self.observations if getattr(o, which)]
-        if not values:
+        if which == "iif":
+            for observation in self.observations:
+                if observation.iif:
+                    return observation.iif
             return None
-        return values[0] if which == "iif" else values[-1]
+        for observation in reversed(self.observations):
+            if getattr(observation, which):
+                return getattr(observation, which)
+        return None
 
     @property
     def mark(self) -> Optional[int]:

@@ -263,6 +263,8 @@ class TraceSession:
         correlator = self._correlator
 
         def deliver(paths, held=False):
+            if not paths:
+                return  # most events finish no packet: nothing to hold, nothing to release
             if correlator is not None and not held:
                 now = time.monotonic()
                 paths = correlator.hold(paths, now)
