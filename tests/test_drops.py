@@ -223,3 +223,30 @@ def test_bad_filter_is_refused_before_anything_is_installed(lab):
     result = nftrace("--netns", lab.router, "drops", "--dport", "22")
     assert result.returncode == 2
     assert result.stderr.strip() == "nftrace: --sport/--dport need --proto tcp, udp or sctp"
+
+
+def test_packets_dropped_at_ingress_count_once_and_are_named(lab):
+    load_ruleset(lab.router, """
+table netdev border {
+    chain ingress_client {
+        type filter hook ingress device "r-client" priority 0; policy accept;
+        udp dport 6100 counter drop
+    }
+}
+""")
+    try:
+        run = Drops(lab, "--proto", "udp", "--dport", "6100", "--duration", "4", "--json")
+        send(lab, 6100, SERVER_V4, 2000, rate=0)
+        code, out, err = run.finish()
+        assert code == 0, err
+        listing = json.loads(in_netns(lab.router, ["nft", "-j", "list", "table", "netdev", "border"]).stdout)
+        [counted] = [expr["counter"]["packets"] for item in listing["nftables"] if "rule" in item
+                     for expr in item["rule"]["expr"] if "counter" in expr]
+    finally:
+        in_netns(lab.router, ["nft", "delete", "table", "netdev", "border"])
+    document = json.loads(out)
+    assert counted == 2000
+    assert document["traced"] + document["not_traced"] == counted
+    [rule] = document["rules"]
+    assert (rule["decided_by"]["family"], rule["decided_by"]["chain"]) == ("netdev", "ingress_client")
+    assert rule["packets"] == document["traced"]

@@ -124,20 +124,36 @@ def mark_hooks(flow: Flow) -> tuple[str, ...]:
 
 def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
                          ends: tuple = (None,), counted: bool = False, **attach) -> list[dict]:
-    """A chain on `hook` whose rules (one per end, see mark_ends) switch tracing on for the flow.
+    """A chain on `hook` whose rules (one per end, see mark_ends) switch tracing on for the flow."""
+    return [_chain_command(family, name, f"mark_{hook}{suffix}", hook, MARK_PRIORITY, **attach)] + \
+        _mark_rule_commands(family, name, flow, max_rate, hook, suffix, ends, counted)
+
+
+def _chain_command(family: str, name: str, chain: str, hook: str, default_priority: int, **attach) -> dict:
+    attach.setdefault("prio", default_priority)
+    return {"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
+                              "policy": "accept", **attach}}}
+
+
+def _mark_rule_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
+                        ends: tuple = (None,), counted: bool = False, counted_elsewhere: tuple = ()) -> list[dict]:
+    """The rules of a mark chain (see _mark_chain_commands); each ends on accept.
 
     `counted`: the rule counts the packets that match (MATCHED_COUNTER, before the rate limit)
     and those it marks (TRACED_COUNTER, after it), so that a run can say how many packets it
     did not trace. A packet counts once: at prerouting, packets that come in on `lo` were
-    counted (and marked, or not) at output, and the trace bit crosses loopback."""
+    counted (and marked, or not) at output, and the trace bit crosses loopback; so were
+    packets that come in on `counted_elsewhere`, the devices marked at ingress."""
     chain = f"mark_{hook}{suffix}"
-    commands = [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
-                                   "policy": "accept", **attach}}}]
+    commands = []
     for end in ends:
         exprs = flow_match(flow, hook, family, end)
+        if counted and hook == "prerouting" and family == "inet":
+            counted_before = (("lo",) if "output" in mark_hooks(flow) else ()) + tuple(counted_elsewhere)
+            if counted_before:
+                exprs.append({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}},
+                                        "right": {"set": list(counted_before)}}})
         if counted:
-            if hook == "prerouting" and family == "inet" and "output" in mark_hooks(flow):
-                exprs.append({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "lo"}})
             exprs.append({"counter": MATCHED_COUNTER})
         if max_rate:
             exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
@@ -173,7 +189,7 @@ def nat_hooks(snapshot: RulesetSnapshot, legacy_nat: bool = False) -> frozenset:
 
 
 def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, devices: list[str],
-                          ends: tuple = (None,)) -> list[dict]:
+                          ends: tuple = (None,), counted: bool = False) -> list[dict]:
     """Ingress chains (netdev, or inet ingress) run before prerouting: a packet they drop never
     reaches the prerouting mark chain, so the trace bit is set at ingress too, on their devices,
     before them. Its rate limit is a rule of its own: a packet passes it and the prerouting one."""
@@ -182,8 +198,14 @@ def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, dev
     commands = []
     for index, device in enumerate(devices):
         # libnftables' JSON takes one device per inet ingress chain: a chain per device.
-        commands += _mark_chain_commands(family, name, flow, max_rate, "ingress", f"@{index}", ends, dev=device,
-                                         prio=INGRESS_MARK_PRIORITY)
+        commands += _mark_chain_commands(family, name, flow, max_rate, "ingress", f"@{index}", ends, counted,
+                                         dev=device, prio=INGRESS_MARK_PRIORITY)
+    if counted and devices:
+        # Packets of these devices now count at ingress: the prerouting rule leaves them out,
+        # in the same transaction, so that none counts twice or not at all.
+        commands.append({"flush": {"chain": {"family": family, "table": name, "name": "mark_prerouting"}}})
+        commands += _mark_rule_commands(family, name, flow, max_rate, "prerouting", "", ends, counted,
+                                        counted_elsewhere=tuple(devices))
     return commands
 
 
@@ -305,7 +327,8 @@ class TraceTable:
 
     def mark_ingress(self, devices: list[str]) -> None:
         """Also set the trace bit at ingress on these interfaces (see ingress_mark_commands)."""
-        commands = ingress_mark_commands(self.family, self.name, self.flow, self.max_rate, devices, self.ends)
+        commands = ingress_mark_commands(self.family, self.name, self.flow, self.max_rate, devices, self.ends,
+                                         self.counted)
         if commands:
             self._commit(commands)
 
