@@ -250,3 +250,41 @@ table netdev border {
     [rule] = document["rules"]
     assert (rule["decided_by"]["family"], rule["decided_by"]["chain"]) == ("netdev", "ingress_client")
     assert rule["packets"] == document["traced"]
+
+
+def test_on_a_terminal_a_live_table_is_redrawn_then_the_summary_is_printed(lab):
+    import pty
+    import select as select_module
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.router, "drops", "--max-rate", "0",
+                                "--proto", "udp", "--duration", "4"], stdout=slave, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="160"),
+                               start_new_session=True)
+    os.close(slave)
+    try:
+        assert process.stderr.readline().startswith(b"watching drops of")
+        send(lab, 6000, SERVER_V4, 30)
+        output = b""
+        while True:
+            ready, _, _ = select_module.select([master], [], [], 20)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other end closed: the process is done
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(20) == 0
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+    text = output.decode("utf-8", "replace")
+    assert text.count("\x1b[H\x1b[2J") >= 2  # redrawn in place, then cleared for the summary
+    assert "PACKETS" in text and "RATE/s" in text and "LAST FLOW" in text
+    assert '[' in text and 'udp dport 6000 counter drop comment "no 6000"' in text
+    summary = text.rsplit("\x1b[H\x1b[2J", 1)[1]
+    assert "30 dropped of" in summary and "dropped by inet fw forward rule handle" in summary
