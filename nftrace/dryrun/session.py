@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
-from .inject import Injection
+from .inject import Injection, random_mac
 from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
@@ -120,14 +120,8 @@ def plan_injection(flow: Flow, netstate: NetworkState, peers: dict, helper: str,
         raise InputError(f"--iif: no interface '{iif}' in {netstate.where}")
     gateway = route_back.gateway if route_back and route_back.dev == iif else None
     neighbour = netstate.neighbours.get((iif, str(ipaddress.ip_address(gateway or src))))
-    return Injection(**common, iif=iif, netns=helper, peer=peers[iif].peer, src_mac=neighbour or _random_mac(token),
+    return Injection(**common, iif=iif, netns=helper, peer=peers[iif].peer, src_mac=neighbour or random_mac(token),
                      dst_mac=peers[iif].mac, mtu=interface.mtu)
-
-
-def _random_mac(token: Callable[[int], int]) -> str:
-    octets = [token(256) for _ in range(6)]
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    return ":".join(f"{o:02x}" for o in octets)
 
 
 def conntrack_entry_argv(injection: Injection) -> list[str]:

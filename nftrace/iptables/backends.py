@@ -17,8 +17,9 @@ from typing import Callable, Optional
 
 from ..errors import EnvironmentProblem, InputError
 from ..flow import Flow
+from ..protocols import iptables_command
 from .iptctrace import TraceRules, remove_leftover_trace_rules
-from .legacy import COMMAND_NAMES, LiveLegacyRuleset, legacy_tables
+from .legacy import FAMILIES, LiveLegacyRuleset, legacy_tables
 from .merge import LegacyPathBuilder, MergedPathBuilder, last_tables_on_exit_hooks
 from .nflog import NFNETLINK_LOG, NflogListener, in_initial_netns, restore_leftover_loggers
 from ..trace.paths import PathBuilder
@@ -52,7 +53,7 @@ def plan_backend(choice: str, flow: Flow, nft_problem: Optional[str], tables: li
     """Decide from what the namespace has: `nft_problem` says why nf_tables cannot be used
     (None: it can), `tables` are the namespace's legacy tables of the flow's family."""
     family = flow.nft_family
-    command = COMMAND_NAMES[family]
+    command = iptables_command(family)
     if choice == "iptables":
         if not tables:
             raise EnvironmentProblem(f"--backend iptables: this namespace has no legacy {command} tables "
@@ -92,14 +93,14 @@ class LegacyTracing:
         self.listener = NflogListener((self.family,))
         previous = self.listener.previous_loggers().get(self.family)
         if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
-            self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {COMMAND_NAMES[self.family]} wrote "
+            self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {iptables_command(self.family)} wrote "
                                  f"to nftrace instead of the kernel log ({previous} is bound again now)")
         try:
             if self.plan.trace_rules:
                 self.rules = TraceRules(self.family, self.flow, self.max_rate)
                 self.rules.install()
                 if self.rules.created_raw_table:
-                    self.warnings.append(f"the legacy {COMMAND_NAMES[self.family]} raw table did not exist and was "
+                    self.warnings.append(f"the legacy {iptables_command(self.family)} raw table did not exist and was "
                                          "created for the TRACE rules; the kernel keeps it (empty) after the run")
             self.ruleset = LiveLegacyRuleset(self.family)
         except BaseException:
@@ -131,7 +132,7 @@ class LegacyTracing:
 def clean_up_legacy() -> list[str]:
     """What killed runs left in this namespace's legacy side: nf_log bindings and TRACE rules."""
     done = [f"restored {item}" for item in restore_leftover_loggers()]
-    for family in COMMAND_NAMES:
+    for family in FAMILIES:
         done.extend(f"removed {item}" for item in remove_leftover_trace_rules(family))
     return done
 

@@ -19,12 +19,14 @@ import os
 from typing import Optional
 
 from ..errors import EnvironmentProblem, KernelError
-from ..flow import PORT_PROTOCOLS, PROTOCOL_NUMBERS, Flow
+from ..flow import Flow
+from ..protocols import PORT_PROTOCOLS, PROTOCOL_NUMBERS, iptables_command
 from .legacy import OWN_COMMENT, LegacyRuleset, legacy_tables, own_rule_pid, read_legacy_ruleset
 from ..kernel.system import pid_alive
 from ..kernel.tracetable import mark_hooks
 
-TRACE_TABLE = "raw"
+# The legacy table the TRACE rules go in: raw runs first, before conntrack and NAT.
+TRACE_RULES_TABLE = "raw"
 HOOK_CHAINS = {"prerouting": "PREROUTING", "output": "OUTPUT"}
 
 
@@ -45,10 +47,10 @@ def _table(iptc, family: str):
     table_class = iptc.Table if family == "ip" else iptc.Table6
     present = set(legacy_tables(family))
     for name in table_class.ALL:
-        if name != TRACE_TABLE:
+        if name != TRACE_RULES_TABLE:
             table_class.existing_table_names[name] = name in present
-    table_class.existing_table_names[TRACE_TABLE] = True
-    table = table_class(TRACE_TABLE)
+    table_class.existing_table_names[TRACE_RULES_TABLE] = True
+    table = table_class(TRACE_RULES_TABLE)
     table.autocommit = False
     table.refresh()
     return table
@@ -122,7 +124,7 @@ class TraceRules:
 
     def install(self) -> None:
         iptc = self._iptc = load_iptc()
-        self.created_raw_table = TRACE_TABLE not in legacy_tables(self.family)
+        self.created_raw_table = TRACE_RULES_TABLE not in legacy_tables(self.family)
         table = _table(iptc, self.family)
         try:
             for hook in mark_hooks(self.flow):
@@ -170,7 +172,7 @@ def leftover_trace_rules(ruleset: LegacyRuleset) -> set:
 def remove_leftover_trace_rules(family: str) -> list[str]:
     """TRACE rules that killed runs left in this namespace, removed (python-iptables is loaded
     only when there are some)."""
-    if TRACE_TABLE not in legacy_tables(family):
+    if TRACE_RULES_TABLE not in legacy_tables(family):
         return []
     pids = leftover_trace_rules(read_legacy_ruleset(family))
     if not pids:
@@ -178,6 +180,6 @@ def remove_leftover_trace_rules(family: str) -> list[str]:
     count = remove_trace_rules(load_iptc(), family, pids)
     if not count:
         return []
-    command = "iptables" if family == "ip" else "ip6tables"
+    command = iptables_command(family)
     runs = f"run{'s' if len(pids) > 1 else ''} {', '.join(map(str, sorted(pids)))}"
     return [f"{count} {command} TRACE rule{'s' if count > 1 else ''} of killed {runs}"]

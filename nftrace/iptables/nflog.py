@@ -26,19 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
+from pyroute2.netlink import nla
+from pyroute2.netlink.nfnetlink import nfgen_msg
 
 from ..errors import EnvironmentProblem, KernelError
-from ..trace.events import PacketHeaders, decode_datagram, parse_packet_headers
+from ..trace.events import PacketHeaders, parse_packet_headers
 from ..kernel.monitor import EventsLost, open_netfilter_socket, read_datagrams, socket_drops
-from ..kernel.system import NETNS_RUN_DIR, pid_alive
+from ..kernel.netlink import NFNL_SUBSYS_ULOG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, decode_datagram, message_type
+from ..kernel.rcvbuf import MIN_RCVBUF
+from ..kernel.system import NETNS_RUN_DIR, STATE_DIR, pid_alive
 
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
-PACKET_MESSAGE_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
-CONFIG_MESSAGE_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-NLMSG_ERROR = 2
+PACKET_MESSAGE_TYPE = message_type(NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET)
+CONFIG_MESSAGE_TYPE = message_type(NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG)
 
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_CFG_CMD_PF_BIND = 3
@@ -47,7 +48,8 @@ NFULNL_COPY_PACKET = 2
 TRACE_GROUP = 0
 # Enough of the packet for an IPv4 header with options or an IPv6 header, plus 20 bytes of L4.
 COPY_RANGE = 128
-DEFAULT_RCVBUF = 16 * 1024 * 1024
+# As nft monitor's: TRACE lines come one per rule a packet meets, at most --max-rate packets a second.
+NFLOG_RCVBUF = MIN_RCVBUF
 
 PROTOCOL_FAMILIES = {"ip": socket.AF_INET, "ip6": socket.AF_INET6}
 FAMILY_NAMES = {number: name for name, number in PROTOCOL_FAMILIES.items()}
@@ -58,7 +60,6 @@ SO_NETNS_COOKIE = 71
 NF_LOG_SYSCTL = "/proc/sys/net/netfilter/nf_log/{pf}"
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
 NFNETLINK_LOG = "nfnetlink_log"
-STATE_DIR = Path(os.environ.get("NFTRACE_STATE_DIR", "/run/nftrace"))
 
 _PREFIX_RE = re.compile(r"^TRACE: ([^:]+):([^:]+):(rule|return|policy):(\d+)\s*$")
 
@@ -225,7 +226,7 @@ def netns_cookie() -> Optional[int]:
             return None
 
 
-def netns_exists(inode: int) -> bool:
+def netns_inode_in_use(inode: int) -> bool:
     """Whether some named namespace or some process still has the namespace with this inode."""
     for holder in list(Path(NETNS_RUN_DIR).glob("*")) + list(Path("/proc").glob("[0-9]*/ns/net")):
         try:
@@ -306,7 +307,7 @@ def restore_leftover_loggers() -> list[str]:
             continue
         if saved.netns == netns and (saved.cookie is None or cookie is None or saved.cookie == cookie):
             restored.extend(saved.restore())
-        elif saved.netns == netns or not netns_exists(saved.netns):
+        elif saved.netns == netns or not netns_inode_in_use(saved.netns):
             saved.forget()
     return restored
 
@@ -331,7 +332,7 @@ class NflogListener:
     binding (with the socket) and writes the old loggers back.
     """
 
-    def __init__(self, families: tuple[str, ...], rcvbuf: int = DEFAULT_RCVBUF):
+    def __init__(self, families: tuple[str, ...], rcvbuf: int = NFLOG_RCVBUF):
         self.families = families
         self.overruns = 0
         self._saved: Optional[SavedLoggers] = None

@@ -10,11 +10,15 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from pathlib import Path
 from typing import Optional
 
 from ..errors import EnvironmentProblem, InputError
 
 NETNS_RUN_DIR = "/run/netns"
+# Where nftrace keeps what must outlive a run: the nf_log loggers a run replaced (put back by
+# `nftrace cleanup` after a SIGKILL), the lab's scenario state.
+STATE_DIR = Path(os.environ.get("NFTRACE_STATE_DIR", "/run/nftrace"))
 CLONE_NEWNET = 0x40000000
 CAP_NET_ADMIN = 12
 
@@ -32,6 +36,12 @@ def require_net_admin() -> None:
         if os.geteuid() == 0:
             return
     raise EnvironmentProblem("nftrace needs root (CAP_NET_ADMIN) to add trace rules and read trace events; run it with sudo")
+
+
+def netns_exists(name: str) -> bool:
+    """Whether /run/netns/NAME exists (a named namespace; see nflog.netns_inode_in_use for one
+    known by inode)."""
+    return os.path.exists(os.path.join(NETNS_RUN_DIR, name))
 
 
 def namespace_path(name: str) -> str:

@@ -15,16 +15,27 @@ Everything the user typed reaches the kernel as JSON values, never as nft comman
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import KernelError
 from ..flow import Flow, PROTOCOL_NUMBERS
 from .nft import NftContext
-from ..trace.ruleset import TRACE_TABLE_PREFIX, RulesetSnapshot
 from .system import pid_alive
+
+if TYPE_CHECKING:
+    from ..trace.ruleset import RulesetSnapshot
+
+# Every table an nftrace run makes is named nftrace_<pid>_<hex>: the ruleset snapshot leaves
+# them out of paths, and cleanup finds a dead run's by the pid.
+TRACE_TABLE_PREFIX = "nftrace_"
+# Its chains: mark_<hook> set the trace bit, obs_<hook> observe (the path builder reads the hook
+# from the name).
+MARK_CHAIN_PREFIX = "mark_"
+OBSERVE_CHAIN_PREFIX = "obs_"
 
 MARK_PRIORITY = -350
 INGRESS_MARK_PRIORITY = -10000
@@ -33,6 +44,11 @@ MARK_HOOKS = ("prerouting", "output")
 OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 DEFAULT_MAX_RATE = 100
 _NAME_RE = re.compile(rf"^{TRACE_TABLE_PREFIX}(\d+)_[0-9a-f]+$")
+
+
+def is_trace_table(name: str) -> bool:
+    """Whether a table is an nftrace run's (this one's, another live one's, or a leftover)."""
+    return name.startswith(TRACE_TABLE_PREFIX)
 
 
 def _address_match(field: str, flow: Flow, network) -> Optional[dict]:
@@ -74,7 +90,7 @@ def mark_hooks(flow: Flow) -> tuple[str, ...]:
 def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
                          **attach) -> list[dict]:
     """A chain on `hook` whose one rule switches tracing on for the flow."""
-    chain = f"mark_{hook}{suffix}"
+    chain = f"{MARK_CHAIN_PREFIX}{hook}{suffix}"
     exprs = flow_match(flow, hook)
     if max_rate:
         exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
@@ -103,7 +119,7 @@ def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int) -> l
     for hook in mark_hooks(flow):
         commands += _mark_chain_commands(family, name, flow, max_rate, hook, prio=MARK_PRIORITY)
     for hook in OBSERVE_HOOKS:
-        commands.append({"add": {"chain": {"family": family, "table": name, "name": f"obs_{hook}", "type": "filter",
+        commands.append({"add": {"chain": {"family": family, "table": name, "name": f"{OBSERVE_CHAIN_PREFIX}{hook}", "type": "filter",
                                            "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept"}}})
     return commands
 
@@ -152,7 +168,7 @@ class TraceTable:
         try:
             self.nft.run(f"delete table {self.family} {self.name}")
         except KernelError as err:
-            if "No such file" not in str(err):
+            if err.errno != errno.ENOENT:  # already gone: deleted by someone else, or by the kernel
                 raise
         self.installed = False
 
@@ -164,7 +180,7 @@ class TraceTable:
         self.remove()
 
 
-def leftover_tables(snapshot: RulesetSnapshot) -> list[tuple[str, str]]:
+def leftover_tables(snapshot: "RulesetSnapshot") -> list[tuple[str, str]]:
     """Trace tables whose run is gone (its pid no longer exists)."""
     leftovers = []
     for family, name in snapshot.trace_tables():
@@ -174,13 +190,13 @@ def leftover_tables(snapshot: RulesetSnapshot) -> list[tuple[str, str]]:
     return leftovers
 
 
-def remove_leftover_tables(nft: NftContext, snapshot: RulesetSnapshot) -> list[str]:
+def remove_leftover_tables(nft: NftContext, snapshot: "RulesetSnapshot") -> list[str]:
     removed = []
     for family, name in leftover_tables(snapshot):
         try:
             nft.run(f"delete table {family} {name}")
             removed.append(f"{family} {name}")
         except KernelError as err:
-            if "No such file" not in str(err):
+            if err.errno != errno.ENOENT:  # already gone: deleted by someone else, or by the kernel
                 raise
     return removed

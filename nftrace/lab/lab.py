@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import EnvironmentProblem, InputError
+from ..kernel.system import STATE_DIR
+from ..protocols import iptables_command
 from .expectations import EXPECTATION_SUFFIX, ExpectationFile, FlowExpectation, load_expectations
 from .topology import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, ROUTER_SERVER_V6,
                      SERVER_V4, SERVER_V6, Topology, in_netns, netns_exists)
 
 LAB_PREFIX = "nftlab"
 DEFAULT_SCENARIO = "host-firewall"
-STATE_DIR = Path("/run/nftrace")
 # What the scenarios' flows reach on the server; the router's own ports need no listener
 # (a connection refused there still went through the input hook).
 LISTEN_TCP = (22, 25, 80, 443, 3306, 5432, 6379, 8080, 9090)
@@ -138,8 +139,8 @@ def legacy_reset_text(table: str) -> str:
 def reset_ruleset(netns: str) -> None:
     """Empty the namespace's firewall: every nftables table, and legacy iptables tables in use."""
     in_netns(netns, ["nft", "flush", "ruleset"])
-    for family, names_file, restore in (("ipv4", "ip_tables_names", "iptables-legacy-restore"),
-                                        ("ipv6", "ip6_tables_names", "ip6tables-legacy-restore")):
+    for names_file, restore in (("ip_tables_names", f"{iptables_command(4)}-legacy-restore"),
+                                ("ip6_tables_names", f"{iptables_command(6)}-legacy-restore")):
         listing = in_netns(netns, ["cat", f"/proc/net/{names_file}"], check=False).stdout
         for table in listing.split():
             if table in LEGACY_BUILTIN_CHAINS:

@@ -24,9 +24,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from ..errors import EnvironmentProblem
+from ..kernel import runner
+from ..kernel.runner import run
+from ..kernel.system import netns_exists
 
 CLIENT_V4, ROUTER_CLIENT_V4 = "10.77.1.2", "10.77.1.1"
 SERVER_V4, ROUTER_SERVER_V4 = "10.77.2.2", "10.77.2.1"
@@ -36,22 +39,9 @@ LISTENER_MODULE = "nftrace.lab.traffic"
 LISTENER_READY_SECONDS = 10.0
 
 
-def run(args: Sequence[str], *, check: bool = True, input: Optional[str] = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    try:
-        result = subprocess.run(list(args), input=input, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise EnvironmentProblem(f"{args[0]} is not installed (apt-get install iproute2 nftables)") from None
-    if check and result.returncode != 0:
-        raise EnvironmentProblem(f"{' '.join(args)}: {(result.stderr or result.stdout).strip()}")
-    return result
-
-
-def netns_exists(name: str) -> bool:
-    return os.path.exists(f"/run/netns/{name}")
-
-
 def in_netns(name: str, args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
-    return run(["ip", "netns", "exec", name, *args], **kwargs)
+    """Run a command inside the namespace (kernel.runner.run's keywords)."""
+    return run(runner.in_netns(name, args), **kwargs)
 
 
 def python_in_netns(name: str, module_args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
@@ -177,10 +167,9 @@ class Topology:
         for kind, ports in (("listen-tcp", tcp_ports), ("listen-udp", udp_ports)):
             if not ports:
                 continue
-            args = ["ip", "netns", "exec", self.server, sys.executable, "-m", LISTENER_MODULE, kind, "::",
-                    *[str(port) for port in sorted(set(ports))], "--seconds", str(seconds)]
-            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                       env=python_env(), start_new_session=True)
+            args = runner.in_netns(self.server, [sys.executable, "-m", LISTENER_MODULE, kind, "::",
+                                                 *[str(port) for port in sorted(set(ports))], "--seconds", str(seconds)])
+            process = runner.start(args, env=python_env(), new_session=True)
             pids.append(process.pid)
             try:
                 self._await_ready(process, kind)

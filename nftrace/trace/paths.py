@@ -27,16 +27,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, ConntrackInfo, PacketHeaders, TraceEvent
-from ..flow import PROTOCOL_NAMES
-from .ruleset import ChainInfo, RuleInfo, is_trace_table, priority_value
+from ..protocols import endpoint_text, iptables_command
+from ..kernel.tracetable import MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX, is_trace_table
+from .ruleset import ChainInfo, RuleInfo, priority_value
 
 HOOK_ORDER = ("ingress", "prerouting", "input", "forward", "output", "postrouting", "egress")
 HOOK_RANK = {hook: rank for rank, hook in enumerate(HOOK_ORDER)}
 # After nftrace's observation chain on these hooks, netfilter has nothing more to say.
 EXIT_HOOKS = frozenset({"input", "postrouting"})
 MANGLE_PRIORITY = -150
-MARK_CHAIN_PREFIX = "mark_"
-OBSERVE_CHAIN_PREFIX = "obs_"
 
 
 class RuleLookup(Protocol):
@@ -70,7 +69,7 @@ class Step:
     def where(self) -> str:
         """`inet filter input`; a legacy iptables chain as `iptables filter INPUT`."""
         if self.backend == "iptables-legacy":
-            return f"{'ip6tables' if self.family == 'ip6' else 'iptables'} {self.table} {self.chain}"
+            return f"{iptables_command(self.family)} {self.table} {self.chain}"
         return f"{self.family} {self.table} {self.chain}"
 
     def location(self) -> str:
@@ -567,10 +566,9 @@ def _is_nat_step(step: Step, lookup: Optional[RuleLookup]) -> bool:
 
 
 def _endpoint(packet: PacketHeaders, side: str) -> str:
-    address = getattr(packet, side)
-    port = packet.sport if side == "src" else packet.dport
-    text = f"[{address}]" if address is not None and address.version == 6 and port else str(address)
-    return f"{text}:{port}" if port else text
+    if side == "src":
+        return endpoint_text(packet.src, packet.sport)
+    return endpoint_text(packet.dst, packet.dport)
 
 
 def _same_endpoint(one: PacketHeaders, other: PacketHeaders, side: str) -> bool:
@@ -627,12 +625,6 @@ def nat_rewrites(observations: list, steps: list = ()) -> list:
     return changes
 
 
-def protocol_name(number: Optional[int]) -> Optional[str]:
-    if number is None:
-        return None
-    return PROTOCOL_NAMES.get(number, str(number))
-
-
 __all__ = [
     "HOOK_ORDER",
     "HookObservation",
@@ -643,5 +635,4 @@ __all__ = [
     "deciding_accept",
     "finalise_path",
     "nat_rewrites",
-    "protocol_name",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .paths import PacketPath, Step, protocol_name
-from .report import TraceReport, conntrack_json, endpoint_text, summary
+from ..protocols import endpoint_text, protocol_name
+from .paths import PacketPath, Step
+from .report import TraceReport, conntrack_json, summary
 from ..kernel.system import interface_name
 
 VERDICT_LABELS = {"accept": "ACCEPT", "drop": "DROP", "queue": "QUEUE", "stolen": "STOLEN", "unknown": "?"}

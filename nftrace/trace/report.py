@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..flow import Flow
-from .paths import PacketPath, protocol_name
+from ..protocols import protocol_name
+from .paths import PacketPath
 from ..kernel.system import interface_name
 
 VERDICT_WORDS = {"drop": "dropped", "accept": "accepted", "queue": "queued", "stolen": "stolen"}
@@ -157,9 +158,3 @@ def conntrack_json(path: PacketPath) -> list:
 # A matched rule that tests for invalid alone (not within a set of states).
 _INVALID_RULE_RE = re.compile(r"\bct state invalid\b(?!\s*,)")
 
-
-def endpoint_text(address, port) -> str:
-    if address is None:
-        return "?"
-    text = f"[{address}]" if address.version == 6 and port else str(address)
-    return f"{text}:{port}" if port else text

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..iptables.backends import BackendPlan, LegacyTracing, make_path_builder, plan_backend
-from ..errors import EnvironmentProblem, KernelError, NftraceError, TraceTableGone
+from ..errors import EnvironmentProblem, KernelError, TraceTableGone
 from .events import TraceEvent
 from ..flow import Flow
 from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from ..drops.correlator import DropCorrelator
 from ..iptables.legacy import legacy_tables
+from ..kernel import runner
 from ..kernel.monitor import EventsLost, RulesetChanged, TableDeleted, TraceMonitor
 from ..kernel.nft import NftContext
 from .paths import PacketPath
@@ -110,7 +111,7 @@ class TraceSession:
                 if plan.nft:
                     table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
                     monitor.watch_ruleset()
-                    snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                    snapshot.refresh(nft.list_ruleset())
                     if snapshot.ingress_devices():
                         table.mark_ingress(snapshot.ingress_devices())
                     self._iptables_nft = IptablesNftText.read(snapshot)
@@ -193,22 +194,12 @@ class TraceSession:
     def _start_command(self) -> None:
         if not self.options.command:
             return
-        try:
-            # The command's output goes to stderr, so that stdout stays nftrace's (and valid JSON).
-            self._process = subprocess.Popen(self.options.command, stdout=sys.stderr.fileno(), stdin=subprocess.DEVNULL)
-        except OSError as err:
-            raise NftraceError(f"cannot run {self.options.command[0]}: {err.strerror}") from None
+        # The command's output goes to stderr, so that stdout stays nftrace's (and valid JSON).
+        self._process = runner.start(self.options.command, stdout=sys.stderr.fileno(), stderr=None, user_command=True)
 
     def _stop_command(self) -> None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(2)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if self._process is not None:
+            runner.stop(self._process)
 
     def _loop(self, nft, snapshot, monitor, table, builder, on_packet, legacy=None, on_batch=None) -> None:
         options = self.options
@@ -278,7 +269,7 @@ class TraceSession:
                         if options.count and self.packets_seen >= options.count:
                             return
                     elif isinstance(item, RulesetChanged):
-                        snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                        snapshot.refresh(nft.list_ruleset())
                         self._iptables_nft = IptablesNftText.read(snapshot)
                     elif isinstance(item, EventsLost):
                         builder.mark_loss()
