@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import call_in_namespace, thread_proc_net
-from ..kernel.runner import in_netns, ip_argv, run, run_all
+from ..kernel.runner import ip_argv, netns_exec_argv, run, run_all
 from ..protocols import iptables_command
 
 # -- the sysctls that decide forwarding and drops ---------------------------------------
@@ -440,11 +440,11 @@ def read_network_state(netns: Optional[str]) -> NetworkState:
     saves = {}
     for tool, tables in inside["legacy_tables"].items():
         if tables:
-            saves[("legacy", tool)] = in_netns(netns, f"{tool}-legacy-save", "-c")
+            saves[("legacy", tool)] = netns_exec_argv(netns, [f"{tool}-legacy-save", "-c"])
     for block in split_tables(state.nft_listing):
         if state.copied_with_xtables(block):
             tool = iptables_command(block.family)
-            saves[("nft", block.family, block.name)] = in_netns(netns, f"{tool}-nft-save", "-c", "-t", block.name)
+            saves[("nft", block.family, block.name)] = netns_exec_argv(netns, [f"{tool}-nft-save", "-c", "-t", block.name])
     if saves:
         saved = run_all(saves)
         for key, text in saved.items():

@@ -114,7 +114,7 @@ def load_ruleset_file(netns: str, candidate: CandidateRuleset) -> None:
     flavour = candidate.kind.split("-", 1)[1]
     tool = f"{iptables_command(candidate.family)}-{flavour}-restore"
     with open(candidate.path) as rules:
-        result = runner.run(runner.in_netns(netns, [tool]), input=rules, check=False, timeout=RESTORE_TIMEOUT)
+        result = runner.run(runner.netns_exec_argv(netns, [tool]), input=rules, check=False, timeout=RESTORE_TIMEOUT)
     if result.returncode != 0:
         raise InputError(f"--ruleset: {candidate.path}: {tool}: {runner.first_line(result)}")
 
@@ -343,7 +343,7 @@ class Sandbox:
                     for (family, _), text in sorted(self.state.xtables_nft.items())]
         restores += [(f"{tool}-legacy-restore", text) for tool, text in sorted(self.state.legacy.items())]
         for tool, text in restores:
-            argv = runner.in_netns(self.name, [tool, "-c", *(["--noflush"] if "-nft-" in tool else [])])
+            argv = runner.netns_exec_argv(self.name, [tool, "-c", *(["--noflush"] if "-nft-" in tool else [])])
             runner.run(argv, input=text, timeout=RESTORE_TIMEOUT,
                        what=f"cannot copy the iptables rules of {self.state.where} into the sandbox: {tool}")
         if self.state.xtables_nft:
@@ -380,7 +380,7 @@ class Sandbox:
 
     def run(self, argv: Sequence[str], *, input: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run a tool inside the sandbox."""
-        return runner.run(runner.in_netns(self.name, argv), input=input, check=check, timeout=60,
+        return runner.run(runner.netns_exec_argv(self.name, argv), input=input, check=check, timeout=60,
                           what=f"{argv[0]} in the sandbox")
 
     # -- removal ------------------------------------------------------------------------------

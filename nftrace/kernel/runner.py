@@ -165,7 +165,7 @@ def stop(process: subprocess.Popen, grace: float = 2.0) -> None:
         process.wait()
 
 
-def in_netns(netns: Optional[str], argv: Sequence[str]) -> list[str]:
+def netns_exec_argv(netns: Optional[str], argv: Sequence[str]) -> list[str]:
     """`ip netns exec NETNS ARGV...` (None: the current namespace). `ip netns exec` also
     bind-mounts /etc/netns/NETNS/* over /etc, as the namespace's own tools expect."""
     return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)

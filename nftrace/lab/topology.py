@@ -41,7 +41,7 @@ LISTENER_READY_SECONDS = 10.0
 
 def in_netns(name: str, args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     """Run a command inside the namespace (kernel.runner.run's keywords)."""
-    return run(runner.in_netns(name, args), **kwargs)
+    return run(runner.netns_exec_argv(name, args), **kwargs)
 
 
 def python_in_netns(name: str, module_args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
@@ -167,7 +167,7 @@ class Topology:
         for kind, ports in (("listen-tcp", tcp_ports), ("listen-udp", udp_ports)):
             if not ports:
                 continue
-            args = runner.in_netns(self.server, [sys.executable, "-m", LISTENER_MODULE, kind, "::",
+            args = runner.netns_exec_argv(self.server, [sys.executable, "-m", LISTENER_MODULE, kind, "::",
                                                  *[str(port) for port in sorted(set(ports))], "--seconds", str(seconds)])
             process = runner.start(args, env=python_env(), new_session=True)
             pids.append(process.pid)

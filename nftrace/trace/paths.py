@@ -29,6 +29,7 @@ from typing import Callable, Optional, Protocol
 from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, ConntrackInfo, PacketHeaders, TraceEvent
 from ..protocols import endpoint_text, iptables_command
 from ..kernel.tracetable import MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX, is_trace_table
+from .jumpstack import JumpStack
 from .ruleset import ChainInfo, RuleInfo, priority_value
 
 HOOK_ORDER = ("ingress", "prerouting", "input", "forward", "output", "postrouting", "egress")
@@ -168,8 +169,7 @@ class _PacketState:
     trace_id: int
     path: PacketPath
     last_seen: float
-    frames: list = field(default_factory=list)  # [chain, depth] of the running chain and its callers
-    base_chain: Optional[str] = None
+    stack: Optional[JumpStack] = None  # the running base chain's jump stack
     hook: Optional[str] = None  # hook of the running base chain, None while unknown
     base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
     last_hook: Optional[str] = None  # latest hook known to have been entered
@@ -390,8 +390,7 @@ class PathBuilder:
             state.base_type = chain.type if chain is not None else None
             if state.hook is not None:
                 self._enter_hook(state, state.hook)
-            state.frames = [[event.chain, 0]]
-            state.base_chain = event.chain
+            state.stack = JumpStack(event.chain)
             path.observations.append(
                 HookObservation(state.hook, event.table, event.chain, event.packet, event.iif, event.oif,
                                 event.mark, event.ct, own)
@@ -419,37 +418,25 @@ class PathBuilder:
             path.hooks.append(hook)
 
     def _add_step(self, state: _PacketState, event: TraceEvent) -> None:
-        frames = state.frames
-        # Follow the chain the kernel reports: a chain lower on the stack means the chains
-        # above it have returned.
-        if not frames or frames[-1][0] != event.chain:
-            for index in range(len(frames) - 1, -1, -1):
-                if frames[index][0] == event.chain:
-                    del frames[index + 1:]
-                    break
-            else:
-                if event.chain == state.base_chain:
-                    frames[:] = [[event.chain, 0]]
-                else:
-                    frames.append([event.chain, frames[-1][1] + 1 if frames else 1])
-        depth = frames[-1][1]
+        stack = state.stack
+        depth = stack.enter(event.chain)
         if event.type == "policy":
             self._append(state, event, "policy", None, event.verdict or "unknown", 0)
         elif event.handle is None and event.verdict in ("continue", "return", None):
             # Falling off the end of a chain (a return event on older kernels).
-            if len(frames) == 1 and event.chain == state.base_chain:
+            if stack.in_base_only(event.chain):
                 return  # the base chain's policy event follows and says it all
-            frames.pop()
+            stack.ret()
             self._append(state, event, "return", None, "return", depth)
         else:
             self._append(state, event, "rule", event.handle, event.verdict or "unknown", depth)
             if event.verdict == "jump" and event.target:
-                frames.append([event.target, depth + 1])
+                stack.jump(event.target)
             elif event.verdict == "goto" and event.target:
                 # A goto replaces the running chain: its end returns to the caller's caller.
-                frames[-1] = [event.target, depth + 1]
+                stack.goto(event.target)
             elif event.verdict == "return":
-                frames.pop()
+                stack.ret()
         if event.verdict in FINAL_VERDICTS:
             state.finished = True
             state.path.complete = True
