@@ -22,7 +22,7 @@ from .iptctrace import TraceRules, remove_leftover_trace_rules
 from .legacy import FAMILIES, LiveLegacyRuleset, legacy_tables
 from .merge import LegacyPathBuilder, MergedPathBuilder, last_tables_on_exit_hooks
 from .nflog import NFNETLINK_LOG, NflogListener, in_initial_netns, restore_leftover_loggers
-from ..trace.paths import PathBuilder
+from ..trace.paths import PacketPathBuilder, PathBuilder
 
 BACKENDS = ("auto", "nft", "iptables")
 
@@ -138,7 +138,7 @@ def clean_up_legacy() -> list[str]:
 
 
 def make_path_builder(plan: BackendPlan, snapshot, legacy: Optional[LegacyTracing],
-                      keep: Callable, idle_seconds: float):
+                      keep: Callable, idle_seconds: float) -> PacketPathBuilder:
     """The path builder for the plan: nftables events, legacy TRACE lines, or both merged."""
     if not plan.nft:
         return LegacyPathBuilder(legacy.ruleset, keep=keep, idle_seconds=idle_seconds,

@@ -24,7 +24,7 @@ import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, ConntrackInfo, PacketHeaders, TraceEvent
 from ..protocols import endpoint_text, iptables_command
@@ -43,6 +43,35 @@ class RuleLookup(Protocol):
     def rule(self, family: str, table: str, chain: str, handle: int) -> Optional[RuleInfo]: ...
 
     def chain(self, family: str, table: str, chain: str) -> Optional[ChainInfo]: ...
+
+
+class PacketPathBuilder(Protocol):
+    """What a live run feeds and takes finished paths from: nftables events alone (PathBuilder),
+    legacy TRACE lines alone (iptables.merge.LegacyPathBuilder), or both (MergedPathBuilder).
+
+    Every method that takes input returns the paths it finished, in the order they finished.
+    """
+
+    unmatched_lines: int  # legacy TRACE lines that belonged to no packet of this run
+
+    def feed(self, event: TraceEvent, now: float = 0.0) -> list: ...
+
+    def feed_legacy(self, items: Iterable, now: float = 0.0) -> list: ...
+
+    def expire(self, now: float) -> list: ...
+
+    def flush(self) -> list: ...
+
+    def mark_loss(self) -> None: ...
+
+    def socket_drained(self) -> None: ...
+
+    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list: ...
+
+    def release_looped(self) -> list: ...
+
+    @property
+    def open_packets(self) -> int: ...
 
 
 @dataclass
@@ -203,6 +232,9 @@ class PathBuilder:
     go backwards.
     """
 
+    # Legacy TRACE lines are MergedPathBuilder's: this builder reads none.
+    unmatched_lines = 0
+
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
                  idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1})):
         self.lookup = lookup
@@ -264,6 +296,10 @@ class PathBuilder:
         if state.finished:
             done.extend(self._close(state, forget=False))
         return done
+
+    def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
+        """Legacy TRACE lines are not this builder's (see MergedPathBuilder): none are read."""
+        return []
 
     def expire(self, now: float) -> list:
         """Close packets that went quiet: whatever happened next, netfilter did not see it."""
@@ -616,6 +652,7 @@ __all__ = [
     "HOOK_ORDER",
     "HookObservation",
     "PacketPath",
+    "PacketPathBuilder",
     "PathBuilder",
     "Step",
     "TERMINAL_VERDICTS",
