@@ -331,11 +331,9 @@ def test_command(
 
 def run() -> None:
     """Entry point: usage errors become one line on stderr and exit status 2, like every other bad input."""
-    from typer._click.exceptions import ClickException
-
     try:
         result = app(standalone_mode=False)
-    except ClickException as err:
+    except typer.TyperException as err:  # usage errors (typer >= 0.28 derives them all from it)
         typer.echo(f"nftrace: {err.format_message()}", err=True)
         sys.exit(2)
     except typer.Abort:
