@@ -41,6 +41,7 @@ from ..kernel import runner
 from ..kernel.runner import CommandFailed
 from ..kernel.system import NETNS_RUN_DIR, netns_exists, pid_alive
 from ..protocols import iptables_command
+from ..signals import SignalsHeld, undo_after
 from .inject import random_mac
 
 SANDBOX_PREFIX = "nftrace-sbx-"
@@ -202,13 +203,14 @@ class Sandbox:
             else:
                 load_ruleset_file(self.name, candidate)
             self._open_listeners()
-        except BaseException:
-            self.close()
+        except BaseException as err:
+            undo_after(err, self.close)
             raise
 
     def _add_namespace(self, name: str) -> None:
-        runner.run(["ip", "netns", "add", name], what=f"cannot create the sandbox namespace {name}")
-        self._namespaces.append(name)
+        with SignalsHeld():  # a namespace made is a namespace close() knows of
+            runner.run(["ip", "netns", "add", name], what=f"cannot create the sandbox namespace {name}")
+            self._namespaces.append(name)
 
     def _make_interfaces(self) -> None:
         # A new namespace can already hold devices: lo, and the fallback tunnels (tunl0, sit0,
@@ -386,16 +388,17 @@ class Sandbox:
     # -- removal ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        for sock in self._listeners:
-            sock.close()
-        self._listeners = []
-        problems = []
-        for name in reversed(self._namespaces):
-            if netns_exists(name):
-                result = runner.run(["ip", "netns", "del", name], check=False)
-                if result.returncode != 0:
-                    problems.append(f"{name}: {runner.first_line(result)}")
-        self._namespaces = []
+        with SignalsHeld():
+            for sock in self._listeners:
+                sock.close()
+            self._listeners = []
+            problems = []
+            for name in reversed(self._namespaces):
+                if netns_exists(name):
+                    result = runner.run(["ip", "netns", "del", name], check=False)
+                    if result.returncode != 0:
+                        problems.append(f"{name}: {runner.first_line(result)}")
+            self._namespaces = []
         if problems:
             raise EnvironmentProblem(f"could not remove the sandbox ({'; '.join(problems)}); "
                                      f"'nftrace cleanup' removes it")

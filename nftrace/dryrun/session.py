@@ -32,7 +32,7 @@ from ..trace.report import TraceReport
 from ..trace.ruleset import RulesetSnapshot, parse_ruleset_listing
 from .sandbox import CandidateRuleset, Sandbox, read_candidate
 from ..trace.session import TraceOptions, TraceSession
-from ..signals import SignalsAsExceptions
+from ..signals import SignalsAsExceptions, UndoStack, undo_after
 from ..kernel.system import namespace_path, require_net_admin
 
 STATES = ("new", "established")
@@ -219,18 +219,30 @@ class DryRun:
             self.handles = target_handles(self.netstate.nft_listing)
 
     def close(self) -> None:
-        try:
-            if self._bookmark is not None:
-                self._bookmark.restore()
-                self._bookmark.close()
-                self._bookmark = None
-        finally:
+        """Back to nftrace's own namespace, then the sandbox removed (signals held, see signals.py)."""
+        with UndoStack() as undo:
             if self.sandbox is not None:
-                self.sandbox.close()
-                self.sandbox = None
+                undo.callback(self._remove_sandbox)
+            if self._bookmark is not None:
+                undo.callback(self._return_home)
+
+    def _return_home(self) -> None:
+        bookmark, self._bookmark = self._bookmark, None
+        try:
+            bookmark.restore()
+        finally:
+            bookmark.close()
+
+    def _remove_sandbox(self) -> None:
+        sandbox, self.sandbox = self.sandbox, None
+        sandbox.close()
 
     def __enter__(self) -> "DryRun":
-        self.open()
+        try:
+            self.open()
+        except BaseException as err:
+            undo_after(err, self.close)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -320,12 +332,10 @@ class DryRunSession:
         if self.options.command:
             raise InputError("--dry-run sends its own packet: no COMMAND after --")
         check_dry_run_flow(self.options.flow, self.request.state)
-        with SignalsAsExceptions():
+        with SignalsAsExceptions(), UndoStack() as undo:
             dry = DryRun(self.request)
             self.report.mode = "dry-run"
-            try:
-                dry.open()
-                self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
-                                              timeout=self.options.timeout, max_rate=self.options.max_rate)
-            finally:
-                dry.close()
+            undo.callback(dry.close)
+            dry.open()
+            self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
+                                          timeout=self.options.timeout, max_rate=self.options.max_rate)

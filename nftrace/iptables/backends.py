@@ -22,6 +22,7 @@ from .iptctrace import TraceRules, remove_leftover_trace_rules
 from .legacy import FAMILIES, LiveLegacyRuleset, legacy_tables
 from .merge import LegacyPathBuilder, MergedPathBuilder, last_tables_on_exit_hooks
 from .nflog import NFNETLINK_LOG, NflogListener, in_initial_netns, restore_leftover_loggers
+from ..signals import SignalsHeld, UndoStack, undo_after
 from ..trace.paths import PacketPathBuilder, PathBuilder
 
 BACKENDS = ("auto", "nft", "iptables")
@@ -90,12 +91,13 @@ class LegacyTracing:
         cleaned = restore_leftover_loggers() + remove_leftover_trace_rules(self.family)
         if cleaned:
             self.warnings.append(f"undid what killed nftrace runs left: {'; '.join(cleaned)}")
-        self.listener = NflogListener((self.family,))
-        previous = self.listener.previous_loggers().get(self.family)
-        if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
-            self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {iptables_command(self.family)} wrote "
-                                 f"to nftrace instead of the kernel log ({previous} is bound again now)")
         try:
+            with SignalsHeld():  # the binding and the object that undoes it go together
+                self.listener = NflogListener((self.family,))
+            previous = self.listener.previous_loggers().get(self.family)
+            if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
+                self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {iptables_command(self.family)} "
+                                     f"wrote to nftrace instead of the kernel log ({previous} is bound again now)")
             if self.plan.trace_rules:
                 self.rules = TraceRules(self.family, self.flow, self.max_rate)
                 self.rules.install()
@@ -103,18 +105,18 @@ class LegacyTracing:
                     self.warnings.append(f"the legacy {iptables_command(self.family)} raw table did not exist and was "
                                          "created for the TRACE rules; the kernel keeps it (empty) after the run")
             self.ruleset = LiveLegacyRuleset(self.family)
-        except BaseException:
-            self.__exit__()
+        except BaseException as err:
+            undo_after(err, self.__exit__)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            if self.rules is not None:
-                self.rules.remove()
-        finally:
+        """TRACE rules out first (they make the lines), then the listener and the loggers."""
+        with UndoStack() as undo:
             if self.listener is not None:
-                self.listener.close()
+                undo.callback(self.listener.close)
+            if self.rules is not None:
+                undo.callback(self.rules.remove)
 
     def fileno(self) -> int:
         return self.listener.fileno()

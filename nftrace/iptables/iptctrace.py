@@ -23,6 +23,7 @@ from ..flow import Flow
 from ..protocols import PORT_PROTOCOLS, PROTOCOL_NUMBERS, iptables_command
 from .legacy import OWN_COMMENT, LegacyRuleset, legacy_tables, own_rule_pid, read_legacy_ruleset
 from ..kernel.system import pid_alive
+from ..signals import SignalsHeld
 from ..kernel.tracetable import mark_hooks
 
 # The legacy table the TRACE rules go in: raw runs first, before conntrack and NAT.
@@ -133,14 +134,16 @@ class TraceRules:
         except iptc_errors(iptc) as err:
             table.refresh()
             raise EnvironmentProblem(f"cannot build nftrace's TRACE rules with python-iptables: {err}") from None
-        _commit(iptc, table, "nftrace's TRACE rules")
-        self.installed = True
+        with SignalsHeld():  # the rules and the flag that says they are in go together
+            _commit(iptc, table, "nftrace's TRACE rules")
+            self.installed = True
 
     def remove(self) -> None:
-        if not self.installed:
-            return
-        remove_trace_rules(self._iptc, self.family, {self.pid})
-        self.installed = False
+        with SignalsHeld():
+            if not self.installed:
+                return
+            remove_trace_rules(self._iptc, self.family, {self.pid})
+            self.installed = False
 
     def __enter__(self) -> "TraceRules":
         self.install()
@@ -152,6 +155,11 @@ class TraceRules:
 
 def remove_trace_rules(iptc, family: str, pids: set) -> int:
     """Delete the TRACE rules of runs with these pids from the raw table; return how many."""
+    with SignalsHeld():
+        return _remove_trace_rules(iptc, family, pids)
+
+
+def _remove_trace_rules(iptc, family: str, pids: set) -> int:
     table = _table(iptc, family)
     removed = 0
     for chain in table.chains:

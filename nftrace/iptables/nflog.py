@@ -34,6 +34,7 @@ from ..trace.events import PacketHeaders, parse_packet_headers
 from ..kernel.monitor import EventsLost, open_netfilter_socket, read_datagrams, socket_drops
 from ..kernel.netlink import NFNL_SUBSYS_ULOG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, decode_datagram, message_type
 from ..kernel.rcvbuf import MIN_RCVBUF
+from ..signals import SignalsHeld, undo_after
 from ..kernel.system import NETNS_RUN_DIR, STATE_DIR, pid_alive
 
 NFULNL_MSG_PACKET = 0
@@ -263,11 +264,12 @@ class SavedLoggers:
         A binding someone else changed since is theirs: it stays.
         """
         restored = []
-        for family, name in self.loggers.items():
-            if name != NFNETLINK_LOG and read_logger(family) == NFNETLINK_LOG:
-                write_logger(family, name)
-                restored.append(f"nf_log {family} → {name}")
-        self.forget()
+        with SignalsHeld():
+            for family, name in self.loggers.items():
+                if name != NFNETLINK_LOG and read_logger(family) == NFNETLINK_LOG:
+                    write_logger(family, name)
+                    restored.append(f"nf_log {family} → {name}")
+            self.forget()
         return restored
 
     def forget(self) -> None:
@@ -343,8 +345,8 @@ class NflogListener:
         try:
             self._bind_group()
             self._bind_loggers()
-        except BaseException:
-            self.close()
+        except BaseException as err:
+            undo_after(err, self.close)
             raise
 
     def _bind_group(self) -> None:
@@ -414,11 +416,14 @@ class NflogListener:
         return socket_drops(self._inode)
 
     def close(self) -> None:
-        """Close the socket (the kernel drops the group binding with it), then restore the loggers."""
-        self.sock.close()
-        if self._saved is not None:
-            saved, self._saved = self._saved, None
-            saved.restore()
+        """Close the socket (the kernel drops the group binding with it), then restore the loggers.
+
+        A failed restore keeps the state file, so that `nftrace cleanup` can do it later."""
+        with SignalsHeld():
+            self.sock.close()
+            if self._saved is not None:
+                saved, self._saved = self._saved, None
+                saved.restore()
 
     def __enter__(self) -> "NflogListener":
         return self

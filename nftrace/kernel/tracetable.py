@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Optional
 from ..errors import KernelError
 from ..flow import Flow, PROTOCOL_NUMBERS
 from .nft import NftContext
+from ..signals import SignalsHeld, undo_after
 from .system import pid_alive
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ OBSERVE_PRIORITY = 2**31 - 1
 MARK_HOOKS = ("prerouting", "output")
 OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 DEFAULT_MAX_RATE = 100
+OWNER_WARNING = ("nftrace's table could not be tied to its process with 'flags owner' ({reason}): it is removed "
+                 "on every exit but SIGKILL; after a SIGKILL, 'nftrace cleanup' (or the next run) removes it")
+_owner_warned = False
 _NAME_RE = re.compile(rf"^{TRACE_TABLE_PREFIX}(\d+)_[0-9a-f]+$")
 
 
@@ -134,27 +138,37 @@ class TraceTable:
         self.flow = flow
         self.max_rate = max_rate
         self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
-        self.owner = False
         self.installed = False
+        # Why the table could not be tied to nftrace's socket (None: it is): said once per process.
+        self.owner_warning: Optional[str] = None
 
     def install(self) -> None:
-        """Create the table and its chains; on any failure leave nothing behind."""
+        """Create the table and its chains; on any failure (a signal included) leave nothing behind."""
+        try:
+            with SignalsHeld():  # the table and the flag that says it exists go in together
+                self._add_table()
+                self.installed = True
+            self.nft.run_json(trace_table_commands(self.family, self.name, self.flow, self.max_rate))
+        except BaseException as err:
+            undo_after(err, self.remove)
+            raise
+
+    def _add_table(self) -> None:
+        global _owner_warned
         comment = f'comment "nftrace trace rules, pid {os.getpid()}; nftrace cleanup removes them"'
         try:
             if os.environ.get("NFTRACE_TABLE_OWNER", "1") == "0":
                 raise KernelError("owner flag turned off by NFTRACE_TABLE_OWNER=0")
             self.nft.run(f"add table {self.family} {self.name} {{ flags owner; {comment}; }}")
-            self.owner = True
-        except KernelError:
+            return
+        except KernelError as err:
             # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself
             # (and on `nftrace cleanup` after a SIGKILL). NFTRACE_TABLE_OWNER=0 forces this path.
-            self.nft.run(f"add table {self.family} {self.name} {{ {comment}; }}")
-        self.installed = True
-        try:
-            self.nft.run_json(trace_table_commands(self.family, self.name, self.flow, self.max_rate))
-        except BaseException:
-            self.remove()
-            raise
+            reason = str(err)
+        self.nft.run(f"add table {self.family} {self.name} {{ {comment}; }}")
+        if not _owner_warned:
+            _owner_warned = True
+            self.owner_warning = OWNER_WARNING.format(reason=reason)
 
     def mark_ingress(self, devices: list[str]) -> None:
         """Also set the trace bit at ingress on these interfaces (see ingress_mark_commands)."""
@@ -163,14 +177,15 @@ class TraceTable:
             self.nft.run_json(commands)
 
     def remove(self) -> None:
-        if not self.installed:
-            return
-        try:
-            self.nft.run(f"delete table {self.family} {self.name}")
-        except KernelError as err:
-            if err.errno != errno.ENOENT:  # already gone: deleted by someone else, or by the kernel
-                raise
-        self.installed = False
+        with SignalsHeld():
+            if not self.installed:
+                return
+            try:
+                self.nft.run(f"delete table {self.family} {self.name}")
+            except KernelError as err:
+                if err.errno != errno.ENOENT:  # already gone: deleted by someone else, or by the kernel
+                    raise
+            self.installed = False
 
     def __enter__(self) -> "TraceTable":
         self.install()

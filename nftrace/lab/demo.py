@@ -7,7 +7,7 @@ each with the very command a user would type, `nftrace --netns ROUTER why ... --
 TRAFFIC`, in a child process, and prints nftrace's own answer. Then it removes the lab.
 
 The lab goes away on every exit path: normal end, error, Ctrl-C, SIGTERM, SIGHUP (turned into
-exceptions so that `finally` runs), with signals ignored while it is being removed. A demo
+exceptions so that `finally` runs), with signals held while it is being removed. A demo
 killed with SIGKILL leaves a lab whose name carries a dead pid: the next demo removes it, and
 its listeners end by themselves within LISTEN_SECONDS.
 """
@@ -27,7 +27,7 @@ from typing import Optional, TextIO
 from .expectations import FlowExpectation
 from .lab import Lab, Scenario, command_name, find_scenario, require_root, scenario_names, why_arguments
 from .topology import python_env
-from ..signals import Interrupted, SignalsAsExceptions, SignalsIgnored
+from ..signals import Interrupted, SignalsAsExceptions, SignalsHeld
 from ..kernel import runner
 from ..kernel.system import NETNS_RUN_DIR, pid_alive
 
@@ -105,8 +105,8 @@ class Demo:
                     for step, flow in enumerate(self.flows, 2):
                         self._trace(step, total, flow)
                 finally:
-                    self._stop_child()
-                    with SignalsIgnored():
+                    with SignalsHeld():
+                        self._stop_child()
                         self.say(f"[{total}/{total}] removing the lab")
                         self.lab.down()
         except KeyboardInterrupt:

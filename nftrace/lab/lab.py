@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 from ..errors import EnvironmentProblem, InputError
 from ..kernel.system import STATE_DIR
+from ..signals import SignalsHeld, undo_after
 from ..protocols import iptables_command
 from .expectations import EXPECTATION_SUFFIX, ExpectationFile, FlowExpectation, load_expectations
 from .topology import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, ROUTER_SERVER_V6,
@@ -279,9 +280,9 @@ class Lab:
                 self._write_state(LabState(scenario.name, digest, str(scenario.ruleset), scenario.kind))
                 done.append(f"loaded scenario {scenario.name} ({scenario.ruleset.name}, {scenario.kind}) "
                             f"into {topology.router}")
-        except BaseException:
+        except BaseException as err:
             if created:
-                self.down()  # what this call made, it takes back
+                undo_after(err, self.down)  # what this call made, it takes back
             raise
         return done
 
@@ -289,17 +290,19 @@ class Lab:
         """Remove everything the lab made; return what was removed (empty: nothing was there)."""
         require_root()
         removed = []
-        listeners = self.topology.listener_pids()
-        present = [name for name in self.topology.namespaces if netns_exists(name)]
-        self.topology.down()
+        with SignalsHeld():
+            listeners = self.topology.listener_pids()
+            present = [name for name in self.topology.namespaces if netns_exists(name)]
+            self.topology.down()
+            left = [name for name in present if netns_exists(name)]
+            if left:
+                raise EnvironmentProblem(f"could not remove namespaces {', '.join(left)}")
+            state_removed = self._remove_state()
         if listeners:
             removed.append(f"listeners (pids {', '.join(map(str, listeners))})")
-        left = [name for name in present if netns_exists(name)]
-        if left:
-            raise EnvironmentProblem(f"could not remove namespaces {', '.join(left)}")
         if present:
             removed.append(f"namespaces {', '.join(present)}")
-        if self._remove_state():
+        if state_removed:
             removed.append(f"state {self.state_file}")
         return removed
 

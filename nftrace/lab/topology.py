@@ -30,6 +30,7 @@ from ..errors import EnvironmentProblem
 from ..kernel import runner
 from ..kernel.runner import run
 from ..kernel.system import netns_exists
+from ..signals import SignalsHeld, undo_after
 
 CLIENT_V4, ROUTER_CLIENT_V4 = "10.77.1.2", "10.77.1.1"
 SERVER_V4, ROUTER_SERVER_V4 = "10.77.2.2", "10.77.2.1"
@@ -114,8 +115,8 @@ class Topology:
             return
         try:
             self._build()
-        except BaseException:
-            self.down()
+        except BaseException as err:
+            undo_after(err, self.down)
             raise
 
     def _build(self) -> None:
@@ -173,8 +174,8 @@ class Topology:
             pids.append(process.pid)
             try:
                 self._await_ready(process, kind)
-            except BaseException:
-                self.stop_listeners()
+            except BaseException as err:
+                undo_after(err, self.stop_listeners)
                 raise
         return pids
 
@@ -209,7 +210,8 @@ class Topology:
                 return
 
     def down(self) -> None:
-        self.stop_listeners()
-        for name in self.namespaces:
-            if netns_exists(name):
-                run(["ip", "netns", "del", name], check=False)
+        with SignalsHeld():
+            self.stop_listeners()
+            for name in self.namespaces:
+                if netns_exists(name):
+                    run(["ip", "netns", "del", name], check=False)

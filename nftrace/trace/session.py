@@ -1,8 +1,9 @@
 """`nftrace why`: put trace rules in, read events while traffic flows, take the rules out.
 
-Everything that changes the kernel is undone in `finally` blocks, and SIGTERM/SIGHUP are
-turned into an exception so that those blocks run for them as they do for Ctrl-C and for
-crashes; SIGKILL is covered by the trace table's `flags owner`. The optional bpftrace that
+Everything that changes the kernel is undone by an UndoStack (signals.py), and SIGTERM/SIGHUP
+end a run as Ctrl-C does, through it; a second signal never cuts the undoing short, and a
+failing undo step never hides the error that ended the run. SIGKILL is covered by the trace
+table's `flags owner`. The optional bpftrace that
 reports kernel drops (drops/bpftrace.py) is stopped the same way, and dies with nftrace on SIGKILL.
 """
 
@@ -12,7 +13,7 @@ import select
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -30,7 +31,7 @@ from .paths import PacketPath, PacketPathBuilder
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
-from ..signals import Interrupted, SignalsAsExceptions
+from ..signals import Interrupted, SignalsAsExceptions, UndoStack
 from ..kernel.system import enter_namespace, interface_index, interface_names, require_net_admin
 from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
 from ..iptables.xtnft import IptablesNftText
@@ -109,7 +110,7 @@ class TraceSession:
             nft, plan = self._plan()
             self.report.backend = plan.name
             self.report.interfaces = interface_names()
-            with ExitStack() as undo:
+            with UndoStack() as undo:
                 snapshot = monitor = table = legacy = None
                 if plan.nft:
                     # Tables only until the trace rules are in: a full listing of a big ruleset takes
@@ -125,6 +126,8 @@ class TraceSession:
                     legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
                 if plan.nft:
                     table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
+                    if table.owner_warning:
+                        self.report.warnings.append(table.owner_warning)
                     monitor.watch_ruleset()
                     snapshot.refresh(nft.list_ruleset())
                     if snapshot.ingress_devices():
