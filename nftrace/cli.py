@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import shlex
 import signal
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,6 +26,8 @@ app = typer.Typer(
 
 EXIT_NO_PACKET = 3
 EXIT_INTERRUPTED = 130
+EXIT_BUG = 70  # EX_SOFTWARE: an exception nftrace did not expect
+TRACEBACK_ENV = "NFTRACE_TRACEBACK"  # =1: print a bug's traceback too
 
 
 def _say(err: BaseException, line: str) -> None:
@@ -35,13 +42,27 @@ def _fail(err: NftraceError) -> None:
     raise typer.Exit(err.exit_code)
 
 
-def _stopped(stop: BaseException, done: str) -> int:
-    """What a stop signal ends with: its line (what was undone first) and its exit status."""
-    if isinstance(stop, Interrupted):
-        _say(stop, f"stopped by {signal.Signals(stop.signum).name}; {done}")
-        return 128 + stop.signum
-    _say(stop, f"interrupted; {done}")
-    return EXIT_INTERRUPTED
+def _stopped(stop: BaseException, done: Optional[str] = None) -> int:
+    """What a stop signal ends with: its line (and what was undone first) and its exit status."""
+    signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+    line = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    _say(stop, f"{line}; {done}" if done else line)
+    return 128 + signum
+
+
+def _ctrl_c_is_one_line(command):
+    """A Ctrl-C that the command did not handle itself (while it imports what it needs, say)
+    ends as every other one: one line and status 130 from `run`. typer would otherwise turn
+    it into a silent exit."""
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted(signal.SIGINT) from None
+
+    return guarded
 
 
 @app.callback(invoke_without_command=True)
@@ -62,6 +83,7 @@ def main(
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
+@_ctrl_c_is_one_line
 def why(
     ctx: typer.Context,
     src: str = typer.Option(..., "--from", metavar="ADDR[/LEN]", help="Source address or prefix."),
@@ -75,6 +97,8 @@ def why(
     timeout: float = typer.Option(60.0, "--timeout", min=0, metavar="SEC", help="Stop after SEC seconds (0: no limit)."),
     max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    color: str = typer.Option("auto", "--color", "--colour", metavar="auto|always|never",
+                              help="Colour the answer: on a terminal (auto, off with NO_COLOR), always, or never."),
     drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
                                       help="Also say why the kernel dropped a packet after netfilter (needs bpftrace)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="No live traffic: trace one crafted packet of the flow in a sandbox copy of the namespace, which is never touched."),
@@ -90,6 +114,7 @@ def why(
     from .errors import InputError
     from .flow import parse_flow
     from .trace.jsonstream import JsonStream
+    from .trace.colour import Style, colour_wanted, parse_colour_choice
     from .trace.render import dry_run_line, render_closing, render_packet
     from .trace.report import TraceReport
     from .trace.session import TraceOptions, TraceSession
@@ -98,6 +123,7 @@ def why(
     try:
         flow = parse_flow(src, dst, proto, sport, dport, iif, oif)
         backend = parse_backend(backend)
+        style = Style(colour_wanted(parse_colour_choice(color), sys.stdout))
         if not dry_run and (ruleset_file is not None or ruleset_kind is not None or state != "new"):
             raise InputError("--ruleset, --ruleset-kind and --state go with --dry-run")
     except NftraceError as err:
@@ -117,7 +143,7 @@ def why(
         if stream:
             stream.packet(path)
         else:
-            typer.echo(render_packet(path, report.interfaces) + dry_run_line(report) + "\n")
+            typer.echo(render_packet(path, report.interfaces, style) + dry_run_line(report) + "\n", color=style.enabled)
 
     def on_ready():
         # On stderr in every mode: scripts reading --json can wait for it before sending traffic.
@@ -152,6 +178,7 @@ def why(
 
 
 @app.command()
+@_ctrl_c_is_one_line
 def cleanup(ctx: typer.Context):
     """Remove what killed nftrace runs left behind (only nftrace's own, never anything else)."""
     from .iptables.backends import clean_up_legacy
@@ -205,6 +232,7 @@ def _lab(ctx: typer.Context, command: str, prefix: Optional[str]):
 
 
 @lab_app.command("up")
+@_ctrl_c_is_one_line
 def lab_up(
     ctx: typer.Context,
     scenario: Optional[str] = typer.Option(None, "--scenario", metavar="NAME", help="A rules/ scenario (default: host-firewall)."),
@@ -228,6 +256,7 @@ def lab_up(
 
 
 @lab_app.command("down")
+@_ctrl_c_is_one_line
 def lab_down(
     ctx: typer.Context,
     prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
@@ -246,6 +275,7 @@ def lab_down(
 
 
 @lab_app.command("status")
+@_ctrl_c_is_one_line
 def lab_status(
     ctx: typer.Context,
     prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
@@ -263,6 +293,7 @@ def lab_status(
 
 
 @lab_app.command("load")
+@_ctrl_c_is_one_line
 def lab_load(
     ctx: typer.Context,
     scenario: str = typer.Argument(..., metavar="SCENARIO", help="A rules/ scenario name."),
@@ -283,6 +314,7 @@ def lab_load(
 
 
 @app.command()
+@_ctrl_c_is_one_line
 def demo(ctx: typer.Context):
     """Build a lab, trace four flows (accepted, dropped by a rule, by a policy, NATed), remove the lab."""
     from .lab.demo import run_demo
@@ -297,6 +329,7 @@ def demo(ctx: typer.Context):
 
 
 @app.command("test")
+@_ctrl_c_is_one_line
 def test_command(
     ctx: typer.Context,
     files: List[Path] = typer.Argument(..., metavar="FILE...", help="Expectation files (the format of rules/*.expect.toml)."),
@@ -352,11 +385,35 @@ def _run_tests(expectation_files, netns, lab, ruleset_file, ruleset_kind, curren
                      timeout=timeout)
 
 
-def run() -> None:
-    """Entry point: usage errors become one line on stderr and exit status 2, like every other bad input.
+def report_bug(err: Exception) -> str:
+    """The one line for an exception nftrace did not expect (a bug), with where its traceback
+    went: a file of its own (the line stays one line), or stderr when NFTRACE_TRACEBACK=1."""
+    from . import __version__
 
-    Stop signals are exceptions from here to the exit, so that only the first one counts: a
-    second one while the first one's cleanup or exit message is under way changes nothing.
+    text = "".join(traceback.format_exception(err))
+    first_line = next(iter(str(err).splitlines()), "")
+    what = f"nftrace: internal error: {type(err).__name__}" + (f": {first_line}" if first_line else "")
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        sys.stderr.write(text)
+        return what
+    report = (f"nftrace {__version__}, Python {sys.version.split()[0]}\n"
+              f"command: {shlex.join(['nftrace', *sys.argv[1:]])}\n\n{text}")
+    try:
+        descriptor, path = tempfile.mkstemp(prefix="nftrace-traceback-", suffix=".txt")
+        with os.fdopen(descriptor, "w") as file:
+            file.write(report)
+    except OSError as write_error:
+        return f"{what} (a bug; the traceback could not be written: {write_error.strerror}; {TRACEBACK_ENV}=1 shows it)"
+    return f"{what} (a bug; traceback in {path})"
+
+
+def run() -> None:
+    """Entry point: every ending is one line on stderr at most. Usage errors exit 2 like every
+    other bad input; Ctrl-C 130 wherever it comes; an unexpected exception, a bug, exits 70
+    with its traceback in a file, after every `finally` has undone what the run changed.
+
+    Stop signals are exceptions from here to the exit, and only the first one counts: a second
+    one while the first one's cleanup or exit message is under way changes nothing.
     """
     with SignalsAsExceptions(until_exit=True):
         try:
@@ -364,11 +421,13 @@ def run() -> None:
         except typer.TyperException as err:  # usage errors (typer >= 0.28 derives them all from it)
             typer.echo(f"nftrace: {err.format_message()}", err=True)
             sys.exit(2)
-        except typer.Abort:
-            typer.echo("nftrace: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except Interrupted as stop:  # SIGTERM/SIGHUP outside a trace (lab, test): what was made is removed
-            sys.exit(_stopped(stop, "what it had made is removed"))
+        except (typer.Abort, KeyboardInterrupt, Interrupted) as stop:
+            sys.exit(_stopped(stop))
         except typer.Exit as done:
             sys.exit(done.exit_code)
+        except Exception as err:  # noqa: BLE001 - a bug: one line, not a screen of traceback
+            typer.echo(report_bug(err), err=True)
+            for note in cleanup_failures(err):
+                typer.echo(f"nftrace: {note}", err=True)
+            sys.exit(EXIT_BUG)
         sys.exit(result if isinstance(result, int) else 0)

@@ -64,7 +64,9 @@ class _State:
 
     def install(self) -> None:
         if self.installed == 0:
-            self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
+            # A signal ignored on purpose stays ignored: SIGINT of a background job of a script.
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS
+                             if signal.getsignal(signum) is not signal.SIG_IGN}
             self.first, self.pending = None, False
         self.installed += 1
 

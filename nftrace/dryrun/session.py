@@ -27,6 +27,7 @@ from .inject import Injection, random_mac
 from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
+from ..trace.nearmiss import renumber
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport
 from ..trace.ruleset import RulesetSnapshot, parse_ruleset_listing
@@ -146,12 +147,14 @@ def target_handles(listing: str) -> dict:
 
 
 def translate_handles(path: PacketPath, handles: dict) -> None:
-    """Give each step the target's handle for its rule (the sandbox numbers its own)."""
+    """Give each step and near miss the target's handle for its rule (the sandbox numbers its own)."""
     for step in path.steps:
         if step.type == "rule" and step.rule_number is not None:
             handle = handles.get((step.family, step.table, step.chain, step.rule_number))
             if handle is not None:
                 step.handle = handle
+    path.near_misses = renumber(path.near_misses, lambda item: handles.get(
+        (item.family, item.table, item.chain, item.rule_number)) if item.backend == "nft" else None)
 
 
 def chains_on_path(path: PacketPath) -> set:

@@ -133,6 +133,7 @@ def packet_json(path: PacketPath, interfaces: dict) -> dict:
         "accepted_by_connection": accepted_by_connection(path),
         "nat": list(path.nat),
         "kernel_drop": path.kernel_drop,
+        "near_misses": [near_miss.to_json() for near_miss in path.near_misses],
     }
 
 
