@@ -25,7 +25,6 @@ app = typer.Typer(
 )
 
 EXIT_NO_PACKET = 3
-EXIT_INTERRUPTED = 130
 EXIT_BUG = 70  # EX_SOFTWARE: an exception nftrace did not expect
 TRACEBACK_ENV = "NFTRACE_TRACEBACK"  # =1: print a bug's traceback too
 

@@ -14,10 +14,10 @@ PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 # --proto words whose packets have ports (--sport/--dport make sense).
 PORT_PROTOCOLS = ("tcp", "udp", "sctp")
-IPPROTO_UDPLITE = 136
-# Protocol numbers whose transport header starts with source and destination port (UDP-Lite
-# too, which --proto does not name but a packet may carry).
-PORT_PROTOCOL_NUMBERS = frozenset({PROTOCOL_NUMBERS[name] for name in PORT_PROTOCOLS} | {IPPROTO_UDPLITE})
+# Protocols with ports that --proto does not name, but a packet may carry and a rule match.
+OTHER_PORT_PROTOCOLS = {"dccp": 33, "udplite": 136}
+# Protocol numbers whose transport header starts with source and destination port.
+PORT_PROTOCOL_NUMBERS = frozenset({PROTOCOL_NUMBERS[name] for name in PORT_PROTOCOLS} | set(OTHER_PORT_PROTOCOLS.values()))
 ICMP_PROTOCOL_NUMBERS = frozenset({PROTOCOL_NUMBERS["icmp"], PROTOCOL_NUMBERS["icmpv6"]})
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from ..protocols import PROTOCOL_NUMBERS
 
-TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+TCP_SYN, TCP_ACK = 0x02, 0x10
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 DEFAULT_TTL = 64
 PAYLOAD = b"nftrace dry run\n"
@@ -66,10 +66,6 @@ class Injection:
     def command(self) -> list[str]:
         """argv that sends it: the traffic command of the trace session."""
         return [sys.executable, "-m", "nftrace.dryrun.inject", json.dumps(asdict(self))]
-
-    def describe(self) -> str:
-        where = f"arriving on {self.iif}" if self.iif else "sent by a local socket"
-        return f"one {self.proto} packet ({self.state}) {where}"
 
 
 # -- checksums ---------------------------------------------------------------------------

@@ -75,9 +75,6 @@ class CandidateRuleset:
         """For iptables-save files: IPv6 when the rules speak of IPv6 addresses or ICMPv6."""
         return 6 if _IPV6_HINT_RE.search(self.path.read_text()) else 4
 
-    def describe(self) -> str:
-        return str(self.path) if self.kind == "nft" else f"{self.path} ({self.kind})"
-
 
 def read_candidate(path: Path, kind: Optional[str] = None) -> CandidateRuleset:
     """Check that FILE can be read, and say what kind of ruleset it is."""

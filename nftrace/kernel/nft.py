@@ -53,13 +53,16 @@ class NftContext:
         self.messages = error or ""
         return output
 
-    def list_ruleset(self, *, state: bool = False) -> str:
+    def list_ruleset(self, *, state: bool = False, json: bool = False) -> str:
         """The whole ruleset as nft prints it, with handles (`nft -a`).
 
         state=False: without counter values, quotas and set elements (`-s -t`): the rule text
         an admin reads, and a listing whose size does not grow with the sets' contents.
         state=True: everything, as a copy needs it (`nft -a list ruleset`).
+        json=True: everything, as libnftables' JSON document (`nft -a -j list ruleset`).
         """
+        if json:
+            return self.run("list ruleset", json_output=True, handles=True)
         if state:
             return self.run("list ruleset", handles=True)
         return self.run("list ruleset", handles=True, stateless=True, terse=True)

@@ -19,13 +19,13 @@ VERDICT_WORDS = {"drop": "dropped", "accept": "accepted", "queue": "queued", "st
 
 @dataclass
 class TraceReport:
-    """One run of `nftrace why`: the flow, the packets, and what could not be seen."""
+    """One run of `nftrace why`: the flow and what could not be seen. The packets are not kept:
+    each is written as it completes (trace/jsonstream.py, render.py) between header and trailer."""
 
     flow: Flow
     backend: str = "nft"
     mode: str = "live"
     netns: Optional[str] = None
-    packets: list = field(default_factory=list)
     lost_events: int = 0
     warnings: list = field(default_factory=list)
     interfaces: dict = field(default_factory=dict)
@@ -37,12 +37,6 @@ class TraceReport:
 
     def trailer_json(self) -> dict:
         return {"lost_events": self.lost_events, "warnings": list(self.warnings)}
-
-    def to_json(self) -> dict:
-        document = self.header_json()
-        document["packets"] = [packet_json(path, self.interfaces) for path in self.packets]
-        document.update(self.trailer_json())
-        return document
 
 
 def summary(path: PacketPath) -> str:
