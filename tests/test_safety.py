@@ -63,7 +63,7 @@ class JsonRun:
 
     def __init__(self, process: subprocess.Popen):
         self.process = process
-        self.lines: list[str] = []
+        self.text = ""  # what nftrace wrote so far (read from the pipe itself: no buffer hides a line)
         self.packets: list[dict] = []
 
     def wait_for(self, done, seconds: float = 15.0) -> list:
@@ -72,14 +72,15 @@ class JsonRun:
         import select
 
         deadline = time.monotonic() + seconds
+        descriptor = self.process.stdout.fileno()
         while not done(self.packets):
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, left))
-            line = self.process.stdout.readline() if ready else ""
-            assert line, f"nftrace gave {len(self.packets)} packets and no more: {self.packets}"
-            self.lines.append(line)
-            if not line.startswith("{"):  # the first line is the header, then one packet a line
-                self.packets.append(json.loads(line.lstrip(" ,")))
+            ready, _, _ = select.select([descriptor], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(descriptor, 65536).decode() if ready else ""
+            assert chunk, f"nftrace gave {len(self.packets)} packets and no more: {self.packets}"
+            self.text += chunk
+            lines = self.text.splitlines()[1:]  # the header, then one packet a line
+            complete = lines if self.text.endswith("\n") else lines[:-1]
+            self.packets = [json.loads(line.lstrip(" ,")) for line in complete if not line.startswith("]")]
         return self.packets
 
     def stop(self) -> dict:
@@ -88,7 +89,10 @@ class JsonRun:
 
         self.process.send_signal(signal.SIGINT)
         self.process.wait(10)
-        return json.loads("".join(self.lines) + self.process.stdout.read())
+        rest = b""
+        while chunk := os.read(self.process.stdout.fileno(), 65536):
+            rest += chunk
+        return json.loads(self.text + rest.decode())
 
 
 def dports(packets) -> set:
