@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import EnvironmentProblem, InputError
+from ..kernel.runner import netns_exec_argv
 from ..kernel.system import CAP_NET_ADMIN, CAP_SYS_ADMIN, STATE_DIR, has_capability
 from ..protocols import iptables_command
 from ..signals import SignalsHeld, undo_after
@@ -190,7 +191,7 @@ def traffic_command(topology: Topology, expectation: FlowExpectation) -> list[st
     else:
         raise InputError(f"flow '{expectation.name}': no traffic generator for proto {flow.proto}")
     sender = getattr(topology, expectation.sender)
-    return ["ip", "netns", "exec", sender, sys.executable, "-m", "nftrace.lab.traffic", *args]
+    return netns_exec_argv(sender, [sys.executable, "-m", "nftrace.lab.traffic", *args])
 
 
 def why_arguments(topology: Topology, expectation: FlowExpectation, *, timeout: float = 10.0,

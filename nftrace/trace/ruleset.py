@@ -189,7 +189,14 @@ class RulesetSnapshot:
 
     def ingress_devices(self) -> list[str]:
         """Interfaces with ingress chains of the ruleset: they act before prerouting."""
-        return sorted({device for chain in self.chains.values() if chain.hook == "ingress"
+        return self._devices_with("ingress")
+
+    def egress_devices(self) -> list[str]:
+        """Interfaces with egress chains of the ruleset: they act after postrouting."""
+        return self._devices_with("egress")
+
+    def _devices_with(self, hook: str) -> list[str]:
+        return sorted({device for chain in self.chains.values() if chain.hook == hook
                        and not is_trace_table(chain.table) for device in chain.devices})
 
     def trace_tables(self) -> Iterable[tuple[str, str]]:

@@ -33,7 +33,7 @@ from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions, UndoStack
-from ..kernel.system import enter_namespace, interface_index, interface_names, require_net_admin
+from ..kernel.system import enter_namespace, interface_index, interface_links, interface_names, require_net_admin
 from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
 from ..iptables.xtnft import IptablesNftText
 
@@ -134,8 +134,10 @@ class TraceSession:
                     snapshot.refresh(nft.list_ruleset())
                     if snapshot.ingress_devices():
                         table.mark_ingress(snapshot.ingress_devices())
+                    devices = self._follow_devices(table, snapshot)
                     self._iptables_nft = IptablesNftText.read(snapshot)
-                builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
+                builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds,
+                                            **(devices if plan.nft else {}))
                 self._near_misses = self._near_miss_annotator(nft if plan.nft else None, snapshot, plan)
                 deadline = time.monotonic() + options.timeout if options.timeout else None
                 run = _Run(nft, snapshot, monitor, table, legacy, builder, on_packet, on_batch, deadline)
@@ -155,6 +157,23 @@ class TraceSession:
                     if builder.unmatched_lines:
                         self.report.warnings.append(f"{builder.unmatched_lines} legacy TRACE lines belonged to no "
                                                     "packet of this run (packets traced by someone else's TRACE rules?)")
+
+    def _follow_devices(self, table: TraceTable, snapshot: RulesetSnapshot) -> dict:
+        """Bridged frames and egress chains: mark and observe them where the namespace has
+        them; the path builder needs their interfaces' indexes."""
+        links = interface_links()
+        bridges = frozenset(link.index for link in links if link.kind == "bridge")
+        if bridges:
+            try:
+                table.mark_bridges()
+            except KernelError as err:
+                bridges = frozenset()
+                self.report.warnings.append(f"bridged frames are not traced: the kernel has no nftables bridge "
+                                            f"family ({err})")
+        egress = snapshot.egress_devices()
+        table.mark_egress(egress)
+        return {"bridges": bridges,
+                "egress": frozenset(link.index for link in links if link.name in egress)}
 
     def _plan(self) -> tuple[Optional[NftContext], BackendPlan]:
         """nftables where it works and is wanted; legacy tables of the flow's family where they exist."""
@@ -297,7 +316,7 @@ class TraceSession:
                 if self._near_misses is not None:
                     self._near_misses.invalidate()
             elif isinstance(item, TableDeleted) and item.name == run.table.name:
-                run.table.installed = False
+                run.table.forget()
                 raise TraceTableGone(f"nftrace's table inet {run.table.name} was deleted by someone else; stopping")
         return False
 
