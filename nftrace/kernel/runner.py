@@ -26,6 +26,7 @@ DEFAULT_TIMEOUT = 30.0
 # What to install when a tool is missing (Debian package names).
 PACKAGES = {
     "ip": "iproute2",
+    "bridge": "iproute2",
     "nft": "nftables",
     "conntrack": "conntrack",
     "bpftrace": "bpftrace",
@@ -174,3 +175,8 @@ def netns_exec_argv(netns: Optional[str], argv: Sequence[str]) -> list[str]:
 def ip_argv(netns: Optional[str], *args: str) -> list[str]:
     """`ip -n NETNS ARGS...` (None: the current namespace)."""
     return ["ip", *(["-n", netns] if netns else []), *args]
+
+
+def bridge_argv(netns: Optional[str], *args: str) -> list[str]:
+    """`bridge -n NETNS ARGS...` (None: the current namespace)."""
+    return ["bridge", *(["-n", netns] if netns else []), *args]

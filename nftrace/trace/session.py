@@ -160,9 +160,12 @@ class TraceSession:
 
     def _follow_devices(self, table: TraceTable, snapshot: RulesetSnapshot) -> dict:
         """Bridged frames and egress chains: mark and observe them where the namespace has
-        them; the path builder needs their interfaces' indexes."""
+        them; the path builder needs their interfaces' indexes. Bridges are followed where
+        the ruleset has bridge chains: without, a bridged frame meets no chain of its own
+        (br_netfilter's IP hooks mark and trace it as any packet)."""
         links = interface_links()
-        bridges = frozenset(link.index for link in links if link.kind == "bridge")
+        bridges = frozenset(link.index for link in links if link.kind == "bridge") \
+            if snapshot.has_base_chains("bridge") else frozenset()
         if bridges:
             try:
                 table.mark_bridges()
