@@ -26,7 +26,7 @@ from typing import Optional
 
 from bench.flood import FLOOD_PORT, Lab, _follow, _kill, _queued, _stop
 from bench.probes import CommitWatcher, Finished, own_usage, wait_for_trace_listener
-from nftrace.lab.topology import CLIENT_V4, SERVER_V4, in_netns
+from nftrace.lab.topology import SERVER_V4, in_netns
 
 DROPS_PORT = FLOOD_PORT + 1
 RCVBUF = 16 << 20

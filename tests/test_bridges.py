@@ -191,3 +191,26 @@ def test_a_packet_that_egress_chains_let_through_ends_after_them(lab):
                  command=traffic(lab.host1, "udp", HOST2, "5558"))
     assert packet["verdict"] == "accept" and packet["hooks"][-1] == "egress"
     assert steps(packet) == [("netdev", "egress", "out", "eth0_out", "accept")]
+
+
+def test_a_dry_run_of_a_bridged_flow_agrees_with_the_live_answer(lab):
+    load_ruleset(lab.switch, BRIDGE_FILTER)
+    live = why(lab.switch, "--from", HOST1, "--to", HOST2, "--proto", "udp", "--dport", "5555",
+               command=traffic(lab.host1, "udp", HOST2, "5555"))
+    result = nftrace("--netns", lab.switch, "why", "--from", HOST1, "--to", HOST2, "--proto", "udp", "--dport", "5555",
+                     "--iif", "p1", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    [dry] = result.packets
+    assert (dry["verdict"], dry["decided_by"], dry["packet"]["iif"], dry["packet"]["oif"]) == \
+        (live["verdict"], live["decided_by"], "p1", "p2")
+    assert not any("plain veth" in item for item in result.json["dry_run"]["not_copied"] if "br0" in item)
+
+
+def test_a_dry_run_copies_br_netfilter(lab):
+    load_ruleset(lab.switch, BRIDGE_FILTER)
+    lab.br_netfilter(True)
+    result = nftrace("--netns", lab.switch, "why", "--from", HOST1, "--to", HOST2, "--proto", "udp", "--dport", "5556",
+                     "--iif", "p1", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    [dry] = result.packets
+    assert steps(dry) == [("bridge", "forward", "l2", "forward", "accept"), ("inet", "forward", "fw", "forward", "accept")]

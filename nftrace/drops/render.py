@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from ..trace.paths import PacketPath, protocol_name
-from ..trace.report import endpoint_text, summary
+from ..protocols import endpoint_text, protocol_name
+from ..trace.paths import PacketPath
+from ..trace.report import summary
 from ..kernel.system import interface_name
 from .report import DropsReport
 from .tally import Counted, DropTally

@@ -21,7 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..trace.paths import PacketPath, Step, protocol_name
+from ..protocols import protocol_name
+from ..trace.paths import PacketPath, Step
 from ..trace.report import decided_by_json
 from ..kernel.system import interface_name
 
