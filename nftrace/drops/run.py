@@ -14,8 +14,10 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from ..errors import KernelError
 from ..iptables.backends import BackendPlan
-from ..iptables.legacy import COMMAND_NAMES, legacy_tables
+from ..iptables.legacy import FAMILIES, legacy_tables
+from ..protocols import iptables_command
 from ..kernel.tracetable import TraceTable
 from ..trace.paths import PacketPath
 from ..trace.session import TraceOptions, TraceSession, open_nftables
@@ -53,7 +55,7 @@ class DropsSession(TraceSession):
 
     def _plan(self):
         nft = open_nftables()
-        present = [f"{COMMAND_NAMES[family]} ({', '.join(tables)})" for family in COMMAND_NAMES
+        present = [f"{iptables_command(family)} ({', '.join(tables)})" for family in FAMILIES
                    if (tables := legacy_tables(family))]
         if present:
             self.report.warnings.append(f"legacy iptables tables are not traced by drops: {'; '.join(present)}")
@@ -75,5 +77,9 @@ class DropsSession(TraceSession):
     def _finishing(self, table: Optional[TraceTable]) -> None:
         if table is None or not table.installed:
             return
-        matched, traced = table.counts()
+        try:
+            matched, traced = table.counts()
+        except KernelError as err:  # never hides what ended the run
+            self.report.warnings.append(f"nftrace's counters could not be read: {err}")
+            return
         self.report.counts = TraceCounts(matched=matched, traced=traced)
