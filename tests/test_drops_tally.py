@@ -149,3 +149,12 @@ def test_the_summary_gives_each_rule_its_top_flows_and_says_whether_counts_are_e
     assert "counts are exact" in text
     assert "        3  dropped by inet filter input rule handle 7: tcp dport 22 drop" in text
     assert "10.0.0.5:1 → 10.0.0.9:22 tcp in eth0" in text
+
+
+def test_a_drops_session_counts_traces_nftables_and_takes_every_packet():
+    from nftrace.drops.run import DropsSession
+    from nftrace.trace.session import TraceOptions
+
+    options = TraceOptions(flow=parse_filter(), count=10, backend="auto")
+    DropsSession(options, DropsReport(flow=options.flow))
+    assert (options.counted, options.count, options.backend) == (True, 0, "nft")
