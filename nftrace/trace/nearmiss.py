@@ -134,16 +134,11 @@ class NearMiss:
 
 
 def describe_mismatch(condition: Condition) -> str:
-    """`ip saddr 10.77.1.50 is not in 10.77.1.0/28`: the packet's value against the wanted one."""
+    """`ip saddr 10.77.1.50 is not in 10.77.1.0/28`: the packet's value against the wanted one
+    (the evaluators say it; this is the plain form for a condition that does not)."""
     if condition.reason:
         return condition.reason
-    name = condition.field or condition.expr
-    wanted = condition.wanted or "?"
-    if condition.negated:
-        return f"{name} {condition.packet} is excluded by {condition.expr}"
-    membership = wanted.startswith(("{", "@")) or "/" in wanted or "-" in wanted.strip('"') \
-        or condition.set_name is not None
-    return f"{name} {condition.packet} is {'not in' if membership else 'not'} {wanted}"
+    return f"{condition.field or condition.expr} {condition.packet} is not {condition.wanted or '?'}"
 
 
 def mismatches_from(evaluation: RuleEvaluation) -> tuple:
