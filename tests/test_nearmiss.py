@@ -486,7 +486,7 @@ def test_the_ruleset_is_read_once_for_many_packets_and_again_after_it_changed():
     import json
     nft = CountingNft(json.dumps({"nftables": [{"rule": {"family": "inet", "table": "fw", "chain": "forward",
                                                          "handle": 9, "expr": ISSUE_RULE}}]}))
-    annotator = NearMissAnnotator(LiveRuleBook(nft), INTERFACES)
+    annotator = NearMissAnnotator(LiveRuleBook(lambda: json.loads(nft.run("list ruleset")), ipsets=dict), INTERFACES)
     for _ in range(3):
         packet = path([policy_drop()])
         annotator.annotate(packet)
@@ -497,13 +497,12 @@ def test_the_ruleset_is_read_once_for_many_packets_and_again_after_it_changed():
 
 
 def test_a_ruleset_that_cannot_be_read_leaves_the_answer_alone_and_warns_once():
-    class Broken:
-        def run(self, command, **options):
-            from nftrace.errors import KernelError
-            raise KernelError("nft: permission denied")
+    def broken():
+        from nftrace.errors import KernelError
+        raise KernelError("nft -j list ruleset failed: Aborted")
 
     warnings = []
-    annotator = NearMissAnnotator(LiveRuleBook(Broken()), INTERFACES, warnings.append)
+    annotator = NearMissAnnotator(LiveRuleBook(broken, ipsets=dict), INTERFACES, warnings.append)
     for _ in range(2):
         packet = path([policy_drop()])
         annotator.annotate(packet)
