@@ -6,7 +6,9 @@ target's interfaces, routes, sysctls and ruleset, while the target is never touc
 - Every interface of the target becomes a veth with the same name, MAC address, MTU and
   state, so that `iifname`, `oifname`, `iif` and `oif` match as they do in the target. The
   other end of each veth lives in a helper namespace (`<sandbox>-h`), from which a packet
-  can arrive on any interface, as from the wire.
+  can arrive on any interface, as from the wire. A bridge is copied as a bridge (its
+  VLAN filtering, its ports' VLANs, the addresses it has learnt as static entries, spanning
+  tree off so that its ports forward at once), and its ports as veths in it.
 - Addresses, nexthops, routes and policy rules are replayed with `ip -batch`, then the
   sandbox's routes and rules are made equal to the target's (routes the kernel added on its
   own and the target lacks are deleted).
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import EnvironmentProblem, InputError, KernelError
-from .netstate import (NetworkState, parse_route_lines, parse_rule_lines, sandbox_table_text,
+from .netstate import (Interface, NetworkState, parse_route_lines, parse_rule_lines, sandbox_table_text,
                        split_tables)
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import call_in_namespace
@@ -143,12 +145,13 @@ def _random_mac() -> str:
     return ":".join(f"{o:02x}" for o in octets)
 
 
-def _run_batch(netns: str, lines: Sequence[str], family: Optional[int] = None) -> BatchResult:
-    """`ip -n NETNS -force -batch -`: every line is tried; failures come back with ip's message."""
+def _run_batch(netns: str, lines: Sequence[str], family: Optional[int] = None, tool: str = "ip") -> BatchResult:
+    """`ip -n NETNS -force -batch -` (or `bridge ...`): every line is tried; failures come back
+    with the tool's message."""
     result = BatchResult()
     if not lines:
         return result
-    argv = ["ip", *(["-6"] if family == 6 else ["-4"] if family == 4 else []), "-n", netns, "-force", "-batch", "-"]
+    argv = [tool, *(["-6"] if family == 6 else ["-4"] if family == 4 else []), "-n", netns, "-force", "-batch", "-"]
     try:
         done = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
     except FileNotFoundError:
@@ -230,11 +233,15 @@ class Sandbox:
         # ...) that tunnel modules add to every namespace. Those are configured, not made.
         existing = {link["ifname"]: link for link in json.loads(self._sandbox_text("-j", "link", "show") or "[]")}
         taken = {link["ifindex"] for link in existing.values()}
+        bridges = [i for i in self.state.interfaces if i.kind == "bridge" and i.name not in existing]
+        self._make_bridges(bridges, taken)
         lines = []
         for interface in self.state.interfaces:
             if interface.name in existing:
                 if interface.mtu != existing[interface.name].get("mtu"):
                     lines.append(f"link set {interface.name} mtu {interface.mtu}")
+                continue
+            if interface.kind == "bridge":
                 continue
             peer = f"p{interface.index}"
             mac = interface.ethernet_mac or _random_mac()
@@ -246,9 +253,12 @@ class Sandbox:
             lines.append(f"link add {interface.name} {index}address {mac} mtu {interface.mtu} "
                          f"type veth peer name {peer} index {PEER_INDEX_BASE + interface.index} mtu {interface.mtu} "
                          f"netns {self.helper}")
+            copied_bridge = self.state.bridge_of(interface.name) if interface.master else None
+            if copied_bridge is not None:
+                lines.append(f"link set {interface.name} master {copied_bridge.name}")
             if interface.kind not in (None, "veth"):
                 self.approximated[interface.name] = f"{interface.name} is a {interface.kind}"
-            elif interface.master:
+            elif interface.master and copied_bridge is None:
                 self.approximated[interface.name] = f"{interface.name} is a port of {interface.master}"
             if interface.name in self.approximated:
                 self.not_copied.append(f"interface {self.approximated[interface.name]}: the sandbox has a plain veth "
@@ -257,6 +267,41 @@ class Sandbox:
         if failed:
             line, message = failed[0]
             raise EnvironmentProblem(f"cannot create the sandbox's interfaces ({line}): {message}")
+        if bridges:
+            self._copy_bridge_tables({bridge.name for bridge in bridges})
+
+    def _make_bridges(self, bridges: list, taken: set) -> None:
+        """Bridges before their ports. Spanning tree is off, so that the ports forward at once
+        (a dry run has no time for the listening and learning states); an option this kernel
+        refuses (VLAN filtering, when it is built without) is left out and said."""
+        for bridge in bridges:
+            index = f"index {bridge.index} " if bridge.index not in taken else ""
+            base = f"link add {bridge.name} {index}address {bridge.mac} mtu {bridge.mtu} type bridge stp_state 0"
+            options = " ".join(f"{key} {value}" for key, value in bridge.bridge.items() if key != "stp_state")
+            failed = _run_batch(self.name, [f"{base} {options}".strip()]).failed
+            if failed and options:
+                self.not_copied.append(f"bridge {bridge.name}'s options {options}: {failed[0][1]}")
+                failed = _run_batch(self.name, [base]).failed
+            if failed:
+                raise EnvironmentProblem(f"cannot create the sandbox's bridge {bridge.name}: {failed[0][1]}")
+            if bridge.bridge.get("stp_state", "0") != "0":
+                self.not_copied.append(f"spanning tree of bridge {bridge.name}: the sandbox's ports forward at once, "
+                                       f"where live a port may be blocking")
+
+    def _copy_bridge_tables(self, bridges: set) -> None:
+        """The VLANs of bridges that filter them (the sandbox's defaults replaced), and every
+        address the bridges had learnt, as static entries: a frame goes to the port its
+        destination is behind, as it does live, and is not flooded."""
+        lines = []
+        for dev in sorted({vlan.dev for vlan in self.state.vlans}):
+            lines.append(f"vlan del dev {dev} vid 1{' self' if dev in bridges else ''}")
+        lines += [vlan.add_command(vlan.dev in bridges) for vlan in self.state.vlans]
+        for entry in self.state.fdb:
+            vlan = f" vlan {entry.vlan}" if entry.vlan else ""
+            lines.append(f"fdb replace {entry.mac} dev {entry.port} master static{vlan}")
+        for line, message in _run_batch(self.name, lines, tool="bridge").failed:
+            if not line.startswith("vlan del"):
+                self.warnings.append(f"not copied: bridge {line} ({message})")
 
     def _copy_sysctls(self) -> None:
         names = {i.name for i in self.state.interfaces}

@@ -137,12 +137,13 @@ def clean_up_legacy() -> list[str]:
 
 
 def make_path_builder(plan: BackendPlan, snapshot, legacy: Optional[LegacyTracing],
-                      keep: Callable, idle_seconds: float):
-    """The path builder for the plan: nftables events, legacy TRACE lines, or both merged."""
+                      keep: Callable, idle_seconds: float, **devices):
+    """The path builder for the plan: nftables events, legacy TRACE lines, or both merged.
+    `devices`: the bridges and egress devices nftables paths follow (PathBuilder)."""
     if not plan.nft:
         return LegacyPathBuilder(legacy.ruleset, keep=keep, idle_seconds=idle_seconds,
                                  last_tables=last_tables_on_exit_hooks(legacy.tables()))
-    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds)
+    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds, **devices)
     if legacy is None:
         return builder
     return MergedPathBuilder(builder, snapshot, legacy.ruleset)

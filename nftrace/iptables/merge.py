@@ -3,7 +3,7 @@
 Pure logic: TRACE lines and nftables paths in, paths out; nothing here touches the kernel.
 
 A TRACE line carries no trace id, only the packet. It is joined to a packet by the header
-fields NAT leaves alone (`packet_identity`: IP version, protocol, length, IPv4 id, TCP
+fields NAT leaves alone (`trace/identity.py`: IP version, protocol, length, IPv4 id, TCP
 sequence and acknowledgement numbers, ICMP type), and when several open packets share them,
 to the oldest one that can take the line: a line continues the table that is running, or
 starts a table that runs later than the packet's last one (hooks in order, then priority),
@@ -24,7 +24,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Protocol
 
-from ..trace.events import FINAL_VERDICTS, TERMINAL_VERDICTS, PacketHeaders
+from ..trace.events import FINAL_VERDICTS, TERMINAL_VERDICTS
+from ..trace.identity import packet_identity
 from .legacy import BACKEND, CHAIN_HOOKS, TABLE_HOOKS, Resolution, table_priority
 from ..kernel.monitor import EventsLost
 from .nflog import LegacyTraceEvent
@@ -38,15 +39,6 @@ LOOPBACK_IFINDEXES = frozenset({1})
 
 class LegacyResolver(Protocol):
     def resolve(self, table: str, chain: str, kind: str, position: int) -> Optional[Resolution]: ...
-
-
-def packet_identity(packet: Optional[PacketHeaders]) -> Optional[tuple]:
-    """The header fields that NAT does not rewrite: what a TRACE line and a trace event of the
-    same packet have in common wherever they were taken."""
-    if packet is None or packet.src is None:
-        return None
-    return (packet.src.version, packet.proto, packet.length, packet.ip_id, packet.tcp_seq, packet.tcp_ack,
-            packet.icmp_type, packet.icmp_code)
 
 
 def legacy_position(step_or_event) -> tuple[int, int]:
@@ -475,5 +467,4 @@ __all__ = [
     "merge_hooks",
     "merge_steps",
     "merge_trail",
-    "packet_identity",
 ]

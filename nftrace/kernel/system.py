@@ -8,8 +8,11 @@ the traffic command it starts, live in that namespace. It never creates a namesp
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
+import subprocess
+from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import EnvironmentProblem, InputError
@@ -17,21 +20,27 @@ from ..errors import EnvironmentProblem, InputError
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
 
 
-def require_net_admin() -> None:
-    """nftrace changes the ruleset and reads trace events: both need CAP_NET_ADMIN."""
+def has_capability(capability: int) -> bool:
+    """Whether this process holds the capability now (CapEff): what the kernel checks, which
+    the uid is not (root in a container, or with capabilities dropped, may lack it)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("CapEff:"):
-                    if int(line.split()[1], 16) & (1 << CAP_NET_ADMIN):
-                        return
-                    break
+                    return bool(int(line.split()[1], 16) & (1 << capability))
     except OSError:
-        if os.geteuid() == 0:
-            return
-    raise EnvironmentProblem("nftrace needs root (CAP_NET_ADMIN) to add trace rules and read trace events; run it with sudo")
+        pass
+    return os.geteuid() == 0
+
+
+def require_net_admin() -> None:
+    """nftrace changes the ruleset and reads trace events: both need CAP_NET_ADMIN."""
+    if not has_capability(CAP_NET_ADMIN):
+        raise EnvironmentProblem("nftrace needs root (CAP_NET_ADMIN) to add trace rules and read trace events; "
+                                 "run it with sudo")
 
 
 def namespace_path(name: str) -> str:
@@ -45,14 +54,19 @@ def namespace_path(name: str) -> str:
 
 def enter_namespace(name: str) -> None:
     path = namespace_path(name)
-    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise EnvironmentProblem(f"cannot enter network namespace '{name}': {os.strerror(err)}")
+        enter_namespace_fd(fd, f"network namespace '{name}'")
     finally:
         os.close(fd)
+
+
+def enter_namespace_fd(fd: int, shown: str) -> None:
+    """Move the calling thread into the network namespace open as `fd` (`shown` names it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise EnvironmentProblem(f"cannot enter {shown}: {os.strerror(err)}")
 
 
 def interface_index(name: str, option: str) -> int:
@@ -85,3 +99,32 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class Link:
+    """An interface of the namespace as `ip -d link` describes it."""
+
+    index: int
+    name: str
+    kind: Optional[str] = None  # bridge, veth, vlan, ...; None for a physical device
+    master: Optional[str] = None  # the bridge (or bond) it is a port of
+
+
+def parse_links(ip_json: str) -> list[Link]:
+    """`ip -d -j link show` → links."""
+    links = []
+    for entry in json.loads(ip_json or "[]"):
+        linkinfo = entry.get("linkinfo") or {}
+        links.append(Link(int(entry["ifindex"]), entry["ifname"], linkinfo.get("info_kind"), entry.get("master")))
+    return links
+
+
+def interface_links() -> list[Link]:
+    """The interfaces of the calling thread's namespace, with their kind (empty if `ip` fails)."""
+    try:
+        result = subprocess.run(["ip", "-d", "-j", "link", "show"], capture_output=True, text=True, timeout=10,
+                                stdin=subprocess.DEVNULL, env=dict(os.environ, LC_ALL="C"))
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_links(result.stdout) if result.returncode == 0 else []

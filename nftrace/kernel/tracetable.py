@@ -31,6 +31,9 @@ INGRESS_MARK_PRIORITY = -10000
 OBSERVE_PRIORITY = 2**31 - 1
 MARK_HOOKS = ("prerouting", "output")
 OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
+# Bridge hooks where a bridged frame's path ends (input: up to the bridge device itself;
+# postrouting: out of a port) or that a frame routed out through a bridge device passes.
+BRIDGE_OBSERVE_HOOKS = ("input", "forward", "output", "postrouting")
 DEFAULT_MAX_RATE = 100
 _NAME_RE = re.compile(rf"^{TRACE_TABLE_PREFIX}(\d+)_[0-9a-f]+$")
 
@@ -46,24 +49,50 @@ def _address_match(field: str, flow: Flow, network) -> Optional[dict]:
     return {"match": {"op": "==", "left": {"payload": {"protocol": flow.nft_family, "field": field}}, "right": right}}
 
 
-def flow_match(flow: Flow, hook: str) -> list[dict]:
-    """The nft JSON expressions that match the flow at a mark hook."""
-    nfproto = "ipv4" if flow.ip_version == 4 else "ipv6"
-    exprs = [{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": nfproto}}]
-    for field, network in (("saddr", flow.src), ("daddr", flow.dst)):
-        match = _address_match(field, flow, network)
+# How each family's chains tell IPv4 from IPv6: inet/ip/ip6 chains by the hook's protocol,
+# bridge and netdev chains (which see frames) by the frame's ether type.
+_L3_KEYS = {"bridge": ("protocol", {4: "ip", 6: "ip6"}), "netdev": ("protocol", {4: "ip", 6: "ip6"})}
+_INET_L3 = ("nfproto", {4: "ipv4", 6: "ipv6"})
+ENDS = ("src", "dst")
+
+
+def flow_match(flow: Flow, hook: str, family: str = "inet", end: Optional[str] = None) -> list[dict]:
+    """The nft JSON expressions that match the flow at a mark hook of a `family` chain.
+
+    `end` "src" or "dst" matches that end of the flow alone (its address and port): a
+    namespace that a packet of the flow reaches after NAT sees one end rewritten (see
+    mark_ends). --iif/--oif name interfaces of the IP layer: bridge and netdev chains see
+    ports and devices instead, and do not match them."""
+    key, words = _L3_KEYS.get(family, _INET_L3)
+    exprs = [{"match": {"op": "==", "left": {"meta": {"key": key}}, "right": words[flow.ip_version]}}]
+    for side, field, network in (("src", "saddr", flow.src), ("dst", "daddr", flow.dst)):
+        match = _address_match(field, flow, network) if end in (None, side) else None
         if match:
             exprs.append(match)
     if flow.proto:
         exprs.append({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": PROTOCOL_NUMBERS[flow.proto]}})
-    for field, port in (("sport", flow.sport), ("dport", flow.dport)):
-        if port is not None:
+    for side, field, port in (("src", "sport", flow.sport), ("dst", "dport", flow.dport)):
+        if port is not None and end in (None, side):
             exprs.append({"match": {"op": "==", "left": {"payload": {"protocol": flow.proto, "field": field}}, "right": port}})
-    if hook == "prerouting" and flow.iif:
-        exprs.append({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": flow.iif}})
-    if hook == "output" and flow.oif:
-        exprs.append({"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": flow.oif}})
+    if family in ("inet", "ip", "ip6"):
+        if hook == "prerouting" and flow.iif:
+            exprs.append({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": flow.iif}})
+        if hook == "output" and flow.oif:
+            exprs.append({"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": flow.oif}})
     return exprs
+
+
+def mark_ends(flow: Flow, relaxed: bool) -> tuple:
+    """Which mark rules a chain gets: the whole flow (None), or, in a trace across several
+    namespaces (`relaxed`), one rule per end of the flow that says something: a packet
+    DNATed on its way here keeps its source, a packet SNATed keeps its destination. What
+    such a rule marks beyond the flow is not answered unless it continues a packet of the
+    flow (trace/crossing.py)."""
+    if not relaxed:
+        return (None,)
+    ends = tuple(end for end, network, port in (("src", flow.src, flow.sport), ("dst", flow.dst, flow.dport))
+                 if network.prefixlen or port is not None)
+    return ends or (None,)
 
 
 def mark_hooks(flow: Flow) -> tuple[str, ...]:
@@ -72,19 +101,27 @@ def mark_hooks(flow: Flow) -> tuple[str, ...]:
 
 
 def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
-                         **attach) -> list[dict]:
-    """A chain on `hook` whose one rule switches tracing on for the flow."""
+                         ends: tuple = (None,), **attach) -> list[dict]:
+    """A chain on `hook` whose rules (one per end, see mark_ends) switch tracing on for the flow."""
     chain = f"mark_{hook}{suffix}"
-    exprs = flow_match(flow, hook)
-    if max_rate:
-        exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
-    exprs.append({"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}})
-    return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
-                               "policy": "accept", **attach}}},
-            {"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": exprs}}}]
+    commands = [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
+                                   "policy": "accept", **attach}}}]
+    for end in ends:
+        exprs = flow_match(flow, hook, family, end)
+        if max_rate:
+            exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
+        exprs.append({"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}})
+        commands.append({"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": exprs}}})
+    return commands
 
 
-def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, devices: list[str]) -> list[dict]:
+def _observe_chain_command(family: str, name: str, hook: str, suffix: str = "", **attach) -> dict:
+    return {"add": {"chain": {"family": family, "table": name, "name": f"obs_{hook}{suffix}", "type": "filter",
+                              "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept", **attach}}}
+
+
+def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, devices: list[str],
+                          ends: tuple = (None,)) -> list[dict]:
     """Ingress chains (netdev, or inet ingress) run before prerouting: a packet they drop never
     reaches the prerouting mark chain, so the trace bit is set at ingress too, on their devices,
     before them. Its rate limit is a rule of its own: a packet passes it and the prerouting one."""
@@ -93,68 +130,130 @@ def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, dev
     commands = []
     for index, device in enumerate(devices):
         # libnftables' JSON takes one device per inet ingress chain: a chain per device.
-        commands += _mark_chain_commands(family, name, flow, max_rate, "ingress", f"@{index}", dev=device,
+        commands += _mark_chain_commands(family, name, flow, max_rate, "ingress", f"@{index}", ends, dev=device,
                                          prio=INGRESS_MARK_PRIORITY)
     return commands
 
 
-def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int) -> list[dict]:
+def egress_commands(name: str, flow: Flow, max_rate: int, devices: list[str], ends: tuple = (None,)) -> list[dict]:
+    """netdev egress chains run after postrouting, as the packet is handed to its device: an
+    observation chain after them on each device says that they let it go (the path ends
+    there, not at postrouting), and a mark chain before them marks what no IP hook saw
+    (packets sent on a packet socket)."""
+    commands = []
+    for index, device in enumerate(devices):
+        commands += _mark_chain_commands("netdev", name, flow, max_rate, "egress", f"@{index}", ends, dev=device,
+                                         prio=INGRESS_MARK_PRIORITY)
+        commands.append(_observe_chain_command("netdev", name, "egress", f"@{index}", dev=device))
+    return commands
+
+
+def bridge_table_commands(name: str, flow: Flow, max_rate: int, ends: tuple = (None,)) -> list[dict]:
+    """A frame bridged between two ports passes the bridge family's hooks only (unless
+    br_netfilter hands it to the IP hooks too): it is marked at bridge prerouting, and the
+    bridge hooks where its path can end or turn are observed."""
+    commands = _mark_chain_commands("bridge", name, flow, max_rate, "prerouting", ends=ends, prio=MARK_PRIORITY)
+    for hook in BRIDGE_OBSERVE_HOOKS:
+        commands.append(_observe_chain_command("bridge", name, hook))
+    return commands
+
+
+def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int, ends: tuple = (None,)) -> list[dict]:
     commands = []
     for hook in mark_hooks(flow):
-        commands += _mark_chain_commands(family, name, flow, max_rate, hook, prio=MARK_PRIORITY)
+        commands += _mark_chain_commands(family, name, flow, max_rate, hook, ends=ends, prio=MARK_PRIORITY)
     for hook in OBSERVE_HOOKS:
-        commands.append({"add": {"chain": {"family": family, "table": name, "name": f"obs_{hook}", "type": "filter",
-                                           "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept"}}})
+        commands.append(_observe_chain_command(family, name, hook))
     return commands
 
 
 class TraceTable:
-    """The trace rules of one run; `remove()` (or leaving the `with` block) takes them out."""
+    """The trace rules of one run; `remove()` (or leaving the `with` block) takes them out.
+
+    One table per family that needs marking, all of one name: `inet` always, `bridge` where
+    the namespace has bridges (`mark_bridges`), `netdev` where it has egress chains
+    (`mark_egress`). `relaxed`: mark each end of the flow on its own (see mark_ends), for a
+    trace across several namespaces."""
 
     family = "inet"
 
-    def __init__(self, nft: NftContext, flow: Flow, max_rate: int = DEFAULT_MAX_RATE):
+    def __init__(self, nft: NftContext, flow: Flow, max_rate: int = DEFAULT_MAX_RATE, relaxed: bool = False):
         self.nft = nft
         self.flow = flow
         self.max_rate = max_rate
+        self.ends = mark_ends(flow, relaxed)
         self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
         self.owner = False
-        self.installed = False
+        self.families: list[str] = []  # tables made, in order
+
+    @property
+    def installed(self) -> bool:
+        return bool(self.families)
+
+    def forget(self) -> None:
+        """Someone else deleted the tables: nothing is left to remove."""
+        self.families = []
 
     def install(self) -> None:
         """Create the table and its chains; on any failure leave nothing behind."""
+        self._add_table(self.family)
+        self._commit(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.ends))
+
+    def _add_table(self, family: str) -> None:
+        if family in self.families:
+            return
         comment = f'comment "nftrace trace rules, pid {os.getpid()}; nftrace cleanup removes them"'
         try:
-            if os.environ.get("NFTRACE_TABLE_OWNER", "1") == "0":
+            if os.environ.get("NFTRACE_TABLE_OWNER", "1") == "0" or (self.families and not self.owner):
                 raise KernelError("owner flag turned off by NFTRACE_TABLE_OWNER=0")
-            self.nft.run(f"add table {self.family} {self.name} {{ flags owner; {comment}; }}")
+            self.nft.run(f"add table {family} {self.name} {{ flags owner; {comment}; }}")
             self.owner = True
         except KernelError:
             # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself
             # (and on `nftrace cleanup` after a SIGKILL). NFTRACE_TABLE_OWNER=0 forces this path.
-            self.nft.run(f"add table {self.family} {self.name} {{ {comment}; }}")
-        self.installed = True
+            self.nft.run(f"add table {family} {self.name} {{ {comment}; }}")
+        self.families.append(family)
+
+    def _commit(self, commands: list[dict], family: Optional[str] = None) -> None:
+        """Apply; on failure take out `family`'s table (None: every table)."""
         try:
-            self.nft.run_json(trace_table_commands(self.family, self.name, self.flow, self.max_rate))
+            self.nft.run_json(commands)
         except BaseException:
-            self.remove()
+            if family is None:
+                self.remove()
+            else:
+                self._delete(family)
             raise
 
     def mark_ingress(self, devices: list[str]) -> None:
         """Also set the trace bit at ingress on these interfaces (see ingress_mark_commands)."""
-        commands = ingress_mark_commands(self.family, self.name, self.flow, self.max_rate, devices)
+        commands = ingress_mark_commands(self.family, self.name, self.flow, self.max_rate, devices, self.ends)
         if commands:
-            self.nft.run_json(commands)
+            self._commit(commands)
+
+    def mark_bridges(self) -> None:
+        """Trace bridged frames too (see bridge_table_commands)."""
+        self._add_table("bridge")
+        self._commit(bridge_table_commands(self.name, self.flow, self.max_rate, self.ends), "bridge")
+
+    def mark_egress(self, devices: list[str]) -> None:
+        """Follow packets through the egress chains of these devices (see egress_commands)."""
+        if not devices:
+            return
+        self._add_table("netdev")
+        self._commit(egress_commands(self.name, self.flow, self.max_rate, devices, self.ends), "netdev")
 
     def remove(self) -> None:
-        if not self.installed:
-            return
+        for family in list(reversed(self.families)):
+            self._delete(family)
+
+    def _delete(self, family: str) -> None:
         try:
-            self.nft.run(f"delete table {self.family} {self.name}")
+            self.nft.run(f"delete table {family} {self.name}")
         except KernelError as err:
             if "No such file" not in str(err):
                 raise
-        self.installed = False
+        self.families.remove(family)
 
     def __enter__(self) -> "TraceTable":
         self.install()

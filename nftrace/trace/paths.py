@@ -66,6 +66,7 @@ class Step:
     # Run under a base chain of type nat: its accept is the NAT statement's, not a filter's.
     in_nat_chain: bool = False
     backend: str = "nft"  # nft | iptables-legacy: which part of netfilter ran the chain
+    netns: Optional[str] = None  # the network namespace it ran in (None: nftrace's own)
 
     def where(self) -> str:
         """`inet filter input`; a legacy iptables chain as `iptables filter INPUT`."""
@@ -109,6 +110,7 @@ class Step:
             "rule_deleted": self.rule_deleted,
             "iptables": self.iptables,
             "backend": self.backend,
+            "netns": self.netns,
         }
 
 
@@ -125,6 +127,8 @@ class HookObservation:
     mark: Optional[int]
     ct: Optional[ConntrackInfo]
     own: bool  # from nftrace's own mark or observation chain
+    netns: Optional[str] = None
+    family: Optional[str] = None  # of the chain's table: bridge for a bridge hook, netdev for egress
 
 
 @dataclass
@@ -143,6 +147,9 @@ class PacketPath:
     nat: list = field(default_factory=list)
     first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
     last_seen: float = 0.0
+    netns: Optional[str] = None  # the namespace this path (or part of a path) ran in
+    # A packet traced across namespaces: its part in each, in the order it met them (crossing.py).
+    segments: list = field(default_factory=list)
     # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
     # filled in when the answer is delivered, not on the event path.
     near_misses: list = field(default_factory=list)
@@ -178,6 +185,8 @@ class _PacketState:
     base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
     last_hook: Optional[str] = None  # latest hook known to have been entered
     marks_seen: set = field(default_factory=set)
+    passed: set = field(default_factory=set)  # (family, hook) of the base chains run so far
+    family_hooks: dict = field(default_factory=dict)  # family -> latest hook of a chain of that family
     unhooked_from: int = 0  # first step whose hook is still unknown
     checked: bool = False
     finished: bool = False
@@ -208,12 +217,19 @@ class PathBuilder:
     """
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
-                 idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1})):
+                 idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1}),
+                 bridges: frozenset = frozenset(), egress: frozenset = frozenset()):
         self.lookup = lookup
         self.keep = keep
         self.idle_seconds = idle_seconds
         # `lo` is ifindex 1 in every network namespace.
         self.loopback_ifindexes = loopback_ifindexes
+        # Bridge devices whose frames nftrace follows in the bridge family, and devices whose
+        # egress chains it observes (ifindexes): a packet leaving through one is not done at
+        # postrouting. A frame delivered up to a bridge device comes back in under a new id.
+        self.bridges = bridges
+        self.egress = egress
+        self.rejoin_ifindexes = loopback_ifindexes | bridges
         self._open: OrderedDict[int, _PacketState] = OrderedDict()
         self._finished: OrderedDict[int, float] = OrderedDict()  # trace id -> last event's time
         self.loss_pending = False
@@ -244,10 +260,11 @@ class PathBuilder:
             state = _PacketState(event.trace_id, PacketPath(event.trace_id), now)
             if self.loss_pending:
                 state.path.incomplete_reason = "events lost"
-            looped = self._looped.pop(_header_key(event.packet), None) if event.iif in self.loopback_ifindexes else None
+            looped = self._looped.pop(_header_key(event.packet), None) if event.iif in self.rejoin_ifindexes else None
             if looped is not None:
-                # The packet comes back in through loopback under a new trace id (the id
-                # hashes the input interface): its path goes on where it left off.
+                # The packet comes back in through loopback, or up from a bridge's ports to the
+                # bridge device, under a new trace id (the id hashes the input interface): its
+                # path goes on where it left off.
                 state.path, state.checked = looped[0], True
                 state.path.complete, state.path.verdict, state.path.decided_by = False, "unknown", None
             self._open[trace_id] = state
@@ -373,11 +390,14 @@ class PathBuilder:
         if state.finished or state.closed:
             return True
         if is_trace_table(event.table) and event.chain.startswith(MARK_CHAIN_PREFIX):
-            if (event.table, event.chain) in state.marks_seen:
+            if (event.family, event.table, event.chain) in state.marks_seen:
                 return True
         hook = self._base_chain_hook(event)
-        # Hooks only move forward for one packet; going back means a new packet under a reused id.
-        return hook is not None and state.last_hook is not None and HOOK_RANK[hook] < HOOK_RANK[state.last_hook]
+        # Hooks of one family only move forward for one packet; going back means a new packet
+        # under a reused id. (Across families they may: a packet routed out through a bridge
+        # device passes the bridge's output hook after the IP postrouting hook.)
+        last = state.family_hooks.get(_hook_family(event.family))
+        return hook is not None and last is not None and HOOK_RANK[hook] < HOOK_RANK[last]
 
     def _base_chain_hook(self, event: TraceEvent) -> Optional[str]:
         if is_trace_table(event.table):
@@ -398,18 +418,40 @@ class PathBuilder:
             state.base_chain = event.chain
             path.observations.append(
                 HookObservation(state.hook, event.table, event.chain, event.packet, event.iif, event.oif,
-                                event.mark, event.ct, own)
+                                event.mark, event.ct, own, family=event.family)
             )
+            if state.hook is not None:
+                state.passed.add((_hook_family(event.family), state.hook))
+                state.family_hooks[_hook_family(event.family)] = state.hook
             if own and event.chain.startswith(MARK_CHAIN_PREFIX):
-                state.marks_seen.add((event.table, event.chain))
+                state.marks_seen.add((event.family, event.table, event.chain))
         elif event.mark and path.observations:
             path.observations[-1].mark = event.mark
         if not own:
             self._add_step(state, event)
-        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX) and state.hook in EXIT_HOOKS and event.type == "policy":
+        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX) and event.type == "policy" and self._through(state, event):
             state.finished = True
             path.complete = True
             path.verdict = "accept"
+
+    def _through(self, state: _PacketState, event: TraceEvent) -> bool:
+        """Whether netfilter is done with the packet once nftrace's observation chain at this
+        hook let it go: at input (delivered; from a bridge's port, up to the bridge device),
+        at egress, and at postrouting unless more chains wait on its way out: the bridge
+        hooks of a bridge device it is routed out through, br_netfilter's IP postrouting
+        hook after the bridge's, the egress chains of its device."""
+        hook = state.hook
+        if hook in ("input", "egress"):
+            return True
+        if hook != "postrouting":
+            return False
+        observation = state.path.observations[-1] if state.path.observations else None
+        oif = observation.oif if observation is not None else None
+        if oif in self.egress:
+            return False
+        if _hook_family(event.family) == "bridge":
+            return not (("inet", "forward") in state.passed and ("inet", "postrouting") not in state.passed)
+        return oif not in self.bridges or ("bridge", "postrouting") in state.passed
 
     def _enter_hook(self, state: _PacketState, hook: str) -> None:
         """Steps whose base chain was unknown to the snapshot ran on the hook entered next."""
@@ -509,14 +551,27 @@ class PathBuilder:
         elif not path.complete:
             path.incomplete_reason = "went idle"
         finalise_path(path, self.lookup)
-        if wait_for_loop and path.complete and path.verdict == "accept" and path.hooks[-1:] == ["postrouting"] \
-                and path.interface_index("oif") in self.loopback_ifindexes:
+        if wait_for_loop and path.complete and path.verdict == "accept" and (
+                (path.hooks[-1:] == ["postrouting"] and path.interface_index("oif") in self.loopback_ifindexes)
+                or _up_to_bridge_device(path)):
             last = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
             key = _header_key(last)
             self._looped[key] = (path, state.last_seen)
             self._looped.move_to_end(key)
             return []
         return [path]
+
+
+def _hook_family(family: str) -> str:
+    """The hooks a table's chains attach to: ip, ip6 and inet tables share the IP hooks."""
+    return "inet" if family in ("ip", "ip6", "inet") else family
+
+
+def _up_to_bridge_device(path: PacketPath) -> bool:
+    """A bridged frame whose path ended at the bridge's input hook: it goes on up the stack
+    of the bridge device itself, as a new trace id."""
+    last = path.observations[-1] if path.observations else None
+    return last is not None and last.family == "bridge" and last.hook == "input"
 
 
 def _header_key(packet: Optional[PacketHeaders]) -> tuple:
@@ -553,12 +608,17 @@ def deciding_accept(steps: list, lookup: Optional[RuleLookup] = None) -> Optiona
     telling chains (see accept_tier); among chains that filter, an accepting rule over a later
     policy (on a host with two firewalls, the other one's default lets through what this
     one's rule chose to)."""
-    accepting = [step for step in steps if step.verdict == "accept"]
+    return choose_accept([(step, accept_tier(step, lookup)) for step in steps if step.verdict == "accept"])
+
+
+def choose_accept(accepting: list) -> Optional[Step]:
+    """deciding_accept's choice among (step, accept_tier) pairs in path order: steps of
+    several namespaces each need their own namespace's ruleset for their tier."""
     if not accepting:
         return None
-    tiers = [accept_tier(step, lookup) for step in accepting]
-    best = [step for step, tier in zip(accepting, tiers) if tier == min(tiers)]
-    rules = [step for step in best if step.type == "rule"] if min(tiers) == 0 else []
+    lowest = min(tier for _, tier in accepting)
+    best = [step for step, tier in accepting if tier == lowest]
+    rules = [step for step in best if step.type == "rule"] if lowest == 0 else []
     return (rules or best)[-1]
 
 
@@ -643,6 +703,7 @@ __all__ = [
     "PathBuilder",
     "Step",
     "TERMINAL_VERDICTS",
+    "choose_accept",
     "deciding_accept",
     "finalise_path",
     "nat_rewrites",

@@ -188,7 +188,19 @@ class RulesetSnapshot:
 
     def ingress_devices(self) -> list[str]:
         """Interfaces with ingress chains of the ruleset: they act before prerouting."""
-        return sorted({device for chain in self.chains.values() if chain.hook == "ingress"
+        return self._devices_with("ingress")
+
+    def egress_devices(self) -> list[str]:
+        """Interfaces with egress chains of the ruleset: they act after postrouting."""
+        return self._devices_with("egress")
+
+    def has_base_chains(self, family: str) -> bool:
+        """Whether the ruleset (nftrace's own tables aside) has base chains of `family`."""
+        return any(chain.family == family and chain.is_base and not is_trace_table(chain.table)
+                   for chain in self.chains.values())
+
+    def _devices_with(self, hook: str) -> list[str]:
+        return sorted({device for chain in self.chains.values() if chain.hook == hook
                        and not is_trace_table(chain.table) for device in chain.devices})
 
     def trace_tables(self) -> Iterable[tuple[str, str]]:

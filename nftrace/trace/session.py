@@ -31,7 +31,7 @@ from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions
-from ..kernel.system import enter_namespace, interface_index, interface_names, require_net_admin
+from ..kernel.system import enter_namespace, interface_index, interface_links, interface_names, require_net_admin
 from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
 from ..iptables.xtnft import IptablesNftText
 
@@ -115,8 +115,10 @@ class TraceSession:
                     snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
                     if snapshot.ingress_devices():
                         table.mark_ingress(snapshot.ingress_devices())
+                    devices = self._follow_devices(table, snapshot)
                     self._iptables_nft = IptablesNftText.read(snapshot)
-                builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
+                builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds,
+                                            **(devices if plan.nft else {}))
                 self._near_misses = self._near_miss_annotator(nft if plan.nft else None, snapshot, plan)
                 try:
                     self._await_drop_watcher(drops)
@@ -135,6 +137,26 @@ class TraceSession:
                     if unmatched:
                         self.report.warnings.append(f"{unmatched} legacy TRACE lines belonged to no packet of this run "
                                                     "(packets traced by someone else's TRACE rules?)")
+
+    def _follow_devices(self, table: TraceTable, snapshot: RulesetSnapshot) -> dict:
+        """Bridged frames and egress chains: mark and observe them where the namespace has
+        them; the path builder needs their interfaces' indexes. Bridges are followed where
+        the ruleset has bridge chains: without, a bridged frame meets no chain of its own
+        (br_netfilter's IP hooks mark and trace it as any packet)."""
+        links = interface_links()
+        bridges = frozenset(link.index for link in links if link.kind == "bridge") \
+            if snapshot.has_base_chains("bridge") else frozenset()
+        if bridges:
+            try:
+                table.mark_bridges()
+            except KernelError as err:
+                bridges = frozenset()
+                self.report.warnings.append(f"bridged frames are not traced: the kernel has no nftables bridge "
+                                            f"family ({err})")
+        egress = snapshot.egress_devices()
+        table.mark_egress(egress)
+        return {"bridges": bridges,
+                "egress": frozenset(link.index for link in links if link.name in egress)}
 
     def _plan(self) -> tuple[Optional[NftContext], BackendPlan]:
         """nftables where it works and is wanted; legacy tables of the flow's family where they exist."""
@@ -304,7 +326,7 @@ class TraceSession:
                     elif isinstance(item, EventsLost):
                         builder.mark_loss()
                     elif isinstance(item, TableDeleted) and item.name == table.name:
-                        table.installed = False
+                        table.forget()
                         raise TraceTableGone(f"nftrace's table inet {table.name} was deleted by someone else; stopping")
                 if monitor.drained:  # reads come in batches: a backlog may still be queued
                     builder.socket_drained()
