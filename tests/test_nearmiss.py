@@ -549,3 +549,14 @@ def test_colour_marks_the_verdict_the_deciding_rule_and_the_crosses_without_chan
     assert "\033[32m✓ tcp dport 8080\033[0m" in coloured
     import re
     assert re.sub(r"\033\[[0-9;]*m", "", coloured) == plain
+
+
+def test_a_chain_that_dropped_the_packet_before_its_hook_was_observed_sees_the_headers_of_the_hook_before():
+    book = RuleBook()
+    book.add_legacy("ip", parse_save(LEGACY))
+    steps = [legacy_step("FORWARD", 1, "jump", target="LAN"), legacy_step("LAN", None, "return", "return", depth=1),
+             legacy_step("FORWARD", None, "drop", "policy")]
+    prerouting = observation(hook="prerouting", chain="mark_prerouting", oif=None)
+    prerouting.own = True
+    found = find_near_misses(path(steps, [prerouting]), book, INTERFACES)
+    assert [(n.chain, n.rule_number) for n in found] == [("LAN", 1), ("FORWARD", 2)]

@@ -53,6 +53,8 @@ def namespace_facts(netns: str) -> tuple[RuleBook, set, set]:
 def _values(wanted: str, near_miss: dict, book: RuleBook) -> list:
     """The values a wanted text stands for: `{ 22, 80 }`, `@set`, `10.0.0.0/24`, `1000-2000`, `"lan0"`."""
     wanted = wanted.strip()
+    if near_miss["backend"] == "iptables-legacy":  # iptables' lists: 22,443 and 8000:8100
+        return [part.replace(":", "-") for part in wanted.split(",")]
     if wanted.startswith("@"):
         elements = book.set_elements(near_miss["family"], near_miss["table"], wanted[1:]) or []
         return [_element_value(element) for element in elements]
@@ -151,11 +153,24 @@ def _position(packet: dict, family: str, table: str, chain: str, handle) -> Opti
     return None
 
 
+def rewritten_by_nat(answer: dict, field: Optional[str]) -> bool:
+    """Whether NAT rewrote the side of the packet that `field` tests: then the packet at the
+    near miss's hook is not the flow as given, and no flow option can change it there."""
+    sides = {change["field"] for change in answer.get("nat", [])}
+    if field is None:
+        return False
+    tests_source = "saddr" in field or "sport" in field
+    tests_destination = "daddr" in field or "dport" in field
+    return (tests_source and "src" in sides) or (tests_destination and "dst" in sides)
+
+
 def proof_problems(netns: str, args: list, answer: dict, book: RuleBook, local: set, interfaces: set) -> tuple:
     """(proofs made, problems) for every one-expression near miss of an answer."""
     proofs, problems = 0, []
     for near_miss in answer.get("near_misses", []):
-        if len(near_miss["mismatches"]) != 1 or near_miss["unknown"] or near_miss["backend"] != "nft":
+        if len(near_miss["mismatches"]) != 1 or near_miss["unknown"]:
+            continue
+        if rewritten_by_nat(answer, near_miss["mismatches"][0]["field"]):
             continue
         if proofs >= MAX_PROOFS_PER_FLOW:
             break
@@ -167,19 +182,22 @@ def proof_problems(netns: str, args: list, answer: dict, book: RuleBook, local: 
             continue
         decided = after.get("decided_by") or {}
         proofs += 1
-        rule = (near_miss["family"], near_miss["table"], near_miss["chain"], near_miss["handle"])
-        got = (decided.get("family"), decided.get("table"), decided.get("chain"), decided.get("handle"))
+        # A legacy rule has no handle: its position names it.
+        name = "handle" if near_miss["backend"] == "nft" else "rule_number"
+        rule = (near_miss["family"], near_miss["table"], near_miss["chain"], near_miss[name])
+        got = (decided.get("family"), decided.get("table"), decided.get("chain"), decided.get(name))
         if near_miss["target"]:
-            wanted_rule = near_miss["decided_in"]
-            got_text = f"{got[0]} {got[1]} {got[2]} rule handle {got[3]}: {decided.get('text')}"
-            if after.get("verdict") == near_miss["verdict"] and got_text == wanted_rule:
+            # decided_in: `inet fw web rule handle 20: ...` or `iptables filter LAN rule 1: ...`
+            where = f"{decided.get('chain')} rule {'handle ' if name == 'handle' else ''}{got[3]}:"
+            if after.get("verdict") == near_miss["verdict"] and f" {where}" in near_miss["decided_in"]:
                 continue
         elif got == rule and after.get("verdict") == near_miss["verdict"]:
             continue
         # Shadowed: the change made a rule match that the kernel evaluates before the near miss.
         steps = after.get("steps", [])
-        if decided and decided.get("type") == "rule" and decided.get("hook") == near_miss["hook"] \
-                and decided.get("table") == near_miss["table"] and _earlier_in_chain(book, decided, near_miss):
+        if near_miss["backend"] == "nft" and decided and decided.get("type") == "rule" \
+                and decided.get("hook") == near_miss["hook"] and decided.get("table") == near_miss["table"] \
+                and _earlier_in_chain(book, decided, near_miss):
             continue
         problems.append(f"{' '.join(changed)}: near miss {near_miss['text']!r} ({near_miss['mismatches'][0]['reason']})"
                         f" but the kernel: {after.get('summary')} [{len(steps)} steps]")

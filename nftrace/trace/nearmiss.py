@@ -41,6 +41,9 @@ from typing import Callable, Iterable, Optional, Protocol
 
 from .matching import Condition, PacketView, RuleEvaluation
 
+HOOK_RANK = {hook: rank for rank, hook in enumerate(("ingress", "prerouting", "input", "forward", "output",
+                                                     "postrouting", "egress"))}
+
 # How deep a hypothetical jump is followed (the kernel allows 16 levels).
 MAX_JUMP_DEPTH = 16
 # Fates that a near miss can change, and the verdicts that change them.
@@ -269,17 +272,24 @@ def _runs(path) -> list:
     return runs
 
 
-def _observation_for(path, run: _Run):
-    """The observation the run's base chain made (its own headers), else the hook's latest."""
-    best = None
+def _observation_for(path, run: _Run) -> tuple:
+    """(observation, same hook): the one the run's base chain made (its own headers), else the
+    hook's latest, else the latest of an earlier hook (a chain that dropped the packet before
+    nftrace's observation chain, with no event of its own: a legacy iptables chain)."""
+    best = earlier = None
+    rank = HOOK_RANK.get(run.hook or "", -1)
     for observation in path.observations:
-        if observation.hook != run.hook or observation.packet is None:
+        if observation.packet is None:
+            continue
+        if observation.hook != run.hook:
+            if HOOK_RANK.get(observation.hook or "", 99) < rank:
+                earlier = observation
             continue
         if observation.table == run.table and observation.chain == run.chain:
-            return observation
+            return observation, True
         if not observation.own or best is None:
             best = observation
-    return best
+    return (best, True) if best is not None else (earlier, False)
 
 
 class _Finder:
@@ -291,10 +301,17 @@ class _Finder:
         self.found: list = []
 
     def view(self, run: _Run) -> Optional[PacketView]:
-        observation = _observation_for(self.path, run)
+        observation, same_hook = _observation_for(self.path, run)
         if observation is None:
             return None
-        return packet_view(observation, self.interfaces, self.conntrack_reported)
+        view = packet_view(observation, self.interfaces, self.conntrack_reported)
+        if not same_hook:
+            # Seen at an earlier hook: routing may have chosen the output interface since; the
+            # headers, the input side and the conntrack state (confirmed only when the packet
+            # leaves netfilter) hold.
+            oifname = "" if run.hook in ("prerouting", "input", "ingress") else None
+            view = replace(view, hook=run.hook, oifname=oifname)
+        return view
 
     def walk_run(self, run: _Run, wanted: str) -> None:
         """Walk the run's chains as the kernel did, the steps saying which rules matched."""
