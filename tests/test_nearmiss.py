@@ -477,7 +477,7 @@ class CountingNft:
         self.document = document
         self.listings = 0
 
-    def run(self, command, **options):
+    def list_ruleset(self, **options):
         self.listings += 1
         return self.document
 

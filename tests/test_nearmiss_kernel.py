@@ -15,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import json
-import subprocess
 from typing import Optional
 
 import pytest

@@ -16,15 +16,14 @@ same datagram costs one evaluation, not one per packet.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 from collections import OrderedDict
 from typing import Callable, Optional
 
-from ..errors import KernelError, NftraceError
+from ..errors import NftraceError
 from ..iptables.legacy import read_legacy_ruleset
+from ..kernel import runner
 from ..iptables.xtmatch import parse_ipset_save
 from .nearmiss import find_near_misses
 from .rulebook import RuleBook
@@ -53,8 +52,8 @@ class LiveRuleBook:
     iptables-nft rule; `legacy_families` the families whose legacy tables are traced.
     """
 
-    def __init__(self, nft_listing: Optional[Callable[[], dict]], nft_text: Optional[Callable] = None, iptables_form: Optional[Callable] = None,
-                 legacy_families: tuple = (), clock: Callable[[], float] = time.monotonic,
+    def __init__(self, nft_listing: Optional[Callable[[], dict]], nft_text: Optional[Callable] = None,
+                 iptables_form: Optional[Callable] = None, legacy_families: tuple = (), clock: Callable[[], float] = time.monotonic,
                  ipsets: Optional[Callable[[], dict]] = None):
         self.nft_listing = nft_listing
         self.nft_text = nft_text
@@ -103,17 +102,9 @@ def read_nft_json(nft) -> dict:
     """
     command = shutil.which("nft")
     if command is None:
-        text = nft.run("list ruleset", json_output=True, handles=True)
+        text = nft.list_ruleset(json=True)
     else:
-        try:
-            result = subprocess.run([command, "-j", "-a", "list", "ruleset"], capture_output=True, text=True,
-                                    stdin=subprocess.DEVNULL, timeout=60, env=dict(os.environ, LC_ALL="C"))
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise KernelError(f"nft -j list ruleset: {err}") from None
-        if result.returncode != 0:
-            lines = (result.stderr or "").strip().splitlines()
-            raise KernelError(f"nft -j list ruleset failed: {lines[0] if lines else 'exit ' + str(result.returncode)}")
-        text = result.stdout
+        text = runner.run([command, "-j", "-a", "list", "ruleset"], timeout=60, what="nft -j list ruleset").stdout
     return json.loads(text or '{"nftables": []}')
 
 
@@ -123,9 +114,8 @@ def read_ipsets() -> dict:
     if command is None:
         return {}
     try:
-        result = subprocess.run([command, "save"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                timeout=30, env=dict(os.environ, LC_ALL="C"))
-    except (OSError, subprocess.TimeoutExpired):
+        result = runner.run([command, "save"], check=False)
+    except runner.CommandFailed:
         return {}
     return parse_ipset_save(result.stdout) if result.returncode == 0 else {}
 
