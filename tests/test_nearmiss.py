@@ -486,7 +486,7 @@ def test_the_ruleset_is_read_once_for_many_packets_and_again_after_it_changed():
     import json
     nft = CountingNft(json.dumps({"nftables": [{"rule": {"family": "inet", "table": "fw", "chain": "forward",
                                                          "handle": 9, "expr": ISSUE_RULE}}]}))
-    annotator = NearMissAnnotator(LiveRuleBook(lambda: json.loads(nft.run("list ruleset")), ipsets=dict), INTERFACES)
+    annotator = NearMissAnnotator(LiveRuleBook(lambda: json.loads(nft.list_ruleset(json=True)), ipsets=dict), INTERFACES)
     for _ in range(3):
         packet = path([policy_drop()])
         annotator.annotate(packet)
