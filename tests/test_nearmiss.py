@@ -560,3 +560,12 @@ def test_a_chain_that_dropped_the_packet_before_its_hook_was_observed_sees_the_h
     prerouting.own = True
     found = find_near_misses(path(steps, [prerouting]), book, INTERFACES)
     assert [(n.chain, n.rule_number) for n in found] == [("LAN", 1), ("FORWARD", 2)]
+
+
+def test_a_rule_only_the_connections_state_kept_from_matching_ranks_after_one_the_flow_missed():
+    book = ruleset(("chain", "forward"),
+                   ("rule", "forward", 7, [match(ct("state"), ["established", "related"], "in"), ACCEPT]),
+                   ("rule", "forward", 8, [match(meta("iif"), "lo"), ACCEPT]),
+                   ("rule", "forward", 9, [match(payload("tcp", "dport"), 8443), ACCEPT]))
+    found = find_near_misses(path([policy_drop()]), book, INTERFACES)
+    assert [n.handle for n in found] == [9, 7, 8]

@@ -28,8 +28,10 @@ socket, fib, meta time, ...): never guessed. A candidate whose expressions all m
 (the evaluation disagrees with the kernel, e.g. state that changed between the packet and
 the listing) is left out rather than explained wrongly.
 
-Ranking: fewest failed expressions first, then fewest unknown ones, then the most that
-matched (a rule that fits the packet but for its source is closer than a bare `iif "lo"`),
+Ranking: fewest failed expressions first, then fewest unknown ones, then rules that the flow's
+own values missed before those that want another protocol or family, and those before the
+ones that only the packet's circumstances kept from matching (conntrack state, loopback), then
+the most that matched (a rule that fits the packet but for its source is closer than a bare `iif "lo"`),
 then path order.
 """
 
@@ -65,7 +67,9 @@ class Mismatch:
     `meta mark`, ...) — the same words for nft and iptables rules.
     `set_name`: the named set (nft) or ipset (iptables) looked up; for a fix, the packet's
     value goes there. `negated`: the expression was `!=` / `!` (the packet's value is the
-    one excluded). `reason`: the explanation in one line.
+    one excluded). `reason`: the explanation in one line. `other_protocol`: the packet has no
+    such field (a tcp port of a udp packet, an IPv4 address of an IPv6 one): no value of the
+    flow's would match, only another kind of packet.
     """
 
     expr: str
@@ -76,10 +80,12 @@ class Mismatch:
     wanted: Optional[str] = None
     negated: bool = False
     reason: str = ""
+    other_protocol: bool = False
 
     def to_json(self) -> dict:
         return {"expr": self.expr, "packet": self.packet, "first": self.first, "field": self.field,
-                "set_name": self.set_name, "wanted": self.wanted, "negated": self.negated, "reason": self.reason}
+                "set_name": self.set_name, "wanted": self.wanted, "negated": self.negated, "reason": self.reason,
+                "other_protocol": self.other_protocol}
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,7 @@ def mismatches_from(evaluation: RuleEvaluation) -> tuple:
         elif condition.matched is False:
             found.append(Mismatch(condition.expr, condition.packet or "?", not first_done, condition.field,
                                   condition.set_name, condition.wanted, condition.negated,
-                                  describe_mismatch(condition)))
+                                  describe_mismatch(condition), condition.other_protocol))
             first_done = True
     return tuple(found)
 
@@ -445,7 +451,24 @@ def find_near_misses(path, book: RuleBook, interfaces: dict) -> list:
         for run in runs:
             finder.walk_run(run, wanted)
     order = {id(item): index for index, item in enumerate(finder.found)}
-    return sorted(finder.found, key=lambda item: (item.failed, len(item.unknown), -len(item.matched), order[id(item)]))
+    return sorted(finder.found, key=lambda item: (item.failed, len(item.unknown), _remoteness(item),
+                                                  -len(item.matched), order[id(item)]))
+
+
+# What a packet brings with it from elsewhere: its connection's state, the loopback interface.
+STATE_FIELDS = frozenset({"ct state", "ct status", "ct direction"})
+LOOPBACK_NAMES = frozenset({'"lo"', "lo"})
+
+
+def _remoteness(near_miss: NearMiss) -> int:
+    """0: the flow's own values missed (another address, port, interface would match);
+    1: a failed expression wants another protocol or address family; 2: only the packet's
+    circumstances kept the rule from matching (`ct state established,related accept`,
+    `iif "lo" accept`): such rules need another packet, not another rule, so they rank last."""
+    mismatches = near_miss.mismatches
+    if mismatches and all(m.field in STATE_FIELDS or m.wanted in LOOPBACK_NAMES for m in mismatches):
+        return 2
+    return 1 if any(m.other_protocol for m in mismatches) else 0
 
 
 def renumber(near_misses: Iterable[NearMiss], handles: Callable[[NearMiss], Optional[int]]) -> list:
