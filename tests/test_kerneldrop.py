@@ -272,7 +272,7 @@ def test_packet_that_vanished_after_prerouting_is_closed_by_its_drop():
     assert [path.trace_id for path in closed] == [0x51]
     ready = correlator.hold(closed, now=20.01)
     path = ready[0]
-    assert (path.complete, path.verdict, path.decided_by, path.incomplete_reason) == (True, "drop", None, None)
+    assert (path.complete, path.verdict, path.decided_by, path.incomplete_reason) == (True, "accept", None, None)
     assert path.kernel_drop["reason"] == "IP_RPFILTER"
     assert "r-client" in path.kernel_drop["explain"]
     assert summary(path).startswith("no rule dropped it: it passed every chain up to prerouting, "

@@ -34,7 +34,7 @@ from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions, UndoStack
 from ..kernel.system import enter_namespace, interface_index, interface_links, interface_names, require_net_admin
-from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
+from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, nat_hooks, remove_leftover_tables
 from ..iptables.xtnft import IptablesNftText
 
 COMMAND_GRACE_SECONDS = 0.5
@@ -53,6 +53,7 @@ class TraceOptions:
     rcvbuf: Optional[int] = None  # None: sized from max_rate, or NFTRACE_RCVBUF (rcvbuf.py)
     drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
+    counted: bool = False  # count matched and traced packets in the trace table (`drops`)
 
 
 def prepare_namespace(options: TraceOptions) -> None:
@@ -101,6 +102,10 @@ class TraceSession:
         self._correlator: Optional[DropCorrelator] = None
         self._iptables_nft: Optional[IptablesNftText] = None
         self._near_misses: Optional[NearMissAnnotator] = None
+        self._table: Optional[TraceTable] = None
+
+    def _finishing(self, table: Optional[TraceTable]) -> None:
+        """Called once the trace is over, while the trace table is still in (for its counters)."""
 
     def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
             on_batch: Optional[Callable[[], None]] = None) -> None:
@@ -127,7 +132,8 @@ class TraceSession:
                     # Listening before anything sets the trace bit: no TRACE line is missed.
                     legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
                 if plan.nft:
-                    table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
+                    table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate, counted=options.counted))
+                    self._table = table
                     if table.owner_warning:
                         self.report.warnings.append(table.owner_warning)
                     monitor.watch_ruleset()
@@ -135,6 +141,7 @@ class TraceSession:
                     if snapshot.ingress_devices():
                         table.mark_ingress(snapshot.ingress_devices())
                     devices = self._follow_devices(table, snapshot)
+                    table.observe(nat_hooks(snapshot, legacy_nat=self._legacy_nat(legacy)))
                     self._iptables_nft = IptablesNftText.read(snapshot)
                 builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds,
                                             **(devices if plan.nft else {}))
@@ -148,6 +155,7 @@ class TraceSession:
                     self._loop(run)
                 finally:
                     self._stop_command()
+                    self._finishing(table)
                     self.report.lost_events = ((monitor.dropped_messages() or monitor.overruns) if monitor else 0) + (
                         legacy.lost_messages() if legacy else 0)
                     if self.report.lost_events:
@@ -190,6 +198,10 @@ class TraceSession:
         plan = plan_backend(choice, self.options.flow, problem, legacy_tables(self.options.flow.nft_family),
                             self.report.warnings)
         return nft, plan
+
+    @staticmethod
+    def _legacy_nat(legacy: Optional[LegacyTracing]) -> bool:
+        return legacy is not None and "nat" in legacy.tables()
 
     def _near_miss_annotator(self, nft, snapshot, plan: BackendPlan) -> NearMissAnnotator:
         """Near misses read the ruleset when the first answer needs them, never before."""
@@ -261,6 +273,8 @@ class TraceSession:
     def _deliver(self, run: "_Run", paths: list, held: bool = False) -> None:
         """Hand finished paths to the caller, up to --count; a path netfilter accepted waits
         (held by the correlator) for a kernel drop that would change its answer."""
+        if not paths:
+            return  # most events finish no packet: nothing to hold, nothing to release
         correlator = self._correlator
         if correlator is not None and not held:
             paths = correlator.hold(paths, time.monotonic())
@@ -316,6 +330,7 @@ class TraceSession:
             elif isinstance(item, RulesetChanged):
                 run.snapshot.refresh(run.nft.list_ruleset())
                 self._iptables_nft = IptablesNftText.read(run.snapshot)
+                run.table.observe(nat_hooks(run.snapshot, legacy_nat=self._legacy_nat(run.legacy)))
                 if self._near_misses is not None:
                     self._near_misses.invalidate()
             elif isinstance(item, TableDeleted) and item.name == run.table.name:
