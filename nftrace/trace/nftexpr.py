@@ -484,7 +484,14 @@ def evaluate_match(match: dict, view: PacketView, sets: SetElements, family: str
     if found is None:
         return Condition(expr, None, field, shown, wanted, set_name)
     result = (not found) if negated else found
-    return Condition(expr, result, field, shown, wanted, set_name, negated)
+    several = set_name is not None or (isinstance(right, dict) and any(k in right for k in ("set", "prefix", "range")))
+    if negated:
+        reason = f"{field} {shown} is excluded by {expr}"
+    elif kind == "flags" and isinstance(right, list) and len(right) > 1:
+        reason = f"{field} {shown} is none of {wanted}"
+    else:
+        reason = f"{field} {shown} is {'not in' if several else 'not'} {wanted}"
+    return Condition(expr, result, field, shown, wanted, set_name, negated, reason)
 
 
 def rule_conditions(exprs: list, view: PacketView, sets: SetElements, family: str, table: str) -> list:
