@@ -150,6 +150,7 @@ class PacketPath:
     netns: Optional[str] = None  # the namespace this path (or part of a path) ran in
     # A packet traced across namespaces: its part in each, in the order it met them (crossing.py).
     segments: list = field(default_factory=list)
+    interfaces: Optional[dict] = None  # ifindex -> name in a segment's namespace (None: the run's own)
     # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
     # filled in when the answer is delivered, not on the event path.
     near_misses: list = field(default_factory=list)
