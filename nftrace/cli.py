@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from .errors import InputError, NftraceError
-from .signals import Interrupted
+from .signals import Interrupted, SignalsAsExceptions, cleanup_failures
 
 app = typer.Typer(
     add_completion=False,
@@ -25,14 +25,28 @@ app = typer.Typer(
 )
 
 EXIT_NO_PACKET = 3
-EXIT_INTERRUPTED = 130
 EXIT_BUG = 70  # EX_SOFTWARE: an exception nftrace did not expect
 TRACEBACK_ENV = "NFTRACE_TRACEBACK"  # =1: print a bug's traceback too
 
 
+def _say(err: BaseException, line: str) -> None:
+    """The one line, then what went wrong too while nftrace undid its changes (if anything)."""
+    typer.echo(f"nftrace: {line}", err=True)
+    for note in cleanup_failures(err):
+        typer.echo(f"nftrace: {note}", err=True)
+
+
 def _fail(err: NftraceError) -> None:
-    typer.echo(f"nftrace: {err}", err=True)
+    _say(err, str(err))
     raise typer.Exit(err.exit_code)
+
+
+def _stopped(stop: BaseException, done: Optional[str] = None) -> int:
+    """What a stop signal ends with: its line (and what was undone first) and its exit status."""
+    signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+    line = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    _say(stop, f"{line}; {done}" if done else line)
+    return 128 + signum
 
 
 def _ctrl_c_is_one_line(command):
@@ -147,14 +161,10 @@ def why(
     except NftraceError as err:
         if not (stream and stream.started):
             _fail(err)
-        typer.echo(f"nftrace: {err}", err=True)
+        _say(err, str(err))
         exit_code = err.exit_code
-    except KeyboardInterrupt:
-        typer.echo("nftrace: interrupted; trace rules removed", err=True)
-        exit_code = EXIT_INTERRUPTED
-    except Interrupted as stop:
-        typer.echo(f"nftrace: stopped by {signal.Signals(stop.signum).name}; trace rules removed", err=True)
-        exit_code = 128 + stop.signum
+    except (KeyboardInterrupt, Interrupted) as stop:
+        exit_code = _stopped(stop, "trace rules removed")
     if stream:
         stream.finish()
     else:
@@ -234,7 +244,8 @@ def lab_up(
     lab = _lab(ctx, "up", prefix)
     try:
         require_root()
-        done = lab.up(find_scenario(scenario or DEFAULT_SCENARIO), listen_seconds=listen_seconds or LISTEN_SECONDS)
+        with SignalsAsExceptions():
+            done = lab.up(find_scenario(scenario or DEFAULT_SCENARIO), listen_seconds=listen_seconds or LISTEN_SECONDS)
         status = lab.status()
     except NftraceError as err:
         _fail(err)
@@ -252,7 +263,8 @@ def lab_down(
     """Remove everything `lab up` made: listeners, namespaces, state."""
     lab = _lab(ctx, "down", prefix)
     try:
-        removed = lab.down()
+        with SignalsAsExceptions():
+            removed = lab.down()
     except NftraceError as err:
         _fail(err)
     for item in removed:
@@ -328,8 +340,7 @@ def test_command(
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, metavar="SEC", help="Give up on a flow after SEC seconds."),
 ):
     """Firewall regression tests: every flow a dry run; exit 1 if any verdict or deciding rule differs."""
-    from .errors import InputError
-    from .dryrun.testing import load_all, render_table, run_files, junit_xml
+    from .dryrun.testing import load_all, render_table, junit_xml
 
     netns = ctx.obj["netns"]
     try:
@@ -338,20 +349,11 @@ def test_command(
         if current and ruleset_file is not None:
             raise InputError("--current and --ruleset exclude each other")
         expectation_files = load_all(files)
-        if lab:
-            from .lab.topology import Topology
-            from .dryrun.sandbox import sandbox_name
-
-            topology = Topology(f"{sandbox_name()}-lab")
-            try:
-                topology.up()
-                results = run_files(expectation_files, topology.router, ruleset=ruleset_file,
-                                    ruleset_kind=ruleset_kind, current=current, timeout=timeout)
-            finally:
-                topology.down()
-        else:
-            results = run_files(expectation_files, netns, ruleset=ruleset_file, ruleset_kind=ruleset_kind,
-                                current=current, timeout=timeout)
+    except NftraceError as err:
+        _fail(err)
+    try:
+        with SignalsAsExceptions():
+            results = _run_tests(expectation_files, netns, lab, ruleset_file, ruleset_kind, current, timeout)
         if junit is not None:
             try:
                 junit.write_text(junit_xml(results))
@@ -361,6 +363,25 @@ def test_command(
         _fail(err)
     typer.echo(render_table(results))
     raise typer.Exit(0 if all(result.passed for result in results) else 1)
+
+
+def _run_tests(expectation_files, netns, lab, ruleset_file, ruleset_kind, current, timeout) -> list:
+    """Every flow of every file, in a copy of the namespace or of a fresh lab router."""
+    from .dryrun.testing import run_files
+    from .signals import UndoStack
+
+    if lab:
+        from .lab.topology import Topology
+        from .dryrun.sandbox import sandbox_name
+
+        with UndoStack() as undo:
+            topology = Topology(f"{sandbox_name()}-lab")
+            undo.callback(topology.down)
+            topology.up()
+            return run_files(expectation_files, topology.router, ruleset=ruleset_file, ruleset_kind=ruleset_kind,
+                             current=current, timeout=timeout)
+    return run_files(expectation_files, netns, ruleset=ruleset_file, ruleset_kind=ruleset_kind, current=current,
+                     timeout=timeout)
 
 
 def report_bug(err: Exception) -> str:
@@ -388,24 +409,24 @@ def report_bug(err: Exception) -> str:
 def run() -> None:
     """Entry point: every ending is one line on stderr at most. Usage errors exit 2 like every
     other bad input; Ctrl-C 130 wherever it comes; an unexpected exception, a bug, exits 70
-    with its traceback in a file, after every `finally` has undone what the run changed."""
-    from typer._click.exceptions import ClickException
+    with its traceback in a file, after every `finally` has undone what the run changed.
 
-    try:
-        result = app(standalone_mode=False)
-    except ClickException as err:
-        typer.echo(f"nftrace: {err.format_message()}", err=True)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("nftrace: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except Interrupted as stop:
-        typer.echo("nftrace: interrupted" if stop.signum == signal.SIGINT
-                   else f"nftrace: stopped by {signal.Signals(stop.signum).name}", err=True)
-        sys.exit(128 + stop.signum)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except Exception as err:  # noqa: BLE001 - a bug: one line, not a screen of traceback
-        typer.echo(report_bug(err), err=True)
-        sys.exit(EXIT_BUG)
-    sys.exit(result if isinstance(result, int) else 0)
+    Stop signals are exceptions from here to the exit, and only the first one counts: a second
+    one while the first one's cleanup or exit message is under way changes nothing.
+    """
+    with SignalsAsExceptions(until_exit=True):
+        try:
+            result = app(standalone_mode=False)
+        except typer.TyperException as err:  # usage errors (typer >= 0.28 derives them all from it)
+            typer.echo(f"nftrace: {err.format_message()}", err=True)
+            sys.exit(2)
+        except (typer.Abort, KeyboardInterrupt, Interrupted) as stop:
+            sys.exit(_stopped(stop))
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
+        except Exception as err:  # noqa: BLE001 - a bug: one line, not a screen of traceback
+            typer.echo(report_bug(err), err=True)
+            for note in cleanup_failures(err):
+                typer.echo(f"nftrace: {note}", err=True)
+            sys.exit(EXIT_BUG)
+        sys.exit(result if isinstance(result, int) else 0)

@@ -7,13 +7,9 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import InputError
+from .protocols import PORT_PROTOCOLS, PROTOCOL_NUMBERS
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-# IANA protocol numbers, as they appear in the IP header.
-PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
-PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
-PORT_PROTOCOLS = ("tcp", "udp", "sctp")
 IFNAMSIZ = 16
 
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from conftest import REPO, nftrace, unique_name
-from nftrace.lab.topology import Topology, in_netns
+from conftest import REPO, lab_topology, nftrace
+from nftrace.lab.topology import in_netns
 from nftrace.dryrun.sandbox import NETNS_RUN_DIR, SANDBOX_PREFIX, load_ruleset_file, read_candidate
 
 pytestmark = pytest.mark.kernel
@@ -35,13 +35,8 @@ table inet candidate {
 
 @pytest.fixture(scope="module")
 def router():
-    topology = Topology(unique_name("dcli"))
-    topology.up()
-    try:
-        load_ruleset_file(topology.router, read_candidate(ROUTER_RULESET))
+    with lab_topology("dcli", lambda topo: load_ruleset_file(topo.router, read_candidate(ROUTER_RULESET))) as topology:
         yield topology.router
-    finally:
-        topology.down()
 
 
 def all_sandboxes() -> set:

@@ -477,7 +477,7 @@ class CountingNft:
         self.document = document
         self.listings = 0
 
-    def run(self, command, **options):
+    def list_ruleset(self, **options):
         self.listings += 1
         return self.document
 
@@ -498,7 +498,7 @@ def test_the_ruleset_is_read_once_for_many_packets_and_again_after_it_changed():
 
 def test_a_ruleset_that_cannot_be_read_leaves_the_answer_alone_and_warns_once():
     class Broken:
-        def run(self, command, **options):
+        def list_ruleset(self, **options):
             from nftrace.errors import KernelError
             raise KernelError("nft: permission denied")
 

@@ -15,9 +15,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from ..flow import PROTOCOL_NAMES
+from ..protocols import PORT_PROTOCOL_NUMBERS, endpoint_text, protocol_name
 from ..trace.paths import PacketPath
-from .reasons import PORT_PROTOCOLS, KernelDrop, explain
+from .reasons import KernelDrop, explain
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
 # some time later. So a drop may precede the first reading by that delay (EARLY), and follows
@@ -49,7 +49,7 @@ class PacketSignature:
             packet = observation.packet
             if packet is None:
                 continue
-            ports = packet.proto in PORT_PROTOCOLS
+            ports = packet.proto in PORT_PROTOCOL_NUMBERS
             key = (packet.src, packet.dst, packet.proto, packet.sport if ports else None, packet.dport if ports else None)
             if key not in headers:
                 headers.append(key)
@@ -71,11 +71,6 @@ class PacketSignature:
         if drop.time < self.first_seen:
             return self.first_seen - drop.time
         return max(0.0, drop.time - self.last_seen)
-
-
-def _endpoint(address, port: Optional[int]) -> str:
-    text = f"[{address}]" if address is not None and address.version == 6 and port else str(address)
-    return f"{text}:{port}" if port else text
 
 
 def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS):
@@ -264,7 +259,7 @@ class DropCorrelator:
     def _late(self, signature: PacketSignature, drop: KernelDrop) -> None:
         iif = self.interfaces.get(signature.iif) if signature.iif else None
         src, dst, proto, sport, dport = signature.headers[0]
-        packet = f"{_endpoint(src, sport)} → {_endpoint(dst, dport)} {PROTOCOL_NAMES.get(proto, proto)}"
+        packet = f"{endpoint_text(src, sport)} → {endpoint_text(dst, dport)} {protocol_name(proto)}"
         self.notes.append(
             f"the kernel dropped packet {packet} (trace id {signature.trace_id:08x}) after its answer was given: "
             f"{drop.reason} at {drop.location} — {explain(drop, iif)}"

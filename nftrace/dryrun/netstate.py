@@ -18,13 +18,13 @@ import json
 import re
 import socket
 import struct
-import subprocess
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ..errors import EnvironmentProblem
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import call_in_namespace, thread_proc_net
+from ..kernel.runner import bridge_argv, ip_argv, netns_exec_argv, run, run_all
+from ..protocols import iptables_command
 
 # -- the sysctls that decide forwarding and drops ---------------------------------------
 # Paths under /proc/sys/net. Order matters when writing: a global switch first (writing
@@ -466,40 +466,6 @@ def sandbox_table_text(block: TableBlock) -> tuple[str, list[str]]:
 # -- reading a namespace --------------------------------------------------------------------
 
 
-def _ip(netns: Optional[str], *args: str) -> list[str]:
-    return ["ip", *(["-n", netns] if netns else []), *args]
-
-
-def _bridge(netns: Optional[str], *args: str) -> list[str]:
-    return ["bridge", *(["-n", netns] if netns else []), *args]
-
-
-def _in_netns(netns: Optional[str], *args: str) -> list[str]:
-    return ["ip", "netns", "exec", netns, *args] if netns else list(args)
-
-
-def _run_all(commands: dict, allowed_to_fail: Sequence[str] = ()) -> dict:
-    """Start every command at once (they only read), then collect their output."""
-    started = {}
-    try:
-        for key, argv in commands.items():
-            started[key] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                            stdin=subprocess.DEVNULL)
-    except FileNotFoundError as err:
-        for process in started.values():
-            process.kill()
-            process.wait()
-        raise EnvironmentProblem(f"{err.filename} is not installed (apt-get install iproute2)") from None
-    results = {}
-    for key, process in started.items():
-        out, err = process.communicate(timeout=60)
-        if process.returncode != 0 and key not in allowed_to_fail:
-            message = next((line.strip() for line in (err or out).splitlines() if line.strip()), "failed")
-            raise EnvironmentProblem(f"{' '.join(commands[key])}: {message}")
-        results[key] = out if process.returncode == 0 else ""
-    return results
-
-
 def sysctl_paths(interface_names: Sequence[str]) -> list[str]:
     """The sysctls to copy, in the order they must be written."""
     paths = [f"ipv4/{key}" for key in IPV4_GLOBAL] + [f"ipv6/{key}" for key in IPV6_GLOBAL]
@@ -529,30 +495,30 @@ def _read_inside(paths: Sequence[str]) -> dict:
             except FileNotFoundError:
                 continue  # IPv6 disabled
     legacy = {}
-    for tool, names in (("iptables", "ip_tables_names"), ("ip6tables", "ip6_tables_names")):
+    for tool, names in ((iptables_command(4), "ip_tables_names"), (iptables_command(6), "ip6_tables_names")):
         try:
             with open(thread_proc_net(names)) as handle:
                 legacy[tool] = handle.read().split()
         except FileNotFoundError:
             legacy[tool] = []  # module not loaded: no legacy table anywhere
     nft = NftContext()
-    listing = nft.run("list ruleset", handles=True)
+    listing = nft.list_ruleset(state=True)
     return {"sysctls": sysctls, "listeners": sorted(set(listeners), key=lambda l: (l.proto, l.address, l.port)),
             "legacy_tables": legacy, "listing": listing, "managed": iptables_managed_tables(nft.messages)}
 
 
 def read_network_state(netns: Optional[str]) -> NetworkState:
     """Read the namespace's state; nothing in it changes."""
-    outputs = _run_all({
-        "interfaces": _ip(netns, "-d", "-j", "address", "show"),
-        "routes4": _ip(netns, "-4", "route", "show", "table", "all"),
-        "routes6": _ip(netns, "-6", "route", "show", "table", "all"),
-        "rules4": _ip(netns, "-4", "rule", "show"),
-        "rules6": _ip(netns, "-6", "rule", "show"),
-        "nexthops": _ip(netns, "nexthop", "show"),
-        "neighbours": _ip(netns, "-j", "neighbour", "show"),
-        "fdb": _bridge(netns, "-j", "fdb", "show"),
-        "vlans": _bridge(netns, "-j", "vlan", "show"),
+    outputs = run_all({
+        "interfaces": ip_argv(netns, "-d", "-j", "address", "show"),
+        "routes4": ip_argv(netns, "-4", "route", "show", "table", "all"),
+        "routes6": ip_argv(netns, "-6", "route", "show", "table", "all"),
+        "rules4": ip_argv(netns, "-4", "rule", "show"),
+        "rules6": ip_argv(netns, "-6", "rule", "show"),
+        "nexthops": ip_argv(netns, "nexthop", "show"),
+        "neighbours": ip_argv(netns, "-j", "neighbour", "show"),
+        "fdb": bridge_argv(netns, "-j", "fdb", "show"),
+        "vlans": bridge_argv(netns, "-j", "vlan", "show"),
     }, allowed_to_fail=("nexthops", "rules6", "routes6", "fdb", "vlans"))
     state = NetworkState(netns)
     state.interfaces = parse_interfaces(outputs["interfaces"])
@@ -574,13 +540,13 @@ def read_network_state(netns: Optional[str]) -> NetworkState:
     saves = {}
     for tool, tables in inside["legacy_tables"].items():
         if tables:
-            saves[("legacy", tool)] = _in_netns(netns, f"{tool}-legacy-save", "-c")
+            saves[("legacy", tool)] = netns_exec_argv(netns, [f"{tool}-legacy-save", "-c"])
     for block in split_tables(state.nft_listing):
         if state.copied_with_xtables(block):
-            tool = "iptables" if block.family == "ip" else "ip6tables"
-            saves[("nft", block.family, block.name)] = _in_netns(netns, f"{tool}-nft-save", "-c", "-t", block.name)
+            tool = iptables_command(block.family)
+            saves[("nft", block.family, block.name)] = netns_exec_argv(netns, [f"{tool}-nft-save", "-c", "-t", block.name])
     if saves:
-        saved = _run_all(saves)
+        saved = run_all(saves)
         for key, text in saved.items():
             if key[0] == "legacy":
                 state.legacy[key[1]] = text
@@ -593,8 +559,7 @@ def read_network_state(netns: Optional[str]) -> NetworkState:
 def route_towards(netns: Optional[str], address: str) -> Optional[RouteLookup]:
     """How the namespace reaches ADDRESS (`ip route get`, which reads and changes nothing)."""
     family = "-6" if ":" in address else "-4"
-    result = subprocess.run(_ip(netns, family, "-j", "route", "get", address), capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL)
+    result = run(ip_argv(netns, family, "-j", "route", "get", address), check=False)
     if result.returncode != 0:
         return None
     entries = json.loads(result.stdout or "[]")

@@ -37,10 +37,15 @@ from .netstate import (Interface, NetworkState, parse_route_lines, parse_rule_li
                        split_tables)
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import call_in_namespace
-from ..trace.ruleset import is_trace_table, parse_ruleset_listing
-from ..kernel.system import pid_alive
+from ..kernel.tracetable import is_trace_table
+from ..trace.ruleset import parse_ruleset_listing
+from ..kernel import runner
+from ..kernel.runner import CommandFailed
+from ..kernel.system import NETNS_RUN_DIR, netns_exists, pid_alive
+from ..protocols import iptables_command
+from ..signals import SignalsHeld, undo_after
+from .inject import random_mac
 
-NETNS_RUN_DIR = "/run/netns"
 SANDBOX_PREFIX = "nftrace-sbx-"
 _NAME_RE = re.compile(rf"^{SANDBOX_PREFIX}(\d+)-[0-9a-f]+(?:-[a-z0-9-]+)?$")
 IPTABLES_SAVE_RE = re.compile(r"^\*(filter|nat|mangle|raw|security)\s*$", re.MULTILINE)
@@ -52,6 +57,8 @@ ROUTE_SYNC_ROUNDS = 6
 PEER_INDEX_BASE = 1 << 20
 ROUTE_SYNC_PAUSE = 0.02
 IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
+BATCH_TIMEOUT = 300.0  # thousands of routes, on a loaded machine
+RESTORE_TIMEOUT = 120.0
 
 
 def sandbox_name() -> str:
@@ -69,9 +76,6 @@ class CandidateRuleset:
     def family(self) -> int:
         """For iptables-save files: IPv6 when the rules speak of IPv6 addresses or ICMPv6."""
         return 6 if _IPV6_HINT_RE.search(self.path.read_text()) else 4
-
-    def describe(self) -> str:
-        return str(self.path) if self.kind == "nft" else f"{self.path} ({self.kind})"
 
 
 def read_candidate(path: Path, kind: Optional[str] = None) -> CandidateRuleset:
@@ -93,14 +97,10 @@ def read_candidate(path: Path, kind: Optional[str] = None) -> CandidateRuleset:
 def default_iptables_kind() -> str:
     """The flavour that `iptables` means on this machine (Debian's alternatives)."""
     try:
-        version = subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout
-    except FileNotFoundError:
+        version = runner.run(["iptables", "-V"], check=False).stdout
+    except CommandFailed:
         return "iptables-nft"
     return "iptables-legacy" if "legacy" in version else "iptables-nft"
-
-
-def in_netns_argv(netns: Optional[str], argv: Sequence[str]) -> list[str]:
-    return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
 
 def load_ruleset_file(netns: str, candidate: CandidateRuleset) -> None:
@@ -112,16 +112,11 @@ def load_ruleset_file(netns: str, candidate: CandidateRuleset) -> None:
             raise InputError(f"--ruleset: {err}") from None
         return
     flavour = candidate.kind.split("-", 1)[1]
-    tool = f"{'ip6tables' if candidate.family == 6 else 'iptables'}-{flavour}-restore"
+    tool = f"{iptables_command(candidate.family)}-{flavour}-restore"
     with open(candidate.path) as rules:
-        try:
-            result = subprocess.run(in_netns_argv(netns, [tool]), stdin=rules, capture_output=True, text=True)
-        except FileNotFoundError:
-            raise EnvironmentProblem(f"{tool} is not installed (apt-get install iptables)") from None
+        result = runner.run(runner.netns_exec_argv(netns, [tool]), input=rules, check=False, timeout=RESTORE_TIMEOUT)
     if result.returncode != 0:
-        message = next((line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()),
-                       "failed")
-        raise InputError(f"--ruleset: {candidate.path}: {tool}: {message}")
+        raise InputError(f"--ruleset: {candidate.path}: {tool}: {runner.first_line(result)}")
 
 
 @dataclass
@@ -138,13 +133,6 @@ class BatchResult:
     failed: list = field(default_factory=list)  # (line, message)
 
 
-def _random_mac() -> str:
-    # Locally administered, unicast.
-    octets = bytearray(secrets.token_bytes(6))
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    return ":".join(f"{o:02x}" for o in octets)
-
-
 def _run_batch(netns: str, lines: Sequence[str], family: Optional[int] = None, tool: str = "ip") -> BatchResult:
     """`ip -n NETNS -force -batch -` (or `bridge ...`): every line is tried; failures come back
     with the tool's message."""
@@ -152,10 +140,7 @@ def _run_batch(netns: str, lines: Sequence[str], family: Optional[int] = None, t
     if not lines:
         return result
     argv = [tool, *(["-6"] if family == 6 else ["-4"] if family == 4 else []), "-n", netns, "-force", "-batch", "-"]
-    try:
-        done = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
-    except FileNotFoundError:
-        raise EnvironmentProblem("ip is not installed (apt-get install iproute2)") from None
+    done = runner.run(argv, input="\n".join(lines) + "\n", check=False, timeout=BATCH_TIMEOUT)
     message: list[str] = []
     for text in done.stderr.splitlines():
         match = re.match(r"^Command failed -:(\d+)$", text.strip())
@@ -218,15 +203,14 @@ class Sandbox:
             else:
                 load_ruleset_file(self.name, candidate)
             self._open_listeners()
-        except BaseException:
-            self.close()
+        except BaseException as err:
+            undo_after(err, self.close)
             raise
 
     def _add_namespace(self, name: str) -> None:
-        result = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise EnvironmentProblem(f"cannot create the sandbox namespace {name}: {result.stderr.strip()}")
-        self._namespaces.append(name)
+        with SignalsHeld():  # a namespace made is a namespace close() knows of
+            runner.run(["ip", "netns", "add", name], what=f"cannot create the sandbox namespace {name}")
+            self._namespaces.append(name)
 
     def _make_interfaces(self) -> None:
         # A new namespace can already hold devices: lo, and the fallback tunnels (tunl0, sit0,
@@ -244,7 +228,7 @@ class Sandbox:
             if interface.kind == "bridge":
                 continue
             peer = f"p{interface.index}"
-            mac = interface.ethernet_mac or _random_mac()
+            mac = interface.ethernet_mac or random_mac()
             self.peers[interface.name] = PeerLink(interface.name, peer, mac)
             # The copy keeps the target's ifindex where it is free (`meta iif` compares
             # numbers). The peer's must differ: the kernel announces a veth's carrier at once
@@ -337,10 +321,7 @@ class Sandbox:
             time.sleep(0.01)
 
     def _sandbox_text(self, *args: str) -> str:
-        result = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise EnvironmentProblem(f"ip -n {self.name} {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
+        return runner.run(runner.ip_argv(self.name, *args)).stdout
 
     def _copy_routes(self, family: int) -> None:
         """Make the sandbox's routes those of the target: delete what only the sandbox has
@@ -402,19 +383,13 @@ class Sandbox:
             except KernelError as err:
                 raise EnvironmentProblem(f"cannot copy the nftables ruleset of {self.state.where} into the "
                                          f"sandbox: {err}") from None
-        restores = [(f"{'iptables' if family == 'ip' else 'ip6tables'}-nft-restore", text)
+        restores = [(f"{iptables_command(family)}-nft-restore", text)
                     for (family, _), text in sorted(self.state.xtables_nft.items())]
         restores += [(f"{tool}-legacy-restore", text) for tool, text in sorted(self.state.legacy.items())]
         for tool, text in restores:
-            argv = in_netns_argv(self.name, [tool, "-c", *(["--noflush"] if "-nft-" in tool else [])])
-            try:
-                result = subprocess.run(argv, input=text, capture_output=True, text=True)
-            except FileNotFoundError:
-                raise EnvironmentProblem(f"{tool} is not installed (apt-get install iptables)") from None
-            if result.returncode != 0:
-                message = next((line.strip() for line in result.stderr.splitlines() if line.strip()), "failed")
-                raise EnvironmentProblem(f"cannot copy the iptables rules of {self.state.where} into the sandbox: "
-                                         f"{tool}: {message}")
+            argv = runner.netns_exec_argv(self.name, [tool, "-c", *(["--noflush"] if "-nft-" in tool else [])])
+            runner.run(argv, input=text, timeout=RESTORE_TIMEOUT,
+                       what=f"cannot copy the iptables rules of {self.state.where} into the sandbox: {tool}")
         if self.state.xtables_nft:
             self._drop_chains_the_target_lacks(set(self.state.xtables_nft))
 
@@ -425,7 +400,7 @@ class Sandbox:
 
         def drop() -> None:
             nft = NftContext()
-            sandbox_chains = parse_ruleset_listing(nft.run("list ruleset", handles=True, stateless=True, terse=True))[1]
+            sandbox_chains = parse_ruleset_listing(nft.list_ruleset())[1]
             for key, chain in sandbox_chains.items():
                 if (key[0], key[1]) in tables and key not in target_chains and not chain.rules:
                     nft.run(f"delete chain {key[0]} {key[1]} {key[2]}")
@@ -449,29 +424,23 @@ class Sandbox:
 
     def run(self, argv: Sequence[str], *, input: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run a tool inside the sandbox."""
-        try:
-            result = subprocess.run(in_netns_argv(self.name, argv), input=input, capture_output=True, text=True,
-                                    timeout=60)
-        except FileNotFoundError:
-            raise EnvironmentProblem(f"{argv[0]} is not installed") from None
-        if check and result.returncode != 0:
-            message = (result.stderr or result.stdout).strip().splitlines()
-            raise EnvironmentProblem(f"{argv[0]} in the sandbox: {message[0] if message else 'failed'}")
-        return result
+        return runner.run(runner.netns_exec_argv(self.name, argv), input=input, check=check, timeout=60,
+                          what=f"{argv[0]} in the sandbox")
 
     # -- removal ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        for sock in self._listeners:
-            sock.close()
-        self._listeners = []
-        problems = []
-        for name in reversed(self._namespaces):
-            if os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
-                result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
-                if result.returncode != 0:
-                    problems.append(f"{name}: {result.stderr.strip()}")
-        self._namespaces = []
+        with SignalsHeld():
+            for sock in self._listeners:
+                sock.close()
+            self._listeners = []
+            problems = []
+            for name in reversed(self._namespaces):
+                if netns_exists(name):
+                    result = runner.run(["ip", "netns", "del", name], check=False)
+                    if result.returncode != 0:
+                        problems.append(f"{name}: {runner.first_line(result)}")
+            self._namespaces = []
         if problems:
             raise EnvironmentProblem(f"could not remove the sandbox ({'; '.join(problems)}); "
                                      f"'nftrace cleanup' removes it")
@@ -523,9 +492,9 @@ def leftover_sandboxes() -> list[str]:
 def remove_leftover_sandboxes() -> list[str]:
     removed = []
     for name in leftover_sandboxes():
-        result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
-        if result.returncode != 0 and os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
-            raise EnvironmentProblem(f"cannot remove leftover sandbox {name}: {result.stderr.strip()}")
+        result = runner.run(["ip", "netns", "del", name], check=False)
+        if result.returncode != 0 and netns_exists(name):
+            raise EnvironmentProblem(f"cannot remove leftover sandbox {name}: {runner.first_line(result)}")
         removed.append(name)
     return removed
 

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
-from .inject import Injection
+from .inject import Injection, random_mac
 from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
@@ -33,7 +33,7 @@ from ..trace.report import TraceReport
 from ..trace.ruleset import RulesetSnapshot, parse_ruleset_listing
 from .sandbox import CandidateRuleset, Sandbox, read_candidate
 from ..trace.session import TraceOptions, TraceSession
-from ..signals import SignalsAsExceptions
+from ..signals import SignalsAsExceptions, UndoStack, undo_after
 from ..kernel.system import namespace_path, require_net_admin
 
 STATES = ("new", "established")
@@ -127,12 +127,12 @@ def plan_injection(flow: Flow, netstate: NetworkState, peers: dict, helper: str,
     dst_mac = peers[iif].mac if iif in peers else None
     if bridge is not None:
         iif, dst_mac = bridge_entry(netstate, bridge, iif, neighbour, dst, route_to, notes if notes is not None else [])
-        dst_mac = dst_mac or _random_mac(token)
+        dst_mac = dst_mac or random_mac(token)
         interface = netstate.interface(iif)
         if iif not in peers:
             raise InputError(f"--dry-run: bridge {bridge.name} of {netstate.where} has no port to send the packet "
                              f"through; say where it arrives with --iif")
-    return Injection(**common, iif=iif, netns=helper, peer=peers[iif].peer, src_mac=neighbour or _random_mac(token),
+    return Injection(**common, iif=iif, netns=helper, peer=peers[iif].peer, src_mac=neighbour or random_mac(token),
                      dst_mac=dst_mac, mtu=interface.mtu)
 
 
@@ -160,12 +160,6 @@ def bridge_entry(netstate: NetworkState, bridge, iif: str, src_mac: Optional[str
         notes.append(f"{netstate.where} does not know the MAC address of {dst}: the frame is flooded to every port "
                      f"of {bridge.name}")
     return port, dst_mac
-
-
-def _random_mac(token: Callable[[int], int]) -> str:
-    octets = [token(256) for _ in range(6)]
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    return ":".join(f"{o:02x}" for o in octets)
 
 
 def conntrack_entry_argv(injection: Injection) -> list[str]:
@@ -265,18 +259,30 @@ class DryRun:
             self.handles = target_handles(self.netstate.nft_listing)
 
     def close(self) -> None:
-        try:
-            if self._bookmark is not None:
-                self._bookmark.restore()
-                self._bookmark.close()
-                self._bookmark = None
-        finally:
+        """Back to nftrace's own namespace, then the sandbox removed (signals held, see signals.py)."""
+        with UndoStack() as undo:
             if self.sandbox is not None:
-                self.sandbox.close()
-                self.sandbox = None
+                undo.callback(self._remove_sandbox)
+            if self._bookmark is not None:
+                undo.callback(self._return_home)
+
+    def _return_home(self) -> None:
+        bookmark, self._bookmark = self._bookmark, None
+        try:
+            bookmark.restore()
+        finally:
+            bookmark.close()
+
+    def _remove_sandbox(self) -> None:
+        sandbox, self.sandbox = self.sandbox, None
+        sandbox.close()
 
     def __enter__(self) -> "DryRun":
-        self.open()
+        try:
+            self.open()
+        except BaseException as err:
+            undo_after(err, self.close)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -369,12 +375,10 @@ class DryRunSession:
         if self.options.command:
             raise InputError("--dry-run sends its own packet: no COMMAND after --")
         check_dry_run_flow(self.options.flow, self.request.state)
-        with SignalsAsExceptions():
+        with SignalsAsExceptions(), UndoStack() as undo:
             dry = DryRun(self.request)
             self.report.mode = "dry-run"
-            try:
-                dry.open()
-                self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
-                                              timeout=self.options.timeout, max_rate=self.options.max_rate)
-            finally:
-                dry.close()
+            undo.callback(dry.close)
+            dry.open()
+            self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
+                                          timeout=self.options.timeout, max_rate=self.options.max_rate)

@@ -30,6 +30,7 @@ from .legacy import BACKEND, CHAIN_HOOKS, TABLE_HOOKS, Resolution, table_priorit
 from ..kernel.monitor import EventsLost
 from .nflog import LegacyTraceEvent
 from ..trace.paths import EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step, finalise_path
+from ..trace.jumpstack import JumpStack
 from ..trace.ruleset import priority_value
 
 HOOK_CHAINS = {hook: chain for chain, hook in CHAIN_HOOKS.items()}
@@ -61,7 +62,8 @@ def hook_passes(hooks: list) -> list[int]:
 class LegacyTrail:
     """The legacy steps of one packet, built from its TRACE lines in the order they came.
 
-    Keeps a jump stack per table run, as the kernel does not say when a caller resumes.
+    Keeps a jump stack per table run (trace/jumpstack.py), as the kernel does not say when a
+    caller resumes.
     """
 
     def __init__(self, identity: Optional[tuple]):
@@ -76,7 +78,7 @@ class LegacyTrail:
         self.run_over = False
         self.run_verdict: Optional[str] = None  # accept / drop / ... that ended the run
         self._position: Optional[tuple[int, int, int]] = None
-        self._frames: list = []
+        self._stack: Optional[JumpStack] = None
 
     def takes(self, event: LegacyTraceEvent) -> bool:
         """Whether `event` can be this packet's next line."""
@@ -100,17 +102,8 @@ class LegacyTrail:
                     and self._loops_back(event):
                 self.passes += 1
             self._start_run(event)
-        frames = self._frames
-        if frames[-1][0] != event.chain:
-            # A chain lower on the stack: the chains above it have returned. One not on it: the
-            # line of the jump there was lost; it is one level deeper.
-            for index in range(len(frames) - 1, -1, -1):
-                if frames[index][0] == event.chain:
-                    del frames[index + 1:]
-                    break
-            else:
-                frames.append([event.chain, frames[-1][1] + 1])
-        depth = frames[-1][1]
+        stack = self._stack
+        depth = stack.enter(event.chain)
         if resolution is None:
             # The rules changed and the new ones could not be read: say what the kernel said.
             kind = event.type
@@ -132,12 +125,11 @@ class LegacyTrail:
         if kind == "policy":
             self.run_over = True
         elif kind == "return" or resolution.verdict == "return":
-            if len(frames) > 1:
-                frames.pop()
+            stack.ret()
         elif resolution.verdict == "jump" and resolution.target:
-            frames.append([resolution.target, depth + 1])
+            stack.jump(resolution.target)
         elif resolution.verdict == "goto" and resolution.target:
-            frames[-1] = [resolution.target, depth + 1]
+            stack.goto(resolution.target)
         if resolution.verdict in TERMINAL_VERDICTS:
             self.run_over = True
         if self.run_over:
@@ -150,8 +142,7 @@ class LegacyTrail:
         self.run_over = False
         self.run_verdict = None
         self._position = (self.passes,) + legacy_position(event)
-        builtin = HOOK_CHAINS.get(event.hook or "", event.chain)
-        self._frames = [[builtin, 0]]
+        self._stack = JumpStack(HOOK_CHAINS.get(event.hook or "", event.chain))
         if event.hook and (not self.hooks or self.hooks[-1] != event.hook or self._loops_back(event)):
             self.hooks.append(event.hook)
         self.observations.append(HookObservation(event.hook, event.table, event.chain, event.packet, event.iif,
@@ -337,6 +328,9 @@ class LegacyPathBuilder:
     an exit hook accepted it went through netfilter.
     """
 
+    # Every line starts or continues a packet of its own here: none is left unmatched.
+    unmatched_lines = 0
+
     def __init__(self, resolver: LegacyResolver, keep: Optional[Callable[[PacketPath], bool]] = None,
                  idle_seconds: float = 2.0, last_tables: Optional[dict] = None):
         self.resolver = resolver
@@ -346,6 +340,10 @@ class LegacyPathBuilder:
         self._open: dict[int, _LegacyPacket] = {}  # by path id, oldest first
         self._by_identity: dict[Optional[tuple], list] = {}
         self._ids = itertools.count(1)
+
+    def feed(self, event, now: float = 0.0) -> list:
+        """No nf_tables, no trace events: TRACE lines alone make the paths."""
+        return []
 
     def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
         done = []

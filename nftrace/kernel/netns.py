@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from ..errors import InputError
+from . import runner
 from .system import NETNS_RUN_DIR, namespace_path
 
 SANDBOX_PREFIX = "nftrace-sbx-"  # dry-run sandboxes are nftrace's own, never traced by --all-netns
@@ -132,41 +132,27 @@ def parse_ctr_tasks(output: str, wanted: str) -> Optional[int]:
     return found[0] if len(found) == 1 else None
 
 
-def _ask(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=INSPECT_TIMEOUT, stdin=subprocess.DEVNULL,
-                          env=dict(os.environ, LC_ALL="C"))
-
-
-def _first_line(result: subprocess.CompletedProcess) -> str:
-    for text in (result.stderr, result.stdout):
-        for line in (text or "").splitlines():
-            if line.strip():
-                return line.strip()
-    return f"exit status {result.returncode}"
-
-
 def _container_pid(runtime: str, name: str) -> tuple[Optional[int], Optional[str]]:
     """(pid, None), or (None, why this runtime does not give one)."""
     try:
         if runtime in ("docker", "podman"):
-            result = _ask([runtime, "inspect", "--type", "container", "--format", "{{.State.Pid}}", name])
+            result = runner.run([runtime, "inspect", "--type", "container", "--format", "{{.State.Pid}}", name],
+                                check=False, timeout=INSPECT_TIMEOUT)
             if result.returncode != 0:
-                return None, _first_line(result)
+                return None, runner.first_line(result)
             pid = parse_inspect_pid(result.stdout)
             return (pid, None) if pid else (None, "not running")
-        namespaces = _ask(["ctr", "namespaces", "list", "--quiet"])
+        namespaces = runner.run(["ctr", "namespaces", "list", "--quiet"], check=False, timeout=INSPECT_TIMEOUT)
         if namespaces.returncode != 0:
-            return None, _first_line(namespaces)
+            return None, runner.first_line(namespaces)
         for namespace in namespaces.stdout.split():
-            tasks = _ask(["ctr", "--namespace", namespace, "task", "list"])
+            tasks = runner.run(["ctr", "--namespace", namespace, "task", "list"], check=False, timeout=INSPECT_TIMEOUT)
             pid = parse_ctr_tasks(tasks.stdout, name) if tasks.returncode == 0 else None
             if pid:
                 return pid, None
         return None, "no running task of that name"
-    except subprocess.TimeoutExpired:
-        return None, f"no answer within {INSPECT_TIMEOUT:g} s"
-    except OSError as err:
-        return None, err.strerror
+    except runner.CommandFailed as err:  # not installed, or no answer in time
+        return None, str(err)
 
 
 def by_container(name: str, runtimes: Iterable[str] = RUNTIMES) -> NetnsTarget:

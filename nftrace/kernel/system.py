@@ -11,13 +11,17 @@ import ctypes
 import json
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from ..errors import EnvironmentProblem, InputError
+from . import runner
 
 NETNS_RUN_DIR = "/run/netns"
+# Where nftrace keeps what must outlive a run: the nf_log loggers a run replaced (put back by
+# `nftrace cleanup` after a SIGKILL), the lab's scenario state.
+STATE_DIR = Path(os.environ.get("NFTRACE_STATE_DIR", "/run/nftrace"))
 CLONE_NEWNET = 0x40000000
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -41,6 +45,12 @@ def require_net_admin() -> None:
     if not has_capability(CAP_NET_ADMIN):
         raise EnvironmentProblem("nftrace needs root (CAP_NET_ADMIN) to add trace rules and read trace events; "
                                  "run it with sudo")
+
+
+def netns_exists(name: str) -> bool:
+    """Whether /run/netns/NAME exists (a named namespace; see nflog.netns_inode_in_use for one
+    known by inode)."""
+    return os.path.exists(os.path.join(NETNS_RUN_DIR, name))
 
 
 def namespace_path(name: str) -> str:
@@ -123,8 +133,7 @@ def parse_links(ip_json: str) -> list[Link]:
 def interface_links() -> list[Link]:
     """The interfaces of the calling thread's namespace, with their kind (empty if `ip` fails)."""
     try:
-        result = subprocess.run(["ip", "-d", "-j", "link", "show"], capture_output=True, text=True, timeout=10,
-                                stdin=subprocess.DEVNULL, env=dict(os.environ, LC_ALL="C"))
-    except (OSError, subprocess.TimeoutExpired):
+        result = runner.run(["ip", "-d", "-j", "link", "show"], check=False, timeout=10)
+    except runner.CommandFailed:
         return []
     return parse_links(result.stdout) if result.returncode == 0 else []

@@ -15,16 +15,29 @@ Everything the user typed reaches the kernel as JSON values, never as nft comman
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import re
 import secrets
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import KernelError
 from ..flow import Flow, PROTOCOL_NUMBERS
 from .nft import NftContext
-from ..trace.ruleset import TRACE_TABLE_PREFIX, RulesetSnapshot
+from ..signals import SignalsHeld, UndoStack, undo_after
 from .system import pid_alive
+
+if TYPE_CHECKING:
+    from ..trace.ruleset import RulesetSnapshot
+
+# Every table an nftrace run makes is named nftrace_<pid>_<hex>: the ruleset snapshot leaves
+# them out of paths, and cleanup finds a dead run's by the pid.
+TRACE_TABLE_PREFIX = "nftrace_"
+# Its chains: mark_<hook> set the trace bit, obs_<hook> observe (the path builder reads the hook
+# from the name).
+MARK_CHAIN_PREFIX = "mark_"
+OBSERVE_CHAIN_PREFIX = "obs_"
 
 MARK_PRIORITY = -350
 INGRESS_MARK_PRIORITY = -10000
@@ -35,7 +48,15 @@ OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 # postrouting: out of a port) or that a frame routed out through a bridge device passes.
 BRIDGE_OBSERVE_HOOKS = ("input", "forward", "output", "postrouting")
 DEFAULT_MAX_RATE = 100
+OWNER_WARNING = ("nftrace's table could not be tied to its process with 'flags owner' ({reason}): it is removed "
+                 "on every exit but SIGKILL; after a SIGKILL, 'nftrace cleanup' (or the next run) removes it")
+_owner_warned = False
 _NAME_RE = re.compile(rf"^{TRACE_TABLE_PREFIX}(\d+)_[0-9a-f]+$")
+
+
+def is_trace_table(name: str) -> bool:
+    """Whether a table is an nftrace run's (this one's, another live one's, or a leftover)."""
+    return name.startswith(TRACE_TABLE_PREFIX)
 
 
 def _address_match(field: str, flow: Flow, network) -> Optional[dict]:
@@ -53,7 +74,6 @@ def _address_match(field: str, flow: Flow, network) -> Optional[dict]:
 # bridge and netdev chains (which see frames) by the frame's ether type.
 _L3_KEYS = {"bridge": ("protocol", {4: "ip", 6: "ip6"}), "netdev": ("protocol", {4: "ip", 6: "ip6"})}
 _INET_L3 = ("nfproto", {4: "ipv4", 6: "ipv6"})
-ENDS = ("src", "dst")
 
 
 def flow_match(flow: Flow, hook: str, family: str = "inet", end: Optional[str] = None) -> list[dict]:
@@ -103,7 +123,7 @@ def mark_hooks(flow: Flow) -> tuple[str, ...]:
 def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
                          ends: tuple = (None,), **attach) -> list[dict]:
     """A chain on `hook` whose rules (one per end, see mark_ends) switch tracing on for the flow."""
-    chain = f"mark_{hook}{suffix}"
+    chain = f"{MARK_CHAIN_PREFIX}{hook}{suffix}"
     commands = [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
                                    "policy": "accept", **attach}}}]
     for end in ends:
@@ -116,7 +136,7 @@ def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook
 
 
 def _observe_chain_command(family: str, name: str, hook: str, suffix: str = "", **attach) -> dict:
-    return {"add": {"chain": {"family": family, "table": name, "name": f"obs_{hook}{suffix}", "type": "filter",
+    return {"add": {"chain": {"family": family, "table": name, "name": f"{OBSERVE_CHAIN_PREFIX}{hook}{suffix}", "type": "filter",
                               "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept", **attach}}}
 
 
@@ -183,8 +203,10 @@ class TraceTable:
         self.max_rate = max_rate
         self.ends = mark_ends(flow, relaxed)
         self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
-        self.owner = False
+        self.owner = False  # the tables are tied to nftrace's socket (flags owner)
         self.families: list[str] = []  # tables made, in order
+        # Why the tables could not be tied to nftrace's socket (None: they are): said once per process.
+        self.owner_warning: Optional[str] = None
 
     @property
     def installed(self) -> bool:
@@ -195,34 +217,42 @@ class TraceTable:
         self.families = []
 
     def install(self) -> None:
-        """Create the table and its chains; on any failure leave nothing behind."""
-        self._add_table(self.family)
+        """Create the table and its chains; on any failure (a signal included) leave nothing behind."""
+        try:
+            self._add_table(self.family)
+        except BaseException as err:
+            undo_after(err, self.remove)
+            raise
         self._commit(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.ends))
 
     def _add_table(self, family: str) -> None:
+        global _owner_warned
         if family in self.families:
             return
         comment = f'comment "nftrace trace rules, pid {os.getpid()}; nftrace cleanup removes them"'
-        try:
-            if os.environ.get("NFTRACE_TABLE_OWNER", "1") == "0" or (self.families and not self.owner):
-                raise KernelError("owner flag turned off by NFTRACE_TABLE_OWNER=0")
-            self.nft.run(f"add table {family} {self.name} {{ flags owner; {comment}; }}")
-            self.owner = True
-        except KernelError:
-            # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself
-            # (and on `nftrace cleanup` after a SIGKILL). NFTRACE_TABLE_OWNER=0 forces this path.
-            self.nft.run(f"add table {family} {self.name} {{ {comment}; }}")
-        self.families.append(family)
+        reason = None
+        with SignalsHeld():  # a table made is a table remove() knows of
+            try:
+                if os.environ.get("NFTRACE_TABLE_OWNER", "1") == "0" or (self.families and not self.owner):
+                    raise KernelError("owner flag turned off by NFTRACE_TABLE_OWNER=0")
+                self.nft.run(f"add table {family} {self.name} {{ flags owner; {comment}; }}")
+                self.owner = True
+            except KernelError as err:
+                # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself
+                # (and on `nftrace cleanup` after a SIGKILL). NFTRACE_TABLE_OWNER=0 forces this path.
+                reason = str(err)
+                self.nft.run(f"add table {family} {self.name} {{ {comment}; }}")
+            self.families.append(family)
+        if reason is not None and not _owner_warned:
+            _owner_warned = True
+            self.owner_warning = OWNER_WARNING.format(reason=reason)
 
     def _commit(self, commands: list[dict], family: Optional[str] = None) -> None:
         """Apply; on failure take out `family`'s table (None: every table)."""
         try:
             self.nft.run_json(commands)
-        except BaseException:
-            if family is None:
-                self.remove()
-            else:
-                self._delete(family)
+        except BaseException as err:
+            undo_after(err, self.remove if family is None else functools.partial(self._delete, family))
             raise
 
     def mark_ingress(self, devices: list[str]) -> None:
@@ -244,16 +274,20 @@ class TraceTable:
         self._commit(egress_commands(self.name, self.flow, self.max_rate, devices, self.ends), "netdev")
 
     def remove(self) -> None:
-        for family in list(reversed(self.families)):
-            self._delete(family)
+        with UndoStack() as undo:  # every family's table, the last made first, whatever fails
+            for family in self.families:
+                undo.callback(self._delete, family)
 
     def _delete(self, family: str) -> None:
-        try:
-            self.nft.run(f"delete table {family} {self.name}")
-        except KernelError as err:
-            if "No such file" not in str(err):
-                raise
-        self.families.remove(family)
+        with SignalsHeld():
+            if family not in self.families:
+                return
+            try:
+                self.nft.run(f"delete table {family} {self.name}")
+            except KernelError as err:
+                if err.errno != errno.ENOENT:  # already gone: deleted by someone else, or by the kernel
+                    raise
+            self.families.remove(family)
 
     def __enter__(self) -> "TraceTable":
         self.install()
@@ -263,7 +297,7 @@ class TraceTable:
         self.remove()
 
 
-def leftover_tables(snapshot: RulesetSnapshot) -> list[tuple[str, str]]:
+def leftover_tables(snapshot: "RulesetSnapshot") -> list[tuple[str, str]]:
     """Trace tables whose run is gone (its pid no longer exists)."""
     leftovers = []
     for family, name in snapshot.trace_tables():
@@ -273,13 +307,13 @@ def leftover_tables(snapshot: RulesetSnapshot) -> list[tuple[str, str]]:
     return leftovers
 
 
-def remove_leftover_tables(nft: NftContext, snapshot: RulesetSnapshot) -> list[str]:
+def remove_leftover_tables(nft: NftContext, snapshot: "RulesetSnapshot") -> list[str]:
     removed = []
     for family, name in leftover_tables(snapshot):
         try:
             nft.run(f"delete table {family} {name}")
             removed.append(f"{family} {name}")
         except KernelError as err:
-            if "No such file" not in str(err):
+            if err.errno != errno.ENOENT:  # already gone: deleted by someone else, or by the kernel
                 raise
     return removed

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 from .identity import crossing_key
-from .paths import PacketPath, RuleLookup, accept_tier, choose_accept
+from .paths import PacketPath, accept_tier, choose_accept
 
 JOIN_SECONDS = 0.2
 # Hooks after which a packet that netfilter let through is on a link, on its way out.

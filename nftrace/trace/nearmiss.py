@@ -35,9 +35,10 @@ then path order.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Protocol
+
+from ..protocols import iptables_command
 
 from .matching import Condition, PacketView, RuleEvaluation
 
@@ -114,7 +115,7 @@ class NearMiss:
 
     def where(self) -> str:
         if self.backend == "iptables-legacy":
-            return f"{'ip6tables' if self.family == 'ip6' else 'iptables'} {self.table} {self.chain}"
+            return f"{iptables_command(self.family)} {self.table} {self.chain}"
         return f"{self.family} {self.table} {self.chain}"
 
     def label(self) -> str:
@@ -406,7 +407,7 @@ class _Finder:
 
 def _rule_location(run: _Run, rule) -> str:
     if run.backend == "iptables-legacy":
-        where = f"{'ip6tables' if run.family == 'ip6' else 'iptables'} {run.table} {rule.chain}"
+        where = f"{iptables_command(run.family)} {run.table} {rule.chain}"
         return f"{where} rule {rule.number}: {rule.iptables or rule.text}"
     return f"{run.family} {run.table} {rule.chain} rule handle {rule.handle}: {rule.text}"
 

@@ -16,15 +16,14 @@ same datagram costs one evaluation, not one per packet.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 from collections import OrderedDict
 from typing import Callable, Optional
 
 from ..errors import NftraceError
 from ..iptables.legacy import read_legacy_ruleset
+from ..kernel import runner
 from ..iptables.xtmatch import parse_ipset_save
 from .nearmiss import find_near_misses
 from .rulebook import RuleBook
@@ -80,7 +79,7 @@ class LiveRuleBook:
             book = RuleBook()
             if self.nft is not None:
                 if self._nft_document is None:
-                    self._nft_document = json.loads(self.nft.run("list ruleset", json_output=True, handles=True)
+                    self._nft_document = json.loads(self.nft.list_ruleset(json=True)
                                                      or '{"nftables": []}')
                 book.add_nft_json(self._nft_document, self.nft_text, self.iptables_form)
             if self.legacy_families:
@@ -98,9 +97,8 @@ def read_ipsets() -> dict:
     if command is None:
         return {}
     try:
-        result = subprocess.run([command, "save"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                timeout=30, env=dict(os.environ, LC_ALL="C"))
-    except (OSError, subprocess.TimeoutExpired):
+        result = runner.run([command, "save"], check=False)
+    except runner.CommandFailed:
         return {}
     return parse_ipset_save(result.stdout) if result.returncode == 0 else {}
 

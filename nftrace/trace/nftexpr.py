@@ -23,8 +23,7 @@ import ipaddress
 import socket
 from typing import Any, Callable, Optional
 
-from .matching import (ICMP_TYPES, ICMPV6_TYPES, PAYLOAD_PROTOCOLS, Condition, PacketView, RuleEvaluation,
-                       protocol_number, protocol_text, unknown, wildcard_name_matches)
+from .matching import (ICMP_TYPES, ICMPV6_TYPES, PAYLOAD_PROTOCOLS, Condition, PacketView, protocol_number, protocol_text, unknown, wildcard_name_matches)
 from .nearmiss import RuleVerdict
 
 # Set elements by (family, table, set name); None when the set is not known.

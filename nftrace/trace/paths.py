@@ -24,25 +24,54 @@ import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, ConntrackInfo, PacketHeaders, TraceEvent
-from ..flow import PROTOCOL_NAMES
-from .ruleset import ChainInfo, RuleInfo, is_trace_table, priority_value
+from ..protocols import endpoint_text, iptables_command
+from ..kernel.tracetable import MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX, is_trace_table
+from .jumpstack import JumpStack
+from .ruleset import ChainInfo, RuleInfo, priority_value
 
 HOOK_ORDER = ("ingress", "prerouting", "input", "forward", "output", "postrouting", "egress")
 HOOK_RANK = {hook: rank for rank, hook in enumerate(HOOK_ORDER)}
 # After nftrace's observation chain on these hooks, netfilter has nothing more to say.
 EXIT_HOOKS = frozenset({"input", "postrouting"})
 MANGLE_PRIORITY = -150
-MARK_CHAIN_PREFIX = "mark_"
-OBSERVE_CHAIN_PREFIX = "obs_"
 
 
 class RuleLookup(Protocol):
     def rule(self, family: str, table: str, chain: str, handle: int) -> Optional[RuleInfo]: ...
 
     def chain(self, family: str, table: str, chain: str) -> Optional[ChainInfo]: ...
+
+
+class PacketPathBuilder(Protocol):
+    """What a live run feeds and takes finished paths from: nftables events alone (PathBuilder),
+    legacy TRACE lines alone (iptables.merge.LegacyPathBuilder), or both (MergedPathBuilder).
+
+    Every method that takes input returns the paths it finished, in the order they finished.
+    """
+
+    unmatched_lines: int  # legacy TRACE lines that belonged to no packet of this run
+
+    def feed(self, event: TraceEvent, now: float = 0.0) -> list: ...
+
+    def feed_legacy(self, items: Iterable, now: float = 0.0) -> list: ...
+
+    def expire(self, now: float) -> list: ...
+
+    def flush(self) -> list: ...
+
+    def mark_loss(self) -> None: ...
+
+    def socket_drained(self) -> None: ...
+
+    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list: ...
+
+    def release_looped(self) -> list: ...
+
+    @property
+    def open_packets(self) -> int: ...
 
 
 @dataclass
@@ -71,7 +100,7 @@ class Step:
     def where(self) -> str:
         """`inet filter input`; a legacy iptables chain as `iptables filter INPUT`."""
         if self.backend == "iptables-legacy":
-            return f"{'ip6tables' if self.family == 'ip6' else 'iptables'} {self.table} {self.chain}"
+            return f"{iptables_command(self.family)} {self.table} {self.chain}"
         return f"{self.family} {self.table} {self.chain}"
 
     def location(self) -> str:
@@ -180,11 +209,9 @@ class _PacketState:
     trace_id: int
     path: PacketPath
     last_seen: float
-    frames: list = field(default_factory=list)  # [chain, depth] of the running chain and its callers
-    base_chain: Optional[str] = None
+    stack: Optional[JumpStack] = None  # the running base chain's jump stack
     hook: Optional[str] = None  # hook of the running base chain, None while unknown
     base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
-    last_hook: Optional[str] = None  # latest hook known to have been entered
     marks_seen: set = field(default_factory=set)
     passed: set = field(default_factory=set)  # (family, hook) of the base chains run so far
     family_hooks: dict = field(default_factory=dict)  # family -> latest hook of a chain of that family
@@ -216,6 +243,9 @@ class PathBuilder:
     event moves its id to the end), so `expire` looks only at what went idle. `now` must not
     go backwards.
     """
+
+    # Legacy TRACE lines are MergedPathBuilder's: this builder reads none.
+    unmatched_lines = 0
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
                  idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1}),
@@ -286,6 +316,10 @@ class PathBuilder:
         if state.finished:
             done.extend(self._close(state, forget=False))
         return done
+
+    def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
+        """Legacy TRACE lines are not this builder's (see MergedPathBuilder): none are read."""
+        return []
 
     def expire(self, now: float) -> list:
         """Close packets that went quiet: whatever happened next, netfilter did not see it."""
@@ -415,8 +449,7 @@ class PathBuilder:
             state.base_type = chain.type if chain is not None else None
             if state.hook is not None:
                 self._enter_hook(state, state.hook)
-            state.frames = [[event.chain, 0]]
-            state.base_chain = event.chain
+            state.stack = JumpStack(event.chain)
             path.observations.append(
                 HookObservation(state.hook, event.table, event.chain, event.packet, event.iif, event.oif,
                                 event.mark, event.ct, own, family=event.family)
@@ -461,42 +494,29 @@ class PathBuilder:
             if step.hook is None:
                 step.hook = hook
         state.unhooked_from = len(path.steps)
-        state.last_hook = hook
         if not path.hooks or path.hooks[-1] != hook:
             path.hooks.append(hook)
 
     def _add_step(self, state: _PacketState, event: TraceEvent) -> None:
-        frames = state.frames
-        # Follow the chain the kernel reports: a chain lower on the stack means the chains
-        # above it have returned.
-        if not frames or frames[-1][0] != event.chain:
-            for index in range(len(frames) - 1, -1, -1):
-                if frames[index][0] == event.chain:
-                    del frames[index + 1:]
-                    break
-            else:
-                if event.chain == state.base_chain:
-                    frames[:] = [[event.chain, 0]]
-                else:
-                    frames.append([event.chain, frames[-1][1] + 1 if frames else 1])
-        depth = frames[-1][1]
+        stack = state.stack
+        depth = stack.enter(event.chain)
         if event.type == "policy":
             self._append(state, event, "policy", None, event.verdict or "unknown", 0)
         elif event.handle is None and event.verdict in ("continue", "return", None):
             # Falling off the end of a chain (a return event on older kernels).
-            if len(frames) == 1 and event.chain == state.base_chain:
+            if stack.in_base_only(event.chain):
                 return  # the base chain's policy event follows and says it all
-            frames.pop()
+            stack.ret()
             self._append(state, event, "return", None, "return", depth)
         else:
             self._append(state, event, "rule", event.handle, event.verdict or "unknown", depth)
             if event.verdict == "jump" and event.target:
-                frames.append([event.target, depth + 1])
+                stack.jump(event.target)
             elif event.verdict == "goto" and event.target:
                 # A goto replaces the running chain: its end returns to the caller's caller.
-                frames[-1] = [event.target, depth + 1]
+                stack.goto(event.target)
             elif event.verdict == "return":
-                frames.pop()
+                stack.ret()
         if event.verdict in FINAL_VERDICTS:
             state.finished = True
             state.path.complete = True
@@ -631,10 +651,9 @@ def _is_nat_step(step: Step, lookup: Optional[RuleLookup]) -> bool:
 
 
 def _endpoint(packet: PacketHeaders, side: str) -> str:
-    address = getattr(packet, side)
-    port = packet.sport if side == "src" else packet.dport
-    text = f"[{address}]" if address is not None and address.version == 6 and port else str(address)
-    return f"{text}:{port}" if port else text
+    if side == "src":
+        return endpoint_text(packet.src, packet.sport)
+    return endpoint_text(packet.dst, packet.dport)
 
 
 def _same_endpoint(one: PacketHeaders, other: PacketHeaders, side: str) -> bool:
@@ -691,16 +710,11 @@ def nat_rewrites(observations: list, steps: list = ()) -> list:
     return changes
 
 
-def protocol_name(number: Optional[int]) -> Optional[str]:
-    if number is None:
-        return None
-    return PROTOCOL_NAMES.get(number, str(number))
-
-
 __all__ = [
     "HOOK_ORDER",
     "HookObservation",
     "PacketPath",
+    "PacketPathBuilder",
     "PathBuilder",
     "Step",
     "TERMINAL_VERDICTS",
@@ -708,5 +722,4 @@ __all__ = [
     "deciding_accept",
     "finalise_path",
     "nat_rewrites",
-    "protocol_name",
 ]

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..flow import Flow
-from .paths import PacketPath, protocol_name
+from ..protocols import protocol_name
+from .paths import PacketPath
 from ..kernel.system import interface_name
 
 VERDICT_WORDS = {"drop": "dropped", "accept": "accepted", "queue": "queued", "stolen": "stolen"}
@@ -18,13 +19,13 @@ VERDICT_WORDS = {"drop": "dropped", "accept": "accepted", "queue": "queued", "st
 
 @dataclass
 class TraceReport:
-    """One run of `nftrace why`: the flow, the packets, and what could not be seen."""
+    """One run of `nftrace why`: the flow and what could not be seen. The packets are not kept:
+    each is written as it completes (trace/jsonstream.py, render.py) between header and trailer."""
 
     flow: Flow
     backend: str = "nft"
     mode: str = "live"
     netns: Optional[str] = None
-    packets: list = field(default_factory=list)
     lost_events: int = 0
     warnings: list = field(default_factory=list)
     interfaces: dict = field(default_factory=dict)
@@ -36,12 +37,6 @@ class TraceReport:
 
     def trailer_json(self) -> dict:
         return {"lost_events": self.lost_events, "warnings": list(self.warnings)}
-
-    def to_json(self) -> dict:
-        document = self.header_json()
-        document["packets"] = [packet_json(path, self.interfaces) for path in self.packets]
-        document.update(self.trailer_json())
-        return document
 
 
 def summary(path: PacketPath) -> str:
@@ -192,9 +187,3 @@ def conntrack_json(path: PacketPath) -> list:
 # A matched rule that tests for invalid alone (not within a set of states).
 _INVALID_RULE_RE = re.compile(r"\bct state invalid\b(?!\s*,)")
 
-
-def endpoint_text(address, port) -> str:
-    if address is None:
-        return "?"
-    text = f"[{address}]" if address.version == 6 and port else str(address)
-    return f"{text}:{port}" if port else text

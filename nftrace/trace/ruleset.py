@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
-TRACE_TABLE_PREFIX = "nftrace_"
+from ..kernel.tracetable import is_trace_table
+
 
 _TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)$")
 _TABLE_NAME_RE = re.compile(r"^table (\S+) (.+?) \{")
@@ -146,7 +147,7 @@ class RulesetSnapshot:
 
     @classmethod
     def take(cls, nft) -> "RulesetSnapshot":
-        return cls(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+        return cls(nft.list_ruleset())
 
     @classmethod
     def take_tables(cls, nft) -> "RulesetSnapshot":
@@ -206,7 +207,3 @@ class RulesetSnapshot:
     def trace_tables(self) -> Iterable[tuple[str, str]]:
         """Tables that nftrace runs made (its own, or a killed run's leftovers)."""
         return [key for key in self.tables if is_trace_table(key[1])]
-
-
-def is_trace_table(name: str) -> bool:
-    return name.startswith(TRACE_TABLE_PREFIX)
