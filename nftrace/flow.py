@@ -50,6 +50,28 @@ class Flow:
             return False
         return True
 
+    def constrained_ends(self) -> tuple:
+        """The ends ("src", "dst") that the flow says something about: an address prefix or a port."""
+        return tuple(end for end, network, port in (("src", self.src, self.sport), ("dst", self.dst, self.dport))
+                     if network.prefixlen or port is not None)
+
+    def matches_an_end(self, src, dst, proto: Optional[int], sport: Optional[int], dport: Optional[int]) -> bool:
+        """Whether one end of a packet is the flow's: its source (address and port), or its
+        destination. A packet of the flow that NAT rewrote on its way keeps one end (DNAT keeps
+        the source, SNAT the destination); an end the flow says nothing about is not one."""
+        if src is None or dst is None:
+            return False
+        if self.proto is not None and proto != PROTOCOL_NUMBERS[self.proto]:
+            return False
+        if src.version != self.src.version:
+            return False
+        ends = self.constrained_ends()
+        if not ends:
+            return True
+        if "src" in ends and src in self.src and (self.sport is None or sport == self.sport):
+            return True
+        return "dst" in ends and dst in self.dst and (self.dport is None or dport == self.dport)
+
     def to_json(self) -> dict:
         return {
             "src": _network_text(self.src),

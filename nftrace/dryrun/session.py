@@ -27,6 +27,7 @@ from .inject import Injection, random_mac
 from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
+from ..trace.crossing import assign_namespace
 from ..trace.nearmiss import renumber
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport
@@ -333,6 +334,7 @@ class DryRun:
         session = TraceSession(options, report)
 
         def deliver(path: PacketPath) -> None:
+            assign_namespace(path, self.request.netns)  # the target's, not the sandbox's
             translate_handles(path, self.handles)
             caveats = path_caveats(path, self.snapshot, self.request.state)
             for which in ("iif", "oif"):

@@ -25,14 +25,16 @@ class TraceReport:
     flow: Flow
     backend: str = "nft"
     mode: str = "live"
-    netns: Optional[str] = None
+    netns: Optional[str] = None  # the (first) namespace traced; None: nftrace's own
+    namespaces: list = field(default_factory=list)  # every namespace traced, in the order given
     lost_events: int = 0
     warnings: list = field(default_factory=list)
     interfaces: dict = field(default_factory=dict)
     dry_run: Optional[dict] = None  # mode "dry-run": the sandbox, the packet sent, what was not copied
 
     def header_json(self) -> dict:
-        return {"backend": self.backend, "mode": self.mode, "netns": self.netns, "flow": self.flow.to_json(),
+        return {"backend": self.backend, "mode": self.mode, "netns": self.netns,
+                "namespaces": list(self.namespaces or [self.netns]), "flow": self.flow.to_json(),
                 "dry_run": self.dry_run}
 
     def trailer_json(self) -> dict:
