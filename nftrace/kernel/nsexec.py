@@ -78,9 +78,8 @@ class NamespaceCaller:
     libnftables context and the netlink sockets of that namespace are made through it (a
     socket belongs to the namespace it was opened in, for good, and libnftables 1.0.6 never
     reopens its socket), and so are the interface lookups, /proc/sys reads and commands for
-    that namespace. One thread makes every libnftables call: libnftables contexts used from
-    two threads, one call at a time, corrupted the heap now and then (seen here with Docker's
-    iptables-nft rules, nftables 1.0.6).
+    that namespace. One thread makes every libnftables call, whichever namespace it is for:
+    libnftables promises nothing for contexts used from several threads.
     """
 
     def __init__(self, fd: int, shown: str):

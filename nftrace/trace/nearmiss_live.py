@@ -53,8 +53,10 @@ class LiveRuleBook:
     """
 
     def __init__(self, nft, nft_text: Optional[Callable] = None, iptables_form: Optional[Callable] = None,
-                 legacy_families: tuple = (), clock: Callable[[], float] = time.monotonic):
+                 legacy_families: tuple = (), clock: Callable[[], float] = time.monotonic,
+                 outline: Optional[Callable[[], dict]] = None):
         self.nft = nft
+        self.outline = outline  # the tables' outline (RulesetSnapshot.outline), for the JSON listing
         self.nft_text = nft_text
         self.iptables_form = iptables_form
         self.legacy_families = tuple(legacy_families)
@@ -79,7 +81,8 @@ class LiveRuleBook:
             book = RuleBook()
             if self.nft is not None:
                 if self._nft_document is None:
-                    self._nft_document = json.loads(self.nft.list_ruleset(json=True)
+                    outline = self.outline() if self.outline is not None else None
+                    self._nft_document = json.loads(self.nft.list_ruleset(json=True, outline=outline)
                                                      or '{"nftables": []}')
                 book.add_nft_json(self._nft_document, self.nft_text, self.iptables_form)
             if self.legacy_families:

@@ -287,7 +287,8 @@ class TraceSession:
             return part.iptables_nft.text(family, table, chain, number) if part.iptables_nft is not None else None
 
         legacy = (plan.legacy,) if plan is not None and plan.legacy else ()
-        source = LiveRuleBook(nft, nft_text, iptables_form, legacy)
+        source = LiveRuleBook(nft, nft_text, iptables_form, legacy,
+                              outline=lambda: snapshot.outline if snapshot is not None else None)
         return NearMissAnnotator(source, part.interfaces, self.report.warnings.append)
 
     def _drop_watcher(self):
