@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import kernel_required, nftrace, ruleset_state, traffic, unique_name
+from conftest import nftrace, ruleset_state, traffic, unavailable, unique_name
 from dockerhost import IMAGE, DockerHost, docker_problem
 from nftrace.lab.topology import in_netns, netns_exists, run
 
@@ -76,10 +76,7 @@ class DockerLab:
 def docker_lab():
     problem = docker_problem()
     if problem:
-        message = f"Docker cannot run here: {problem}"
-        if kernel_required():
-            pytest.fail(message + " (CI/NFTRACE_REQUIRE_KERNEL is set: a skip here is a failure)", pytrace=False)
-        pytest.skip(message)
+        unavailable(f"Docker cannot run here: {problem}")
     lab = DockerLab()
     try:
         lab.up()

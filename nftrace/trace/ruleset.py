@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 from ..kernel.tracetable import is_trace_table
 
 
-_TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)$")
+_TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)(?: .*)?$")  # an owned table: "# handle 5 progname nftrace"
 _TABLE_NAME_RE = re.compile(r"^table (\S+) (.+?) \{")
 _CHAIN_RE = re.compile(r"^chain (.+?) \{ # handle (\d+)$")
 _BASE_RE = re.compile(r"^type (\S+) hook (\S+)(?: .*?)? priority ([^;]+);(?: policy (\S+);)?")
