@@ -569,3 +569,41 @@ def test_a_rule_only_the_connections_state_kept_from_matching_ranks_after_one_th
                    ("rule", "forward", 9, [match(payload("tcp", "dport"), 8443), ACCEPT]))
     found = find_near_misses(path([policy_drop()]), book, INTERFACES)
     assert [n.handle for n in found] == [9, 7, 8]
+
+
+# -- a real listing: rules/sets-and-maps.nft as nft 1.0.6 prints it (`nft -j -a list ruleset`) -------------
+
+
+def recorded_book() -> RuleBook:
+    import json
+    from pathlib import Path
+    book = RuleBook()
+    book.add_nft_json(json.loads((Path(__file__).parent / "data" / "sets-and-maps.nft.json").read_text()))
+    return book
+
+
+def input_policy_drop(dport=23, src="10.77.1.2"):
+    steps = [step("input", None, "drop", "policy", hook="input", table="filter")]
+    seen = observation(hook="input", chain="input", table="filter", oif=None,
+                       packet=headers(src=src, dst="10.77.1.1", dport=dport))
+    return path(steps, [seen])
+
+
+def test_a_recorded_listing_explains_a_dropped_port_by_the_verdict_map_and_the_concatenated_set():
+    found = find_near_misses(input_policy_drop(), recorded_book(), {2: "r-client"})
+    by_handle = {near.handle: near for near in found}
+    vmap = by_handle[16]
+    assert (vmap.verdict, vmap.target, vmap.mismatches[0].wanted) == ("accept", "dns", "{ 53 }")
+    assert vmap.decided_in == 'inet filter dns rule handle 10: meta l4proto { tcp, udp } accept comment "dns"'
+    trusted = by_handle[14].mismatches[0]
+    assert (trusted.packet, trusted.set_name, trusted.first) == ("10.77.1.2 . tcp . 23", "trusted", True)
+
+
+def test_a_recorded_interval_set_holds_the_source_of_an_accepted_packet_back_from_its_drop_rule():
+    steps = [step("input", 14, "accept", hook="input", table="filter")]
+    seen = observation(hook="input", chain="input", table="filter", oif=None,
+                       packet=headers(src="10.77.1.2", dst="10.77.1.1", dport=22))
+    [blocklist] = [near for near in find_near_misses(path(steps, [seen]), recorded_book(), {2: "r-client"})
+                   if near.handle == 13]
+    assert blocklist.verdict == "drop"
+    assert blocklist.mismatches[0].reason == "ip saddr 10.77.1.2 is not in @blocklist"
