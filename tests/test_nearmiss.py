@@ -545,6 +545,7 @@ def test_colour_marks_the_verdict_the_deciding_rule_and_the_crosses_without_chan
     coloured = render_packet(packet, INTERFACES, Style(True))
     plain = render_packet(packet, INTERFACES)
     assert "\033[1;31mDROP  \033[0m" in coloured
+    assert "\033[1;31mpolicy drop\033[0m" in coloured  # the deciding step
     assert "\033[31m✗ ip saddr 10.77.1.50 is not in 10.77.1.0/28\033[0m" in coloured
     assert "\033[32m✓ tcp dport 8080\033[0m" in coloured
     import re
