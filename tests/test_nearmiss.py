@@ -608,3 +608,12 @@ def test_a_recorded_interval_set_holds_the_source_of_an_accepted_packet_back_fro
                    if near.handle == 13]
     assert blocklist.verdict == "drop"
     assert blocklist.mismatches[0].reason == "ip saddr 10.77.1.2 is not in @blocklist"
+
+
+def test_a_jumps_target_is_decided_as_if_the_jump_had_matched():
+    book = ruleset(("chain", "forward"), ("chain", "from_wan"),
+                   ("rule", "from_wan", 20, [match(meta("iifname"), "wan0"), DROP]),
+                   ("rule", "forward", 9, [match(meta("iifname"), "wan0"), jump("from_wan")]))
+    [near] = find_near_misses(path([step("forward", None, "accept", "policy")]), book, INTERFACES)
+    assert (near.handle, near.verdict, near.target) == (9, "drop", "from_wan")
+    assert near.decided_in == 'inet fw from_wan rule handle 20: iifname "wan0" drop'
