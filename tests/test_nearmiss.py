@@ -472,37 +472,49 @@ def test_iptables_nft_compat_matches_are_evaluated_in_their_iptables_form():
 # -- live: read when needed, remembered by packet ------------------------------------------------------
 
 
-class CountingNft:
-    def __init__(self, document: str):
-        self.document = document
-        self.listings = 0
+class CountingLister:
+    """Lists chains from a JSON document, and counts how often it was asked."""
 
-    def list_ruleset(self, **options):
-        self.listings += 1
-        return self.document
+    def __init__(self, *items):
+        self.book = ruleset(*items)
+        self.listings = []
+
+    def chain(self, family, table, name):
+        self.listings.append(name)
+        rules = self.book.rules("nft", family, table, name)
+        if rules is None:
+            return None
+        return {"nftables": [{"rule": {"family": family, "table": table, "chain": name, "handle": rule.handle,
+                                       "expr": rule.exprs}} for rule in rules]}
+
+    def set_elements(self, family, table, name):
+        return self.book.set_elements(family, table, name)
 
 
-def test_the_ruleset_is_read_once_for_many_packets_and_again_after_it_changed():
-    import json
-    nft = CountingNft(json.dumps({"nftables": [{"rule": {"family": "inet", "table": "fw", "chain": "forward",
-                                                         "handle": 9, "expr": ISSUE_RULE}}]}))
-    annotator = NearMissAnnotator(LiveRuleBook(lambda: json.loads(nft.list_ruleset(json=True)), ipsets=dict), INTERFACES)
+def test_only_the_chains_on_the_path_are_read_once_for_many_packets_and_again_after_a_change():
+    lister = CountingLister(("chain", "forward"), ("chain", "unrelated"), ("rule", "forward", 9, ISSUE_RULE),
+                            ("rule", "unrelated", 30, [ACCEPT]))
+    annotator = NearMissAnnotator(LiveRuleBook(lister, ipsets=dict), INTERFACES)
     for _ in range(3):
         packet = path([policy_drop()])
         annotator.annotate(packet)
         assert [n.handle for n in packet.near_misses] == [9]
     annotator.invalidate()
     annotator.annotate(path([policy_drop()]))
-    assert nft.listings == 2
+    assert lister.listings == ["forward", "forward"]
 
 
 def test_a_ruleset_that_cannot_be_read_leaves_the_answer_alone_and_warns_once():
-    def broken():
-        from nftrace.errors import KernelError
-        raise KernelError("nft -j list ruleset failed: Aborted")
+    class Broken:
+        def chain(self, family, table, name):
+            from nftrace.kernel.runner import CommandFailed
+            raise CommandFailed("nft -j list chain inet fw forward: no answer within 60 s")
+
+        def set_elements(self, family, table, name):
+            return None
 
     warnings = []
-    annotator = NearMissAnnotator(LiveRuleBook(broken, ipsets=dict), INTERFACES, warnings.append)
+    annotator = NearMissAnnotator(LiveRuleBook(Broken(), ipsets=dict), INTERFACES, warnings.append)
     for _ in range(2):
         packet = path([policy_drop()])
         annotator.annotate(packet)
