@@ -10,7 +10,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -168,19 +168,10 @@ def why(
         where = f" in {', '.join(named)}" if named else ""
         typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
 
-    exit_code = None
-    try:
-        # A live trace flushes JSON once per batch of events read; a dry run's one answer is
-        # flushed when the document is finished.
-        batches = {"on_batch": stream.flush} if stream and not dry_run else {}
-        session.run(on_packet, on_ready, **batches)
-    except NftraceError as err:
-        if not (stream and stream.started):
-            _fail(err)
-        _say(err, str(err))
-        exit_code = err.exit_code
-    except (KeyboardInterrupt, Interrupted) as stop:
-        exit_code = _stopped(stop, "trace rules removed")
+    # A live trace flushes JSON once per batch of events read; a dry run's one answer is
+    # flushed when the document is finished.
+    batches = {"on_batch": stream.flush} if stream and not dry_run else {}
+    exit_code, _ = _run_session(lambda: session.run(on_packet, on_ready, **batches), stream)
     if stream:
         stream.finish()
     else:
@@ -190,6 +181,101 @@ def why(
     if exit_code is None:
         exit_code = 0 if session.packets_seen else EXIT_NO_PACKET
     raise typer.Exit(exit_code)
+
+
+def _run_session(run: Callable[[], None], stream) -> tuple[Optional[int], bool]:
+    """Run a live session. An error once output has started, Ctrl-C or a signal ends it with
+    one line on stderr (the rules are removed by then); returns the exit status it calls for
+    (None: the run ended by itself) and whether the user stopped it."""
+    try:
+        run()
+    except NftraceError as err:
+        if not (stream and stream.started):
+            _fail(err)
+        _say(err, str(err))
+        return err.exit_code, False
+    except (KeyboardInterrupt, Interrupted) as stop:
+        return _stopped(stop, "trace rules removed"), True
+    return None, False
+
+
+@app.command()
+@_ctrl_c_is_one_line
+def drops(
+    ctx: typer.Context,
+    src: Optional[str] = typer.Option(None, "--from", metavar="ADDR[/LEN]", help="Only packets from this address or prefix."),
+    dst: Optional[str] = typer.Option(None, "--to", metavar="ADDR[/LEN]", help="Only packets to this address or prefix."),
+    proto: Optional[str] = typer.Option(None, "--proto", help="tcp, udp, icmp, icmpv6 or sctp."),
+    sport: Optional[int] = typer.Option(None, "--sport", metavar="N", help="Source port (tcp/udp/sctp)."),
+    dport: Optional[int] = typer.Option(None, "--dport", metavar="N", help="Destination port (tcp/udp/sctp)."),
+    iif: Optional[str] = typer.Option(None, "--iif", metavar="IF", help="Only packets arriving on this interface."),
+    oif: Optional[str] = typer.Option(None, "--oif", metavar="IF", help="Only packets leaving on this interface."),
+    duration: float = typer.Option(0.0, "--duration", min=0, metavar="SEC", help="Stop after SEC seconds (0: at Ctrl-C)."),
+    max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
+                                      help="Also count packets the kernel dropped after netfilter, by reason (needs bpftrace)."),
+):
+    """What is this firewall dropping right now? Every dropping rule, with counts and flows."""
+    from .drops.render import CLEAR, LiveTable, drop_line, render_summary
+    from .drops.report import DropsReport
+    from .drops.run import DropsSession
+    from .flow import parse_filter
+    from .trace.jsonstream import JsonStream
+    from .trace.session import TraceOptions
+    import shutil
+    import time
+
+    netns = ctx.obj["netns"]
+    try:
+        flow = parse_filter(src, dst, proto, sport, dport, iif, oif)
+    except NftraceError as err:
+        _fail(err)
+    options = TraceOptions(flow=flow, netns=netns, count=0, timeout=duration, max_rate=max_rate,
+                           drop_reasons=drop_reasons)
+    report = DropsReport(flow=flow, netns=netns, max_rate=max_rate)
+    session = DropsSession(options, report)
+    stream = JsonStream(sys.stdout, report) if as_json else None
+    live = None if as_json or not sys.stdout.isatty() else LiveTable(report, *shutil.get_terminal_size())
+    refreshed = [0.0]
+
+    def on_drop(path):
+        if stream:
+            stream.packet(path)
+        elif live is None:
+            typer.echo(drop_line(path, report.interfaces))
+
+    def on_batch():
+        if stream:
+            stream.flush()
+        elif live is not None:
+            now = time.monotonic()
+            if now - refreshed[0] >= 1.0 and session.started is not None:
+                refreshed[0] = now
+                sys.stdout.write(CLEAR + live.render(now, now - session.started) + "\n")
+                sys.stdout.flush()
+        else:
+            sys.stdout.flush()
+
+    def on_ready():
+        where = f" in netns {netns}" if netns else ""
+        limit = f"at most {max_rate} packets/s" if max_rate else "every packet"
+        typer.echo(f"watching drops of {flow.describe()}{where}, tracing {limit} (Ctrl-C to stop)", err=True)
+
+    # Ctrl-C and SIGTERM are how a watch ends: the summary follows, and the status is 0.
+    exit_code, stopped = _run_session(lambda: session.run(on_drop, on_ready, on_batch), stream)
+    if stopped:
+        exit_code = 0
+    note = report.sample_note()
+    if stream and note:
+        report.warnings.append(note)  # the text summary says it in its own line
+    if stream:
+        stream.finish()
+    else:
+        if live is not None:
+            sys.stdout.write(CLEAR)
+        typer.echo(render_summary(report))
+    raise typer.Exit(exit_code or 0)
 
 
 @app.command()

@@ -109,5 +109,7 @@ def test_an_owned_table_is_read_with_its_own_chains():
     assert ("inet", "nftrace_7_abc") in snapshot.tables
     assert snapshot.chain("inet", "nftrace_7_abc", "mark_prerouting").hook == "prerouting"
     assert snapshot.chain("inet", "filter", "mark_prerouting") is None
-    assert snapshot.outline[("inet", "nftrace_7_abc")].flags == ("owner",)
-    assert snapshot.outline[("inet", "filter")].objects == [("chain", "input")]
+    outline: dict = {}
+    parse_ruleset_listing(listing, outline)
+    assert outline[("inet", "nftrace_7_abc")].flags == ("owner",)
+    assert outline[("inet", "filter")].objects == [("chain", "input")]

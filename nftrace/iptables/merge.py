@@ -29,7 +29,8 @@ from ..trace.identity import packet_identity
 from .legacy import BACKEND, CHAIN_HOOKS, TABLE_HOOKS, Resolution, table_priority
 from ..kernel.monitor import EventsLost
 from .nflog import LegacyTraceEvent
-from ..trace.paths import EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step, finalise_path
+from ..trace.paths import (EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step,
+                           finalise_path, verdict_before_kernel_drop)
 from ..trace.jumpstack import JumpStack
 from ..trace.ruleset import priority_value
 
@@ -385,8 +386,11 @@ class LegacyPathBuilder:
         """Close the open packets the kernel dropped after netfilter let them through."""
         done = []
         for packet in list(self._open.values()):
-            if packet.kept and packet.trail.final is None and vanished(packet.path):
-                packet.path.complete, packet.path.verdict = True, "drop"
+            drop = vanished(packet.path) if packet.kept and packet.trail.final is None else None
+            if drop:
+                packet.path.complete = True
+                packet.path.verdict = verdict_before_kernel_drop(getattr(drop, "reason", None))
+                packet.path.vanished_after = packet.trail.hooks[-1] if packet.trail.hooks else "its first hook"
                 done.extend(self._close(packet))
         return done
 

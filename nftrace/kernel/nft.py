@@ -54,23 +54,22 @@ class NftContext:
         self.messages = error or ""
         return output
 
-    def list_ruleset(self, *, state: bool = False, json: bool = False, outline: Optional[dict] = None) -> str:
+    def list_ruleset(self, *, state: bool = False, json: bool = False) -> str:
         """The whole ruleset as nft prints it, with handles (`nft -a`).
 
         state=False: without counter values, quotas and set elements (`-s -t`): the rule text
         an admin reads, and a listing whose size does not grow with the sets' contents.
         state=True: everything, as a copy needs it (`nft -a list ruleset`).
         json=True: everything, as libnftables' JSON document (`nft -a -j list ruleset`), made
-        table by table (see _json_ruleset); `outline` (RulesetSnapshot.outline) saves the text
-        listing that tells the tables apart.
+        table by table (see _json_ruleset).
         """
         if json:
-            return self._json_ruleset(outline)
+            return self._json_ruleset()
         if state:
             return self.run("list ruleset", handles=True)
         return self.run("list ruleset", handles=True, stateless=True, terse=True)
 
-    def _json_ruleset(self, outline: Optional[dict]) -> str:
+    def _json_ruleset(self) -> str:
         """`nft -j list ruleset`, one table at a time.
 
         libnftables 1.0.6 frees the flag of a table that has exactly one (`flags owner`:
@@ -82,9 +81,8 @@ class NftContext:
         from ..trace.ruleset import parse_ruleset_listing  # the rule text's parser (not imported at start)
         from .tracetable import is_trace_table  # tracetable imports this module
 
-        if outline is None:
-            outline = {}
-            parse_ruleset_listing(self.list_ruleset(), outline)
+        outline: dict = {}
+        parse_ruleset_listing(self.list_ruleset(), outline)
         items: list = []
         for (family, table), shape in outline.items():
             if is_trace_table(table):

@@ -1,11 +1,19 @@
 """nftrace's own nftables table: mark chains that switch tracing on for the flow, and
-observation chains that show every hook the packet passes.
+observation chains that show the packet where nothing else can.
 
 - mark chains at prerouting and output, priority -350, before raw (-300), conntrack
   (-200) and NAT: they see the packet as it arrived or was sent, and set `meta nftrace`
   for the flow only, under a kernel-side rate limit;
-- observation chains, no rules, policy accept, last priority, at every hook: their events
-  tell the path builder which hook the packet passed, and the headers it left it with.
+- observation chains, last priority, on the exit hooks (input, postrouting: their event says
+  that netfilter let the packet through, and shows it as it leaves) and on the hooks where
+  NAT may rewrite it unseen (prerouting and output, when the namespace has NAT chains there:
+  a packet that vanishes after a DNAT is known by its new headers). Everywhere else the
+  first chain of the next hook shows the packet as the hook left it (trace/paths.py).
+
+Every chain of the table ends on an `accept` rule: the kernel then sends one event per
+packet and chain, where a chain that falls off its end sends two (end of rules, policy).
+Each event costs the kernel an allocation and the reader its decoding: under a flood, the
+events per packet decide whether nftrace keeps up.
 
 The table is created with `flags owner` where the kernel has it, so that the kernel deletes
 it when nftrace's netlink socket closes, even on SIGKILL. Its name carries the pid, so that
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import re
 import secrets
@@ -47,6 +56,14 @@ OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 # Bridge hooks where a bridged frame's path ends (input: up to the bridge device itself;
 # postrouting: out of a port) or that a frame routed out through a bridge device passes.
 BRIDGE_OBSERVE_HOOKS = ("input", "forward", "output", "postrouting")
+# Observed always: their observation is where an accepted packet's path ends.
+EXIT_OBSERVE_HOOKS = ("input", "postrouting")
+# Observed when the namespace has NAT chains on them (DNAT happens there).
+NAT_OBSERVE_HOOKS = ("prerouting", "output")
+ACCEPT = {"accept": None}
+# Named counters of a counted table (`drops`): packets that matched, and those traced.
+MATCHED_COUNTER = "matched"
+TRACED_COUNTER = "traced"
 DEFAULT_MAX_RATE = 100
 OWNER_WARNING = ("nftrace's table could not be tied to its process with 'flags owner' ({reason}): it is removed "
                  "on every exit but SIGKILL; after a SIGKILL, 'nftrace cleanup' (or the next run) removes it")
@@ -60,7 +77,7 @@ def is_trace_table(name: str) -> bool:
 
 
 def _address_match(field: str, flow: Flow, network) -> Optional[dict]:
-    if network.prefixlen == 0:
+    if network is None or network.prefixlen == 0:
         return None
     right = (
         str(network.network_address)
@@ -84,7 +101,12 @@ def flow_match(flow: Flow, hook: str, family: str = "inet", end: Optional[str] =
     mark_ends). --iif/--oif name interfaces of the IP layer: bridge and netdev chains see
     ports and devices instead, and do not match them."""
     key, words = _L3_KEYS.get(family, _INET_L3)
-    exprs = [{"match": {"op": "==", "left": {"meta": {"key": key}}, "right": words[flow.ip_version]}}]
+    if flow.ip_version is not None:
+        exprs = [{"match": {"op": "==", "left": {"meta": {"key": key}}, "right": words[flow.ip_version]}}]
+    elif family in _L3_KEYS:  # frames: IP ones only (`drops` without an address: both families)
+        exprs = [{"match": {"op": "==", "left": {"meta": {"key": key}}, "right": {"set": list(words.values())}}}]
+    else:
+        exprs = []  # inet, ip, ip6 chains see IP packets only
     for side, field, network in (("src", "saddr", flow.src), ("dst", "daddr", flow.dst)):
         match = _address_match(field, flow, network) if end in (None, side) else None
         if match:
@@ -119,27 +141,69 @@ def mark_hooks(flow: Flow) -> tuple[str, ...]:
 
 
 def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
-                         ends: tuple = (None,), **attach) -> list[dict]:
+                         ends: tuple = (None,), counted: bool = False, **attach) -> list[dict]:
     """A chain on `hook` whose rules (one per end, see mark_ends) switch tracing on for the flow."""
     chain = f"{MARK_CHAIN_PREFIX}{hook}{suffix}"
-    commands = [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
-                                   "policy": "accept", **attach}}}]
+    return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
+                               "policy": "accept", **attach}}}] + \
+        _mark_rule_commands(family, name, flow, max_rate, hook, suffix, ends, counted)
+
+
+def _mark_rule_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
+                        ends: tuple = (None,), counted: bool = False, counted_elsewhere: tuple = ()) -> list[dict]:
+    """The rules of a mark chain (see _mark_chain_commands); each ends on accept.
+
+    `counted`: the rule counts the packets that match (MATCHED_COUNTER, before the rate limit)
+    and those it marks (TRACED_COUNTER, after it), so that a run can say how many packets it
+    did not trace. A packet counts once: at prerouting, packets that come in on `lo` were
+    counted (and marked, or not) at output, and the trace bit crosses loopback; so were
+    packets that come in on `counted_elsewhere`, the devices marked at ingress."""
+    chain = f"{MARK_CHAIN_PREFIX}{hook}{suffix}"
+    commands = []
     for end in ends:
         exprs = flow_match(flow, hook, family, end)
+        if counted and hook == "prerouting" and family == "inet":
+            counted_before = (("lo",) if "output" in mark_hooks(flow) else ()) + tuple(counted_elsewhere)
+            if counted_before:
+                exprs.append({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}},
+                                        "right": {"set": list(counted_before)}}})
+        if counted:
+            exprs.append({"counter": MATCHED_COUNTER})
         if max_rate:
             exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
+        if counted:
+            exprs.append({"counter": TRACED_COUNTER})
         exprs.append({"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}})
+        exprs.append(ACCEPT)
         commands.append({"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": exprs}}})
     return commands
 
 
-def _observe_chain_command(family: str, name: str, hook: str, suffix: str = "", **attach) -> dict:
-    return {"add": {"chain": {"family": family, "table": name, "name": f"{OBSERVE_CHAIN_PREFIX}{hook}{suffix}", "type": "filter",
-                              "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept", **attach}}}
+def _observe_chain_commands(family: str, name: str, hook: str, suffix: str = "", **attach) -> list[dict]:
+    chain = f"{OBSERVE_CHAIN_PREFIX}{hook}{suffix}"
+    return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter",
+                               "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept", **attach}}},
+            {"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": [ACCEPT]}}}]
+
+
+def observation_hooks(nat_hooks) -> tuple[str, ...]:
+    """The hooks that get an observation chain, given the hooks where the namespace has NAT."""
+    return tuple(hook for hook in OBSERVE_HOOKS if hook in EXIT_OBSERVE_HOOKS or (hook in NAT_OBSERVE_HOOKS
+                                                                                 and hook in nat_hooks))
+
+
+def nat_hooks(snapshot: "RulesetSnapshot", legacy_nat: bool = False) -> frozenset:
+    """Hooks with NAT chains: nftables base chains of type nat (iptables-nft's included), and
+    every NAT hook when a legacy iptables nat table exists."""
+    hooks = {chain.hook for chain in snapshot.chains.values() if chain.type == "nat" and chain.hook
+             and not is_trace_table(chain.table)}
+    if legacy_nat:
+        hooks.update(("prerouting", "output", "input", "postrouting"))
+    return frozenset(hooks)
 
 
 def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, devices: list[str],
-                          ends: tuple = (None,)) -> list[dict]:
+                          ends: tuple = (None,), counted: bool = False) -> list[dict]:
     """Ingress chains (netdev, or inet ingress) run before prerouting: a packet they drop never
     reaches the prerouting mark chain, so the trace bit is set at ingress too, on their devices,
     before them. Its rate limit is a rule of its own: a packet passes it and the prerouting one."""
@@ -148,8 +212,14 @@ def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, dev
     commands = []
     for index, device in enumerate(devices):
         # libnftables' JSON takes one device per inet ingress chain: a chain per device.
-        commands += _mark_chain_commands(family, name, flow, max_rate, "ingress", f"@{index}", ends, dev=device,
-                                         prio=INGRESS_MARK_PRIORITY)
+        commands += _mark_chain_commands(family, name, flow, max_rate, "ingress", f"@{index}", ends, counted,
+                                         dev=device, prio=INGRESS_MARK_PRIORITY)
+    if counted and devices:
+        # Packets of these devices now count at ingress: the prerouting rule leaves them out,
+        # in the same transaction, so that none counts twice or not at all.
+        commands.append({"flush": {"chain": {"family": family, "table": name, "name": f"{MARK_CHAIN_PREFIX}prerouting"}}})
+        commands += _mark_rule_commands(family, name, flow, max_rate, "prerouting", "", ends, counted,
+                                        counted_elsewhere=tuple(devices))
     return commands
 
 
@@ -162,7 +232,7 @@ def egress_commands(name: str, flow: Flow, max_rate: int, devices: list[str], en
     for index, device in enumerate(devices):
         commands += _mark_chain_commands("netdev", name, flow, max_rate, "egress", f"@{index}", ends, dev=device,
                                          prio=INGRESS_MARK_PRIORITY)
-        commands.append(_observe_chain_command("netdev", name, "egress", f"@{index}", dev=device))
+        commands += _observe_chain_commands("netdev", name, "egress", f"@{index}", dev=device)
     return commands
 
 
@@ -172,16 +242,21 @@ def bridge_table_commands(name: str, flow: Flow, max_rate: int, ends: tuple = (N
     bridge hooks where its path can end or turn are observed."""
     commands = _mark_chain_commands("bridge", name, flow, max_rate, "prerouting", ends=ends, prio=MARK_PRIORITY)
     for hook in BRIDGE_OBSERVE_HOOKS:
-        commands.append(_observe_chain_command("bridge", name, hook))
+        commands += _observe_chain_commands("bridge", name, hook)
     return commands
 
 
-def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int, ends: tuple = (None,)) -> list[dict]:
+def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int, ends: tuple = (None,),
+                         observe=EXIT_OBSERVE_HOOKS, counted: bool = False) -> list[dict]:
     commands = []
+    if counted:
+        commands += [{"add": {"counter": {"family": family, "table": name, "name": counter}}}
+                     for counter in (MATCHED_COUNTER, TRACED_COUNTER)]
     for hook in mark_hooks(flow):
-        commands += _mark_chain_commands(family, name, flow, max_rate, hook, ends=ends, prio=MARK_PRIORITY)
-    for hook in OBSERVE_HOOKS:
-        commands.append(_observe_chain_command(family, name, hook))
+        commands += _mark_chain_commands(family, name, flow, max_rate, hook, ends=ends, counted=counted,
+                                         prio=MARK_PRIORITY)
+    for hook in observe:
+        commands += _observe_chain_commands(family, name, hook)
     return commands
 
 
@@ -195,10 +270,13 @@ class TraceTable:
 
     family = "inet"
 
-    def __init__(self, nft: NftContext, flow: Flow, max_rate: int = DEFAULT_MAX_RATE, relaxed: bool = False):
+    def __init__(self, nft: NftContext, flow: Flow, max_rate: int = DEFAULT_MAX_RATE, relaxed: bool = False,
+                 counted: bool = False):
         self.nft = nft
         self.flow = flow
         self.max_rate = max_rate
+        self.counted = counted  # count matched and traced packets (see _mark_rule_commands)
+        self.observed: tuple = EXIT_OBSERVE_HOOKS
         self.ends = mark_ends(flow, relaxed)
         self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
         self.owner = False  # the tables are tied to nftrace's socket (flags owner)
@@ -221,7 +299,25 @@ class TraceTable:
         except BaseException as err:
             undo_after(err, self.remove)
             raise
-        self._commit(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.ends))
+        self._commit(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.ends, self.observed,
+                                          self.counted))
+
+    def observe(self, nat: frozenset) -> None:
+        """Add the observation chains that NAT on these hooks calls for (see observation_hooks);
+        called once the ruleset is known, and again when it changes. Chains are only added:
+        one observation too many costs an event, one too few a fact."""
+        missing = [hook for hook in observation_hooks(nat) if hook not in self.observed]
+        if missing:
+            self.nft.run_json([command for hook in missing
+                               for command in _observe_chain_commands(self.family, self.name, hook)])
+            self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in missing)
+
+    def counts(self) -> tuple[int, int]:
+        """(matched, traced) packets so far, from the table's counters (see `counted`)."""
+        listing = json.loads(self.nft.run(f"list counters table {self.family} {self.name}", json_output=True))
+        packets = {item["counter"]["name"]: item["counter"]["packets"] for item in listing.get("nftables", [])
+                   if "counter" in item}
+        return packets.get(MATCHED_COUNTER, 0), packets.get(TRACED_COUNTER, 0)
 
     def _add_table(self, family: str) -> None:
         global _owner_warned
@@ -255,7 +351,8 @@ class TraceTable:
 
     def mark_ingress(self, devices: list[str]) -> None:
         """Also set the trace bit at ingress on these interfaces (see ingress_mark_commands)."""
-        commands = ingress_mark_commands(self.family, self.name, self.flow, self.max_rate, devices, self.ends)
+        commands = ingress_mark_commands(self.family, self.name, self.flow, self.max_rate, devices, self.ends,
+                                         self.counted)
         if commands:
             self._commit(commands)
 

@@ -20,7 +20,8 @@ from typing import Optional
 from pyroute2.netlink import nla
 from pyroute2.netlink.nfnetlink import nfgen_msg
 
-from ..kernel.netlink import NFNL_SUBSYS_NFTABLES, NFPROTO_NAMES, NFT_MSG_TRACE, compact_table, message_type, read_message
+from ..kernel.netlink import (NFGENMSG_END, NFNL_SUBSYS_NFTABLES, NFPROTO_NAMES, NFT_MSG_TRACE, NLMSG_HEADER_SIZE,
+                              compact_table, message_type, read_message)
 from ..protocols import ICMP_PROTOCOL_NUMBERS, PORT_PROTOCOL_NUMBERS, PROTOCOL_NUMBERS
 
 IPPROTO_TCP = PROTOCOL_NUMBERS["tcp"]
@@ -123,7 +124,10 @@ class nft_trace_msg(nfgen_msg):
         nla_map = VERDICT_ATTRIBUTES
 
 
-@dataclass(frozen=True)
+# The records below are made by the million under a flood: plain dataclasses with slots
+# (a frozen one costs a microsecond more to make), compared and hashed by value, never
+# changed once made.
+@dataclass(slots=True, unsafe_hash=True)
 class PacketHeaders:
     """What the truncated network and transport headers of an event say about the packet."""
 
@@ -143,7 +147,7 @@ class PacketHeaders:
     tcp_ack: Optional[int] = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ConntrackInfo:
     """The packet's conntrack entry as one base chain saw it (kernels with NFTA_TRACE_CT_*)."""
 
@@ -153,7 +157,7 @@ class ConntrackInfo:
     status: tuple = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class TraceEvent:
     """One NFT_MSG_TRACE: a rule that matched, a chain that returned, or a policy applied.
 
@@ -342,5 +346,39 @@ TRACE_DECODER = compact_table(TRACE_ATTRIBUTES, {"verdict": VERDICT_ATTRIBUTES},
 
 def decode_trace_message(raw: bytes) -> TraceEvent:
     """One NFT_MSG_TRACE (nlmsghdr included) into a TraceEvent, reading only the attributes
-    a TraceEvent is made of (a few µs an event)."""
-    return event_from_attributes(raw[16], read_message(raw, TRACE_DECODER))
+    a TraceEvent is made of (a few µs an event).
+
+    An event without packet information (every event of a base chain's run after its first)
+    is the same from one packet to the next but for the trace id: such events are decoded
+    once and kept by their bytes without the id (a rule that matches every packet of a flood
+    costs a dictionary lookup)."""
+    key = None
+    if raw[_ID_OFFSET:_ID_OFFSET + 4] == _ID_HEADER:
+        end = min(len(raw), _MESSAGE_LENGTH.unpack_from(raw, 0)[0])
+        key = raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_OFFSET + 8:end]
+        known = _repeated_events.get(key)
+        if known is not None:
+            return _with_trace_id(known, _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0])
+    event = event_from_attributes(raw[16], read_message(raw, TRACE_DECODER))
+    if key is not None and not event.starts_base_chain:
+        if len(_repeated_events) >= _EVENT_CACHE_SIZE:
+            _repeated_events.clear()
+        _repeated_events[key] = event
+    return event
+
+
+# The kernel puts NFPROTO, TYPE and then ID first (nf_tables_trace.c: nft_trace_notify), so the
+# trace id's attribute header is at a fixed place; checked on every message, never assumed.
+_ID_NUMBER = [name for name, _ in TRACE_ATTRIBUTES].index("NFTA_TRACE_ID")
+_ID_OFFSET = NFGENMSG_END + 16
+_ID_HEADER = struct.pack("=HH", 8, _ID_NUMBER)
+_ID_VALUE = struct.Struct(">I")  # NFTA_TRACE_ID is be32 (TRACE_ATTRIBUTES)
+_MESSAGE_LENGTH = struct.Struct("=I")
+_EVENT_CACHE_SIZE = 4096
+_repeated_events: dict = {}
+
+
+def _with_trace_id(event: TraceEvent, trace_id: int) -> TraceEvent:
+    return TraceEvent(trace_id, event.family, event.table, event.chain, event.type, event.verdict, event.handle,
+                      event.target, event.nfproto, event.iif, event.oif, event.mark, event.packet, event.ct,
+                      event.queue_num)

@@ -9,13 +9,23 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
   base-chain run for an id whose current packet has already passed that mark chain, or
   where a finished packet's id shows up again at the start of a base chain;
 - which hook: events carry table and chain only. A base chain's hook comes from the
-  ruleset snapshot; nftrace's observation chains (last priority on every hook) close each
-  hook, so steps whose hook is still unknown get the hook of the next observation;
+  ruleset snapshot, or from nftrace's own chains' names; steps whose hook is still unknown
+  get the hook entered next;
+- what the packet looked like when a hook ended: nftrace's observation chains (last
+  priority) say it on the hooks where something can change it unseen (NAT), and on the exit
+  hooks. Elsewhere nothing runs between the end of one IP hook and the first chain of the
+  next, so that chain's first event says it: the hook's end is derived from it (`derived`),
+  and a hook that the kernel's order puts in between (forward, between prerouting and
+  postrouting) is added the same way;
 - returns: nothing is sent when a caller resumes after a jump, so a jump stack is kept;
   falling off the end of a chain is a rule event without handle (older kernels: a return
   event); a goto pushes nothing, so the end of a goto'd chain goes back past it;
 - when a packet is done: a drop, queue or stolen verdict, or nftrace's observation chain
   at input or postrouting (netfilter has let it through); else it ends when it goes idle.
+
+nftrace's own chains end on an `accept` rule, so that each sends one event per packet (a base
+chain that falls off its end sends two: the end of its rules, and its policy); streams where
+they end on their policy read the same.
 """
 
 from __future__ import annotations
@@ -36,6 +46,16 @@ HOOK_ORDER = ("ingress", "prerouting", "input", "forward", "output", "postroutin
 HOOK_RANK = {hook: rank for rank, hook in enumerate(HOOK_ORDER)}
 # After nftrace's observation chain on these hooks, netfilter has nothing more to say.
 EXIT_HOOKS = frozenset({"input", "postrouting"})
+# Hooks a packet must have passed between two IP hooks it was seen on, in the kernel's order
+# (ingress → prerouting → input, or → forward → postrouting; output → postrouting).
+HOOKS_BETWEEN = {
+    ("prerouting", "postrouting"): ("forward",),
+    ("ingress", "input"): ("prerouting",),
+    ("ingress", "forward"): ("prerouting",),
+    ("ingress", "postrouting"): ("prerouting", "forward"),
+}
+# Hooks run before routing: no output interface yet.
+BEFORE_ROUTING = frozenset({"ingress", "prerouting"})
 MANGLE_PRIORITY = -150
 
 
@@ -158,6 +178,8 @@ class HookObservation:
     own: bool  # from nftrace's own mark or observation chain
     netns: Optional[str] = None
     family: Optional[str] = None  # of the chain's table: bridge for a bridge hook, netdev for egress
+    # The end of a hook that nftrace did not observe, read from the next hook's first chain.
+    derived: bool = False
 
 
 @dataclass
@@ -180,6 +202,12 @@ class PacketPath:
     # A packet traced across namespaces: its part in each, in the order it met them (crossing.py).
     segments: list = field(default_factory=list)
     interfaces: Optional[dict] = None  # ifindex -> name in a segment's namespace (None: the run's own)
+    # The kernel freed the packet after this hook, before netfilter was done with it (a kernel
+    # drop closed the path): no step decided its fate (see verdict_before_kernel_drop).
+    vanished_after: Optional[str] = None
+    # nftrace tables whose mark rule set its trace bit: tells a run's own packets from those
+    # that a concurrent run traced (both runs receive every trace event of the namespace).
+    marked_by: set = field(default_factory=set)
     # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
     # filled in when the answer is delivered, not on the event path.
     near_misses: list = field(default_factory=list)
@@ -193,10 +221,15 @@ class PacketPath:
 
     def interface_index(self, which: str) -> Optional[int]:
         """iif: the first one seen; oif: the last one seen (routing may change it)."""
-        values = [getattr(o, which) for o in self.observations if getattr(o, which)]
-        if not values:
+        if which == "iif":
+            for observation in self.observations:
+                if observation.iif:
+                    return observation.iif
             return None
-        return values[0] if which == "iif" else values[-1]
+        for observation in reversed(self.observations):
+            if getattr(observation, which):
+                return getattr(observation, which)
+        return None
 
     @property
     def mark(self) -> Optional[int]:
@@ -212,6 +245,7 @@ class _PacketState:
     stack: Optional[JumpStack] = None  # the running base chain's jump stack
     hook: Optional[str] = None  # hook of the running base chain, None while unknown
     base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
+    hook_end_seen: bool = False  # nftrace's observation chain ended the latest IP hook
     marks_seen: set = field(default_factory=set)
     passed: set = field(default_factory=set)  # (family, hook) of the base chains run so far
     family_hooks: dict = field(default_factory=dict)  # family -> latest hook of a chain of that family
@@ -363,19 +397,22 @@ class PathBuilder:
         self._looped.clear()
         return done
 
-    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
-        """Close the open packets that the kernel is known to have freed (`vanished` says which,
-        e.g. from a kernel drop): netfilter will send nothing more, so there is no idle wait.
-        They end complete, dropped, with no rule to blame."""
+    def close_vanished(self, vanished: Callable[[PacketPath], object]) -> list:
+        """Close the open packets that the kernel is known to have freed (`vanished` gives the
+        kernel's drop, with its `reason`, or None): netfilter will send nothing more, so there
+        is no idle wait. They end complete, with netfilter's verdict and no deciding step (see
+        verdict_before_kernel_drop)."""
         done = []
         for state in list(self._open.values()):
             if state.closed or state.ignored or state.finished or state.path.first_packet is None:
                 continue
-            if vanished(state.path):
+            drop = vanished(state.path)
+            if drop:
                 state.finished = True
                 state.path.complete = True
-                state.path.verdict = "drop"
-                done.extend(self._close(state, forget=False))
+                state.path.verdict = verdict_before_kernel_drop(getattr(drop, "reason", None))
+                state.path.vanished_after = state.path.hooks[-1] if state.path.hooks else "its first hook"
+                done.extend(self._close(state, forget=False, wait_for_loop=False))
         return done
 
     def mark_loss(self) -> None:
@@ -448,7 +485,7 @@ class PathBuilder:
             chain = None if own else self.lookup.chain(event.family, event.table, event.chain)
             state.base_type = chain.type if chain is not None else None
             if state.hook is not None:
-                self._enter_hook(state, state.hook)
+                self._enter_hook(state, state.hook, event)
             state.stack = JumpStack(event.chain)
             path.observations.append(
                 HookObservation(state.hook, event.table, event.chain, event.packet, event.iif, event.oif,
@@ -461,12 +498,18 @@ class PathBuilder:
                 state.marks_seen.add((event.family, event.table, event.chain))
         elif event.mark and path.observations:
             path.observations[-1].mark = event.mark
+        if own and event.handle is not None and event.type == "rule" and event.chain.startswith(MARK_CHAIN_PREFIX):
+            path.marked_by.add(event.table)  # the mark rule matched: it set the trace bit
         if not own:
             self._add_step(state, event)
-        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX) and event.type == "policy" and self._through(state, event):
-            state.finished = True
-            path.complete = True
-            path.verdict = "accept"
+        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX):
+            if event.starts_base_chain and _hook_family(event.family) == "inet":
+                state.hook_end_seen = True
+            # The chain's accept rule, or its policy where the chain has no rule.
+            if (event.type == "policy" or event.verdict == "accept") and self._through(state, event):
+                state.finished = True
+                path.complete = True
+                path.verdict = "accept"
 
     def _through(self, state: _PacketState, event: TraceEvent) -> bool:
         """Whether netfilter is done with the packet once nftrace's observation chain at this
@@ -487,13 +530,27 @@ class PathBuilder:
             return not (("inet", "forward") in state.passed and ("inet", "postrouting") not in state.passed)
         return oif not in self.bridges or ("bridge", "postrouting") in state.passed
 
-    def _enter_hook(self, state: _PacketState, hook: str) -> None:
-        """Steps whose base chain was unknown to the snapshot ran on the hook entered next."""
+    def _enter_hook(self, state: _PacketState, hook: str, event: TraceEvent) -> None:
+        """Steps whose base chain was unknown to the snapshot ran on the hook entered next.
+
+        Moving on to a later IP hook, the packet left the previous one as this chain first
+        sees it: where nftrace did not observe that hook's end, it is derived from this event,
+        and so is every hook the kernel ran in between."""
         path = state.path
         for step in path.steps[state.unhooked_from:]:
             if step.hook is None:
                 step.hook = hook
         state.unhooked_from = len(path.steps)
+        previous = state.family_hooks.get("inet") if _hook_family(event.family) == "inet" else None
+        if previous is not None and previous != hook and HOOK_RANK[hook] > HOOK_RANK[previous] \
+                and path.hooks[-1:] == [previous]:
+            if not state.hook_end_seen:
+                path.observations.append(_derived_observation(previous, event))
+            for between in HOOKS_BETWEEN.get((previous, hook), ()):
+                path.hooks.append(between)
+                path.observations.append(_derived_observation(between, event))
+        if previous != hook and _hook_family(event.family) == "inet":
+            state.hook_end_seen = False
         if not path.hooks or path.hooks[-1] != hook:
             path.hooks.append(hook)
 
@@ -583,6 +640,24 @@ class PathBuilder:
         return [path]
 
 
+def verdict_before_kernel_drop(reason: Optional[str]) -> str:
+    """Netfilter's verdict on a packet that the kernel dropped after its traced chains: one rule
+    for every reason. The verdict is netfilter's, and `kernel_drop` says what happened next.
+    Netfilter let the packet go on (accept: every chain it passed accepted it) unless the kernel
+    says that netfilter dropped it outside the traced chains (NETFILTER_DROP: conntrack, an
+    untraced table). A packet that vanished before netfilter was done with it
+    (`vanished_after`) has no deciding step: the kernel, not a chain, decided its fate."""
+    return "drop" if reason == "NETFILTER_DROP" else "accept"
+
+
+def _derived_observation(hook: str, event: TraceEvent) -> HookObservation:
+    """The end of `hook`, as the first chain of a later hook saw the packet (see the module's
+    docstring); before routing there is no output interface."""
+    oif = None if hook in BEFORE_ROUTING else event.oif
+    return HookObservation(hook, event.table, event.chain, event.packet, event.iif, oif, event.mark, event.ct,
+                           own=True, family=event.family, derived=True)
+
+
 def _hook_family(family: str) -> str:
     """The hooks a table's chains attach to: ip, ip6 and inet tables share the IP hooks."""
     return "inet" if family in ("ip", "ip6", "inet") else family
@@ -603,7 +678,7 @@ def _header_key(packet: Optional[PacketHeaders]) -> tuple:
 
 def finalise_path(path: PacketPath, lookup: Optional[RuleLookup] = None) -> None:
     """Derive the deciding step and the NAT rewrites once the path is over."""
-    if path.verdict == "accept" and path.decided_by is None:
+    if path.verdict == "accept" and path.decided_by is None and path.vanished_after is None:
         path.decided_by = deciding_accept(path.steps, lookup)
     path.nat = nat_rewrites(path.observations, path.steps)
 
@@ -629,7 +704,10 @@ def deciding_accept(steps: list, lookup: Optional[RuleLookup] = None) -> Optiona
     telling chains (see accept_tier); among chains that filter, an accepting rule over a later
     policy (on a host with two firewalls, the other one's default lets through what this
     one's rule chose to)."""
-    return choose_accept([(step, accept_tier(step, lookup)) for step in steps if step.verdict == "accept"])
+    accepting = [step for step in steps if step.verdict == "accept"]
+    if len(accepting) < 2:
+        return accepting[0] if accepting else None  # the common case needs no ranking
+    return choose_accept([(step, accept_tier(step, lookup)) for step in accepting])
 
 
 def choose_accept(accepting: list) -> Optional[Step]:

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..flow import Flow
 from ..protocols import protocol_name
-from .paths import PacketPath
+from .paths import PacketPath, Step
 from ..kernel.system import interface_name
 
 VERDICT_WORDS = {"drop": "dropped", "accept": "accepted", "queue": "queued", "stolen": "stolen"}
@@ -51,13 +51,18 @@ def summary(path: PacketPath) -> str:
         return f"not seen after {where}: netfilter did not drop it, something outside the ruleset did (routing, rp_filter, no socket, ...)"
     drop = path.kernel_drop
     if drop:
+        # The verdict is netfilter's; the kernel's drop after it is said too (see
+        # paths.verdict_before_kernel_drop).
         said = drop.get("reason") + (f" — {drop['explain']}" if drop.get("explain") else "")
+        where = path.vanished_after or (path.hooks[-1] if path.hooks else "its first hook")
         if path.verdict == "accept":
-            accepted = f"accepted by {step.location()}" if step is not None else "accepted by every chain"
-            return f"{accepted}, then dropped by the kernel: {said}"
+            if path.vanished_after:
+                return f"no rule dropped it: it passed every chain up to {where}, then the kernel dropped it: {said}"
+            if step is not None:
+                return f"accepted by {step.location()}, then dropped by the kernel: {said}"
+            return f"accepted by every chain, then dropped by the kernel: {said}"
         if path.verdict == "drop" and step is None:
-            where = path.hooks[-1] if path.hooks else "its first hook"
-            return f"no rule dropped it: it passed every chain up to {where}, then the kernel dropped it: {said}"
+            return f"dropped by netfilter outside the traced chains, after {where}: {said}"
     if step is None:
         if path.verdict == "accept":
             hooks = ", ".join(path.hooks)
@@ -120,13 +125,20 @@ def packet_fields(path: PacketPath, interfaces: dict) -> dict:
     }
 
 
-def _decided_by_json(path: PacketPath) -> Optional[dict]:
-    step = path.decided_by
+DECIDED_BY_FIELDS = ("hook", "family", "table", "chain", "type", "handle", "rule_number", "text", "verdict",
+                     "iptables", "backend", "netns")
+
+
+def decided_by_json(step: Optional[Step]) -> Optional[dict]:
+    """A deciding step in JSON: what `decided_by` says in every document."""
     if step is None:
         return None
     fields = step.to_json()
-    return {key: fields[key] for key in ("hook", "family", "table", "chain", "type", "handle", "rule_number", "text",
-                                         "verdict", "iptables", "backend", "netns")}
+    return {key: fields[key] for key in DECIDED_BY_FIELDS}
+
+
+def _decided_by_json(path: PacketPath) -> Optional[dict]:
+    return decided_by_json(path.decided_by)
 
 
 def namespaces_json(path: PacketPath, interfaces: dict) -> list:

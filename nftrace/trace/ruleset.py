@@ -171,8 +171,7 @@ class RulesetSnapshot:
     """Rule texts and chain facts, refreshed when the ruleset generation changes."""
 
     def __init__(self, listing: str = ""):
-        self.outline: dict = {}
-        self.tables, self.chains, self.rules = parse_ruleset_listing(listing, self.outline)
+        self.tables, self.chains, self.rules = parse_ruleset_listing(listing)
 
     @classmethod
     def take(cls, nft) -> "RulesetSnapshot":
@@ -197,9 +196,7 @@ class RulesetSnapshot:
 
     def refresh(self, listing: str) -> None:
         """Replace with a newer listing; rules gone from a table that still exists stay, marked deleted."""
-        outline: dict = {}
-        tables, chains, rules = parse_ruleset_listing(listing, outline)
-        self.outline = outline
+        tables, chains, rules = parse_ruleset_listing(listing)
         for key, rule in self.rules.items():
             if key in rules:
                 continue

@@ -27,7 +27,7 @@ from ..iptables.legacy import legacy_tables
 from ..kernel import runner
 from ..kernel.monitor import EventsLost, MonitorItem, RulesetChanged, TableDeleted, TraceMonitor
 from ..kernel.nft import NftContext
-from .nearmiss_live import LiveRuleBook, NearMissAnnotator
+from .nearmiss_live import LiveRuleBook, NearMissAnnotator, nft_lister
 from .crossing import CrossingJoiner, assign_namespace
 from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
@@ -38,7 +38,7 @@ from ..signals import Interrupted, SignalsAsExceptions, UndoStack
 from ..kernel.netns import NamespaceRequest
 from ..kernel.nsexec import NamespaceCaller
 from ..kernel.system import enter_namespace_fd, interface_index, interface_links, interface_names, require_net_admin
-from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, remove_leftover_tables
+from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, nat_hooks, remove_leftover_tables
 from ..iptables.xtnft import IptablesNftText
 
 COMMAND_GRACE_SECONDS = 0.5
@@ -57,6 +57,7 @@ class TraceOptions:
     rcvbuf: Optional[int] = None  # None: sized from max_rate, or NFTRACE_RCVBUF (rcvbuf.py)
     drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
+    counted: bool = False  # count matched and traced packets in the trace table (`drops`)
     # The namespaces to trace (--netns, --pid, --container, --all-netns); None: `netns`, or
     # the one nftrace runs in. The first is where the traffic command runs.
     namespaces: Optional[NamespaceRequest] = None
@@ -116,6 +117,10 @@ class TraceSession:
         self._process: Optional[subprocess.Popen] = None
         self._drops: Optional[KernelDropWatcher] = None
         self._correlator: Optional[DropCorrelator] = None
+        self._table: Optional[TraceTable] = None  # the first namespace's
+
+    def _finishing(self, table: Optional[TraceTable]) -> None:
+        """Called once the trace is over, while the trace table is still in (for its counters)."""
 
     def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
             on_batch: Optional[Callable[[], None]] = None) -> None:
@@ -161,6 +166,7 @@ class TraceSession:
                     self._loop(run)
                 finally:
                     self._stop_command()
+                    self._finishing(primary.table)
                     self.report.lost_events = sum((part.monitor.dropped_messages() or part.monitor.overruns)
                                                   for part in parts if part.monitor is not None) + (
                         legacy.lost_messages() if legacy else 0)
@@ -217,7 +223,10 @@ class TraceSession:
         """The part's trace rules; its snapshot, now with them in. --iif and --oif name interfaces
         of the first namespace: the others' rules do without."""
         flow = self.options.flow if part.caller is None else replace(self.options.flow, iif=None, oif=None)
-        part.table = undo.enter_context(TraceTable(part.nft, flow, self.options.max_rate, relaxed=relaxed))
+        part.table = undo.enter_context(TraceTable(part.nft, flow, self.options.max_rate, counted=self.options.counted,
+                                                   relaxed=relaxed))
+        if part.caller is None:
+            self._table = part.table
         if part.table.owner_warning:
             self.report.warnings.append(part.table.owner_warning)
         part.monitor.watch_ruleset()
@@ -229,10 +238,13 @@ class TraceSession:
         keep = self._keep_either_end if several else self._keep
         if part.caller is None:
             devices = self._follow_devices(part) if plan.nft else {}
+            if plan.nft:
+                part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)))
             part.iptables_nft = IptablesNftText.read(part.snapshot) if plan.nft else None
             part.builder = make_path_builder(plan, part.snapshot, legacy, keep, self.options.idle_seconds, **devices)
         else:
             devices = self._follow_devices(part)
+            part.table.observe(nat_hooks(part.snapshot))
             part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
             part.builder = PathBuilder(part.snapshot, keep=keep, idle_seconds=self.options.idle_seconds, **devices)
             if part.call(legacy_tables, self.options.flow.nft_family):
@@ -287,9 +299,13 @@ class TraceSession:
             return part.iptables_nft.text(family, table, chain, number) if part.iptables_nft is not None else None
 
         legacy = (plan.legacy,) if plan is not None and plan.legacy else ()
-        source = LiveRuleBook(nft, nft_text, iptables_form, legacy,
-                              outline=lambda: snapshot.outline if snapshot is not None else None)
+        # The lister is a command: made in the part's namespace (part.call) when it answers.
+        source = LiveRuleBook(nft_lister() if nft is not None else None, nft_text, iptables_form, legacy)
         return NearMissAnnotator(source, part.interfaces, self.report.warnings.append)
+
+    @staticmethod
+    def _legacy_nat(legacy: Optional[LegacyTracing]) -> bool:
+        return legacy is not None and "nat" in legacy.tables()
 
     def _drop_watcher(self):
         """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
@@ -374,6 +390,8 @@ class TraceSession:
     def _deliver(self, run: "_Run", paths: list, held: bool = False) -> None:
         """Hand finished paths to the caller, up to --count; a path netfilter accepted waits
         (held by the correlator) for a kernel drop that would change its answer."""
+        if not paths:
+            return  # most events finish no packet: nothing to hold, nothing to release
         correlator = self._correlator
         if correlator is not None and not held:
             paths = correlator.hold(paths, time.monotonic())
@@ -449,6 +467,8 @@ class TraceSession:
             elif isinstance(item, RulesetChanged):
                 part.snapshot.refresh(part.nft.list_ruleset())
                 part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
+                legacy_nat = self._legacy_nat(run.legacy) if part is run.primary else False
+                part.table.observe(nat_hooks(part.snapshot, legacy_nat=legacy_nat))
                 if part.near_misses is not None:
                     part.near_misses.invalidate()
             elif isinstance(item, TableDeleted) and item.name == part.table.name:
