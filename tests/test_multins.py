@@ -7,6 +7,7 @@ into one answer. Every namespace touched must be left as it was, whatever ends t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -163,21 +164,13 @@ def start(lab, *namespaces, env=None):
     return process
 
 
-def test_ctrl_c_removes_the_trace_rules_from_every_namespace(lab):
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_remove_the_trace_rules_from_every_namespace(lab, signum, status):
     before = states(lab)
     process = start(lab, lab.router, lab.server)
-    os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole process group
+    os.killpg(process.pid, signum)  # as a terminal's Ctrl-C reaches it: the whole process group
     _, stderr = process.communicate(timeout=20)
-    assert process.returncode == 130, stderr
-    assert states(lab) == before
-
-
-def test_sigterm_removes_the_trace_rules_from_every_namespace(lab):
-    before = states(lab)
-    process = start(lab, lab.router, lab.server)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=20)
-    assert process.returncode == 143, stderr
+    assert process.returncode == status, stderr
     assert states(lab) == before
 
 
@@ -246,3 +239,47 @@ def test_a_dry_run_copies_one_namespace(lab):
 def test_other_commands_work_in_one_namespace(lab):
     result = nftrace("--netns", lab.router, "--netns", lab.server, "test", "x.toml")
     assert result.returncode == 2 and "'test' works in one namespace" in result.stderr
+
+
+
+ALL_NETNS_SCRIPT = r"""
+set -e
+mount -t tmpfs nftrace-test /run/netns
+ip netns add a
+ip netns add b
+ip -n a link set lo up
+ip -n b link set lo up
+ip link add eth0 netns a type veth peer name eth0 netns b
+ip -n a addr add 10.98.0.1/24 dev eth0
+ip -n a link set eth0 up
+ip -n b addr add 10.98.0.2/24 dev eth0
+ip -n b link set eth0 up
+printf 'table inet host {
+ chain input {
+  type filter hook input priority filter; policy accept;
+  udp dport 7777 counter drop
+ }
+}
+'     | ip netns exec b nft -f -
+ip netns exec a env PYTHONPATH="$REPO" "$PYTHON" -m nftrace --all-netns why --from 10.98.0.1 --to 10.98.0.2     --proto udp --dport 7777 --count 1 --timeout 15 --json -- "$PYTHON" -m nftrace.lab.traffic udp 10.98.0.2 7777     > "$OUT"
+echo "a: $(ip netns exec a nft list tables | tr '
+' ' ')" > "$OUT.tables"
+echo "b: $(ip netns exec b nft list tables | tr '
+' ' ')" >> "$OUT.tables"
+"""
+
+
+def test_all_netns_traces_every_named_namespace_and_this_one(tmp_path):
+    """In a mount namespace of the test's own, /run/netns holds only the test's two namespaces:
+    --all-netns never reaches the machine's other namespaces (or its own firewall)."""
+    out = tmp_path / "answer.json"
+    env = dict(os.environ, REPO=str(REPO), PYTHON=sys.executable, OUT=str(out))
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", ALL_NETNS_SCRIPT],
+                            capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    assert document["namespaces"] == ["a", "b"]  # nftrace runs in a: it is named, and traced once
+    [packet] = document["packets"]
+    assert packet["verdict"] == "drop" and packet["decided_by"]["netns"] == "b"
+    assert [part["netns"] for part in packet["namespaces"]] == ["a", "b"]
+    assert (tmp_path / "answer.json.tables").read_text().splitlines() == ["a: ", "b: table inet host "]
