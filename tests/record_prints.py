@@ -1,9 +1,10 @@
-"""Record how this machine's nftables and iptables print the rules/ scenarios, for the unit
+"""Record how this machine's nftables and iptables print the rulesets of rules/ and tests/data/
+(the scenarios, and those that `nftrace test` is tested with), for the unit
 tests that read each supported release's prints (tests/test_version_prints.py):
 `sudo .venv/bin/python tests/record_prints.py [OUT_DIR]`, once on Debian 12 and once on
 Debian 13 (scripts/clean-root.sh runs it in a clean root).
 
-Each scenario's ruleset is loaded on the router of a lab of namespaces, as `nftrace lab` does,
+Each ruleset is loaded on the router of a lab of namespaces, as `nftrace lab` does,
 and what nftrace parses is written to OUT_DIR (default tests/data/prints/nft-VERSION):
 SCENARIO.listing (`nft -a -s -t list ruleset`, what the ruleset snapshot reads), SCENARIO.json
 (`nft -j -a list ruleset`, what the near-miss rulebook reads) and, for iptables scenarios,
@@ -44,7 +45,7 @@ def main() -> int:
     topology = Topology(f"nftprint{os.getpid()}")
     topology.up()
     try:
-        for scenario in list_scenarios():
+        for scenario in list_scenarios() + list_scenarios(REPO / "tests" / "data"):
             load_scenario(scenario, topology.router)
             router = topology.router
             (out / f"{scenario.name}.listing").write_text(

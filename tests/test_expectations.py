@@ -27,9 +27,9 @@ expect = "accept"
 """
 
 
-def packet(verdict="accept", chain="input", text=None, type="rule", iptables=None, nat=()):
-    return {"verdict": verdict, "decided_by": {"chain": chain, "text": text, "type": type, "iptables": iptables},
-            "nat": list(nat)}
+def packet(verdict="accept", chain="input", text=None, type="rule", iptables=None, nat=(), family="inet"):
+    return {"verdict": verdict, "decided_by": {"chain": chain, "text": text, "type": type, "iptables": iptables,
+                                               "family": family}, "nat": list(nat)}
 
 
 def flow_with(tmp_path, extra=""):
@@ -134,3 +134,10 @@ def test_a_comment_names_its_rule_and_only_a_whole_comment_does(tmp_path):
     flow = flow_with(tmp_path, 'text = "ssh"\n')
     assert flow.check(packet(text='tcp dport 22 accept comment "ssh"')) == []
     assert flow.check(packet(text='tcp dport 22 accept comment "ssh from the admins"'))
+
+
+def test_ip_protocol_and_meta_l4proto_are_the_same_match_in_an_ip_table_only(tmp_path):
+    # iptables-nft 1.8.9 wrote `-p tcp` as `meta l4proto tcp`, 1.8.11 as `ip protocol tcp`.
+    flow = flow_with(tmp_path, "text = 'meta l4proto tcp counter reject with tcp reset'\n")
+    assert flow.check(packet(text="ip protocol tcp counter reject with tcp reset", family="ip")) == []
+    assert flow.check(packet(text="ip protocol tcp counter reject with tcp reset", family="inet"))

@@ -92,7 +92,8 @@ class FlowExpectation:
             problems.append(f"decided in chain {decided.get('chain')}, expected {self.chain}")
         if self.type is not None and decided.get("type") != self.type:
             problems.append(f"decided by a {decided.get('type')}, expected a {self.type}")
-        if self.text is not None and not names_rule(self.text, decided.get("text"), decided.get("iptables")):
+        if self.text is not None and not names_rule(self.text, decided.get("text"), decided.get("iptables"),
+                                                       decided.get("family")):
             seen = blanks_collapsed(decided.get("text") or decided.get("iptables") or "")
             problems.append(f"decided by '{seen}', expected '{self.text}'")
         for side, expected in (("dst", self.dnat), ("src", self.snat)):

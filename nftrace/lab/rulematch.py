@@ -14,11 +14,12 @@ matches the rule when it is
   prints it: canonical in every version), compared with runs of blanks collapsed, or
 - its nft text, compared in canonical form: blanks collapsed, the elements of `{ ... }` sets
   in sorted order, numbers in decimal, a default that one version prints and the other
-  leaves out dropped (`burst 5 packets` of a limit), and the matches before the rule's first
-  statement as a set, since a rule matches when all of them do, whatever their order.
-  Statements and the verdict (`counter`, `log`, `meta mark set`, `accept`, `jump`, ...) stay
-  in order: their order is the rule's meaning. A text this reading cannot split into matches
-  is compared whole.
+  leaves out dropped (`burst 5 packets` of a limit), `ip protocol X` read as `meta l4proto X`
+  in an ip table (iptables-nft 1.8.11 writes `-p tcp` as the first, 1.8.9 as the second),
+  and the matches before the rule's first statement as a set, since a rule matches when all
+  of them do, whatever their order. Statements and the verdict (`counter`, `log`, `meta mark
+  set`, `accept`, `jump`, ...) stay in order: their order is the rule's meaning. A text this
+  reading cannot split into matches is compared whole.
 """
 
 from __future__ import annotations
@@ -105,7 +106,15 @@ def _match_at(tokens: list[str], start: int) -> Optional[int]:
     return index if index <= len(tokens) else None
 
 
-def canonical_nft(text: str) -> tuple:
+def _same_protocol_match(match: str, family: Optional[str]) -> str:
+    """In a table of the ip family, `ip protocol tcp` and `meta l4proto tcp` match the same
+    packets: iptables-nft 1.8.11 writes the first for `-p tcp`, 1.8.9 wrote the second."""
+    if family == "ip" and match.startswith("ip protocol "):
+        return "meta l4proto " + match[len("ip protocol "):]
+    return match
+
+
+def canonical_nft(text: str, family: Optional[str] = None) -> tuple:
     """The rule's matches before its first statement as a sorted tuple, then the rest in order."""
     tokens = _without_defaults([_token(raw) for raw in _TOKEN.findall(text)])
     matches = []
@@ -114,7 +123,7 @@ def canonical_nft(text: str) -> tuple:
         end = _match_at(tokens, index)
         if end is None:
             break
-        matches.append(" ".join(tokens[index:end]))
+        matches.append(_same_protocol_match(" ".join(tokens[index:end]), family))
         index = end
     return tuple(sorted(matches)), tuple(tokens[index:])
 
@@ -128,13 +137,14 @@ def rule_comment(text: str) -> Optional[str]:
     return next(group for group in found.groups() if group is not None)
 
 
-def names_rule(wanted: str, text: Optional[str], iptables: Optional[str]) -> bool:
+def names_rule(wanted: str, text: Optional[str], iptables: Optional[str], family: Optional[str] = None) -> bool:
     """Whether `wanted` (an expectation's `text`) names the rule nft prints as `text` and
-    iptables-save as `iptables`: by comment, iptables form, or canonical nft text."""
+    iptables-save as `iptables`, in a table of `family`: by comment, iptables form, or
+    canonical nft text."""
     wanted = blanks_collapsed(wanted)
     for form in (text, iptables):
         if form and rule_comment(form) == wanted:
             return True
     if iptables and blanks_collapsed(iptables) == wanted:
         return True
-    return bool(text) and canonical_nft(text) == canonical_nft(wanted)
+    return bool(text) and canonical_nft(text, family) == canonical_nft(wanted, family)
