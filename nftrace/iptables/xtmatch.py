@@ -178,6 +178,11 @@ def _result(expr: str, found: Optional[bool], negate: bool, field_name: str, pac
             set_name: Optional[str] = None, reason: Optional[str] = None) -> Condition:
     if found is None:
         return Condition(expr, None, field_name, packet, wanted, set_name, negate)
+    if negate:
+        reason = f"{field_name} {packet} is excluded by {expr}"
+    elif reason is None:
+        several = any(mark in wanted for mark in ("/", ",", ":", "-")) and field_name not in ("iifname", "oifname")
+        reason = f"{field_name} {packet} is {'not in' if several else 'not'} {wanted}"
     return Condition(expr, (not found) if negate else found, field_name, packet, wanted, set_name, negate, reason)
 
 
@@ -230,7 +235,7 @@ def _condition(token: str, value: str, negate: bool, expr: str, view: PacketView
         if not view.has_ports:
             shown = protocol_text(view.proto)
             return Condition(expr, False if view.proto is not None else None, field_name, shown, value,
-                             reason=f"{field_name}: the packet is {shown}, without ports")
+                             reason=f"{field_name}: the packet is {shown}, without ports", other_protocol=True)
         if None in values:
             return Condition(expr, None, field_name)
         ranges = _ports(value)
@@ -296,7 +301,8 @@ def _port_condition(expr: str, value: str, negate: bool, view: PacketView, modul
         return Condition(expr, None, field_name)
     if view.proto != wanted_proto:
         shown = protocol_text(view.proto)
-        return Condition(expr, False, field_name, shown, value, reason=f"{field_name}: the packet is {shown}, not {module}")
+        return Condition(expr, False, field_name, shown, value, reason=f"{field_name}: the packet is {shown}, not {module}",
+                         other_protocol=True)
     port = view.sport if source else view.dport
     if port is None:
         return Condition(expr, None, field_name)
@@ -334,7 +340,8 @@ def _icmp(expr: str, value: str, negate: bool, view: PacketView, module: str) ->
         return Condition(expr, None, field_name)
     if view.proto != wanted_proto:
         shown = protocol_text(view.proto)
-        return Condition(expr, False, field_name, shown, value, reason=f"{field_name}: the packet is {shown}")
+        return Condition(expr, False, field_name, shown, value, reason=f"{field_name}: the packet is {shown}",
+                         other_protocol=True)
     if value == "any":
         return _result(expr, True, negate, field_name, str(view.icmp_type), value)
     type_text, _, code_text = value.partition("/")

@@ -15,14 +15,13 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..flow import PROTOCOL_NAMES, PROTOCOL_NUMBERS
+from ..protocols import OTHER_PORT_PROTOCOLS, PORT_PROTOCOL_NUMBERS, PROTOCOL_NAMES, PROTOCOL_NUMBERS
 
 # Protocol names nft and iptables print, beyond the flow's own.
 PROTOCOLS = dict(PROTOCOL_NUMBERS, **{"ipv6-icmp": 58, "icmp6": 58, "igmp": 2, "gre": 47, "esp": 50, "ah": 51,
                                      "udplite": 136, "dccp": 33, "ipip": 4, "ospf": 89, "vrrp": 112})
-PORT_PROTOCOL_NUMBERS = frozenset({6, 17, 132, 33, 136})
 # Protocols whose header carries the port (or icmp) fields, as nft names them in `payload`.
-PAYLOAD_PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136, "icmp": 1, "icmpv6": 58}
+PAYLOAD_PROTOCOLS = {**PROTOCOL_NUMBERS, **OTHER_PORT_PROTOCOLS}
 
 ICMP_TYPES = {
     "echo-reply": 0, "destination-unreachable": 3, "source-quench": 4, "redirect": 5, "echo-request": 8,
@@ -99,8 +98,9 @@ class Condition:
     `field` the normalised thing it tests (`ip saddr`, `tcp dport`, `iifname`, `ct state`,
     `meta mark`, ...); `packet` the packet's value in the same notation; `wanted` what the
     expression wanted (`10.77.1.0/28`, `@allowed`, `{ 22, 80 }`); `set_name` the named set
-    (or ipset) a lookup used; `negated` for `!=` / `!`; `reason` a sentence for a false one
-    when the plain "is not" would mislead (the packet has no such header, ...).
+    (or ipset) a lookup used; `negated` for `!=` / `!`; `reason` the sentence that explains a
+    false one; `other_protocol`: the packet has no such field at all (a tcp port of a udp
+    packet, an IPv4 address of an IPv6 packet): another packet, not another value, would match.
     """
 
     expr: str
@@ -111,6 +111,7 @@ class Condition:
     set_name: Optional[str] = None
     negated: bool = False
     reason: Optional[str] = None
+    other_protocol: bool = False
 
 
 def unknown(expr: str, field_name: Optional[str] = None) -> Condition:

@@ -28,18 +28,24 @@ socket, fib, meta time, ...): never guessed. A candidate whose expressions all m
 (the evaluation disagrees with the kernel, e.g. state that changed between the packet and
 the listing) is left out rather than explained wrongly.
 
-Ranking: fewest failed expressions first, then fewest unknown ones, then the most that
-matched (a rule that fits the packet but for its source is closer than a bare `iif "lo"`),
+Ranking: fewest failed expressions first, then fewest unknown ones, then rules that the flow's
+own values missed before those that want another protocol or family, and those before the
+ones that only the packet's circumstances kept from matching (conntrack state, loopback), then
+the most that matched (a rule that fits the packet but for its source is closer than a bare `iif "lo"`),
 then path order.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Protocol
 
+from ..protocols import iptables_command
+
 from .matching import Condition, PacketView, RuleEvaluation
+
+HOOK_RANK = {hook: rank for rank, hook in enumerate(("ingress", "prerouting", "input", "forward", "output",
+                                                     "postrouting", "egress"))}
 
 # How deep a hypothetical jump is followed (the kernel allows 16 levels).
 MAX_JUMP_DEPTH = 16
@@ -61,7 +67,9 @@ class Mismatch:
     `meta mark`, ...) — the same words for nft and iptables rules.
     `set_name`: the named set (nft) or ipset (iptables) looked up; for a fix, the packet's
     value goes there. `negated`: the expression was `!=` / `!` (the packet's value is the
-    one excluded). `reason`: the explanation in one line.
+    one excluded). `reason`: the explanation in one line. `other_protocol`: the packet has no
+    such field (a tcp port of a udp packet, an IPv4 address of an IPv6 one): no value of the
+    flow's would match, only another kind of packet.
     """
 
     expr: str
@@ -72,10 +80,12 @@ class Mismatch:
     wanted: Optional[str] = None
     negated: bool = False
     reason: str = ""
+    other_protocol: bool = False
 
     def to_json(self) -> dict:
         return {"expr": self.expr, "packet": self.packet, "first": self.first, "field": self.field,
-                "set_name": self.set_name, "wanted": self.wanted, "negated": self.negated, "reason": self.reason}
+                "set_name": self.set_name, "wanted": self.wanted, "negated": self.negated, "reason": self.reason,
+                "other_protocol": self.other_protocol}
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ class NearMiss:
 
     def where(self) -> str:
         if self.backend == "iptables-legacy":
-            return f"{'ip6tables' if self.family == 'ip6' else 'iptables'} {self.table} {self.chain}"
+            return f"{iptables_command(self.family)} {self.table} {self.chain}"
         return f"{self.family} {self.table} {self.chain}"
 
     def label(self) -> str:
@@ -134,16 +144,11 @@ class NearMiss:
 
 
 def describe_mismatch(condition: Condition) -> str:
-    """`ip saddr 10.77.1.50 is not in 10.77.1.0/28`: the packet's value against the wanted one."""
+    """`ip saddr 10.77.1.50 is not in 10.77.1.0/28`: the packet's value against the wanted one
+    (the evaluators say it; this is the plain form for a condition that does not)."""
     if condition.reason:
         return condition.reason
-    name = condition.field or condition.expr
-    wanted = condition.wanted or "?"
-    if condition.negated:
-        return f"{name} {condition.packet} is excluded by {condition.expr}"
-    membership = wanted.startswith(("{", "@")) or "/" in wanted or "-" in wanted.strip('"') \
-        or condition.set_name is not None
-    return f"{name} {condition.packet} is {'not in' if membership else 'not'} {wanted}"
+    return f"{condition.field or condition.expr} {condition.packet} is not {condition.wanted or '?'}"
 
 
 def mismatches_from(evaluation: RuleEvaluation) -> tuple:
@@ -156,7 +161,7 @@ def mismatches_from(evaluation: RuleEvaluation) -> tuple:
         elif condition.matched is False:
             found.append(Mismatch(condition.expr, condition.packet or "?", not first_done, condition.field,
                                   condition.set_name, condition.wanted, condition.negated,
-                                  describe_mismatch(condition)))
+                                  describe_mismatch(condition), condition.other_protocol))
             first_done = True
     return tuple(found)
 
@@ -274,17 +279,24 @@ def _runs(path) -> list:
     return runs
 
 
-def _observation_for(path, run: _Run):
-    """The observation the run's base chain made (its own headers), else the hook's latest."""
-    best = None
+def _observation_for(path, run: _Run) -> tuple:
+    """(observation, same hook): the one the run's base chain made (its own headers), else the
+    hook's latest, else the latest of an earlier hook (a chain that dropped the packet before
+    nftrace's observation chain, with no event of its own: a legacy iptables chain)."""
+    best = earlier = None
+    rank = HOOK_RANK.get(run.hook or "", -1)
     for observation in path.observations:
-        if observation.hook != run.hook or observation.packet is None:
+        if observation.packet is None:
+            continue
+        if observation.hook != run.hook:
+            if HOOK_RANK.get(observation.hook or "", 99) < rank:
+                earlier = observation
             continue
         if observation.table == run.table and observation.chain == run.chain:
-            return observation
+            return observation, True
         if not observation.own or best is None:
             best = observation
-    return best
+    return (best, True) if best is not None else (earlier, False)
 
 
 class _Finder:
@@ -296,10 +308,17 @@ class _Finder:
         self.found: list = []
 
     def view(self, run: _Run) -> Optional[PacketView]:
-        observation = _observation_for(self.path, run)
+        observation, same_hook = _observation_for(self.path, run)
         if observation is None:
             return None
-        return packet_view(observation, self.interfaces, self.conntrack_reported)
+        view = packet_view(observation, self.interfaces, self.conntrack_reported)
+        if not same_hook:
+            # Seen at an earlier hook: routing may have chosen the output interface since; the
+            # headers, the input side and the conntrack state (confirmed only when the packet
+            # leaves netfilter) hold.
+            oifname = "" if run.hook in ("prerouting", "input", "ingress") else None
+            view = replace(view, hook=run.hook, oifname=oifname)
+        return view
 
     def walk_run(self, run: _Run, wanted: str) -> None:
         """Walk the run's chains as the kernel did, the steps saying which rules matched."""
@@ -406,7 +425,7 @@ class _Finder:
 
 def _rule_location(run: _Run, rule) -> str:
     if run.backend == "iptables-legacy":
-        where = f"{'ip6tables' if run.family == 'ip6' else 'iptables'} {run.table} {rule.chain}"
+        where = f"{iptables_command(run.family)} {run.table} {rule.chain}"
         return f"{where} rule {rule.number}: {rule.iptables or rule.text}"
     return f"{run.family} {run.table} {rule.chain} rule handle {rule.handle}: {rule.text}"
 
@@ -432,7 +451,24 @@ def find_near_misses(path, book: RuleBook, interfaces: dict) -> list:
         for run in runs:
             finder.walk_run(run, wanted)
     order = {id(item): index for index, item in enumerate(finder.found)}
-    return sorted(finder.found, key=lambda item: (item.failed, len(item.unknown), -len(item.matched), order[id(item)]))
+    return sorted(finder.found, key=lambda item: (item.failed, len(item.unknown), _remoteness(item),
+                                                  -len(item.matched), order[id(item)]))
+
+
+# What a packet brings with it from elsewhere: its connection's state, the loopback interface.
+STATE_FIELDS = frozenset({"ct state", "ct status", "ct direction"})
+LOOPBACK_NAMES = frozenset({'"lo"', "lo"})
+
+
+def _remoteness(near_miss: NearMiss) -> int:
+    """0: the flow's own values missed (another address, port, interface would match);
+    1: a failed expression wants another protocol or address family; 2: only the packet's
+    circumstances kept the rule from matching (`ct state established,related accept`,
+    `iif "lo" accept`): such rules need another packet, not another rule, so they rank last."""
+    mismatches = near_miss.mismatches
+    if mismatches and all(m.field in STATE_FIELDS or m.wanted in LOOPBACK_NAMES for m in mismatches):
+        return 2
+    return 1 if any(m.other_protocol for m in mismatches) else 0
 
 
 def renumber(near_misses: Iterable[NearMiss], handles: Callable[[NearMiss], Optional[int]]) -> list:
