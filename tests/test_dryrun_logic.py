@@ -7,8 +7,9 @@ import struct
 
 import pytest
 
-from nftrace.dryrun.session import (CONNTRACK_CAVEAT, check_dry_run_flow, conntrack_entry_argv, path_caveats, plan_injection,
-                            target_handles, translate_handles)
+from nftrace.dryrun.names import TargetNames
+from nftrace.dryrun.session import (CONNTRACK_CAVEAT, check_dry_run_flow, conntrack_entry_argv, path_caveats,
+                                    plan_injection)
 from nftrace.errors import InputError
 from nftrace.flow import parse_flow
 from nftrace.dryrun.inject import (TCP_ACK, TCP_SYN, Injection, crc32c, ethernet_frame, icmp_echo, internet_checksum,
@@ -122,13 +123,14 @@ def test_sandbox_copy_drops_owner_and_offload_flags_and_says_so():
 
 
 def test_target_handles_are_found_by_rule_position():
-    assert target_handles(LISTING)[("inet", "fw", "input", 2)] == 9
+    sandbox = LISTING.replace("# handle 9", "# handle 4")
+    assert TargetNames(LISTING, [], sandbox, []).handle("inet", "fw", "input", 4, 2) == (9, 2)
 
 
 def test_handles_in_a_path_become_the_targets_own():
     step = Step("input", "inet", "fw", "input", "rule", 4, 2, "tcp dport 22 drop", "drop")
     path = PacketPath(1, steps=[step], decided_by=step)
-    translate_handles(path, {("inet", "fw", "input", 2): 9})
+    TargetNames(LISTING, [], LISTING.replace("# handle 9", "# handle 4"), []).translate(path)
     assert path.decided_by.handle == 9
 
 

@@ -7,8 +7,9 @@ is never touched: not its ruleset, counters, conntrack table or sockets.
 
 What the copy cannot carry is said plainly: always in the JSON's `dry_run.not_copied`, and as
 a warning when a rule on the packet's path depends on it (socket owners, conntrack, ...).
-Rule handles in the answer are the target's own (the copy keeps every chain's rule order),
-so that `nft -a list ruleset` in the target shows the rule named.
+Rule handles and chain names in the answer are the target's own (the copy keeps every chain's
+rule order; nftrace.dryrun.names translates), so that `nft -a list ruleset` in the target
+shows the rule named, and an anonymous chain has the name the target's kernel gave it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from typing import Callable, Optional
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
 from .inject import Injection
+from .names import TargetNames
 from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
+from ..kernel.anonchains import read_anonymous_chains
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport
-from ..trace.ruleset import RulesetSnapshot, parse_ruleset_listing
+from ..trace.ruleset import RulesetSnapshot
 from .sandbox import CandidateRuleset, Sandbox, read_candidate
 from ..trace.session import TraceOptions, TraceSession
 from ..signals import SignalsAsExceptions
@@ -145,21 +148,6 @@ def conntrack_entry_argv(injection: Injection) -> list[str]:
     return argv + ["-u", "SEEN_REPLY,ASSURED", "-t", str(CONNTRACK_TIMEOUT)]
 
 
-def target_handles(listing: str) -> dict:
-    """(family, table, chain, rule number) → the target's rule handle."""
-    _, _, rules = parse_ruleset_listing(listing)
-    return {(r.family, r.table, r.chain, r.number): r.handle for r in rules.values()}
-
-
-def translate_handles(path: PacketPath, handles: dict) -> None:
-    """Give each step the target's handle for its rule (the sandbox numbers its own)."""
-    for step in path.steps:
-        if step.type == "rule" and step.rule_number is not None:
-            handle = handles.get((step.family, step.table, step.chain, step.rule_number))
-            if handle is not None:
-                step.handle = handle
-
-
 def chains_on_path(path: PacketPath) -> set:
     chains = {(s.family, s.table, s.chain) for s in path.steps}
     chains |= {(s.family, s.table, s.target) for s in path.steps if s.target}
@@ -184,6 +172,12 @@ def path_caveats(path: PacketPath, snapshot: RulesetSnapshot, state: str) -> lis
     return caveats
 
 
+def _read_sandbox_ruleset() -> tuple[str, list]:
+    """Runs in the sandbox: its ruleset, and the names the kernel gave its anonymous chains."""
+    listing = NftContext().run("list ruleset", handles=True, stateless=True, terse=True)
+    return listing, read_anonymous_chains(listing)
+
+
 @dataclass
 class DryRunRequest:
     netns: Optional[str]
@@ -204,7 +198,7 @@ class DryRun:
         self.netstate: Optional[NetworkState] = None
         self.sandbox: Optional[Sandbox] = None
         self.snapshot: Optional[RulesetSnapshot] = None
-        self.handles: dict = {}
+        self.names = TargetNames()
         self._bookmark: Optional[NamespaceBookmark] = None
         self._traced = 0
 
@@ -220,9 +214,13 @@ class DryRun:
         self.netstate = read_network_state(self.request.netns)
         self.sandbox = Sandbox(self.netstate)
         self.sandbox.build(self.candidate)
-        self.snapshot = call_in_namespace(self.sandbox.name, lambda: RulesetSnapshot.take(NftContext()))
+        listing, anonymous = call_in_namespace(self.sandbox.name, _read_sandbox_ruleset)
+        self.snapshot = RulesetSnapshot(listing)
+        self.snapshot.add_anonymous_chains(anonymous)
         if self.candidate is None:
-            self.handles = target_handles(self.netstate.nft_listing)
+            self.names = TargetNames(self.netstate.nft_listing, self.netstate.anonymous_chains, listing, anonymous)
+        else:
+            self.names = TargetNames(listing, anonymous)  # the candidate's own names
 
     def close(self) -> None:
         try:
@@ -284,8 +282,8 @@ class DryRun:
         session = TraceSession(options, report)
 
         def deliver(path: PacketPath) -> None:
-            translate_handles(path, self.handles)
             caveats = path_caveats(path, self.snapshot, self.request.state)
+            self.names.translate(path, self.snapshot)
             for which in ("iif", "oif"):
                 name = report.interfaces.get(path.interface_index(which) or -1)
                 if name in self.sandbox.approximated:

@@ -110,7 +110,7 @@ class TraceSession:
                 if plan.nft:
                     table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate))
                     monitor.watch_ruleset()
-                    snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                    snapshot.refresh_from(nft)
                     if snapshot.ingress_devices():
                         table.mark_ingress(snapshot.ingress_devices())
                     self._iptables_nft = IptablesNftText.read(snapshot)
@@ -278,7 +278,7 @@ class TraceSession:
                         if options.count and self.packets_seen >= options.count:
                             return
                     elif isinstance(item, RulesetChanged):
-                        snapshot.refresh(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+                        snapshot.refresh_from(nft)
                         self._iptables_nft = IptablesNftText.read(snapshot)
                     elif isinstance(item, EventsLost):
                         builder.mark_loss()
