@@ -314,11 +314,14 @@ class DryRun:
 class DryRunSession:
     """What `nftrace why --dry-run` runs in place of a live TraceSession: the same interface."""
 
-    def __init__(self, options: TraceOptions, report: TraceReport, request: DryRunRequest):
+    def __init__(self, options: TraceOptions, report: TraceReport, request: DryRunRequest,
+                 with_sandbox: Optional[Callable[[DryRun], None]] = None):
         self.options = options
         self.report = report
         self.request = request
         self.packets_seen = 0
+        # Called after the trace while the sandbox is still there (--fix proves its change in it).
+        self.with_sandbox = with_sandbox
 
     def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None) -> None:
         if self.options.command:
@@ -331,5 +334,7 @@ class DryRunSession:
                 dry.open()
                 self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
                                               timeout=self.options.timeout, max_rate=self.options.max_rate)
+                if self.with_sandbox is not None:
+                    self.with_sandbox(dry)
             finally:
                 dry.close()

@@ -143,6 +143,7 @@ class PacketPath:
     nat: list = field(default_factory=list)
     first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
     last_seen: float = 0.0
+    fix: Optional[object] = None  # --fix: the proven change (nftrace.dryrun.fix.FixAnswer)
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
