@@ -58,6 +58,8 @@ def why(
     timeout: float = typer.Option(60.0, "--timeout", min=0, metavar="SEC", help="Stop after SEC seconds (0: no limit)."),
     max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    color: str = typer.Option("auto", "--color", "--colour", metavar="auto|always|never",
+                              help="Colour the answer: on a terminal (auto, off with NO_COLOR), always, or never."),
     drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
                                       help="Also say why the kernel dropped a packet after netfilter (needs bpftrace)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="No live traffic: trace one crafted packet of the flow in a sandbox copy of the namespace, which is never touched."),
@@ -75,6 +77,7 @@ def why(
     from .errors import InputError
     from .flow import parse_flow
     from .trace.jsonstream import JsonStream
+    from .trace.colour import Style, colour_wanted, parse_colour_choice
     from .trace.render import dry_run_line, render_closing, render_packet
     from .trace.report import TraceReport
     from .trace.session import TraceOptions, TraceSession
@@ -84,6 +87,7 @@ def why(
     try:
         flow = parse_flow(src, dst, proto, sport, dport, iif, oif)
         backend = parse_backend(backend)
+        style = Style(colour_wanted(parse_colour_choice(color), sys.stdout))
         if not dry_run and (ruleset_file is not None or ruleset_kind is not None or state != "new"):
             raise InputError("--ruleset, --ruleset-kind and --state go with --dry-run")
         fixing = None
@@ -122,7 +126,7 @@ def why(
             if fixing is None:
                 stream.packet(path)
         else:
-            typer.echo(render_packet(path, report.interfaces) + dry_run_line(report) + "\n")
+            typer.echo(render_packet(path, report.interfaces, style) + dry_run_line(report) + "\n", color=style.enabled)
 
     def on_ready():
         # On stderr in every mode: scripts reading --json can wait for it before sending traffic.

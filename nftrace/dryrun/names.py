@@ -14,6 +14,7 @@ Pure: listings and kernel dumps in, translations out.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable, Optional
 
 from ..kernel.anonchains import anonymous_positions
@@ -88,6 +89,15 @@ class TargetNames:
             if step.type == "rule" or (step.type == "return" and step.handle is not None):
                 step.handle, step.rule_number = self.handle(step.family, step.table, sandbox_chain, step.handle,
                                                             step.rule_number)
+        path.near_misses = [self._near_miss(item) for item in path.near_misses]
         if path.nat:
             # The NAT rewrites name their rule by location: say it in the target's words too.
             path.nat = nat_rewrites(path.observations, path.steps)
+
+    def _near_miss(self, item):
+        """A near miss (trace/nearmiss.py) named as the target names its rule."""
+        if item.backend != "nft":
+            return item
+        handle, number = self.handle(item.family, item.table, item.chain, item.handle, item.rule_number)
+        return replace(item, chain=self.chain(item.family, item.table, item.chain), handle=handle,
+                       rule_number=number, target=self.chain(item.family, item.table, item.target))

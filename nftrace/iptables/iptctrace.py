@@ -16,6 +16,7 @@ missing and the TRACE rules need it, and the run then says so.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 from ..errors import EnvironmentProblem, KernelError
@@ -40,18 +41,28 @@ def load_iptc():
     return iptc
 
 
-def _table(iptc, family: str):
-    """The raw table of the family, with python-iptables kept away from tables that do not exist."""
-    table_class = iptc.Table if family == "ip" else iptc.Table6
-    present = set(legacy_tables(family))
-    for name in table_class.ALL:
-        if name != TRACE_TABLE:
-            table_class.existing_table_names[name] = name in present
-    table_class.existing_table_names[TRACE_TABLE] = True
-    table = table_class(TRACE_TABLE)
-    table.autocommit = False
-    table.refresh()
-    return table
+@contextmanager
+def _raw_table(iptc, family: str):
+    """The raw table of the family, open, with python-iptables kept away from tables that do
+    not exist while it is.
+
+    python-iptables asks its module function `is_table_available` (`is_table6_available`)
+    which tables to open, and opening one creates it. Replacing that function for the time
+    the table is in use is the one way that works on every version: Debian 12 and 13 ship
+    python-iptables 1.0.1, whose only cache of the answer is that function; 1.2.0 added a
+    cache (`Table.existing_table_names`) that the function reads, so the function still
+    decides."""
+    module, check = (iptc.ip4tc, "is_table_available") if family == "ip" else (iptc.ip6tc, "is_table6_available")
+    present = set(legacy_tables(family)) | {TRACE_TABLE}
+    original = getattr(module, check)
+    setattr(module, check, present.__contains__)
+    try:
+        table = (iptc.Table if family == "ip" else iptc.Table6)(TRACE_TABLE)
+        table.autocommit = False
+        table.refresh()
+        yield table
+    finally:
+        setattr(module, check, original)
 
 
 def _address(network) -> str:
@@ -123,15 +134,15 @@ class TraceRules:
     def install(self) -> None:
         iptc = self._iptc = load_iptc()
         self.created_raw_table = TRACE_TABLE not in legacy_tables(self.family)
-        table = _table(iptc, self.family)
-        try:
-            for hook in mark_hooks(self.flow):
-                iptc.Chain(table, HOOK_CHAINS[hook]).insert_rule(
-                    trace_rule(iptc, self.family, self.flow, hook, self.max_rate, self.pid))
-        except iptc_errors(iptc) as err:
-            table.refresh()
-            raise EnvironmentProblem(f"cannot build nftrace's TRACE rules with python-iptables: {err}") from None
-        _commit(iptc, table, "nftrace's TRACE rules")
+        with _raw_table(iptc, self.family) as table:
+            try:
+                for hook in mark_hooks(self.flow):
+                    iptc.Chain(table, HOOK_CHAINS[hook]).insert_rule(
+                        trace_rule(iptc, self.family, self.flow, hook, self.max_rate, self.pid))
+            except iptc_errors(iptc) as err:
+                table.refresh()
+                raise EnvironmentProblem(f"cannot build nftrace's TRACE rules with python-iptables: {err}") from None
+            _commit(iptc, table, "nftrace's TRACE rules")
         self.installed = True
 
     def remove(self) -> None:
@@ -150,15 +161,15 @@ class TraceRules:
 
 def remove_trace_rules(iptc, family: str, pids: set) -> int:
     """Delete the TRACE rules of runs with these pids from the raw table; return how many."""
-    table = _table(iptc, family)
     removed = 0
-    for chain in table.chains:
-        for rule in list(chain.rules):
-            if rule.target.name == "TRACE" and own_rule_pid(_rule_comment(rule)) in pids:
-                chain.delete_rule(rule)
-                removed += 1
-    if removed:
-        _commit(iptc, table, "the removal of nftrace's TRACE rules")
+    with _raw_table(iptc, family) as table:
+        for chain in table.chains:
+            for rule in list(chain.rules):
+                if rule.target.name == "TRACE" and own_rule_pid(_rule_comment(rule)) in pids:
+                    chain.delete_rule(rule)
+                    removed += 1
+        if removed:
+            _commit(iptc, table, "the removal of nftrace's TRACE rules")
     return removed
 
 

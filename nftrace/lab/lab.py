@@ -2,7 +2,7 @@
 router, listeners on the server; `nftrace lab up|down|status|load`, `nftrace demo` and the
 scenario tests all stand on it.
 
-A scenario is a pair of files in rules/: its ruleset (NAME.nft, or iptables-save text) and its
+A scenario is a pair of files in rules/ (shipped in the package, see `rules_dir`): its ruleset (NAME.nft, or iptables-save text) and its
 expectations (NAME.expect.toml, format in expectations.py), which name the ruleset and its
 kind. The router is where the ruleset lives and where nftrace traces:
 
@@ -19,6 +19,7 @@ then the state file.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
 import re
@@ -68,9 +69,20 @@ def command_name() -> str:
 
 
 def rules_dir() -> Path:
-    """rules/ next to the nftrace package (a checkout, or the Vagrant synced folder)."""
+    """Where the scenarios are: NFTRACE_RULES when set, else the package's own `rules`, read
+    through importlib.resources. In a checkout (an editable install, the Vagrant synced
+    folder) that is the symlink nftrace/rules → ../rules, the source; a wheel, pipx or
+    `pip install .` carries a copy of the files, so that the demo and the lab work from any
+    directory."""
     override = os.environ.get("NFTRACE_RULES")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "rules"
+    if override:
+        return Path(override)
+    shipped = importlib.resources.files("nftrace") / "rules"
+    if not isinstance(shipped, Path):
+        # A zip import: nft and iptables-restore need files they can open.
+        raise EnvironmentProblem(f"nftrace's scenarios are inside {shipped}, not in a directory: "
+                                 "set NFTRACE_RULES to a copy of rules/")
+    return shipped.resolve()
 
 
 @dataclass(frozen=True)

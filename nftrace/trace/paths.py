@@ -143,6 +143,9 @@ class PacketPath:
     nat: list = field(default_factory=list)
     first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
     last_seen: float = 0.0
+    # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
+    # filled in when the answer is delivered, not on the event path.
+    near_misses: list = field(default_factory=list)
     fix: Optional[object] = None  # --fix: the proven change (nftrace.dryrun.fix.FixAnswer)
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .colour import PLAIN, Style
+from .nearmiss import TEXT_LIMIT, NearMiss
 from .paths import PacketPath, Step, protocol_name
 from .report import TraceReport, conntrack_json, endpoint_text, summary
 from ..kernel.system import interface_name
@@ -9,18 +11,19 @@ from ..kernel.system import interface_name
 VERDICT_LABELS = {"accept": "ACCEPT", "drop": "DROP", "queue": "QUEUE", "stolen": "STOLEN", "unknown": "?"}
 
 
-def headline(path: PacketPath) -> str:
+def headline(path: PacketPath, style: Style = PLAIN) -> str:
     """`DROP  10.0.0.5:41522 → 10.0.0.9:22 tcp  dropped by inet filter input rule handle 7: ...`"""
     packet = path.first_packet
-    label = VERDICT_LABELS.get(path.verdict if path.complete else "unknown", path.verdict.upper())
+    verdict = path.verdict if path.complete else "unknown"
+    label = VERDICT_LABELS.get(verdict, path.verdict.upper())
     if packet is None:
         flow = "?"
     else:
         flow = f"{endpoint_text(packet.src, packet.sport)} → {endpoint_text(packet.dst, packet.dport)} {protocol_name(packet.proto)}"
-    return f"{label:<6} {flow}  {summary(path)}"
+    return f"{style.verdict(f'{label:<6}', verdict)} {flow}  {summary(path)}"
 
 
-def _step_line(step: Step) -> str:
+def _step_line(step: Step, style: Style = PLAIN, deciding: bool = False) -> str:
     indent = "    " * (step.depth + 1)
     if step.type == "policy":
         return f"{indent}policy {step.verdict}"
@@ -33,10 +36,11 @@ def _step_line(step: Step) -> str:
     verdict = step.verdict
     if step.target:
         verdict = f"{verdict} {step.target}"
-    return f"{indent}{label} {text}  → {verdict}"
+    line = f"{label} {text}  → {verdict}"
+    return indent + (style.deciding(line, step.verdict) if deciding else line)
 
 
-def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
+def path_lines(path: PacketPath, interfaces: dict, style: Style = PLAIN) -> list[str]:
     """hook → table/chain → rule and verdict; jumps indented; every hook the packet passed."""
     lines = []
     steps_by_hook: dict = {}
@@ -67,7 +71,7 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
             if step.depth == 0 and chain != current:
                 lines.append(f"    {step.where()}")
                 current = chain
-            lines.append("  " + _step_line(step))
+            lines.append("  " + _step_line(step, style, step is path.decided_by))
         if not steps_by_hook.get(hook):
             lines.append("    (no chain of the ruleset on this hook)")
     for change in path.nat:
@@ -78,11 +82,45 @@ def path_lines(path: PacketPath, interfaces: dict) -> list[str]:
         where = f" at {drop['location']}" if drop.get("location") else ""
         explained = f": {drop['explain']}" if drop.get("explain") else ""
         lines.append(f"  kernel drop: {drop.get('reason')}{where}{explained}")
+    return lines + near_miss_lines(path, style)
+
+
+WOULD_HAVE = {"accept": "accepted", "drop": "dropped"}
+COLUMN_GAP = "      "
+
+
+def near_miss_lines(path: PacketPath, style: Style = PLAIN, limit: int = TEXT_LIMIT) -> list[str]:
+    """The closest rules that would have changed the packet's fate, and why each did not match:
+    `closest rule that would have accepted it: inet filter forward [9] ip saddr 10.77.1.0/28 ... accept`
+    `    ✗ ip saddr 10.77.1.50 is not in 10.77.1.0/28      ✓ tcp dport 8080`"""
+    lines = []
+    shown = path.near_misses[:limit]
+    for index, near_miss in enumerate(shown):
+        would = style.verdict(WOULD_HAVE.get(near_miss.verdict, near_miss.verdict), near_miss.verdict)
+        lead = f"closest rule that would have {would} it" if index == 0 else f"next closest, would have {would} it"
+        lines.append(f"  {lead}: {near_miss.where()} {near_miss.label()} {near_miss.iptables or near_miss.text}")
+        if near_miss.target and near_miss.decided_in:
+            lines.append(f"    (its target {near_miss.target} decides: {near_miss.decided_in})")
+        lines.append("    " + COLUMN_GAP.join(_explanation(near_miss, style)))
+    if len(path.near_misses) > len(shown):
+        more = len(path.near_misses) - len(shown)
+        lines.append(f"  ({more} more in --json)")
     return lines
 
 
-def render_packet(path: PacketPath, interfaces: dict) -> str:
-    return "\n".join([headline(path)] + path_lines(path, interfaces))
+def _explanation(near_miss: NearMiss, style: Style) -> list[str]:
+    parts = []
+    several = len(near_miss.mismatches) > 1
+    for mismatch in near_miss.mismatches:
+        first = " (checked first)" if several and mismatch.first else ""
+        parts.append(style.failed(f"✗ {mismatch.reason or mismatch.expr}") + first)
+    parts += [style.passed(f"✓ {expr}") for expr in near_miss.matched]
+    parts += [style.unknown(f"? {expr} (not known from the trace)") for expr in near_miss.unknown]
+    return parts
+
+
+def render_packet(path: PacketPath, interfaces: dict, style: Style = PLAIN) -> str:
+    return "\n".join([headline(path, style)] + path_lines(path, interfaces, style))
 
 
 def render_closing(report: TraceReport, packet_count: int) -> str:

@@ -25,6 +25,7 @@ from ..drops.correlator import DropCorrelator
 from ..iptables.legacy import legacy_tables
 from ..kernel.monitor import EventsLost, RulesetChanged, TableDeleted, TraceMonitor
 from ..kernel.nft import NftContext
+from .nearmiss_live import LiveRuleBook, NearMissAnnotator
 from .paths import PacketPath
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
@@ -82,6 +83,7 @@ class TraceSession:
         self._drops: Optional[KernelDropWatcher] = None
         self._correlator: Optional[DropCorrelator] = None
         self._iptables_nft: Optional[IptablesNftText] = None
+        self._near_misses: Optional[NearMissAnnotator] = None
 
     def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
             on_batch: Optional[Callable[[], None]] = None) -> None:
@@ -115,6 +117,7 @@ class TraceSession:
                         table.mark_ingress(snapshot.ingress_devices())
                     self._iptables_nft = IptablesNftText.read(snapshot)
                 builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
+                self._near_misses = self._near_miss_annotator(nft if plan.nft else None, snapshot, plan)
                 try:
                     self._await_drop_watcher(drops)
                     on_ready()
@@ -145,6 +148,19 @@ class TraceSession:
         plan = plan_backend(choice, self.options.flow, problem, legacy_tables(self.options.flow.nft_family),
                             self.report.warnings)
         return nft, plan
+
+    def _near_miss_annotator(self, nft, snapshot, plan: BackendPlan) -> NearMissAnnotator:
+        """Near misses read the ruleset when the first answer needs them, never before."""
+
+        def nft_text(family, table, chain, handle):
+            rule = snapshot.rule(family, table, chain, handle) if snapshot is not None else None
+            return rule.text if rule is not None and not rule.deleted else None
+
+        def iptables_form(family, table, chain, number):
+            return self._iptables_nft.text(family, table, chain, number) if self._iptables_nft is not None else None
+
+        source = LiveRuleBook(nft, nft_text, iptables_form, (plan.legacy,) if plan.legacy else ())
+        return NearMissAnnotator(source, self.report.interfaces, self.report.warnings.append)
 
     def _drop_watcher(self):
         """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
@@ -224,6 +240,8 @@ class TraceSession:
                     continue
                 if self._iptables_nft is not None:
                     self._iptables_nft.annotate(path)
+                if self._near_misses is not None:
+                    self._near_misses.annotate(path)
                 self.packets_seen += 1
                 on_packet(path)
 
@@ -280,6 +298,8 @@ class TraceSession:
                     elif isinstance(item, RulesetChanged):
                         snapshot.refresh_from(nft)
                         self._iptables_nft = IptablesNftText.read(snapshot)
+                        if self._near_misses is not None:
+                            self._near_misses.invalidate()
                     elif isinstance(item, EventsLost):
                         builder.mark_loss()
                     elif isinstance(item, TableDeleted) and item.name == table.name:

@@ -1,0 +1,143 @@
+"""Near misses for a live trace (or a dry run's sandbox): the rule book read when an answer first
+needs it, and each finished packet annotated with its near misses.
+
+Nothing here is on the event path: the trace rules go in and events are read before the
+first listing; the JSON listing (`nft -j -a list ruleset`, with set elements) is taken when
+the first packet is answered, and again only after the ruleset generation changed
+(`invalidate`, called on NFT_MSG_NEWGEN). Legacy tables announce no change: their rules
+(iptables-legacy-save) and the ipsets (`ipset save`) are read again when the last reading is
+older than LEGACY_MAX_AGE seconds.
+
+Packets of one flow mostly look alike: the near misses of a packet are remembered by what
+they depend on (its steps, verdict and the packet as each hook saw it), so a flood of the
+same datagram costs one evaluation, not one per packet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections import OrderedDict
+from typing import Callable, Optional
+
+from ..errors import NftraceError
+from ..iptables.legacy import read_legacy_ruleset
+from ..iptables.xtmatch import parse_ipset_save
+from .nearmiss import find_near_misses
+from .rulebook import RuleBook
+
+LEGACY_MAX_AGE = 2.0
+CACHE_SIZE = 1024
+
+
+def path_signature(path) -> tuple:
+    """Everything near misses depend on, besides the ruleset."""
+    steps = tuple((s.backend, s.hook, s.family, s.table, s.chain, s.type, s.handle, s.rule_number, s.verdict,
+                   s.target, s.depth) for s in path.steps)
+    seen = tuple((o.hook, o.table, o.chain, o.own, o.packet and (o.packet.src, o.packet.dst, o.packet.proto,
+                  o.packet.sport, o.packet.dport, o.packet.icmp_type, o.packet.icmp_code, o.packet.tcp_flags,
+                  o.packet.length), o.iif, o.oif, o.mark, o.ct and (o.ct.state, o.ct.direction, o.ct.status))
+                 for o in path.observations)
+    decided = next((index for index, step in enumerate(path.steps) if step is path.decided_by), None)
+    return (path.verdict, path.complete, decided, steps, seen)
+
+
+class LiveRuleBook:
+    """The rule book of the namespace nftrace runs in, read lazily.
+
+    `nft`: the session's libnftables context (None without nf_tables); `nft_text` gives a
+    rule's text from the ruleset snapshot; `iptables_form` the iptables-save form of an
+    iptables-nft rule; `legacy_families` the families whose legacy tables are traced.
+    """
+
+    def __init__(self, nft, nft_text: Optional[Callable] = None, iptables_form: Optional[Callable] = None,
+                 legacy_families: tuple = (), clock: Callable[[], float] = time.monotonic):
+        self.nft = nft
+        self.nft_text = nft_text
+        self.iptables_form = iptables_form
+        self.legacy_families = tuple(legacy_families)
+        self.clock = clock
+        self.generation = 0
+        self._book: Optional[RuleBook] = None
+        self._nft_document: Optional[dict] = None
+        self._legacy_read_at: Optional[float] = None
+
+    def invalidate(self) -> None:
+        """The nftables ruleset changed: read it again when it is next needed."""
+        self._nft_document = None
+        self._book = None
+        self.generation += 1
+
+    def book(self) -> RuleBook:
+        if self._book is not None and self.legacy_families and self._legacy_read_at is not None \
+                and self.clock() - self._legacy_read_at >= LEGACY_MAX_AGE:
+            self._book = None
+            self.generation += 1
+        if self._book is None:
+            book = RuleBook()
+            if self.nft is not None:
+                if self._nft_document is None:
+                    self._nft_document = json.loads(self.nft.run("list ruleset", json_output=True, handles=True)
+                                                     or '{"nftables": []}')
+                book.add_nft_json(self._nft_document, self.nft_text, self.iptables_form)
+            if self.legacy_families:
+                for family in self.legacy_families:
+                    book.add_legacy(family, read_legacy_ruleset(family).chains)
+                self._legacy_read_at = self.clock()
+            book.add_ipsets(read_ipsets())
+            self._book = book
+        return self._book
+
+
+def read_ipsets() -> dict:
+    """The ipsets of the namespace (`ipset save`); none when ipset is not installed."""
+    command = shutil.which("ipset")
+    if command is None:
+        return {}
+    try:
+        result = subprocess.run([command, "save"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=30, env=dict(os.environ, LC_ALL="C"))
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return parse_ipset_save(result.stdout) if result.returncode == 0 else {}
+
+
+class NearMissAnnotator:
+    """Gives each finished packet its near misses (`PacketPath.near_misses`).
+
+    A failure to read the ruleset leaves the packets without near misses and says so once
+    (`warn`): the answer itself never depends on them.
+    """
+
+    def __init__(self, source: LiveRuleBook, interfaces: dict, warn: Callable[[str], None] = lambda message: None):
+        self.source = source
+        self.interfaces = interfaces
+        self.warn = warn
+        self._cache: OrderedDict = OrderedDict()
+        self._failed = False
+
+    def invalidate(self) -> None:
+        self.source.invalidate()
+
+    def annotate(self, path) -> None:
+        if self._failed or not path.complete or path.verdict not in ("accept", "drop"):
+            return
+        try:
+            book = self.source.book()
+        except (NftraceError, ValueError, OSError) as err:
+            self._failed = True
+            self.warn(f"near misses unavailable: the ruleset could not be read ({err})")
+            return
+        key = (self.source.generation, path_signature(path))
+        found = self._cache.get(key)
+        if found is None:
+            found = find_near_misses(path, book, self.interfaces)
+            self._cache[key] = found
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        path.near_misses = list(found)
