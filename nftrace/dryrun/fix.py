@@ -17,8 +17,9 @@ fresh sandbox tries rules that match only the flow.
 from __future__ import annotations
 
 import datetime
+import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -131,7 +132,7 @@ class FixProver:
     """Finds and proves a fix for one flow, in sandbox copies of the target."""
 
     def __init__(self, dry_request: DryRunRequest, flow: Flow, request: FixRequest,
-                 near_misses: Callable[[PacketPath, DryRun], list] = lambda path, dry: []):
+                 near_misses: Callable[[PacketPath, DryRun], list] = lambda path, dry: path.near_misses):
         self.dry_request = dry_request
         self.flow = flow
         self.request = request
@@ -206,9 +207,8 @@ class FixProver:
             self.baseline = self._keep_verdicts(dry, answer)
         answer.changes, answer.managers = [], []
         for _ in range(MAX_CHANGES):
-            change = self._next_change(dry, path, use_sets)
             before = decider_key(path)
-            self._apply(dry, change)
+            change = self._apply_first(dry, path, use_sets)
             answer.changes.append(change)
             self._note_manager(change, path, answer)
             path = self._trace(dry, probe)
@@ -231,22 +231,37 @@ class FixProver:
     def _has_verdict(self, path: PacketPath) -> bool:
         return path.complete and path.verdict == self.request.verdict
 
-    def _next_change(self, dry: DryRun, path: PacketPath, use_sets: bool) -> Change:
+    def _apply_first(self, dry: DryRun, path: PacketPath, use_sets: bool) -> Change:
+        """Apply the first candidate that the sandbox takes: a set element of a near miss, else
+        one rule. A refused command changed nothing, so the next candidate is tried."""
+        refused = None
+        for change in self._candidates(dry, path, use_sets):
+            try:
+                self._apply(dry, change)
+                return change
+            except StrategyFailed as failed:
+                refused = failed
+        raise refused or StrategyFailed("no change can be made for this path")
+
+    def _candidates(self, dry: DryRun, path: PacketPath, use_sets: bool):
         asked = self.request.verdict
         if use_sets:
             for near_miss in self.near_misses(path, dry):
                 change = element_change(near_miss, asked)
                 if change is not None:
-                    return change
+                    yield replace(change, scope=element_scope(change, dry.snapshot))
         try:
-            return rule_change(self.flow, path, asked, self.request.date, self.legacy_is_default)
+            yield rule_change(self.flow, path, asked, self.request.date, self.legacy_is_default)
         except NoChange as reason:
             raise StrategyFailed(str(reason)) from None
 
     def _note_manager(self, change: Change, path: PacketPath, answer: FixAnswer) -> None:
         if change.placement is None:
             return
-        note = manager_of(change.placement, flow_match(self.flow, path, change.placement), self.request.verdict)
+        placement = change.placement
+        on_path = {step.chain for step in path.steps
+                   if (step.backend, step.family, step.table) == (placement.backend, placement.family, placement.table)}
+        note = manager_of(placement, flow_match(self.flow, path, placement), self.request.verdict, on_path)
         if note is not None and note not in answer.managers:
             answer.managers.append(note)
 
@@ -255,7 +270,8 @@ class FixProver:
     def _trace(self, dry: DryRun, flow: Flow) -> Optional[PacketPath]:
         report = TraceReport(flow=flow, netns=dry.request.netns)
         seen: list = []
-        dry.trace(flow, report, seen.append, timeout=self.request.timeout)
+        # The verdict is netfilter's: the kernel's drop reasons (bpftrace, a second to start) add nothing.
+        dry.trace(flow, report, seen.append, timeout=self.request.timeout, drop_reasons=False)
         if not seen:
             return None
         path = seen[0]
@@ -357,6 +373,17 @@ class FixProver:
         answer.kept = kept
 
 
+def element_scope(change: Change, snapshot) -> str:
+    """What else a set element changes: every rule that looks the set up matches the value now."""
+    users = [rule for rule in snapshot.rules.values()
+             if (rule.family, rule.table) == (change.set_family, change.set_table)
+             and re.search(rf"@{re.escape(change.set_name)}\b", rule.text)]
+    chains = ", ".join(dict.fromkeys(f"{rule.family} {rule.table} {rule.chain}" for rule in users))
+    count = f"{len(users)} rule{'s' if len(users) != 1 else ''}"
+    return (f"{change.element} joins set {change.set_family} {change.set_table} {change.set_name}: every rule that "
+            f"uses @{change.set_name} matches it now ({count}" + (f", in {chains})" if chains else ")"))
+
+
 def _word(verdict: str) -> str:
     return {"accept": "accepted", "drop": "dropped"}.get(verdict, verdict)
 
@@ -431,11 +458,11 @@ def probe_of(path: PacketPath, interfaces: dict, flow: Flow) -> Flow:
 
 def fix_packets(paths: list, flow: Flow, request: FixRequest, dry_request: DryRunRequest, *,
                 interfaces: Optional[dict] = None, dry: Optional[DryRun] = None,
-                near_misses: Callable[[PacketPath, DryRun], list] = lambda path, dry: []) -> list[FixAnswer]:
+                near_misses: Optional[Callable[[PacketPath, DryRun], list]] = None) -> list[FixAnswer]:
     """A fix for each distinct fate among the packets (most runs have one): each packet gets
     `path.fix`. `dry` is the dry run's open sandbox (its one packet is `paths[0]`); for a live
     run, `interfaces` names the live packets' interfaces and sandboxes are made here."""
-    prover = FixProver(dry_request, flow, request, near_misses)
+    prover = FixProver(dry_request, flow, request, *([near_misses] if near_misses else []))
     answers: dict = {}
     for path in paths:
         key = decider_key(path)

@@ -36,6 +36,7 @@ IIF_HOOKS = frozenset({"ingress", "prerouting", "input", "forward", "postrouting
 OIF_HOOKS = frozenset({"forward", "output", "postrouting", "egress"})
 _PLAIN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _ELEMENT_RE = re.compile(r"^[0-9A-Za-z:./\- ]+$")
+_MAP_LOOKUP_RE = re.compile(r"\b(v?map)\s+@")
 
 
 class NoChange(Exception):
@@ -329,6 +330,8 @@ def element_change(near_miss, verdict: str) -> Optional[Change]:
     if len(mismatches) != 1 or not verdict_gives(near_miss.verdict, verdict):
         return None
     mismatch = mismatches[0]
+    if _MAP_LOOKUP_RE.search(getattr(mismatch, "expr", "") or ""):
+        return None  # a map's element needs a value too: not the packet's to give
     set_name = getattr(mismatch, "set_name", None)
     value = getattr(mismatch, "packet", None)
     if not set_name or value in (None, "") or set_name.startswith("__") or not _PLAIN_NAME_RE.match(set_name):

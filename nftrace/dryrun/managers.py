@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 from .fixplan import FlowMatch, Placement
 
@@ -38,10 +38,12 @@ class ManagerNote:
         return {"manager": self.manager, "note": self.note, "hint": self.hint, "proven": False}
 
 
-def manager_of(placement: Placement, match: FlowMatch, verdict: str) -> Optional[ManagerNote]:
-    """The manager that owns the chain (or its base chain), if any, with its hint."""
+def manager_of(placement: Placement, match: FlowMatch, verdict: str,
+               path_chains: Iterable[str] = ()) -> Optional[ManagerNote]:
+    """The manager that owns the chain a fix goes into, or the chains the packet ran through
+    under it (`path_chains`: the chains of the same table on the packet's path), with its hint."""
     table, chain = placement.table, placement.chain
-    chains = {chain, placement.base_chain or chain}
+    chains = {chain, placement.base_chain or chain, *path_chains}
     if table == "firewalld":
         return _firewalld(chains, match, verdict)
     if any(_UFW_CHAIN_RE.match(name) for name in chains):
@@ -86,7 +88,11 @@ def _firewalld(chains: set, match: FlowMatch, verdict: str) -> ManagerNote:
 
 
 def _ufw(placement: Placement, match: FlowMatch, verdict: str) -> ManagerNote:
-    note = "ufw owns its ufw-* chains and writes them again on `ufw reload` and at boot: a direct edit is lost then"
+    if _UFW_CHAIN_RE.match(placement.chain):
+        note = "ufw owns its ufw-* chains and writes them again on `ufw reload` and at boot: a direct edit is lost then"
+    else:
+        note = ("ufw manages this firewall: a rule added outside it is not in its configuration and is gone after "
+                "a reboot")
     words = ["ufw"]
     routed = placement.hook == "forward"
     if routed:
@@ -105,8 +111,12 @@ def _ufw(placement: Placement, match: FlowMatch, verdict: str) -> ManagerNote:
 
 
 def _docker(placement: Placement, match: FlowMatch, verdict: str) -> ManagerNote:
-    note = ("Docker owns its DOCKER* chains and writes them again when it restarts or a container starts: a "
-            "direct edit is lost then; rules in DOCKER-USER are the admin's and stay")
+    if placement.table == "docker-bridges" or _DOCKER_CHAIN_RE.match(placement.chain):
+        note = ("Docker owns its DOCKER* chains and writes them again when it restarts or a container starts: a "
+                "direct edit is lost then; rules in DOCKER-USER are the admin's and stay")
+    else:
+        note = ("the packet ran through Docker's chains: Docker's place for the admin's own rules is DOCKER-USER, "
+                "which it never rewrites")
     if placement.hook != "forward":
         return ManagerNote("docker", note)
     tool = "ip6tables" if match.version == 6 else "iptables"

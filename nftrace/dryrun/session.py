@@ -264,7 +264,7 @@ class DryRun:
         }
 
     def trace(self, flow: Flow, report: TraceReport, on_packet: Callable[[PacketPath], None], *,
-              timeout: float = 10.0, max_rate: int = 100) -> int:
+              timeout: float = 10.0, max_rate: int = 100, drop_reasons: bool = True) -> int:
         """Send the flow's packet into the sandbox and trace it; return how many packets were seen (0 or 1)."""
         injection = self.plan(flow)
         if self._traced:
@@ -278,7 +278,8 @@ class DryRun:
             if any(chain.type == "nat" for chain in self.snapshot.chains.values()):
                 report.warnings.append(NAT_CAVEAT)
         options = TraceOptions(flow=flow, netns=self.sandbox.name, count=1, timeout=timeout, max_rate=max_rate,
-                               command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS)
+                               command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS,
+                               drop_reasons=drop_reasons)
         session = TraceSession(options, report)
 
         def deliver(path: PacketPath) -> None:
