@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import shlex
 import signal
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from .errors import InputError, NftraceError
+from .signals import Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -20,11 +26,28 @@ app = typer.Typer(
 
 EXIT_NO_PACKET = 3
 EXIT_INTERRUPTED = 130
+EXIT_BUG = 70  # EX_SOFTWARE: an exception nftrace did not expect
+TRACEBACK_ENV = "NFTRACE_TRACEBACK"  # =1: print a bug's traceback too
 
 
 def _fail(err: NftraceError) -> None:
     typer.echo(f"nftrace: {err}", err=True)
     raise typer.Exit(err.exit_code)
+
+
+def _ctrl_c_is_one_line(command):
+    """A Ctrl-C that the command did not handle itself (while it imports what it needs, say)
+    ends as every other one: one line and status 130 from `run`. typer would otherwise turn
+    it into a silent exit."""
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted(signal.SIGINT) from None
+
+    return guarded
 
 
 @app.callback(invoke_without_command=True)
@@ -45,6 +68,7 @@ def main(
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
+@_ctrl_c_is_one_line
 def why(
     ctx: typer.Context,
     src: str = typer.Option(..., "--from", metavar="ADDR[/LEN]", help="Source address or prefix."),
@@ -81,7 +105,6 @@ def why(
     from .trace.render import dry_run_line, render_closing, render_packet
     from .trace.report import TraceReport
     from .trace.session import TraceOptions, TraceSession
-    from .signals import Interrupted
 
     netns = ctx.obj["netns"]
     try:
@@ -194,6 +217,7 @@ def _prove_live_fix(packets, flow, fixing, netns, report, fixes) -> Optional[int
 
 
 @app.command()
+@_ctrl_c_is_one_line
 def cleanup(ctx: typer.Context):
     """Remove what killed nftrace runs left behind (only nftrace's own, never anything else)."""
     from .iptables.backends import clean_up_legacy
@@ -247,6 +271,7 @@ def _lab(ctx: typer.Context, command: str, prefix: Optional[str]):
 
 
 @lab_app.command("up")
+@_ctrl_c_is_one_line
 def lab_up(
     ctx: typer.Context,
     scenario: Optional[str] = typer.Option(None, "--scenario", metavar="NAME", help="A rules/ scenario (default: host-firewall)."),
@@ -269,6 +294,7 @@ def lab_up(
 
 
 @lab_app.command("down")
+@_ctrl_c_is_one_line
 def lab_down(
     ctx: typer.Context,
     prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
@@ -286,6 +312,7 @@ def lab_down(
 
 
 @lab_app.command("status")
+@_ctrl_c_is_one_line
 def lab_status(
     ctx: typer.Context,
     prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="The lab's name (default: nftlab)."),
@@ -303,6 +330,7 @@ def lab_status(
 
 
 @lab_app.command("load")
+@_ctrl_c_is_one_line
 def lab_load(
     ctx: typer.Context,
     scenario: str = typer.Argument(..., metavar="SCENARIO", help="A rules/ scenario name."),
@@ -323,6 +351,7 @@ def lab_load(
 
 
 @app.command()
+@_ctrl_c_is_one_line
 def demo(ctx: typer.Context):
     """Build a lab, trace four flows (accepted, dropped by a rule, by a policy, NATed), remove the lab."""
     from .lab.demo import run_demo
@@ -337,6 +366,7 @@ def demo(ctx: typer.Context):
 
 
 @app.command("test")
+@_ctrl_c_is_one_line
 def test_command(
     ctx: typer.Context,
     files: List[Path] = typer.Argument(..., metavar="FILE...", help="Expectation files (the format of rules/*.expect.toml)."),
@@ -383,8 +413,32 @@ def test_command(
     raise typer.Exit(0 if all(result.passed for result in results) else 1)
 
 
+def report_bug(err: Exception) -> str:
+    """The one line for an exception nftrace did not expect (a bug), with where its traceback
+    went: a file of its own (the line stays one line), or stderr when NFTRACE_TRACEBACK=1."""
+    from . import __version__
+
+    text = "".join(traceback.format_exception(err))
+    first_line = next(iter(str(err).splitlines()), "")
+    what = f"nftrace: internal error: {type(err).__name__}" + (f": {first_line}" if first_line else "")
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        sys.stderr.write(text)
+        return what
+    report = (f"nftrace {__version__}, Python {sys.version.split()[0]}\n"
+              f"command: {shlex.join(['nftrace', *sys.argv[1:]])}\n\n{text}")
+    try:
+        descriptor, path = tempfile.mkstemp(prefix="nftrace-traceback-", suffix=".txt")
+        with os.fdopen(descriptor, "w") as file:
+            file.write(report)
+    except OSError as write_error:
+        return f"{what} (a bug; the traceback could not be written: {write_error.strerror}; {TRACEBACK_ENV}=1 shows it)"
+    return f"{what} (a bug; traceback in {path})"
+
+
 def run() -> None:
-    """Entry point: usage errors become one line on stderr and exit status 2, like every other bad input."""
+    """Entry point: every ending is one line on stderr at most. Usage errors exit 2 like every
+    other bad input; Ctrl-C 130 wherever it comes; an unexpected exception, a bug, exits 70
+    with its traceback in a file, after every `finally` has undone what the run changed."""
     from typer._click.exceptions import ClickException
 
     try:
@@ -392,9 +446,16 @@ def run() -> None:
     except ClickException as err:
         typer.echo(f"nftrace: {err.format_message()}", err=True)
         sys.exit(2)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("nftrace: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Interrupted as stop:
+        typer.echo("nftrace: interrupted" if stop.signum == signal.SIGINT
+                   else f"nftrace: stopped by {signal.Signals(stop.signum).name}", err=True)
+        sys.exit(128 + stop.signum)
     except typer.Exit as done:
         sys.exit(done.exit_code)
+    except Exception as err:  # noqa: BLE001 - a bug: one line, not a screen of traceback
+        typer.echo(report_bug(err), err=True)
+        sys.exit(EXIT_BUG)
     sys.exit(result if isinstance(result, int) else 0)

@@ -120,6 +120,17 @@ def traffic(ns: str, *args: str, timeout: float = 30) -> list[str]:
     return ["ip", "netns", "exec", ns, sys.executable, "-m", "nftrace.lab.traffic", *args]
 
 
+def without_admin_rights() -> list[str]:
+    """A command prefix that runs the command without CAP_NET_ADMIN and CAP_SYS_ADMIN (what
+    nftrace and its lab need), as the same user: the checkout stays readable wherever it is
+    (under /root, say), and only the rights under test are gone."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    dropped = "-net_admin,-sys_admin"
+    return [setpriv, f"--inh-caps={dropped}", f"--bounding-set={dropped}", f"--ambient-caps={dropped}"]
+
+
 @dataclass
 class NftraceResult:
     returncode: int

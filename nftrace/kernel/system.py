@@ -17,21 +17,27 @@ from ..errors import EnvironmentProblem, InputError
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
 
 
-def require_net_admin() -> None:
-    """nftrace changes the ruleset and reads trace events: both need CAP_NET_ADMIN."""
+def has_capability(capability: int) -> bool:
+    """Whether this process holds the capability now (CapEff): what the kernel checks, which
+    the uid is not (root in a container, or with capabilities dropped, may lack it)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("CapEff:"):
-                    if int(line.split()[1], 16) & (1 << CAP_NET_ADMIN):
-                        return
-                    break
+                    return bool(int(line.split()[1], 16) & (1 << capability))
     except OSError:
-        if os.geteuid() == 0:
-            return
-    raise EnvironmentProblem("nftrace needs root (CAP_NET_ADMIN) to add trace rules and read trace events; run it with sudo")
+        pass
+    return os.geteuid() == 0
+
+
+def require_net_admin() -> None:
+    """nftrace changes the ruleset and reads trace events: both need CAP_NET_ADMIN."""
+    if not has_capability(CAP_NET_ADMIN):
+        raise EnvironmentProblem("nftrace needs root (CAP_NET_ADMIN) to add trace rules and read trace events; "
+                                 "run it with sudo")
 
 
 def namespace_path(name: str) -> str:

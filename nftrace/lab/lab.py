@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import EnvironmentProblem, InputError
+from ..kernel.system import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
 from .expectations import EXPECTATION_SUFFIX, ExpectationFile, FlowExpectation, load_expectations
 from .topology import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, ROUTER_SERVER_V6,
                      SERVER_V4, SERVER_V6, Topology, in_netns, netns_exists)
@@ -58,7 +59,9 @@ RULESET_LOADERS = {"nft": ("nft", "-f"), "iptables-nft": ("iptables-nft-restore"
 
 
 def require_root(command: str = "nftrace lab") -> None:
-    if os.geteuid() != 0:
+    """Namespaces need CAP_SYS_ADMIN, rulesets CAP_NET_ADMIN: what root has, and root in a
+    container or with capabilities dropped may not."""
+    if not (has_capability(CAP_SYS_ADMIN) and has_capability(CAP_NET_ADMIN)):
         raise EnvironmentProblem(f"{command} needs root to create network namespaces and load rulesets; run it with sudo")
 
 
