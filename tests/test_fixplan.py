@@ -224,3 +224,19 @@ def test_a_change_says_what_it_does_in_json():
     data = change.to_json()
     assert data["kind"] == "rule" and data["where"] == "inet filter forward"
     assert data["scope"] == "the new rule matches only 10.77.1.2 -> 10.77.2.2 tcp dport 25"
+
+
+# -- bad input is one line, exit 2, before anything is traced ---------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--fix", "maybe"], "--fix: 'maybe' is not one of accept, drop"),
+    (["--keep", "flows.toml"], "--keep goes with --fix"),
+    (["--fix", "accept", "--keep", "/nonexistent/keep.toml"], "/nonexistent/keep.toml: No such file or directory"),
+])
+def test_bad_fix_options_are_one_line_and_exit_2(args, message):
+    from conftest import nftrace
+
+    result = nftrace("why", "--from", "10.77.1.2", "--to", "10.77.2.2", "--proto", "tcp", "--dport", "25",
+                     "--dry-run", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"nftrace: {message}"
