@@ -119,6 +119,8 @@ def why(
 
             if fix is None:
                 raise InputError("--keep goes with --fix")
+            if ruleset_file is not None:
+                raise InputError("--fix changes the namespace's current ruleset: it does not go with --ruleset")
             fixing = FixRequest(parse_fix_verdict(fix), load_keep(keep), timeout=min(timeout or 10.0, 10.0))
     except NftraceError as err:
         _fail(err)

@@ -280,3 +280,34 @@ def test_a_legacy_policy_drop_is_fixed_by_appending_and_dropping_works_too(lab, 
     fix = propose(router, outward, "drop")
     paste(fix["commands"])
     assert live_verdict(router, outward) == "drop"
+
+
+# -- the answers -----------------------------------------------------------------------------------
+
+STATELESS = """
+table inet filter {
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        iifname "r-client" tcp dport 443 accept comment "LAN to the web"
+        iifname "r-server" tcp sport 443 accept comment "the web's answers"
+    }
+}
+"""
+
+
+def test_a_flow_whose_answers_are_dropped_too_gets_a_rule_for_them_and_connects(lab, tmp_path):
+    flows = [{"name": "the client to 8080", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp", "dport": 8080,
+              "expect": "drop"},
+             {"name": "web", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp", "dport": 443, "expect": "accept"},
+             {"name": "the server's 8080 to the client", "sender": "server", "from": "10.77.2.2", "to": "10.77.1.2",
+              "proto": "tcp", "sport": 8080, "dport": 5000, "expect": "drop"}]
+    scenario = own_scenario(tmp_path, "stateless", STATELESS, flows)
+    router = lab(scenario)
+    wanted = flow_named(scenario, "the client to 8080")
+    fix = propose(router, wanted, "accept", keep=keep_file(tmp_path, scenario, wanted))
+    assert len(fix["commands"]) == 2
+    assert "ip saddr 10.77.2.2 ip daddr 10.77.1.2 tcp sport 8080 ct state established accept" in fix["commands"][1]
+    assert fix["after"]["reply"]["verdict"] == "accept" and fix["after"]["reply"]["decided_by"]["new"]
+    paste(fix["commands"])
+    assert real_traffic(router, wanted) == "connected"
+    assert_others_keep_their_verdicts(router, scenario, wanted)

@@ -232,6 +232,8 @@ def test_a_change_says_what_it_does_in_json():
     (["--fix", "maybe"], "--fix: 'maybe' is not one of accept, drop"),
     (["--keep", "flows.toml"], "--keep goes with --fix"),
     (["--fix", "accept", "--keep", "/nonexistent/keep.toml"], "/nonexistent/keep.toml: No such file or directory"),
+    (["--fix", "drop", "--ruleset", "/nonexistent/new.nft"],
+     "--fix changes the namespace's current ruleset: it does not go with --ruleset"),
 ])
 def test_bad_fix_options_are_one_line_and_exit_2(args, message):
     from conftest import nftrace
@@ -240,3 +242,17 @@ def test_bad_fix_options_are_one_line_and_exit_2(args, message):
                      "--dry-run", *args)
     assert result.returncode == 2
     assert result.stderr.strip() == f"nftrace: {message}"
+
+
+def test_fw4_gets_a_uci_rule_for_the_zone_the_packet_came_from():
+    note = manager_of(placement("fw4", "handle_reject", base="input"), MATCH, "accept",
+                      {"input", "input_wan", "handle_reject"})
+    assert "fw4 reload" in note.note
+    assert note.hint.startswith("uci add firewall rule && uci set firewall.@rule[-1].name='nftrace fix' && "
+                                "uci set firewall.@rule[-1].src=wan && ")
+    assert note.hint.endswith("uci set firewall.@rule[-1].target=ACCEPT && uci commit firewall && fw4 reload")
+
+
+def test_nixos_gets_its_configuration_option():
+    note = manager_of(placement("nixos-fw", "input"), MATCH, "accept")
+    assert note.hint.startswith("networking.firewall.allowedTCPPorts = [ 9090 ];")

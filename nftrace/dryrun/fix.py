@@ -28,7 +28,8 @@ from ..flow import Flow
 from ..lab.expectations import ExpectationFile, FlowExpectation, load_expectations
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport, _decided_by_json
-from .fixplan import VERDICTS, Change, NoChange, element_change, flow_match, is_fix_rule, placement_for, rule_change
+from .fixplan import (VERDICTS, Change, NoChange, element_change, flow_match, is_fix_rule, reversed_flow,
+                      rule_change)
 from .managers import manager_of
 from .sandbox import default_iptables_kind, in_netns_argv
 from .session import DryRun, DryRunRequest, check_dry_run_flow
@@ -69,6 +70,7 @@ class FixAnswer:
     changes: list = field(default_factory=list)  # Change, in the order they are to be run
     netns: Optional[str] = None
     after: Optional[PacketPath] = None
+    reply: Optional[PacketPath] = None  # the other side's answer, after the change
     kept: int = 0
     keep_file: Optional[str] = None
     broken: Optional[dict] = None  # the --keep flow that a fix would have changed
@@ -83,7 +85,14 @@ class FixAnswer:
 
     @property
     def scope(self) -> str:
-        return "; ".join(dict.fromkeys(change.scope for change in self.changes if change.scope))
+        """What the changes let through or stop besides the flow: nothing, for rules."""
+        rules = [change.match_text for change in self.changes if change.kind == "rule"]
+        parts = []
+        if rules:
+            parts.append(f"the new rule{'s' if len(rules) > 1 else ''} match{'' if len(rules) > 1 else 'es'} only "
+                         + " and ".join(dict.fromkeys(rules)))
+        parts += [change.scope for change in self.changes if change.kind != "rule" and change.scope]
+        return "; ".join(parts)
 
     def after_json(self) -> Optional[dict]:
         if self.after is None:
@@ -91,7 +100,14 @@ class FixAnswer:
         decided = _decided_by_json(self.after)
         if decided is not None:
             decided["new"] = is_new_step(self.after.decided_by)
-        return {"verdict": self.after.verdict if self.after.complete else "unknown", "decided_by": decided}
+        after = {"verdict": self.after.verdict if self.after.complete else "unknown", "decided_by": decided}
+        if self.reply is not None:
+            reply = _decided_by_json(self.reply)
+            if reply is not None:
+                reply["new"] = is_new_step(self.reply.decided_by)
+            after["reply"] = {"verdict": self.reply.verdict if self.reply.complete else "unknown",
+                              "decided_by": reply}
+        return after
 
     def to_json(self) -> dict:
         return {"verdict": self.verdict, "needed": self.needed, "proven": self.proven,
@@ -139,6 +155,7 @@ class FixProver:
         self.near_misses = near_misses
         self.legacy_is_default = default_iptables_kind() == "iptables-legacy"
         self.baseline: dict = {}  # --keep flow name -> verdict before any change
+        self._interfaces: dict = {}  # the sandbox's interface names, as the last trace saw them
 
     # -- entry ------------------------------------------------------------------------------------
 
@@ -164,6 +181,7 @@ class FixProver:
                 answer.warnings.append(f"adding to a set did not do: {failed}; a rule that matches only the flow "
                                        f"is tried instead")
                 answer.changes, answer.after, answer.broken, answer.managers = [], None, None, []
+                answer.reply = None
             if made is not None:
                 made.close()
             dry = made = self._open()
@@ -206,19 +224,36 @@ class FixProver:
         if self.request.keep and not self.baseline:
             self.baseline = self._keep_verdicts(dry, answer)
         answer.changes, answer.managers = [], []
-        for _ in range(MAX_CHANGES):
-            before = decider_key(path)
-            change = self._apply_first(dry, path, use_sets)
-            answer.changes.append(change)
-            self._note_manager(change, path, answer)
-            path = self._trace(dry, probe)
-            if path is None:
-                raise StrategyFailed(f"after `{change.command()}` the packet was not seen any more in the sandbox")
-            if self._has_verdict(path):
+        reply_before = None
+        for _ in range(MAX_CHANGES + 1):
+            if not self._has_verdict(path):
+                before = decider_key(path)
+                change = self._apply_first(dry, path, use_sets)
+                self._record(change, path, answer)
+                path = self._retrace(dry, probe, change)
+                if not self._has_verdict(path) and decider_key(path) == before:
+                    raise StrategyFailed(f"`{change.command()}` did not change what decides the packet: still "
+                                         f"{_location(path)}")
+                continue
+            if asked != "accept":
                 break
-            if decider_key(path) == before:
-                raise StrategyFailed(f"`{change.command()}` did not change what decides the packet: still "
-                                     f"{_location(path)}")
+            # Let through, the flow works only if its answers come back: the other side's reply
+            # is sent right after the packet, while its connection is in the sandbox's conntrack.
+            reply = self._trace_reply(dry, path, answer)
+            answer.reply = reply
+            if reply is None or (reply.complete and reply.verdict == "accept"):
+                break
+            if reply_before is not None and decider_key(reply) == reply_before:
+                raise StrategyFailed(f"the flow's answers are still dropped, by {_location(reply)}")
+            reply_before = decider_key(reply)
+            try:
+                change = rule_change(reversed_flow(self.flow), reply, "accept", self.request.date,
+                                     self.legacy_is_default, established=True)
+            except NoChange as reason:
+                raise StrategyFailed(f"the flow's answers are dropped and cannot be let through: {reason}") from None
+            self._apply(dry, change)
+            self._record(change, reply, answer, reversed_flow(self.flow))
+            path = self._retrace(dry, probe, change)
         else:
             raise StrategyFailed(f"after {MAX_CHANGES} changes the packet is still {_word(path.verdict)} by "
                                  f"{_location(path)}")
@@ -227,6 +262,37 @@ class FixProver:
             self._check_keep(dry, answer)
         answer.proven = True
         answer.reason = None
+
+    def _record(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Optional[Flow] = None) -> None:
+        if len(answer.changes) >= MAX_CHANGES:
+            raise StrategyFailed(f"more than {MAX_CHANGES} changes would be needed; the last decider is "
+                                 f"{_location(path)}")
+        answer.changes.append(change)
+        self._note_manager(change, path, answer, flow or self.flow)
+
+    def _retrace(self, dry: DryRun, probe: Flow, change: Change) -> PacketPath:
+        path = self._trace(dry, probe)
+        if path is None:
+            raise StrategyFailed(f"after `{change.command()}` the packet was not seen any more in the sandbox")
+        return path
+
+    def _trace_reply(self, dry: DryRun, path: PacketPath, answer: FixAnswer) -> Optional[PacketPath]:
+        closed = closed_port(path, dry.netstate)
+        if closed:
+            answer.warnings.append(f"nothing listens on {closed} in {dry.netstate.where}: the firewall lets the "
+                                   f"packet through, and the box answers it with a refusal")
+            return None
+        report = TraceReport(flow=self.flow, netns=dry.request.netns)
+        seen: list = []
+        sent = dry.trace_reply(path, self._interfaces, report, seen.append, timeout=self.request.timeout)
+        if sent is None:
+            return None
+        if not seen:
+            answer.warnings.append("the other side's answer to the packet was not seen in the sandbox: whether it "
+                                   "comes back is not proven")
+            return None
+        self._translate_legacy(dry, seen[0])
+        return seen[0]
 
     def _has_verdict(self, path: PacketPath) -> bool:
         return path.complete and path.verdict == self.request.verdict
@@ -255,13 +321,13 @@ class FixProver:
         except NoChange as reason:
             raise StrategyFailed(str(reason)) from None
 
-    def _note_manager(self, change: Change, path: PacketPath, answer: FixAnswer) -> None:
+    def _note_manager(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Flow) -> None:
         if change.placement is None:
             return
         placement = change.placement
         on_path = {step.chain for step in path.steps
                    if (step.backend, step.family, step.table) == (placement.backend, placement.family, placement.table)}
-        note = manager_of(placement, flow_match(self.flow, path, placement), self.request.verdict, on_path)
+        note = manager_of(placement, flow_match(flow, path, placement), self.request.verdict, on_path)
         if note is not None and note not in answer.managers:
             answer.managers.append(note)
 
@@ -272,6 +338,7 @@ class FixProver:
         seen: list = []
         # The verdict is netfilter's: the kernel's drop reasons (bpftrace, a second to start) add nothing.
         dry.trace(flow, report, seen.append, timeout=self.request.timeout, drop_reasons=False)
+        self._interfaces = report.interfaces
         if not seen:
             return None
         path = seen[0]
@@ -373,6 +440,20 @@ class FixProver:
         answer.kept = kept
 
 
+def closed_port(path: PacketPath, netstate) -> Optional[str]:
+    """`tcp/3306` when the packet is delivered to the box itself and nothing listens there."""
+    packet = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
+    if "input" not in path.hooks or packet is None or packet.dport is None or packet.proto not in (6, 17):
+        return None
+    proto = "tcp" if packet.proto == 6 else "udp"
+    wildcard = ("0.0.0.0", "::")
+    for listener in netstate.listeners:
+        if (listener.proto, listener.port) == (proto, packet.dport) \
+                and (listener.address in wildcard or listener.address == str(packet.dst)):
+            return None
+    return f"{proto}/{packet.dport}"
+
+
 def element_scope(change: Change, snapshot) -> str:
     """What else a set element changes: every rule that looks the set up matches the value now."""
     users = [rule for rule in snapshot.rules.values()
@@ -396,6 +477,12 @@ def _location(path: PacketPath) -> str:
 # -- for people ---------------------------------------------------------------------------------
 
 
+def _decided_text(step) -> str:
+    if step is not None and is_new_step(step):
+        return f"{step.where()} rule (new): {step.iptables or step.text}"
+    return step.location() if step is not None else "every chain on its path"
+
+
 def render_fix(answer: FixAnswer) -> str:
     """The fix under a packet's answer: commands ready to paste, then the proof."""
     asked = answer.verdict.upper()
@@ -413,13 +500,11 @@ def render_fix(answer: FixAnswer) -> str:
     where = f" in netns {answer.netns}" if answer.netns else ""
     lines.append(f"fix {answer.verdict}: run{where}:")
     lines += [f"  {command}" for command in answer.commands]
-    after = answer.after
-    step = after.decided_by
-    if step is not None and is_new_step(step):
-        decided = f"{step.where()} rule (new): {step.iptables or step.text}"
-    else:
-        decided = step.location() if step is not None else "every chain on its path"
+    decided = _decided_text(answer.after.decided_by)
     lines.append(f"proven in a sandbox copy: {asked} by {decided}")
+    if answer.reply is not None:
+        reply = answer.reply
+        lines.append(f"  and the answer comes back: {reply.verdict.upper()} by {_decided_text(reply.decided_by)}")
     scope = answer.scope
     if answer.keep_file:
         scope += f"; the {answer.kept} flows of {answer.keep_file} keep their verdicts"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..flow import PORT_PROTOCOLS, Flow
@@ -55,6 +55,7 @@ class FlowMatch:
     dport: Optional[int] = None
     iif: Optional[str] = None
     oif: Optional[str] = None
+    established: bool = False  # only packets of a connection conntrack knows (the flow's answers)
 
     def nft(self, family: str) -> str:
         """The match as nft rule text: `ip saddr 10.0.0.5 ip daddr 10.0.0.9 tcp dport 22`."""
@@ -72,6 +73,8 @@ class FlowMatch:
                 words.append(f"{self.proto} dport {self.dport}")
         elif self.proto:
             words.append(f"meta l4proto {'ipv6-icmp' if self.proto == 'icmpv6' else self.proto}")
+        if self.established:
+            words.append("ct state established")
         return " ".join(words)
 
     def iptables(self) -> list[str]:
@@ -89,6 +92,8 @@ class FlowMatch:
                     args += ["--sport", str(self.sport)]
                 if self.dport:
                     args += ["--dport", str(self.dport)]
+        if self.established:
+            args += ["-m", "conntrack", "--ctstate", "ESTABLISHED"]
         return args
 
     def describe(self) -> str:
@@ -104,6 +109,8 @@ class FlowMatch:
             text += f" in {self.iif}"
         if self.oif:
             text += f" out {self.oif}"
+        if self.established:
+            text += " established"
         return text
 
 
@@ -150,6 +157,7 @@ class Change:
     set_name: Optional[str] = None
     element: Optional[str] = None
     scope: str = ""  # what else it changes, in words
+    match_text: str = ""  # rule: what it matches, in words
     legacy_iptables_is_default: bool = True  # `iptables` means the legacy tool on this machine
 
     def command(self, handle: Optional[int] = None, rule_number: Optional[int] = None) -> str:
@@ -300,10 +308,18 @@ def flow_match(flow: Flow, path: PacketPath, placement: Placement) -> FlowMatch:
 # -- the changes -------------------------------------------------------------------------------
 
 
-def rule_change(flow: Flow, path: PacketPath, verdict: str, date: str, legacy_is_default: bool = True) -> Change:
-    """One rule that gives exactly this flow `verdict`, where it takes effect."""
+def reversed_flow(flow: Flow) -> Flow:
+    """The flow's answers: from where it goes, back to where it comes from."""
+    return Flow(src=flow.dst, dst=flow.src, proto=flow.proto, sport=flow.dport, dport=flow.sport, iif=flow.oif,
+                oif=flow.iif)
+
+
+def rule_change(flow: Flow, path: PacketPath, verdict: str, date: str, legacy_is_default: bool = True,
+                established: bool = False) -> Change:
+    """One rule that gives exactly this flow `verdict`, where it takes effect; `established`:
+    only to packets of connections conntrack knows (for the answers of a flow let through)."""
     placement = placement_for(path)
-    match = flow_match(flow, path, placement)
+    match = replace(flow_match(flow, path, placement), established=established)
     for name in (match.iif, match.oif):
         if name and '"' in name:
             raise NoChange(f"the interface name {name!r} cannot be written in a rule")
@@ -314,7 +330,7 @@ def rule_change(flow: Flow, path: PacketPath, verdict: str, date: str, legacy_is
     if placement.backend == "nft" and not placement.iptables_nft and not _PLAIN_NAME_RE.match(placement.chain):
         raise NoChange(f"the chain name {placement.chain!r} cannot be written in an nft command")
     return Change("rule", verdict, f"{verdict} {match.describe()} in {placement.describe()}", placement=placement,
-                  rule=rule, iptables_args=iptables_args,
+                  rule=rule, iptables_args=iptables_args, match_text=match.describe(),
                   scope=f"the new rule matches only {match.describe()}",
                   legacy_iptables_is_default=legacy_is_default)
 

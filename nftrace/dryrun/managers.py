@@ -58,7 +58,7 @@ def manager_of(placement: Placement, match: FlowMatch, verdict: str,
         return ManagerNote("kube-proxy", f"kube-proxy resynchronises {placement.where()} within seconds: a direct "
                                          f"edit does not last; change the Service or a NetworkPolicy instead")
     if table == "fw4":
-        return _fw4(placement, match, verdict)
+        return _fw4(placement, chains, match, verdict)
     if table == "nixos-fw":
         return _nixos(match, verdict)
     return None
@@ -134,11 +134,11 @@ def _docker(placement: Placement, match: FlowMatch, verdict: str) -> ManagerNote
     return ManagerNote("docker", note, shlex.join([tool, "-I", "DOCKER-USER", *args, "-j", target]))
 
 
-def _fw4(placement: Placement, match: FlowMatch, verdict: str) -> ManagerNote:
+def _fw4(placement: Placement, chains: set, match: FlowMatch, verdict: str) -> ManagerNote:
     note = ("OpenWrt's fw4 writes table inet fw4 again from /etc/config/firewall on every `fw4 reload` or "
             "`service firewall restart`: a direct edit is lost then")
-    names = [placement.chain, placement.base_chain or ""]
-    zone = next((m.group(2) for name in names if (m := _FW4_ZONE_RE.match(name))), None)
+    # The zone's own chain (input_wan, forward_lan) names the zone the packet came from.
+    zone = next((m.group(2) for name in sorted(chains) if (m := _FW4_ZONE_RE.match(name))), None)
     if zone is None:
         return ManagerNote("fw4", note + "; add a rule section to /etc/config/firewall")
     options = [("name", "nftrace fix"), ("src", zone)]

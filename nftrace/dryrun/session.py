@@ -39,6 +39,7 @@ from ..signals import SignalsAsExceptions
 from ..kernel.system import namespace_path, require_net_admin
 
 STATES = ("new", "established")
+REPLY_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
 EPHEMERAL_PORTS = (32768, 60999)
 # A crafted packet's events all arrive within microseconds: a short idle time ends a packet
 # that the kernel dropped outside netfilter without making the user wait.
@@ -127,6 +128,32 @@ def plan_injection(flow: Flow, netstate: NetworkState, peers: dict, helper: str,
                      dst_mac=peers[iif].mac, mtu=interface.mtu)
 
 
+def reply_injection(sent: Optional[Injection], path: PacketPath, interfaces: dict, netstate: NetworkState,
+                    peers: dict, helper: str, token: Callable[[int], int] = secrets.randbelow) -> Optional[Injection]:
+    """The answer of the other side to a packet sent before (`path` is its trace): from the
+    address and port it went to, as the last hook left it (after NAT), back to where it came
+    from, on the interface it left by (or from a local socket, when it was delivered to the
+    box itself). TCP answers a SYN with a SYN-ACK; UDP with a datagram; ping with a pong."""
+    if sent is None or sent.proto not in REPLY_PROTOCOLS or sent.state != "new" or not path.complete:
+        return None
+    last = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
+    if last is None or last.src is None or last.dst is None:
+        return None
+    common = dict(src=str(last.dst), dst=str(last.src), proto=sent.proto, state="reply", icmp_id=sent.icmp_id,
+                  sport=last.dport if sent.proto in PORT_PROTOCOLS else None,
+                  dport=last.sport if sent.proto in PORT_PROTOCOLS else None,
+                  seq=1 + token(0xFFFFFFFE), ack=(sent.seq + 1) & 0xFFFFFFFF)
+    if "input" in path.hooks:
+        return Injection(**common)  # the box answers itself
+    oif = interfaces.get(path.interface_index("oif") or -1)
+    interface = netstate.interface(oif) if oif else None
+    if interface is None or oif not in peers:
+        return None
+    neighbour = netstate.neighbours.get((oif, common["src"]))
+    return Injection(**common, iif=oif, netns=helper, peer=peers[oif].peer, src_mac=neighbour or _random_mac(token),
+                     dst_mac=peers[oif].mac, mtu=interface.mtu)
+
+
 def _random_mac(token: Callable[[int], int]) -> str:
     octets = [token(256) for _ in range(6)]
     octets[0] = (octets[0] & 0xFC) | 0x02
@@ -201,6 +228,7 @@ class DryRun:
         self.names = TargetNames()
         self._bookmark: Optional[NamespaceBookmark] = None
         self._traced = 0
+        self.last_injection: Optional[Injection] = None
 
     # -- the sandbox ------------------------------------------------------------------------
 
@@ -269,7 +297,27 @@ class DryRun:
         injection = self.plan(flow)
         if self._traced:
             self._forget_connections()
+        return self._trace_injection(flow, injection, report, on_packet, timeout=timeout, max_rate=max_rate,
+                                     drop_reasons=drop_reasons)
+
+    def trace_reply(self, path: PacketPath, interfaces: dict, report: TraceReport,
+                    on_packet: Callable[[PacketPath], None], *, timeout: float = 10.0,
+                    drop_reasons: bool = False) -> Optional[int]:
+        """Send the other side's answer to the packet traced last (`path`), while its connection
+        is in the sandbox's conntrack table, and trace it; None when there is no answer to send."""
+        injection = reply_injection(self.last_injection, path, interfaces, self.netstate, self.sandbox.peers,
+                                    self.sandbox.helper)
+        if injection is None:
+            return None
+        flow = Flow(ipaddress.ip_network(injection.src), ipaddress.ip_network(injection.dst), injection.proto,
+                    injection.sport, injection.dport)
+        return self._trace_injection(flow, injection, report, on_packet, timeout=timeout, drop_reasons=drop_reasons)
+
+    def _trace_injection(self, flow: Flow, injection: Injection, report: TraceReport,
+                         on_packet: Callable[[PacketPath], None], *, timeout: float = 10.0, max_rate: int = 100,
+                         drop_reasons: bool = True) -> int:
         self._traced += 1
+        self.last_injection = injection
         report.mode = "dry-run"
         report.dry_run = self.describe(injection)
         report.warnings.extend(w for w in self.sandbox.warnings if w not in report.warnings)
