@@ -311,3 +311,49 @@ def test_a_flow_whose_answers_are_dropped_too_gets_a_rule_for_them_and_connects(
     paste(fix["commands"])
     assert real_traffic(router, wanted) == "connected"
     assert_others_keep_their_verdicts(router, scenario, wanted)
+
+
+# -- where no command can name the chain, and whose chains they are ----------------------------------
+
+ANONYMOUS = """
+table inet filter {
+    set admins { type ipv4_addr; elements = { 10.77.1.9 } }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        ct state established,related accept
+        tcp dport 22 jump { ip saddr @admins accept; log prefix "ssh refused: "; drop; }
+    }
+}
+"""
+
+
+def test_a_drop_inside_an_anonymous_chain_is_fixed_above_the_rule_that_jumps_into_it(lab, tmp_path):
+    flows = [{"name": "ssh from the client", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp", "dport": 22,
+              "expect": "drop"},
+             {"name": "ssh from the server's side", "sender": "server", "from": "10.77.2.2", "to": "10.77.1.2",
+              "proto": "tcp", "dport": 22, "expect": "drop"},
+             {"name": "web", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp", "dport": 443, "expect": "accept"}]
+    scenario = own_scenario(tmp_path, "anonymous", ANONYMOUS, flows)
+    router = lab(scenario)
+    ssh = flow_named(scenario, "ssh from the client")
+    fix = propose(router, ssh, "accept", keep=keep_file(tmp_path, scenario, ssh))
+    listing = subprocess.run(["ip", "netns", "exec", router.topology.router, "nft", "-a", "list", "chain", "inet",
+                              "filter", "forward"], capture_output=True, text=True).stdout
+    jump = next(line for line in listing.splitlines() if "tcp dport 22 jump {" in line)
+    handle = listing.split("} # handle ")[1].split()[0]
+    assert jump and f"insert rule inet filter forward position {handle} " in fix["commands"][0]
+    paste(fix["commands"])
+    assert real_traffic(router, ssh) == "connected"
+    assert_others_keep_their_verdicts(router, scenario, ssh)
+
+
+def test_a_fix_in_firewalld_chains_says_a_reload_undoes_it_and_gives_firewalld_s_own_command(lab, tmp_path):
+    scenario = find_scenario("firewalld-zones")
+    router = lab(scenario)
+    cockpit = flow_named(scenario, "cockpit from the public zone is rejected after the zone chains return")
+    fix = propose(router, cockpit, "accept")
+    (note,) = fix["managers"]
+    assert note["manager"] == "firewalld" and note["proven"] is False and "reload" in note["note"]
+    assert note["hint"].startswith("firewall-cmd --zone=public --add-rich-rule=")
+    paste(fix["commands"])
+    assert live_verdict(router, cockpit) == "accept"

@@ -333,11 +333,12 @@ class FixProver:
 
     # -- the sandbox --------------------------------------------------------------------------------
 
-    def _trace(self, dry: DryRun, flow: Flow) -> Optional[PacketPath]:
+    def _trace(self, dry: DryRun, flow: Flow, near_misses: bool = True) -> Optional[PacketPath]:
         report = TraceReport(flow=flow, netns=dry.request.netns)
         seen: list = []
         # The verdict is netfilter's: the kernel's drop reasons (bpftrace, a second to start) add nothing.
-        dry.trace(flow, report, seen.append, timeout=self.request.timeout, drop_reasons=False)
+        dry.trace(flow, report, seen.append, timeout=self.request.timeout, drop_reasons=False,
+                  near_misses=near_misses)
         self._interfaces = report.interfaces
         if not seen:
             return None
@@ -417,7 +418,7 @@ class FixProver:
 
     def _keep_verdict(self, dry: DryRun, expectation: FlowExpectation) -> Optional[str]:
         try:
-            path = self._trace(dry, expectation.flow)
+            path = self._trace(dry, expectation.flow, near_misses=False)
         except InputError:
             return None
         if path is None:

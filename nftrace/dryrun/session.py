@@ -292,13 +292,13 @@ class DryRun:
         }
 
     def trace(self, flow: Flow, report: TraceReport, on_packet: Callable[[PacketPath], None], *,
-              timeout: float = 10.0, max_rate: int = 100, drop_reasons: bool = True) -> int:
+              timeout: float = 10.0, max_rate: int = 100, drop_reasons: bool = True, near_misses: bool = True) -> int:
         """Send the flow's packet into the sandbox and trace it; return how many packets were seen (0 or 1)."""
         injection = self.plan(flow)
         if self._traced:
             self._forget_connections()
         return self._trace_injection(flow, injection, report, on_packet, timeout=timeout, max_rate=max_rate,
-                                     drop_reasons=drop_reasons)
+                                     drop_reasons=drop_reasons, near_misses=near_misses)
 
     def trace_reply(self, path: PacketPath, interfaces: dict, report: TraceReport,
                     on_packet: Callable[[PacketPath], None], *, timeout: float = 10.0,
@@ -311,11 +311,12 @@ class DryRun:
             return None
         flow = Flow(ipaddress.ip_network(injection.src), ipaddress.ip_network(injection.dst), injection.proto,
                     injection.sport, injection.dport)
-        return self._trace_injection(flow, injection, report, on_packet, timeout=timeout, drop_reasons=drop_reasons)
+        return self._trace_injection(flow, injection, report, on_packet, timeout=timeout, drop_reasons=drop_reasons,
+                                     near_misses=False)
 
     def _trace_injection(self, flow: Flow, injection: Injection, report: TraceReport,
                          on_packet: Callable[[PacketPath], None], *, timeout: float = 10.0, max_rate: int = 100,
-                         drop_reasons: bool = True) -> int:
+                         drop_reasons: bool = True, near_misses: bool = True) -> int:
         self._traced += 1
         self.last_injection = injection
         report.mode = "dry-run"
@@ -327,7 +328,7 @@ class DryRun:
                 report.warnings.append(NAT_CAVEAT)
         options = TraceOptions(flow=flow, netns=self.sandbox.name, count=1, timeout=timeout, max_rate=max_rate,
                                command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS,
-                               drop_reasons=drop_reasons)
+                               drop_reasons=drop_reasons, near_misses=near_misses)
         session = TraceSession(options, report)
 
         def deliver(path: PacketPath) -> None:

@@ -51,6 +51,7 @@ class TraceOptions:
     rcvbuf: Optional[int] = None  # None: sized from max_rate, or NFTRACE_RCVBUF (rcvbuf.py)
     drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
+    near_misses: bool = True  # explain each answer with its near misses (a dry run's helpers may not need them)
 
 
 def prepare_namespace(options: TraceOptions) -> None:
@@ -117,7 +118,8 @@ class TraceSession:
                         table.mark_ingress(snapshot.ingress_devices())
                     self._iptables_nft = IptablesNftText.read(snapshot)
                 builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds)
-                self._near_misses = self._near_miss_annotator(nft if plan.nft else None, snapshot, plan)
+                if options.near_misses:
+                    self._near_misses = self._near_miss_annotator(nft if plan.nft else None, snapshot, plan)
                 try:
                     self._await_drop_watcher(drops)
                     on_ready()
