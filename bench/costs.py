@@ -139,7 +139,7 @@ def snapshot_cost(netns: str, rules: int, anonymous_sets: bool = False, runs: in
         nft = NftContext()
         for _ in range(runs):
             started = time.perf_counter()
-            listing = nft.run("list ruleset", handles=True, stateless=True, terse=True)
+            listing = nft.list_ruleset()
             listed = time.perf_counter()
             snapshot = RulesetSnapshot(listing)
             listings.append(listed - started)

@@ -229,16 +229,17 @@ def run_flood(lab: Lab, packets: int, *, rate: float = 0.0, record: bool = False
 
 
 def _follow(sender, nft_process, nftrace_process, workdir: Path, flood_started: float, flood_deadline: float,
-            drain_seconds: float):
+            drain_seconds: float, outputs: Optional[dict] = None):
     """Watch the flood, then each listener until its socket is empty and its output has not
     grown for a while.
 
     Returns nftrace's resident memory over time (seconds since the flood started, bytes),
     when the flood ended, and, per tool, how long after the flood's end its output last grew.
     """
-    outputs = {"nftrace": (nftrace_process, workdir / "nftrace.json", NFTRACE_SETTLE_SECONDS)}
-    if nft_process:
-        outputs["nft"] = (nft_process, workdir / "nft-monitor.txt", MONITOR_SETTLE_SECONDS)
+    if outputs is None:
+        outputs = {"nftrace": (nftrace_process, workdir / "nftrace.json", NFTRACE_SETTLE_SECONDS)}
+        if nft_process:
+            outputs["nft"] = (nft_process, workdir / "nft-monitor.txt", MONITOR_SETTLE_SECONDS)
     sizes = {name: -1 for name in outputs}
     grew_at = {name: flood_started for name in outputs}
     done: dict = {}
@@ -247,7 +248,7 @@ def _follow(sender, nft_process, nftrace_process, workdir: Path, flood_started: 
     deadline = flood_deadline
     while len(done) < len(outputs) and time.monotonic() < deadline:
         now = time.monotonic()
-        rss = rss_bytes(nftrace_process.pid)
+        rss = rss_bytes(nftrace_process.pid) if nftrace_process is not None else None
         if rss is not None and "nftrace" not in done:
             rss_samples.append((now - flood_started, rss))
         for name, (process, path, settle) in outputs.items():

@@ -24,7 +24,8 @@ if str(REPO) not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from bench.probes import inside_netns  # noqa: E402
-from nftrace.trace.events import TRACE_MESSAGE_TYPE, decode_datagram  # noqa: E402
+from nftrace.kernel.netlink import decode_datagram  # noqa: E402
+from nftrace.trace.events import TRACE_MESSAGE_TYPE  # noqa: E402
 from nftrace.kernel.monitor import TraceMonitor  # noqa: E402
 from nftrace.lab.topology import (  # noqa: E402
     ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, SERVER_V4, Topology, in_netns, python_in_netns,

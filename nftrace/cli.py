@@ -10,12 +10,12 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
 from .errors import InputError, NftraceError
-from .signals import Interrupted
+from .signals import Interrupted, SignalsAsExceptions, cleanup_failures
 
 app = typer.Typer(
     add_completion=False,
@@ -25,14 +25,28 @@ app = typer.Typer(
 )
 
 EXIT_NO_PACKET = 3
-EXIT_INTERRUPTED = 130
 EXIT_BUG = 70  # EX_SOFTWARE: an exception nftrace did not expect
 TRACEBACK_ENV = "NFTRACE_TRACEBACK"  # =1: print a bug's traceback too
 
 
+def _say(err: BaseException, line: str) -> None:
+    """The one line, then what went wrong too while nftrace undid its changes (if anything)."""
+    typer.echo(f"nftrace: {line}", err=True)
+    for note in cleanup_failures(err):
+        typer.echo(f"nftrace: {note}", err=True)
+
+
 def _fail(err: NftraceError) -> None:
-    typer.echo(f"nftrace: {err}", err=True)
+    _say(err, str(err))
     raise typer.Exit(err.exit_code)
+
+
+def _stopped(stop: BaseException, done: Optional[str] = None) -> int:
+    """What a stop signal ends with: its line (and what was undone first) and its exit status."""
+    signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+    line = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    _say(stop, f"{line}; {done}" if done else line)
+    return 128 + signum
 
 
 def _ctrl_c_is_one_line(command):
@@ -133,13 +147,12 @@ def why(
         from .dryrun.session import DryRunRequest, DryRunSession
 
         request = DryRunRequest(netns, ruleset_file, ruleset_kind, state)
-        proving = None
-        if fixing is not None:
+
+        def proving(dry):
             from .dryrun.fix import fix_packets
 
-            def proving(dry):
-                fixes.extend(fix_packets(packets, flow, fixing, request, dry=dry))
-        session = DryRunSession(options, report, request, with_sandbox=proving)
+            fixes.extend(fix_packets(packets, flow, fixing, request, dry=dry))
+        session = DryRunSession(options, report, request, with_sandbox=proving if fixing is not None else None)
     else:
         session = TraceSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None
@@ -161,34 +174,21 @@ def why(
         where = f" in netns {netns}" if netns else ""
         typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
 
-    exit_code = None
-    try:
-        # A live trace flushes JSON once per batch of events read; a dry run's one answer is
-        # flushed when the document is finished.
-        batches = {"on_batch": stream.flush} if stream and not dry_run else {}
-        session.run(on_packet, on_ready, **batches)
-    except NftraceError as err:
-        if not (stream and stream.started):
-            _fail(err)
-        typer.echo(f"nftrace: {err}", err=True)
-        exit_code = err.exit_code
-    except KeyboardInterrupt:
-        typer.echo("nftrace: interrupted; trace rules removed", err=True)
-        exit_code = EXIT_INTERRUPTED
-    except Interrupted as stop:
-        typer.echo(f"nftrace: stopped by {signal.Signals(stop.signum).name}; trace rules removed", err=True)
-        exit_code = 128 + stop.signum
+    # A live trace flushes JSON once per batch of events read; a dry run's one answer is
+    # flushed when the document is finished.
+    batches = {"on_batch": stream.flush} if stream and not dry_run else {}
+    exit_code, _ = _run_session(lambda: session.run(on_packet, on_ready, **batches), stream)
     if fixing is not None and exit_code is None and packets and not dry_run:
         exit_code = _prove_live_fix(packets, flow, fixing, netns, report, fixes)
     if stream:
         for path in packets:
             stream.packet(path)
         stream.finish()
-    elif fixes:
-        from .dryrun.fix import render_fix
-
-        typer.echo("\n\n".join(render_fix(answer) for answer in fixes))
     else:
+        if fixes:
+            from .dryrun.fix import render_fix
+
+            typer.echo("\n\n".join(render_fix(answer) for answer in fixes))
         closing = render_closing(report, session.packets_seen)
         if closing:
             typer.echo(closing, err=True)
@@ -197,25 +197,116 @@ def why(
     raise typer.Exit(exit_code)
 
 
+def _run_session(run: Callable[[], None], stream) -> tuple[Optional[int], bool]:
+    """Run a live session. An error once output has started, Ctrl-C or a signal ends it with
+    one line on stderr (the rules are removed by then); returns the exit status it calls for
+    (None: the run ended by itself) and whether the user stopped it."""
+    try:
+        run()
+    except NftraceError as err:
+        if not (stream and stream.started):
+            _fail(err)
+        _say(err, str(err))
+        return err.exit_code, False
+    except (KeyboardInterrupt, Interrupted) as stop:
+        return _stopped(stop, "trace rules removed"), True
+    return None, False
+
+
 def _prove_live_fix(packets, flow, fixing, netns, report, fixes) -> Optional[int]:
-    """--fix after a live trace: the change is proven in sandbox copies of the namespace."""
+    """--fix after a live trace: the change is proven in sandbox copies of the namespace. A
+    failure there is one line; the answers are still printed."""
     from .dryrun.fix import fix_packets
     from .dryrun.session import DryRunRequest
-    from .signals import Interrupted, SignalsAsExceptions
 
     try:
         with SignalsAsExceptions():
             fixes.extend(fix_packets(packets, flow, fixing, DryRunRequest(netns), interfaces=report.interfaces))
     except NftraceError as err:
-        typer.echo(f"nftrace: --fix: {err}", err=True)
+        _say(err, f"--fix: {err}")
         return err.exit_code
-    except KeyboardInterrupt:
-        typer.echo("nftrace: interrupted; sandbox removed", err=True)
-        return EXIT_INTERRUPTED
-    except Interrupted as stop:
-        typer.echo(f"nftrace: stopped by {signal.Signals(stop.signum).name}; sandbox removed", err=True)
-        return 128 + stop.signum
+    except (KeyboardInterrupt, Interrupted) as stop:
+        return _stopped(stop, "sandbox removed")
     return None
+
+
+@app.command()
+@_ctrl_c_is_one_line
+def drops(
+    ctx: typer.Context,
+    src: Optional[str] = typer.Option(None, "--from", metavar="ADDR[/LEN]", help="Only packets from this address or prefix."),
+    dst: Optional[str] = typer.Option(None, "--to", metavar="ADDR[/LEN]", help="Only packets to this address or prefix."),
+    proto: Optional[str] = typer.Option(None, "--proto", help="tcp, udp, icmp, icmpv6 or sctp."),
+    sport: Optional[int] = typer.Option(None, "--sport", metavar="N", help="Source port (tcp/udp/sctp)."),
+    dport: Optional[int] = typer.Option(None, "--dport", metavar="N", help="Destination port (tcp/udp/sctp)."),
+    iif: Optional[str] = typer.Option(None, "--iif", metavar="IF", help="Only packets arriving on this interface."),
+    oif: Optional[str] = typer.Option(None, "--oif", metavar="IF", help="Only packets leaving on this interface."),
+    duration: float = typer.Option(0.0, "--duration", min=0, metavar="SEC", help="Stop after SEC seconds (0: at Ctrl-C)."),
+    max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
+                                      help="Also count packets the kernel dropped after netfilter, by reason (needs bpftrace)."),
+):
+    """What is this firewall dropping right now? Every dropping rule, with counts and flows."""
+    from .drops.render import CLEAR, LiveTable, drop_line, render_summary
+    from .drops.report import DropsReport
+    from .drops.run import DropsSession
+    from .flow import parse_filter
+    from .trace.jsonstream import JsonStream
+    from .trace.session import TraceOptions
+    import shutil
+    import time
+
+    netns = ctx.obj["netns"]
+    try:
+        flow = parse_filter(src, dst, proto, sport, dport, iif, oif)
+    except NftraceError as err:
+        _fail(err)
+    options = TraceOptions(flow=flow, netns=netns, count=0, timeout=duration, max_rate=max_rate,
+                           drop_reasons=drop_reasons)
+    report = DropsReport(flow=flow, netns=netns, max_rate=max_rate)
+    session = DropsSession(options, report)
+    stream = JsonStream(sys.stdout, report) if as_json else None
+    live = None if as_json or not sys.stdout.isatty() else LiveTable(report, *shutil.get_terminal_size())
+    refreshed = [0.0]
+
+    def on_drop(path):
+        if stream:
+            stream.packet(path)
+        elif live is None:
+            typer.echo(drop_line(path, report.interfaces))
+
+    def on_batch():
+        if stream:
+            stream.flush()
+        elif live is not None:
+            now = time.monotonic()
+            if now - refreshed[0] >= 1.0 and session.started is not None:
+                refreshed[0] = now
+                sys.stdout.write(CLEAR + live.render(now, now - session.started) + "\n")
+                sys.stdout.flush()
+        else:
+            sys.stdout.flush()
+
+    def on_ready():
+        where = f" in netns {netns}" if netns else ""
+        limit = f"at most {max_rate} packets/s" if max_rate else "every packet"
+        typer.echo(f"watching drops of {flow.describe()}{where}, tracing {limit} (Ctrl-C to stop)", err=True)
+
+    # Ctrl-C and SIGTERM are how a watch ends: the summary follows, and the status is 0.
+    exit_code, stopped = _run_session(lambda: session.run(on_drop, on_ready, on_batch), stream)
+    if stopped:
+        exit_code = 0
+    note = report.sample_note()
+    if stream and note:
+        report.warnings.append(note)  # the text summary says it in its own line
+    if stream:
+        stream.finish()
+    else:
+        if live is not None:
+            sys.stdout.write(CLEAR)
+        typer.echo(render_summary(report))
+    raise typer.Exit(exit_code or 0)
 
 
 @app.command()
@@ -286,7 +377,8 @@ def lab_up(
     lab = _lab(ctx, "up", prefix)
     try:
         require_root()
-        done = lab.up(find_scenario(scenario or DEFAULT_SCENARIO), listen_seconds=listen_seconds or LISTEN_SECONDS)
+        with SignalsAsExceptions():
+            done = lab.up(find_scenario(scenario or DEFAULT_SCENARIO), listen_seconds=listen_seconds or LISTEN_SECONDS)
         status = lab.status()
     except NftraceError as err:
         _fail(err)
@@ -304,7 +396,8 @@ def lab_down(
     """Remove everything `lab up` made: listeners, namespaces, state."""
     lab = _lab(ctx, "down", prefix)
     try:
-        removed = lab.down()
+        with SignalsAsExceptions():
+            removed = lab.down()
     except NftraceError as err:
         _fail(err)
     for item in removed:
@@ -380,8 +473,7 @@ def test_command(
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, metavar="SEC", help="Give up on a flow after SEC seconds."),
 ):
     """Firewall regression tests: every flow a dry run; exit 1 if any verdict or deciding rule differs."""
-    from .errors import InputError
-    from .dryrun.testing import load_all, render_table, run_files, junit_xml
+    from .dryrun.testing import load_all, render_table, junit_xml
 
     netns = ctx.obj["netns"]
     try:
@@ -390,20 +482,11 @@ def test_command(
         if current and ruleset_file is not None:
             raise InputError("--current and --ruleset exclude each other")
         expectation_files = load_all(files)
-        if lab:
-            from .lab.topology import Topology
-            from .dryrun.sandbox import sandbox_name
-
-            topology = Topology(f"{sandbox_name()}-lab")
-            try:
-                topology.up()
-                results = run_files(expectation_files, topology.router, ruleset=ruleset_file,
-                                    ruleset_kind=ruleset_kind, current=current, timeout=timeout)
-            finally:
-                topology.down()
-        else:
-            results = run_files(expectation_files, netns, ruleset=ruleset_file, ruleset_kind=ruleset_kind,
-                                current=current, timeout=timeout)
+    except NftraceError as err:
+        _fail(err)
+    try:
+        with SignalsAsExceptions():
+            results = _run_tests(expectation_files, netns, lab, ruleset_file, ruleset_kind, current, timeout)
         if junit is not None:
             try:
                 junit.write_text(junit_xml(results))
@@ -413,6 +496,25 @@ def test_command(
         _fail(err)
     typer.echo(render_table(results))
     raise typer.Exit(0 if all(result.passed for result in results) else 1)
+
+
+def _run_tests(expectation_files, netns, lab, ruleset_file, ruleset_kind, current, timeout) -> list:
+    """Every flow of every file, in a copy of the namespace or of a fresh lab router."""
+    from .dryrun.testing import run_files
+    from .signals import UndoStack
+
+    if lab:
+        from .lab.topology import Topology
+        from .dryrun.sandbox import sandbox_name
+
+        with UndoStack() as undo:
+            topology = Topology(f"{sandbox_name()}-lab")
+            undo.callback(topology.down)
+            topology.up()
+            return run_files(expectation_files, topology.router, ruleset=ruleset_file, ruleset_kind=ruleset_kind,
+                             current=current, timeout=timeout)
+    return run_files(expectation_files, netns, ruleset=ruleset_file, ruleset_kind=ruleset_kind, current=current,
+                     timeout=timeout)
 
 
 def report_bug(err: Exception) -> str:
@@ -440,24 +542,24 @@ def report_bug(err: Exception) -> str:
 def run() -> None:
     """Entry point: every ending is one line on stderr at most. Usage errors exit 2 like every
     other bad input; Ctrl-C 130 wherever it comes; an unexpected exception, a bug, exits 70
-    with its traceback in a file, after every `finally` has undone what the run changed."""
-    from typer._click.exceptions import ClickException
+    with its traceback in a file, after every `finally` has undone what the run changed.
 
-    try:
-        result = app(standalone_mode=False)
-    except ClickException as err:
-        typer.echo(f"nftrace: {err.format_message()}", err=True)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("nftrace: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except Interrupted as stop:
-        typer.echo("nftrace: interrupted" if stop.signum == signal.SIGINT
-                   else f"nftrace: stopped by {signal.Signals(stop.signum).name}", err=True)
-        sys.exit(128 + stop.signum)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except Exception as err:  # noqa: BLE001 - a bug: one line, not a screen of traceback
-        typer.echo(report_bug(err), err=True)
-        sys.exit(EXIT_BUG)
-    sys.exit(result if isinstance(result, int) else 0)
+    Stop signals are exceptions from here to the exit, and only the first one counts: a second
+    one while the first one's cleanup or exit message is under way changes nothing.
+    """
+    with SignalsAsExceptions(until_exit=True):
+        try:
+            result = app(standalone_mode=False)
+        except typer.TyperException as err:  # usage errors (typer >= 0.28 derives them all from it)
+            typer.echo(f"nftrace: {err.format_message()}", err=True)
+            sys.exit(2)
+        except (typer.Abort, KeyboardInterrupt, Interrupted) as stop:
+            sys.exit(_stopped(stop))
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
+        except Exception as err:  # noqa: BLE001 - a bug: one line, not a screen of traceback
+            typer.echo(report_bug(err), err=True)
+            for note in cleanup_failures(err):
+                typer.echo(f"nftrace: {note}", err=True)
+            sys.exit(EXIT_BUG)
+        sys.exit(result if isinstance(result, int) else 0)

@@ -41,7 +41,7 @@ monitor = TraceMonitor()
 nft = NftContext()
 table = TraceTable(nft, parse_flow("10.77.1.2", "0.0.0.0/0"), max_rate=0)
 table.install()
-listing = nft.run("list ruleset", handles=True, stateless=True, terse=True)
+listing = nft.list_ruleset()
 print("ready", flush=True)
 datagrams = []
 end = time.monotonic() + float(sys.argv[1])

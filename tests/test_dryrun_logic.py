@@ -14,9 +14,9 @@ from nftrace.errors import InputError
 from nftrace.flow import parse_flow
 from nftrace.dryrun.inject import (TCP_ACK, TCP_SYN, Injection, crc32c, ethernet_frame, icmp_echo, internet_checksum,
                             ipv4_packet, sctp_init, tcp_segment, transport, udp_datagram)
-from nftrace.dryrun.netstate import (Address, Interface, NetworkState, RouteLookup, parse_interfaces,
-                              parse_nexthop_lines, parse_route_lines, parse_rule_lines, parse_socket_table,
-                              sandbox_table_text, split_tables)
+from nftrace.dryrun.netstate import (Address, FdbEntry, Interface, NetworkState, RouteLookup, parse_fdb,
+                              parse_interfaces, parse_nexthop_lines, parse_route_lines, parse_rule_lines,
+                              parse_socket_table, parse_vlans, sandbox_table_text, split_tables)
 from nftrace.trace.paths import PacketPath, Step
 from nftrace.trace.ruleset import RulesetSnapshot
 from nftrace.dryrun.sandbox import IPTABLES_SAVE_RE, _NAME_RE, read_candidate
@@ -216,6 +216,68 @@ def test_unknown_iif_is_an_input_error():
     flow = parse_flow("192.0.2.1", "10.0.0.1", "tcp", None, 22, iif="wan9")
     with pytest.raises(InputError, match="no interface 'wan9'"):
         plan_injection(flow, _state(), _peers(), "h", "new", None)
+
+
+def _bridged_state() -> NetworkState:
+    """br0 (10.0.0.1/24) with ports p1 and p2; the bridge learnt 10.0.0.5's MAC behind p2."""
+    br0 = Interface(2, "br0", "ether", kind="bridge", mac="02:00:00:00:00:b0", up=True,
+                    addresses=[Address(4, "10.0.0.1", 24)])
+    p1 = Interface(3, "p1", "ether", kind="veth", mac="02:00:00:00:00:01", up=True, master="br0")
+    p2 = Interface(4, "p2", "ether", kind="veth", mac="02:00:00:00:00:02", up=True, master="br0")
+    state = NetworkState("sw", interfaces=[br0, p1, p2])
+    state.neighbours = {("br0", "10.0.0.5"): "02:00:00:00:00:05", ("br0", "10.0.0.6"): "02:00:00:00:00:06"}
+    state.fdb = [FdbEntry("02:00:00:00:00:05", "p2", "br0")]
+    return state
+
+
+def _bridged_peers():
+    from nftrace.dryrun.sandbox import PeerLink
+
+    return {"p1": PeerLink("p1", "h3", "02:00:00:00:00:01"), "p2": PeerLink("p2", "h4", "02:00:00:00:00:02")}
+
+
+def test_a_packet_for_a_bridge_enters_through_the_port_its_source_was_learnt_on():
+    flow = parse_flow("10.0.0.5", "10.0.0.1", "tcp", None, 22)
+    plan = plan_injection(flow, _bridged_state(), _bridged_peers(), "h", "new", RouteLookup("br0", None, False),
+                          route_to=RouteLookup("lo", None, True))
+    assert (plan.iif, plan.peer, plan.src_mac, plan.dst_mac) == ("p2", "h4", "02:00:00:00:00:05", "02:00:00:00:00:b0")
+
+
+def test_a_frame_between_two_hosts_of_a_bridge_is_addressed_to_the_destination_host():
+    flow = parse_flow("10.0.0.5", "10.0.0.6", "udp", None, 53)
+    notes = []
+    plan = plan_injection(flow, _bridged_state(), _bridged_peers(), "h", "new", RouteLookup("br0", None, False),
+                          route_to=RouteLookup("br0", None, False), notes=notes)
+    assert (plan.iif, plan.dst_mac) == ("p2", "02:00:00:00:00:06") and notes == []
+
+
+def test_a_source_the_bridge_has_not_learnt_enters_through_the_first_port_and_says_so():
+    flow = parse_flow("10.0.0.9", "10.0.0.1", "tcp", None, 22)
+    notes = []
+    plan = plan_injection(flow, _bridged_state(), _bridged_peers(), "h", "new", RouteLookup("br0", None, False),
+                          route_to=RouteLookup("lo", None, True), notes=notes)
+    assert plan.iif == "p1" and "--iif PORT" in notes[0]
+
+
+def test_iif_may_name_a_bridge_port():
+    flow = parse_flow("10.0.0.5", "10.0.0.6", "udp", None, 53, iif="p1")
+    plan = plan_injection(flow, _bridged_state(), _bridged_peers(), "h", "new", None,
+                          route_to=RouteLookup("br0", None, False))
+    assert (plan.iif, plan.peer, plan.dst_mac) == ("p1", "h3", "02:00:00:00:00:06")
+
+
+def test_bridges_keep_their_options_ports_and_learnt_addresses():
+    text = ('[{"ifindex":2,"ifname":"br0","flags":["UP"],"mtu":1500,"link_type":"ether","address":"02:00:00:00:00:b0",'
+            '"linkinfo":{"info_kind":"bridge","info_data":{"stp_state":1,"vlan_filtering":1,"mcast_snooping":1,'
+            '"group_fwd_mask":"0"}}}]')
+    [br0] = parse_interfaces(text)
+    assert br0.bridge == {"vlan_filtering": "1", "stp_state": "1"}  # defaults are not repeated
+    fdb = ('[{"mac":"02:00:00:00:00:05","ifname":"p2","flags":[],"master":"br0","state":""},'
+           '{"mac":"02:00:00:00:00:02","ifname":"p2","flags":[],"master":"br0","state":"permanent"},'
+           '{"mac":"33:33:00:00:00:01","ifname":"br0","flags":["self"],"state":"permanent"}]')
+    assert parse_fdb(fdb) == [FdbEntry("02:00:00:00:00:05", "p2", "br0")]
+    vlans = parse_vlans('[{"ifname":"p1","vlans":[{"vlan":10,"flags":["PVID","Egress Untagged"]},{"vlan":20,"vlanEnd":29}]}]')
+    assert [vlan.add_command(False) for vlan in vlans] == ["vlan add dev p1 vid 10 pvid untagged", "vlan add dev p1 vid 20-29"]
 
 
 @pytest.mark.parametrize("args,message", [

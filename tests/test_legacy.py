@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from conftest import unavailable
 from nftrace.iptables.backends import BackendPlan, parse_backend, plan_backend
 from nftrace.errors import EnvironmentProblem, InputError
 from nftrace.flow import parse_flow
@@ -305,7 +306,7 @@ def test_state_file_of_an_earlier_namespace_with_the_same_inode_is_not_restored(
 
     cookie = netns_cookie()
     if cookie is None:
-        pytest.skip("this kernel has no namespace cookies")
+        unavailable("this kernel has no namespace cookies (Linux 5.14)")
     saved = SavedLoggers(dead_pid(), netns=current_netns(), loggers={}, cookie=cookie + 1)
     saved.write()
     assert restore_leftover_loggers() == []

@@ -10,7 +10,8 @@ import pytest
 from nftrace.trace.events import PacketHeaders, TraceEvent
 from nftrace.iptables.legacy import LegacyRuleset
 from nftrace.iptables.merge import (LegacyPathBuilder, LegacyTrail, MergedPathBuilder, last_tables_on_exit_hooks, merge_hooks,
-                           merge_steps, packet_identity)
+                           merge_steps)
+from nftrace.trace.identity import packet_identity
 from nftrace.kernel.monitor import EventsLost
 from nftrace.iptables.nflog import LegacyTraceEvent
 from nftrace.trace.paths import PathBuilder, Step, deciding_accept

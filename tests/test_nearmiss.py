@@ -477,7 +477,7 @@ class CountingNft:
         self.document = document
         self.listings = 0
 
-    def run(self, command, **options):
+    def list_ruleset(self, **options):
         self.listings += 1
         return self.document
 
@@ -486,7 +486,7 @@ def test_the_ruleset_is_read_once_for_many_packets_and_again_after_it_changed():
     import json
     nft = CountingNft(json.dumps({"nftables": [{"rule": {"family": "inet", "table": "fw", "chain": "forward",
                                                          "handle": 9, "expr": ISSUE_RULE}}]}))
-    annotator = NearMissAnnotator(LiveRuleBook(nft), INTERFACES)
+    annotator = NearMissAnnotator(LiveRuleBook(lambda: json.loads(nft.list_ruleset(json=True)), ipsets=dict), INTERFACES)
     for _ in range(3):
         packet = path([policy_drop()])
         annotator.annotate(packet)
@@ -497,13 +497,12 @@ def test_the_ruleset_is_read_once_for_many_packets_and_again_after_it_changed():
 
 
 def test_a_ruleset_that_cannot_be_read_leaves_the_answer_alone_and_warns_once():
-    class Broken:
-        def run(self, command, **options):
-            from nftrace.errors import KernelError
-            raise KernelError("nft: permission denied")
+    def broken():
+        from nftrace.errors import KernelError
+        raise KernelError("nft -j list ruleset failed: Aborted")
 
     warnings = []
-    annotator = NearMissAnnotator(LiveRuleBook(Broken()), INTERFACES, warnings.append)
+    annotator = NearMissAnnotator(LiveRuleBook(broken, ipsets=dict), INTERFACES, warnings.append)
     for _ in range(2):
         packet = path([policy_drop()])
         annotator.annotate(packet)
@@ -550,3 +549,14 @@ def test_colour_marks_the_verdict_the_deciding_rule_and_the_crosses_without_chan
     assert "\033[32m✓ tcp dport 8080\033[0m" in coloured
     import re
     assert re.sub(r"\033\[[0-9;]*m", "", coloured) == plain
+
+
+def test_a_chain_that_dropped_the_packet_before_its_hook_was_observed_sees_the_headers_of_the_hook_before():
+    book = RuleBook()
+    book.add_legacy("ip", parse_save(LEGACY))
+    steps = [legacy_step("FORWARD", 1, "jump", target="LAN"), legacy_step("LAN", None, "return", "return", depth=1),
+             legacy_step("FORWARD", None, "drop", "policy")]
+    prerouting = observation(hook="prerouting", chain="mark_prerouting", oif=None)
+    prerouting.own = True
+    found = find_near_misses(path(steps, [prerouting]), book, INTERFACES)
+    assert [(n.chain, n.rule_number) for n in found] == [("LAN", 1), ("FORWARD", 2)]

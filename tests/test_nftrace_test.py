@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, nftrace, unique_name
-from nftrace.lab.topology import Topology
+from conftest import REPO, lab_topology, nftrace
 from nftrace.dryrun.sandbox import load_ruleset_file, read_candidate
 
 pytestmark = pytest.mark.kernel
@@ -47,12 +46,8 @@ expect = "accept"
 
 @pytest.fixture(scope="module")
 def router():
-    topology = Topology(unique_name("ntest"))
-    topology.up()
-    try:
+    with lab_topology("ntest") as topology:
         yield topology.router
-    finally:
-        topology.down()
 
 
 @pytest.fixture
@@ -121,8 +116,7 @@ def test_lab_option_needs_no_namespace():
 def test_rules_scenarios_pass_their_expectations():
     """The lab scenarios in rules/, each against its own ruleset, all as dry runs."""
     files = sorted((REPO / "rules").glob("*.expect.toml"))
-    if not files:
-        pytest.skip("no scenarios in rules/ yet")
+    assert files, "rules/ has no scenarios"
     result = nftrace("test", "--lab", *map(str, files), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -15,7 +15,6 @@ reason names come from the tracepoint's own format file (the numbers differ betw
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import select
@@ -26,6 +25,7 @@ import time
 from typing import Callable, Optional
 
 from ..errors import EnvironmentProblem
+from ..kernel import runner
 from .reasons import DROP_PREFIX, has_reason_field, parse_drop_line, parse_reason_names
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
@@ -35,7 +35,6 @@ READY_MARKER = "__BPFTRACE_NOTIFY_PROBES_ATTACHED"  # bpftrace prints it once ev
 FORMAT_BEGIN = "nftrace-format-begin"
 FORMAT_END = "nftrace-format-end"
 STARTUP_TIMEOUT = 15.0
-PR_SET_PDEATHSIG = 1
 TERMINATE_ATTEMPTS = 5
 
 # Runs inside the new mount namespace: mount tracefs there if needed, hand the tracepoint's
@@ -136,12 +135,6 @@ class KernelSymbols:
 # -- the bpftrace process ---------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: if nftrace dies (even by SIGKILL), so does bpftrace."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def find_bpftrace() -> str:
     configured = os.environ.get(BPFTRACE_ENV)
     if configured:
@@ -182,18 +175,21 @@ class KernelDropWatcher:
         bpftrace = find_bpftrace()
         if not os.path.exists(BTF_PATH):
             raise DropReasonsUnavailable(f"the kernel has no BTF ({BTF_PATH}), which bpftrace needs to read packets")
-        unshare = shutil.which("unshare")
-        if unshare is None:
-            raise DropReasonsUnavailable("unshare (util-linux) is not installed")
+        tools = {name: shutil.which(name) for name in ("setpriv", "unshare")}
+        for name, path in tools.items():
+            if path is None:
+                raise DropReasonsUnavailable(f"{name} (util-linux) is not installed")
         inode = current_netns_inode() if netns_inode is None else netns_inode
-        argv = [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", _SETUP_SCRIPT, "nftrace-drops",
-                bpftrace, "-B", "none", "-e", bpftrace_program(inode)]
+        # setpriv sets the parent-death signal in the child, before it becomes unshare, sh and then
+        # bpftrace (execve keeps it): if nftrace dies, even by SIGKILL, so does bpftrace. Python's
+        # preexec_fn would do the same from the forked child, which is unsafe while threads run.
+        argv = [tools["setpriv"], "--pdeathsig", "KILL", "--", tools["unshare"], "--mount", "--propagation", "private",
+                "--", "sh", "-c", _SETUP_SCRIPT, "nftrace-drops", bpftrace, "-B", "none", "-e", bpftrace_program(inode)]
         env = dict(os.environ, **{READY_MARKER: "1"})
         try:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        except OSError as err:
-            raise DropReasonsUnavailable(f"cannot run bpftrace: {err.strerror}") from None
+            process = runner.start(argv, stderr=subprocess.STDOUT, env=env, new_session=True)
+        except runner.CommandFailed as err:
+            raise DropReasonsUnavailable(str(err)) from None
         fd = process.stdout.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         return cls(process)

@@ -15,9 +15,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from ..flow import PROTOCOL_NAMES
-from ..trace.paths import PacketPath
-from .reasons import PORT_PROTOCOLS, KernelDrop, explain
+from ..protocols import PORT_PROTOCOL_NUMBERS, endpoint_text, protocol_name
+from ..trace.paths import PacketPath, verdict_before_kernel_drop
+from .reasons import KernelDrop, explain
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
 # some time later. So a drop may precede the first reading by that delay (EARLY), and follows
@@ -31,6 +31,17 @@ REMEMBER_SECONDS = 10.0
 REMEMBER_MAX = 4096
 
 
+def header_key(src, dst, proto: Optional[int], sport: Optional[int], dport: Optional[int]) -> tuple:
+    """Headers as a dictionary key: addresses as (version, integer), which hash in C, where an
+    address object hashes in Python (a flood files thousands of packets a second by them)."""
+    return (src.version if src is not None else 0, int(src) if src is not None else None,
+            int(dst) if dst is not None else None, proto, sport, dport)
+
+
+def drop_key(drop: KernelDrop) -> tuple:
+    return header_key(drop.src, drop.dst, drop.proto, drop.sport, drop.dport)
+
+
 @dataclass(frozen=True)
 class PacketSignature:
     """What pairing a drop with a packet needs, and all that is kept of an answered packet."""
@@ -41,20 +52,24 @@ class PacketSignature:
     last_seen: float
     dropped_by_rule: bool
     iif: Optional[int]
+    keys: tuple = ()  # `headers` as header_key()s
 
     @classmethod
     def of(cls, path: PacketPath) -> "PacketSignature":
-        headers = []
+        headers, keys = [], []
         for observation in path.observations:
             packet = observation.packet
             if packet is None:
                 continue
-            ports = packet.proto in PORT_PROTOCOLS
-            key = (packet.src, packet.dst, packet.proto, packet.sport if ports else None, packet.dport if ports else None)
-            if key not in headers:
-                headers.append(key)
+            ports = packet.proto in PORT_PROTOCOL_NUMBERS
+            fields = (packet.src, packet.dst, packet.proto, packet.sport if ports else None,
+                      packet.dport if ports else None)
+            key = header_key(*fields)
+            if key not in keys:
+                keys.append(key)
+                headers.append(fields)
         return cls(path.trace_id, tuple(headers), path.first_seen, path.last_seen or path.first_seen,
-                   path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"))
+                   path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"), tuple(keys))
 
     def matches(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
         """Same packet: the headers it had at some hook (before or after NAT), a time that fits.
@@ -63,7 +78,7 @@ class PacketSignature:
         """
         if drop.reason == "NETFILTER_DROP" and self.dropped_by_rule:
             return False
-        if drop.headers() not in self.headers:
+        if drop_key(drop) not in self.keys:
             return False
         return self.first_seen - MATCH_EARLY_SECONDS <= drop.time <= self.last_seen + late_seconds
 
@@ -71,11 +86,6 @@ class PacketSignature:
         if drop.time < self.first_seen:
             return self.first_seen - drop.time
         return max(0.0, drop.time - self.last_seen)
-
-
-def _endpoint(address, port: Optional[int]) -> str:
-    text = f"[{address}]" if address is not None and address.version == 6 and port else str(address)
-    return f"{text}:{port}" if port else text
 
 
 def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS):
@@ -86,14 +96,16 @@ def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH
 
 def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] = None) -> None:
     """Put the drop on the packet. A packet that vanished after netfilter (it was never seen
-    leaving) is now a complete answer: dropped, by the kernel, not by a rule."""
+    leaving) is now a complete answer, with netfilter's verdict (verdict_before_kernel_drop)
+    and the kernel's drop after it."""
     iif_index = path.interface_index("iif")
     iif = (interfaces or {}).get(iif_index) if iif_index else None
     path.kernel_drop = {"reason": drop.reason, "location": drop.location, "explain": explain(drop, iif)}
     if not path.complete and path.incomplete_reason != "events lost":
         path.complete = True
-        path.verdict = "drop"
+        path.verdict = verdict_before_kernel_drop(drop.reason)
         path.decided_by = None
+        path.vanished_after = path.hooks[-1] if path.hooks else "its first hook"
         path.incomplete_reason = None
 
 
@@ -105,11 +117,11 @@ class _ByHeaders:
         self._items: dict = {}
 
     def add(self, item) -> None:
-        for key in item.signature.headers:
+        for key in item.signature.keys:
             self._items.setdefault(key, []).append(item)
 
     def remove(self, item) -> None:
-        for key in item.signature.headers:
+        for key in item.signature.keys:
             items = self._items.get(key, [])
             for index, other in enumerate(items):
                 if other is item:
@@ -173,21 +185,21 @@ class DropCorrelator:
 
     def add_drops(self, drops: Iterable[KernelDrop]) -> None:
         for drop in drops:
-            held = _nearest(self._held_index.get(drop.headers()), drop)
+            held = _nearest(self._held_index.get(drop_key(drop)), drop)
             if held is not None:
                 attach_drop(held.path, drop, self.interfaces)
                 self._stop_waiting(held)
             else:
                 self._drops.append(drop)
-                self._drops_index.setdefault(drop.headers(), []).append(drop)
+                self._drops_index.setdefault(drop_key(drop), []).append(drop)
         while len(self._drops) > REMEMBER_MAX:
             self._forget_drop(self._drops[0])
 
-    def vanished(self, path: PacketPath) -> bool:
-        """For PathBuilder.close_vanished: an open packet that a remembered drop accounts for."""
+    def vanished(self, path: PacketPath) -> Optional[KernelDrop]:
+        """For PathBuilder.close_vanished: the remembered drop that accounts for an open packet."""
         if not self._drops:
-            return False
-        return self._remembered_drop(PacketSignature.of(path)) is not None
+            return None
+        return self._remembered_drop(PacketSignature.of(path))
 
     def hold(self, paths: Iterable, now: float) -> list:
         """Pair each finished path with a remembered drop; return those whose answer is ready."""
@@ -213,7 +225,7 @@ class DropCorrelator:
                 break
             self._held.popleft()
             self._stop_waiting(head)
-            ready.append(head.path)
+            ready.append(head)
         self._note_late_drops()
         self._forget(now)
         return self._answer(ready, now)
@@ -224,7 +236,9 @@ class DropCorrelator:
             self._held_index.remove(held)
 
     def _remembered_drop(self, signature: PacketSignature) -> Optional[KernelDrop]:
-        candidates = [drop for key in signature.headers for drop in self._drops_index.get(key, ())
+        if not self._drops_index:
+            return None
+        candidates = [drop for key in signature.keys for drop in self._drops_index.get(key, ())
                       if signature.matches(drop)]
         return min(candidates, key=signature.distance) if candidates else None
 
@@ -233,28 +247,29 @@ class DropCorrelator:
             if other is drop:
                 del self._drops[index]
                 break
-        same = self._drops_index.get(drop.headers(), [])
+        same = self._drops_index.get(drop_key(drop), [])
         for index, other in enumerate(same):
             if other is drop:
                 del same[index]
                 break
         if not same:
-            self._drops_index.pop(drop.headers(), None)
+            self._drops_index.pop(drop_key(drop), None)
 
-    def _answer(self, paths: list, now: float) -> list:
+    def _answer(self, ready: list, now: float) -> list:
         """Remember what a late drop could still belong to: packets answered as accepted."""
-        for path in paths:
+        for held in ready:
+            path = held.path
             if path.complete and path.verdict == "accept" and path.kernel_drop is None:
-                answered = _Answered(PacketSignature.of(path), now)
+                answered = _Answered(held.signature, now)
                 self._answered.append(answered)
                 self._answered_index.add(answered)
         while len(self._answered) > REMEMBER_MAX:
             self._answered_index.remove(self._answered.popleft())
-        return paths
+        return [held.path for held in ready]
 
     def _note_late_drops(self) -> None:
         for drop in list(self._drops):
-            answered = _nearest(self._answered_index.get(drop.headers()), drop, late_seconds=REMEMBER_SECONDS)
+            answered = _nearest(self._answered_index.get(drop_key(drop)), drop, late_seconds=REMEMBER_SECONDS)
             if answered is not None:
                 self._answered_index.remove(answered)
                 self._answered.remove(answered)
@@ -264,7 +279,7 @@ class DropCorrelator:
     def _late(self, signature: PacketSignature, drop: KernelDrop) -> None:
         iif = self.interfaces.get(signature.iif) if signature.iif else None
         src, dst, proto, sport, dport = signature.headers[0]
-        packet = f"{_endpoint(src, sport)} → {_endpoint(dst, dport)} {PROTOCOL_NAMES.get(proto, proto)}"
+        packet = f"{endpoint_text(src, sport)} → {endpoint_text(dst, dport)} {protocol_name(proto)}"
         self.notes.append(
             f"the kernel dropped packet {packet} (trace id {signature.trace_id:08x}) after its answer was given: "
             f"{drop.reason} at {drop.location} — {explain(drop, iif)}"

@@ -11,10 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from ..flow import PROTOCOL_NAMES
+from ..protocols import PORT_PROTOCOL_NUMBERS, protocol_name
 
 DROP_PREFIX = "nftrace-drop"
-PORT_PROTOCOLS = frozenset({6, 17, 132, 136})
 
 # Plain words for the reasons an admin meets. Placeholders: {proto} {dport} {src} {dst} {iif}.
 REASON_EXPLANATIONS = {
@@ -130,7 +129,7 @@ def parse_drop_line(line: str, reason_names: dict[int, str], symbols=None) -> Op
     except ValueError:
         return None
     location = symbols.location(address) if symbols is not None else f"0x{address:x}"
-    ports = proto in PORT_PROTOCOLS
+    ports = proto in PORT_PROTOCOL_NUMBERS
     return KernelDrop(
         time=nsecs / 1e9,
         reason=reason_names.get(reason, f"reason-{reason}"),
@@ -155,7 +154,7 @@ def explain(drop: KernelDrop, iif: Optional[str] = None) -> str:
         template = next((text for prefix, text in REASON_PREFIX_EXPLANATIONS if drop.reason.startswith(prefix)),
                         "see enum skb_drop_reason in the kernel's include/net/dropreason-core.h")
     values = _SafeFormat(
-        proto=PROTOCOL_NAMES.get(drop.proto, str(drop.proto)) if drop.proto is not None else "?",
+        proto=protocol_name(drop.proto) or "?",
         dport=drop.dport if drop.dport is not None else "?",
         src=drop.src,
         dst=drop.dst,

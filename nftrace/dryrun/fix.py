@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import datetime
 import re
-import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import EnvironmentProblem, InputError, NftraceError
+from ..errors import InputError
 from ..flow import Flow
 from ..lab.expectations import ExpectationFile, FlowExpectation, load_expectations
 from ..trace.paths import PacketPath
@@ -31,11 +30,11 @@ from ..trace.report import TraceReport, _decided_by_json
 from .fixplan import (VERDICTS, Change, NoChange, element_change, flow_match, is_fix_rule, reversed_flow,
                       rule_change)
 from .managers import manager_of
-from .sandbox import default_iptables_kind, in_netns_argv
+from .sandbox import default_iptables_kind
+from ..kernel.runner import CommandFailed, first_line
 from .session import DryRun, DryRunRequest, check_dry_run_flow
 
 MAX_CHANGES = 6  # base chains that may each decide the packet's fate along one path
-SANDBOX_COMMAND_TIMEOUT = 30
 
 
 def parse_fix_verdict(text: Optional[str]) -> Optional[str]:
@@ -359,14 +358,13 @@ class FixProver:
         if placement is not None and (placement.backend != "nft" or placement.iptables_nft) and placement.rule_number:
             number = self._sandbox_number(dry, placement)
         line = change.command(handle=handle, rule_number=number)
+        # The printed line itself, through a POSIX shell: its quoting is proven with it.
         try:
-            result = subprocess.run(in_netns_argv(dry.sandbox.name, ["sh", "-c", line]), capture_output=True,
-                                    text=True, timeout=SANDBOX_COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise StrategyFailed(f"`{change.command()}` did not finish in the sandbox") from None
+            result = dry.sandbox.run(["sh", "-c", line], check=False)
+        except CommandFailed as err:
+            raise StrategyFailed(f"`{change.command()}` could not be run in the sandbox copy: {err}") from None
         if result.returncode != 0:
-            message = next((l.strip() for l in (result.stderr or result.stdout).splitlines() if l.strip()), "failed")
-            raise StrategyFailed(f"`{change.command()}` was refused in the sandbox copy: {message}")
+            raise StrategyFailed(f"`{change.command()}` was refused in the sandbox copy: {first_line(result)}")
 
     def _fix_positions(self, dry: DryRun, backend: str, family: str, table: str, chain: str) -> list[int]:
         """Rule numbers, in the sandbox's chain, of the rules a fix added (iptables tables)."""

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import secrets
 import socket
 import struct
 import sys
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
-TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
-PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+from ..protocols import PROTOCOL_NUMBERS
+
+TCP_SYN, TCP_ACK = 0x02, 0x10
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 DEFAULT_TTL = 64
 PAYLOAD = b"nftrace dry run\n"
@@ -64,10 +66,6 @@ class Injection:
     def command(self) -> list[str]:
         """argv that sends it: the traffic command of the trace session."""
         return [sys.executable, "-m", "nftrace.dryrun.inject", json.dumps(asdict(self))]
-
-    def describe(self) -> str:
-        where = f"arriving on {self.iif}" if self.iif else "sent by a local socket"
-        return f"one {self.proto} packet ({self.state}) {where}"
 
 
 # -- checksums ---------------------------------------------------------------------------
@@ -128,12 +126,12 @@ def tcp_segment(src: str, dst: str, sport: int, dport: int, flags: int, seq: int
         window = 502
     offset = (20 + len(options)) // 4
     header = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, offset << 4, flags, window, 0, 0) + options
-    return _with_checksum(header + payload, 16, src, dst, PROTO_NUMBERS["tcp"])
+    return _with_checksum(header + payload, 16, src, dst, PROTOCOL_NUMBERS["tcp"])
 
 
 def udp_datagram(src: str, dst: str, sport: int, dport: int, payload: bytes = PAYLOAD) -> bytes:
     datagram = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    return _with_checksum(datagram, 6, src, dst, PROTO_NUMBERS["udp"], zero_means_none=True)
+    return _with_checksum(datagram, 6, src, dst, PROTOCOL_NUMBERS["udp"], zero_means_none=True)
 
 
 def icmp_echo(ident: int, seq: int = 1, payload: bytes = PAYLOAD, reply: bool = False) -> bytes:
@@ -143,7 +141,7 @@ def icmp_echo(ident: int, seq: int = 1, payload: bytes = PAYLOAD, reply: bool = 
 
 def icmpv6_echo(src: str, dst: str, ident: int, seq: int = 1, payload: bytes = PAYLOAD, reply: bool = False) -> bytes:
     message = struct.pack("!BBHHH", 129 if reply else 128, 0, 0, ident, seq) + payload
-    return _with_checksum(message, 2, src, dst, PROTO_NUMBERS["icmpv6"])
+    return _with_checksum(message, 2, src, dst, PROTOCOL_NUMBERS["icmpv6"])
 
 
 def sctp_init(sport: int, dport: int, tag: int, tsn: int) -> bytes:
@@ -190,13 +188,20 @@ def ipv6_packet(src: str, dst: str, next_header: int, payload: bytes, hop_limit:
                        ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed) + payload
 
 
+def random_mac(token: Callable[[int], int] = secrets.randbelow) -> str:
+    """A locally administered unicast MAC address (`token(n)`: a random number below n)."""
+    octets = [token(256) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
 def _mac_bytes(mac: str) -> bytes:
     return bytes(int(part, 16) for part in mac.split(":"))
 
 
 def ethernet_frame(injection: Injection) -> bytes:
     """The whole frame as it would arrive on the input interface."""
-    proto = PROTO_NUMBERS[injection.proto]
+    proto = PROTOCOL_NUMBERS[injection.proto]
     segment = transport(injection)
     if injection.family == 4:
         packet, ethertype = ipv4_packet(injection.src, injection.dst, proto, segment, ident=injection.icmp_id or 1), ETH_P_IP
@@ -237,7 +242,7 @@ def send_local(injection: Injection) -> None:
         return
     # A raw socket for the rest: a packet of a connection (an ACK, a reply) that no socket of
     # the sandbox would send by itself, with the ports and flags it needs.
-    with socket.socket(family, socket.SOCK_RAW, PROTO_NUMBERS[i.proto]) as sock:
+    with socket.socket(family, socket.SOCK_RAW, PROTOCOL_NUMBERS[i.proto]) as sock:
         sock.bind((i.src, 0))
         payload = icmpv6_echo(i.src, i.dst, i.icmp_id, reply=i.state == "reply") if i.proto == "icmpv6" else transport(i)
         try:

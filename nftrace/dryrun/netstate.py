@@ -1,6 +1,7 @@
 """What decides a packet's fate in a network namespace, read without changing anything.
 
 A dry run copies this into a sandbox: interfaces with their addresses, MTU and state,
+bridges with their ports, VLANs and learnt addresses (FDB),
 routes, nexthops and policy rules of both families, the sysctls that decide forwarding and
 drops, the listening TCP/UDP ports, the nftables ruleset (set and map elements and stateful
 objects as they are now), and legacy iptables tables.
@@ -17,14 +18,14 @@ import json
 import re
 import socket
 import struct
-import subprocess
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ..errors import EnvironmentProblem
 from ..kernel.anonchains import read_anonymous_chains
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import call_in_namespace, thread_proc_net
+from ..kernel.runner import bridge_argv, ip_argv, netns_exec_argv, run, run_all
+from ..protocols import iptables_command
 
 # -- the sysctls that decide forwarding and drops ---------------------------------------
 # Paths under /proc/sys/net. Order matters when writing: a global switch first (writing
@@ -42,6 +43,14 @@ IPV6_GLOBAL = ("ip_nonlocal_bind", "fwmark_reflect", "icmp/echo_ignore_all", "ic
 IPV6_CONF = ("forwarding", "disable_ipv6", "accept_source_route", "disable_policy", "seg6_enabled",
              "drop_unicast_in_l2_multicast", "ignore_routes_with_linkdown", "proxy_ndp", "accept_redirects",
              "mtu", "hop_limit")
+# br_netfilter's switches (per namespace): whether bridged frames also pass the IP hooks.
+BRIDGE = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables",
+          "bridge-nf-filter-vlan-tagged", "bridge-nf-filter-pppoe-tagged", "bridge-nf-pass-vlan-input-dev")
+# Bridge options that change which frames it forwards, as `ip link add ... type bridge` takes
+# them, with the kernel's defaults (a default is not passed: a kernel without VLAN filtering
+# refuses even `vlan_filtering 0`).
+BRIDGE_OPTIONS = {"vlan_filtering": "0", "vlan_protocol": "802.1Q", "vlan_default_pvid": "1", "mcast_snooping": "1",
+                  "group_fwd_mask": "0"}
 NETFILTER = ("nf_conntrack_tcp_loose", "nf_conntrack_tcp_be_liberal", "nf_conntrack_tcp_ignore_invalid_rst",
              "nf_conntrack_checksum", "nf_hooks_lwtunnel")
 
@@ -95,6 +104,7 @@ class Interface:
     up: bool = False
     master: Optional[str] = None
     addresses: list = field(default_factory=list)
+    bridge: dict = field(default_factory=dict)  # a bridge's options (BRIDGE_OPTIONS, stp_state)
 
     @property
     def is_loopback(self) -> bool:
@@ -103,6 +113,35 @@ class Interface:
     @property
     def ethernet_mac(self) -> Optional[str]:
         return self.mac if self.link_type == "ether" and self.mac else None
+
+
+@dataclass(frozen=True)
+class FdbEntry:
+    """A MAC address a bridge knows to be behind one of its ports (learnt or static)."""
+
+    mac: str
+    port: str
+    bridge: str
+    vlan: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class BridgeVlan:
+    """`bridge vlan`: one VLAN (or range) of a bridge port, or of the bridge device itself."""
+
+    dev: str
+    vid: int
+    vid_end: Optional[int] = None
+    pvid: bool = False
+    untagged: bool = False
+
+    def add_command(self, bridge_device: bool) -> str:
+        vids = f"{self.vid}-{self.vid_end}" if self.vid_end else str(self.vid)
+        words = ["vlan", "add", "dev", self.dev, "vid", vids]
+        words += ["pvid"] if self.pvid else []
+        words += ["untagged"] if self.untagged else []
+        words += ["self"] if bridge_device else []
+        return " ".join(words)
 
 
 @dataclass(frozen=True)
@@ -149,6 +188,8 @@ class NetworkState:
     rules: dict = field(default_factory=dict)  # 4|6 -> replayable `ip rule` lines ("pref N ...")
     nexthops: list = field(default_factory=list)
     neighbours: dict = field(default_factory=dict)  # (dev, address) -> lladdr
+    fdb: list = field(default_factory=list)  # FdbEntry of every bridge
+    vlans: list = field(default_factory=list)  # BridgeVlan of bridges with VLAN filtering
     sysctls: dict = field(default_factory=dict)  # path under /proc/sys/net -> value
     listeners: list = field(default_factory=list)
     nft_listing: str = ""  # `nft -a list ruleset`: handles as comments, state and elements kept
@@ -164,6 +205,23 @@ class NetworkState:
 
     def interface(self, name: str) -> Optional[Interface]:
         return next((i for i in self.interfaces if i.name == name), None)
+
+    def bridge_of(self, name: str) -> Optional[Interface]:
+        """The bridge a device is, or is a port of (None: neither)."""
+        interface = self.interface(name)
+        if interface is not None and interface.kind == "bridge":
+            return interface
+        master = self.interface(interface.master) if interface is not None and interface.master else None
+        return master if master is not None and master.kind == "bridge" else None
+
+    def ports(self, bridge: str) -> list[Interface]:
+        return [i for i in self.interfaces if i.master == bridge]
+
+    def port_of(self, bridge: str, mac: Optional[str]) -> Optional[str]:
+        """The port of `bridge` behind which `mac` was learnt."""
+        if mac is None:
+            return None
+        return next((entry.port for entry in self.fdb if entry.bridge == bridge and entry.mac == mac.lower()), None)
 
     @property
     def where(self) -> str:
@@ -206,8 +264,41 @@ def parse_interfaces(ip_json: str) -> list[Interface]:
             up="UP" in entry.get("flags", []),
             master=entry.get("master"),
             addresses=addresses,
+            bridge=_bridge_options(linkinfo) if linkinfo.get("info_kind") == "bridge" else {},
         ))
     return interfaces
+
+
+def _bridge_options(linkinfo: dict) -> dict:
+    """A bridge's options that differ from the kernel's defaults, and its spanning tree state."""
+    data = linkinfo.get("info_data") or {}
+    options = {key: str(data[key]) for key, default in BRIDGE_OPTIONS.items()
+               if key in data and str(data[key]) not in (default, "0x0" if default == "0" else default)}
+    options["stp_state"] = str(data.get("stp_state", 0))
+    return options
+
+
+def parse_fdb(bridge_json: str) -> list[FdbEntry]:
+    """`bridge -j fdb show` → the addresses bridges forward to one port. Entries of a device's
+    own (`self`) and a port's own MAC (`permanent`, which the kernel makes with the port) are
+    left out."""
+    entries = []
+    for entry in json.loads(bridge_json or "[]"):
+        if not entry.get("master") or "self" in entry.get("flags", []) or entry.get("state") == "permanent":
+            continue
+        entries.append(FdbEntry(entry["mac"].lower(), entry["ifname"], entry["master"], entry.get("vlan")))
+    return entries
+
+
+def parse_vlans(bridge_json: str) -> list[BridgeVlan]:
+    """`bridge -j vlan show` → the VLANs of each port (and bridge device)."""
+    vlans = []
+    for device in json.loads(bridge_json or "[]"):
+        for vlan in device.get("vlans", []):
+            flags = vlan.get("flags", [])
+            vlans.append(BridgeVlan(device["ifname"], int(vlan["vlan"]), vlan.get("vlanEnd"), "PVID" in flags,
+                                    "Egress Untagged" in flags))
+    return vlans
 
 
 def parse_route_lines(text: str, family: int) -> list[str]:
@@ -377,40 +468,11 @@ def sandbox_table_text(block: TableBlock) -> tuple[str, list[str]]:
 # -- reading a namespace --------------------------------------------------------------------
 
 
-def _ip(netns: Optional[str], *args: str) -> list[str]:
-    return ["ip", *(["-n", netns] if netns else []), *args]
-
-
-def _in_netns(netns: Optional[str], *args: str) -> list[str]:
-    return ["ip", "netns", "exec", netns, *args] if netns else list(args)
-
-
-def _run_all(commands: dict, allowed_to_fail: Sequence[str] = ()) -> dict:
-    """Start every command at once (they only read), then collect their output."""
-    started = {}
-    try:
-        for key, argv in commands.items():
-            started[key] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                            stdin=subprocess.DEVNULL)
-    except FileNotFoundError as err:
-        for process in started.values():
-            process.kill()
-            process.wait()
-        raise EnvironmentProblem(f"{err.filename} is not installed (apt-get install iproute2)") from None
-    results = {}
-    for key, process in started.items():
-        out, err = process.communicate(timeout=60)
-        if process.returncode != 0 and key not in allowed_to_fail:
-            message = next((line.strip() for line in (err or out).splitlines() if line.strip()), "failed")
-            raise EnvironmentProblem(f"{' '.join(commands[key])}: {message}")
-        results[key] = out if process.returncode == 0 else ""
-    return results
-
-
 def sysctl_paths(interface_names: Sequence[str]) -> list[str]:
     """The sysctls to copy, in the order they must be written."""
     paths = [f"ipv4/{key}" for key in IPV4_GLOBAL] + [f"ipv6/{key}" for key in IPV6_GLOBAL]
     paths += [f"netfilter/{key}" for key in NETFILTER]
+    paths += [f"bridge/{key}" for key in BRIDGE]
     for device in ("all", "default", *interface_names):
         paths += [f"ipv4/conf/{device}/{key}" for key in IPV4_CONF]
         paths += [f"ipv6/conf/{device}/{key}" for key in IPV6_CONF]
@@ -435,14 +497,14 @@ def _read_inside(paths: Sequence[str]) -> dict:
             except FileNotFoundError:
                 continue  # IPv6 disabled
     legacy = {}
-    for tool, names in (("iptables", "ip_tables_names"), ("ip6tables", "ip6_tables_names")):
+    for tool, names in ((iptables_command(4), "ip_tables_names"), (iptables_command(6), "ip6_tables_names")):
         try:
             with open(thread_proc_net(names)) as handle:
                 legacy[tool] = handle.read().split()
         except FileNotFoundError:
             legacy[tool] = []  # module not loaded: no legacy table anywhere
     nft = NftContext()
-    listing = nft.run("list ruleset", handles=True)
+    listing = nft.list_ruleset(state=True)
     return {"sysctls": sysctls, "listeners": sorted(set(listeners), key=lambda l: (l.proto, l.address, l.port)),
             "legacy_tables": legacy, "listing": listing, "managed": iptables_managed_tables(nft.messages),
             "anonymous": read_anonymous_chains(listing)}
@@ -450,21 +512,29 @@ def _read_inside(paths: Sequence[str]) -> dict:
 
 def read_network_state(netns: Optional[str]) -> NetworkState:
     """Read the namespace's state; nothing in it changes."""
-    outputs = _run_all({
-        "interfaces": _ip(netns, "-d", "-j", "address", "show"),
-        "routes4": _ip(netns, "-4", "route", "show", "table", "all"),
-        "routes6": _ip(netns, "-6", "route", "show", "table", "all"),
-        "rules4": _ip(netns, "-4", "rule", "show"),
-        "rules6": _ip(netns, "-6", "rule", "show"),
-        "nexthops": _ip(netns, "nexthop", "show"),
-        "neighbours": _ip(netns, "-j", "neighbour", "show"),
-    }, allowed_to_fail=("nexthops", "rules6", "routes6"))
+    outputs = run_all({
+        "interfaces": ip_argv(netns, "-d", "-j", "address", "show"),
+        "routes4": ip_argv(netns, "-4", "route", "show", "table", "all"),
+        "routes6": ip_argv(netns, "-6", "route", "show", "table", "all"),
+        "rules4": ip_argv(netns, "-4", "rule", "show"),
+        "rules6": ip_argv(netns, "-6", "rule", "show"),
+        "nexthops": ip_argv(netns, "nexthop", "show"),
+        "neighbours": ip_argv(netns, "-j", "neighbour", "show"),
+        "fdb": bridge_argv(netns, "-j", "fdb", "show"),
+        "vlans": bridge_argv(netns, "-j", "vlan", "show"),
+    }, allowed_to_fail=("nexthops", "rules6", "routes6", "fdb", "vlans"))
     state = NetworkState(netns)
     state.interfaces = parse_interfaces(outputs["interfaces"])
     state.routes = {4: parse_route_lines(outputs["routes4"], 4), 6: parse_route_lines(outputs["routes6"], 6)}
     state.rules = {4: parse_rule_lines(outputs["rules4"]), 6: parse_rule_lines(outputs["rules6"])}
     state.nexthops = parse_nexthop_lines(outputs["nexthops"])
     state.neighbours = parse_neighbours(outputs["neighbours"])
+    bridges = {i.name for i in state.interfaces if i.kind == "bridge"}
+    state.fdb = [entry for entry in parse_fdb(outputs["fdb"]) if entry.bridge in bridges]
+    filtering = {i.name for i in state.interfaces if i.bridge.get("vlan_filtering")}
+    state.vlans = [vlan for vlan in parse_vlans(outputs["vlans"])
+                   if vlan.dev in filtering or state.interface(vlan.dev) is not None
+                   and state.interface(vlan.dev).master in filtering]
     inside = call_in_namespace(netns, _read_inside, sysctl_paths([i.name for i in state.interfaces]))
     state.sysctls = inside["sysctls"]
     state.listeners = inside["listeners"]
@@ -474,13 +544,13 @@ def read_network_state(netns: Optional[str]) -> NetworkState:
     saves = {}
     for tool, tables in inside["legacy_tables"].items():
         if tables:
-            saves[("legacy", tool)] = _in_netns(netns, f"{tool}-legacy-save", "-c")
+            saves[("legacy", tool)] = netns_exec_argv(netns, [f"{tool}-legacy-save", "-c"])
     for block in split_tables(state.nft_listing):
         if state.copied_with_xtables(block):
-            tool = "iptables" if block.family == "ip" else "ip6tables"
-            saves[("nft", block.family, block.name)] = _in_netns(netns, f"{tool}-nft-save", "-c", "-t", block.name)
+            tool = iptables_command(block.family)
+            saves[("nft", block.family, block.name)] = netns_exec_argv(netns, [f"{tool}-nft-save", "-c", "-t", block.name])
     if saves:
-        saved = _run_all(saves)
+        saved = run_all(saves)
         for key, text in saved.items():
             if key[0] == "legacy":
                 state.legacy[key[1]] = text
@@ -493,8 +563,7 @@ def read_network_state(netns: Optional[str]) -> NetworkState:
 def route_towards(netns: Optional[str], address: str) -> Optional[RouteLookup]:
     """How the namespace reaches ADDRESS (`ip route get`, which reads and changes nothing)."""
     family = "-6" if ":" in address else "-4"
-    result = subprocess.run(_ip(netns, family, "-j", "route", "get", address), capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL)
+    result = run(ip_argv(netns, family, "-j", "route", "get", address), check=False)
     if result.returncode != 0:
         return None
     entries = json.loads(result.stdout or "[]")

@@ -6,7 +6,9 @@ target's interfaces, routes, sysctls and ruleset, while the target is never touc
 - Every interface of the target becomes a veth with the same name, MAC address, MTU and
   state, so that `iifname`, `oifname`, `iif` and `oif` match as they do in the target. The
   other end of each veth lives in a helper namespace (`<sandbox>-h`), from which a packet
-  can arrive on any interface, as from the wire.
+  can arrive on any interface, as from the wire. A bridge is copied as a bridge (its
+  VLAN filtering, its ports' VLANs, the addresses it has learnt as static entries, spanning
+  tree off so that its ports forward at once), and its ports as veths in it.
 - Addresses, nexthops, routes and policy rules are replayed with `ip -batch`, then the
   sandbox's routes and rules are made equal to the target's (routes the kernel added on its
   own and the target lacks are deleted).
@@ -31,14 +33,19 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import EnvironmentProblem, InputError, KernelError
-from .netstate import (NetworkState, parse_route_lines, parse_rule_lines, sandbox_table_text,
+from .netstate import (Interface, NetworkState, parse_route_lines, parse_rule_lines, sandbox_table_text,
                        split_tables)
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import call_in_namespace
-from ..trace.ruleset import is_trace_table, parse_ruleset_listing
-from ..kernel.system import pid_alive
+from ..kernel.tracetable import is_trace_table
+from ..trace.ruleset import parse_ruleset_listing
+from ..kernel import runner
+from ..kernel.runner import CommandFailed
+from ..kernel.system import NETNS_RUN_DIR, netns_exists, pid_alive
+from ..protocols import iptables_command
+from ..signals import SignalsHeld, undo_after
+from .inject import random_mac
 
-NETNS_RUN_DIR = "/run/netns"
 SANDBOX_PREFIX = "nftrace-sbx-"
 _NAME_RE = re.compile(rf"^{SANDBOX_PREFIX}(\d+)-[0-9a-f]+(?:-[a-z0-9-]+)?$")
 IPTABLES_SAVE_RE = re.compile(r"^\*(filter|nat|mangle|raw|security)\s*$", re.MULTILINE)
@@ -50,6 +57,8 @@ ROUTE_SYNC_ROUNDS = 6
 PEER_INDEX_BASE = 1 << 20
 ROUTE_SYNC_PAUSE = 0.02
 IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
+BATCH_TIMEOUT = 300.0  # thousands of routes, on a loaded machine
+RESTORE_TIMEOUT = 120.0
 
 
 def sandbox_name() -> str:
@@ -67,9 +76,6 @@ class CandidateRuleset:
     def family(self) -> int:
         """For iptables-save files: IPv6 when the rules speak of IPv6 addresses or ICMPv6."""
         return 6 if _IPV6_HINT_RE.search(self.path.read_text()) else 4
-
-    def describe(self) -> str:
-        return str(self.path) if self.kind == "nft" else f"{self.path} ({self.kind})"
 
 
 def read_candidate(path: Path, kind: Optional[str] = None) -> CandidateRuleset:
@@ -91,14 +97,10 @@ def read_candidate(path: Path, kind: Optional[str] = None) -> CandidateRuleset:
 def default_iptables_kind() -> str:
     """The flavour that `iptables` means on this machine (Debian's alternatives)."""
     try:
-        version = subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout
-    except FileNotFoundError:
+        version = runner.run(["iptables", "-V"], check=False).stdout
+    except CommandFailed:
         return "iptables-nft"
     return "iptables-legacy" if "legacy" in version else "iptables-nft"
-
-
-def in_netns_argv(netns: Optional[str], argv: Sequence[str]) -> list[str]:
-    return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
 
 def load_ruleset_file(netns: str, candidate: CandidateRuleset) -> None:
@@ -110,16 +112,11 @@ def load_ruleset_file(netns: str, candidate: CandidateRuleset) -> None:
             raise InputError(f"--ruleset: {err}") from None
         return
     flavour = candidate.kind.split("-", 1)[1]
-    tool = f"{'ip6tables' if candidate.family == 6 else 'iptables'}-{flavour}-restore"
+    tool = f"{iptables_command(candidate.family)}-{flavour}-restore"
     with open(candidate.path) as rules:
-        try:
-            result = subprocess.run(in_netns_argv(netns, [tool]), stdin=rules, capture_output=True, text=True)
-        except FileNotFoundError:
-            raise EnvironmentProblem(f"{tool} is not installed (apt-get install iptables)") from None
+        result = runner.run(runner.netns_exec_argv(netns, [tool]), input=rules, check=False, timeout=RESTORE_TIMEOUT)
     if result.returncode != 0:
-        message = next((line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()),
-                       "failed")
-        raise InputError(f"--ruleset: {candidate.path}: {tool}: {message}")
+        raise InputError(f"--ruleset: {candidate.path}: {tool}: {runner.first_line(result)}")
 
 
 @dataclass
@@ -136,23 +133,14 @@ class BatchResult:
     failed: list = field(default_factory=list)  # (line, message)
 
 
-def _random_mac() -> str:
-    # Locally administered, unicast.
-    octets = bytearray(secrets.token_bytes(6))
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    return ":".join(f"{o:02x}" for o in octets)
-
-
-def _run_batch(netns: str, lines: Sequence[str], family: Optional[int] = None) -> BatchResult:
-    """`ip -n NETNS -force -batch -`: every line is tried; failures come back with ip's message."""
+def _run_batch(netns: str, lines: Sequence[str], family: Optional[int] = None, tool: str = "ip") -> BatchResult:
+    """`ip -n NETNS -force -batch -` (or `bridge ...`): every line is tried; failures come back
+    with the tool's message."""
     result = BatchResult()
     if not lines:
         return result
-    argv = ["ip", *(["-6"] if family == 6 else ["-4"] if family == 4 else []), "-n", netns, "-force", "-batch", "-"]
-    try:
-        done = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
-    except FileNotFoundError:
-        raise EnvironmentProblem("ip is not installed (apt-get install iproute2)") from None
+    argv = [tool, *(["-6"] if family == 6 else ["-4"] if family == 4 else []), "-n", netns, "-force", "-batch", "-"]
+    done = runner.run(argv, input="\n".join(lines) + "\n", check=False, timeout=BATCH_TIMEOUT)
     message: list[str] = []
     for text in done.stderr.splitlines():
         match = re.match(r"^Command failed -:(\d+)$", text.strip())
@@ -215,29 +203,32 @@ class Sandbox:
             else:
                 load_ruleset_file(self.name, candidate)
             self._open_listeners()
-        except BaseException:
-            self.close()
+        except BaseException as err:
+            undo_after(err, self.close)
             raise
 
     def _add_namespace(self, name: str) -> None:
-        result = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise EnvironmentProblem(f"cannot create the sandbox namespace {name}: {result.stderr.strip()}")
-        self._namespaces.append(name)
+        with SignalsHeld():  # a namespace made is a namespace close() knows of
+            runner.run(["ip", "netns", "add", name], what=f"cannot create the sandbox namespace {name}")
+            self._namespaces.append(name)
 
     def _make_interfaces(self) -> None:
         # A new namespace can already hold devices: lo, and the fallback tunnels (tunl0, sit0,
         # ...) that tunnel modules add to every namespace. Those are configured, not made.
         existing = {link["ifname"]: link for link in json.loads(self._sandbox_text("-j", "link", "show") or "[]")}
         taken = {link["ifindex"] for link in existing.values()}
+        bridges = [i for i in self.state.interfaces if i.kind == "bridge" and i.name not in existing]
+        self._make_bridges(bridges, taken)
         lines = []
         for interface in self.state.interfaces:
             if interface.name in existing:
                 if interface.mtu != existing[interface.name].get("mtu"):
                     lines.append(f"link set {interface.name} mtu {interface.mtu}")
                 continue
+            if interface.kind == "bridge":
+                continue
             peer = f"p{interface.index}"
-            mac = interface.ethernet_mac or _random_mac()
+            mac = interface.ethernet_mac or random_mac()
             self.peers[interface.name] = PeerLink(interface.name, peer, mac)
             # The copy keeps the target's ifindex where it is free (`meta iif` compares
             # numbers). The peer's must differ: the kernel announces a veth's carrier at once
@@ -246,9 +237,12 @@ class Sandbox:
             lines.append(f"link add {interface.name} {index}address {mac} mtu {interface.mtu} "
                          f"type veth peer name {peer} index {PEER_INDEX_BASE + interface.index} mtu {interface.mtu} "
                          f"netns {self.helper}")
+            copied_bridge = self.state.bridge_of(interface.name) if interface.master else None
+            if copied_bridge is not None:
+                lines.append(f"link set {interface.name} master {copied_bridge.name}")
             if interface.kind not in (None, "veth"):
                 self.approximated[interface.name] = f"{interface.name} is a {interface.kind}"
-            elif interface.master:
+            elif interface.master and copied_bridge is None:
                 self.approximated[interface.name] = f"{interface.name} is a port of {interface.master}"
             if interface.name in self.approximated:
                 self.not_copied.append(f"interface {self.approximated[interface.name]}: the sandbox has a plain veth "
@@ -257,6 +251,41 @@ class Sandbox:
         if failed:
             line, message = failed[0]
             raise EnvironmentProblem(f"cannot create the sandbox's interfaces ({line}): {message}")
+        if bridges:
+            self._copy_bridge_tables({bridge.name for bridge in bridges})
+
+    def _make_bridges(self, bridges: list, taken: set) -> None:
+        """Bridges before their ports. Spanning tree is off, so that the ports forward at once
+        (a dry run has no time for the listening and learning states); an option this kernel
+        refuses (VLAN filtering, when it is built without) is left out and said."""
+        for bridge in bridges:
+            index = f"index {bridge.index} " if bridge.index not in taken else ""
+            base = f"link add {bridge.name} {index}address {bridge.mac} mtu {bridge.mtu} type bridge stp_state 0"
+            options = " ".join(f"{key} {value}" for key, value in bridge.bridge.items() if key != "stp_state")
+            failed = _run_batch(self.name, [f"{base} {options}".strip()]).failed
+            if failed and options:
+                self.not_copied.append(f"bridge {bridge.name}'s options {options}: {failed[0][1]}")
+                failed = _run_batch(self.name, [base]).failed
+            if failed:
+                raise EnvironmentProblem(f"cannot create the sandbox's bridge {bridge.name}: {failed[0][1]}")
+            if bridge.bridge.get("stp_state", "0") != "0":
+                self.not_copied.append(f"spanning tree of bridge {bridge.name}: the sandbox's ports forward at once, "
+                                       f"where live a port may be blocking")
+
+    def _copy_bridge_tables(self, bridges: set) -> None:
+        """The VLANs of bridges that filter them (the sandbox's defaults replaced), and every
+        address the bridges had learnt, as static entries: a frame goes to the port its
+        destination is behind, as it does live, and is not flooded."""
+        lines = []
+        for dev in sorted({vlan.dev for vlan in self.state.vlans}):
+            lines.append(f"vlan del dev {dev} vid 1{' self' if dev in bridges else ''}")
+        lines += [vlan.add_command(vlan.dev in bridges) for vlan in self.state.vlans]
+        for entry in self.state.fdb:
+            vlan = f" vlan {entry.vlan}" if entry.vlan else ""
+            lines.append(f"fdb replace {entry.mac} dev {entry.port} master static{vlan}")
+        for line, message in _run_batch(self.name, lines, tool="bridge").failed:
+            if not line.startswith("vlan del"):
+                self.warnings.append(f"not copied: bridge {line} ({message})")
 
     def _copy_sysctls(self) -> None:
         names = {i.name for i in self.state.interfaces}
@@ -292,10 +321,7 @@ class Sandbox:
             time.sleep(0.01)
 
     def _sandbox_text(self, *args: str) -> str:
-        result = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise EnvironmentProblem(f"ip -n {self.name} {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
+        return runner.run(runner.ip_argv(self.name, *args)).stdout
 
     def _copy_routes(self, family: int) -> None:
         """Make the sandbox's routes those of the target: delete what only the sandbox has
@@ -357,19 +383,13 @@ class Sandbox:
             except KernelError as err:
                 raise EnvironmentProblem(f"cannot copy the nftables ruleset of {self.state.where} into the "
                                          f"sandbox: {err}") from None
-        restores = [(f"{'iptables' if family == 'ip' else 'ip6tables'}-nft-restore", text)
+        restores = [(f"{iptables_command(family)}-nft-restore", text)
                     for (family, _), text in sorted(self.state.xtables_nft.items())]
         restores += [(f"{tool}-legacy-restore", text) for tool, text in sorted(self.state.legacy.items())]
         for tool, text in restores:
-            argv = in_netns_argv(self.name, [tool, "-c", *(["--noflush"] if "-nft-" in tool else [])])
-            try:
-                result = subprocess.run(argv, input=text, capture_output=True, text=True)
-            except FileNotFoundError:
-                raise EnvironmentProblem(f"{tool} is not installed (apt-get install iptables)") from None
-            if result.returncode != 0:
-                message = next((line.strip() for line in result.stderr.splitlines() if line.strip()), "failed")
-                raise EnvironmentProblem(f"cannot copy the iptables rules of {self.state.where} into the sandbox: "
-                                         f"{tool}: {message}")
+            argv = runner.netns_exec_argv(self.name, [tool, "-c", *(["--noflush"] if "-nft-" in tool else [])])
+            runner.run(argv, input=text, timeout=RESTORE_TIMEOUT,
+                       what=f"cannot copy the iptables rules of {self.state.where} into the sandbox: {tool}")
         if self.state.xtables_nft:
             self._drop_chains_the_target_lacks(set(self.state.xtables_nft))
 
@@ -380,7 +400,7 @@ class Sandbox:
 
         def drop() -> None:
             nft = NftContext()
-            sandbox_chains = parse_ruleset_listing(nft.run("list ruleset", handles=True, stateless=True, terse=True))[1]
+            sandbox_chains = parse_ruleset_listing(nft.list_ruleset())[1]
             for key, chain in sandbox_chains.items():
                 if (key[0], key[1]) in tables and key not in target_chains and not chain.rules:
                     nft.run(f"delete chain {key[0]} {key[1]} {key[2]}")
@@ -404,29 +424,23 @@ class Sandbox:
 
     def run(self, argv: Sequence[str], *, input: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run a tool inside the sandbox."""
-        try:
-            result = subprocess.run(in_netns_argv(self.name, argv), input=input, capture_output=True, text=True,
-                                    timeout=60)
-        except FileNotFoundError:
-            raise EnvironmentProblem(f"{argv[0]} is not installed") from None
-        if check and result.returncode != 0:
-            message = (result.stderr or result.stdout).strip().splitlines()
-            raise EnvironmentProblem(f"{argv[0]} in the sandbox: {message[0] if message else 'failed'}")
-        return result
+        return runner.run(runner.netns_exec_argv(self.name, argv), input=input, check=check, timeout=60,
+                          what=f"{argv[0]} in the sandbox")
 
     # -- removal ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        for sock in self._listeners:
-            sock.close()
-        self._listeners = []
-        problems = []
-        for name in reversed(self._namespaces):
-            if os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
-                result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
-                if result.returncode != 0:
-                    problems.append(f"{name}: {result.stderr.strip()}")
-        self._namespaces = []
+        with SignalsHeld():
+            for sock in self._listeners:
+                sock.close()
+            self._listeners = []
+            problems = []
+            for name in reversed(self._namespaces):
+                if netns_exists(name):
+                    result = runner.run(["ip", "netns", "del", name], check=False)
+                    if result.returncode != 0:
+                        problems.append(f"{name}: {runner.first_line(result)}")
+            self._namespaces = []
         if problems:
             raise EnvironmentProblem(f"could not remove the sandbox ({'; '.join(problems)}); "
                                      f"'nftrace cleanup' removes it")
@@ -478,9 +492,9 @@ def leftover_sandboxes() -> list[str]:
 def remove_leftover_sandboxes() -> list[str]:
     removed = []
     for name in leftover_sandboxes():
-        result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
-        if result.returncode != 0 and os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
-            raise EnvironmentProblem(f"cannot remove leftover sandbox {name}: {result.stderr.strip()}")
+        result = runner.run(["ip", "netns", "del", name], check=False)
+        if result.returncode != 0 and netns_exists(name):
+            raise EnvironmentProblem(f"cannot remove leftover sandbox {name}: {runner.first_line(result)}")
         removed.append(name)
     return removed
 

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
-from .inject import Injection
+from .inject import Injection, random_mac
 from .names import TargetNames
 from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
 from ..kernel.anonchains import read_anonymous_chains
@@ -35,7 +35,7 @@ from ..trace.report import TraceReport
 from ..trace.ruleset import RulesetSnapshot
 from .sandbox import CandidateRuleset, Sandbox, read_candidate
 from ..trace.session import TraceOptions, TraceSession
-from ..signals import SignalsAsExceptions
+from ..signals import SignalsAsExceptions, UndoStack, undo_after
 from ..kernel.system import namespace_path, require_net_admin
 
 STATES = ("new", "established")
@@ -50,7 +50,8 @@ NOT_COPIED = (
     "sockets of other processes: only the listening TCP/UDP ports are copied, as listeners of nftrace's own",
     "the live conntrack table: the sandbox's starts empty (--state established makes the flow's connection)",
     "socket owners and cgroups (meta skuid/skgid/cgroup, socket expressions): the sandbox's sockets are nftrace's",
-    "bridge and bond ports, VLAN and tunnel devices: every interface is a plain veth of the same name",
+    "bond ports, VLAN and tunnel devices: each is a plain veth of the same name (bridges are copied as "
+    "bridges, with their ports, VLANs and learnt addresses)",
     "hardware offload (offloaded flowtables, NIC offload)",
 )
 
@@ -62,8 +63,6 @@ PATH_CAVEATS = (
     (re.compile(r"\bsocket (transparent|mark|wildcard|cgroupv2)\b"),
      "a rule on the packet's path matches sockets: the sandbox has only copies of the listening ports, so "
      "the live answer may differ"),
-    (re.compile(r"\b(ibrname|obrname|ibridgename|obridgename|ibrpvid|ibrvproto)\b"),
-     "a rule on the packet's path matches bridge ports, which the sandbox does not have"),
     (re.compile(r"\bflow (add|offload) @"),
      "a rule on the packet's path offloads flows to a flowtable: packets of an offloaded connection skip "
      "the ruleset live, and the sandbox has no offloaded flow"),
@@ -97,12 +96,15 @@ def check_dry_run_flow(flow: Flow, state: str) -> None:
 
 
 def plan_injection(flow: Flow, netstate: NetworkState, peers: dict, helper: str, state: str,
-                   route_back: Optional[RouteLookup], token: Callable[[int], int] = secrets.randbelow) -> Injection:
+                   route_back: Optional[RouteLookup], token: Callable[[int], int] = secrets.randbelow,
+                   route_to: Optional[RouteLookup] = None, notes: Optional[list] = None) -> Injection:
     """Where the flow's packet enters the sandbox, and with which addresses, ports and MACs.
 
     The packet arrives on --iif, or else on the interface that the route back to the source
     says; a source that is one of the namespace's own addresses is a flow that starts on the
-    box, sent from a local socket.
+    box, sent from a local socket. On a bridge, it arrives through the port behind which the
+    bridge learnt its source (see bridge_entry); `route_to` (the route to the destination)
+    says whether the bridge forwards it to another port or takes it in.
     """
     src, dst = str(flow.src.network_address), str(flow.dst.network_address)
     iif = flow.iif
@@ -120,12 +122,47 @@ def plan_injection(flow: Flow, netstate: NetworkState, peers: dict, helper: str,
     if iif is None:
         return Injection(**common)
     interface = netstate.interface(iif)
-    if interface is None or iif not in peers:
+    bridge = netstate.bridge_of(iif)
+    if interface is None or (iif not in peers and bridge is None):
         raise InputError(f"--iif: no interface '{iif}' in {netstate.where}")
-    gateway = route_back.gateway if route_back and route_back.dev == iif else None
-    neighbour = netstate.neighbours.get((iif, str(ipaddress.ip_address(gateway or src))))
-    return Injection(**common, iif=iif, netns=helper, peer=peers[iif].peer, src_mac=neighbour or _random_mac(token),
-                     dst_mac=peers[iif].mac, mtu=interface.mtu)
+    gateway = route_back.gateway if route_back and route_back.dev in (iif, bridge.name if bridge else None) else None
+    neighbour = netstate.neighbours.get((bridge.name if bridge else iif, str(ipaddress.ip_address(gateway or src))))
+    dst_mac = peers[iif].mac if iif in peers else None
+    if bridge is not None:
+        iif, dst_mac = bridge_entry(netstate, bridge, iif, neighbour, dst, route_to, notes if notes is not None else [])
+        dst_mac = dst_mac or random_mac(token)
+        interface = netstate.interface(iif)
+        if iif not in peers:
+            raise InputError(f"--dry-run: bridge {bridge.name} of {netstate.where} has no port to send the packet "
+                             f"through; say where it arrives with --iif")
+    return Injection(**common, iif=iif, netns=helper, peer=peers[iif].peer, src_mac=neighbour or random_mac(token),
+                     dst_mac=dst_mac, mtu=interface.mtu)
+
+
+def bridge_entry(netstate: NetworkState, bridge, iif: str, src_mac: Optional[str], dst: str,
+                 route_to: Optional[RouteLookup], notes: list) -> tuple[str, Optional[str]]:
+    """The port a frame of the flow enters `bridge` through, and its destination MAC.
+
+    The port: --iif when it names one, else the one behind which the bridge learnt the
+    source's MAC (or its gateway's), else the first port that is up. The destination: the
+    bridge's own MAC when the packet is for the box or routed by it, else (a frame bridged
+    between two hosts) the destination's MAC as the namespace knows it; unknown, the frame
+    is flooded to every port, as live."""
+    port = iif if iif != bridge.name else netstate.port_of(bridge.name, src_mac)
+    if port is None:
+        ports = [p.name for p in netstate.ports(bridge.name) if p.up] or [p.name for p in netstate.ports(bridge.name)]
+        port = ports[0] if ports else bridge.name
+        notes.append(f"the bridge {bridge.name} has not learnt where {src_mac or 'the source'} is: the packet enters "
+                     f"it through port {port} (--iif PORT chooses another)")
+    local = ipaddress.ip_address(dst) in netstate.local_addresses()
+    bridged = not local and route_to is not None and route_to.dev == bridge.name and route_to.gateway is None
+    if not bridged:
+        return port, bridge.mac
+    dst_mac = netstate.neighbours.get((bridge.name, str(ipaddress.ip_address(dst))))
+    if dst_mac is None:
+        notes.append(f"{netstate.where} does not know the MAC address of {dst}: the frame is flooded to every port "
+                     f"of {bridge.name}")
+    return port, dst_mac
 
 
 def reply_injection(sent: Optional[Injection], path: PacketPath, interfaces: dict, netstate: NetworkState,
@@ -150,14 +187,8 @@ def reply_injection(sent: Optional[Injection], path: PacketPath, interfaces: dic
     if interface is None or oif not in peers:
         return None
     neighbour = netstate.neighbours.get((oif, common["src"]))
-    return Injection(**common, iif=oif, netns=helper, peer=peers[oif].peer, src_mac=neighbour or _random_mac(token),
+    return Injection(**common, iif=oif, netns=helper, peer=peers[oif].peer, src_mac=neighbour or random_mac(token),
                      dst_mac=peers[oif].mac, mtu=interface.mtu)
-
-
-def _random_mac(token: Callable[[int], int]) -> str:
-    octets = [token(256) for _ in range(6)]
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    return ":".join(f"{o:02x}" for o in octets)
 
 
 def conntrack_entry_argv(injection: Injection) -> list[str]:
@@ -251,18 +282,30 @@ class DryRun:
             self.names = TargetNames(listing, anonymous)  # the candidate's own names
 
     def close(self) -> None:
-        try:
-            if self._bookmark is not None:
-                self._bookmark.restore()
-                self._bookmark.close()
-                self._bookmark = None
-        finally:
+        """Back to nftrace's own namespace, then the sandbox removed (signals held, see signals.py)."""
+        with UndoStack() as undo:
             if self.sandbox is not None:
-                self.sandbox.close()
-                self.sandbox = None
+                undo.callback(self._remove_sandbox)
+            if self._bookmark is not None:
+                undo.callback(self._return_home)
+
+    def _return_home(self) -> None:
+        bookmark, self._bookmark = self._bookmark, None
+        try:
+            bookmark.restore()
+        finally:
+            bookmark.close()
+
+    def _remove_sandbox(self) -> None:
+        sandbox, self.sandbox = self.sandbox, None
+        sandbox.close()
 
     def __enter__(self) -> "DryRun":
-        self.open()
+        try:
+            self.open()
+        except BaseException as err:
+            undo_after(err, self.close)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -270,12 +313,14 @@ class DryRun:
 
     # -- one flow ---------------------------------------------------------------------------
 
-    def plan(self, flow: Flow) -> Injection:
+    def plan(self, flow: Flow, notes: Optional[list] = None) -> Injection:
         check_dry_run_flow(flow, self.request.state)
-        src = str(flow.src.network_address)
+        src, dst = str(flow.src.network_address), str(flow.dst.network_address)
         route_back = route_towards(self.request.netns, src) if flow.iif is None else None
+        bridged = any(i.kind == "bridge" for i in self.netstate.interfaces)
+        route_to = route_towards(self.request.netns, dst) if bridged else None
         return plan_injection(flow, self.netstate, self.sandbox.peers, self.sandbox.helper, self.request.state,
-                              route_back)
+                              route_back, route_to=route_to, notes=notes)
 
     def describe(self, injection: Injection) -> dict:
         """The `dry_run` section of the JSON document."""
@@ -294,11 +339,12 @@ class DryRun:
     def trace(self, flow: Flow, report: TraceReport, on_packet: Callable[[PacketPath], None], *,
               timeout: float = 10.0, max_rate: int = 100, drop_reasons: bool = True, near_misses: bool = True) -> int:
         """Send the flow's packet into the sandbox and trace it; return how many packets were seen (0 or 1)."""
-        injection = self.plan(flow)
+        notes: list = []
+        injection = self.plan(flow, notes)
         if self._traced:
             self._forget_connections()
         return self._trace_injection(flow, injection, report, on_packet, timeout=timeout, max_rate=max_rate,
-                                     drop_reasons=drop_reasons, near_misses=near_misses)
+                                     drop_reasons=drop_reasons, near_misses=near_misses, notes=notes)
 
     def trace_reply(self, path: PacketPath, interfaces: dict, report: TraceReport,
                     on_packet: Callable[[PacketPath], None], *, timeout: float = 10.0,
@@ -316,12 +362,12 @@ class DryRun:
 
     def _trace_injection(self, flow: Flow, injection: Injection, report: TraceReport,
                          on_packet: Callable[[PacketPath], None], *, timeout: float = 10.0, max_rate: int = 100,
-                         drop_reasons: bool = True, near_misses: bool = True) -> int:
+                         drop_reasons: bool = True, near_misses: bool = True, notes: tuple = ()) -> int:
         self._traced += 1
         self.last_injection = injection
         report.mode = "dry-run"
         report.dry_run = self.describe(injection)
-        report.warnings.extend(w for w in self.sandbox.warnings if w not in report.warnings)
+        report.warnings.extend(w for w in [*self.sandbox.warnings, *notes] if w not in report.warnings)
         if self.request.state == "established":
             self.sandbox.run(conntrack_entry_argv(injection))
             if any(chain.type == "nat" for chain in self.snapshot.chains.values()):
@@ -377,14 +423,12 @@ class DryRunSession:
         if self.options.command:
             raise InputError("--dry-run sends its own packet: no COMMAND after --")
         check_dry_run_flow(self.options.flow, self.request.state)
-        with SignalsAsExceptions():
+        with SignalsAsExceptions(), UndoStack() as undo:
             dry = DryRun(self.request)
             self.report.mode = "dry-run"
-            try:
-                dry.open()
-                self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
-                                              timeout=self.options.timeout, max_rate=self.options.max_rate)
-                if self.with_sandbox is not None:
-                    self.with_sandbox(dry)
-            finally:
-                dry.close()
+            undo.callback(dry.close)
+            dry.open()
+            self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
+                                          timeout=self.options.timeout, max_rate=self.options.max_rate)
+            if self.with_sandbox is not None:
+                self.with_sandbox(dry)

@@ -17,11 +17,13 @@ from typing import Callable, Optional
 
 from ..errors import EnvironmentProblem, InputError
 from ..flow import Flow
+from ..protocols import iptables_command
 from .iptctrace import TraceRules, remove_leftover_trace_rules
-from .legacy import COMMAND_NAMES, LiveLegacyRuleset, legacy_tables
+from .legacy import FAMILIES, LiveLegacyRuleset, legacy_tables
 from .merge import LegacyPathBuilder, MergedPathBuilder, last_tables_on_exit_hooks
 from .nflog import NFNETLINK_LOG, NflogListener, in_initial_netns, restore_leftover_loggers
-from ..trace.paths import PathBuilder
+from ..signals import SignalsHeld, UndoStack, undo_after
+from ..trace.paths import PacketPathBuilder, PathBuilder
 
 BACKENDS = ("auto", "nft", "iptables")
 
@@ -52,7 +54,7 @@ def plan_backend(choice: str, flow: Flow, nft_problem: Optional[str], tables: li
     """Decide from what the namespace has: `nft_problem` says why nf_tables cannot be used
     (None: it can), `tables` are the namespace's legacy tables of the flow's family."""
     family = flow.nft_family
-    command = COMMAND_NAMES[family]
+    command = iptables_command(family)
     if choice == "iptables":
         if not tables:
             raise EnvironmentProblem(f"--backend iptables: this namespace has no legacy {command} tables "
@@ -89,31 +91,32 @@ class LegacyTracing:
         cleaned = restore_leftover_loggers() + remove_leftover_trace_rules(self.family)
         if cleaned:
             self.warnings.append(f"undid what killed nftrace runs left: {'; '.join(cleaned)}")
-        self.listener = NflogListener((self.family,))
-        previous = self.listener.previous_loggers().get(self.family)
-        if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
-            self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {COMMAND_NAMES[self.family]} wrote "
-                                 f"to nftrace instead of the kernel log ({previous} is bound again now)")
         try:
+            with SignalsHeld():  # the binding and the object that undoes it go together
+                self.listener = NflogListener((self.family,))
+            previous = self.listener.previous_loggers().get(self.family)
+            if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
+                self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {iptables_command(self.family)} "
+                                     f"wrote to nftrace instead of the kernel log ({previous} is bound again now)")
             if self.plan.trace_rules:
                 self.rules = TraceRules(self.family, self.flow, self.max_rate)
                 self.rules.install()
                 if self.rules.created_raw_table:
-                    self.warnings.append(f"the legacy {COMMAND_NAMES[self.family]} raw table did not exist and was "
+                    self.warnings.append(f"the legacy {iptables_command(self.family)} raw table did not exist and was "
                                          "created for the TRACE rules; the kernel keeps it (empty) after the run")
             self.ruleset = LiveLegacyRuleset(self.family)
-        except BaseException:
-            self.__exit__()
+        except BaseException as err:
+            undo_after(err, self.__exit__)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            if self.rules is not None:
-                self.rules.remove()
-        finally:
+        """TRACE rules out first (they make the lines), then the listener and the loggers."""
+        with UndoStack() as undo:
             if self.listener is not None:
-                self.listener.close()
+                undo.callback(self.listener.close)
+            if self.rules is not None:
+                undo.callback(self.rules.remove)
 
     def fileno(self) -> int:
         return self.listener.fileno()
@@ -131,18 +134,19 @@ class LegacyTracing:
 def clean_up_legacy() -> list[str]:
     """What killed runs left in this namespace's legacy side: nf_log bindings and TRACE rules."""
     done = [f"restored {item}" for item in restore_leftover_loggers()]
-    for family in COMMAND_NAMES:
+    for family in FAMILIES:
         done.extend(f"removed {item}" for item in remove_leftover_trace_rules(family))
     return done
 
 
 def make_path_builder(plan: BackendPlan, snapshot, legacy: Optional[LegacyTracing],
-                      keep: Callable, idle_seconds: float):
-    """The path builder for the plan: nftables events, legacy TRACE lines, or both merged."""
+                      keep: Callable, idle_seconds: float, **devices) -> PacketPathBuilder:
+    """The path builder for the plan: nftables events, legacy TRACE lines, or both merged.
+    `devices`: the bridges and egress devices nftables paths follow (PathBuilder)."""
     if not plan.nft:
         return LegacyPathBuilder(legacy.ruleset, keep=keep, idle_seconds=idle_seconds,
                                  last_tables=last_tables_on_exit_hooks(legacy.tables()))
-    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds)
+    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds, **devices)
     if legacy is None:
         return builder
     return MergedPathBuilder(builder, snapshot, legacy.ruleset)

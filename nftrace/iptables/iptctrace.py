@@ -20,12 +20,15 @@ from contextlib import contextmanager
 from typing import Optional
 
 from ..errors import EnvironmentProblem, KernelError
-from ..flow import PORT_PROTOCOLS, PROTOCOL_NUMBERS, Flow
+from ..flow import Flow
+from ..protocols import PORT_PROTOCOLS, PROTOCOL_NUMBERS, iptables_command
 from .legacy import OWN_COMMENT, LegacyRuleset, legacy_tables, own_rule_pid, read_legacy_ruleset
 from ..kernel.system import pid_alive
+from ..signals import SignalsHeld
 from ..kernel.tracetable import mark_hooks
 
-TRACE_TABLE = "raw"
+# The legacy table the TRACE rules go in: raw runs first, before conntrack and NAT.
+TRACE_RULES_TABLE = "raw"
 HOOK_CHAINS = {"prerouting": "PREROUTING", "output": "OUTPUT"}
 
 
@@ -53,11 +56,11 @@ def _raw_table(iptc, family: str):
     cache (`Table.existing_table_names`) that the function reads, so the function still
     decides."""
     module, check = (iptc.ip4tc, "is_table_available") if family == "ip" else (iptc.ip6tc, "is_table6_available")
-    present = set(legacy_tables(family)) | {TRACE_TABLE}
+    present = set(legacy_tables(family)) | {TRACE_RULES_TABLE}
     original = getattr(module, check)
     setattr(module, check, present.__contains__)
     try:
-        table = (iptc.Table if family == "ip" else iptc.Table6)(TRACE_TABLE)
+        table = (iptc.Table if family == "ip" else iptc.Table6)(TRACE_RULES_TABLE)
         table.autocommit = False
         table.refresh()
         yield table
@@ -133,7 +136,7 @@ class TraceRules:
 
     def install(self) -> None:
         iptc = self._iptc = load_iptc()
-        self.created_raw_table = TRACE_TABLE not in legacy_tables(self.family)
+        self.created_raw_table = TRACE_RULES_TABLE not in legacy_tables(self.family)
         with _raw_table(iptc, self.family) as table:
             try:
                 for hook in mark_hooks(self.flow):
@@ -142,14 +145,16 @@ class TraceRules:
             except iptc_errors(iptc) as err:
                 table.refresh()
                 raise EnvironmentProblem(f"cannot build nftrace's TRACE rules with python-iptables: {err}") from None
-            _commit(iptc, table, "nftrace's TRACE rules")
-        self.installed = True
+            with SignalsHeld():  # the rules and the flag that says they are in go together
+                _commit(iptc, table, "nftrace's TRACE rules")
+                self.installed = True
 
     def remove(self) -> None:
-        if not self.installed:
-            return
-        remove_trace_rules(self._iptc, self.family, {self.pid})
-        self.installed = False
+        with SignalsHeld():
+            if not self.installed:
+                return
+            remove_trace_rules(self._iptc, self.family, {self.pid})
+            self.installed = False
 
     def __enter__(self) -> "TraceRules":
         self.install()
@@ -162,7 +167,7 @@ class TraceRules:
 def remove_trace_rules(iptc, family: str, pids: set) -> int:
     """Delete the TRACE rules of runs with these pids from the raw table; return how many."""
     removed = 0
-    with _raw_table(iptc, family) as table:
+    with SignalsHeld(), _raw_table(iptc, family) as table:
         for chain in table.chains:
             for rule in list(chain.rules):
                 if rule.target.name == "TRACE" and own_rule_pid(_rule_comment(rule)) in pids:
@@ -181,7 +186,7 @@ def leftover_trace_rules(ruleset: LegacyRuleset) -> set:
 def remove_leftover_trace_rules(family: str) -> list[str]:
     """TRACE rules that killed runs left in this namespace, removed (python-iptables is loaded
     only when there are some)."""
-    if TRACE_TABLE not in legacy_tables(family):
+    if TRACE_RULES_TABLE not in legacy_tables(family):
         return []
     pids = leftover_trace_rules(read_legacy_ruleset(family))
     if not pids:
@@ -189,6 +194,6 @@ def remove_leftover_trace_rules(family: str) -> list[str]:
     count = remove_trace_rules(load_iptc(), family, pids)
     if not count:
         return []
-    command = "iptables" if family == "ip" else "ip6tables"
+    command = iptables_command(family)
     runs = f"run{'s' if len(pids) > 1 else ''} {', '.join(map(str, sorted(pids)))}"
     return [f"{count} {command} TRACE rule{'s' if count > 1 else ''} of killed {runs}"]

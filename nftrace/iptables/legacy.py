@@ -16,20 +16,19 @@ unconditional ACCEPT/DROP/RETURN rule `policy` or `return`: the position tells t
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import EnvironmentProblem
+from ..kernel import runner
+from ..protocols import iptables_command
 
 TABLE_NAME_FILES = {"ip": "/proc/net/ip_tables_names", "ip6": "/proc/net/ip6_tables_names"}
-SAVE_COMMANDS = {"ip": "iptables", "ip6": "ip6tables"}
-COMMAND_NAMES = {"ip": "iptables", "ip6": "ip6tables"}
+FAMILIES = ("ip", "ip6")
 BACKEND = "iptables-legacy"
 
 # Built-in chains and the hooks they run on.
@@ -220,14 +219,14 @@ def legacy_tables(family: str) -> list[str]:
 
 def save_command(family: str) -> Optional[list[str]]:
     """`iptables-legacy-save`, or a plain `iptables-save` that is the legacy one (iptables < 1.8)."""
-    base = SAVE_COMMANDS[family]
+    base = iptables_command(family)
     path = shutil.which(f"{base}-legacy-save")
     if path:
         return [path]
     path = shutil.which(f"{base}-save")
     if path is None:
         return None
-    version = subprocess.run([path, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    version = runner.run([path, "--version"], check=False)
     if "nf_tables" in version.stdout + version.stderr:
         return None
     return [path]
@@ -236,13 +235,9 @@ def save_command(family: str) -> Optional[list[str]]:
 def read_legacy_ruleset(family: str) -> LegacyRuleset:
     command = save_command(family)
     if command is None:
-        raise EnvironmentProblem(f"{SAVE_COMMANDS[family]}-legacy-save is not installed, so legacy rules cannot be read "
-                                 "(apt-get install iptables)")
-    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30,
-                            env=dict(os.environ, LC_ALL="C"))
-    if result.returncode != 0:
-        first = (result.stderr or result.stdout).strip().splitlines()
-        raise EnvironmentProblem(f"{command[0]} failed: {first[0] if first else 'exit ' + str(result.returncode)}")
+        raise EnvironmentProblem(f"{iptables_command(family)}-legacy-save is not installed, so legacy rules cannot be "
+                                 "read (apt-get install iptables)")
+    result = runner.run(command, what=f"{command[0]} failed")
     return LegacyRuleset.parse(family, result.stdout)
 
 

@@ -3,7 +3,7 @@
 Pure logic: TRACE lines and nftables paths in, paths out; nothing here touches the kernel.
 
 A TRACE line carries no trace id, only the packet. It is joined to a packet by the header
-fields NAT leaves alone (`packet_identity`: IP version, protocol, length, IPv4 id, TCP
+fields NAT leaves alone (`trace/identity.py`: IP version, protocol, length, IPv4 id, TCP
 sequence and acknowledgement numbers, ICMP type), and when several open packets share them,
 to the oldest one that can take the line: a line continues the table that is running, or
 starts a table that runs later than the packet's last one (hooks in order, then priority),
@@ -24,11 +24,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Protocol
 
-from ..trace.events import FINAL_VERDICTS, TERMINAL_VERDICTS, PacketHeaders
+from ..trace.events import FINAL_VERDICTS, TERMINAL_VERDICTS
+from ..trace.identity import packet_identity
 from .legacy import BACKEND, CHAIN_HOOKS, TABLE_HOOKS, Resolution, table_priority
 from ..kernel.monitor import EventsLost
 from .nflog import LegacyTraceEvent
-from ..trace.paths import EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step, finalise_path
+from ..trace.paths import (EXIT_HOOKS, HOOK_RANK, HookObservation, PacketPath, PathBuilder, RuleLookup, Step,
+                           finalise_path, verdict_before_kernel_drop)
+from ..trace.jumpstack import JumpStack
 from ..trace.ruleset import priority_value
 
 HOOK_CHAINS = {hook: chain for chain, hook in CHAIN_HOOKS.items()}
@@ -38,15 +41,6 @@ LOOPBACK_IFINDEXES = frozenset({1})
 
 class LegacyResolver(Protocol):
     def resolve(self, table: str, chain: str, kind: str, position: int) -> Optional[Resolution]: ...
-
-
-def packet_identity(packet: Optional[PacketHeaders]) -> Optional[tuple]:
-    """The header fields that NAT does not rewrite: what a TRACE line and a trace event of the
-    same packet have in common wherever they were taken."""
-    if packet is None or packet.src is None:
-        return None
-    return (packet.src.version, packet.proto, packet.length, packet.ip_id, packet.tcp_seq, packet.tcp_ack,
-            packet.icmp_type, packet.icmp_code)
 
 
 def legacy_position(step_or_event) -> tuple[int, int]:
@@ -69,7 +63,8 @@ def hook_passes(hooks: list) -> list[int]:
 class LegacyTrail:
     """The legacy steps of one packet, built from its TRACE lines in the order they came.
 
-    Keeps a jump stack per table run, as the kernel does not say when a caller resumes.
+    Keeps a jump stack per table run (trace/jumpstack.py), as the kernel does not say when a
+    caller resumes.
     """
 
     def __init__(self, identity: Optional[tuple]):
@@ -84,7 +79,7 @@ class LegacyTrail:
         self.run_over = False
         self.run_verdict: Optional[str] = None  # accept / drop / ... that ended the run
         self._position: Optional[tuple[int, int, int]] = None
-        self._frames: list = []
+        self._stack: Optional[JumpStack] = None
 
     def takes(self, event: LegacyTraceEvent) -> bool:
         """Whether `event` can be this packet's next line."""
@@ -108,17 +103,8 @@ class LegacyTrail:
                     and self._loops_back(event):
                 self.passes += 1
             self._start_run(event)
-        frames = self._frames
-        if frames[-1][0] != event.chain:
-            # A chain lower on the stack: the chains above it have returned. One not on it: the
-            # line of the jump there was lost; it is one level deeper.
-            for index in range(len(frames) - 1, -1, -1):
-                if frames[index][0] == event.chain:
-                    del frames[index + 1:]
-                    break
-            else:
-                frames.append([event.chain, frames[-1][1] + 1])
-        depth = frames[-1][1]
+        stack = self._stack
+        depth = stack.enter(event.chain)
         if resolution is None:
             # The rules changed and the new ones could not be read: say what the kernel said.
             kind = event.type
@@ -140,12 +126,11 @@ class LegacyTrail:
         if kind == "policy":
             self.run_over = True
         elif kind == "return" or resolution.verdict == "return":
-            if len(frames) > 1:
-                frames.pop()
+            stack.ret()
         elif resolution.verdict == "jump" and resolution.target:
-            frames.append([resolution.target, depth + 1])
+            stack.jump(resolution.target)
         elif resolution.verdict == "goto" and resolution.target:
-            frames[-1] = [resolution.target, depth + 1]
+            stack.goto(resolution.target)
         if resolution.verdict in TERMINAL_VERDICTS:
             self.run_over = True
         if self.run_over:
@@ -158,8 +143,7 @@ class LegacyTrail:
         self.run_over = False
         self.run_verdict = None
         self._position = (self.passes,) + legacy_position(event)
-        builtin = HOOK_CHAINS.get(event.hook or "", event.chain)
-        self._frames = [[builtin, 0]]
+        self._stack = JumpStack(HOOK_CHAINS.get(event.hook or "", event.chain))
         if event.hook and (not self.hooks or self.hooks[-1] != event.hook or self._loops_back(event)):
             self.hooks.append(event.hook)
         self.observations.append(HookObservation(event.hook, event.table, event.chain, event.packet, event.iif,
@@ -345,6 +329,9 @@ class LegacyPathBuilder:
     an exit hook accepted it went through netfilter.
     """
 
+    # Every line starts or continues a packet of its own here: none is left unmatched.
+    unmatched_lines = 0
+
     def __init__(self, resolver: LegacyResolver, keep: Optional[Callable[[PacketPath], bool]] = None,
                  idle_seconds: float = 2.0, last_tables: Optional[dict] = None):
         self.resolver = resolver
@@ -354,6 +341,10 @@ class LegacyPathBuilder:
         self._open: dict[int, _LegacyPacket] = {}  # by path id, oldest first
         self._by_identity: dict[Optional[tuple], list] = {}
         self._ids = itertools.count(1)
+
+    def feed(self, event, now: float = 0.0) -> list:
+        """No nf_tables, no trace events: TRACE lines alone make the paths."""
+        return []
 
     def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
         done = []
@@ -395,8 +386,11 @@ class LegacyPathBuilder:
         """Close the open packets the kernel dropped after netfilter let them through."""
         done = []
         for packet in list(self._open.values()):
-            if packet.kept and packet.trail.final is None and vanished(packet.path):
-                packet.path.complete, packet.path.verdict = True, "drop"
+            drop = vanished(packet.path) if packet.kept and packet.trail.final is None else None
+            if drop:
+                packet.path.complete = True
+                packet.path.verdict = verdict_before_kernel_drop(getattr(drop, "reason", None))
+                packet.path.vanished_after = packet.trail.hooks[-1] if packet.trail.hooks else "its first hook"
                 done.extend(self._close(packet))
         return done
 
@@ -475,5 +469,4 @@ __all__ = [
     "merge_hooks",
     "merge_steps",
     "merge_trail",
-    "packet_identity",
 ]

@@ -26,19 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
+from pyroute2.netlink import nla
+from pyroute2.netlink.nfnetlink import nfgen_msg
 
 from ..errors import EnvironmentProblem, KernelError
-from ..trace.events import PacketHeaders, decode_datagram, parse_packet_headers
+from ..trace.events import PacketHeaders, parse_packet_headers
 from ..kernel.monitor import EventsLost, open_netfilter_socket, read_datagrams, socket_drops
-from ..kernel.system import NETNS_RUN_DIR, pid_alive
+from ..kernel.netlink import NFNL_SUBSYS_ULOG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, decode_datagram, message_type
+from ..kernel.rcvbuf import MIN_RCVBUF
+from ..signals import SignalsHeld, undo_after
+from ..kernel.system import NETNS_RUN_DIR, STATE_DIR, pid_alive
 
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
-PACKET_MESSAGE_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
-CONFIG_MESSAGE_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-NLMSG_ERROR = 2
+PACKET_MESSAGE_TYPE = message_type(NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET)
+CONFIG_MESSAGE_TYPE = message_type(NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG)
 
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_CFG_CMD_PF_BIND = 3
@@ -47,7 +49,8 @@ NFULNL_COPY_PACKET = 2
 TRACE_GROUP = 0
 # Enough of the packet for an IPv4 header with options or an IPv6 header, plus 20 bytes of L4.
 COPY_RANGE = 128
-DEFAULT_RCVBUF = 16 * 1024 * 1024
+# As nft monitor's: TRACE lines come one per rule a packet meets, at most --max-rate packets a second.
+NFLOG_RCVBUF = MIN_RCVBUF
 
 PROTOCOL_FAMILIES = {"ip": socket.AF_INET, "ip6": socket.AF_INET6}
 FAMILY_NAMES = {number: name for name, number in PROTOCOL_FAMILIES.items()}
@@ -58,7 +61,6 @@ SO_NETNS_COOKIE = 71
 NF_LOG_SYSCTL = "/proc/sys/net/netfilter/nf_log/{pf}"
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
 NFNETLINK_LOG = "nfnetlink_log"
-STATE_DIR = Path(os.environ.get("NFTRACE_STATE_DIR", "/run/nftrace"))
 
 _PREFIX_RE = re.compile(r"^TRACE: ([^:]+):([^:]+):(rule|return|policy):(\d+)\s*$")
 
@@ -225,7 +227,7 @@ def netns_cookie() -> Optional[int]:
             return None
 
 
-def netns_exists(inode: int) -> bool:
+def netns_inode_in_use(inode: int) -> bool:
     """Whether some named namespace or some process still has the namespace with this inode."""
     for holder in list(Path(NETNS_RUN_DIR).glob("*")) + list(Path("/proc").glob("[0-9]*/ns/net")):
         try:
@@ -262,11 +264,12 @@ class SavedLoggers:
         A binding someone else changed since is theirs: it stays.
         """
         restored = []
-        for family, name in self.loggers.items():
-            if name != NFNETLINK_LOG and read_logger(family) == NFNETLINK_LOG:
-                write_logger(family, name)
-                restored.append(f"nf_log {family} → {name}")
-        self.forget()
+        with SignalsHeld():
+            for family, name in self.loggers.items():
+                if name != NFNETLINK_LOG and read_logger(family) == NFNETLINK_LOG:
+                    write_logger(family, name)
+                    restored.append(f"nf_log {family} → {name}")
+            self.forget()
         return restored
 
     def forget(self) -> None:
@@ -306,7 +309,7 @@ def restore_leftover_loggers() -> list[str]:
             continue
         if saved.netns == netns and (saved.cookie is None or cookie is None or saved.cookie == cookie):
             restored.extend(saved.restore())
-        elif saved.netns == netns or not netns_exists(saved.netns):
+        elif saved.netns == netns or not netns_inode_in_use(saved.netns):
             saved.forget()
     return restored
 
@@ -331,7 +334,7 @@ class NflogListener:
     binding (with the socket) and writes the old loggers back.
     """
 
-    def __init__(self, families: tuple[str, ...], rcvbuf: int = DEFAULT_RCVBUF):
+    def __init__(self, families: tuple[str, ...], rcvbuf: int = NFLOG_RCVBUF):
         self.families = families
         self.overruns = 0
         self._saved: Optional[SavedLoggers] = None
@@ -342,8 +345,8 @@ class NflogListener:
         try:
             self._bind_group()
             self._bind_loggers()
-        except BaseException:
-            self.close()
+        except BaseException as err:
+            undo_after(err, self.close)
             raise
 
     def _bind_group(self) -> None:
@@ -413,11 +416,14 @@ class NflogListener:
         return socket_drops(self._inode)
 
     def close(self) -> None:
-        """Close the socket (the kernel drops the group binding with it), then restore the loggers."""
-        self.sock.close()
-        if self._saved is not None:
-            saved, self._saved = self._saved, None
-            saved.restore()
+        """Close the socket (the kernel drops the group binding with it), then restore the loggers.
+
+        A failed restore keeps the state file, so that `nftrace cleanup` can do it later."""
+        with SignalsHeld():
+            self.sock.close()
+            if self._saved is not None:
+                saved, self._saved = self._saved, None
+                saved.restore()
 
     def __enter__(self) -> "NflogListener":
         return self

@@ -178,6 +178,11 @@ def _result(expr: str, found: Optional[bool], negate: bool, field_name: str, pac
             set_name: Optional[str] = None, reason: Optional[str] = None) -> Condition:
     if found is None:
         return Condition(expr, None, field_name, packet, wanted, set_name, negate)
+    if negate:
+        reason = f"{field_name} {packet} is excluded by {expr}"
+    elif reason is None:
+        several = any(mark in wanted for mark in ("/", ",", ":", "-")) and field_name not in ("iifname", "oifname")
+        reason = f"{field_name} {packet} is {'not in' if several else 'not'} {wanted}"
     return Condition(expr, (not found) if negate else found, field_name, packet, wanted, set_name, negate, reason)
 
 

@@ -10,16 +10,16 @@ rather than guessed at.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from typing import Optional
 
+from ..kernel import runner
+from ..protocols import iptables_command
 from .legacy import parse_save
 from ..trace.paths import PacketPath
 
 XTABLES_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
-SAVE_COMMANDS = {"ip": "iptables-nft-save", "ip6": "ip6tables-nft-save"}
+FAMILIES = ("ip", "ip6")
 
 
 class IptablesNftText:
@@ -42,14 +42,13 @@ class IptablesNftText:
     @classmethod
     def read(cls, snapshot) -> "IptablesNftText":
         """Run iptables-nft-save for each family that has tables iptables-nft could have made."""
-        families = {family for family, table in snapshot.tables if family in SAVE_COMMANDS and table in XTABLES_TABLES}
+        families = {family for family, table in snapshot.tables if family in FAMILIES and table in XTABLES_TABLES}
         listings = {}
         for family in sorted(families):
-            command = shutil.which(SAVE_COMMANDS[family])
+            command = shutil.which(f"{iptables_command(family)}-nft-save")
             if command is None:
                 continue
-            result = subprocess.run([command], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30,
-                                    env=dict(os.environ, LC_ALL="C"))
+            result = runner.run([command], check=False)
             if result.returncode == 0:
                 listings[family] = result.stdout
         return cls.from_listings(listings, snapshot)

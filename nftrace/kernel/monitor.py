@@ -19,30 +19,21 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
+from pyroute2.netlink.nfnetlink.nftsocket import nft_gen_msg, nft_table_msg
+
 from ..errors import KernelError
-from ..trace.events import (
-    NFNL_SUBSYS_NFTABLES,
-    NFT_MSG_DELTABLE,
-    NFT_MSG_NEWGEN,
-    TRACE_MESSAGE_TYPE,
-    TraceEvent,
-    decode_datagram,
-    decode_trace_message,
-)
+from ..trace.events import TRACE_MESSAGE_TYPE, TraceEvent, decode_trace_message
+from .netlink import (NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES,
+                      NFNLGRP_NFTRACE, NFT_MSG_DELTABLE, NFT_MSG_NEWGEN, SO_RCVBUFFORCE, SOL_NETLINK, compact_table,
+                      decode_datagram, message_type, read_message)
 
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-SO_RCVBUFFORCE = 33
-NFNLGRP_NFTABLES = 7
-NFNLGRP_NFTRACE = 9
-NLMSG_ERROR = 2
-NLMSG_OVERRUN = 4
-
-DELTABLE_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE
-NEWGEN_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
-# Receive buffer of a monitor made without a size (nftrace's runs size it with rcvbuf.py).
-DEFAULT_RCVBUF = 64 * 1024 * 1024
+DELTABLE_TYPE = message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_DELTABLE)
+NEWGEN_TYPE = message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN)
+# The one attribute of each ruleset notice that nftrace reads, from pyroute2's maps of them.
+_GENERATION = compact_table(nft_gen_msg.nla_map, wanted={"NFTA_GEN_ID"})
+_TABLE_NAME = compact_table(nft_table_msg.nla_map, wanted={"NFTA_TABLE_NAME"})
+# Receive buffer of a monitor made without a size (nftrace's runs size theirs with rcvbuf.py).
+UNSIZED_RCVBUF = 64 * 1024 * 1024
 # Datagrams read per call of read(): enough to make the wake-up cost nothing, few enough that
 # the caller gets control back every few tens of milliseconds while it drains a backlog.
 READ_BATCH = 4096
@@ -70,31 +61,6 @@ class EventsLost:
 
 
 MonitorItem = Union[TraceEvent, RulesetChanged, TableDeleted, EventsLost]
-
-
-def _attr_string(raw: bytes, wanted: int) -> Optional[str]:
-    """First NLA of type `wanted` after the nfgenmsg header, as a string (cheap, no classes)."""
-    offset = 20
-    while offset + 4 <= len(raw):
-        length, nla_type = struct.unpack_from("=HH", raw, offset)
-        if length < 4:
-            return None
-        if nla_type & 0x3FFF == wanted:
-            return raw[offset + 4 : offset + length].rstrip(b"\0").decode("utf-8", "replace")
-        offset += (length + 3) & ~3
-    return None
-
-
-def _attr_be32(raw: bytes, wanted: int) -> Optional[int]:
-    offset = 20
-    while offset + 4 <= len(raw):
-        length, nla_type = struct.unpack_from("=HH", raw, offset)
-        if length < 4:
-            return None
-        if nla_type & 0x3FFF == wanted and length >= 8:
-            return struct.unpack_from("!I", raw, offset + 4)[0]
-        offset += (length + 3) & ~3
-    return None
 
 
 def open_netfilter_socket(rcvbuf: int) -> socket.socket:
@@ -148,7 +114,7 @@ def read_datagrams(sock: socket.socket, buffer, what: str = "trace events",
 class TraceMonitor:
     """Receives trace events; counts every event the kernel had to drop for lack of room."""
 
-    def __init__(self, rcvbuf: int = DEFAULT_RCVBUF):
+    def __init__(self, rcvbuf: int = UNSIZED_RCVBUF):
         self.sock = open_netfilter_socket(rcvbuf)
         self._join(NFNLGRP_NFTRACE)
         self.rcvbuf = rcvbuf
@@ -225,6 +191,7 @@ def decode_monitor_datagram(datagram: bytes) -> Iterator[MonitorItem]:
         if msg_type == TRACE_MESSAGE_TYPE:
             yield decode_trace_message(raw)
         elif msg_type == NEWGEN_TYPE:
-            yield RulesetChanged(_attr_be32(raw, 1))
+            yield RulesetChanged(read_message(raw, _GENERATION).get("NFTA_GEN_ID"))
         elif msg_type == DELTABLE_TYPE:
-            yield TableDeleted(raw[16], _attr_string(raw, 1) or "")
+            name = read_message(raw, _TABLE_NAME).get("NFTA_TABLE_NAME") or ""
+            yield TableDeleted(raw[16], name if isinstance(name, str) else name.decode("utf-8", "replace"))

@@ -7,8 +7,11 @@ as long as the trace does.
 
 from __future__ import annotations
 
+import errno
 import json
-from typing import Any
+import os
+import re
+from typing import Any, Optional
 
 from ..errors import EnvironmentProblem, KernelError
 
@@ -45,10 +48,24 @@ class NftContext:
         nft.set_terse_output(terse)
         rc, output, error = nft.cmd(command)
         if rc != 0:
-            raise KernelError(_first_error_line(error) or f"nft: '{command}' failed")
+            raise KernelError(_first_error_line(error) or f"nft: '{command}' failed", kernel_errno(error))
         # What nft says besides the output, such as "table ip filter is managed by iptables-nft".
         self.messages = error or ""
         return output
+
+    def list_ruleset(self, *, state: bool = False, json: bool = False) -> str:
+        """The whole ruleset as nft prints it, with handles (`nft -a`).
+
+        state=False: without counter values, quotas and set elements (`-s -t`): the rule text
+        an admin reads, and a listing whose size does not grow with the sets' contents.
+        state=True: everything, as a copy needs it (`nft -a list ruleset`).
+        json=True: everything, as libnftables' JSON document (`nft -a -j list ruleset`).
+        """
+        if json:
+            return self.run("list ruleset", json_output=True, handles=True)
+        if state:
+            return self.run("list ruleset", handles=True)
+        return self.run("list ruleset", handles=True, stateless=True, terse=True)
 
     def run_json(self, commands: list[dict[str, Any]]) -> None:
         """Apply a list of JSON commands as one atomic transaction.
@@ -60,7 +77,7 @@ class NftContext:
         nft.set_handle_output(False)
         rc, _, error = nft.cmd(json.dumps({"nftables": commands}))
         if rc != 0:
-            raise KernelError(_first_error_line(error) or "nft refused nftrace's trace rules")
+            raise KernelError(_first_error_line(error) or "nft refused nftrace's trace rules", kernel_errno(error))
 
     def run_file(self, path: str) -> None:
         """Load an nft file as `nft -f FILE` does; the error names the file and line."""
@@ -70,6 +87,19 @@ class NftContext:
         rc, _, error = nft.cmd_from_file(path)
         if rc != 0:
             raise KernelError(load_file_error(error))
+
+
+# libnftables writes the kernel's refusal as `Error: Could not process rule: <strerror(errno)>`.
+_REFUSAL_RE = re.compile(r"Could not process rule: (.+?)\s*$", re.MULTILINE)
+_ERRNOS = {os.strerror(code): code for code in sorted(errno.errorcode, reverse=True)}
+
+
+def kernel_errno(error: str) -> Optional[int]:
+    """The errno behind libnftables' error text, or None when the kernel did not refuse
+    (a parse error). libnftables gives no number, only strerror's text, which this process's
+    own strerror (same C library, same locale) maps back."""
+    match = _REFUSAL_RE.search(error or "")
+    return _ERRNOS.get(match.group(1)) if match else None
 
 
 def _first_error_line(error: str) -> str:

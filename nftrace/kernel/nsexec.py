@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import threading
 from typing import Any, Callable, Optional
 
 from ..errors import EnvironmentProblem
-from .system import CLONE_NEWNET, enter_namespace
+from .system import CLONE_NEWNET, enter_namespace, enter_namespace_fd
 
 
 def call_in_namespace(netns: Optional[str], function: Callable[..., Any], *args, **kwargs) -> Any:
@@ -68,3 +69,60 @@ class NamespaceBookmark:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class NamespaceWorker:
+    """A thread that lives in one network namespace and runs what it is given there.
+
+    A trace across several namespaces keeps one per namespace other than its own: the
+    libnftables context and the netlink sockets of that namespace are made in it (a socket
+    belongs to the namespace of the thread that opened it, for good), and every libnftables
+    call, interface lookup and command for that namespace runs in it, so that nothing of
+    libnftables' ever reopens a socket in the wrong namespace. Calls run one at a time.
+    """
+
+    def __init__(self, fd: int, shown: str):
+        self.shown = shown
+        self._calls: queue.Queue = queue.Queue()
+        self._entered: queue.Queue = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._serve, args=(fd,), name=f"nftrace-netns-{shown}", daemon=True)
+        self._thread.start()
+        problem = self._entered.get()
+        if problem is not None:
+            self._thread.join()
+            raise problem
+
+    def _serve(self, fd: int) -> None:
+        try:
+            enter_namespace_fd(fd, self.shown)
+        except BaseException as err:  # handed to the constructor, raised there
+            self._entered.put(err)
+            return
+        self._entered.put(None)
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            function, args, kwargs, outcome, done = item
+            try:
+                outcome["value"] = function(*args, **kwargs)
+            except BaseException as err:  # carried to the caller, raised there
+                outcome["error"] = err
+            done.set()
+
+    def call(self, function: Callable[..., Any], *args, **kwargs) -> Any:
+        """`function(*args, **kwargs)` inside the namespace; its exception is raised here."""
+        if not self._thread.is_alive():
+            raise EnvironmentProblem(f"the helper thread of {self.shown} has stopped")
+        outcome: dict = {}
+        done = threading.Event()
+        self._calls.put((function, args, kwargs, outcome, done))
+        done.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join(timeout)

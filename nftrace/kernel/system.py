@@ -8,13 +8,20 @@ the traffic command it starts, live in that namespace. It never creates a namesp
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from ..errors import EnvironmentProblem, InputError
+from . import runner
 
 NETNS_RUN_DIR = "/run/netns"
+# Where nftrace keeps what must outlive a run: the nf_log loggers a run replaced (put back by
+# `nftrace cleanup` after a SIGKILL), the lab's scenario state.
+STATE_DIR = Path(os.environ.get("NFTRACE_STATE_DIR", "/run/nftrace"))
 CLONE_NEWNET = 0x40000000
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -40,6 +47,12 @@ def require_net_admin() -> None:
                                  "run it with sudo")
 
 
+def netns_exists(name: str) -> bool:
+    """Whether /run/netns/NAME exists (a named namespace; see nflog.netns_inode_in_use for one
+    known by inode)."""
+    return os.path.exists(os.path.join(NETNS_RUN_DIR, name))
+
+
 def namespace_path(name: str) -> str:
     if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise InputError(f"--netns: '{name}' is not a valid namespace name")
@@ -51,14 +64,19 @@ def namespace_path(name: str) -> str:
 
 def enter_namespace(name: str) -> None:
     path = namespace_path(name)
-    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise EnvironmentProblem(f"cannot enter network namespace '{name}': {os.strerror(err)}")
+        enter_namespace_fd(fd, f"network namespace '{name}'")
     finally:
         os.close(fd)
+
+
+def enter_namespace_fd(fd: int, shown: str) -> None:
+    """Move the calling thread into the network namespace open as `fd` (`shown` names it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise EnvironmentProblem(f"cannot enter {shown}: {os.strerror(err)}")
 
 
 def interface_index(name: str, option: str) -> int:
@@ -91,3 +109,31 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class Link:
+    """An interface of the namespace as `ip -d link` describes it."""
+
+    index: int
+    name: str
+    kind: Optional[str] = None  # bridge, veth, vlan, ...; None for a physical device
+    master: Optional[str] = None  # the bridge (or bond) it is a port of
+
+
+def parse_links(ip_json: str) -> list[Link]:
+    """`ip -d -j link show` → links."""
+    links = []
+    for entry in json.loads(ip_json or "[]"):
+        linkinfo = entry.get("linkinfo") or {}
+        links.append(Link(int(entry["ifindex"]), entry["ifname"], linkinfo.get("info_kind"), entry.get("master")))
+    return links
+
+
+def interface_links() -> list[Link]:
+    """The interfaces of the calling thread's namespace, with their kind (empty if `ip` fails)."""
+    try:
+        result = runner.run(["ip", "-d", "-j", "link", "show"], check=False, timeout=10)
+    except runner.CommandFailed:
+        return []
+    return parse_links(result.stdout) if result.returncode == 0 else []

@@ -7,7 +7,7 @@ each with the very command a user would type, `nftrace --netns ROUTER why ... --
 TRAFFIC`, in a child process, and prints nftrace's own answer. Then it removes the lab.
 
 The lab goes away on every exit path: normal end, error, Ctrl-C, SIGTERM, SIGHUP (turned into
-exceptions so that `finally` runs), with signals ignored while it is being removed. A demo
+exceptions so that `finally` runs), with signals held while it is being removed. A demo
 killed with SIGKILL leaves a lab whose name carries a dead pid: the next demo removes it, and
 its listeners end by themselves within LISTEN_SECONDS.
 """
@@ -27,7 +27,8 @@ from typing import Optional, TextIO
 from .expectations import FlowExpectation
 from .lab import Lab, Scenario, command_name, find_scenario, require_root, scenario_names, why_arguments
 from .topology import python_env
-from ..signals import Interrupted, SignalsAsExceptions, SignalsIgnored
+from ..signals import Interrupted, SignalsAsExceptions, SignalsHeld
+from ..kernel import runner
 from ..kernel.system import NETNS_RUN_DIR, pid_alive
 
 DEMO_SCENARIO = "nat-router"
@@ -104,8 +105,8 @@ class Demo:
                     for step, flow in enumerate(self.flows, 2):
                         self._trace(step, total, flow)
                 finally:
-                    self._stop_child()
-                    with SignalsIgnored():
+                    with SignalsHeld():
+                        self._stop_child()
                         self.say(f"[{total}/{total}] removing the lab")
                         self.lab.down()
         except KeyboardInterrupt:
@@ -127,8 +128,7 @@ class Demo:
         args = why_arguments(self.lab.topology, flow, timeout=TRACE_TIMEOUT)
         self.say(f"[{step}/{total}] {flow.name}: {flow.flow.describe()}, sent from the {flow.sender}")
         self.say(f"      $ {shown_command(args)}")
-        self._child = subprocess.Popen([sys.executable, "-m", "nftrace", *args], stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=python_env())
+        self._child = runner.start([sys.executable, "-m", "nftrace", *args], text=True, env=python_env())
         try:
             stdout, stderr = self._child.communicate(timeout=TRACE_TIMEOUT + 20)
             returncode = self._child.returncode
@@ -144,14 +144,8 @@ class Demo:
 
     def _stop_child(self) -> None:
         child, self._child = self._child, None
-        if child is None or child.poll() is not None:
-            return
-        child.terminate()  # nftrace removes its trace rules on SIGTERM
-        try:
-            child.wait(5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        if child is not None:
+            runner.stop(child, grace=5)  # nftrace removes its trace rules on SIGTERM
 
     def _recap(self, seconds: float) -> None:
         self.show(f"In short ({seconds:.1f} s, lab removed):")

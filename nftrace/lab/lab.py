@@ -30,14 +30,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import EnvironmentProblem, InputError
-from ..kernel.system import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
+from ..kernel.runner import netns_exec_argv
+from ..kernel.system import CAP_NET_ADMIN, CAP_SYS_ADMIN, STATE_DIR, has_capability
+from ..protocols import iptables_command
+from ..signals import SignalsHeld, undo_after
 from .expectations import EXPECTATION_SUFFIX, ExpectationFile, FlowExpectation, load_expectations
 from .topology import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, ROUTER_SERVER_V6,
                      SERVER_V4, SERVER_V6, Topology, in_netns, netns_exists)
 
 LAB_PREFIX = "nftlab"
 DEFAULT_SCENARIO = "host-firewall"
-STATE_DIR = Path("/run/nftrace")
 # What the scenarios' flows reach on the server; the router's own ports need no listener
 # (a connection refused there still went through the input hook).
 LISTEN_TCP = (22, 25, 80, 443, 3306, 5432, 6379, 8080, 9090)
@@ -153,8 +155,8 @@ def legacy_reset_text(table: str) -> str:
 def reset_ruleset(netns: str) -> None:
     """Empty the namespace's firewall: every nftables table, and legacy iptables tables in use."""
     in_netns(netns, ["nft", "flush", "ruleset"])
-    for family, names_file, restore in (("ipv4", "ip_tables_names", "iptables-legacy-restore"),
-                                        ("ipv6", "ip6_tables_names", "ip6tables-legacy-restore")):
+    for names_file, restore in (("ip_tables_names", f"{iptables_command(4)}-legacy-restore"),
+                                ("ip6_tables_names", f"{iptables_command(6)}-legacy-restore")):
         listing = in_netns(netns, ["cat", f"/proc/net/{names_file}"], check=False).stdout
         for table in listing.split():
             if table in LEGACY_BUILTIN_CHAINS:
@@ -189,7 +191,7 @@ def traffic_command(topology: Topology, expectation: FlowExpectation) -> list[st
     else:
         raise InputError(f"flow '{expectation.name}': no traffic generator for proto {flow.proto}")
     sender = getattr(topology, expectation.sender)
-    return ["ip", "netns", "exec", sender, sys.executable, "-m", "nftrace.lab.traffic", *args]
+    return netns_exec_argv(sender, [sys.executable, "-m", "nftrace.lab.traffic", *args])
 
 
 def why_arguments(topology: Topology, expectation: FlowExpectation, *, timeout: float = 10.0,
@@ -293,9 +295,9 @@ class Lab:
                 self._write_state(LabState(scenario.name, digest, str(scenario.ruleset), scenario.kind))
                 done.append(f"loaded scenario {scenario.name} ({scenario.ruleset.name}, {scenario.kind}) "
                             f"into {topology.router}")
-        except BaseException:
+        except BaseException as err:
             if created:
-                self.down()  # what this call made, it takes back
+                undo_after(err, self.down)  # what this call made, it takes back
             raise
         return done
 
@@ -303,17 +305,19 @@ class Lab:
         """Remove everything the lab made; return what was removed (empty: nothing was there)."""
         require_root()
         removed = []
-        listeners = self.topology.listener_pids()
-        present = [name for name in self.topology.namespaces if netns_exists(name)]
-        self.topology.down()
+        with SignalsHeld():
+            listeners = self.topology.listener_pids()
+            present = [name for name in self.topology.namespaces if netns_exists(name)]
+            self.topology.down()
+            left = [name for name in present if netns_exists(name)]
+            if left:
+                raise EnvironmentProblem(f"could not remove namespaces {', '.join(left)}")
+            state_removed = self._remove_state()
         if listeners:
             removed.append(f"listeners (pids {', '.join(map(str, listeners))})")
-        left = [name for name in present if netns_exists(name)]
-        if left:
-            raise EnvironmentProblem(f"could not remove namespaces {', '.join(left)}")
         if present:
             removed.append(f"namespaces {', '.join(present)}")
-        if self._remove_state():
+        if state_removed:
             removed.append(f"state {self.state_file}")
         return removed
 

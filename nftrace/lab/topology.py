@@ -24,9 +24,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from ..errors import EnvironmentProblem
+from ..kernel import runner
+from ..kernel.runner import run
+from ..kernel.system import netns_exists
+from ..signals import SignalsHeld, undo_after
 
 CLIENT_V4, ROUTER_CLIENT_V4 = "10.77.1.2", "10.77.1.1"
 SERVER_V4, ROUTER_SERVER_V4 = "10.77.2.2", "10.77.2.1"
@@ -36,22 +40,9 @@ LISTENER_MODULE = "nftrace.lab.traffic"
 LISTENER_READY_SECONDS = 10.0
 
 
-def run(args: Sequence[str], *, check: bool = True, input: Optional[str] = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    try:
-        result = subprocess.run(list(args), input=input, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise EnvironmentProblem(f"{args[0]} is not installed (apt-get install iproute2 nftables)") from None
-    if check and result.returncode != 0:
-        raise EnvironmentProblem(f"{' '.join(args)}: {(result.stderr or result.stdout).strip()}")
-    return result
-
-
-def netns_exists(name: str) -> bool:
-    return os.path.exists(f"/run/netns/{name}")
-
-
 def in_netns(name: str, args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
-    return run(["ip", "netns", "exec", name, *args], **kwargs)
+    """Run a command inside the namespace (kernel.runner.run's keywords)."""
+    return run(runner.netns_exec_argv(name, args), **kwargs)
 
 
 def python_in_netns(name: str, module_args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
@@ -124,8 +115,8 @@ class Topology:
             return
         try:
             self._build()
-        except BaseException:
-            self.down()
+        except BaseException as err:
+            undo_after(err, self.down)
             raise
 
     def _build(self) -> None:
@@ -177,15 +168,14 @@ class Topology:
         for kind, ports in (("listen-tcp", tcp_ports), ("listen-udp", udp_ports)):
             if not ports:
                 continue
-            args = ["ip", "netns", "exec", self.server, sys.executable, "-m", LISTENER_MODULE, kind, "::",
-                    *[str(port) for port in sorted(set(ports))], "--seconds", str(seconds)]
-            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                       env=python_env(), start_new_session=True)
+            args = runner.netns_exec_argv(self.server, [sys.executable, "-m", LISTENER_MODULE, kind, "::",
+                                                 *[str(port) for port in sorted(set(ports))], "--seconds", str(seconds)])
+            process = runner.start(args, env=python_env(), new_session=True)
             pids.append(process.pid)
             try:
                 self._await_ready(process, kind)
-            except BaseException:
-                self.stop_listeners()
+            except BaseException as err:
+                undo_after(err, self.stop_listeners)
                 raise
         return pids
 
@@ -220,7 +210,8 @@ class Topology:
                 return
 
     def down(self) -> None:
-        self.stop_listeners()
-        for name in self.namespaces:
-            if netns_exists(name):
-                run(["ip", "netns", "del", name], check=False)
+        with SignalsHeld():
+            self.stop_listeners()
+            for name in self.namespaces:
+                if netns_exists(name):
+                    run(["ip", "netns", "del", name], check=False)

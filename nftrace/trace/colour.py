@@ -21,7 +21,6 @@ RED = "31"
 GREEN = "32"
 YELLOW = "33"
 MAGENTA = "35"
-DIM = "2"
 VERDICT_COLOURS = {"accept": GREEN, "drop": RED, "queue": YELLOW, "stolen": YELLOW, "unknown": MAGENTA}
 
 
@@ -71,9 +70,6 @@ class Style:
 
     def unknown(self, text: str) -> str:
         return self._paint(text, YELLOW)
-
-    def heading(self, text: str) -> str:
-        return self._paint(text, BOLD)
 
 
 PLAIN = Style(False)

@@ -17,17 +17,19 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
+from pyroute2.netlink import nla
+from pyroute2.netlink.nfnetlink import nfgen_msg
 
-# NFT_MSG_TRACE within the nftables subsystem: nlmsg_type = (NFNL_SUBSYS_NFTABLES << 8) | 17.
-NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_TRACE = 17
-NFT_MSG_NEWGEN = 15
-NFT_MSG_DELTABLE = 2
-NFT_MSG_DELCHAIN = 5
-TRACE_MESSAGE_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_TRACE
+from ..kernel.netlink import (NFGENMSG_END, NFNL_SUBSYS_NFTABLES, NFPROTO_NAMES, NFT_MSG_TRACE, NLMSG_HEADER_SIZE,
+                              compact_table, message_type, read_message)
+from ..protocols import ICMP_PROTOCOL_NUMBERS, PORT_PROTOCOL_NUMBERS, PROTOCOL_NUMBERS
+
+IPPROTO_TCP = PROTOCOL_NUMBERS["tcp"]
+
+TRACE_MESSAGE_TYPE = message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_TRACE)
 
 # nfgenmsg.nfgen_family: the family of the table the event comes from.
-TABLE_FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+TABLE_FAMILIES = NFPROTO_NAMES
 TRACE_TYPES = {1: "policy", 2: "return", 3: "rule"}
 
 # Verdict codes: netfilter's NF_* (>= 0) and nf_tables' NFT_* (< 0).
@@ -111,36 +113,21 @@ USED_ATTRIBUTES = frozenset({
 })
 
 
-def _pyroute2_message_class():
-    """NFT_MSG_TRACE as a pyroute2 message class (the reference decoder).
+class nft_trace_msg(nfgen_msg):
+    """NFT_MSG_TRACE as a pyroute2 message class (the reference decoder), made from the map."""
 
-    Made on first use: importing pyroute2 costs a tenth of a second, and the live path
-    decodes with the compact table instead.
-    """
-    from pyroute2.netlink import nla
-    from pyroute2.netlink.nfnetlink import nfgen_msg
+    prefix = "NFTA_TRACE_"
+    nla_map = TRACE_ATTRIBUTES
 
-    class nft_trace_msg(nfgen_msg):
-        """NFT_MSG_TRACE, every NFTA_TRACE_* attribute of include/uapi/linux/netfilter/nf_tables.h."""
-
-        prefix = "NFTA_TRACE_"
-        nla_map = TRACE_ATTRIBUTES
-
-        class verdict(nla):
-            prefix = "NFTA_VERDICT_"
-            nla_map = VERDICT_ATTRIBUTES
-
-    return nft_trace_msg
+    class verdict(nla):
+        prefix = "NFTA_VERDICT_"
+        nla_map = VERDICT_ATTRIBUTES
 
 
-def __getattr__(name: str):
-    if name == "nft_trace_msg":
-        cls = globals()["nft_trace_msg"] = _pyroute2_message_class()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclass(frozen=True)
+# The records below are made by the million under a flood: plain dataclasses with slots
+# (a frozen one costs a microsecond more to make), compared and hashed by value, never
+# changed once made.
+@dataclass(slots=True, unsafe_hash=True)
 class PacketHeaders:
     """What the truncated network and transport headers of an event say about the packet."""
 
@@ -160,7 +147,7 @@ class PacketHeaders:
     tcp_ack: Optional[int] = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ConntrackInfo:
     """The packet's conntrack entry as one base chain saw it (kernels with NFTA_TRACE_CT_*)."""
 
@@ -170,7 +157,7 @@ class ConntrackInfo:
     status: tuple = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class TraceEvent:
     """One NFT_MSG_TRACE: a rule that matched, a chain that returned, or a policy applied.
 
@@ -247,12 +234,12 @@ def parse_packet_headers(nfproto: Optional[int], network: Optional[bytes], trans
         return None
     sport = dport = icmp_type = icmp_code = tcp_flags = tcp_seq = tcp_ack = None
     if transport:
-        if proto in (6, 17, 132, 136) and len(transport) >= 4:
+        if proto in PORT_PROTOCOL_NUMBERS and len(transport) >= 4:
             sport, dport = _PORTS.unpack_from(transport, 0)
-            if proto == 6 and len(transport) >= 14:
+            if proto == IPPROTO_TCP and len(transport) >= 14:
                 tcp_seq, tcp_ack = _SEQ_ACK.unpack_from(transport, 4)
                 tcp_flags = transport[13]
-        elif proto in (1, 58) and len(transport) >= 2:
+        elif proto in ICMP_PROTOCOL_NUMBERS and len(transport) >= 2:
             icmp_type, icmp_code = transport[0], transport[1]
     return PacketHeaders(src, dst, proto, length, sport, dport, icmp_type, icmp_code, tcp_flags, ip_id, tcp_seq, tcp_ack)
 
@@ -347,91 +334,51 @@ def decode_trace_event(msg) -> TraceEvent:
 
 def decode_trace_message_pyroute2(raw: bytes) -> TraceEvent:
     """The reference: pyroute2 decodes every attribute of the map (about 60 µs an event)."""
-    msg_class = globals().get("nft_trace_msg") or __getattr__("nft_trace_msg")
-    msg = msg_class(raw)
+    msg = nft_trace_msg(raw)
     msg.decode()
     return decode_trace_event(msg)
 
 
 # -- the live decoder: a compact table made from the same maps ------------------------------
 
-_STRING, _BYTES, _FIXED, _NESTED = range(4)
-_FIXED_FORMATS = {"uint8": "B", "be16": ">H", "be32": ">I", "sbe32": ">i", "be64": ">Q"}
-_NLA_HEADER = struct.Struct("=HH")
-_NLMSG_LENGTH = struct.Struct("=I")
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
-NFGENMSG_END = 20  # nlmsghdr (16) + nfgenmsg (4)
-
-
-def compact_table(attributes, nested: Optional[dict] = None) -> dict:
-    """attribute number -> (name, how to read it, struct or nested table), for the used
-    attributes of an nla_map-style map; the others are not in the table and are skipped."""
-    table = {}
-    for number, (name, kind) in enumerate(attributes):
-        if name not in USED_ATTRIBUTES:
-            continue
-        if kind == "asciiz":
-            table[number] = (name, _STRING, None)
-        elif kind == "cdata":
-            table[number] = (name, _BYTES, None)
-        elif kind in _FIXED_FORMATS:
-            table[number] = (name, _FIXED, struct.Struct(_FIXED_FORMATS[kind]))
-        elif nested is not None and kind in nested:
-            table[number] = (name, _NESTED, compact_table(nested[kind]))
-        else:
-            raise ValueError(f"{name}: no compact decoder for attribute type {kind!r}")
-    return table
-
-
-TRACE_TABLE = compact_table(TRACE_ATTRIBUTES, {"verdict": VERDICT_ATTRIBUTES})
-
-
-def read_attributes(data: bytes, offset: int, end: int, table: dict) -> dict:
-    """The attributes between offset and end that `table` knows, read the way pyroute2 reads
-    them (first occurrence wins; asciiz stripped of NULs, UTF-8 when it decodes). A fixed-size
-    attribute too short for its type is left out rather than read past its end."""
-    attrs: dict = {}
-    header = _NLA_HEADER.unpack_from
-    while offset + 4 <= end:
-        length, number = header(data, offset)
-        if length < 4:
-            length = 4
-        elif offset + length > end:
-            length = end - offset
-        entry = table.get(number & NLA_TYPE_MASK)
-        if entry is not None:
-            name, how, codec = entry
-            if name not in attrs:
-                if how == _FIXED:
-                    if length - 4 >= codec.size:
-                        attrs[name] = codec.unpack_from(data, offset + 4)[0]
-                elif how == _STRING:
-                    value = data[offset + 4:offset + length].strip(b"\0")
-                    try:
-                        attrs[name] = value.decode("utf-8")
-                    except UnicodeDecodeError:
-                        attrs[name] = value
-                elif how == _BYTES:
-                    attrs[name] = data[offset + 4:offset + length]
-                else:
-                    attrs[name] = read_attributes(data, offset + 4, offset + length, codec)
-        offset += (length + 3) & ~3
-    return attrs
+TRACE_DECODER = compact_table(TRACE_ATTRIBUTES, {"verdict": VERDICT_ATTRIBUTES}, wanted=USED_ATTRIBUTES)
 
 
 def decode_trace_message(raw: bytes) -> TraceEvent:
     """One NFT_MSG_TRACE (nlmsghdr included) into a TraceEvent, reading only the attributes
-    a TraceEvent is made of (a few µs an event)."""
-    end = min(len(raw), _NLMSG_LENGTH.unpack_from(raw, 0)[0])
-    return event_from_attributes(raw[16], read_attributes(raw, NFGENMSG_END, end, TRACE_TABLE))
+    a TraceEvent is made of (a few µs an event).
+
+    An event without packet information (every event of a base chain's run after its first)
+    is the same from one packet to the next but for the trace id: such events are decoded
+    once and kept by their bytes without the id (a rule that matches every packet of a flood
+    costs a dictionary lookup)."""
+    key = None
+    if raw[_ID_OFFSET:_ID_OFFSET + 4] == _ID_HEADER:
+        end = min(len(raw), _MESSAGE_LENGTH.unpack_from(raw, 0)[0])
+        key = raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_OFFSET + 8:end]
+        known = _repeated_events.get(key)
+        if known is not None:
+            return _with_trace_id(known, _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0])
+    event = event_from_attributes(raw[16], read_message(raw, TRACE_DECODER))
+    if key is not None and not event.starts_base_chain:
+        if len(_repeated_events) >= _EVENT_CACHE_SIZE:
+            _repeated_events.clear()
+        _repeated_events[key] = event
+    return event
 
 
-def decode_datagram(data: bytes):
-    """Yield (nlmsg_type, message bytes) for each netlink message in one datagram."""
-    offset, end = 0, len(data)
-    while offset + 16 <= end:
-        length, msg_type = struct.unpack_from("=IH", data, offset)
-        if length < 16 or offset + length > end:
-            break
-        yield msg_type, data[offset : offset + length]
-        offset += (length + 3) & ~3
+# The kernel puts NFPROTO, TYPE and then ID first (nf_tables_trace.c: nft_trace_notify), so the
+# trace id's attribute header is at a fixed place; checked on every message, never assumed.
+_ID_NUMBER = [name for name, _ in TRACE_ATTRIBUTES].index("NFTA_TRACE_ID")
+_ID_OFFSET = NFGENMSG_END + 16
+_ID_HEADER = struct.pack("=HH", 8, _ID_NUMBER)
+_ID_VALUE = struct.Struct(">I")  # NFTA_TRACE_ID is be32 (TRACE_ATTRIBUTES)
+_MESSAGE_LENGTH = struct.Struct("=I")
+_EVENT_CACHE_SIZE = 4096
+_repeated_events: dict = {}
+
+
+def _with_trace_id(event: TraceEvent, trace_id: int) -> TraceEvent:
+    return TraceEvent(trace_id, event.family, event.table, event.chain, event.type, event.verdict, event.handle,
+                      event.target, event.nfproto, event.iif, event.oif, event.mark, event.packet, event.ct,
+                      event.queue_num)

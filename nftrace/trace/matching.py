@@ -15,14 +15,13 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..flow import PROTOCOL_NAMES, PROTOCOL_NUMBERS
+from ..protocols import OTHER_PORT_PROTOCOLS, PORT_PROTOCOL_NUMBERS, PROTOCOL_NAMES, PROTOCOL_NUMBERS
 
 # Protocol names nft and iptables print, beyond the flow's own.
 PROTOCOLS = dict(PROTOCOL_NUMBERS, **{"ipv6-icmp": 58, "icmp6": 58, "igmp": 2, "gre": 47, "esp": 50, "ah": 51,
                                      "udplite": 136, "dccp": 33, "ipip": 4, "ospf": 89, "vrrp": 112})
-PORT_PROTOCOL_NUMBERS = frozenset({6, 17, 132, 33, 136})
 # Protocols whose header carries the port (or icmp) fields, as nft names them in `payload`.
-PAYLOAD_PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136, "icmp": 1, "icmpv6": 58}
+PAYLOAD_PROTOCOLS = {**PROTOCOL_NUMBERS, **OTHER_PORT_PROTOCOLS}
 
 ICMP_TYPES = {
     "echo-reply": 0, "destination-unreachable": 3, "source-quench": 4, "redirect": 5, "echo-request": 8,

@@ -35,11 +35,15 @@ then path order.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Protocol
 
+from ..protocols import iptables_command
+
 from .matching import Condition, PacketView, RuleEvaluation
+
+HOOK_RANK = {hook: rank for rank, hook in enumerate(("ingress", "prerouting", "input", "forward", "output",
+                                                     "postrouting", "egress"))}
 
 # How deep a hypothetical jump is followed (the kernel allows 16 levels).
 MAX_JUMP_DEPTH = 16
@@ -114,7 +118,7 @@ class NearMiss:
 
     def where(self) -> str:
         if self.backend == "iptables-legacy":
-            return f"{'ip6tables' if self.family == 'ip6' else 'iptables'} {self.table} {self.chain}"
+            return f"{iptables_command(self.family)} {self.table} {self.chain}"
         return f"{self.family} {self.table} {self.chain}"
 
     def label(self) -> str:
@@ -134,16 +138,11 @@ class NearMiss:
 
 
 def describe_mismatch(condition: Condition) -> str:
-    """`ip saddr 10.77.1.50 is not in 10.77.1.0/28`: the packet's value against the wanted one."""
+    """`ip saddr 10.77.1.50 is not in 10.77.1.0/28`: the packet's value against the wanted one
+    (the evaluators say it; this is the plain form for a condition that does not)."""
     if condition.reason:
         return condition.reason
-    name = condition.field or condition.expr
-    wanted = condition.wanted or "?"
-    if condition.negated:
-        return f"{name} {condition.packet} is excluded by {condition.expr}"
-    membership = wanted.startswith(("{", "@")) or "/" in wanted or "-" in wanted.strip('"') \
-        or condition.set_name is not None
-    return f"{name} {condition.packet} is {'not in' if membership else 'not'} {wanted}"
+    return f"{condition.field or condition.expr} {condition.packet} is not {condition.wanted or '?'}"
 
 
 def mismatches_from(evaluation: RuleEvaluation) -> tuple:
@@ -274,17 +273,24 @@ def _runs(path) -> list:
     return runs
 
 
-def _observation_for(path, run: _Run):
-    """The observation the run's base chain made (its own headers), else the hook's latest."""
-    best = None
+def _observation_for(path, run: _Run) -> tuple:
+    """(observation, same hook): the one the run's base chain made (its own headers), else the
+    hook's latest, else the latest of an earlier hook (a chain that dropped the packet before
+    nftrace's observation chain, with no event of its own: a legacy iptables chain)."""
+    best = earlier = None
+    rank = HOOK_RANK.get(run.hook or "", -1)
     for observation in path.observations:
-        if observation.hook != run.hook or observation.packet is None:
+        if observation.packet is None:
+            continue
+        if observation.hook != run.hook:
+            if HOOK_RANK.get(observation.hook or "", 99) < rank:
+                earlier = observation
             continue
         if observation.table == run.table and observation.chain == run.chain:
-            return observation
+            return observation, True
         if not observation.own or best is None:
             best = observation
-    return best
+    return (best, True) if best is not None else (earlier, False)
 
 
 class _Finder:
@@ -296,10 +302,17 @@ class _Finder:
         self.found: list = []
 
     def view(self, run: _Run) -> Optional[PacketView]:
-        observation = _observation_for(self.path, run)
+        observation, same_hook = _observation_for(self.path, run)
         if observation is None:
             return None
-        return packet_view(observation, self.interfaces, self.conntrack_reported)
+        view = packet_view(observation, self.interfaces, self.conntrack_reported)
+        if not same_hook:
+            # Seen at an earlier hook: routing may have chosen the output interface since; the
+            # headers, the input side and the conntrack state (confirmed only when the packet
+            # leaves netfilter) hold.
+            oifname = "" if run.hook in ("prerouting", "input", "ingress") else None
+            view = replace(view, hook=run.hook, oifname=oifname)
+        return view
 
     def walk_run(self, run: _Run, wanted: str) -> None:
         """Walk the run's chains as the kernel did, the steps saying which rules matched."""
@@ -406,7 +419,7 @@ class _Finder:
 
 def _rule_location(run: _Run, rule) -> str:
     if run.backend == "iptables-legacy":
-        where = f"{'ip6tables' if run.family == 'ip6' else 'iptables'} {run.table} {rule.chain}"
+        where = f"{iptables_command(run.family)} {run.table} {rule.chain}"
         return f"{where} rule {rule.number}: {rule.iptables or rule.text}"
     return f"{run.family} {run.table} {rule.chain} rule handle {rule.handle}: {rule.text}"
 

@@ -16,15 +16,14 @@ same datagram costs one evaluation, not one per packet.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 from collections import OrderedDict
 from typing import Callable, Optional
 
 from ..errors import NftraceError
 from ..iptables.legacy import read_legacy_ruleset
+from ..kernel import runner
 from ..iptables.xtmatch import parse_ipset_save
 from .nearmiss import find_near_misses
 from .rulebook import RuleBook
@@ -48,18 +47,20 @@ def path_signature(path) -> tuple:
 class LiveRuleBook:
     """The rule book of the namespace nftrace runs in, read lazily.
 
-    `nft`: the session's libnftables context (None without nf_tables); `nft_text` gives a
-    rule's text from the ruleset snapshot; `iptables_form` the iptables-save form of an
+    `nft_listing` reads the JSON listing (`read_nft_json`; None without nf_tables); `nft_text`
+    gives a rule's text from the ruleset snapshot; `iptables_form` the iptables-save form of an
     iptables-nft rule; `legacy_families` the families whose legacy tables are traced.
     """
 
-    def __init__(self, nft, nft_text: Optional[Callable] = None, iptables_form: Optional[Callable] = None,
-                 legacy_families: tuple = (), clock: Callable[[], float] = time.monotonic):
-        self.nft = nft
+    def __init__(self, nft_listing: Optional[Callable[[], dict]], nft_text: Optional[Callable] = None,
+                 iptables_form: Optional[Callable] = None, legacy_families: tuple = (), clock: Callable[[], float] = time.monotonic,
+                 ipsets: Optional[Callable[[], dict]] = None):
+        self.nft_listing = nft_listing
         self.nft_text = nft_text
         self.iptables_form = iptables_form
         self.legacy_families = tuple(legacy_families)
         self.clock = clock
+        self.ipsets = ipsets or read_ipsets
         self.generation = 0
         self._book: Optional[RuleBook] = None
         self._nft_document: Optional[dict] = None
@@ -78,18 +79,33 @@ class LiveRuleBook:
             self.generation += 1
         if self._book is None:
             book = RuleBook()
-            if self.nft is not None:
+            if self.nft_listing is not None:
                 if self._nft_document is None:
-                    self._nft_document = json.loads(self.nft.run("list ruleset", json_output=True, handles=True)
-                                                     or '{"nftables": []}')
+                    self._nft_document = self.nft_listing()
                 book.add_nft_json(self._nft_document, self.nft_text, self.iptables_form)
             if self.legacy_families:
                 for family in self.legacy_families:
                     book.add_legacy(family, read_legacy_ruleset(family).chains)
                 self._legacy_read_at = self.clock()
-            book.add_ipsets(read_ipsets())
+            book.add_ipsets(self.ipsets())
             self._book = book
         return self._book
+
+
+def read_nft_json(nft) -> dict:
+    """`nft -j -a list ruleset`, in a process of its own when the nft command is there.
+
+    libnftables 1.0.6 can abort the whole process ("corrupted double-linked list") while
+    printing some rulesets as JSON (seen with iptables-nft's compat matches, about one run in
+    six): a trace must never die of an explanation, so the listing runs apart, and a failure
+    only costs the near misses.
+    """
+    command = shutil.which("nft")
+    if command is None:
+        text = nft.list_ruleset(json=True)
+    else:
+        text = runner.run([command, "-j", "-a", "list", "ruleset"], timeout=60, what="nft -j list ruleset").stdout
+    return json.loads(text or '{"nftables": []}')
 
 
 def read_ipsets() -> dict:
@@ -98,9 +114,8 @@ def read_ipsets() -> dict:
     if command is None:
         return {}
     try:
-        result = subprocess.run([command, "save"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                timeout=30, env=dict(os.environ, LC_ALL="C"))
-    except (OSError, subprocess.TimeoutExpired):
+        result = runner.run([command, "save"], check=False)
+    except runner.CommandFailed:
         return {}
     return parse_ipset_save(result.stdout) if result.returncode == 0 else {}
 

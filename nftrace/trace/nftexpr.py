@@ -23,8 +23,7 @@ import ipaddress
 import socket
 from typing import Any, Callable, Optional
 
-from .matching import (ICMP_TYPES, ICMPV6_TYPES, PAYLOAD_PROTOCOLS, Condition, PacketView, RuleEvaluation,
-                       protocol_number, protocol_text, unknown, wildcard_name_matches)
+from .matching import (ICMP_TYPES, ICMPV6_TYPES, PAYLOAD_PROTOCOLS, Condition, PacketView, protocol_number, protocol_text, unknown, wildcard_name_matches)
 from .nearmiss import RuleVerdict
 
 # Set elements by (family, table, set name); None when the set is not known.
@@ -485,7 +484,14 @@ def evaluate_match(match: dict, view: PacketView, sets: SetElements, family: str
     if found is None:
         return Condition(expr, None, field, shown, wanted, set_name)
     result = (not found) if negated else found
-    return Condition(expr, result, field, shown, wanted, set_name, negated)
+    several = set_name is not None or (isinstance(right, dict) and any(k in right for k in ("set", "prefix", "range")))
+    if negated:
+        reason = f"{field} {shown} is excluded by {expr}"
+    elif kind == "flags" and isinstance(right, list) and len(right) > 1:
+        reason = f"{field} {shown} is none of {wanted}"
+    else:
+        reason = f"{field} {shown} is {'not in' if several else 'not'} {wanted}"
+    return Condition(expr, result, field, shown, wanted, set_name, negated, reason)
 
 
 def rule_conditions(exprs: list, view: PacketView, sets: SetElements, family: str, table: str) -> list:

@@ -9,13 +9,23 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
   base-chain run for an id whose current packet has already passed that mark chain, or
   where a finished packet's id shows up again at the start of a base chain;
 - which hook: events carry table and chain only. A base chain's hook comes from the
-  ruleset snapshot; nftrace's observation chains (last priority on every hook) close each
-  hook, so steps whose hook is still unknown get the hook of the next observation;
+  ruleset snapshot, or from nftrace's own chains' names; steps whose hook is still unknown
+  get the hook entered next;
+- what the packet looked like when a hook ended: nftrace's observation chains (last
+  priority) say it on the hooks where something can change it unseen (NAT), and on the exit
+  hooks. Elsewhere nothing runs between the end of one IP hook and the first chain of the
+  next, so that chain's first event says it: the hook's end is derived from it (`derived`),
+  and a hook that the kernel's order puts in between (forward, between prerouting and
+  postrouting) is added the same way;
 - returns: nothing is sent when a caller resumes after a jump, so a jump stack is kept;
   falling off the end of a chain is a rule event without handle (older kernels: a return
   event); a goto pushes nothing, so the end of a goto'd chain goes back past it;
 - when a packet is done: a drop, queue or stolen verdict, or nftrace's observation chain
   at input or postrouting (netfilter has let it through); else it ends when it goes idle.
+
+nftrace's own chains end on an `accept` rule, so that each sends one event per packet (a base
+chain that falls off its end sends two: the end of its rules, and its policy); streams where
+they end on their policy read the same.
 """
 
 from __future__ import annotations
@@ -24,25 +34,64 @@ import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, ConntrackInfo, PacketHeaders, TraceEvent
-from ..flow import PROTOCOL_NAMES
-from .ruleset import ChainInfo, RuleInfo, is_trace_table, priority_value
+from ..protocols import endpoint_text, iptables_command
+from ..kernel.tracetable import MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX, is_trace_table
+from .jumpstack import JumpStack
+from .ruleset import ChainInfo, RuleInfo, priority_value
 
 HOOK_ORDER = ("ingress", "prerouting", "input", "forward", "output", "postrouting", "egress")
 HOOK_RANK = {hook: rank for rank, hook in enumerate(HOOK_ORDER)}
 # After nftrace's observation chain on these hooks, netfilter has nothing more to say.
 EXIT_HOOKS = frozenset({"input", "postrouting"})
+# Hooks a packet must have passed between two IP hooks it was seen on, in the kernel's order
+# (ingress → prerouting → input, or → forward → postrouting; output → postrouting).
+HOOKS_BETWEEN = {
+    ("prerouting", "postrouting"): ("forward",),
+    ("ingress", "input"): ("prerouting",),
+    ("ingress", "forward"): ("prerouting",),
+    ("ingress", "postrouting"): ("prerouting", "forward"),
+}
+# Hooks run before routing: no output interface yet.
+BEFORE_ROUTING = frozenset({"ingress", "prerouting"})
 MANGLE_PRIORITY = -150
-MARK_CHAIN_PREFIX = "mark_"
-OBSERVE_CHAIN_PREFIX = "obs_"
 
 
 class RuleLookup(Protocol):
     def rule(self, family: str, table: str, chain: str, handle: int) -> Optional[RuleInfo]: ...
 
     def chain(self, family: str, table: str, chain: str) -> Optional[ChainInfo]: ...
+
+
+class PacketPathBuilder(Protocol):
+    """What a live run feeds and takes finished paths from: nftables events alone (PathBuilder),
+    legacy TRACE lines alone (iptables.merge.LegacyPathBuilder), or both (MergedPathBuilder).
+
+    Every method that takes input returns the paths it finished, in the order they finished.
+    """
+
+    unmatched_lines: int  # legacy TRACE lines that belonged to no packet of this run
+
+    def feed(self, event: TraceEvent, now: float = 0.0) -> list: ...
+
+    def feed_legacy(self, items: Iterable, now: float = 0.0) -> list: ...
+
+    def expire(self, now: float) -> list: ...
+
+    def flush(self) -> list: ...
+
+    def mark_loss(self) -> None: ...
+
+    def socket_drained(self) -> None: ...
+
+    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list: ...
+
+    def release_looped(self) -> list: ...
+
+    @property
+    def open_packets(self) -> int: ...
 
 
 @dataclass
@@ -66,11 +115,12 @@ class Step:
     # Run under a base chain of type nat: its accept is the NAT statement's, not a filter's.
     in_nat_chain: bool = False
     backend: str = "nft"  # nft | iptables-legacy: which part of netfilter ran the chain
+    netns: Optional[str] = None  # the network namespace it ran in (None: nftrace's own)
 
     def where(self) -> str:
         """`inet filter input`; a legacy iptables chain as `iptables filter INPUT`."""
         if self.backend == "iptables-legacy":
-            return f"{'ip6tables' if self.family == 'ip6' else 'iptables'} {self.table} {self.chain}"
+            return f"{iptables_command(self.family)} {self.table} {self.chain}"
         return f"{self.family} {self.table} {self.chain}"
 
     def location(self) -> str:
@@ -109,6 +159,7 @@ class Step:
             "rule_deleted": self.rule_deleted,
             "iptables": self.iptables,
             "backend": self.backend,
+            "netns": self.netns,
         }
 
 
@@ -125,6 +176,10 @@ class HookObservation:
     mark: Optional[int]
     ct: Optional[ConntrackInfo]
     own: bool  # from nftrace's own mark or observation chain
+    netns: Optional[str] = None
+    family: Optional[str] = None  # of the chain's table: bridge for a bridge hook, netdev for egress
+    # The end of a hook that nftrace did not observe, read from the next hook's first chain.
+    derived: bool = False
 
 
 @dataclass
@@ -143,6 +198,15 @@ class PacketPath:
     nat: list = field(default_factory=list)
     first_seen: float = 0.0  # when its first and latest events were read (pairs kernel drops with it)
     last_seen: float = 0.0
+    netns: Optional[str] = None  # the namespace this path (or part of a path) ran in
+    # A packet traced across namespaces: its part in each, in the order it met them (crossing.py).
+    segments: list = field(default_factory=list)
+    # The kernel freed the packet after this hook, before netfilter was done with it (a kernel
+    # drop closed the path): no step decided its fate (see verdict_before_kernel_drop).
+    vanished_after: Optional[str] = None
+    # nftrace tables whose mark rule set its trace bit: tells a run's own packets from those
+    # that a concurrent run traced (both runs receive every trace event of the namespace).
+    marked_by: set = field(default_factory=set)
     # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
     # filled in when the answer is delivered, not on the event path.
     near_misses: list = field(default_factory=list)
@@ -157,10 +221,15 @@ class PacketPath:
 
     def interface_index(self, which: str) -> Optional[int]:
         """iif: the first one seen; oif: the last one seen (routing may change it)."""
-        values = [getattr(o, which) for o in self.observations if getattr(o, which)]
-        if not values:
+        if which == "iif":
+            for observation in self.observations:
+                if observation.iif:
+                    return observation.iif
             return None
-        return values[0] if which == "iif" else values[-1]
+        for observation in reversed(self.observations):
+            if getattr(observation, which):
+                return getattr(observation, which)
+        return None
 
     @property
     def mark(self) -> Optional[int]:
@@ -173,12 +242,13 @@ class _PacketState:
     trace_id: int
     path: PacketPath
     last_seen: float
-    frames: list = field(default_factory=list)  # [chain, depth] of the running chain and its callers
-    base_chain: Optional[str] = None
+    stack: Optional[JumpStack] = None  # the running base chain's jump stack
     hook: Optional[str] = None  # hook of the running base chain, None while unknown
     base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
-    last_hook: Optional[str] = None  # latest hook known to have been entered
+    hook_end_seen: bool = False  # nftrace's observation chain ended the latest IP hook
     marks_seen: set = field(default_factory=set)
+    passed: set = field(default_factory=set)  # (family, hook) of the base chains run so far
+    family_hooks: dict = field(default_factory=dict)  # family -> latest hook of a chain of that family
     unhooked_from: int = 0  # first step whose hook is still unknown
     checked: bool = False
     finished: bool = False
@@ -208,13 +278,23 @@ class PathBuilder:
     go backwards.
     """
 
+    # Legacy TRACE lines are MergedPathBuilder's: this builder reads none.
+    unmatched_lines = 0
+
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
-                 idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1})):
+                 idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1}),
+                 bridges: frozenset = frozenset(), egress: frozenset = frozenset()):
         self.lookup = lookup
         self.keep = keep
         self.idle_seconds = idle_seconds
         # `lo` is ifindex 1 in every network namespace.
         self.loopback_ifindexes = loopback_ifindexes
+        # Bridge devices whose frames nftrace follows in the bridge family, and devices whose
+        # egress chains it observes (ifindexes): a packet leaving through one is not done at
+        # postrouting. A frame delivered up to a bridge device comes back in under a new id.
+        self.bridges = bridges
+        self.egress = egress
+        self.rejoin_ifindexes = loopback_ifindexes | bridges
         self._open: OrderedDict[int, _PacketState] = OrderedDict()
         self._finished: OrderedDict[int, float] = OrderedDict()  # trace id -> last event's time
         self.loss_pending = False
@@ -245,10 +325,11 @@ class PathBuilder:
             state = _PacketState(event.trace_id, PacketPath(event.trace_id), now)
             if self.loss_pending:
                 state.path.incomplete_reason = "events lost"
-            looped = self._looped.pop(_header_key(event.packet), None) if event.iif in self.loopback_ifindexes else None
+            looped = self._looped.pop(_header_key(event.packet), None) if event.iif in self.rejoin_ifindexes else None
             if looped is not None:
-                # The packet comes back in through loopback under a new trace id (the id
-                # hashes the input interface): its path goes on where it left off.
+                # The packet comes back in through loopback, or up from a bridge's ports to the
+                # bridge device, under a new trace id (the id hashes the input interface): its
+                # path goes on where it left off.
                 state.path, state.checked = looped[0], True
                 state.path.complete, state.path.verdict, state.path.decided_by = False, "unknown", None
             self._open[trace_id] = state
@@ -269,6 +350,10 @@ class PathBuilder:
         if state.finished:
             done.extend(self._close(state, forget=False))
         return done
+
+    def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
+        """Legacy TRACE lines are not this builder's (see MergedPathBuilder): none are read."""
+        return []
 
     def expire(self, now: float) -> list:
         """Close packets that went quiet: whatever happened next, netfilter did not see it."""
@@ -312,19 +397,22 @@ class PathBuilder:
         self._looped.clear()
         return done
 
-    def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
-        """Close the open packets that the kernel is known to have freed (`vanished` says which,
-        e.g. from a kernel drop): netfilter will send nothing more, so there is no idle wait.
-        They end complete, dropped, with no rule to blame."""
+    def close_vanished(self, vanished: Callable[[PacketPath], object]) -> list:
+        """Close the open packets that the kernel is known to have freed (`vanished` gives the
+        kernel's drop, with its `reason`, or None): netfilter will send nothing more, so there
+        is no idle wait. They end complete, with netfilter's verdict and no deciding step (see
+        verdict_before_kernel_drop)."""
         done = []
         for state in list(self._open.values()):
             if state.closed or state.ignored or state.finished or state.path.first_packet is None:
                 continue
-            if vanished(state.path):
+            drop = vanished(state.path)
+            if drop:
                 state.finished = True
                 state.path.complete = True
-                state.path.verdict = "drop"
-                done.extend(self._close(state, forget=False))
+                state.path.verdict = verdict_before_kernel_drop(getattr(drop, "reason", None))
+                state.path.vanished_after = state.path.hooks[-1] if state.path.hooks else "its first hook"
+                done.extend(self._close(state, forget=False, wait_for_loop=False))
         return done
 
     def mark_loss(self) -> None:
@@ -374,11 +462,14 @@ class PathBuilder:
         if state.finished or state.closed:
             return True
         if is_trace_table(event.table) and event.chain.startswith(MARK_CHAIN_PREFIX):
-            if (event.table, event.chain) in state.marks_seen:
+            if (event.family, event.table, event.chain) in state.marks_seen:
                 return True
         hook = self._base_chain_hook(event)
-        # Hooks only move forward for one packet; going back means a new packet under a reused id.
-        return hook is not None and state.last_hook is not None and HOOK_RANK[hook] < HOOK_RANK[state.last_hook]
+        # Hooks of one family only move forward for one packet; going back means a new packet
+        # under a reused id. (Across families they may: a packet routed out through a bridge
+        # device passes the bridge's output hook after the IP postrouting hook.)
+        last = state.family_hooks.get(_hook_family(event.family))
+        return hook is not None and last is not None and HOOK_RANK[hook] < HOOK_RANK[last]
 
     def _base_chain_hook(self, event: TraceEvent) -> Optional[str]:
         if is_trace_table(event.table):
@@ -394,67 +485,95 @@ class PathBuilder:
             chain = None if own else self.lookup.chain(event.family, event.table, event.chain)
             state.base_type = chain.type if chain is not None else None
             if state.hook is not None:
-                self._enter_hook(state, state.hook)
-            state.frames = [[event.chain, 0]]
-            state.base_chain = event.chain
+                self._enter_hook(state, state.hook, event)
+            state.stack = JumpStack(event.chain)
             path.observations.append(
                 HookObservation(state.hook, event.table, event.chain, event.packet, event.iif, event.oif,
-                                event.mark, event.ct, own)
+                                event.mark, event.ct, own, family=event.family)
             )
+            if state.hook is not None:
+                state.passed.add((_hook_family(event.family), state.hook))
+                state.family_hooks[_hook_family(event.family)] = state.hook
             if own and event.chain.startswith(MARK_CHAIN_PREFIX):
-                state.marks_seen.add((event.table, event.chain))
+                state.marks_seen.add((event.family, event.table, event.chain))
         elif event.mark and path.observations:
             path.observations[-1].mark = event.mark
+        if own and event.handle is not None and event.type == "rule" and event.chain.startswith(MARK_CHAIN_PREFIX):
+            path.marked_by.add(event.table)  # the mark rule matched: it set the trace bit
         if not own:
             self._add_step(state, event)
-        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX) and state.hook in EXIT_HOOKS and event.type == "policy":
-            state.finished = True
-            path.complete = True
-            path.verdict = "accept"
+        elif event.chain.startswith(OBSERVE_CHAIN_PREFIX):
+            if event.starts_base_chain and _hook_family(event.family) == "inet":
+                state.hook_end_seen = True
+            # The chain's accept rule, or its policy where the chain has no rule.
+            if (event.type == "policy" or event.verdict == "accept") and self._through(state, event):
+                state.finished = True
+                path.complete = True
+                path.verdict = "accept"
 
-    def _enter_hook(self, state: _PacketState, hook: str) -> None:
-        """Steps whose base chain was unknown to the snapshot ran on the hook entered next."""
+    def _through(self, state: _PacketState, event: TraceEvent) -> bool:
+        """Whether netfilter is done with the packet once nftrace's observation chain at this
+        hook let it go: at input (delivered; from a bridge's port, up to the bridge device),
+        at egress, and at postrouting unless more chains wait on its way out: the bridge
+        hooks of a bridge device it is routed out through, br_netfilter's IP postrouting
+        hook after the bridge's, the egress chains of its device."""
+        hook = state.hook
+        if hook in ("input", "egress"):
+            return True
+        if hook != "postrouting":
+            return False
+        observation = state.path.observations[-1] if state.path.observations else None
+        oif = observation.oif if observation is not None else None
+        if oif in self.egress:
+            return False
+        if _hook_family(event.family) == "bridge":
+            return not (("inet", "forward") in state.passed and ("inet", "postrouting") not in state.passed)
+        return oif not in self.bridges or ("bridge", "postrouting") in state.passed
+
+    def _enter_hook(self, state: _PacketState, hook: str, event: TraceEvent) -> None:
+        """Steps whose base chain was unknown to the snapshot ran on the hook entered next.
+
+        Moving on to a later IP hook, the packet left the previous one as this chain first
+        sees it: where nftrace did not observe that hook's end, it is derived from this event,
+        and so is every hook the kernel ran in between."""
         path = state.path
         for step in path.steps[state.unhooked_from:]:
             if step.hook is None:
                 step.hook = hook
         state.unhooked_from = len(path.steps)
-        state.last_hook = hook
+        previous = state.family_hooks.get("inet") if _hook_family(event.family) == "inet" else None
+        if previous is not None and previous != hook and HOOK_RANK[hook] > HOOK_RANK[previous] \
+                and path.hooks[-1:] == [previous]:
+            if not state.hook_end_seen:
+                path.observations.append(_derived_observation(previous, event))
+            for between in HOOKS_BETWEEN.get((previous, hook), ()):
+                path.hooks.append(between)
+                path.observations.append(_derived_observation(between, event))
+        if previous != hook and _hook_family(event.family) == "inet":
+            state.hook_end_seen = False
         if not path.hooks or path.hooks[-1] != hook:
             path.hooks.append(hook)
 
     def _add_step(self, state: _PacketState, event: TraceEvent) -> None:
-        frames = state.frames
-        # Follow the chain the kernel reports: a chain lower on the stack means the chains
-        # above it have returned.
-        if not frames or frames[-1][0] != event.chain:
-            for index in range(len(frames) - 1, -1, -1):
-                if frames[index][0] == event.chain:
-                    del frames[index + 1:]
-                    break
-            else:
-                if event.chain == state.base_chain:
-                    frames[:] = [[event.chain, 0]]
-                else:
-                    frames.append([event.chain, frames[-1][1] + 1 if frames else 1])
-        depth = frames[-1][1]
+        stack = state.stack
+        depth = stack.enter(event.chain)
         if event.type == "policy":
             self._append(state, event, "policy", None, event.verdict or "unknown", 0)
         elif event.handle is None and event.verdict in ("continue", "return", None):
             # Falling off the end of a chain (a return event on older kernels).
-            if len(frames) == 1 and event.chain == state.base_chain:
+            if stack.in_base_only(event.chain):
                 return  # the base chain's policy event follows and says it all
-            frames.pop()
+            stack.ret()
             self._append(state, event, "return", None, "return", depth)
         else:
             self._append(state, event, "rule", event.handle, event.verdict or "unknown", depth)
             if event.verdict == "jump" and event.target:
-                frames.append([event.target, depth + 1])
+                stack.jump(event.target)
             elif event.verdict == "goto" and event.target:
                 # A goto replaces the running chain: its end returns to the caller's caller.
-                frames[-1] = [event.target, depth + 1]
+                stack.goto(event.target)
             elif event.verdict == "return":
-                frames.pop()
+                stack.ret()
         if event.verdict in FINAL_VERDICTS:
             state.finished = True
             state.path.complete = True
@@ -510,14 +629,45 @@ class PathBuilder:
         elif not path.complete:
             path.incomplete_reason = "went idle"
         finalise_path(path, self.lookup)
-        if wait_for_loop and path.complete and path.verdict == "accept" and path.hooks[-1:] == ["postrouting"] \
-                and path.interface_index("oif") in self.loopback_ifindexes:
+        if wait_for_loop and path.complete and path.verdict == "accept" and (
+                (path.hooks[-1:] == ["postrouting"] and path.interface_index("oif") in self.loopback_ifindexes)
+                or _up_to_bridge_device(path)):
             last = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
             key = _header_key(last)
             self._looped[key] = (path, state.last_seen)
             self._looped.move_to_end(key)
             return []
         return [path]
+
+
+def verdict_before_kernel_drop(reason: Optional[str]) -> str:
+    """Netfilter's verdict on a packet that the kernel dropped after its traced chains: one rule
+    for every reason. The verdict is netfilter's, and `kernel_drop` says what happened next.
+    Netfilter let the packet go on (accept: every chain it passed accepted it) unless the kernel
+    says that netfilter dropped it outside the traced chains (NETFILTER_DROP: conntrack, an
+    untraced table). A packet that vanished before netfilter was done with it
+    (`vanished_after`) has no deciding step: the kernel, not a chain, decided its fate."""
+    return "drop" if reason == "NETFILTER_DROP" else "accept"
+
+
+def _derived_observation(hook: str, event: TraceEvent) -> HookObservation:
+    """The end of `hook`, as the first chain of a later hook saw the packet (see the module's
+    docstring); before routing there is no output interface."""
+    oif = None if hook in BEFORE_ROUTING else event.oif
+    return HookObservation(hook, event.table, event.chain, event.packet, event.iif, oif, event.mark, event.ct,
+                           own=True, family=event.family, derived=True)
+
+
+def _hook_family(family: str) -> str:
+    """The hooks a table's chains attach to: ip, ip6 and inet tables share the IP hooks."""
+    return "inet" if family in ("ip", "ip6", "inet") else family
+
+
+def _up_to_bridge_device(path: PacketPath) -> bool:
+    """A bridged frame whose path ended at the bridge's input hook: it goes on up the stack
+    of the bridge device itself, as a new trace id."""
+    last = path.observations[-1] if path.observations else None
+    return last is not None and last.family == "bridge" and last.hook == "input"
 
 
 def _header_key(packet: Optional[PacketHeaders]) -> tuple:
@@ -528,7 +678,7 @@ def _header_key(packet: Optional[PacketHeaders]) -> tuple:
 
 def finalise_path(path: PacketPath, lookup: Optional[RuleLookup] = None) -> None:
     """Derive the deciding step and the NAT rewrites once the path is over."""
-    if path.verdict == "accept" and path.decided_by is None:
+    if path.verdict == "accept" and path.decided_by is None and path.vanished_after is None:
         path.decided_by = deciding_accept(path.steps, lookup)
     path.nat = nat_rewrites(path.observations, path.steps)
 
@@ -555,11 +705,19 @@ def deciding_accept(steps: list, lookup: Optional[RuleLookup] = None) -> Optiona
     policy (on a host with two firewalls, the other one's default lets through what this
     one's rule chose to)."""
     accepting = [step for step in steps if step.verdict == "accept"]
+    if len(accepting) < 2:
+        return accepting[0] if accepting else None  # the common case needs no ranking
+    return choose_accept([(step, accept_tier(step, lookup)) for step in accepting])
+
+
+def choose_accept(accepting: list) -> Optional[Step]:
+    """deciding_accept's choice among (step, accept_tier) pairs in path order: steps of
+    several namespaces each need their own namespace's ruleset for their tier."""
     if not accepting:
         return None
-    tiers = [accept_tier(step, lookup) for step in accepting]
-    best = [step for step, tier in zip(accepting, tiers) if tier == min(tiers)]
-    rules = [step for step in best if step.type == "rule"] if min(tiers) == 0 else []
+    lowest = min(tier for _, tier in accepting)
+    best = [step for step, tier in accepting if tier == lowest]
+    rules = [step for step in best if step.type == "rule"] if lowest == 0 else []
     return (rules or best)[-1]
 
 
@@ -571,10 +729,9 @@ def _is_nat_step(step: Step, lookup: Optional[RuleLookup]) -> bool:
 
 
 def _endpoint(packet: PacketHeaders, side: str) -> str:
-    address = getattr(packet, side)
-    port = packet.sport if side == "src" else packet.dport
-    text = f"[{address}]" if address is not None and address.version == 6 and port else str(address)
-    return f"{text}:{port}" if port else text
+    if side == "src":
+        return endpoint_text(packet.src, packet.sport)
+    return endpoint_text(packet.dst, packet.dport)
 
 
 def _same_endpoint(one: PacketHeaders, other: PacketHeaders, side: str) -> bool:
@@ -631,21 +788,16 @@ def nat_rewrites(observations: list, steps: list = ()) -> list:
     return changes
 
 
-def protocol_name(number: Optional[int]) -> Optional[str]:
-    if number is None:
-        return None
-    return PROTOCOL_NAMES.get(number, str(number))
-
-
 __all__ = [
     "HOOK_ORDER",
     "HookObservation",
     "PacketPath",
+    "PacketPathBuilder",
     "PathBuilder",
     "Step",
     "TERMINAL_VERDICTS",
+    "choose_accept",
     "deciding_accept",
     "finalise_path",
     "nat_rewrites",
-    "protocol_name",
 ]

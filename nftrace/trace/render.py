@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ..protocols import endpoint_text, protocol_name
 from .colour import PLAIN, Style
 from .nearmiss import TEXT_LIMIT, NearMiss
-from .paths import PacketPath, Step, protocol_name
-from .report import TraceReport, conntrack_json, endpoint_text, summary
+from .paths import PacketPath, Step
+from .report import TraceReport, conntrack_json, summary
 from ..kernel.system import interface_name
 
 VERDICT_LABELS = {"accept": "ACCEPT", "drop": "DROP", "queue": "QUEUE", "stolen": "STOLEN", "unknown": "?"}

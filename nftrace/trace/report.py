@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..flow import Flow
-from .paths import PacketPath, protocol_name
+from ..protocols import protocol_name
+from .paths import PacketPath, Step
 from ..kernel.system import interface_name
 
 VERDICT_WORDS = {"drop": "dropped", "accept": "accepted", "queue": "queued", "stolen": "stolen"}
@@ -18,13 +19,13 @@ VERDICT_WORDS = {"drop": "dropped", "accept": "accepted", "queue": "queued", "st
 
 @dataclass
 class TraceReport:
-    """One run of `nftrace why`: the flow, the packets, and what could not be seen."""
+    """One run of `nftrace why`: the flow and what could not be seen. The packets are not kept:
+    each is written as it completes (trace/jsonstream.py, render.py) between header and trailer."""
 
     flow: Flow
     backend: str = "nft"
     mode: str = "live"
     netns: Optional[str] = None
-    packets: list = field(default_factory=list)
     lost_events: int = 0
     warnings: list = field(default_factory=list)
     interfaces: dict = field(default_factory=dict)
@@ -37,12 +38,6 @@ class TraceReport:
     def trailer_json(self) -> dict:
         return {"lost_events": self.lost_events, "warnings": list(self.warnings)}
 
-    def to_json(self) -> dict:
-        document = self.header_json()
-        document["packets"] = [packet_json(path, self.interfaces) for path in self.packets]
-        document.update(self.trailer_json())
-        return document
-
 
 def summary(path: PacketPath) -> str:
     """The answer in one line: what happened to the packet and which rule decided it."""
@@ -54,13 +49,18 @@ def summary(path: PacketPath) -> str:
         return f"not seen after {where}: netfilter did not drop it, something outside the ruleset did (routing, rp_filter, no socket, ...)"
     drop = path.kernel_drop
     if drop:
+        # The verdict is netfilter's; the kernel's drop after it is said too (see
+        # paths.verdict_before_kernel_drop).
         said = drop.get("reason") + (f" — {drop['explain']}" if drop.get("explain") else "")
+        where = path.vanished_after or (path.hooks[-1] if path.hooks else "its first hook")
         if path.verdict == "accept":
-            accepted = f"accepted by {step.location()}" if step is not None else "accepted by every chain"
-            return f"{accepted}, then dropped by the kernel: {said}"
+            if path.vanished_after:
+                return f"no rule dropped it: it passed every chain up to {where}, then the kernel dropped it: {said}"
+            if step is not None:
+                return f"accepted by {step.location()}, then dropped by the kernel: {said}"
+            return f"accepted by every chain, then dropped by the kernel: {said}"
         if path.verdict == "drop" and step is None:
-            where = path.hooks[-1] if path.hooks else "its first hook"
-            return f"no rule dropped it: it passed every chain up to {where}, then the kernel dropped it: {said}"
+            return f"dropped by netfilter outside the traced chains, after {where}: {said}"
     if step is None:
         if path.verdict == "accept":
             hooks = ", ".join(path.hooks)
@@ -107,13 +107,20 @@ def packet_fields(path: PacketPath, interfaces: dict) -> dict:
     }
 
 
-def _decided_by_json(path: PacketPath) -> Optional[dict]:
-    step = path.decided_by
+DECIDED_BY_FIELDS = ("hook", "family", "table", "chain", "type", "handle", "rule_number", "text", "verdict",
+                     "iptables", "backend")
+
+
+def decided_by_json(step: Optional[Step]) -> Optional[dict]:
+    """A deciding step in JSON: what `decided_by` says in every document."""
     if step is None:
         return None
     fields = step.to_json()
-    return {key: fields[key] for key in ("hook", "family", "table", "chain", "type", "handle", "rule_number", "text",
-                                         "verdict", "iptables", "backend")}
+    return {key: fields[key] for key in DECIDED_BY_FIELDS}
+
+
+def _decided_by_json(path: PacketPath) -> Optional[dict]:
+    return decided_by_json(path.decided_by)
 
 
 def packet_json(path: PacketPath, interfaces: dict) -> dict:
@@ -159,9 +166,3 @@ def conntrack_json(path: PacketPath) -> list:
 # A matched rule that tests for invalid alone (not within a set of states).
 _INVALID_RULE_RE = re.compile(r"\bct state invalid\b(?!\s*,)")
 
-
-def endpoint_text(address, port) -> str:
-    if address is None:
-        return "?"
-    text = f"[{address}]" if address.version == 6 and port else str(address)
-    return f"{text}:{port}" if port else text

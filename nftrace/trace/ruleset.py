@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
-TRACE_TABLE_PREFIX = "nftrace_"
+from ..kernel.tracetable import is_trace_table
+
 
 _TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)$")
 _TABLE_NAME_RE = re.compile(r"^table (\S+) (.+?) \{")
@@ -199,7 +200,7 @@ class RulesetSnapshot:
 
     @classmethod
     def take(cls, nft) -> "RulesetSnapshot":
-        return cls(nft.run("list ruleset", handles=True, stateless=True, terse=True))
+        return cls(nft.list_ruleset())
 
     @classmethod
     def take_tables(cls, nft) -> "RulesetSnapshot":
@@ -223,7 +224,7 @@ class RulesetSnapshot:
         (nft never prints them; trace events use them)."""
         from ..kernel.anonchains import read_anonymous_chains
 
-        listing = nft.run("list ruleset", handles=True, stateless=True, terse=True)
+        listing = nft.list_ruleset()
         self.refresh(listing)
         self.add_anonymous_chains(read_anonymous_chains(listing))
 
@@ -276,13 +277,21 @@ class RulesetSnapshot:
 
     def ingress_devices(self) -> list[str]:
         """Interfaces with ingress chains of the ruleset: they act before prerouting."""
-        return sorted({device for chain in self.chains.values() if chain.hook == "ingress"
+        return self._devices_with("ingress")
+
+    def egress_devices(self) -> list[str]:
+        """Interfaces with egress chains of the ruleset: they act after postrouting."""
+        return self._devices_with("egress")
+
+    def has_base_chains(self, family: str) -> bool:
+        """Whether the ruleset (nftrace's own tables aside) has base chains of `family`."""
+        return any(chain.family == family and chain.is_base and not is_trace_table(chain.table)
+                   for chain in self.chains.values())
+
+    def _devices_with(self, hook: str) -> list[str]:
+        return sorted({device for chain in self.chains.values() if chain.hook == hook
                        and not is_trace_table(chain.table) for device in chain.devices})
 
     def trace_tables(self) -> Iterable[tuple[str, str]]:
         """Tables that nftrace runs made (its own, or a killed run's leftovers)."""
         return [key for key in self.tables if is_trace_table(key[1])]
-
-
-def is_trace_table(name: str) -> bool:
-    return name.startswith(TRACE_TABLE_PREFIX)
