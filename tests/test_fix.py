@@ -14,7 +14,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import REPO, nftrace, ruleset_state, unique_name
+from conftest import nftrace, ruleset_state, unique_name
 from nftrace.lab.expectations import FlowExpectation, load_expectations
 from nftrace.lab.lab import Lab, Scenario, find_scenario, traffic_command, why_arguments
 
@@ -357,3 +357,25 @@ def test_a_fix_in_firewalld_chains_says_a_reload_undoes_it_and_gives_firewalld_s
     assert note["hint"].startswith("firewall-cmd --zone=public --add-rich-rule=")
     paste(fix["commands"])
     assert live_verdict(router, cockpit) == "accept"
+
+
+# -- iptables-nft ----------------------------------------------------------------------------------
+
+def test_iptables_nft_tables_are_changed_with_iptables_by_position_and_at_the_end(lab, tmp_path):
+    scenario = find_scenario("docker")
+    router = lab(scenario)
+    redis = flow_named(scenario, "the admin's DOCKER-USER rule keeps redis private")
+    fix = propose(router, redis, "accept", keep=keep_file(tmp_path, scenario, redis))
+    (command,) = fix["commands"]
+    assert " -I DOCKER-USER 1 " in command and " nft " not in command
+    paste(fix["commands"])
+    assert live_verdict(router, redis) == "accept"
+    unpublished = flow_named(scenario, "an unpublished container port falls through DOCKER to the FORWARD policy")
+    fix = propose(router, unpublished, "accept")
+    (command,) = fix["commands"]
+    assert " -A FORWARD " in command and " nft " not in command
+    assert any(note["manager"] == "docker" and "DOCKER-USER" in note["hint"] for note in fix["managers"])
+    paste(fix["commands"])
+    assert live_verdict(router, unpublished) == "accept"
+    others = [flow for flow in scenario.flows if flow.name not in (redis.name, unpublished.name)]
+    assert [(flow.name, live_verdict(router, flow)) for flow in others] == [(flow.name, flow.expect) for flow in others]

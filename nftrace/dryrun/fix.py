@@ -17,6 +17,7 @@ fresh sandbox tries rules that match only the flow.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,12 +27,14 @@ from ..errors import InputError
 from ..flow import Flow
 from ..lab.expectations import ExpectationFile, FlowExpectation, load_expectations
 from ..trace.paths import PacketPath
-from ..trace.report import TraceReport, _decided_by_json
+from ..trace.report import TraceReport, decided_by_json
 from .fixplan import (VERDICTS, Change, NoChange, element_change, flow_match, is_fix_rule, reversed_flow,
                       rule_change)
 from .managers import manager_of
 from .sandbox import default_iptables_kind
 from ..kernel.runner import CommandFailed, first_line
+from ..kernel.system import interface_name
+from ..protocols import protocol_name
 from .session import DryRun, DryRunRequest, check_dry_run_flow
 
 MAX_CHANGES = 6  # base chains that may each decide the packet's fate along one path
@@ -96,16 +99,9 @@ class FixAnswer:
     def after_json(self) -> Optional[dict]:
         if self.after is None:
             return None
-        decided = _decided_by_json(self.after)
-        if decided is not None:
-            decided["new"] = is_new_step(self.after.decided_by)
-        after = {"verdict": self.after.verdict if self.after.complete else "unknown", "decided_by": decided}
+        after = _outcome_json(self.after)
         if self.reply is not None:
-            reply = _decided_by_json(self.reply)
-            if reply is not None:
-                reply["new"] = is_new_step(self.reply.decided_by)
-            after["reply"] = {"verdict": self.reply.verdict if self.reply.complete else "unknown",
-                              "decided_by": reply}
+            after["reply"] = _outcome_json(self.reply)
         return after
 
     def to_json(self) -> dict:
@@ -115,6 +111,14 @@ class FixAnswer:
                 "after": self.after_json(), "kept": self.kept, "keep_file": self.keep_file, "broken": self.broken,
                 "scope": self.scope if self.proven else None, "reason": self.reason,
                 "managers": [note.to_json() for note in self.managers], "warnings": list(self.warnings)}
+
+
+def _outcome_json(path: PacketPath) -> dict:
+    """`{"verdict", "decided_by"}` of a path in the sandbox; `new`: decided by a rule of the fix."""
+    decided = decided_by_json(path.decided_by)
+    if decided is not None:
+        decided["new"] = is_new_step(path.decided_by)
+    return {"verdict": path.verdict if path.complete else "unknown", "decided_by": decided}
 
 
 def is_new_step(step) -> bool:
@@ -218,7 +222,7 @@ class FixProver:
                                  f"verdict ({live_verdict}) depends on what the copy does not have (the conntrack "
                                  f"table, sockets, rate-limit state)")
             else:
-                answer.reason = f"the packet is already {_word(asked)}: nothing to change"
+                answer.reason = f"the packet is already {_word(asked)}"
             return
         if self.request.keep and not self.baseline:
             self.baseline = self._keep_verdicts(dry, answer)
@@ -247,7 +251,8 @@ class FixProver:
             reply_before = decider_key(reply)
             try:
                 change = rule_change(reversed_flow(self.flow), reply, "accept", self.request.date,
-                                     self.legacy_is_default, established=True)
+                                     self.legacy_is_default, established=True,
+                                     iptables_nft_tables=iptables_nft_tables(dry))
             except NoChange as reason:
                 raise StrategyFailed(f"the flow's answers are dropped and cannot be let through: {reason}") from None
             self._apply(dry, change)
@@ -316,7 +321,8 @@ class FixProver:
                 if change is not None:
                     yield replace(change, scope=element_scope(change, dry.snapshot))
         try:
-            yield rule_change(self.flow, path, asked, self.request.date, self.legacy_is_default)
+            yield rule_change(self.flow, path, asked, self.request.date, self.legacy_is_default,
+                              iptables_nft_tables=iptables_nft_tables(dry))
         except NoChange as reason:
             raise StrategyFailed(str(reason)) from None
 
@@ -439,6 +445,11 @@ class FixProver:
         answer.kept = kept
 
 
+def iptables_nft_tables(dry: DryRun) -> set:
+    """(family, table) of the target's tables that iptables-nft writes: changed with iptables."""
+    return set(dry.netstate.xtables_nft) | set(dry.netstate.iptables_managed)
+
+
 def closed_port(path: PacketPath, netstate) -> Optional[str]:
     """`tcp/3306` when the packet is delivered to the box itself and nothing listens there."""
     packet = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
@@ -523,11 +534,6 @@ def render_fix(answer: FixAnswer) -> str:
 def probe_of(path: PacketPath, interfaces: dict, flow: Flow) -> Flow:
     """One concrete packet of the flow to send in the sandbox: the one the live trace saw
     (its addresses, ports and input interface), so that the copy decides on the same packet."""
-    import ipaddress
-
-    from ..kernel.system import interface_name
-    from ..trace.paths import protocol_name
-
     packet = path.first_packet
     if packet is None or packet.src is None or packet.dst is None:
         return flow

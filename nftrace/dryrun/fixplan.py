@@ -22,9 +22,10 @@ import ipaddress
 import re
 import shlex
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Collection, Optional
 
-from ..flow import PORT_PROTOCOLS, Flow
+from ..flow import Flow
+from ..protocols import PORT_PROTOCOLS
 from ..kernel.anonchains import is_anonymous_chain
 from ..trace.paths import PacketPath, Step
 
@@ -217,16 +218,20 @@ def base_chain_of(path: PacketPath, index: int) -> Optional[Step]:
     return None
 
 
-def placement_for(path: PacketPath) -> Placement:
+def placement_for(path: PacketPath, iptables_nft_tables: Collection = ()) -> Placement:
     """Where a rule takes effect for this packet: before the rule that decided it, in its chain,
-    or at the end of the chain whose policy decided. Raises NoChange with the reason."""
+    or at the end of the chain whose policy decided. Raises NoChange with the reason.
+
+    `iptables_nft_tables`: (family, table) of the tables iptables-nft writes; a step of one of
+    them with an iptables form says so too, but a policy has none."""
     step = path.decided_by
     if step is None:
         raise NoChange(_undecided_reason(path))
     index = _index_of(path, step)
     base = base_chain_of(path, index)
     common = dict(hook=step.hook, backend=step.backend, family=step.family, table=step.table,
-                  iptables_nft=step.backend == "nft" and step.iptables is not None,
+                  iptables_nft=step.backend == "nft" and (step.iptables is not None
+                                                          or (step.family, step.table) in iptables_nft_tables),
                   base_table=base.table if base else step.table, base_chain=base.chain if base else step.chain)
     if step.type == "policy":
         return Placement(chain=step.chain, **common)
@@ -315,10 +320,10 @@ def reversed_flow(flow: Flow) -> Flow:
 
 
 def rule_change(flow: Flow, path: PacketPath, verdict: str, date: str, legacy_is_default: bool = True,
-                established: bool = False) -> Change:
+                established: bool = False, iptables_nft_tables: Collection = ()) -> Change:
     """One rule that gives exactly this flow `verdict`, where it takes effect; `established`:
     only to packets of connections conntrack knows (for the answers of a flow let through)."""
-    placement = placement_for(path)
+    placement = placement_for(path, iptables_nft_tables)
     match = replace(flow_match(flow, path, placement), established=established)
     for name in (match.iif, match.oif):
         if name and '"' in name:
