@@ -295,21 +295,24 @@ table inet filter {
 """
 
 
-def test_a_flow_whose_answers_are_dropped_too_gets_a_rule_for_them_and_connects(lab, tmp_path):
-    flows = [{"name": "the client to 8080", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp", "dport": 8080,
+def test_a_flow_whose_answers_are_dropped_too_gets_a_rule_for_them_and_no_more(lab, tmp_path):
+    # Nothing listens on the server's 7070: the answer that comes back is the server's refusal
+    # (a RST), which is as much an answer as a SYN-ACK; before the fix nothing comes back at all.
+    flows = [{"name": "the client to 7070", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp", "dport": 7070,
               "expect": "drop"},
              {"name": "web", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp", "dport": 443, "expect": "accept"},
-             {"name": "the server's 8080 to the client", "sender": "server", "from": "10.77.2.2", "to": "10.77.1.2",
-              "proto": "tcp", "sport": 8080, "dport": 5000, "expect": "drop"}]
+             {"name": "a new connection from the server's 7070 to the client", "sender": "server",
+              "from": "10.77.2.2", "to": "10.77.1.2", "proto": "tcp", "sport": 7070, "dport": 5000, "expect": "drop"}]
     scenario = own_scenario(tmp_path, "stateless", STATELESS, flows)
     router = lab(scenario)
-    wanted = flow_named(scenario, "the client to 8080")
+    wanted = flow_named(scenario, "the client to 7070")
+    assert real_traffic(router, wanted) == "timeout"
     fix = propose(router, wanted, "accept", keep=keep_file(tmp_path, scenario, wanted))
     assert len(fix["commands"]) == 2
-    assert "ip saddr 10.77.2.2 ip daddr 10.77.1.2 tcp sport 8080 ct state established accept" in fix["commands"][1]
+    assert "ip saddr 10.77.2.2 ip daddr 10.77.1.2 tcp sport 7070 ct state established accept" in fix["commands"][1]
     assert fix["after"]["reply"]["verdict"] == "accept" and fix["after"]["reply"]["decided_by"]["new"]
     paste(fix["commands"])
-    assert real_traffic(router, wanted) == "connected"
+    assert real_traffic(router, wanted) == "refused"
     assert_others_keep_their_verdicts(router, scenario, wanted)
 
 
