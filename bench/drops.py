@@ -108,6 +108,7 @@ def run_admin(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult, i
         sent = int(sender.stdout.read().strip() or 0)
         sender.stdout.close()
         result.kernel_drops = _queued(process.pid)[1]
+        result.own_cpu_seconds, result.own_max_rss_bytes = own_usage(process.pid)
         result.finished = _stop(process, started)
         result.drained_after = drained.get("nft")
     finally:

@@ -275,9 +275,8 @@ def _nftrace_result(workdir: Path, sent: int, finished: Finished, kernel_drops: 
                     drained_after: Optional[float]) -> ToolResult:
     result = ToolResult("nftrace why", finished=finished, exit_code=finished.exit_code, kernel_drops=kernel_drops,
                         drained_after=drained_after, stderr=(workdir / "nftrace.err").read_text())
-    text = (workdir / "nftrace.json").read_text()
     try:
-        document = json.loads(text)
+        document = read_json_stream(workdir / "nftrace.json")
     except ValueError:
         raise RuntimeError(f"nftrace's output is not one JSON document (exit {finished.exit_code}): "
                            f"{result.stderr.strip()[-500:]}") from None
@@ -291,6 +290,28 @@ def _nftrace_result(workdir: Path, sent: int, finished: Finished, kernel_drops: 
     result.loss_reported = f"{lost:,} events" if lost else "none"
     result.unaccounted = max(0, sent - result.complete - result.incomplete_reported)
     return result
+
+
+def read_json_stream(path: Path) -> dict:
+    """nftrace's --json document, read a packet line at a time (trace/jsonstream.py writes one
+    packet per line): a flood's 200 MB document read whole would make this process a GiB,
+    and every process it starts afterwards inherits that peak in its own figures. Packets
+    are kept only as far as the benchmark reads them."""
+    keep = ("complete", "verdict", "hooks")
+    with open(path) as lines:
+        header = next(lines)
+        if not header.rstrip().endswith('"packets": ['):
+            return json.loads(header + lines.read())  # not written packet by packet
+        document = json.loads(header.rstrip()[:-len('"packets": [')].rstrip().rstrip(",") + "}")
+        packets = []
+        for line in lines:
+            if line.startswith("  {") or line.startswith(", {"):
+                packet = json.loads(line[2:])
+                packets.append({key: packet.get(key) for key in keep})
+            elif line.startswith("]"):
+                document.update(json.loads("{" + line[line.index(",") + 1:]) if "," in line else {})
+        document["packets"] = packets
+    return document
 
 
 def _monitor_result(output, reference, sent: int, finished: Optional[Finished], kernel_drops: int,

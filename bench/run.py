@@ -189,7 +189,8 @@ def drops_table(drops: DropsFloodResult) -> list[str]:
         ("events lost, kernel's socket counter", f"{admin.kernel_drops:,}", f"{mine.kernel_drops:,}", ""),
         ("CPU seconds (user + sys)", f"{admin.finished.cpu_seconds:.2f}", f"{mine.finished.cpu_seconds:.2f}",
          ratio(mine.finished.cpu_seconds, admin.finished.cpu_seconds)),
-        ("peak memory (max RSS of the process)", mib(admin.finished.max_rss_bytes), mib(_own_peak(mine)), ""),
+        ("peak memory (max RSS of the process)", mib(_own_peak(admin)), mib(_own_peak(mine)),
+         ratio(_own_peak(mine), _own_peak(admin))),
         ("last report, after the flood ended", _seconds(admin.drained_after), _seconds(mine.drained_after), ""),
     ]
     lines += aligned(rows)

@@ -114,22 +114,25 @@ class SignalsHeld:
 
     def __init__(self, propagating: Optional[BaseException] = None):
         self.propagating = propagating
-        self._installed = False
+        self._main = False
 
     def __enter__(self) -> "SignalsHeld":
-        if _main_thread():
+        # Python runs signal handlers in the main thread only: another thread's undo step is
+        # never interrupted, and must not hold (or later raise) the main thread's signals.
+        self._main = _main_thread()
+        if self._main:
             _state.install()
-            self._installed = True
-        _state.held += 1
+            _state.held += 1
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._main:
+            return
         _state.held -= 1
         signum = _state.first if (_state.pending and _state.held == 0) else None
         if signum is not None:
             _state.pending = False
-        if self._installed:
-            _state.uninstall()
+        _state.uninstall()
         if signum is None:
             return
         in_flight = exc if exc is not None else self.propagating

@@ -383,3 +383,32 @@ def test_packet_json_carries_nat_and_kernel_drop():
     assert document["nat"] == []
     assert document["verdict"] == "accept"
 
+
+
+def test_a_flood_of_one_flow_with_rule_drops_leaves_no_drop_unpaired_and_no_note():
+    """One flow, 3,000 packets in batches of 100 as the socket is read, every tenth dropped by
+    a rule: each rule drop's NETFILTER_DROP echo (read with the batch) is consumed, accepted
+    packets get no drop, and nothing is left over to be mistaken for a late drop."""
+    correlator = DropCorrelator()
+    step = rule_step("forward", "udp dport 5001 drop", verdict="drop", chain="forward")
+    answered = []
+    for batch in range(30):
+        echoes = []
+        for number in range(batch * 100, batch * 100 + 100):
+            at = 10.0 + number * 0.0001
+            packet = tcp(sport=40000, dport=5001)
+            if number % 10 == 0:
+                path = PacketPath(number, steps=[step], observations=[observation("prerouting", packet)],
+                                  hooks=["prerouting", "forward"], verdict="drop", decided_by=step, complete=True,
+                                  first_seen=at, last_seen=at)
+                echoes.append(drop("NETFILTER_DROP", at=at, dport=5001))
+            else:
+                path = accepted_at_input(at, at, packet)
+            answered += correlator.hold([path], now=at)
+        correlator.add_drops(echoes)
+        answered += correlator.release(now=10.0 + batch * 0.01)
+    answered += correlator.release(now=20.0, everything=True)
+    assert len(answered) == 3000
+    assert [path.trace_id for path in answered if path.kernel_drop is not None] == []
+    assert correlator.notes == []
+    assert correlator.vanished(accepted_at_input(20.0, 20.0, tcp(sport=40000, dport=5001))) is None

@@ -99,3 +99,25 @@ def test_a_signal_during_the_undo_of_an_error_says_it_waited_and_the_error_goes_
             raise ValueError("the run failed")
     assert cleanup_failures(raised.value) == [
         "SIGTERM came while nftrace was undoing its changes: it waited until they were undone"]
+
+
+def test_an_undo_step_in_another_thread_neither_holds_nor_raises_the_main_threads_signal():
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def worker():
+        with SignalsHeld():
+            entered.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=worker)
+    with pytest.raises(Interrupted):
+        with SignalsAsExceptions():
+            thread.start()
+            entered.wait(5)
+            try:
+                signal.raise_signal(signal.SIGTERM)  # the main thread is not undoing anything: raised now
+            finally:
+                release.set()
+                thread.join(5)

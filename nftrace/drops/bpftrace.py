@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 from ..errors import EnvironmentProblem
 from ..kernel import runner
+from ..kernel.system import current_netns
 from .reasons import DROP_PREFIX, has_reason_field, parse_drop_line, parse_reason_names
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
@@ -147,10 +148,6 @@ def find_bpftrace() -> str:
     return found
 
 
-def current_netns_inode() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
-
-
 class KernelDropWatcher:
     """bpftrace on skb:kfree_skb for traced packets of one network namespace.
 
@@ -179,7 +176,7 @@ class KernelDropWatcher:
         for name, path in tools.items():
             if path is None:
                 raise DropReasonsUnavailable(f"{name} (util-linux) is not installed")
-        inode = current_netns_inode() if netns_inode is None else netns_inode
+        inode = current_netns() if netns_inode is None else netns_inode
         # setpriv sets the parent-death signal in the child, before it becomes unshare, sh and then
         # bpftrace (execve keeps it): if nftrace dies, even by SIGKILL, so does bpftrace. Python's
         # preexec_fn would do the same from the forked child, which is unsafe while threads run.

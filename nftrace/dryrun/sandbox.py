@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import EnvironmentProblem, InputError, KernelError
-from .netstate import (Interface, NetworkState, parse_route_lines, parse_rule_lines, sandbox_table_text,
+from .netstate import (NetworkState, parse_route_lines, parse_rule_lines, sandbox_table_text,
                        split_tables)
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import call_in_namespace

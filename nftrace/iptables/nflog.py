@@ -35,7 +35,7 @@ from ..kernel.monitor import EventsLost, open_netfilter_socket, read_datagrams, 
 from ..kernel.netlink import NFNL_SUBSYS_ULOG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, decode_datagram, message_type
 from ..kernel.rcvbuf import MIN_RCVBUF
 from ..signals import SignalsHeld, undo_after
-from ..kernel.system import NETNS_RUN_DIR, STATE_DIR, pid_alive
+from ..kernel.system import NETNS_RUN_DIR, STATE_DIR, current_netns, netns_cookie, pid_alive
 
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
@@ -57,7 +57,6 @@ FAMILY_NAMES = {number: name for name, number in PROTOCOL_FAMILIES.items()}
 # NF_INET_* hook numbers, as NFULA_PACKET_HDR carries them.
 HOOK_NAMES = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
 
-SO_NETNS_COOKIE = 71
 NF_LOG_SYSCTL = "/proc/sys/net/netfilter/nf_log/{pf}"
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
 NFNETLINK_LOG = "nfnetlink_log"
@@ -210,21 +209,6 @@ def write_logger(family: str, name: str) -> None:
             sysctl.write(name)
     except OSError as err:
         raise KernelError(f"cannot restore the nf_log logger of {family} to {name}: {err.strerror}") from None
-
-
-def current_netns() -> int:
-    """The inode of this process's network namespace: what state files are named by."""
-    return os.stat("/proc/self/ns/net").st_ino
-
-
-def netns_cookie() -> Optional[int]:
-    """The namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): unlike its inode, never reused by
-    a later namespace. None where the kernel has no cookies."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
-        except OSError:
-            return None
 
 
 def netns_inode_in_use(inode: int) -> bool:

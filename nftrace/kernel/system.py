@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,7 @@ NETNS_RUN_DIR = "/run/netns"
 STATE_DIR = Path(os.environ.get("NFTRACE_STATE_DIR", "/run/nftrace"))
 CLONE_NEWNET = 0x40000000
 CAP_NET_ADMIN = 12
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h; Python's socket module does not name it
 CAP_SYS_ADMIN = 21
 
 
@@ -98,6 +100,22 @@ def interface_name(names: dict[int, str], index: Optional[int]) -> Optional[str]
     if index is None:
         return None
     return names.get(index) or f"if{index}"
+
+
+def current_netns() -> int:
+    """The inode of the calling thread's network namespace (a worker thread may be in another
+    one than the process): what state files are named by, what bpftrace filters on."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def netns_cookie() -> Optional[int]:
+    """The calling thread's namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): unlike its inode,
+    never reused by a later namespace. None where the kernel has no cookies."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        except OSError:
+            return None
 
 
 def pid_alive(pid: int) -> bool:

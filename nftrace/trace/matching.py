@@ -98,8 +98,9 @@ class Condition:
     `field` the normalised thing it tests (`ip saddr`, `tcp dport`, `iifname`, `ct state`,
     `meta mark`, ...); `packet` the packet's value in the same notation; `wanted` what the
     expression wanted (`10.77.1.0/28`, `@allowed`, `{ 22, 80 }`); `set_name` the named set
-    (or ipset) a lookup used; `negated` for `!=` / `!`; `reason` a sentence for a false one
-    when the plain "is not" would mislead (the packet has no such header, ...).
+    (or ipset) a lookup used; `negated` for `!=` / `!`; `reason` the sentence that explains a
+    false one; `other_protocol`: the packet has no such field at all (a tcp port of a udp
+    packet, an IPv4 address of an IPv6 packet): another packet, not another value, would match.
     """
 
     expr: str
@@ -110,6 +111,7 @@ class Condition:
     set_name: Optional[str] = None
     negated: bool = False
     reason: Optional[str] = None
+    other_protocol: bool = False
 
 
 def unknown(expr: str, field_name: Optional[str] = None) -> Condition:

@@ -28,8 +28,10 @@ socket, fib, meta time, ...): never guessed. A candidate whose expressions all m
 (the evaluation disagrees with the kernel, e.g. state that changed between the packet and
 the listing) is left out rather than explained wrongly.
 
-Ranking: fewest failed expressions first, then fewest unknown ones, then the most that
-matched (a rule that fits the packet but for its source is closer than a bare `iif "lo"`),
+Ranking: fewest failed expressions first, then fewest unknown ones, then rules that the flow's
+own values missed before those that want another protocol or family, and those before the
+ones that only the packet's circumstances kept from matching (conntrack state, loopback), then
+the most that matched (a rule that fits the packet but for its source is closer than a bare `iif "lo"`),
 then path order.
 """
 
@@ -65,7 +67,9 @@ class Mismatch:
     `meta mark`, ...) — the same words for nft and iptables rules.
     `set_name`: the named set (nft) or ipset (iptables) looked up; for a fix, the packet's
     value goes there. `negated`: the expression was `!=` / `!` (the packet's value is the
-    one excluded). `reason`: the explanation in one line.
+    one excluded). `reason`: the explanation in one line. `other_protocol`: the packet has no
+    such field (a tcp port of a udp packet, an IPv4 address of an IPv6 one): no value of the
+    flow's would match, only another kind of packet.
     """
 
     expr: str
@@ -76,10 +80,12 @@ class Mismatch:
     wanted: Optional[str] = None
     negated: bool = False
     reason: str = ""
+    other_protocol: bool = False
 
     def to_json(self) -> dict:
         return {"expr": self.expr, "packet": self.packet, "first": self.first, "field": self.field,
-                "set_name": self.set_name, "wanted": self.wanted, "negated": self.negated, "reason": self.reason}
+                "set_name": self.set_name, "wanted": self.wanted, "negated": self.negated, "reason": self.reason,
+                "other_protocol": self.other_protocol}
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,7 @@ def mismatches_from(evaluation: RuleEvaluation) -> tuple:
         elif condition.matched is False:
             found.append(Mismatch(condition.expr, condition.packet or "?", not first_done, condition.field,
                                   condition.set_name, condition.wanted, condition.negated,
-                                  describe_mismatch(condition)))
+                                  describe_mismatch(condition), condition.other_protocol))
             first_done = True
     return tuple(found)
 
@@ -363,11 +369,14 @@ class _Finder:
                     evaluation = RuleEvaluation(base.conditions + [lookup])
                     self._add(run, rule, evaluation, fate, target, decided_in)
             return
-        fate, target, decided_in = self._fate(run, verdict, view, 0)
+        if verdict.kind in ("jump", "goto"):
+            evaluation = rule.evaluate(view)
+            fate, target, decided_in = self._fate(run, verdict, view, 0, _assumptions(evaluation))
+        else:
+            fate, target, decided_in = self._fate(run, verdict, view, 0)
         if fate != wanted:
             return
-        evaluation = rule.evaluate(view)
-        self._add(run, rule, evaluation, fate, target, decided_in)
+        self._add(run, rule, evaluation or rule.evaluate(view), fate, target, decided_in)
 
     def _add(self, run: _Run, rule, evaluation: RuleEvaluation, fate: str, target, decided_in) -> None:
         if evaluation.matches is True:
@@ -381,25 +390,28 @@ class _Finder:
             backend=run.backend, iptables=rule.iptables, target=target, decided_in=decided_in,
         ))
 
-    def _fate(self, run: _Run, verdict: RuleVerdict, view: PacketView, depth: int):
+    def _fate(self, run: _Run, verdict: RuleVerdict, view: PacketView, depth: int, assumed: Optional[dict] = None):
         """What a rule with this verdict would do to the packet: (accept|drop|None, target, deciding rule)."""
         if verdict.kind in ("accept", "drop"):
             return verdict.kind, None, None
         if verdict.kind in ("jump", "goto") and verdict.target:
-            fate, decided_in = self._decide_chain(run, verdict.target, view, depth + 1)
+            fate, decided_in = self._decide_chain(run, verdict.target, view, depth + 1, assumed or {})
             return fate, verdict.target, decided_in
         return None, None, None
 
-    def _decide_chain(self, run: _Run, chain: str, view: PacketView, depth: int):
+    def _decide_chain(self, run: _Run, chain: str, view: PacketView, depth: int, assumed: dict):
         """What `chain` would decide for the packet if it were entered now: its first rule that
-        matches for sure gives the answer; a rule that may or may not match ends the walk."""
+        matches for sure gives the answer; a rule that may or may not match ends the walk.
+
+        `assumed`: what the jump there needed and the packet lacked (`iifname` → `"wan0"`): in the
+        target, the same test holds, and any other test of that field is not known."""
         rules = self.book.rules(run.backend, run.family, run.table, chain)
         if rules is None or depth > MAX_JUMP_DEPTH:
             return None, None
         for rule in rules:
             if rule.verdict.kind == "vmap":
                 return None, None
-            matches = rule.evaluate(view).matches
+            matches = _assuming(rule.evaluate(view), assumed).matches
             if matches is False:
                 continue
             if matches is None:
@@ -408,13 +420,31 @@ class _Finder:
             if kind in ("accept", "drop"):
                 return kind, _rule_location(run, rule)
             if kind in ("jump", "goto"):
-                fate, decided_in = self._decide_chain(run, rule.verdict.target, view, depth + 1)
+                fate, decided_in = self._decide_chain(run, rule.verdict.target, view, depth + 1, assumed)
                 if fate is not None or kind == "goto":
                     return fate, decided_in
                 continue  # the jump returned: the chain goes on
             if kind in ("return", "other"):
                 return None, None
         return None, None
+
+
+def _assumptions(evaluation: RuleEvaluation) -> dict:
+    """field → wanted value, for each plain test of a jump rule that failed."""
+    return {c.field: c.wanted for c in evaluation.failed if c.field and c.wanted and not c.negated
+            and not c.other_protocol}
+
+
+def _assuming(evaluation: RuleEvaluation, assumed: dict) -> RuleEvaluation:
+    if not assumed:
+        return evaluation
+    conditions = []
+    for condition in evaluation.conditions:
+        if condition.field in assumed:
+            holds = condition.wanted == assumed[condition.field] and not condition.negated
+            condition = replace(condition, matched=True if holds else None)
+        conditions.append(condition)
+    return RuleEvaluation(conditions)
 
 
 def _rule_location(run: _Run, rule) -> str:
@@ -445,7 +475,24 @@ def find_near_misses(path, book: RuleBook, interfaces: dict) -> list:
         for run in runs:
             finder.walk_run(run, wanted)
     order = {id(item): index for index, item in enumerate(finder.found)}
-    return sorted(finder.found, key=lambda item: (item.failed, len(item.unknown), -len(item.matched), order[id(item)]))
+    return sorted(finder.found, key=lambda item: (item.failed, len(item.unknown), _remoteness(item),
+                                                  -len(item.matched), order[id(item)]))
+
+
+# What a packet brings with it from elsewhere: its connection's state, the loopback interface.
+STATE_FIELDS = frozenset({"ct state", "ct status", "ct direction"})
+LOOPBACK_NAMES = frozenset({'"lo"', "lo"})
+
+
+def _remoteness(near_miss: NearMiss) -> int:
+    """0: the flow's own values missed (another address, port, interface would match);
+    1: a failed expression wants another protocol or address family; 2: only the packet's
+    circumstances kept the rule from matching (`ct state established,related accept`,
+    `iif "lo" accept`): such rules need another packet, not another rule, so they rank last."""
+    mismatches = near_miss.mismatches
+    if mismatches and all(m.field in STATE_FIELDS or m.wanted in LOOPBACK_NAMES for m in mismatches):
+        return 2
+    return 1 if any(m.other_protocol for m in mismatches) else 0
 
 
 def renumber(near_misses: Iterable[NearMiss], handles: Callable[[NearMiss], Optional[int]]) -> list:

@@ -459,7 +459,7 @@ def evaluate_match(match: dict, view: PacketView, sets: SetElements, family: str
     negated = op == "!="
     if isinstance(value, _Absent):
         # The packet lacks the header: the match fails, negated or not (nft's dependency).
-        return Condition(expr, False, field, value.shown, wanted, set_name, negated, value.reason)
+        return Condition(expr, False, field, value.shown, wanted, set_name, negated, value.reason, True)
     shown = value_shown or _packet_text(kind, value)
     if op in ("<", ">", "<=", ">="):
         expected = _scalar(kind, right)
@@ -541,7 +541,8 @@ def vmap_choices(exprs: list, view: PacketView, sets: SetElements, family: str, 
         if value is _UNKNOWN:
             condition = Condition(expr, None, field, wanted=wanted, set_name=set_name)
         elif isinstance(value, _Absent):
-            condition = Condition(expr, False, field, value.shown, wanted, set_name, reason=value.reason)
+            condition = Condition(expr, False, field, value.shown, wanted, set_name, reason=value.reason,
+                                  other_protocol=True)
         else:
             found = _membership(kind, value, keys)
             shown = _packet_text(kind, value)

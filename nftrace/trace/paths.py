@@ -695,7 +695,7 @@ def accept_tier(step: Step, lookup: Optional[RuleLookup] = None) -> int:
     chain = lookup.chain(step.family, step.table, step.chain) if lookup is not None else None
     if chain is None:
         return 0
-    priority = priority_value(chain.priority)
+    priority = priority_value(chain.priority, chain.family)
     return 1 if chain.type == "route" or (priority is not None and priority <= MANGLE_PRIORITY) else 0
 
 

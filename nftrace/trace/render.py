@@ -27,7 +27,8 @@ def headline(path: PacketPath, style: Style = PLAIN) -> str:
 def _step_line(step: Step, style: Style = PLAIN, deciding: bool = False) -> str:
     indent = "    " * (step.depth + 1)
     if step.type == "policy":
-        return f"{indent}policy {step.verdict}"
+        line = f"policy {step.verdict}"
+        return indent + (style.deciding(line, step.verdict) if deciding else line)
     if step.type == "return":
         return f"{indent}↩ return (end of {step.chain})"
     label = f"[{step.handle}]" if step.handle is not None else f"[#{step.rule_number}]" if step.rule_number else "[?]"

@@ -81,22 +81,48 @@ class LegacyBookRule:
 
 
 class RuleBook:
-    """Chains of rules by (backend, family, table, chain), and the elements of named sets."""
+    """Chains of rules by (backend, family, table, chain), and the elements of named sets.
 
-    def __init__(self) -> None:
+    Filled up front (`add_nft_json`, `add_legacy`), or on demand: `chain_loader` gives the JSON
+    listing of one nftables chain (`nft -j -a list chain`), `set_loader` a set's or map's
+    elements, each asked once.
+    """
+
+    def __init__(self, chain_loader: Optional[Callable[[str, str, str], Optional[dict]]] = None,
+                 set_loader: Optional[Callable[[str, str, str], Optional[list]]] = None,
+                 nft_text: Optional[NftText] = None, iptables_form: Optional[IptablesForm] = None) -> None:
         self.chains: dict = {}
         self.sets: dict = {}  # (family, table, name) → the JSON elements
         self.ipsets: dict = {}
+        self.chain_loader = chain_loader
+        self.set_loader = set_loader
+        self.nft_text = nft_text
+        self.iptables_form = iptables_form
+        self._asked: set = set()
 
     def rules(self, backend: str, family: str, table: str, chain: str) -> Optional[list]:
-        return self.chains.get((backend, family, table, chain))
+        key = (backend, family, table, chain)
+        if key not in self.chains and backend == "nft" and self.chain_loader and key not in self._asked:
+            self._asked.add(key)
+            document = self.chain_loader(family, table, chain)
+            if document is not None:
+                self.add_nft_json(document)
+        return self.chains.get(key)
 
     def set_elements(self, family: str, table: str, name: str) -> Optional[list]:
-        return self.sets.get((family, table, name))
+        key = (family, table, name)
+        if key not in self.sets and self.set_loader and ("set",) + key not in self._asked:
+            self._asked.add(("set",) + key)
+            elements = self.set_loader(family, table, name)
+            if elements is not None:
+                self.sets[key] = elements
+        return self.sets.get(key)
 
     def add_nft_json(self, document: dict, text: Optional[NftText] = None,
                      iptables: Optional[IptablesForm] = None) -> None:
-        """Add `nft -j -a list ruleset`'s chains, rules and sets."""
+        """Add the chains, rules and sets of a JSON listing (`nft -j -a list ruleset`, or of one chain)."""
+        text = text or self.nft_text
+        iptables = iptables or self.iptables_form
         for item in document.get("nftables", []):
             if "set" in item or "map" in item:
                 body = item.get("set") or item.get("map")

@@ -24,19 +24,24 @@ _RULE_RE = re.compile(r"^(.*) # handle (\d+)$")
 _DEVICES_RE = re.compile(r' hook \S+ (?:device "?([^" ]+)"?|devices = \{ ([^}]*) \})')
 
 
-# nft's named priorities for the ip, ip6 and inet families.
+# nft's named priorities for the ip, ip6 and inet families, and for the bridge family, where
+# the same names stand for other numbers. Which chains nft prints by name changes between
+# versions (1.1 prints `srcnat` for a nat input chain at 100, 1.0.6 printed `100`): both
+# forms read the same.
 PRIORITY_NAMES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+BRIDGE_PRIORITY_NAMES = {"dstnat": -300, "filter": -200, "out": 100, "srcnat": 300}
 _PRIORITY_RE = re.compile(r"^\s*(-?\d+|[a-z]+)\s*(?:([+-])\s*(\d+))?\s*$")
 
 
-def priority_value(text: Optional[str]) -> Optional[int]:
+def priority_value(text: Optional[str], family: str = "inet") -> Optional[int]:
     """A base chain's priority as nft prints it, as a number: `filter - 10` → -10, `-350` → -350,
-    `dstnat` → -100; None when it cannot be read."""
+    `dstnat` → -100 (-300 in the bridge family); None when it cannot be read."""
     match = _PRIORITY_RE.match(text or "")
     if match is None:
         return None
     base, sign, offset = match.groups()
-    value = int(base) if base.lstrip("-").isdigit() else PRIORITY_NAMES.get(base)
+    names = BRIDGE_PRIORITY_NAMES if family == "bridge" else PRIORITY_NAMES
+    value = int(base) if base.lstrip("-").isdigit() else names.get(base)
     if value is None:
         return None
     if sign:

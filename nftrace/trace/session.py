@@ -27,7 +27,7 @@ from ..iptables.legacy import legacy_tables
 from ..kernel import runner
 from ..kernel.monitor import EventsLost, MonitorItem, RulesetChanged, TableDeleted, TraceMonitor
 from ..kernel.nft import NftContext
-from .nearmiss_live import LiveRuleBook, NearMissAnnotator, read_nft_json
+from .nearmiss_live import LiveRuleBook, NearMissAnnotator, nft_lister
 from .paths import PacketPath, PacketPathBuilder
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
@@ -215,8 +215,8 @@ class TraceSession:
         def iptables_form(family, table, chain, number):
             return self._iptables_nft.text(family, table, chain, number) if self._iptables_nft is not None else None
 
-        listing = (lambda: read_nft_json(nft)) if nft is not None else None
-        source = LiveRuleBook(listing, nft_text, iptables_form, (plan.legacy,) if plan.legacy else ())
+        source = LiveRuleBook(nft_lister() if nft is not None else None, nft_text, iptables_form,
+                              (plan.legacy,) if plan.legacy else ())
         return NearMissAnnotator(source, self.report.interfaces, self.report.warnings.append)
 
     def _drop_watcher(self):
