@@ -210,6 +210,7 @@ class PacketPath:
     # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
     # filled in when the answer is delivered, not on the event path.
     near_misses: list = field(default_factory=list)
+    fix: Optional[object] = None  # --fix: the proven change (nftrace.dryrun.fix.FixAnswer)
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
