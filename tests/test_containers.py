@@ -4,7 +4,8 @@ container, with Docker's own generated rules (iptables-nft), not a copy of them.
 dockerd runs inside a test namespace (tests/dockerhost.py: the machine's own firewall is never
 touched), with a client namespace in front of it; the container is made from an image of
 busybox-static imported on the spot. Needs Debian's docker.io and busybox-static
-(scripts/setup.sh installs them with NFTRACE_SETUP_DOCKER=1, as .ci/run does).
+(scripts/setup.sh installs them with NFTRACE_SETUP_DOCKER=1, as .ci/run does; without them the
+tests skip).
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ class DockerLab:
 def docker_lab():
     problem = docker_problem()
     if problem:
-        unavailable(f"Docker cannot run here: {problem}")
+        # Installed by scripts/setup.sh only with NFTRACE_SETUP_DOCKER=1 (as .ci/run does on the
+        # CI machine itself): elsewhere, as in CI's clean Debian roots, the test skips. Installed
+        # but failing to start is a failure.
+        unavailable(f"Docker cannot run here: {problem}", optional=True)
     lab = DockerLab()
     try:
         lab.up()

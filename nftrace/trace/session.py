@@ -58,6 +58,7 @@ class TraceOptions:
     drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
     counted: bool = False  # count matched and traced packets in the trace table (`drops`)
+    near_misses: bool = True  # explain each answer with its near misses (a dry run's helpers may not need them)
     # The namespaces to trace (--netns, --pid, --container, --all-netns); None: `netns`, or
     # the one nftrace runs in. The first is where the traffic command runs.
     namespaces: Optional[NamespaceRequest] = None
@@ -230,7 +231,8 @@ class TraceSession:
         if part.table.owner_warning:
             self.report.warnings.append(part.table.owner_warning)
         part.monitor.watch_ruleset()
-        part.snapshot.refresh(part.nft.list_ruleset())
+        # In the part's namespace: the anonymous chains' names are read over a netlink socket.
+        part.call(part.snapshot.refresh_from, part.nft)
         if part.snapshot.ingress_devices():
             part.table.mark_ingress(part.snapshot.ingress_devices())
 
@@ -250,7 +252,8 @@ class TraceSession:
             if part.call(legacy_tables, self.options.flow.nft_family):
                 self.report.warnings.append(f"legacy iptables tables of {part.shown} are not traced: a trace across "
                                             "namespaces follows nftables (iptables-nft included) in each")
-        part.near_misses = self._near_miss_annotator(part, plan if part.caller is None else None)
+        if self.options.near_misses:
+            part.near_misses = self._near_miss_annotator(part, plan if part.caller is None else None)
 
     def _follow_devices(self, part: NamespacePart) -> dict:
         """Bridged frames and egress chains: mark and observe them where the namespace has
@@ -465,7 +468,7 @@ class TraceSession:
             elif stopping:
                 continue
             elif isinstance(item, RulesetChanged):
-                part.snapshot.refresh(part.nft.list_ruleset())
+                part.call(part.snapshot.refresh_from, part.nft)
                 part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
                 legacy_nat = self._legacy_nat(run.legacy) if part is run.primary else False
                 part.table.observe(nat_hooks(part.snapshot, legacy_nat=legacy_nat))
