@@ -472,37 +472,49 @@ def test_iptables_nft_compat_matches_are_evaluated_in_their_iptables_form():
 # -- live: read when needed, remembered by packet ------------------------------------------------------
 
 
-class CountingNft:
-    def __init__(self, document: str):
-        self.document = document
-        self.listings = 0
+class CountingLister:
+    """Lists chains from a JSON document, and counts how often it was asked."""
 
-    def list_ruleset(self, **options):
-        self.listings += 1
-        return self.document
+    def __init__(self, *items):
+        self.book = ruleset(*items)
+        self.listings = []
+
+    def chain(self, family, table, name):
+        self.listings.append(name)
+        rules = self.book.rules("nft", family, table, name)
+        if rules is None:
+            return None
+        return {"nftables": [{"rule": {"family": family, "table": table, "chain": name, "handle": rule.handle,
+                                       "expr": rule.exprs}} for rule in rules]}
+
+    def set_elements(self, family, table, name):
+        return self.book.set_elements(family, table, name)
 
 
-def test_the_ruleset_is_read_once_for_many_packets_and_again_after_it_changed():
-    import json
-    nft = CountingNft(json.dumps({"nftables": [{"rule": {"family": "inet", "table": "fw", "chain": "forward",
-                                                         "handle": 9, "expr": ISSUE_RULE}}]}))
-    annotator = NearMissAnnotator(LiveRuleBook(lambda: json.loads(nft.list_ruleset(json=True)), ipsets=dict), INTERFACES)
+def test_only_the_chains_on_the_path_are_read_once_for_many_packets_and_again_after_a_change():
+    lister = CountingLister(("chain", "forward"), ("chain", "unrelated"), ("rule", "forward", 9, ISSUE_RULE),
+                            ("rule", "unrelated", 30, [ACCEPT]))
+    annotator = NearMissAnnotator(LiveRuleBook(lister, ipsets=dict), INTERFACES)
     for _ in range(3):
         packet = path([policy_drop()])
         annotator.annotate(packet)
         assert [n.handle for n in packet.near_misses] == [9]
     annotator.invalidate()
     annotator.annotate(path([policy_drop()]))
-    assert nft.listings == 2
+    assert lister.listings == ["forward", "forward"]
 
 
 def test_a_ruleset_that_cannot_be_read_leaves_the_answer_alone_and_warns_once():
-    def broken():
-        from nftrace.errors import KernelError
-        raise KernelError("nft -j list ruleset failed: Aborted")
+    class Broken:
+        def chain(self, family, table, name):
+            from nftrace.kernel.runner import CommandFailed
+            raise CommandFailed("nft -j list chain inet fw forward: no answer within 60 s")
+
+        def set_elements(self, family, table, name):
+            return None
 
     warnings = []
-    annotator = NearMissAnnotator(LiveRuleBook(broken, ipsets=dict), INTERFACES, warnings.append)
+    annotator = NearMissAnnotator(LiveRuleBook(Broken(), ipsets=dict), INTERFACES, warnings.append)
     for _ in range(2):
         packet = path([policy_drop()])
         annotator.annotate(packet)
@@ -545,6 +557,7 @@ def test_colour_marks_the_verdict_the_deciding_rule_and_the_crosses_without_chan
     coloured = render_packet(packet, INTERFACES, Style(True))
     plain = render_packet(packet, INTERFACES)
     assert "\033[1;31mDROP  \033[0m" in coloured
+    assert "\033[1;31mpolicy drop\033[0m" in coloured  # the deciding step
     assert "\033[31m✗ ip saddr 10.77.1.50 is not in 10.77.1.0/28\033[0m" in coloured
     assert "\033[32m✓ tcp dport 8080\033[0m" in coloured
     import re
@@ -569,3 +582,84 @@ def test_a_rule_only_the_connections_state_kept_from_matching_ranks_after_one_th
                    ("rule", "forward", 9, [match(payload("tcp", "dport"), 8443), ACCEPT]))
     found = find_near_misses(path([policy_drop()]), book, INTERFACES)
     assert [n.handle for n in found] == [9, 7, 8]
+
+
+# -- a real listing: rules/sets-and-maps.nft as nft 1.0.6 prints it (`nft -j -a list ruleset`) -------------
+
+
+def recorded_book() -> RuleBook:
+    import json
+    from pathlib import Path
+    book = RuleBook()
+    book.add_nft_json(json.loads((Path(__file__).parent / "data" / "sets-and-maps.nft.json").read_text()))
+    return book
+
+
+def input_policy_drop(dport=23, src="10.77.1.2"):
+    steps = [step("input", None, "drop", "policy", hook="input", table="filter")]
+    seen = observation(hook="input", chain="input", table="filter", oif=None,
+                       packet=headers(src=src, dst="10.77.1.1", dport=dport))
+    return path(steps, [seen])
+
+
+def test_a_recorded_listing_explains_a_dropped_port_by_the_verdict_map_and_the_concatenated_set():
+    found = find_near_misses(input_policy_drop(), recorded_book(), {2: "r-client"})
+    by_handle = {near.handle: near for near in found}
+    vmap = by_handle[16]
+    assert (vmap.verdict, vmap.target, vmap.mismatches[0].wanted) == ("accept", "dns", "{ 53 }")
+    assert vmap.decided_in == 'inet filter dns rule handle 10: meta l4proto { tcp, udp } accept comment "dns"'
+    trusted = by_handle[14].mismatches[0]
+    assert (trusted.packet, trusted.set_name, trusted.first) == ("10.77.1.2 . tcp . 23", "trusted", True)
+
+
+def test_a_recorded_interval_set_holds_the_source_of_an_accepted_packet_back_from_its_drop_rule():
+    steps = [step("input", 14, "accept", hook="input", table="filter")]
+    seen = observation(hook="input", chain="input", table="filter", oif=None,
+                       packet=headers(src="10.77.1.2", dst="10.77.1.1", dport=22))
+    [blocklist] = [near for near in find_near_misses(path(steps, [seen]), recorded_book(), {2: "r-client"})
+                   if near.handle == 13]
+    assert blocklist.verdict == "drop"
+    assert blocklist.mismatches[0].reason == "ip saddr 10.77.1.2 is not in @blocklist"
+
+
+def test_a_jumps_target_is_decided_as_if_the_jump_had_matched():
+    book = ruleset(("chain", "forward"), ("chain", "from_wan"),
+                   ("rule", "from_wan", 20, [match(meta("iifname"), "wan0"), DROP]),
+                   ("rule", "forward", 9, [match(meta("iifname"), "wan0"), jump("from_wan")]))
+    [near] = find_near_misses(path([step("forward", None, "accept", "policy")]), book, INTERFACES)
+    assert (near.handle, near.verdict, near.target) == (9, "drop", "from_wan")
+    assert near.decided_in == 'inet fw from_wan rule handle 20: iifname "wan0" drop'
+
+
+def _evaluations_for_new_connections(monkeypatch, rule):
+    import nftrace.trace.nearmiss_live as live
+    calls = []
+    real = live.find_near_misses
+    monkeypatch.setattr(live, "find_near_misses", lambda *args: calls.append(1) or real(*args))
+    lister = CountingLister(("chain", "forward"), ("rule", "forward", 9, rule))
+    annotator = NearMissAnnotator(LiveRuleBook(lister, ipsets=dict), INTERFACES)
+    for sport in range(40000, 40010):
+        annotator.annotate(path([policy_drop()], [observation(packet=headers(sport=sport))]))
+    return len(calls)
+
+
+def test_new_connections_from_other_source_ports_share_one_evaluation(monkeypatch):
+    # The first packet's key holds every field (no rule read yet); the next ones only what the rules test.
+    assert _evaluations_for_new_connections(monkeypatch, ISSUE_RULE) == 2
+
+
+def test_new_connections_are_evaluated_one_by_one_when_a_rule_tests_the_source_port(monkeypatch):
+    rule = [match(payload("tcp", "sport"), 1024, "<"), ACCEPT]
+    assert _evaluations_for_new_connections(monkeypatch, rule) == 10
+
+
+def test_after_a_goto_chain_ends_the_walk_goes_on_in_the_caller_of_the_chain_that_went_there():
+    book = ruleset(("chain", "forward"), ("chain", "lan"), ("chain", "zone"),
+                   ("rule", "forward", 9, [match(meta("iifname"), "lan0"), jump("lan")]),
+                   ("rule", "lan", 20, [{"goto": {"target": "zone"}}]),
+                   ("rule", "lan", 21, [match(payload("tcp", "dport"), 21), ACCEPT]),
+                   ("rule", "forward", 10, [match(payload("tcp", "dport"), 443), ACCEPT]))
+    steps = [step("forward", 9, "jump", target="lan"), step("lan", 20, "goto", depth=1, target="zone"),
+             step("zone", None, "return", "return", depth=2), policy_drop()]
+    found = find_near_misses(path(steps), book, INTERFACES)
+    assert [(n.chain, n.handle) for n in found] == [("forward", 10)]  # lan's rule 21 was never reached

@@ -219,7 +219,7 @@ def _condition(token: str, value: str, negate: bool, expr: str, view: PacketView
         return _result(expr, wildcard_name_matches(value, name, "+"), negate, "iifname" if incoming else "oifname",
                        shown, value)
     if module in ("tcp", "udp", "sctp") and token in ("--dport", "--destination-port", "--sport", "--source-port"):
-        return _port_condition(expr, value, negate, view, module, token in ("--sport", "--source-port"), False)
+        return _port_condition(expr, value, negate, view, module, token in ("--sport", "--source-port"))
     if module == "tcp" and token == "--syn":
         rule.index -= 1  # --syn takes no value
         return _syn(f"-m tcp {'! ' if negate else ''}--syn", negate, view)
@@ -293,16 +293,23 @@ def _condition(token: str, value: str, negate: bool, expr: str, view: PacketView
     return unknown(expr)
 
 
-def _port_condition(expr: str, value: str, negate: bool, view: PacketView, module: str, source: bool,
-                    _multi: bool) -> Condition:
-    field_name = f"{module} {'sport' if source else 'dport'}"
-    wanted_proto = protocol_number(module)
+def _other_protocol(expr: str, field_name: str, value: str, view: PacketView, wanted: str) -> Optional[Condition]:
+    """The condition when the packet is not of the match's protocol (or its protocol is not
+    known); None when it is, and the match's own test decides."""
     if view.proto is None:
         return Condition(expr, None, field_name)
-    if view.proto != wanted_proto:
+    if view.proto != protocol_number(wanted):
         shown = protocol_text(view.proto)
-        return Condition(expr, False, field_name, shown, value, reason=f"{field_name}: the packet is {shown}, not {module}",
+        return Condition(expr, False, field_name, shown, value, reason=f"{field_name}: the packet is {shown}, not {wanted}",
                          other_protocol=True)
+    return None
+
+
+def _port_condition(expr: str, value: str, negate: bool, view: PacketView, module: str, source: bool) -> Condition:
+    field_name = f"{module} {'sport' if source else 'dport'}"
+    other = _other_protocol(expr, field_name, value, view, module)
+    if other is not None:
+        return other
     port = view.sport if source else view.dport
     if port is None:
         return Condition(expr, None, field_name)
@@ -334,14 +341,11 @@ def _tcp_flags(expr: str, mask_text: str, compared_text: str, negate: bool, view
 
 
 def _icmp(expr: str, value: str, negate: bool, view: PacketView, module: str) -> Condition:
-    field_name = "icmpv6 type" if module != "icmp" else "icmp type"
-    wanted_proto = 58 if module != "icmp" else 1
-    if view.proto is None:
-        return Condition(expr, None, field_name)
-    if view.proto != wanted_proto:
-        shown = protocol_text(view.proto)
-        return Condition(expr, False, field_name, shown, value, reason=f"{field_name}: the packet is {shown}",
-                         other_protocol=True)
+    protocol = "icmp" if module == "icmp" else "icmpv6"
+    field_name = f"{protocol} type"
+    other = _other_protocol(expr, field_name, value, view, protocol)
+    if other is not None:
+        return other
     if value == "any":
         return _result(expr, True, negate, field_name, str(view.icmp_type), value)
     type_text, _, code_text = value.partition("/")

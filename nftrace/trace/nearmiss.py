@@ -333,7 +333,8 @@ class _Finder:
         self._walk_chain(run, run.chain, view, wanted, matched, depth=0)
 
     def _walk_chain(self, run: _Run, chain: str, view: PacketView, wanted: str, matched: dict, depth: int) -> str:
-        """`end` (fell off / returned), `stop` (a terminal verdict), `goto` (left by goto)."""
+        """`end` (fell off / returned), `stop` (a terminal verdict), `goto` (left by a goto whose
+        chain came to its end: the kernel goes back to this chain's caller, as from a return)."""
         rules = self.book.rules(run.backend, run.family, run.table, chain)
         if rules is None or depth > MAX_JUMP_DEPTH:
             return "stop"  # not known: nothing sound can be said past it
@@ -344,12 +345,12 @@ class _Finder:
                 step = steps.pop(0) if len(steps) > 1 else steps[0]
                 if step.verdict == "jump" and step.target:
                     outcome = self._walk_chain(run, step.target, view, wanted, matched, depth + 1)
-                    if outcome != "end":
+                    if outcome == "stop":
                         return "stop"
-                    continue
+                    continue  # the target returned here, itself or through a goto
                 if step.verdict == "goto" and step.target:
                     outcome = self._walk_chain(run, step.target, view, wanted, matched, depth + 1)
-                    return "stop" if outcome != "end" else "goto"
+                    return "stop" if outcome == "stop" else "goto"
                 if step.verdict == "return":
                     return "end"
                 if step.verdict == "continue":
@@ -369,11 +370,14 @@ class _Finder:
                     evaluation = RuleEvaluation(base.conditions + [lookup])
                     self._add(run, rule, evaluation, fate, target, decided_in)
             return
-        fate, target, decided_in = self._fate(run, verdict, view, 0)
+        if verdict.kind in ("jump", "goto"):
+            evaluation = rule.evaluate(view)
+            fate, target, decided_in = self._fate(run, verdict, view, 0, _assumptions(evaluation))
+        else:
+            fate, target, decided_in = self._fate(run, verdict, view, 0)
         if fate != wanted:
             return
-        evaluation = rule.evaluate(view)
-        self._add(run, rule, evaluation, fate, target, decided_in)
+        self._add(run, rule, evaluation or rule.evaluate(view), fate, target, decided_in)
 
     def _add(self, run: _Run, rule, evaluation: RuleEvaluation, fate: str, target, decided_in) -> None:
         if evaluation.matches is True:
@@ -387,25 +391,28 @@ class _Finder:
             backend=run.backend, iptables=rule.iptables, target=target, decided_in=decided_in,
         ))
 
-    def _fate(self, run: _Run, verdict: RuleVerdict, view: PacketView, depth: int):
+    def _fate(self, run: _Run, verdict: RuleVerdict, view: PacketView, depth: int, assumed: Optional[dict] = None):
         """What a rule with this verdict would do to the packet: (accept|drop|None, target, deciding rule)."""
         if verdict.kind in ("accept", "drop"):
             return verdict.kind, None, None
         if verdict.kind in ("jump", "goto") and verdict.target:
-            fate, decided_in = self._decide_chain(run, verdict.target, view, depth + 1)
+            fate, decided_in = self._decide_chain(run, verdict.target, view, depth + 1, assumed or {})
             return fate, verdict.target, decided_in
         return None, None, None
 
-    def _decide_chain(self, run: _Run, chain: str, view: PacketView, depth: int):
+    def _decide_chain(self, run: _Run, chain: str, view: PacketView, depth: int, assumed: dict):
         """What `chain` would decide for the packet if it were entered now: its first rule that
-        matches for sure gives the answer; a rule that may or may not match ends the walk."""
+        matches for sure gives the answer; a rule that may or may not match ends the walk.
+
+        `assumed`: what the jump there needed and the packet lacked (`iifname` → `"wan0"`): in the
+        target, the same test holds, and any other test of that field is not known."""
         rules = self.book.rules(run.backend, run.family, run.table, chain)
         if rules is None or depth > MAX_JUMP_DEPTH:
             return None, None
         for rule in rules:
             if rule.verdict.kind == "vmap":
                 return None, None
-            matches = rule.evaluate(view).matches
+            matches = _assuming(rule.evaluate(view), assumed).matches
             if matches is False:
                 continue
             if matches is None:
@@ -414,13 +421,31 @@ class _Finder:
             if kind in ("accept", "drop"):
                 return kind, _rule_location(run, rule)
             if kind in ("jump", "goto"):
-                fate, decided_in = self._decide_chain(run, rule.verdict.target, view, depth + 1)
+                fate, decided_in = self._decide_chain(run, rule.verdict.target, view, depth + 1, assumed)
                 if fate is not None or kind == "goto":
                     return fate, decided_in
                 continue  # the jump returned: the chain goes on
             if kind in ("return", "other"):
                 return None, None
         return None, None
+
+
+def _assumptions(evaluation: RuleEvaluation) -> dict:
+    """field → wanted value, for each plain test of a jump rule that failed."""
+    return {c.field: c.wanted for c in evaluation.failed if c.field and c.wanted and not c.negated
+            and not c.other_protocol}
+
+
+def _assuming(evaluation: RuleEvaluation, assumed: dict) -> RuleEvaluation:
+    if not assumed:
+        return evaluation
+    conditions = []
+    for condition in evaluation.conditions:
+        if condition.field in assumed:
+            holds = condition.wanted == assumed[condition.field] and not condition.negated
+            condition = replace(condition, matched=True if holds else None)
+        conditions.append(condition)
+    return RuleEvaluation(conditions)
 
 
 def _rule_location(run: _Run, rule) -> str:

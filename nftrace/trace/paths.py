@@ -201,6 +201,7 @@ class PacketPath:
     netns: Optional[str] = None  # the namespace this path (or part of a path) ran in
     # A packet traced across namespaces: its part in each, in the order it met them (crossing.py).
     segments: list = field(default_factory=list)
+    interfaces: Optional[dict] = None  # ifindex -> name in a segment's namespace (None: the run's own)
     # The kernel freed the packet after this hook, before netfilter was done with it (a kernel
     # drop closed the path): no step decided its fate (see verdict_before_kernel_drop).
     vanished_after: Optional[str] = None
@@ -210,6 +211,7 @@ class PacketPath:
     # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
     # filled in when the answer is delivered, not on the event path.
     near_misses: list = field(default_factory=list)
+    fix: Optional[object] = None  # --fix: the proven change (nftrace.dryrun.fix.FixAnswer)
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
@@ -694,7 +696,7 @@ def accept_tier(step: Step, lookup: Optional[RuleLookup] = None) -> int:
     chain = lookup.chain(step.family, step.table, step.chain) if lookup is not None else None
     if chain is None:
         return 0
-    priority = priority_value(chain.priority)
+    priority = priority_value(chain.priority, chain.family)
     return 1 if chain.type == "route" or (priority is not None and priority <= MANGLE_PRIORITY) else 0
 
 

@@ -11,6 +11,7 @@ JSON. iptables-nft rules whose JSON holds compat matches (`xt match multiport`, 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -18,6 +19,15 @@ from ..iptables import xtmatch
 from . import nftexpr
 from .matching import PacketView, RuleEvaluation
 from .nearmiss import RuleVerdict
+
+# Fields that vary from packet to packet of one flow, and how a rule that tests them reads
+# (nft JSON, iptables-save): a packet's near misses depend on them only when a rule does.
+VARYING_FIELDS = {
+    "sport": ('"field": "sport"', "--sport", "--source-port", "--sports", "--source-ports", "--ports"),
+    "length": ('"field": "length"', '"key": "length"', "-m length"),
+    "tcp_flags": ('"field": "flags"', "--tcp-flags", "--syn"),
+    "mark": ('"key": "mark"', "-m mark", "-m connmark"),
+}
 
 # (family, table, chain, rule number) → the iptables-save form of an iptables-nft rule.
 IptablesForm = Callable[[str, str, str, int], Optional[str]]
@@ -81,22 +91,55 @@ class LegacyBookRule:
 
 
 class RuleBook:
-    """Chains of rules by (backend, family, table, chain), and the elements of named sets."""
+    """Chains of rules by (backend, family, table, chain), and the elements of named sets.
 
-    def __init__(self) -> None:
+    Filled up front (`add_nft_json`, `add_legacy`), or on demand: `chain_loader` gives the JSON
+    listing of one nftables chain (`nft -j -a list chain`), `set_loader` a set's or map's
+    elements, each asked once.
+    """
+
+    def __init__(self, chain_loader: Optional[Callable[[str, str, str], Optional[dict]]] = None,
+                 set_loader: Optional[Callable[[str, str, str], Optional[list]]] = None,
+                 nft_text: Optional[NftText] = None, iptables_form: Optional[IptablesForm] = None) -> None:
         self.chains: dict = {}
         self.sets: dict = {}  # (family, table, name) → the JSON elements
         self.ipsets: dict = {}
+        self.chain_loader = chain_loader
+        self.set_loader = set_loader
+        self.nft_text = nft_text
+        self.iptables_form = iptables_form
+        self._asked: set = set()
+        # Which of VARYING_FIELDS the rules read so far test (see trace/nearmiss_live.py).
+        self.tested_fields: set = set()
+
+    def _note_fields(self, *texts: Optional[str]) -> None:
+        for name, marks in VARYING_FIELDS.items():
+            if name not in self.tested_fields and any(t and any(mark in t for mark in marks) for t in texts):
+                self.tested_fields.add(name)
 
     def rules(self, backend: str, family: str, table: str, chain: str) -> Optional[list]:
-        return self.chains.get((backend, family, table, chain))
+        key = (backend, family, table, chain)
+        if key not in self.chains and backend == "nft" and self.chain_loader and key not in self._asked:
+            self._asked.add(key)
+            document = self.chain_loader(family, table, chain)
+            if document is not None:
+                self.add_nft_json(document)
+        return self.chains.get(key)
 
     def set_elements(self, family: str, table: str, name: str) -> Optional[list]:
-        return self.sets.get((family, table, name))
+        key = (family, table, name)
+        if key not in self.sets and self.set_loader and ("set",) + key not in self._asked:
+            self._asked.add(("set",) + key)
+            elements = self.set_loader(family, table, name)
+            if elements is not None:
+                self.sets[key] = elements
+        return self.sets.get(key)
 
     def add_nft_json(self, document: dict, text: Optional[NftText] = None,
                      iptables: Optional[IptablesForm] = None) -> None:
-        """Add `nft -j -a list ruleset`'s chains, rules and sets."""
+        """Add the chains, rules and sets of a JSON listing (`nft -j -a list ruleset`, or of one chain)."""
+        text = text or self.nft_text
+        iptables = iptables or self.iptables_form
         for item in document.get("nftables", []):
             if "set" in item or "map" in item:
                 body = item.get("set") or item.get("map")
@@ -115,6 +158,7 @@ class RuleBook:
                     or nftexpr.rule_text(body.get("expr", []), body.get("comment"))
                 form = iptables(family, table, chain, number) if iptables else None
                 rules.append(NftRule(family, table, chain, handle, number, shown, body.get("expr", []), self, form))
+                self._note_fields(json.dumps(body.get("expr", [])), form)
 
     def add_legacy(self, family: str, chains: dict) -> None:
         """Add one family's legacy chains ({(table, chain): LegacyChain}, iptables/legacy.py)."""
@@ -124,6 +168,7 @@ class RuleBook:
                 user_chains.setdefault(table, set()).add(name)
         for (table, name), chain in chains.items():
             users = frozenset(user_chains.get(table, ()))
+            self._note_fields(*(rule.text for rule in chain.rules))
             self.chains[("iptables-legacy", family, table, name)] = [
                 LegacyBookRule(family, table, name, rule.number, rule.text, self, xtmatch.rule_verdict(rule.text, users))
                 for rule in chain.rules if rule.number is not None
