@@ -71,6 +71,13 @@ class DropsSession(TraceSession):
                                         "matching packets of every output interface")
         return nft, BackendPlan(nft=True)
 
+    def _await_drop_watcher(self, watcher) -> None:
+        super()._await_drop_watcher(watcher)
+        if self._correlator is not None:
+            report = self.report
+            self._correlator.on_late = lambda signature, drop: report.tally.add_late(
+                signature, drop, report.interfaces, time.monotonic())
+
     def _near_miss_annotator(self, part, plan):
         """Near misses answer `why` about one flow; a tally of drops has no use for them."""
         return None
