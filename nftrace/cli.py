@@ -133,7 +133,7 @@ def why(
     if dry_run:
         from .dryrun.session import DryRunRequest, DryRunSession
 
-        session = DryRunSession(options, report, DryRunRequest(netns, ruleset_file, ruleset_kind, state))
+        session = DryRunSession(options, report, DryRunRequest(netns, ruleset_file, ruleset_kind, state, drop_reasons))
     else:
         session = TraceSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None

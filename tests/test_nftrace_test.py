@@ -60,7 +60,10 @@ def wrong_file(tmp_path) -> Path:
 
 
 def test_all_expectations_met_exit_0_with_a_row_per_flow(router):
-    result = nftrace("--netns", router, "test", str(DATA / "router.expect.toml"), str(DATA / "host.expect.toml"))
+    # 26 flows, each a dry run that ends by itself within its 10 s timeout: this bounds a hang,
+    # not the speed (a few seconds alone, half a minute on a loaded machine).
+    result = nftrace("--netns", router, "test", str(DATA / "router.expect.toml"), str(DATA / "host.expect.toml"),
+                     timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(rows) == 26 and all(row.startswith("PASS") for row in rows)
@@ -146,3 +149,18 @@ def test_a_flow_that_cannot_enter_is_an_error_row_and_the_others_still_run(route
     assert "not run: --dry-run: netns" in result.stdout and "no route back to 192.0.2.9" in result.stdout
     assert "2 flows: 1 passed, 1 failed" in result.stdout
     assert ET.parse(report).getroot().get("errors") == "1"
+
+
+def test_each_flow_gets_the_kernel_drop_of_its_own_packet(router, tmp_path):
+    """The sandbox's one bpftrace (it takes seconds to start) serves every flow of the run:
+    each packet the kernel drops after netfilter is answered with its own drop."""
+    from nftrace.dryrun.testing import load_all, run_files
+
+    shutil.copy(DATA / "router.nft", tmp_path / "router.nft")
+    path = tmp_path / "closed.expect.toml"
+    flows = "".join(f"\n[[flow]]\nname = 'udp {port} to the router'\nfrom = '10.77.1.2'\nto = '10.77.1.1'\n"
+                    f"proto = 'udp'\ndport = {port}\nexpect = 'accept'\n" for port in (53, 67))
+    path.write_text("ruleset = 'router.nft'\n" + flows)
+    results = run_files(load_all([path]), router)
+    assert [(r.passed, r.packet["packet"]["dport"], r.packet["kernel_drop"]["reason"]) for r in results] == [
+        (True, 53, "NO_SOCKET"), (True, 67, "NO_SOCKET")]

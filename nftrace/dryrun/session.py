@@ -14,6 +14,7 @@ so that `nft -a list ruleset` in the target shows the rule named.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import secrets
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
 from .inject import Injection, random_mac
@@ -224,6 +226,7 @@ class DryRunRequest:
     ruleset: Optional[Path] = None
     ruleset_kind: Optional[str] = None
     state: str = "new"
+    drop_reasons: bool = True  # watch the kernel's drops of the crafted packets (bpftrace)
 
 
 class DryRun:
@@ -241,6 +244,8 @@ class DryRun:
         self.handles: dict = {}
         self._bookmark: Optional[NamespaceBookmark] = None
         self._traced = 0
+        self._drops: Optional[KernelDropWatcher] = None
+        self._drops_problem: Optional[str] = None
 
     # -- the sandbox ------------------------------------------------------------------------
 
@@ -263,6 +268,8 @@ class DryRun:
         with UndoStack() as undo:
             if self.sandbox is not None:
                 undo.callback(self._remove_sandbox)
+            if self._drops is not None:
+                undo.callback(self._drops.close)
             if self._bookmark is not None:
                 undo.callback(self._return_home)
 
@@ -287,6 +294,28 @@ class DryRun:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _drop_watcher(self, report: TraceReport) -> Optional[KernelDropWatcher]:
+        """One bpftrace watches the sandbox for every flow traced in it: it takes seconds to
+        start (it reads the kernel's BTF), which `nftrace test` would otherwise pay per flow.
+        One that died after it was ready is started again; one that never got ready is not."""
+        if not self.request.drop_reasons:
+            return None
+        watcher = self._drops
+        if watcher is not None and watcher.ended:
+            self._drops = None
+            watcher.close()
+            if not watcher.ready:
+                self._drops_problem = watcher.failure()
+        if self._drops is None and self._drops_problem is None:
+            try:
+                inode = os.stat(namespace_path(self.sandbox.name)).st_ino
+                self._drops = KernelDropWatcher.start(netns_inode=inode)
+            except DropReasonsUnavailable as err:
+                self._drops_problem = str(err)
+        if self._drops_problem is not None:
+            report.warnings.append(f"kernel drop reasons unavailable: {self._drops_problem}")
+        return self._drops
 
     # -- one flow ---------------------------------------------------------------------------
 
@@ -328,9 +357,11 @@ class DryRun:
             self.sandbox.run(conntrack_entry_argv(injection))
             if any(chain.type == "nat" for chain in self.snapshot.chains.values()):
                 report.warnings.append(NAT_CAVEAT)
+        drops = self._drop_watcher(report)
         options = TraceOptions(flow=flow, netns=self.sandbox.name, count=1, timeout=timeout, max_rate=max_rate,
-                               command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS)
-        session = TraceSession(options, report)
+                               command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS,
+                               drop_reasons=drops is not None)
+        session = TraceSession(options, report, drop_watcher=drops)
 
         def deliver(path: PacketPath) -> None:
             translate_handles(path, self.handles)

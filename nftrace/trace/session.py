@@ -93,11 +93,15 @@ class _Run:
 class TraceSession:
     """One live trace. `run(on_packet)` calls `on_packet` for each packet of the flow."""
 
-    def __init__(self, options: TraceOptions, report: TraceReport):
+    def __init__(self, options: TraceOptions, report: TraceReport, drop_watcher: Optional[KernelDropWatcher] = None):
+        """`drop_watcher`: a watcher of the traced namespace that the caller started and keeps
+        running across several sessions (bpftrace takes seconds to start): this session uses
+        it, and leaves it running."""
         self.options = options
         self.report = report
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
+        self._shared_drops = drop_watcher
         self._drops: Optional[KernelDropWatcher] = None
         self._correlator: Optional[DropCorrelator] = None
         self._iptables_nft: Optional[IptablesNftText] = None
@@ -222,6 +226,8 @@ class TraceSession:
         without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
         if not self.options.drop_reasons:
             return nullcontext()
+        if self._shared_drops is not None:
+            return nullcontext(self._shared_drops)
         watcher = start_drop_watcher(self.report.warnings.append)
         return watcher if watcher is not None else nullcontext()
 
@@ -235,6 +241,8 @@ class TraceSession:
             watcher.close()
             self.report.warnings.append(f"kernel drop reasons unavailable: {err}")
             return
+        if watcher is self._shared_drops:
+            watcher.read()  # drops of the packets of earlier sessions, not of this one's
         self._drops = watcher
         self._correlator = DropCorrelator(interfaces=self.report.interfaces)
 
