@@ -166,6 +166,8 @@ class TraceSession:
                         self.report.warnings.append(loss_warning(self.report.lost_events, rcvbuf, options.max_rate))
                     if self._correlator is not None:
                         self.report.warnings.extend(self._correlator.notes)
+                    if legacy is not None:
+                        self.report.warnings.extend(legacy.notes())
                     if builder.unmatched_lines:
                         self.report.warnings.append(f"{builder.unmatched_lines} legacy TRACE lines belonged to no "
                                                     "packet of this run (packets traced by someone else's TRACE rules?)")
@@ -374,8 +376,9 @@ class TraceSession:
                     return
                 if monitor.drained:  # reads come in batches: a backlog may still be queued
                     builder.socket_drained()
-            if legacy is not None and (readable or drops):
+            if legacy is not None:
                 # Read after the trace events: the TRACE lines written before them are all here.
+                # Read on every round, lines or not: each read observes the legacy tables.
                 self._deliver(run, builder.feed_legacy(legacy.read(), time.monotonic()))
             if correlator is not None and drops:
                 correlator.add_drops(drops)
