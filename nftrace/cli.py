@@ -106,6 +106,8 @@ def why(
     state: str = typer.Option("new", "--state", metavar="new|established", help="With --dry-run: the packet opens a connection, or belongs to an established one."),
     backend: str = typer.Option("auto", "--backend", metavar="auto|nft|iptables",
                                 help="What to trace: nftables (iptables-nft included), legacy iptables, or auto: both where present."),
+    fix: Optional[str] = typer.Option(None, "--fix", metavar="accept|drop", help="Also give the smallest change after which this flow gets that verdict, proven in a sandbox copy of the namespace (nothing is applied)."),
+    keep: Optional[Path] = typer.Option(None, "--keep", metavar="FILE", help="With --fix: flows that must keep their verdicts (an expectations file, as rules/*.expect.toml)."),
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS...]", help="Traffic to run once tracing is on."),
 ):
     """Trace the packets of one flow and say which rule decided each one's fate."""
@@ -125,22 +127,42 @@ def why(
         style = Style(colour_wanted(parse_colour_choice(color), sys.stdout))
         if not dry_run and (ruleset_file is not None or ruleset_kind is not None or state != "new"):
             raise InputError("--ruleset, --ruleset-kind and --state go with --dry-run")
+        fixing = None
+        if fix is not None or keep is not None:
+            from .dryrun.fix import FixRequest, load_keep, parse_fix_verdict
+
+            if fix is None:
+                raise InputError("--keep goes with --fix")
+            if ruleset_file is not None:
+                raise InputError("--fix changes the namespace's current ruleset: it does not go with --ruleset")
+            fixing = FixRequest(parse_fix_verdict(fix), load_keep(keep), timeout=min(timeout or 10.0, 10.0))
     except NftraceError as err:
         _fail(err)
     options = TraceOptions(flow=flow, netns=netns, count=count, timeout=timeout, max_rate=max_rate,
                            command=list(command or []), drop_reasons=drop_reasons, backend=backend)
     report = TraceReport(flow=flow, netns=netns)
+    packets = []  # with --fix: the answers get their fix once the trace is over
+    fixes = []
     if dry_run:
         from .dryrun.session import DryRunRequest, DryRunSession
 
-        session = DryRunSession(options, report, DryRunRequest(netns, ruleset_file, ruleset_kind, state, drop_reasons))
+        request = DryRunRequest(netns, ruleset_file, ruleset_kind, state)
+
+        def proving(dry):
+            from .dryrun.fix import fix_packets
+
+            fixes.extend(fix_packets(packets, flow, fixing, request, dry=dry))
+        session = DryRunSession(options, report, request, with_sandbox=proving if fixing is not None else None)
     else:
         session = TraceSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None
 
     def on_packet(path):
+        if fixing is not None:
+            packets.append(path)
         if stream:
-            stream.packet(path)
+            if fixing is None:
+                stream.packet(path)
         else:
             typer.echo(render_packet(path, report.interfaces, style) + dry_run_line(report) + "\n", color=style.enabled)
 
@@ -156,9 +178,17 @@ def why(
     # flushed when the document is finished.
     batches = {"on_batch": stream.flush} if stream and not dry_run else {}
     exit_code, _ = _run_session(lambda: session.run(on_packet, on_ready, **batches), stream)
+    if fixing is not None and exit_code is None and packets and not dry_run:
+        exit_code = _prove_live_fix(packets, flow, fixing, netns, report, fixes)
     if stream:
+        for path in packets:
+            stream.packet(path)
         stream.finish()
     else:
+        if fixes:
+            from .dryrun.fix import render_fix
+
+            typer.echo("\n\n".join(render_fix(answer) for answer in fixes))
         closing = render_closing(report, session.packets_seen)
         if closing:
             typer.echo(closing, err=True)
@@ -181,6 +211,23 @@ def _run_session(run: Callable[[], None], stream) -> tuple[Optional[int], bool]:
     except (KeyboardInterrupt, Interrupted) as stop:
         return _stopped(stop, "trace rules removed"), True
     return None, False
+
+
+def _prove_live_fix(packets, flow, fixing, netns, report, fixes) -> Optional[int]:
+    """--fix after a live trace: the change is proven in sandbox copies of the namespace. A
+    failure there is one line; the answers are still printed."""
+    from .dryrun.fix import fix_packets
+    from .dryrun.session import DryRunRequest
+
+    try:
+        with SignalsAsExceptions():
+            fixes.extend(fix_packets(packets, flow, fixing, DryRunRequest(netns), interfaces=report.interfaces))
+    except NftraceError as err:
+        _say(err, f"--fix: {err}")
+        return err.exit_code
+    except (KeyboardInterrupt, Interrupted) as stop:
+        return _stopped(stop, "sandbox removed")
+    return None
 
 
 @app.command()

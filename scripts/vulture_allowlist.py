@@ -11,6 +11,8 @@ pytest_runtest_setup, nftrace_cli, pytestmark  # tests/
 cfg_cmd, cfg_mode, packet_hdr  # nftrace/iptables/nflog.py
 # python-iptables: attributes whose setters build the rule and the table's commit mode.
 _.autocommit, _.in_interface, _.out_interface, _.limit_burst  # nftrace/iptables/iptctrace.py
+# python-iptables calls its xtables._option_lookup by name; nftrace replaces it for libxtables 1.8.11.
+_._option_lookup  # nftrace/iptables/iptctrace.py
 # Fields of data read from outside, kept whole: an expectation file's, a /proc row's, a result's.
 description  # nftrace/lab/expectations.py
 port_id, wall_seconds  # bench/probes.py

@@ -15,6 +15,8 @@ missing and the TRACE rules need it, and the run then says so.
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
 from contextlib import contextmanager
 from typing import Optional
@@ -34,14 +36,66 @@ HOOK_CHAINS = {"prerouting": "PREROUTING", "output": "OUTPUT"}
 
 def load_iptc():
     try:
-        import iptc  # python-iptables: the `iptables` extra of nftrace
+        import iptc  # python-iptables: Debian's python3-iptables, or the `iptables` extra of nftrace
     except ImportError:
         raise EnvironmentProblem(
-            "python-iptables is not installed, and legacy TRACE rules need it: pip install 'nftrace[iptables]'"
+            "python-iptables is not installed, and legacy TRACE rules need it: apt-get install python3-iptables"
         ) from None
     except Exception as err:  # noqa: BLE001 - XTablesError/OSError; iptc's classes are out of reach when its import fails
         raise EnvironmentProblem(f"python-iptables cannot load libiptc/libxtables: {err}") from None
+    _read_option_tables_with_their_real_stride(iptc)
     return iptc
+
+
+def _option_entry_stride(iptc) -> Optional[int]:
+    """The size of an option-table entry in the libxtables loaded, read from the `limit`
+    extension's table, whose second entry is `limit-burst`: 48 bytes before libxtables
+    1.8.11, 56 since (it added `base`). None when neither holds."""
+    module = iptc.xtables.xtables(iptc.xtables.NFPROTO_IPV4).find_match("limit")
+    if not module or not module[0].x6_options:
+        return None
+    start = ctypes.addressof(module[0].x6_options.contents)
+    for stride in (ctypes.sizeof(iptc.xtables.xt_option_entry), ctypes.sizeof(_EntryWithBase(iptc))):
+        # The name pointer of the second entry; with the wrong stride this reads `base` and
+        # padding (zeros), never a pointer to follow.
+        name = ctypes.c_void_p.from_address(start + stride).value
+        if name and ctypes.string_at(name) == b"limit-burst":
+            return stride
+    return None
+
+
+def _EntryWithBase(iptc):
+    class EntryWithBase(ctypes.Structure):
+        _fields_ = [*iptc.xtables.xt_option_entry._fields_, ("base", ctypes.c_uint)]
+
+    return EntryWithBase
+
+
+def _read_option_tables_with_their_real_stride(iptc) -> None:
+    """python-iptables (1.0.1 and 1.2.0) reads an extension's option table as an array of its
+    own `xt_option_entry`, which lacks the `base` member that libxtables 1.8.11 (Debian 13)
+    added: past the first option it reads the wrong bytes, and `--dport` or `--limit-burst`
+    become "no such parameter" (python-iptables issue #353). Where the entries of the loaded
+    libxtables are longer than python-iptables' struct, its lookup is replaced by one that
+    steps over the real entries and hands back python-iptables' view of the one found."""
+    xtables = iptc.xtables.xtables
+    if getattr(xtables, "_nftrace_stride", None) is not None:
+        return
+    entry_class = iptc.xtables.xt_option_entry
+    stride = _option_entry_stride(iptc) or ctypes.sizeof(entry_class)
+    if stride != ctypes.sizeof(entry_class):
+
+        def option_lookup(_xtables, entries, name):
+            start = ctypes.addressof(entries.contents)
+            for index in itertools.count():
+                entry = entry_class.from_address(start + index * stride)
+                if not entry.name:
+                    return None
+                if entry.name == name:
+                    return entry
+
+        xtables._option_lookup = option_lookup
+    xtables._nftrace_stride = stride
 
 
 @contextmanager

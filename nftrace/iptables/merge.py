@@ -170,7 +170,7 @@ def _nft_positions(steps: list, hooks: list, lookup: RuleLookup) -> list[tuple[i
             if step.depth == 0 or step.type == "policy":
                 chain = lookup.chain(step.family, step.table, step.chain)
                 if chain is not None and chain.is_base:
-                    found_priority = priority_value(chain.priority)
+                    found_priority = priority_value(chain.priority, chain.family)
                     priority = found_priority if found_priority is not None else priority
             current = (loop, rank, priority)
         positions.append(current)

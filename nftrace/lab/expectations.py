@@ -18,7 +18,7 @@ optionally, the rule that must decide it:
     # sport, iif, oif: optional, as on the command line
     expect = "accept"                  # accept | drop | unknown
     chain = "ssh"                      # optional: the deciding step's chain
-    text = "ip saddr @admins accept"   # optional: the deciding rule's text (or its comment)
+    text = "ip saddr @admins accept"   # optional: the deciding rule: its comment, iptables form or nft text
     type = "rule"                      # optional: rule | policy
     sender = "client"                  # optional: client | router | server (default client)
     dnat = "10.77.1.2:22"              # optional: the destination became this (address, or address:port)
@@ -27,8 +27,14 @@ optionally, the rule that must decide it:
     demo = true                        # optional: `nftrace demo` traces this flow
 
 The file states what the kernel must do; the kernel decides, and a scenario test checks that
-nftrace names it. Rule texts are compared with runs of blanks collapsed (iptables-nft leaves
-two blanks where a comment match was), and a text that is a rule's comment matches that rule.
+nftrace names it. `text` names the deciding rule by what stays the same when nftables or
+iptables is upgraded (see rulematch.py), so that a file written on one version passes
+unchanged on another: the rule's comment (best: it says why the rule is there), its iptables
+form for iptables-nft and legacy rules (`-A DOCKER -d 10.77.2.2/32 ... -j ACCEPT`, as
+iptables-save prints it), or its nft text, compared with blanks collapsed, set elements
+sorted, and its matches in any order (nft 1.1.3 prints `ip daddr 10.77.2.2 iifname !=
+"r-server" ...` for the rule that 1.0.6 printed as `iifname != "r-server" ... ip daddr
+10.77.2.2 ...`); statements and the verdict stay in order.
 An `xfail` flow is still traced and checked: it states the right answer for a case nftrace
 does not handle yet, and starts passing when nftrace does. The ruleset of a lab scenario is
 loaded with `nft -f` (nft), `iptables-nft-restore` or `iptables-legacy-restore`.
@@ -36,7 +42,6 @@ loaded with `nft -f` (nft), `iptables-nft-restore` or `iptables-legacy-restore`.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +49,12 @@ from typing import Optional
 
 from ..errors import InputError
 from ..flow import Flow, parse_flow
+from .rulematch import blanks_collapsed, names_rule
 
 VERDICTS = ("accept", "drop", "unknown")
 RULESET_KINDS = ("nft", "iptables-legacy", "iptables-nft")
 SENDERS = ("client", "router", "server")
 EXPECTATION_SUFFIX = ".expect.toml"
-
-
-def _blanks_collapsed(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
 
 
 def _nat_matches(changes: list, field: str, expected: str) -> bool:
@@ -90,11 +92,10 @@ class FlowExpectation:
             problems.append(f"decided in chain {decided.get('chain')}, expected {self.chain}")
         if self.type is not None and decided.get("type") != self.type:
             problems.append(f"decided by a {decided.get('type')}, expected a {self.type}")
-        if self.text is not None:
-            texts = [_blanks_collapsed(decided.get("text") or ""), _blanks_collapsed(decided.get("iptables") or "")]
-            wanted = _blanks_collapsed(self.text)
-            if not any(text == wanted or f'comment "{wanted}"' in text for text in texts):
-                problems.append(f"decided by '{texts[0] or texts[1]}', expected '{self.text}'")
+        if self.text is not None and not names_rule(self.text, decided.get("text"), decided.get("iptables"),
+                                                       decided.get("family")):
+            seen = blanks_collapsed(decided.get("text") or decided.get("iptables") or "")
+            problems.append(f"decided by '{seen}', expected '{self.text}'")
         for side, expected in (("dst", self.dnat), ("src", self.snat)):
             if expected is not None and not _nat_matches(packet.get("nat") or [], side, expected):
                 seen = ", ".join(f"{c.get('field')} {c.get('from')} → {c.get('to')}" for c in packet.get("nat") or [])

@@ -333,7 +333,8 @@ class _Finder:
         self._walk_chain(run, run.chain, view, wanted, matched, depth=0)
 
     def _walk_chain(self, run: _Run, chain: str, view: PacketView, wanted: str, matched: dict, depth: int) -> str:
-        """`end` (fell off / returned), `stop` (a terminal verdict), `goto` (left by goto)."""
+        """`end` (fell off / returned), `stop` (a terminal verdict), `goto` (left by a goto whose
+        chain came to its end: the kernel goes back to this chain's caller, as from a return)."""
         rules = self.book.rules(run.backend, run.family, run.table, chain)
         if rules is None or depth > MAX_JUMP_DEPTH:
             return "stop"  # not known: nothing sound can be said past it
@@ -344,12 +345,12 @@ class _Finder:
                 step = steps.pop(0) if len(steps) > 1 else steps[0]
                 if step.verdict == "jump" and step.target:
                     outcome = self._walk_chain(run, step.target, view, wanted, matched, depth + 1)
-                    if outcome != "end":
+                    if outcome == "stop":
                         return "stop"
-                    continue
+                    continue  # the target returned here, itself or through a goto
                 if step.verdict == "goto" and step.target:
                     outcome = self._walk_chain(run, step.target, view, wanted, matched, depth + 1)
-                    return "stop" if outcome != "end" else "goto"
+                    return "stop" if outcome == "stop" else "goto"
                 if step.verdict == "return":
                     return "end"
                 if step.verdict == "continue":

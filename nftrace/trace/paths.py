@@ -210,6 +210,7 @@ class PacketPath:
     # Rules that did not match and would have changed its fate (trace/nearmiss.py), ranked;
     # filled in when the answer is delivered, not on the event path.
     near_misses: list = field(default_factory=list)
+    fix: Optional[object] = None  # --fix: the proven change (nftrace.dryrun.fix.FixAnswer)
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
@@ -694,7 +695,7 @@ def accept_tier(step: Step, lookup: Optional[RuleLookup] = None) -> int:
     chain = lookup.chain(step.family, step.table, step.chain) if lookup is not None else None
     if chain is None:
         return 0
-    priority = priority_value(chain.priority)
+    priority = priority_value(chain.priority, chain.family)
     return 1 if chain.type == "route" or (priority is not None and priority <= MANGLE_PRIORITY) else 0
 
 

@@ -140,6 +140,7 @@ def packet_json(path: PacketPath, interfaces: dict) -> dict:
         "nat": list(path.nat),
         "kernel_drop": path.kernel_drop,
         "near_misses": [near_miss.to_json() for near_miss in path.near_misses],
+        "fix": path.fix.to_json() if path.fix is not None else None,
     }
 
 

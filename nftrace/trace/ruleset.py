@@ -24,24 +24,37 @@ _RULE_RE = re.compile(r"^(.*) # handle (\d+)$")
 _DEVICES_RE = re.compile(r' hook \S+ (?:device "?([^" ]+)"?|devices = \{ ([^}]*) \})')
 
 
-# nft's named priorities for the ip, ip6 and inet families.
+# nft's named priorities for the ip, ip6 and inet families, and for the bridge family, where
+# the same names stand for other numbers. Which chains nft prints by name changes between
+# versions (1.1 prints `srcnat` for a nat input chain at 100, 1.0.6 printed `100`): both
+# forms read the same.
 PRIORITY_NAMES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+BRIDGE_PRIORITY_NAMES = {"dstnat": -300, "filter": -200, "out": 100, "srcnat": 300}
 _PRIORITY_RE = re.compile(r"^\s*(-?\d+|[a-z]+)\s*(?:([+-])\s*(\d+))?\s*$")
 
 
-def priority_value(text: Optional[str]) -> Optional[int]:
+def priority_value(text: Optional[str], family: str = "inet") -> Optional[int]:
     """A base chain's priority as nft prints it, as a number: `filter - 10` → -10, `-350` → -350,
-    `dstnat` → -100; None when it cannot be read."""
+    `dstnat` → -100 (-300 in the bridge family); None when it cannot be read."""
     match = _PRIORITY_RE.match(text or "")
     if match is None:
         return None
     base, sign, offset = match.groups()
-    value = int(base) if base.lstrip("-").isdigit() else PRIORITY_NAMES.get(base)
+    names = BRIDGE_PRIORITY_NAMES if family == "bridge" else PRIORITY_NAMES
+    value = int(base) if base.lstrip("-").isdigit() else names.get(base)
     if value is None:
         return None
     if sign:
         value += int(offset) if sign == "+" else -int(offset)
     return value
+
+
+@dataclass(frozen=True)
+class InlineRule:
+    """A rule of an anonymous chain (`jump { ... }`), which nft prints without a handle."""
+
+    text: str
+    inline: tuple = ()  # its own anonymous chain's rules, when it opens one
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,7 @@ class RuleInfo:
     text: str
     number: int  # position in its chain, from 1, as iptables counts rules
     deleted: bool = False
+    inline: tuple = ()  # InlineRule: the rules of the anonymous chain this rule opens, in order
 
 
 @dataclass
@@ -88,6 +102,13 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
     rules: dict = {}
     family = table = None
     chain: Optional[ChainInfo] = None
+    block: Optional[list] = None  # (depth, line) of an anonymous chain being read, its opening line first
+
+    def add_rule(text: str, handle: int, inline: tuple = ()) -> None:
+        chain.rules.append(handle)
+        rules[(family, table, chain.name, handle)] = RuleInfo(family, table, chain.name, handle, text,
+                                                              len(chain.rules), inline=inline)
+
     for line in text.splitlines():
         if line.startswith("\t\t\t") or not line.startswith("\t\t"):
             depth = len(line) - len(line.lstrip("\t"))
@@ -96,15 +117,24 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
         body = line.strip()
         if not body:
             continue
+        if block is not None:
+            # `jump {` ... `} # handle N`: one rule whose anonymous chain nft prints inline.
+            if depth == 2 and body.startswith("}"):
+                head, marker, handle = body.rpartition(" # handle ")
+                if marker and handle.isdecimal() and chain is not None:
+                    inline = _fold_block(block[1:], 3)
+                    add_rule(_folded_text(block[0][1], inline, head[1:].strip()), int(handle), inline)
+                block = None
+            else:
+                block.append((depth, body))
+            continue
         if depth == 2 and chain is not None and chain.rules:
             # A chain's base-chain line comes before its first rule: from then on only rules.
             head, marker, handle = body.rpartition(" # handle ")
             if marker and handle.isdecimal():
-                number = int(handle)
-                chain.rules.append(number)
-                rules[(family, table, chain.name, number)] = RuleInfo(
-                    family, table, chain.name, number, head.strip(), len(chain.rules)
-                )
+                add_rule(head.strip(), int(handle))
+            elif body.endswith("{"):
+                block = [(depth, body)]
             continue
         if depth == 0:
             match = _TABLE_RE.match(body)
@@ -131,12 +161,40 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
                 continue
             match = _RULE_RE.match(body)
             if match:
-                handle = int(match.group(2))
-                chain.rules.append(handle)
-                rules[(family, table, chain.name, handle)] = RuleInfo(
-                    family, table, chain.name, handle, match.group(1).strip(), len(chain.rules)
-                )
+                add_rule(match.group(1).strip(), int(match.group(2)))
+            elif body.endswith("{"):
+                block = [(depth, body)]
     return tables, chains, rules
+
+
+def _fold_block(entries: list, depth: int) -> tuple:
+    """The rules of an anonymous chain, from nft's indented lines; a nested block folded in."""
+    folded = []
+    index = 0
+    while index < len(entries):
+        line_depth, body = entries[index]
+        index += 1
+        if line_depth != depth:
+            continue
+        if not body.endswith("{"):
+            folded.append(InlineRule(body))
+            continue
+        inner = []
+        while index < len(entries) and not (entries[index][0] == depth and entries[index][1].startswith("}")):
+            inner.append(entries[index])
+            index += 1
+        tail = entries[index][1][1:].strip() if index < len(entries) else ""
+        index += 1
+        nested = _fold_block(inner, depth + 1)
+        folded.append(InlineRule(_folded_text(body, nested, tail), nested))
+    return tuple(folded)
+
+
+def _folded_text(opening: str, inline: tuple, tail: str) -> str:
+    """`tcp dport 22 jump { ip saddr 10.0.0.1 accept; drop; } comment "x"`: one line that nft
+    reads back (it wants a `;` before the closing brace)."""
+    inner = " ".join(f"{rule.text};" for rule in inline)
+    return f"{opening} {inner} }}" + (f" {tail}" if tail else "")
 
 
 class RulesetSnapshot:
@@ -166,6 +224,15 @@ class RulesetSnapshot:
                 snapshot.tables[(match.group(1), _unquote(match.group(2)))] = None
         return snapshot
 
+    def refresh_from(self, nft) -> None:
+        """`refresh` with nft's listing of now, and the kernel's names of its anonymous chains
+        (nft never prints them; trace events use them)."""
+        from ..kernel.anonchains import read_anonymous_chains
+
+        listing = nft.list_ruleset()
+        self.refresh(listing)
+        self.add_anonymous_chains(read_anonymous_chains(listing))
+
     def refresh(self, listing: str) -> None:
         """Replace with a newer listing; rules gone from a table that still exists stay, marked deleted."""
         tables, chains, rules = parse_ruleset_listing(listing)
@@ -180,6 +247,32 @@ class RulesetSnapshot:
             if key not in chains and table_key in tables and tables[table_key] == self.tables.get(table_key):
                 chains[key] = chain
         self.tables, self.chains, self.rules = tables, chains, rules
+
+    def add_anonymous_chains(self, kernel_chains: Iterable) -> None:
+        """Give the rules of anonymous chains (`jump { ... }`) their text, under the names and
+        handles the kernel gave them (nftrace.kernel.anonchains), which nft never prints: the
+        text is the jumping rule's inline block, rule by rule in order."""
+        by_key = {(c.family, c.table, c.name): c for c in kernel_chains}
+        pending = [(c, handle, target) for c in by_key.values() for handle, target in c.jumps.items()]
+        while pending:
+            waiting = []
+            for parent, handle, target in pending:
+                opener = self.rules.get((parent.family, parent.table, parent.name, handle))
+                child = by_key.get((parent.family, parent.table, target))
+                if opener is None:
+                    waiting.append((parent, handle, target))
+                    continue
+                if child is None:
+                    continue
+                info = ChainInfo(parent.family, parent.table, target)
+                self.chains[child.family, child.table, target] = info
+                for number, (rule_handle, inline) in enumerate(zip(child.handles, opener.inline), 1):
+                    info.rules.append(rule_handle)
+                    self.rules[(child.family, child.table, target, rule_handle)] = RuleInfo(
+                        child.family, child.table, target, rule_handle, inline.text, number, inline=inline.inline)
+            if len(waiting) == len(pending):
+                break  # openers that the listing does not have: nothing more to learn
+            pending = waiting
 
     def rule(self, family: str, table: str, chain: str, handle: int) -> Optional[RuleInfo]:
         return self.rules.get((family, table, chain, handle))

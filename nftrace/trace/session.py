@@ -54,6 +54,7 @@ class TraceOptions:
     drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
     counted: bool = False  # count matched and traced packets in the trace table (`drops`)
+    near_misses: bool = True  # explain each answer with its near misses (a dry run's helpers may not need them)
 
 
 def prepare_namespace(options: TraceOptions) -> None:
@@ -141,7 +142,7 @@ class TraceSession:
                     if table.owner_warning:
                         self.report.warnings.append(table.owner_warning)
                     monitor.watch_ruleset()
-                    snapshot.refresh(nft.list_ruleset())
+                    snapshot.refresh_from(nft)
                     if snapshot.ingress_devices():
                         table.mark_ingress(snapshot.ingress_devices())
                     devices = self._follow_devices(table, snapshot)
@@ -149,7 +150,8 @@ class TraceSession:
                     self._iptables_nft = IptablesNftText.read(snapshot)
                 builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds,
                                             **(devices if plan.nft else {}))
-                self._near_misses = self._near_miss_annotator(nft if plan.nft else None, snapshot, plan)
+                if options.near_misses:
+                    self._near_misses = self._near_miss_annotator(nft if plan.nft else None, snapshot, plan)
                 deadline = time.monotonic() + options.timeout if options.timeout else None
                 run = _Run(nft, snapshot, monitor, table, legacy, builder, on_packet, on_batch, deadline)
                 try:
@@ -339,7 +341,7 @@ class TraceSession:
             elif stopping:
                 continue
             elif isinstance(item, RulesetChanged):
-                run.snapshot.refresh(run.nft.list_ruleset())
+                run.snapshot.refresh_from(run.nft)
                 self._iptables_nft = IptablesNftText.read(run.snapshot)
                 run.table.observe(nat_hooks(run.snapshot, legacy_nat=self._legacy_nat(run.legacy)))
                 if self._near_misses is not None:
