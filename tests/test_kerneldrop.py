@@ -372,7 +372,7 @@ def test_invalid_state_is_read_from_the_rule_that_matched_it():
     path = PacketPath(1, steps=[step], observations=[observation("prerouting", tcp())], hooks=["prerouting"],
                       verdict="drop", decided_by=step, complete=True)
     assert conntrack_json(path) == [{"hook": "prerouting", "state": "invalid", "direction": None, "status": [],
-                                     "id": None}]
+                                     "id": None, "netns": None}]
 
 
 def test_packet_json_carries_nat_and_kernel_drop():

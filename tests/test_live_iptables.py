@@ -139,7 +139,7 @@ def test_legacy_drop_names_table_chain_rule_number_and_save_text(legacy_lab):
     assert packet["decided_by"] == {
         "hook": "input", "family": "ip", "table": "filter", "chain": "CLIENTS", "type": "rule", "handle": None,
         "rule_number": 2, "text": "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP", "verdict": "drop",
-        "iptables": "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP", "backend": LEGACY,
+        "iptables": "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP", "backend": LEGACY, "netns": legacy_lab.router,
     }
     assert packet["summary"] == "dropped by iptables filter CLIENTS rule 2: -A CLIENTS -p tcp -m tcp --dport 25 -j DROP"
 

@@ -64,7 +64,7 @@ class DropsSession(TraceSession):
                                         "matching packets of every output interface")
         return nft, BackendPlan(nft=True)
 
-    def _near_miss_annotator(self, nft, snapshot, plan):
+    def _near_miss_annotator(self, part, plan):
         """Near misses answer `why` about one flow; a tally of drops has no use for them."""
         return None
 

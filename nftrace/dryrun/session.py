@@ -32,6 +32,7 @@ from .netstate import NetworkState, RouteLookup, read_network_state, route_towar
 from ..kernel.anonchains import read_anonymous_chains
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
+from ..trace.crossing import assign_namespace
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport
 from ..trace.ruleset import RulesetSnapshot
@@ -405,6 +406,7 @@ class DryRun:
         session = TraceSession(options, report, drop_watcher=drops)
 
         def deliver(path: PacketPath) -> None:
+            assign_namespace(path, self.request.netns)  # the target's, not the sandbox's
             caveats = path_caveats(path, self.snapshot, self.request.state)
             self.names.translate(path, self.snapshot)
             for which in ("iif", "oif"):

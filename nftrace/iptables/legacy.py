@@ -26,7 +26,8 @@ from ..errors import EnvironmentProblem
 from ..kernel import runner
 from ..protocols import iptables_command
 
-TABLE_NAME_FILES = {"ip": "/proc/net/ip_tables_names", "ip6": "/proc/net/ip6_tables_names"}
+# Of the calling thread's namespace (/proc/net follows the process's first thread).
+TABLE_NAME_FILES = {"ip": "/proc/thread-self/net/ip_tables_names", "ip6": "/proc/thread-self/net/ip6_tables_names"}
 FAMILIES = ("ip", "ip6")
 BACKEND = "iptables-legacy"
 

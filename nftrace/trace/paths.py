@@ -201,6 +201,7 @@ class PacketPath:
     netns: Optional[str] = None  # the namespace this path (or part of a path) ran in
     # A packet traced across namespaces: its part in each, in the order it met them (crossing.py).
     segments: list = field(default_factory=list)
+    interfaces: Optional[dict] = None  # ifindex -> name in a segment's namespace (None: the run's own)
     # The kernel freed the packet after this hook, before netfilter was done with it (a kernel
     # drop closed the path): no step decided its fate (see verdict_before_kernel_drop).
     vanished_after: Optional[str] = None
