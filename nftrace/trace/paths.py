@@ -94,7 +94,7 @@ class PacketPathBuilder(Protocol):
     def open_packets(self) -> int: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One thing that happened to the packet in the ruleset: a rule matched, a chain returned,
     a policy applied."""
@@ -163,7 +163,7 @@ class Step:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class HookObservation:
     """The packet as one base chain first saw it: headers, interfaces, conntrack."""
 
@@ -182,7 +182,7 @@ class HookObservation:
     derived: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class PacketPath:
     """Everything nftrace learnt about one packet; rendered for people and as JSON."""
 
@@ -238,7 +238,7 @@ class PacketPath:
         return marks[-1] if marks else None
 
 
-@dataclass
+@dataclass(slots=True)
 class _PacketState:
     trace_id: int
     path: PacketPath
