@@ -158,3 +158,22 @@ def test_a_drops_session_counts_traces_nftables_and_takes_every_packet():
     options = TraceOptions(flow=parse_filter(), count=10, backend="auto")
     DropsSession(options, DropsReport(flow=options.flow))
     assert (options.counted, options.count, options.backend) == (True, 0, "nft")
+
+
+def test_drops_refuses_the_machines_own_namespace_when_legacy_tables_would_log_every_packet(monkeypatch):
+    import pytest
+
+    from nftrace.drops import run as drops_run
+    from nftrace.errors import EnvironmentProblem
+    from nftrace.trace.session import TraceOptions
+
+    monkeypatch.setattr(drops_run, "open_nftables", lambda: object())
+    monkeypatch.setattr(drops_run, "legacy_tables", lambda family: ["filter"] if family == "ip" else [])
+    options = TraceOptions(flow=parse_filter())
+    session = drops_run.DropsSession(options, DropsReport(flow=options.flow))
+    monkeypatch.setattr(drops_run, "in_initial_netns", lambda: True)
+    with pytest.raises(EnvironmentProblem, match="TRACE line per packet to the kernel log"):
+        session._plan()
+    monkeypatch.setattr(drops_run, "in_initial_netns", lambda: False)
+    session._plan()
+    assert session.report.warnings == ["legacy iptables tables are not traced by drops: iptables (filter)"]

@@ -263,13 +263,11 @@ class TraceSession:
 
     def _follow_devices(self, part: NamespacePart) -> dict:
         """Bridged frames and egress chains: mark and observe them where the namespace has
-        them; the path builder needs their interfaces' indexes. Bridges are followed where
-        the ruleset has bridge chains: without, a bridged frame meets no chain of its own
-        (br_netfilter's IP hooks mark and trace it as any packet)."""
+        them; the path builder needs their interfaces' indexes, and whether the bridge hooks
+        after IP postrouting hold chains of the ruleset."""
         table, snapshot = part.table, part.snapshot
         links = part.call(interface_links)
-        bridges = frozenset(link.index for link in links if link.kind == "bridge") \
-            if snapshot.has_base_chains("bridge") else frozenset()
+        bridges = frozenset(link.index for link in links if link.kind == "bridge")
         if bridges:
             try:
                 table.mark_bridges()
@@ -279,7 +277,7 @@ class TraceSession:
                                             f"family ({err})")
         egress = snapshot.egress_devices()
         table.mark_egress(egress)
-        return {"bridges": bridges,
+        return {"bridges": bridges, "bridge_out": snapshot.has_base_chains("bridge", ("output", "postrouting")),
                 "egress": frozenset(link.index for link in links if link.name in egress)}
 
     def _plan(self) -> tuple[Optional[NftContext], BackendPlan]:
