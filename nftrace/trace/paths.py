@@ -284,7 +284,7 @@ class PathBuilder:
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
                  idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1}),
-                 bridges: frozenset = frozenset(), egress: frozenset = frozenset()):
+                 bridges: frozenset = frozenset(), egress: frozenset = frozenset(), bridge_out: bool = False):
         self.lookup = lookup
         self.keep = keep
         self.idle_seconds = idle_seconds
@@ -294,6 +294,10 @@ class PathBuilder:
         # egress chains it observes (ifindexes): a packet leaving through one is not done at
         # postrouting. A frame delivered up to a bridge device comes back in under a new id.
         self.bridges = bridges
+        # The ruleset has bridge chains at output or postrouting: a packet routed out through a
+        # bridge device goes on there after IP postrouting (which runs before the next hop is
+        # resolved: without such chains, its path ends at IP postrouting, as without bridges).
+        self.bridge_out = bridge_out
         self.egress = egress
         self.rejoin_ifindexes = loopback_ifindexes | bridges
         self._open: OrderedDict[int, _PacketState] = OrderedDict()
@@ -529,7 +533,7 @@ class PathBuilder:
             return False
         if _hook_family(event.family) == "bridge":
             return not (("inet", "forward") in state.passed and ("inet", "postrouting") not in state.passed)
-        return oif not in self.bridges or ("bridge", "postrouting") in state.passed
+        return oif not in self.bridges or not self.bridge_out or ("bridge", "postrouting") in state.passed
 
     def _enter_hook(self, state: _PacketState, hook: str, event: TraceEvent) -> None:
         """Steps whose base chain was unknown to the snapshot ran on the hook entered next.

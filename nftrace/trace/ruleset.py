@@ -316,10 +316,11 @@ class RulesetSnapshot:
         """Interfaces with egress chains of the ruleset: they act after postrouting."""
         return self._devices_with("egress")
 
-    def has_base_chains(self, family: str) -> bool:
-        """Whether the ruleset (nftrace's own tables aside) has base chains of `family`."""
+    def has_base_chains(self, family: str, hooks: tuple = ()) -> bool:
+        """Whether the ruleset (nftrace's own tables aside) has base chains of `family` (on one
+        of `hooks`, when given)."""
         return any(chain.family == family and chain.is_base and not is_trace_table(chain.table)
-                   for chain in self.chains.values())
+                   and (not hooks or chain.hook in hooks) for chain in self.chains.values())
 
     def _devices_with(self, hook: str) -> list[str]:
         return sorted({device for chain in self.chains.values() if chain.hook == hook

@@ -111,11 +111,15 @@ class _Run:
 class TraceSession:
     """One live trace. `run(on_packet)` calls `on_packet` for each packet of the flow."""
 
-    def __init__(self, options: TraceOptions, report: TraceReport):
+    def __init__(self, options: TraceOptions, report: TraceReport, drop_watcher: Optional[KernelDropWatcher] = None):
+        """`drop_watcher`: a watcher of the traced namespace that the caller started and keeps
+        running across several sessions (bpftrace takes seconds to start): this session uses
+        it, and leaves it running."""
         self.options = options
         self.report = report
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
+        self._shared_drops = drop_watcher
         self._drops: Optional[KernelDropWatcher] = None
         self._correlator: Optional[DropCorrelator] = None
         self._table: Optional[TraceTable] = None  # the first namespace's
@@ -175,6 +179,8 @@ class TraceSession:
                         self.report.warnings.append(loss_warning(self.report.lost_events, rcvbuf, options.max_rate))
                     if self._correlator is not None:
                         self.report.warnings.extend(self._correlator.notes)
+                    if legacy is not None:
+                        self.report.warnings.extend(legacy.notes())
                     if primary.builder.unmatched_lines:
                         self.report.warnings.append(f"{primary.builder.unmatched_lines} legacy TRACE lines belonged "
                                                     "to no packet of this run (packets traced by someone else's "
@@ -257,13 +263,11 @@ class TraceSession:
 
     def _follow_devices(self, part: NamespacePart) -> dict:
         """Bridged frames and egress chains: mark and observe them where the namespace has
-        them; the path builder needs their interfaces' indexes. Bridges are followed where
-        the ruleset has bridge chains: without, a bridged frame meets no chain of its own
-        (br_netfilter's IP hooks mark and trace it as any packet)."""
+        them; the path builder needs their interfaces' indexes, and whether the bridge hooks
+        after IP postrouting hold chains of the ruleset."""
         table, snapshot = part.table, part.snapshot
         links = part.call(interface_links)
-        bridges = frozenset(link.index for link in links if link.kind == "bridge") \
-            if snapshot.has_base_chains("bridge") else frozenset()
+        bridges = frozenset(link.index for link in links if link.kind == "bridge")
         if bridges:
             try:
                 table.mark_bridges()
@@ -273,7 +277,7 @@ class TraceSession:
                                             f"family ({err})")
         egress = snapshot.egress_devices()
         table.mark_egress(egress)
-        return {"bridges": bridges,
+        return {"bridges": bridges, "bridge_out": snapshot.has_base_chains("bridge", ("output", "postrouting")),
                 "egress": frozenset(link.index for link in links if link.name in egress)}
 
     def _plan(self) -> tuple[Optional[NftContext], BackendPlan]:
@@ -315,6 +319,8 @@ class TraceSession:
         without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
         if not self.options.drop_reasons:
             return nullcontext()
+        if self._shared_drops is not None:
+            return nullcontext(self._shared_drops)
         watcher = start_drop_watcher(self.report.warnings.append)
         return watcher if watcher is not None else nullcontext()
 
@@ -328,6 +334,8 @@ class TraceSession:
             watcher.close()
             self.report.warnings.append(f"kernel drop reasons unavailable: {err}")
             return
+        if watcher is self._shared_drops:
+            watcher.read()  # drops of the packets of earlier sessions, not of this one's
         self._drops = watcher
         self._correlator = DropCorrelator(interfaces=self.report.interfaces)
 
@@ -538,8 +546,9 @@ class TraceSession:
                     part.builder.socket_drained()
                 else:
                     all_drained = False
-            if legacy is not None and (readable or drops):
+            if legacy is not None:
                 # Read after the trace events: the TRACE lines written before them are all here.
+                # Read on every round, lines or not: each read observes the legacy tables.
                 self._finished(run, primary, primary.builder.feed_legacy(legacy.read(), time.monotonic()))
             if correlator is not None and drops:
                 correlator.add_drops(drops)
