@@ -20,8 +20,8 @@ from typing import Optional
 from pyroute2.netlink import nla
 from pyroute2.netlink.nfnetlink import nfgen_msg
 
-from ..kernel.netlink import (NFGENMSG_END, NFNL_SUBSYS_NFTABLES, NFPROTO_NAMES, NFT_MSG_TRACE, NLMSG_HEADER_SIZE,
-                              compact_table, message_type, read_message)
+from ..kernel.netlink import (NFGENMSG_END, NFNL_SUBSYS_NFTABLES, NFPROTO_NAMES, NFT_MSG_TRACE, NLA_TYPE_MASK,
+                              NLMSG_HEADER_SIZE, compact_table, message_type, read_attributes, read_message)
 from ..protocols import ICMP_PROTOCOL_NUMBERS, PORT_PROTOCOL_NUMBERS, PROTOCOL_NUMBERS
 
 IPPROTO_TCP = PROTOCOL_NUMBERS["tcp"]
@@ -348,37 +348,111 @@ def decode_trace_message(raw: bytes) -> TraceEvent:
     """One NFT_MSG_TRACE (nlmsghdr included) into a TraceEvent, reading only the attributes
     a TraceEvent is made of (a few µs an event).
 
-    An event without packet information (every event of a base chain's run after its first)
-    is the same from one packet to the next but for the trace id: such events are decoded
-    once and kept by their bytes without the id (a rule that matches every packet of a flood
-    costs a dictionary lookup)."""
-    key = None
-    if raw[_ID_OFFSET:_ID_OFFSET + 4] == _ID_HEADER:
-        end = min(len(raw), _MESSAGE_LENGTH.unpack_from(raw, 0)[0])
-        key = raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_OFFSET + 8:end]
-        known = _repeated_events.get(key)
-        if known is not None:
-            return _with_trace_id(known, _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0])
-    event = event_from_attributes(raw[16], read_message(raw, TRACE_DECODER))
-    if key is not None and not event.starts_base_chain:
-        if len(_repeated_events) >= _EVENT_CACHE_SIZE:
-            _repeated_events.clear()
-        _repeated_events[key] = event
-    return event
+    The kernel sends what the rule, chain and verdict say first, and what the packet says
+    (interfaces, headers, conntrack) last, on the first event of a base chain's run only.
+    The first part is the same for every packet that meets the same rule with the same
+    verdict: it is decoded once and found again by its bytes (`TraceTemplate`), so an event
+    without packet information costs a dictionary lookup, and one with it the reading of
+    its packet part alone."""
+    layout = trace_layout(raw)
+    if layout is None:
+        return event_from_attributes(raw[16], read_message(raw, TRACE_DECODER))
+    trace_id, template, packet_at, end = layout
+    if packet_at >= end:
+        return template.event(trace_id)
+    return template.with_packet(trace_id, read_attributes(raw, packet_at, end, TRACE_DECODER), raw[16])
 
 
 # The kernel puts NFPROTO, TYPE and then ID first (nf_tables_trace.c: nft_trace_notify), so the
 # trace id's attribute header is at a fixed place; checked on every message, never assumed.
 _ID_NUMBER = [name for name, _ in TRACE_ATTRIBUTES].index("NFTA_TRACE_ID")
 _ID_OFFSET = NFGENMSG_END + 16
+_ID_END = _ID_OFFSET + 8
 _ID_HEADER = struct.pack("=HH", 8, _ID_NUMBER)
 _ID_VALUE = struct.Struct(">I")  # NFTA_TRACE_ID is be32 (TRACE_ATTRIBUTES)
 _MESSAGE_LENGTH = struct.Struct("=I")
-_EVENT_CACHE_SIZE = 4096
-_repeated_events: dict = {}
+_ATTRIBUTE_HEADER = struct.Struct("=HH")
+# What the packet says: sent after everything else, on a base chain's first event only.
+PACKET_ATTRIBUTES = frozenset({
+    "NFTA_TRACE_LL_HEADER", "NFTA_TRACE_NETWORK_HEADER", "NFTA_TRACE_TRANSPORT_HEADER", "NFTA_TRACE_IIF",
+    "NFTA_TRACE_IIFTYPE", "NFTA_TRACE_OIF", "NFTA_TRACE_OIFTYPE", "NFTA_TRACE_CT_ID", "NFTA_TRACE_CT_DIRECTION",
+    "NFTA_TRACE_CT_STATUS", "NFTA_TRACE_CT_STATE",
+})
+_PACKET_NUMBERS = frozenset(number for number, (name, _) in enumerate(TRACE_ATTRIBUTES) if name in PACKET_ATTRIBUTES)
+_TEMPLATE_CACHE_SIZE = 4096
+_templates: dict = {}
 
 
-def _with_trace_id(event: TraceEvent, trace_id: int) -> TraceEvent:
-    return TraceEvent(trace_id, event.family, event.table, event.chain, event.type, event.verdict, event.handle,
-                      event.target, event.nfproto, event.iif, event.oif, event.mark, event.packet, event.ct,
-                      event.queue_num)
+@dataclass(slots=True, eq=False)
+class TraceTemplate:
+    """The part of a trace event that is the same for every packet meeting the same rule of
+    the same chain with the same verdict (and mark): everything but the trace id and the
+    packet information. Decoded once per distinct part."""
+
+    attributes: dict  # as read_attributes read them: name -> value
+    family: int  # nfgenmsg.nfgen_family
+    static: TraceEvent  # the event without packet information, trace id 0
+
+    def event(self, trace_id: int) -> TraceEvent:
+        """The event of a packet that sends nothing about itself here (not a base chain's first)."""
+        s = self.static
+        return TraceEvent(trace_id, s.family, s.table, s.chain, s.type, s.verdict, s.handle, s.target, s.nfproto,
+                          s.iif, s.oif, s.mark, s.packet, s.ct, s.queue_num)
+
+    def with_packet(self, trace_id: int, packet_attributes: dict, family: int) -> TraceEvent:
+        """The event with what its packet part says (`packet_attributes`, read after the
+        template's): as event_from_attributes would make it from both (the first occurrence
+        of an attribute wins, as everywhere)."""
+        if not packet_attributes.keys() <= PACKET_ATTRIBUTES:
+            merged = dict(packet_attributes)
+            merged.update(self.attributes)
+            return event_from_attributes(family, merged | {"NFTA_TRACE_ID": trace_id})
+        s = self.static
+        get = packet_attributes.get
+        network = get("NFTA_TRACE_NETWORK_HEADER")
+        packet = parse_packet_headers(s.nfproto, network, get("NFTA_TRACE_TRANSPORT_HEADER")) if network else None
+        ct_state = get("NFTA_TRACE_CT_STATE")
+        ct = None if ct_state is None else _conntrack(ct_state, get("NFTA_TRACE_CT_DIRECTION"), get("NFTA_TRACE_CT_ID"),
+                                                      get("NFTA_TRACE_CT_STATUS"))
+        return TraceEvent(trace_id, s.family, s.table, s.chain, s.type, s.verdict, s.handle, s.target, s.nfproto,
+                          get("NFTA_TRACE_IIF"), get("NFTA_TRACE_OIF"), s.mark, packet, ct, s.queue_num)
+
+
+def trace_layout(raw: bytes) -> Optional[tuple]:
+    """(trace id, TraceTemplate, where the packet part starts, where the message ends) of one
+    NFT_MSG_TRACE, reading no more than the attribute headers before the packet part; None
+    for a message not laid out as the kernel lays them out (it is then decoded in full)."""
+    if raw[_ID_OFFSET:_ID_OFFSET + 4] != _ID_HEADER:
+        return None
+    end = min(len(raw), _MESSAGE_LENGTH.unpack_from(raw, 0)[0])
+    # Most events carry no packet part: the whole message past the id is then the key.
+    template = _templates.get(raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_END:end])
+    if template is not None:
+        return _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0], template, end, end
+    offset = _ID_END
+    header = _ATTRIBUTE_HEADER.unpack_from
+    while offset + 4 <= end:
+        length, number = header(raw, offset)
+        if number & NLA_TYPE_MASK in _PACKET_NUMBERS:
+            break
+        if length < 4:
+            return None
+        offset += (length + 3) & ~3
+    key = raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_END:offset]
+    template = _templates.get(key)
+    if template is None:
+        attributes = read_attributes(raw, NFGENMSG_END, min(offset, end), TRACE_DECODER)
+        attributes.pop("NFTA_TRACE_ID", None)
+        template = TraceTemplate(attributes, raw[16], event_from_attributes(raw[16], attributes | {"NFTA_TRACE_ID": 0}))
+        if len(_templates) >= _TEMPLATE_CACHE_SIZE:
+            _templates.clear()
+        _templates[key] = template
+    return _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0], template, offset, end
+
+
+@functools.lru_cache(maxsize=1024)
+def _conntrack(state: int, direction: Optional[int], ct_id: Optional[int], status: Optional[int]) -> ConntrackInfo:
+    """ConntrackInfo, as event_from_attributes makes it; a flood of one connection has one."""
+    return ConntrackInfo(state=_ct_state_name(state),
+                         direction=None if direction is None else ("original", "reply")[direction & 1],
+                         id=ct_id, status=_ct_status_names(status or 0))
