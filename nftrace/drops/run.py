@@ -6,7 +6,9 @@ same guarantees on every exit path); what differs is here:
   run can say how many it did not trace (read at the end, while the table is still in);
 - only packets that this run's mark rule traced are counted: a concurrent `why` in the same
   namespace traces packets of its own, and every listener receives their events;
-- nftables only: legacy iptables tables are named in a warning, not traced.
+- nftables only: legacy iptables tables are named in a warning, not traced;
+- a packet's path is built only when the packet can be a drop (deferred.py): on a busy box
+  nearly every traced packet is accepted, and costs little more than reading its events.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from ..iptables.nflog import in_initial_netns
 from ..iptables.backends import BackendPlan
 from ..iptables.legacy import FAMILIES, legacy_tables
 from ..protocols import iptables_command
+from ..kernel.monitor import READ_BATCH
 from ..kernel.tracetable import TraceTable
 from ..trace.paths import PacketPath
 from ..trace.session import TraceOptions, TraceSession, open_nftables
+from .deferred import DeferredPackets
 from .report import DropsReport
 from .tally import TraceCounts
 
@@ -35,6 +39,7 @@ class DropsSession(TraceSession):
         options.backend = "nft"
         super().__init__(options, report)
         self.started: Optional[float] = None
+        self._deferred: Optional[DeferredPackets] = None
 
     def run(self, on_drop: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
             on_batch: Optional[Callable[[], None]] = None) -> None:
@@ -53,6 +58,29 @@ class DropsSession(TraceSession):
         finally:
             if self.started is not None:
                 report.duration = time.monotonic() - self.started
+            if self._deferred is not None:
+                self._deferred.finish()
+
+    def _read_events(self, part, limit=READ_BATCH):
+        """The events of packets that can be drops (see deferred.py); where paths can go on
+        past postrouting (bridges, egress chains), every event."""
+        builder = part.builder
+        if self._deferred is None and not (builder.bridges or builder.egress):
+            self._deferred = DeferredPackets(builder, on_unbuilt=self.report.tally.not_built)
+        if self._deferred is None:
+            return super()._read_events(part, limit)
+        return self._deferred.read(part.monitor.read_raw(limit), time.monotonic())
+
+    def _held_events(self, part):
+        return self._deferred.read((), time.monotonic()) if self._deferred is not None else ()
+
+    def _read_drops(self) -> list:
+        """A kernel drop may be one of a packet held back as accepted, or still open: every
+        held packet goes on to be built before the drops are paired."""
+        drops = super()._read_drops()
+        if drops and self._deferred is not None:
+            self._deferred.suspend(time.monotonic())
+        return drops
 
     def _plan(self):
         nft = open_nftables()

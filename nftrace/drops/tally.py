@@ -134,6 +134,10 @@ class DropTally:
         self.packets = 0  # dropped packets counted
         self.seen = 0  # packets offered (dropped or not)
 
+    def not_built(self, count: int) -> None:
+        """Packets traced that were never built into paths: not drops (drops/deferred.py)."""
+        self.seen += count
+
     def add(self, path: PacketPath, interfaces: dict, now: float = 0.0) -> Optional[str]:
         """Count the packet if it was dropped; returns drop_kind(path)."""
         self.seen += 1

@@ -454,6 +454,11 @@ class PathBuilder:
         state.finished = True
         return self._close(state, forget=False)
 
+    def building(self, trace_id: int) -> bool:
+        """Whether the packet of this trace id is being built (its next events belong to it)."""
+        state = self._open.get(trace_id)
+        return state is not None and not state.closed
+
     @property
     def tracked_ids(self) -> int:
         """Trace ids held in memory: packets being built, and finished ones not yet expired."""

@@ -25,7 +25,7 @@ from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_dr
 from ..drops.correlator import DropCorrelator
 from ..iptables.legacy import legacy_tables
 from ..kernel import runner
-from ..kernel.monitor import EventsLost, MonitorItem, RulesetChanged, TableDeleted, TraceMonitor
+from ..kernel.monitor import READ_BATCH, EventsLost, MonitorItem, RulesetChanged, TableDeleted, TraceMonitor
 from ..kernel.nft import NftContext
 from .nearmiss_live import LiveRuleBook, NearMissAnnotator, nft_lister
 from .crossing import CrossingJoiner, assign_namespace
@@ -437,11 +437,14 @@ class TraceSession:
             # goes on.
             for part in run.live:
                 if part.monitor is not None:
-                    self._dispatch(run, part, part.monitor.read(limit=None), stopping=True)
+                    self._dispatch(run, part, self._read_events(part, limit=None), stopping=True)
             if run.legacy is not None:
                 self._finished(run, primary, primary.builder.feed_legacy(run.legacy.read(), time.monotonic()))
             if correlator is not None:
-                correlator.add_drops(self._read_drops())
+                drops = self._read_drops()
+                for part in run.live:
+                    self._dispatch(run, part, self._held_events(part), stopping=True)
+                correlator.add_drops(drops)
                 self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
             if run.joiner is not None:
                 self._deliver(run, run.joiner.flush())
@@ -489,12 +492,20 @@ class TraceSession:
                                      "stopping")
         return False
 
+    def _read_events(self, part: NamespacePart, limit: Optional[int] = READ_BATCH) -> Iterable[MonitorItem]:
+        """What the part's monitor read now, for its path builder (`drops` holds some back)."""
+        return part.monitor.read(limit)
+
+    def _held_events(self, part: NamespacePart) -> Iterable[MonitorItem]:
+        """Events held back that kernel drops just read may need (`drops`), at the end of a run."""
+        return ()
+
     def _end_part(self, run: "_Run", part: NamespacePart) -> None:
         """A namespace went away mid-trace: what was read of it is answered, its trace rules and
         socket go (nftrace's hold on them kept it alive), and the others go on."""
         self.report.warnings.append(f"{part.shown} went away during the trace: its part of the trace ended there")
         if part.monitor is not None:
-            self._dispatch(run, part, part.monitor.read(limit=None), stopping=True)
+            self._dispatch(run, part, self._read_events(part, limit=None), stopping=True)
         self._finished(run, part, part.builder.flush())
         part.ended = True
         with UndoStack() as undo:
@@ -540,7 +551,7 @@ class TraceSession:
                 if monitor is None:
                     continue
                 if monitor in readable or drops:
-                    if self._dispatch(run, part, monitor.read()):
+                    if self._dispatch(run, part, self._read_events(part)):
                         return
                 if monitor.drained:  # reads come in batches: a backlog may still be queued
                     part.builder.socket_drained()
