@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.flood import FLOOD_PORT, Lab, _follow, _kill, _queued, _stop
-from bench.probes import CommitWatcher, Finished, own_usage, wait_for_trace_listener
+from bench.probes import CommitWatcher, Finished, own_usage, wait_for_ready, wait_for_trace_listener
 from nftrace.lab.topology import SERVER_V4, in_netns
 
 DROPS_PORT = FLOOD_PORT + 1
@@ -152,9 +152,9 @@ def run_nftrace(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult,
                                    env=dict(os.environ, NFTRACE_RCVBUF=str(RCVBUF)))
         out.close()
         err.close()
-        if watcher.rules_installed("nftrace_", 30) is None:
-            raise RuntimeError(f"nftrace drops did not install its trace rules: {(workdir / 'drops.err').read_text()}")
-        time.sleep(0.5)  # bpftrace (kernel drop reasons) attaches before nftrace says it is ready
+        if watcher.rules_installed("nftrace_", 30) is None or \
+                not wait_for_ready(workdir / "drops.err", "watching drops", process.pid, 60):
+            raise RuntimeError(f"nftrace drops did not get ready: {(workdir / 'drops.err').read_text()}")
         rss, sent, seconds = _measure(lab, packets, process, started, workdir / "drops.json", 3.0, result, workdir,
                                       sample_rss=True)
         result.rss_while_streaming = [(t, value) for t, value in rss

@@ -21,7 +21,8 @@ from typing import Optional
 
 from bench import nftmonitor
 from bench.probes import (
-    CommitWatcher, Finished, exited, inside_netns, own_usage, reap, rss_bytes, trace_sockets, wait_for_trace_listener,
+    CommitWatcher, Finished, exited, inside_netns, own_usage, reap, rss_bytes, trace_sockets, wait_for_ready,
+    wait_for_trace_listener,
 )
 from nftrace.kernel.monitor import TraceMonitor
 from nftrace.lab.topology import CLIENT_V4, SERVER_V4, Topology, in_netns
@@ -182,6 +183,9 @@ def run_flood(lab: Lab, packets: int, *, rate: float = 0.0, record: bool = False
         if installed is None:
             raise RuntimeError(f"nftrace did not install its trace rules: {(workdir / 'nftrace.err').read_text()}")
         rules_installed_after = installed - nftrace_started
+        # As a script would: traffic once nftrace says it traces (its drop watcher attached).
+        if not wait_for_ready(workdir / "nftrace.err", "(Ctrl-C to stop)", nftrace_process.pid, 60):
+            raise RuntimeError(f"nftrace did not get ready: {(workdir / 'nftrace.err').read_text()}")
 
         flood_started = time.monotonic()
         sender = subprocess.Popen(flood_command(lab, packets, rate), stdout=subprocess.PIPE, text=True,

@@ -233,3 +233,20 @@ def reap(pid: int, started: float) -> Finished:
     _, status, usage = os.wait4(pid, 0)
     return Finished(os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024,
                     time.monotonic() - started)
+
+
+def wait_for_ready(path, marker: str, pid: int, seconds: float) -> bool:
+    """Whether the process wrote `marker` to its stderr file (nftrace says it is ready, traffic
+    may start: its drop watcher is attached) within `seconds`; False if it exited first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as err:
+                if marker in err.read():
+                    return True
+        except OSError:
+            pass
+        if exited(pid):
+            return False
+        time.sleep(0.05)
+    return False

@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 from nftrace.drops.deferred import DeferredPackets
-from nftrace.kernel.monitor import EventsLost
+from nftrace.kernel.monitor import EventsLost, ReadEarlier
 from nftrace.kernel.netlink import decode_datagram
 from nftrace.trace.events import TRACE_MESSAGE_TYPE, decode_trace_message, nft_trace_msg
 from nftrace.trace.paths import PathBuilder
@@ -47,16 +47,26 @@ def build_all(datagrams: list, now: float = 1.0) -> list:
     return paths + builder.flush()
 
 
+def feed(builder: PathBuilder, items, now: float) -> list:
+    """What the session does with the items DeferredPackets gives (trace/session.py _dispatch)."""
+    paths = []
+    for item in items:
+        if isinstance(item, ReadEarlier):
+            for event, when in item.timed():
+                paths += builder.feed(event, when)
+        elif isinstance(item, EventsLost):
+            builder.mark_loss()
+        else:
+            paths += builder.feed(item, now)
+    return paths
+
+
 def build_deferred(datagrams: list, now: float = 1.0, **options) -> tuple[list, DeferredPackets, list]:
     """Through DeferredPackets, as `drops` reads them: (paths built, the deferral, packets let go)."""
     builder = PathBuilder(SNAPSHOT)
     unbuilt = []
     deferred = DeferredPackets(builder, on_unbuilt=unbuilt.append, **options)
-    paths = []
-    for item in deferred.read(datagrams, now):
-        if not isinstance(item, EventsLost):
-            paths += builder.feed(item, now)
-    return paths, deferred, unbuilt
+    return feed(builder, deferred.read(datagrams, now), now), deferred, unbuilt
 
 
 def as_json(paths: list) -> list:
@@ -88,12 +98,9 @@ def test_a_kernel_drop_sends_every_held_packet_on_in_the_order_it_came():
     datagrams = recorded()
     builder = PathBuilder(SNAPSHOT)
     deferred = DeferredPackets(builder)
-    paths = []
-    for item in deferred.read(datagrams, 1.0):
-        paths += builder.feed(item, 1.0)
-    deferred.suspend(1.0)  # bpftrace reported a drop: what is held may be its packet
-    for item in deferred.read((), 1.0):
-        paths += builder.feed(item, 1.0)
+    paths = feed(builder, deferred.read(datagrams, 1.0), 1.0)
+    deferred.suspend(1.0)  # a kernel drop that nothing built explains: what is held may be its packet
+    paths += feed(builder, deferred.read((), 2.0), 2.0)
     paths += builder.flush()
     assert sorted(map(json.dumps, as_json(paths))) == sorted(map(json.dumps, as_json(build_all(datagrams))))
     assert deferred.held == 0
@@ -148,12 +155,14 @@ def test_a_packet_still_open_when_it_goes_idle_is_let_go():
     assert deferred.held == 0 and unbuilt == [1]
 
 
-def test_a_lost_event_sends_every_held_packet_on_before_the_loss_is_said():
+def test_a_lost_event_lets_go_of_the_packets_still_open_and_keeps_the_accepted():
+    start = [raw for raw in flood(1) if "mark_" in decode_trace_message(raw).chain]
     builder = PathBuilder(SNAPSHOT)
-    deferred = DeferredPackets(builder)
-    items = list(deferred.read(flood(2) + [None], 1.0))
-    assert isinstance(items[-1], EventsLost)
-    assert len(items) - 1 == len(flood(2))
+    unbuilt = []
+    deferred = DeferredPackets(builder, on_unbuilt=unbuilt.append)
+    items = list(deferred.read(flood(2) + [with_trace_id(raw, 5) for raw in start] + [None], 1.0))
+    assert len(items) == 1 and isinstance(items[0], EventsLost)
+    assert deferred.held == 2 and unbuilt == [1]
 
 
 def kernel_message(trace_id: int, chain: str, verdict: int, oif: int = 0, handle: int = 0, table: str = OWN) -> bytes:
@@ -186,3 +195,28 @@ def test_a_packet_out_through_another_device_is_held_as_accepted():
     sent = [kernel_message(7, "mark_output", 1, oif=3, handle=3), kernel_message(7, "obs_postrouting", 1, oif=3, handle=4)]
     paths, deferred, _ = build_deferred(sent)
     assert paths == [] and deferred.held == 1
+
+
+def test_after_a_loss_packets_that_start_before_the_socket_is_read_empty_are_let_go():
+    builder = PathBuilder(SNAPSHOT)
+    unbuilt = []
+    deferred = DeferredPackets(builder, on_unbuilt=unbuilt.append)
+    packets = flood(3)
+    feed(builder, deferred.read([None] + packets, 1.0), 1.0)
+    assert deferred.held == 0 and builder.open_packets == 0 and unbuilt == [1, 1, 1]
+    builder.socket_drained()
+    list(deferred.read(packets, 1.0))
+    assert deferred.held == 3
+
+
+def test_a_netfilter_drop_nothing_explains_sends_the_open_packets_on_and_keeps_the_accepted():
+    start = [raw for raw in flood(1) if "mark_" in decode_trace_message(raw).chain]
+    builder = PathBuilder(SNAPSHOT)
+    deferred = DeferredPackets(builder)
+    list(deferred.read(flood(2), 1.0))
+    list(deferred.read([with_trace_id(raw, 5) for raw in start], 1.0))
+    assert deferred.held == 3
+    deferred.release_open()  # it may have vanished inside netfilter (conntrack dropped it)
+    [item] = deferred.read((), 1.5)
+    assert isinstance(item, ReadEarlier) and {event.trace_id for event in item.events} == {5}
+    assert deferred.held == 2

@@ -436,3 +436,39 @@ def test_a_packet_the_kernel_freed_mid_path_keeps_netfilters_accept_and_no_decid
     assert (path.verdict, path.decided_by, path.kernel_drop["reason"]) == ("accept", None, "NOT_SPECIFIED")
     assert summary(path).startswith("no rule dropped it: it passed every chain up to prerouting, then the kernel "
                                     "dropped it: NOT_SPECIFIED")
+
+
+def test_a_drop_that_no_packet_built_explains_is_unexplained():
+    """`drops` builds a packet held back only when a drop is left that it may explain."""
+    correlator = DropCorrelator()
+    assert correlator.unexplained(10.0) is None
+    correlator.add_drops([drop("NO_SOCKET", at=10.0)])
+    assert correlator.unexplained(10.0) == "kernel" and correlator.remembered == 1
+
+
+def test_a_netfilter_drop_waits_a_moment_for_the_rule_drop_it_echoes():
+    """The echo of a rule's drop can be read before the packet's events: it is unexplained
+    only once that packet would have been read."""
+    correlator = DropCorrelator()
+    correlator.add_drops([drop("NETFILTER_DROP", at=10.0)])
+    assert correlator.unexplained(10.5) is None
+    assert correlator.unexplained(11.5) == "netfilter"
+
+
+def test_a_drop_paired_with_a_packet_is_explained():
+    correlator = DropCorrelator()
+    correlator.hold([accepted_at_input()], 10.0)
+    correlator.add_drops([drop("NO_SOCKET", at=10.1)])
+    assert correlator.unexplained(10.1) is None and correlator.remembered == 0
+
+
+def test_a_netfilter_drop_is_never_put_on_a_packet_that_left_netfilter():
+    """nftrace's observation chain runs last on the exit hooks: no netfilter drop can follow
+    it. In a flood of one flow, the echo of a rule drop whose events were lost would otherwise
+    fit every accepted packet."""
+    correlator = DropCorrelator()
+    assert correlator.hold([accepted_at_input(10.0, 10.0)], 10.0) == []  # held for a kernel drop
+    correlator.add_drops([drop("NETFILTER_DROP", at=10.05)])
+    answered = correlator.release(11.0, everything=True)
+    assert [path.kernel_drop for path in answered] == [None]
+    assert correlator.notes == []

@@ -61,6 +61,9 @@ class PacketSignature:
     dropped_by_rule: bool
     iif: Optional[int]
     keys: tuple = ()  # `headers` as header_key()s
+    # Netfilter let it through to its end (nftrace's observation chain, last on the exit hook,
+    # saw it leave): no netfilter drop can follow, so a NETFILTER_DROP is never its.
+    left_netfilter: bool = False
 
     @classmethod
     def of(cls, path: PacketPath) -> "PacketSignature":
@@ -77,15 +80,17 @@ class PacketSignature:
                 keys.append(key)
                 headers.append(fields)
         return cls(path.trace_id, tuple(headers), path.first_seen, path.last_seen or path.first_seen,
-                   path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"), tuple(keys))
+                   path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"), tuple(keys),
+                   path.complete and path.verdict == "accept" and path.vanished_after is None)
 
     def matches(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
         """Same packet: the headers it had at some hook (before or after NAT), a time that fits.
 
         A NETFILTER_DROP of a packet that a traced rule dropped says nothing the rule did not
-        (see `echoes`).
+        (see `echoes`), and one of a packet that left netfilter is another packet's (in a flood
+        of one flow, the echo of a rule drop whose events were lost would match every packet).
         """
-        if drop.reason == "NETFILTER_DROP" and self.dropped_by_rule:
+        if drop.reason == "NETFILTER_DROP" and (self.dropped_by_rule or self.left_netfilter):
             return False
         return self.fits(drop, late_seconds)
 
@@ -176,6 +181,8 @@ class _Drops:
         self._arrived: deque = deque()
         self._by_key: dict = {}  # key -> ([time], [drop])
         self._live: set = set()  # ids of the drops still remembered
+        self.other_reasons = 0  # drops remembered whose reason is not NETFILTER_DROP
+        self.added = 0  # drops remembered, in all
 
     def __len__(self) -> int:
         return len(self._live)
@@ -183,6 +190,9 @@ class _Drops:
     def add(self, drop: KernelDrop) -> None:
         self._arrived.append(drop)
         self._live.add(id(drop))
+        self.added += 1
+        if drop.reason != "NETFILTER_DROP":
+            self.other_reasons += 1
         times, drops = self._by_key.setdefault(drop_key(drop), ([], []))
         index = bisect.bisect_right(times, drop.time)
         times.insert(index, drop.time)
@@ -192,6 +202,8 @@ class _Drops:
         if id(drop) not in self._live:
             return
         self._live.discard(id(drop))
+        if drop.reason != "NETFILTER_DROP":
+            self.other_reasons -= 1
         key = drop_key(drop)
         times, drops = self._by_key[key]
         index = bisect.bisect_left(times, drop.time)
@@ -302,6 +314,22 @@ class DropCorrelator:
             self._drops.add(drop)
         while len(self._drops) > REMEMBER_MAX:
             self._drops.forget(self._drops.oldest())
+
+    def unexplained(self, now: float) -> Optional[str]:
+        """Whether a drop is remembered that no packet built so far accounts for: "kernel" for
+        one of a reason other than NETFILTER_DROP (the kernel dropped a packet that netfilter
+        let through, maybe seconds later), "netfilter" for a NETFILTER_DROP too old to be the
+        echo of a rule's drop whose packet is still to be read (MATCH_EARLY_SECONDS: the packet
+        vanished inside netfilter, outside the traced chains); None."""
+        if self._drops.other_reasons > 0:
+            return "kernel"
+        oldest = self._drops.oldest()
+        return "netfilter" if oldest is not None and now - oldest.time > MATCH_EARLY_SECONDS else None
+
+    @property
+    def remembered(self) -> int:
+        """Drops remembered unpaired so far, in all (it only grows)."""
+        return self._drops.added
 
     def vanished(self, path: PacketPath) -> Optional[KernelDrop]:
         """For PathBuilder.close_vanished: the remembered drop that accounts for an open packet."""

@@ -9,11 +9,16 @@ wait here, undecoded, as long as nothing says that it can be a drop:
 - an event of nftrace's own observation chain at input or postrouting (netfilter let the
   packet through; not out through loopback, which brings it back in) ends it as accepted:
   its events stay here, in case the kernel drops it after netfilter;
-- the kernel reporting a drop (drops/bpftrace.py), the socket overflowing, the ruleset
-  changing: every packet waiting here goes on to the path builder, in the order its first
+- a NETFILTER_DROP that no packet built explains (DropCorrelator.unexplained: not the echo
+  of a rule's drop): the packets still open go on (one of them vanished inside netfilter);
+- a kernel drop of another reason that no packet built explains, the ruleset changing:
+  every packet waiting here goes on to the path builder, in the order its first
   event came, and for REMEMBER_SECONDS after the kernel's latest drop every event does (so
   that a late drop finds its packet answered, as in `why`); the path builder and the drop
   correlator then do exactly what they do without this;
+- the socket overflowing: a packet still open, or one that starts before the socket is
+  read empty, may miss events: the path builder would end it incomplete, never a drop; it
+  is let go at once, which is what lets nftrace catch up;
 - a packet still open after `idle_seconds` went idle: the path builder would call it
   incomplete, which is never a drop.
 Packets kept as accepted are bounded (the latest `keep_packets` within `keep_seconds`, as
@@ -33,13 +38,18 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
-from ..kernel.monitor import EventsLost, decode_monitor_datagram
-from ..kernel.netlink import compact_table, read_attributes
-from ..kernel.tracetable import OBSERVE_CHAIN_PREFIX, is_trace_table
+from ..kernel.monitor import EventsLost, ReadEarlier, decode_monitor_datagram
+from ..kernel.netlink import NLA_TYPE_MASK
+from ..kernel.tracetable import MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX, is_trace_table
 from ..trace.events import FINAL_VERDICTS, TRACE_ATTRIBUTES, TRACE_MESSAGE_TYPE, decode_trace_message, trace_layout
 from .correlator import REMEMBER_MAX, REMEMBER_SECONDS
 
-_OIF = compact_table(TRACE_ATTRIBUTES, wanted={"NFTA_TRACE_OIF"})
+_NUMBERS = {name: number for number, (name, _) in enumerate(TRACE_ATTRIBUTES)}
+_OIF_NUMBER = _NUMBERS["NFTA_TRACE_OIF"]
+_INTERFACE_NUMBERS = frozenset(_NUMBERS[name] for name in ("NFTA_TRACE_IIF", "NFTA_TRACE_IIFTYPE", "NFTA_TRACE_OIF",
+                                                           "NFTA_TRACE_OIFTYPE"))
+_ATTRIBUTE_HEADER = struct.Struct("=HH")
+_BE32 = struct.Struct(">I")  # NFTA_TRACE_OIF is be32 (TRACE_ATTRIBUTES)
 _FINAL, _DELIVERED, _SENT, _OTHER = range(4)
 _NLMSG_HEADER = struct.Struct("=IH")
 
@@ -49,7 +59,8 @@ class _Packet:
     """The undecoded events of one packet (one trace id, from a base chain's first event)."""
 
     trace_id: int
-    last: float  # when its latest event was read
+    first: float  # when its first and latest events were read
+    last: float
     datagrams: list = field(default_factory=list)
 
 
@@ -86,7 +97,7 @@ class DeferredPackets:
         self._order: deque = deque()  # every _Packet held, in the order of its first event
         self._kinds: dict = {}  # TraceTemplate -> _FINAL | _EXIT | _OTHER
         self._straight_until = 0.0
-        self._release = False
+        self._release = self._release_open = False
 
     @property
     def held(self) -> int:
@@ -102,10 +113,14 @@ class DeferredPackets:
         notices, in order), from a batch of datagrams read from the trace socket."""
         if self._release:
             yield from self.release()
+        elif self._release_open:
+            self._release_open = False
+            for packet in list(self._open.values()):
+                yield from self._send(packet)
         header = _NLMSG_HEADER.unpack_from
         for datagram in datagrams:
             if datagram is None:
-                yield from self.release()
+                self._lost()
                 yield EventsLost()
                 continue
             length, msg_type = header(datagram, 0) if len(datagram) >= 16 else (0, 0)
@@ -114,13 +129,30 @@ class DeferredPackets:
                 yield from self.release()
                 yield from decode_monitor_datagram(datagram)
                 continue
-            if now < self._straight_until or self.builder.loss_pending:
+            if now < self._straight_until:
                 yield decode_trace_message(datagram)
                 continue
-            event = self._offer(datagram, now)
+            if self.builder.loss_pending:
+                event = self._while_lost(datagram)
+            else:
+                event = self._offer(datagram, now)
             if event is not None:
                 yield from event
         self._expire(now)
+
+    def _while_lost(self, datagram: bytes) -> Optional[list]:
+        """After a loss, until the socket has been read empty, a packet that starts may miss
+        events: the path builder would end it incomplete, never a drop, so it is let go at
+        once; the packets it has open get their events (see PathBuilder.mark_loss)."""
+        layout = trace_layout(datagram)
+        if layout is None:
+            return [decode_trace_message(datagram)]
+        trace_id, template, packet_at, end = layout
+        if self.builder.building(trace_id):
+            return [template.event(trace_id) if packet_at >= end else decode_trace_message(datagram)]
+        if packet_at < end and template.static.chain.startswith(MARK_CHAIN_PREFIX) and is_trace_table(template.static.table):
+            self.on_unbuilt(1)  # a packet's first event: nftrace's mark rule
+        return None
 
     def _offer(self, datagram: bytes, now: float) -> Optional[list]:
         """Hold the event back (None), or the events that go on now."""
@@ -134,7 +166,7 @@ class DeferredPackets:
                 # Not a base chain's first event (a late event of a packet already done, or the
                 # middle of one whose start was not held): the path builder decides.
                 return [template.event(trace_id) if packet_at >= end else decode_trace_message(datagram)]
-            packet = self._open[trace_id] = _Packet(trace_id, now)
+            packet = self._open[trace_id] = _Packet(trace_id, now, now)
             self._order.append(packet)
         else:
             self._open.move_to_end(trace_id)
@@ -169,25 +201,50 @@ class DeferredPackets:
                     break
             else:
                 return None
-        return read_attributes(datagram, packet_at, end, _OIF).get("NFTA_TRACE_OIF")
+        # The kernel sends the interfaces first in the packet part (nf_trace_fill_dev_info).
+        header = _ATTRIBUTE_HEADER.unpack_from
+        while packet_at + 8 <= end:
+            length, number = header(datagram, packet_at)
+            number &= NLA_TYPE_MASK
+            if number == _OIF_NUMBER:
+                return _BE32.unpack_from(datagram, packet_at + 4)[0] if length >= 8 else None
+            if number not in _INTERFACE_NUMBERS or length < 4:
+                return None
+            packet_at += (length + 3) & ~3
+        return None
 
     def _send(self, packet: _Packet) -> list:
         """A packet that can be a drop: its events go on, and every later one (the path builder
         has it open)."""
         self._open.pop(packet.trace_id, None)
-        events = [decode_trace_message(datagram) for datagram in packet.datagrams]
+        events = ReadEarlier(tuple(decode_trace_message(datagram) for datagram in packet.datagrams), packet.first,
+                             packet.last)
         packet.datagrams = []
-        return events
+        return [events]
+
+    def _lost(self) -> None:
+        """Events were lost: a packet still open may miss some, and would end incomplete,
+        never a drop (PathBuilder.mark_loss); those accepted are whole."""
+        if self._open:
+            self.on_unbuilt(len(self._open))
+        for packet in self._open.values():
+            packet.datagrams = []
+        self._open.clear()
+
+    def release_open(self) -> None:
+        """The packets held still open go on at the next read (those accepted stay)."""
+        self._release_open = True
 
     def release(self) -> Iterator:
         """Every packet held, decoded, in the order of its first event."""
-        self._release = False
+        self._release = self._release_open = False
         order, self._order = self._order, deque()
         self._open.clear()
         self._accepted.clear()
         for packet in order:
-            for datagram in packet.datagrams:
-                yield decode_trace_message(datagram)
+            if packet.datagrams:
+                yield ReadEarlier(tuple(decode_trace_message(datagram) for datagram in packet.datagrams), packet.first,
+                                  packet.last)
             packet.datagrams = []
 
     def _expire(self, now: float) -> None:

@@ -40,6 +40,7 @@ class DropsSession(TraceSession):
         super().__init__(options, report)
         self.started: Optional[float] = None
         self._deferred: Optional[DeferredPackets] = None
+        self._remembered = 0  # the correlator's drops remembered, when held packets were last built for them
 
     def run(self, on_drop: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
             on_batch: Optional[Callable[[], None]] = None) -> None:
@@ -71,16 +72,23 @@ class DropsSession(TraceSession):
             return super()._read_events(part, limit)
         return self._deferred.read(part.monitor.read_raw(limit), time.monotonic())
 
-    def _held_events(self, part):
-        return self._deferred.read((), time.monotonic()) if self._deferred is not None else ()
-
-    def _read_drops(self) -> list:
-        """A kernel drop may be one of a packet held back as accepted, or still open: every
-        held packet goes on to be built before the drops are paired."""
-        drops = super()._read_drops()
-        if drops and self._deferred is not None:
-            self._deferred.suspend(time.monotonic())
-        return drops
+    def _release_for_drops(self, run) -> bool:
+        """A kernel drop that nothing built explains may be of a packet held back: after
+        netfilter, of any packet held (it is built, and every event for a while); inside
+        netfilter (NETFILTER_DROP outside the traced chains), of a packet held still open,
+        which is built (see deferred.py)."""
+        now = time.monotonic()
+        unexplained = self._correlator.unexplained(now) if self._deferred is not None else None
+        if unexplained == "kernel":
+            self._deferred.suspend(now)
+        elif unexplained == "netfilter" and self._correlator.remembered != self._remembered:
+            self._remembered = self._correlator.remembered  # once per drop: the others are echoes of lost events
+            self._deferred.release_open()
+        else:
+            return False
+        for part in run.live:
+            self._dispatch(run, part, self._deferred.read((), now), stopping=True)
+        return True
 
     def _plan(self):
         nft = open_nftables()

@@ -60,7 +60,23 @@ class EventsLost:
     """The socket overflowed (ENOBUFS): some events between the last read and now are gone."""
 
 
-MonitorItem = Union[TraceEvent, RulesetChanged, TableDeleted, EventsLost]
+@dataclass(frozen=True)
+class ReadEarlier:
+    """One packet's trace events that were read earlier and held back (`nftrace drops` holds
+    the events of packets that are not drops, drops/deferred.py): the first was read at
+    `first`, the others by `last`."""
+
+    events: tuple
+    first: float
+    last: float
+
+    def timed(self) -> Iterator[tuple]:
+        """(event, when it was read), as the path builder is fed."""
+        for index, event in enumerate(self.events):
+            yield event, self.first if index == 0 else self.last
+
+
+MonitorItem = Union[TraceEvent, RulesetChanged, TableDeleted, EventsLost, ReadEarlier]
 
 
 def open_netfilter_socket(rcvbuf: int) -> socket.socket:

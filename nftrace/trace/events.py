@@ -381,6 +381,10 @@ PACKET_ATTRIBUTES = frozenset({
 _PACKET_NUMBERS = frozenset(number for number, (name, _) in enumerate(TRACE_ATTRIBUTES) if name in PACKET_ATTRIBUTES)
 _TEMPLATE_CACHE_SIZE = 4096
 _templates: dict = {}
+# The first bytes after the trace id (the chain's name) -> where packet parts started after them.
+_BOUNDARY_PREFIX = 24
+_BOUNDARIES_PER_PREFIX = 8
+_boundaries: dict = {}
 
 
 @dataclass(slots=True, eq=False)
@@ -429,8 +433,17 @@ def trace_layout(raw: bytes) -> Optional[tuple]:
     template = _templates.get(raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_END:end])
     if template is not None:
         return _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0], template, end, end
-    offset = _ID_END
     header = _ATTRIBUTE_HEADER.unpack_from
+    # Where the packet part starts is found by reading attribute headers; for a template met
+    # before, it is where it was then: right if the bytes before it are the template's and a
+    # packet attribute starts there.
+    prefix = raw[_ID_END:_ID_END + _BOUNDARY_PREFIX]
+    for offset in _boundaries.get(prefix, ()):
+        if offset + 4 <= end and header(raw, offset)[1] & NLA_TYPE_MASK in _PACKET_NUMBERS:
+            template = _templates.get(raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_END:offset])
+            if template is not None:
+                return _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0], template, offset, end
+    offset = _ID_END
     while offset + 4 <= end:
         length, number = header(raw, offset)
         if number & NLA_TYPE_MASK in _PACKET_NUMBERS:
@@ -441,11 +454,16 @@ def trace_layout(raw: bytes) -> Optional[tuple]:
     key = raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_END:offset]
     template = _templates.get(key)
     if template is None:
+        if offset < end:
+            known = _boundaries.setdefault(prefix, [])
+            if offset not in known and len(known) < _BOUNDARIES_PER_PREFIX:
+                known.append(offset)
         attributes = read_attributes(raw, NFGENMSG_END, min(offset, end), TRACE_DECODER)
         attributes.pop("NFTA_TRACE_ID", None)
         template = TraceTemplate(attributes, raw[16], event_from_attributes(raw[16], attributes | {"NFTA_TRACE_ID": 0}))
         if len(_templates) >= _TEMPLATE_CACHE_SIZE:
             _templates.clear()
+            _boundaries.clear()
         _templates[key] = template
     return _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0], template, offset, end
 

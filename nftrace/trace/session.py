@@ -9,6 +9,7 @@ reports kernel drops (drops/bpftrace.py) is stopped the same way, and dies with 
 
 from __future__ import annotations
 
+import gc
 import select
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_dr
 from ..drops.correlator import DropCorrelator
 from ..iptables.legacy import legacy_tables
 from ..kernel import runner
-from ..kernel.monitor import READ_BATCH, EventsLost, MonitorItem, RulesetChanged, TableDeleted, TraceMonitor
+from ..kernel.monitor import (READ_BATCH, EventsLost, MonitorItem, ReadEarlier, RulesetChanged, TableDeleted,
+                              TraceMonitor)
 from ..kernel.nft import NftContext
 from .nearmiss_live import LiveRuleBook, NearMissAnnotator, nft_lister
 from .crossing import CrossingJoiner, assign_namespace
@@ -165,6 +167,11 @@ class TraceSession:
                 deadline = time.monotonic() + options.timeout if options.timeout else None
                 run = _Run(parts, legacy, joiner, on_packet, on_batch, deadline)
                 try:
+                    # What setting up made (imports, the CLI, the snapshot) lives as long as the
+                    # run: out of the collector's way, a full collection under a flood takes
+                    # milliseconds, not a tenth of a second (the socket's buffer may hold no more).
+                    gc.collect()
+                    gc.freeze()
                     self._await_drop_watcher(drops)
                     on_ready()
                     self._start_command()
@@ -441,10 +448,8 @@ class TraceSession:
             if run.legacy is not None:
                 self._finished(run, primary, primary.builder.feed_legacy(run.legacy.read(), time.monotonic()))
             if correlator is not None:
-                drops = self._read_drops()
-                for part in run.live:
-                    self._dispatch(run, part, self._held_events(part), stopping=True)
-                correlator.add_drops(drops)
+                correlator.add_drops(self._read_drops())
+                self._release_for_drops(run)
                 self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
             if run.joiner is not None:
                 self._deliver(run, run.joiner.flush())
@@ -474,6 +479,9 @@ class TraceSession:
                 self._finished(run, part, builder.feed(item, time.monotonic()))
                 if not stopping and count and self.packets_seen >= count:
                     return True
+            elif isinstance(item, ReadEarlier):
+                for event, when in item.timed():
+                    self._finished(run, part, builder.feed(event, when))
             elif isinstance(item, EventsLost):
                 builder.mark_loss()
             elif stopping:
@@ -496,9 +504,10 @@ class TraceSession:
         """What the part's monitor read now, for its path builder (`drops` holds some back)."""
         return part.monitor.read(limit)
 
-    def _held_events(self, part: NamespacePart) -> Iterable[MonitorItem]:
-        """Events held back that kernel drops just read may need (`drops`), at the end of a run."""
-        return ()
+    def _release_for_drops(self, run: "_Run") -> bool:
+        """Called once the kernel drops read were paired with what was built: `drops` then
+        builds the packets it held back if a drop is left that one of them may explain (True)."""
+        return False
 
     def _end_part(self, run: "_Run", part: NamespacePart) -> None:
         """A namespace went away mid-trace: what was read of it is answered, its trace rules and
@@ -561,9 +570,11 @@ class TraceSession:
                 # Read after the trace events: the TRACE lines written before them are all here.
                 # Read on every round, lines or not: each read observes the legacy tables.
                 self._finished(run, primary, primary.builder.feed_legacy(legacy.read(), time.monotonic()))
-            if correlator is not None and drops:
-                correlator.add_drops(drops)
-                self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
+            if correlator is not None:
+                if drops:
+                    correlator.add_drops(drops)
+                if self._release_for_drops(run) or drops:
+                    self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
             for part in run.live:
                 self._finished(run, part, part.builder.expire(time.monotonic()))
             if joiner is not None:
