@@ -5,13 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# python3-iptables: Debian's build of the `iptables` extra (python-iptables); from PyPI it is
+# a C extension that needs a compiler.
+PACKAGES=(nftables libnftables1 python3-nftables python3-iptables iptables iproute2 python3 python3-venv
+          python3-pip bpftrace ufw ruby kmod procps conntrack)
+
+# `setup.sh --packages`: the Debian packages, one a line (vagrant/build-box.sh puts them in its box).
+if [ "${1:-}" = --packages ]; then
+    printf '%s\n' "${PACKAGES[@]}"
+    exit 0
+fi
+
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (sudo $0)" >&2
     exit 2
 fi
-
-PACKAGES=(nftables libnftables1 python3-nftables iptables iproute2 python3 python3-venv python3-pip
-          bpftrace ufw ruby kmod procps conntrack)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
