@@ -137,9 +137,18 @@ with open(sys.argv[1], "rb") as pyproject:
 print("\n".join(project["dependencies"] + project.get("optional-dependencies", {}).get("test", [])))
 PYTHON
 )
-/usr/bin/python3 -m pip install --quiet --disable-pip-version-check --root "$ROOT" --prefix /usr/local \
-    --ignore-installed --no-warn-script-location --break-system-packages "${python_requirements[@]}" \
-    >"$WORKDIR/pip.log" 2>&1 || { tail -20 "$WORKDIR/pip.log" >&2; die "installing nftrace's Python dependencies failed"; }
+# The host's pip builds for the host's Python: only where that is the box's too (a Debian 12 host).
+box_python=$(chroot "$ROOT" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+host_python=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$box_python" = "$host_python" ]; then
+    # --target: the directory Debian's python3 reads for locally installed packages, named
+    # outright (pip's --prefix maps differently on Debian and elsewhere).
+    /usr/bin/python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+        --target "$ROOT/usr/local/lib/python$box_python/dist-packages" "${python_requirements[@]}" \
+        >"$WORKDIR/pip.log" 2>&1 || { tail -20 "$WORKDIR/pip.log" >&2; die "installing nftrace's Python dependencies failed"; }
+else
+    echo "build-box.sh: the host's Python is $host_python, the box's $box_python: the VMs install nftrace's dependencies themselves"
+fi
 for filesystem in dev sys proc; do
     umount -R "$ROOT/$filesystem"
 done
@@ -231,7 +240,8 @@ loop=""
 dd if=/usr/lib/syslinux/mbr/mbr.bin of="$DISK" bs=440 count=1 conv=notrunc status=none
 
 echo "build-box.sh: box image"
-qemu-img convert -O qcow2 "$DISK" "$WORKDIR/box.img"
+# Compressed: half the size, and vagrant-libvirt copies the box into libvirt's pool at a few MB/s.
+qemu-img convert -c -O qcow2 "$DISK" "$WORKDIR/box.img"
 rm -f "$DISK"
 cat >"$WORKDIR/metadata.json" <<EOF
 {"provider": "libvirt", "format": "qcow2", "virtual_size": $DISK_SIZE_GB}
