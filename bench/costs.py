@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from bench.probes import CommitWatcher, inside_netns
-from nftrace.netlab import in_netns, run
-from nftrace.system import enter_namespace
+from nftrace.lab.topology import in_netns, run
+from nftrace.kernel.system import enter_namespace
 
 
 @dataclass
@@ -66,7 +66,7 @@ def import_times(runs: int = 5) -> dict:
     """Median wall time of a Python that only imports, minus one that does nothing."""
     bare = _wall([sys.executable, "-c", "pass"], runs)
     cli = _wall([sys.executable, "-c", "import nftrace.cli"], runs)
-    why = _wall([sys.executable, "-c", "import nftrace.cli, nftrace.session, nftrace.render, nftrace.report"], runs)
+    why = _wall([sys.executable, "-c", "import nftrace.cli, nftrace.trace.session, nftrace.trace.render, nftrace.trace.report"], runs)
     version = _wall([sys.executable, "-m", "nftrace", "--version"], runs)
     return {"python": bare, "import nftrace.cli": cli - bare, "import what `why` loads": why - bare,
             "nftrace --version": version}
@@ -127,8 +127,8 @@ class SnapshotResult:
 
 def snapshot_cost(netns: str, rules: int, anonymous_sets: bool = False, runs: int = 3) -> SnapshotResult:
     """Load a generated ruleset into `netns` and time RulesetSnapshot.take's two halves."""
-    from nftrace.nft import NftContext
-    from nftrace.ruleset import RulesetSnapshot
+    from nftrace.kernel.nft import NftContext
+    from nftrace.trace.ruleset import RulesetSnapshot
 
     text = generated_ruleset(rules, anonymous_sets)
     started = time.perf_counter()
@@ -139,7 +139,7 @@ def snapshot_cost(netns: str, rules: int, anonymous_sets: bool = False, runs: in
         nft = NftContext()
         for _ in range(runs):
             started = time.perf_counter()
-            listing = nft.run("list ruleset", handles=True, stateless=True, terse=True)
+            listing = nft.list_ruleset()
             listed = time.perf_counter()
             snapshot = RulesetSnapshot(listing)
             listings.append(listed - started)
@@ -178,12 +178,12 @@ def _rate(function: Callable[[], int], events: int) -> tuple[float, int]:
 
 def decode_cost(datagrams: list, events: int, snapshot=None) -> DecodeResult:
     """Events per second in a tight loop over recorded datagrams (repeated to `events`)."""
-    from nftrace.cli import JsonStream
-    from nftrace.events import decode_trace_message, decode_trace_message_pyroute2
+    from nftrace.trace.jsonstream import JsonStream
+    from nftrace.trace.events import decode_trace_message, decode_trace_message_pyroute2
     from nftrace.flow import parse_flow
-    from nftrace.paths import PathBuilder
-    from nftrace.report import TraceReport
-    from nftrace.ruleset import RulesetSnapshot
+    from nftrace.trace.paths import PathBuilder
+    from nftrace.trace.report import TraceReport
+    from nftrace.trace.ruleset import RulesetSnapshot
 
     corpus = (datagrams * (events // len(datagrams) + 1))[:events]
     reference = corpus[: max(len(datagrams), events // 10)]

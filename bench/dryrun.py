@@ -23,15 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nftrace.dryrun import DryRun, DryRunRequest  # noqa: E402
+from nftrace.dryrun.session import DryRun, DryRunRequest  # noqa: E402
 from nftrace.flow import parse_flow  # noqa: E402
-from nftrace.netlab import CLIENT_V4, ROUTER_CLIENT_V4, Topology, in_netns  # noqa: E402
-from nftrace.netstate import read_network_state  # noqa: E402
-from nftrace.nft import NftContext  # noqa: E402
-from nftrace.nsexec import call_in_namespace  # noqa: E402
-from nftrace.report import TraceReport  # noqa: E402
-from nftrace.ruleset import RulesetSnapshot  # noqa: E402
-from nftrace.sandbox import Sandbox  # noqa: E402
+from nftrace.lab.topology import CLIENT_V4, ROUTER_CLIENT_V4, Topology, in_netns  # noqa: E402
+from nftrace.dryrun.netstate import read_network_state  # noqa: E402
+from nftrace.kernel.nft import NftContext  # noqa: E402
+from nftrace.kernel.nsexec import call_in_namespace  # noqa: E402
+from nftrace.trace.report import TraceReport  # noqa: E402
+from nftrace.trace.ruleset import RulesetSnapshot  # noqa: E402
+from nftrace.dryrun.sandbox import Sandbox  # noqa: E402
 
 
 def ruleset(size: int) -> str:

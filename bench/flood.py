@@ -23,8 +23,8 @@ from bench import nftmonitor
 from bench.probes import (
     CommitWatcher, Finished, exited, inside_netns, own_usage, reap, rss_bytes, trace_sockets, wait_for_trace_listener,
 )
-from nftrace.monitor import TraceMonitor
-from nftrace.netlab import CLIENT_V4, SERVER_V4, Topology, in_netns
+from nftrace.kernel.monitor import TraceMonitor
+from nftrace.lab.topology import CLIENT_V4, SERVER_V4, Topology, in_netns
 
 FLOOD_PORT = 5000
 ROUTER_RULESET = f"""
@@ -119,7 +119,7 @@ def nftrace_command(netns: str, *, max_rate: int, timeout: float) -> list[str]:
 
 
 def flood_command(lab: Lab, packets: int, rate: float) -> list[str]:
-    return ["ip", "netns", "exec", lab.topology.client, sys.executable, "-m", "nftrace.traffic", "udp", SERVER_V4,
+    return ["ip", "netns", "exec", lab.topology.client, sys.executable, "-m", "nftrace.lab.traffic", "udp", SERVER_V4,
             str(FLOOD_PORT), "--count", str(packets), "--rate", str(rate), "--max-seconds", "120"]
 
 
@@ -229,16 +229,17 @@ def run_flood(lab: Lab, packets: int, *, rate: float = 0.0, record: bool = False
 
 
 def _follow(sender, nft_process, nftrace_process, workdir: Path, flood_started: float, flood_deadline: float,
-            drain_seconds: float):
+            drain_seconds: float, outputs: Optional[dict] = None):
     """Watch the flood, then each listener until its socket is empty and its output has not
     grown for a while.
 
     Returns nftrace's resident memory over time (seconds since the flood started, bytes),
     when the flood ended, and, per tool, how long after the flood's end its output last grew.
     """
-    outputs = {"nftrace": (nftrace_process, workdir / "nftrace.json", NFTRACE_SETTLE_SECONDS)}
-    if nft_process:
-        outputs["nft"] = (nft_process, workdir / "nft-monitor.txt", MONITOR_SETTLE_SECONDS)
+    if outputs is None:
+        outputs = {"nftrace": (nftrace_process, workdir / "nftrace.json", NFTRACE_SETTLE_SECONDS)}
+        if nft_process:
+            outputs["nft"] = (nft_process, workdir / "nft-monitor.txt", MONITOR_SETTLE_SECONDS)
     sizes = {name: -1 for name in outputs}
     grew_at = {name: flood_started for name in outputs}
     done: dict = {}
@@ -247,7 +248,7 @@ def _follow(sender, nft_process, nftrace_process, workdir: Path, flood_started: 
     deadline = flood_deadline
     while len(done) < len(outputs) and time.monotonic() < deadline:
         now = time.monotonic()
-        rss = rss_bytes(nftrace_process.pid)
+        rss = rss_bytes(nftrace_process.pid) if nftrace_process is not None else None
         if rss is not None and "nftrace" not in done:
             rss_samples.append((now - flood_started, rss))
         for name, (process, path, settle) in outputs.items():
@@ -274,9 +275,8 @@ def _nftrace_result(workdir: Path, sent: int, finished: Finished, kernel_drops: 
                     drained_after: Optional[float]) -> ToolResult:
     result = ToolResult("nftrace why", finished=finished, exit_code=finished.exit_code, kernel_drops=kernel_drops,
                         drained_after=drained_after, stderr=(workdir / "nftrace.err").read_text())
-    text = (workdir / "nftrace.json").read_text()
     try:
-        document = json.loads(text)
+        document = read_json_stream(workdir / "nftrace.json")
     except ValueError:
         raise RuntimeError(f"nftrace's output is not one JSON document (exit {finished.exit_code}): "
                            f"{result.stderr.strip()[-500:]}") from None
@@ -290,6 +290,28 @@ def _nftrace_result(workdir: Path, sent: int, finished: Finished, kernel_drops: 
     result.loss_reported = f"{lost:,} events" if lost else "none"
     result.unaccounted = max(0, sent - result.complete - result.incomplete_reported)
     return result
+
+
+def read_json_stream(path: Path) -> dict:
+    """nftrace's --json document, read a packet line at a time (trace/jsonstream.py writes one
+    packet per line): a flood's 200 MB document read whole would make this process a GiB,
+    and every process it starts afterwards inherits that peak in its own figures. Packets
+    are kept only as far as the benchmark reads them."""
+    keep = ("complete", "verdict", "hooks")
+    with open(path) as lines:
+        header = next(lines)
+        if not header.rstrip().endswith('"packets": ['):
+            return json.loads(header + lines.read())  # not written packet by packet
+        document = json.loads(header.rstrip()[:-len('"packets": [')].rstrip().rstrip(",") + "}")
+        packets = []
+        for line in lines:
+            if line.startswith("  {") or line.startswith(", {"):
+                packet = json.loads(line[2:])
+                packets.append({key: packet.get(key) for key in keep})
+            elif line.startswith("]"):
+                document.update(json.loads("{" + line[line.index(",") + 1:]) if "," in line else {})
+        document["packets"] = packets
+    return document
 
 
 def _monitor_result(output, reference, sent: int, finished: Optional[Finished], kernel_drops: int,

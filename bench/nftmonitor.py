@@ -14,8 +14,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from nftrace.kernel.tracetable import MARK_CHAIN_PREFIX, TRACE_TABLE_PREFIX
+
 LOSS_LINE = "# ERROR: We lost some netlink events!"
-TRACE_TABLE_PREFIX = "nftrace_"
 # nft prints a rule's counter values as they were when it read the ruleset.
 _COUNTER_VALUES = re.compile(r"counter packets \d+ bytes \d+")
 
@@ -40,7 +41,7 @@ def line_key(line: str) -> Optional[tuple]:
 
 def is_path_start(key: tuple) -> bool:
     """A packet's first line: nftrace's mark chain, where tracing is switched on for it."""
-    return key[1] == TRACE_TABLE_PREFIX and key[2].startswith("mark_") and key[3] == "packet"
+    return key[1] == TRACE_TABLE_PREFIX and key[2].startswith(MARK_CHAIN_PREFIX) and key[3] == "packet"
 
 
 def parse(lines: Iterable[str]) -> MonitorOutput:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from nftrace.system import enter_namespace
+from nftrace.kernel.system import enter_namespace
 
 CLONE_NEWNET = 0x40000000
 NETLINK_NETFILTER = 12

@@ -24,9 +24,10 @@ if str(REPO) not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from bench.probes import inside_netns  # noqa: E402
-from nftrace.events import TRACE_MESSAGE_TYPE, decode_datagram  # noqa: E402
-from nftrace.monitor import TraceMonitor  # noqa: E402
-from nftrace.netlab import (  # noqa: E402
+from nftrace.kernel.netlink import decode_datagram  # noqa: E402
+from nftrace.trace.events import TRACE_MESSAGE_TYPE  # noqa: E402
+from nftrace.kernel.monitor import TraceMonitor  # noqa: E402
+from nftrace.lab.topology import (  # noqa: E402
     ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, SERVER_V4, Topology, in_netns, python_in_netns,
 )
 
@@ -72,14 +73,14 @@ def _traffic(topo: Topology) -> None:
     server = _background(topo.server, ["listen-tcp", SERVER_V4, "443", "--seconds", "6"])
     try:
         for port in (22, 8080, 9090, 2323):
-            python_in_netns(client, ["nftrace.traffic", "tcp", ROUTER_CLIENT_V4, str(port), "--timeout", "0.5"])
-        python_in_netns(client, ["nftrace.traffic", "udp", ROUTER_CLIENT_V4, "5353"])
-        python_in_netns(client, ["nftrace.traffic", "tcp", ROUTER_CLIENT_V6, "80", "--timeout", "0.5"])
-        python_in_netns(client, ["nftrace.traffic", "icmp", ROUTER_CLIENT_V4])
-        python_in_netns(client, ["nftrace.traffic", "icmp", ROUTER_CLIENT_V6])
-        python_in_netns(client, ["nftrace.traffic", "tcp", SERVER_V4, "443", "--timeout", "1"])
-        python_in_netns(client, ["nftrace.traffic", "tcp", ROUTER_CLIENT_V4, "8443", "--timeout", "1"])
-        python_in_netns(topo.router, ["nftrace.traffic", "tcp", SERVER_V4, "25", "--timeout", "0.5"])
+            python_in_netns(client, ["nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V4, str(port), "--timeout", "0.5"])
+        python_in_netns(client, ["nftrace.lab.traffic", "udp", ROUTER_CLIENT_V4, "5353"])
+        python_in_netns(client, ["nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V6, "80", "--timeout", "0.5"])
+        python_in_netns(client, ["nftrace.lab.traffic", "icmp", ROUTER_CLIENT_V4])
+        python_in_netns(client, ["nftrace.lab.traffic", "icmp", ROUTER_CLIENT_V6])
+        python_in_netns(client, ["nftrace.lab.traffic", "tcp", SERVER_V4, "443", "--timeout", "1"])
+        python_in_netns(client, ["nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V4, "8443", "--timeout", "1"])
+        python_in_netns(topo.router, ["nftrace.lab.traffic", "tcp", SERVER_V4, "25", "--timeout", "0.5"])
     finally:
         server.terminate()
         server.wait()
@@ -88,7 +89,7 @@ def _traffic(topo: Topology) -> None:
 def _background(ns: str, args: list):
     import subprocess
 
-    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "nftrace.traffic", *args],
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "nftrace.lab.traffic", *args],
                             stdout=subprocess.DEVNULL)
 
 

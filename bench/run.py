@@ -34,11 +34,12 @@ if str(REPO) not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from bench import costs  # noqa: E402
+from bench.drops import DROPS_PORT, DropsFloodResult, run_drops_flood  # noqa: E402
 from bench.flood import FloodResult, Lab, machine, run_flood  # noqa: E402
 from bench.probes import inside_netns  # noqa: E402
 from nftrace.errors import NftraceError  # noqa: E402
-from nftrace.netlab import in_netns, netns_exists, run  # noqa: E402
-from nftrace.tracetable import DEFAULT_MAX_RATE  # noqa: E402
+from nftrace.lab.topology import in_netns, netns_exists, run  # noqa: E402
+from nftrace.kernel.tracetable import DEFAULT_MAX_RATE  # noqa: E402
 
 CALIBRATION_PACKETS = 50
 TARGET_RATIO = 1.5
@@ -48,6 +49,11 @@ TARGET_SNAPSHOT_50K = 1.0
 # packet would double it, while the bounded windows (idle expiry, kernel-drop hold) fill up
 # in the first seconds.
 FLAT_MEMORY_GROWTH = 0.10
+# Keeping up with the flood (issue 15): nftrace's CPU against nft monitor's on the same
+# events, and how long after the flood its last answer comes.
+TARGET_CPU_RATIO = 2.0
+TARGET_WHY_DRAIN = 2.0
+TARGET_DROPS_DRAIN = 1.0
 
 
 class Stop(Exception):
@@ -79,6 +85,13 @@ def memory_while_streaming(flood: FloodResult) -> Optional[tuple[int, int, int]]
     return middle, samples[-1][1], max(rss for _, rss in samples)
 
 
+def aligned(rows: list) -> list[str]:
+    """A table's rows: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + row[0].ljust(widths[0]) + "  " + "  ".join(cell.rjust(width) for cell, width in
+                                                              zip(row[1:], widths[1:])) for row in rows]
+
+
 def flood_table(flood: FloodResult) -> list[str]:
     nft, mine = flood.monitor, flood.nftrace
     events = f"; {flood.events_per_packet:.0f} trace events each" if flood.events_per_packet else ""
@@ -101,10 +114,7 @@ def flood_table(flood: FloodResult) -> list[str]:
          ratio(_own_peak(mine), nft.finished.max_rss_bytes)),
         ("last output, after the flood ended", _seconds(nft.drained_after), _seconds(mine.drained_after), ""),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        lines.append("  " + row[0].ljust(widths[0]) + "  " + "  ".join(cell.rjust(width) for cell, width in
-                                                                       zip(row[1:], widths[1:])))
+    lines += aligned(rows)
     helper_cpu, helper_rss = _helper_usage(mine)
     if helper_cpu is not None:
         lines.append(f"  (nftrace's figures include its bpftrace for kernel drop reasons, on by default: "
@@ -164,8 +174,46 @@ def _seconds(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f} s"
 
 
+def drops_table(drops: DropsFloodResult) -> list[str]:
+    admin, mine = drops.admin, drops.nftrace
+    lines = [f"Drops: {drops.sent:,} UDP packets to port {DROPS_PORT}, one in ten dropped by a rule "
+             f"(numgen, with a counter); each tool alone on the same flood "
+             f"({drops.sent / drops.admin_flood_seconds:,.0f}/s and {drops.sent / drops.nftrace_flood_seconds:,.0f}/s)",
+             ""]
+    rows = [
+        ("", "nft monitor trace + catch-all rule", "nftrace drops --max-rate 0", "nftrace / nft monitor"),
+        ("drops by the rule (its counter)", f"{admin.rule_counter:,}", f"{mine.rule_counter:,}", ""),
+        ("drops reported", f"{admin.drops_reported:,}", f"{mine.drops_reported:,}",
+         ratio(mine.drops_reported, admin.drops_reported)),
+        ("events lost, as reported by each", admin.loss_reported, mine.loss_reported, ""),
+        ("events lost, kernel's socket counter", f"{admin.kernel_drops:,}", f"{mine.kernel_drops:,}", ""),
+        ("CPU seconds (user + sys)", f"{admin.finished.cpu_seconds:.2f}", f"{mine.finished.cpu_seconds:.2f}",
+         ratio(mine.finished.cpu_seconds, admin.finished.cpu_seconds)),
+        ("peak memory (max RSS of the process)", mib(_own_peak(admin)), mib(_own_peak(mine)),
+         ratio(_own_peak(mine), _own_peak(admin))),
+        ("last report, after the flood ended", _seconds(admin.drained_after), _seconds(mine.drained_after), ""),
+    ]
+    lines += aligned(rows)
+    helper_cpu, helper_rss = _helper_usage(mine)
+    if helper_cpu is not None:
+        lines.append(f"  (nftrace's figures include its bpftrace: {helper_cpu:.2f} CPU s, {mib(helper_rss)} peak; "
+                     f"nftrace's own process: {mine.own_cpu_seconds:.2f} CPU s, {mib(mine.own_max_rss_bytes)} peak)")
+    memory = _memory_growth(mine.rss_while_streaming)
+    if memory is not None:
+        lines.append(f"  nftrace drops resident memory while streaming: {mib(memory[0])} half-way, "
+                     f"{mib(memory[1])} at the end")
+    return lines
+
+
+def _memory_growth(samples: list) -> Optional[tuple[int, int]]:
+    if len(samples) < 4:
+        return None
+    return samples[len(samples) // 2][1], samples[-1][1]
+
+
 def report(figures: dict, flood: FloodResult, default_rate: FloodResult, startup: costs.StartupResult,
-           imports: dict, snapshots: list, decode: Optional[costs.DecodeResult]) -> tuple[list[str], list]:
+           imports: dict, snapshots: list, decode: Optional[costs.DecodeResult],
+           drops: Optional[DropsFloodResult] = None) -> tuple[list[str], list]:
     box = figures["machine"]
     lines = [f"nftrace benchmark on {box['nproc']} CPUs ({box['cpu']}), {mib(box['memory'])} RAM, "
              f"Linux {box['kernel']}, {box['nft']}, Python {box['python']}; "
@@ -175,6 +223,8 @@ def report(figures: dict, flood: FloodResult, default_rate: FloodResult, startup
                   f"{default_rate.nftrace.complete + default_rate.nftrace.incomplete_reported:,} packets traced, "
                   f"{default_rate.nftrace.complete:,} complete, {default_rate.nftrace.loss_reported} lost "
                   f"(kernel counter: {default_rate.nftrace.kernel_drops:,})"]
+    if drops is not None:
+        lines += [""] + drops_table(drops)
     lines += ["", f"Start-up, median of {len(startup.nftrace_seconds)} runs (start of the process → commit seen by a listener)"]
     lines.append(f"  nftrace why: trace rules installed       {_median(startup.nftrace_seconds)}  "
                  f"(max {_seconds(max(startup.nftrace_seconds, default=None))})")
@@ -199,7 +249,7 @@ def report(figures: dict, flood: FloodResult, default_rate: FloodResult, startup
                      f"{decode.compact_per_second / decode.pyroute2_per_second:.1f}× the reference")
         lines.append(f"  decode + path building + JSON          {decode.pipeline_per_second:>10,.0f} events/s   "
                      f"({decode.pipeline_packets_per_second:,.0f} packets/s)")
-    targets = evaluate(flood, default_rate, startup, snapshots)
+    targets = evaluate(flood, default_rate, startup, snapshots, drops)
     lines += ["", "Targets"]
     for met, text in targets:
         lines.append(f"  [{'met' if met else 'NOT MET'}] {text}")
@@ -210,12 +260,37 @@ def _median(values: list) -> str:
     return _seconds(statistics.median(values)) if values else "-"
 
 
-def evaluate(flood: FloodResult, default_rate: FloodResult, startup: costs.StartupResult, snapshots: list) -> list:
+def evaluate(flood: FloodResult, default_rate: FloodResult, startup: costs.StartupResult, snapshots: list,
+             drops: Optional[DropsFloodResult] = None) -> list:
     mine, nft = flood.nftrace, flood.monitor
     targets = []
     rate = mine.complete / nft.complete if nft.complete else float("inf")
     targets.append((rate >= TARGET_RATIO, f"complete paths ≥ {TARGET_RATIO}× nft monitor's on the flood: "
                                           f"{mine.complete:,} vs {nft.complete:,} ({rate:.2f}×)"))
+    targets.append((mine.complete == flood.sent, f"every packet's path complete: {mine.complete:,} of {flood.sent:,}"))
+    if nft.finished is not None and mine.finished is not None and nft.finished.cpu_seconds:
+        cpu = mine.finished.cpu_seconds / nft.finished.cpu_seconds
+        targets.append((cpu <= TARGET_CPU_RATIO, f"CPU ≤ {TARGET_CPU_RATIO}× nft monitor's on the flood: "
+                                                 f"{cpu:.2f}× ({mine.finished.cpu_seconds:.2f} s vs "
+                                                 f"{nft.finished.cpu_seconds:.2f} s)"))
+    if mine.drained_after is not None:
+        targets.append((mine.drained_after <= TARGET_WHY_DRAIN,
+                        f"why's last answer ≤ {TARGET_WHY_DRAIN} s after the flood: {mine.drained_after:.2f} s"))
+    if drops is not None:
+        dropped = drops.nftrace
+        targets.append((dropped.every_drop, f"drops: every drop counted, equal to the rule's counter: "
+                                            f"{dropped.drops_reported:,} of {dropped.rule_counter:,}"))
+        lost = dropped.kernel_drops
+        targets.append((lost == 0 and dropped.loss_reported == "none",
+                        f"drops: no lost event with the default 16 MiB buffer: {lost:,} (kernel counter)"))
+        if dropped.drained_after is not None:
+            targets.append((dropped.drained_after <= TARGET_DROPS_DRAIN,
+                            f"drops: last report ≤ {TARGET_DROPS_DRAIN} s after the flood: {dropped.drained_after:.2f} s"))
+        memory = _memory_growth(dropped.rss_while_streaming)
+        if memory is not None:
+            growth = (memory[1] - memory[0]) / memory[0]
+            targets.append((growth <= FLAT_MEMORY_GROWTH, f"drops: memory flat while streaming: "
+                                                          f"{growth:+.1%} over the second half"))
     # Silent: a packet sent, neither shown (complete or incomplete) nor covered by a loss
     # report; or a report that says less than the kernel counted. (At the default rate,
     # packets over the limit are not traced at all: that is no loss.)
@@ -264,6 +339,8 @@ def main(argv=None) -> int:
                         help="skip the rulesets where one rule in five uses an anonymous set")
     parser.add_argument("--startup-runs", type=int, default=5, help="runs of the start-up measurement")
     parser.add_argument("--decode-events", type=int, default=200_000, help="events in the decoding loop")
+    parser.add_argument("--no-drops", dest="drops", action="store_false",
+                        help="skip `nftrace drops` against nft monitor with a catch-all trace rule")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure to FILE as JSON")
     parser.add_argument("--keep-output", type=Path, metavar="DIR", help="keep both listeners' raw output in DIR")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
@@ -298,14 +375,19 @@ def main(argv=None) -> int:
         print(f"flood at the default --max-rate ({DEFAULT_MAX_RATE}/s), nftrace alone ...", file=sys.stderr, flush=True)
         default_rate = run_flood(lab, args.packets, monitor=False, max_rate=DEFAULT_MAX_RATE,
                                  workdir=_dir(workdir, "default-rate"))
+        drops = None
+        if args.drops:
+            print(f"drops: {args.packets:,} packets, one in ten dropped; nft monitor with a catch-all trace rule, "
+                  "then nftrace drops ...", file=sys.stderr, flush=True)
+            drops = run_drops_flood(lab, args.packets, workdir=_dir(workdir, "drops"))
         print("start-up and import times ...", file=sys.stderr, flush=True)
         startup = costs.startup(lab.router, args.startup_runs)
         imports = costs.import_times()
         decode = None
         if calibration.datagrams and args.decode_events:
             print("decoding ...", file=sys.stderr, flush=True)
-            from nftrace.nft import NftContext
-            from nftrace.ruleset import RulesetSnapshot
+            from nftrace.kernel.nft import NftContext
+            from nftrace.trace.ruleset import RulesetSnapshot
 
             with inside_netns(lab.router):
                 router_snapshot = RulesetSnapshot.take(NftContext())
@@ -335,13 +417,14 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     figures = {"machine": machine(), "load_at_start": load_at_start}
-    lines, targets = report(figures, flood, default_rate, startup, imports, snapshots, decode)
+    lines, targets = report(figures, flood, default_rate, startup, imports, snapshots, decode, drops)
     print("\n".join(lines))
     if args.json:
         figures.update({
             "flood": _flood_json(flood), "default_rate": _flood_json(default_rate),
             "startup": asdict(startup), "imports": imports, "snapshots": [asdict(item) for item in snapshots],
             "decode": asdict(decode) if decode else None,
+            "drops": asdict(drops) if drops else None,
             "targets": [{"met": met, "target": text} for met, text in targets],
         })
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

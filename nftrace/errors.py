@@ -6,6 +6,8 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class NftraceError(Exception):
     """A failure the user can act on; `str(err)` is the whole message."""
@@ -22,7 +24,12 @@ class EnvironmentProblem(NftraceError):
 
 
 class KernelError(NftraceError):
-    """The kernel refused a change or a netlink socket failed mid-run."""
+    """The kernel refused a change or a netlink socket failed mid-run; `errno` says why, where
+    the kernel's answer was read (None otherwise)."""
+
+    def __init__(self, message: str, errno: Optional[int] = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class TraceTableGone(NftraceError):

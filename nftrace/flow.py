@@ -7,22 +7,23 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import InputError
+from .protocols import PORT_PROTOCOLS, PROTOCOL_NUMBERS
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-# IANA protocol numbers, as they appear in the IP header.
-PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
-PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
-PORT_PROTOCOLS = ("tcp", "udp", "sctp")
 IFNAMSIZ = 16
 
 
 @dataclass(frozen=True)
 class Flow:
-    """One direction of traffic: the packets whose trace the user wants to read."""
+    """One direction of traffic: the packets whose trace the user wants to read.
 
-    src: IPNetwork
-    dst: IPNetwork
+    `why` always has both addresses. `drops` may have none at all (every packet, IPv4 and
+    IPv6): a missing address matches any, and `ip_version` is None when nothing (address,
+    icmp or icmpv6) ties the flow to one family.
+    """
+
+    src: Optional[IPNetwork]
+    dst: Optional[IPNetwork]
     proto: Optional[str] = None
     sport: Optional[int] = None
     dport: Optional[int] = None
@@ -30,13 +31,16 @@ class Flow:
     oif: Optional[str] = None
 
     @property
-    def ip_version(self) -> int:
-        return self.src.version
+    def ip_version(self) -> Optional[int]:
+        for network in (self.src, self.dst):
+            if network is not None:
+                return network.version
+        return {"icmp": 4, "icmpv6": 6}.get(self.proto or "")
 
     @property
     def nft_family(self) -> str:
-        """The nftables keyword for the L3 protocol: `ip` or `ip6`."""
-        return "ip" if self.ip_version == 4 else "ip6"
+        """The nftables keyword for the L3 protocol: `ip` or `ip6` (`inet` for both)."""
+        return {4: "ip", 6: "ip6"}.get(self.ip_version, "inet")
 
     def matches(self, src, dst, proto: Optional[int], sport: Optional[int], dport: Optional[int]) -> bool:
         """Whether a packet with these header fields belongs to the flow.
@@ -44,7 +48,11 @@ class Flow:
         Used on the headers of a packet's first traced hook, so that two nftrace runs in the
         same namespace, whose trace events every listener receives, each keep only their own.
         """
-        if src is None or dst is None or src not in self.src or dst not in self.dst:
+        if src is None or dst is None:
+            return False
+        if (self.src is not None and src not in self.src) or (self.dst is not None and dst not in self.dst):
+            return False
+        if self.src is None and self.dst is None and self.ip_version is not None and src.version != self.ip_version:
             return False
         if self.proto is not None and proto != PROTOCOL_NUMBERS[self.proto]:
             return False
@@ -56,8 +64,8 @@ class Flow:
 
     def to_json(self) -> dict:
         return {
-            "src": _network_text(self.src),
-            "dst": _network_text(self.dst),
+            "src": _network_text(self.src) if self.src is not None else None,
+            "dst": _network_text(self.dst) if self.dst is not None else None,
             "proto": self.proto,
             "sport": self.sport,
             "dport": self.dport,
@@ -66,10 +74,11 @@ class Flow:
         }
 
     def describe(self) -> str:
-        """Short human form: `10.0.0.5 → 10.0.0.9:22 tcp`."""
-        src = _network_text(self.src) + (f":{self.sport}" if self.sport else "")
-        dst = _network_text(self.dst) + (f":{self.dport}" if self.dport else "")
-        return f"{src} → {dst}" + (f" {self.proto}" if self.proto else "")
+        """Short human form: `10.0.0.5 → 10.0.0.9:22 tcp`; `any → any:53 udp in eth0`."""
+        src = (_network_text(self.src) if self.src is not None else "any") + (f":{self.sport}" if self.sport else "")
+        dst = (_network_text(self.dst) if self.dst is not None else "any") + (f":{self.dport}" if self.dport else "")
+        interfaces = "".join(f" {word} {name}" for word, name in (("in", self.iif), ("out", self.oif)) if name)
+        return f"{src} → {dst}" + (f" {self.proto}" if self.proto else "") + interfaces
 
 
 def shown(text: str, limit: int = 60) -> str:
@@ -111,6 +120,21 @@ def parse_interface(name: Optional[str], option: str) -> Optional[str]:
     return name
 
 
+def parse_filter(
+    src: Optional[str] = None,
+    dst: Optional[str] = None,
+    proto: Optional[str] = None,
+    sport: Optional[int] = None,
+    dport: Optional[int] = None,
+    iif: Optional[str] = None,
+    oif: Optional[str] = None,
+) -> Flow:
+    """`drops`' filter: a flow whose every part is optional (none at all: every packet)."""
+    src_net = parse_address(src, "--from") if src is not None else None
+    dst_net = parse_address(dst, "--to") if dst is not None else None
+    return _checked_flow(src, dst, src_net, dst_net, proto, sport, dport, iif, oif)
+
+
 def parse_flow(
     src: str,
     dst: str,
@@ -121,20 +145,24 @@ def parse_flow(
     oif: Optional[str] = None,
 ) -> Flow:
     """Validate everything the user typed; raise InputError with the one line to show."""
-    src_net = parse_address(src, "--from")
-    dst_net = parse_address(dst, "--to")
-    if src_net.version != dst_net.version:
+    return _checked_flow(src, dst, parse_address(src, "--from"), parse_address(dst, "--to"), proto, sport, dport,
+                         iif, oif)
+
+
+def _checked_flow(src, dst, src_net, dst_net, proto, sport, dport, iif, oif) -> Flow:
+    if src_net is not None and dst_net is not None and src_net.version != dst_net.version:
         raise InputError(
             f"--from {shown(src)} is IPv{src_net.version} but --to {shown(dst)} is IPv{dst_net.version}: "
             "one flow has one family"
         )
+    version = (src_net or dst_net).version if (src_net or dst_net) is not None else None
     if proto is not None:
         proto = proto.lower()
         if proto not in PROTOCOL_NUMBERS:
             raise InputError(f"--proto: '{shown(proto)}' is not one of {', '.join(PROTOCOL_NUMBERS)}")
-        if proto == "icmp" and src_net.version == 6:
+        if proto == "icmp" and version == 6:
             raise InputError("--proto icmp is IPv4; use --proto icmpv6 with IPv6 addresses")
-        if proto == "icmpv6" and src_net.version == 4:
+        if proto == "icmpv6" and version == 4:
             raise InputError("--proto icmpv6 is IPv6; use --proto icmp with IPv4 addresses")
     sport = parse_port(sport, "--sport")
     dport = parse_port(dport, "--dport")

@@ -1,12 +1,29 @@
-"""Signals as exceptions, so that every `finally` block that undoes a kernel change runs.
+"""Stop signals, and undoing what nftrace changed whatever signals arrive meanwhile.
 
-Ctrl-C already raises KeyboardInterrupt; SIGTERM and SIGHUP are made to raise `Interrupted`
-while a run is on, so that they end it the same way, and the exit status says which signal.
+SIGINT, SIGTERM and SIGHUP end a run the same way: while one is on (`SignalsAsExceptions`),
+the first of them raises an exception (KeyboardInterrupt for Ctrl-C, `Interrupted` for the
+others), so that every `finally` and `with` block that undoes a kernel change runs, and the
+exit status says which signal it was.
+
+Undoing must not be cut short by a second signal (an impatient Ctrl-C after a SIGTERM, a
+second Ctrl-C): every undo step runs inside `SignalsHeld`, and a run's undo steps as a whole
+in an `UndoStack`:
+- only the first stop signal counts; any later one is recorded and dropped, since the stop
+  it asks for is already under way;
+- a first signal that comes while something is being undone waits until the undoing is
+  done, and is raised then (the exit status is that signal's);
+- an undo step that fails never replaces the error that started the undoing: it is added to
+  it as a note (`cleanup_failures`), the user sees both, and the remaining steps still run.
 """
 
 from __future__ import annotations
 
 import signal
+import threading
+from typing import Callable, Optional
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+CLEANUP_NOTE = "while undoing what nftrace changed: "
 
 
 class Interrupted(BaseException):
@@ -17,32 +34,167 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
+def interruption(signum: int) -> BaseException:
+    """The exception a stop signal raises: Ctrl-C stays a KeyboardInterrupt."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum)
 
 
-class _SignalHandlers:
-    SIGNALS: tuple = ()
-    HANDLER = signal.SIG_DFL
+def is_interruption(error: Optional[BaseException]) -> bool:
+    return isinstance(error, (KeyboardInterrupt, Interrupted))
 
-    def __enter__(self):
-        self._previous = {signum: signal.signal(signum, self.HANDLER) for signum in self.SIGNALS}
+
+class _State:
+    """What the process knows about stop signals (handlers run in the main thread only)."""
+
+    def __init__(self):
+        self.installed = 0  # SignalsAsExceptions / SignalsHeld blocks that installed the handler
+        self.previous: dict = {}
+        self.first: Optional[int] = None  # the first stop signal since the handler went in
+        self.held = 0  # undo steps running now
+        self.pending = False  # the first signal came while held and has not been raised yet
+
+    def handle(self, signum, _frame) -> None:
+        if self.first is not None:
+            return  # a stop is already under way: this signal asks for nothing more
+        self.first = signum
+        if self.held:
+            self.pending = True  # raised when the undoing is done
+            return
+        raise interruption(signum)
+
+    def install(self) -> None:
+        if self.installed == 0:
+            # A signal ignored on purpose stays ignored: SIGINT of a background job of a script.
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS
+                             if signal.getsignal(signum) is not signal.SIG_IGN}
+            self.first, self.pending = None, False
+        self.installed += 1
+
+    def uninstall(self, exiting: bool = False) -> None:
+        self.installed -= 1
+        if self.installed == 0:
+            stopping = exiting and self.first is not None
+            for signum, handler in self.previous.items():
+                # On the way out after a stop signal: no later one may change how the process ends.
+                signal.signal(signum, signal.SIG_IGN if stopping else handler)
+            self.previous = {}
+            self.first, self.pending = None, False
+
+
+_state = _State()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class SignalsAsExceptions:
+    """While a run is on: the first of SIGINT, SIGTERM, SIGHUP ends it through every finally
+    block; later ones do not interrupt the cleanup it started.
+
+    `until_exit` (the command line's entry point): when the block is left after a stop signal,
+    later ones stay ignored, so that the exit status is the first one's to the very end."""
+
+    def __init__(self, until_exit: bool = False):
+        self.until_exit = until_exit
+
+    def __enter__(self) -> "SignalsAsExceptions":
+        _state.install()
         return self
 
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+    def __exit__(self, *exc) -> None:
+        _state.uninstall(exiting=self.until_exit)
 
 
-class SignalsAsExceptions(_SignalHandlers):
-    """SIGTERM and SIGHUP end the run the way Ctrl-C does: through every finally block."""
+class SignalsHeld:
+    """An undo step: no stop signal interrupts it. A first one that comes meanwhile is raised
+    once the outermost held block is left, unless an exception is already on its way out
+    (`propagating`, or the block's own): an interruption keeps going as it is; an error keeps
+    going too, with a note saying which signal waited."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-    HANDLER = staticmethod(_raise_interrupted)
+    def __init__(self, propagating: Optional[BaseException] = None):
+        self.propagating = propagating
+        self._main = False
+
+    def __enter__(self) -> "SignalsHeld":
+        # Python runs signal handlers in the main thread only: another thread's undo step is
+        # never interrupted, and must not hold (or later raise) the main thread's signals.
+        self._main = _main_thread()
+        if self._main:
+            _state.install()
+            _state.held += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._main:
+            return
+        _state.held -= 1
+        signum = _state.first if (_state.pending and _state.held == 0) else None
+        if signum is not None:
+            _state.pending = False
+        _state.uninstall()
+        if signum is None:
+            return
+        in_flight = exc if exc is not None else self.propagating
+        if in_flight is None:
+            raise interruption(signum)
+        if not is_interruption(in_flight):
+            in_flight.add_note(f"{signal.Signals(signum).name} came while nftrace was undoing its changes: "
+                               "it waited until they were undone")
 
 
-class SignalsIgnored(_SignalHandlers):
-    """While something is being removed, a second Ctrl-C must not leave half of it behind."""
+def add_cleanup_failure(error: BaseException, failure: BaseException) -> None:
+    """Keep `error` as what went wrong, and say that undoing failed too."""
+    error.add_note(CLEANUP_NOTE + (str(failure) or type(failure).__name__))
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    HANDLER = signal.SIG_IGN
+
+def cleanup_failures(error: BaseException) -> list[str]:
+    """What failed while undoing, as added by add_cleanup_failure (and signals that waited)."""
+    return list(getattr(error, "__notes__", ()))
+
+
+def undo_after(error: BaseException, *steps: Callable[[], object]) -> None:
+    """Run undo steps because `error` happened; their failures are added to it, never raised.
+    The caller raises `error` again."""
+    with SignalsHeld(propagating=error):
+        for step in steps:
+            try:
+                step()
+            except BaseException as failure:  # noqa: BLE001 - kept as a note on the original error
+                add_cleanup_failure(error, failure)
+
+
+class UndoStack:
+    """Undo steps of a run, run last-in first-out on leaving the block, all of them, with stop
+    signals held (see the module docstring). The first failure is raised when nothing else
+    went wrong; any other is a note on the error that is raised."""
+
+    def __init__(self):
+        self._exits: list = []
+
+    def enter_context(self, manager):
+        result = manager.__enter__()
+        self._exits.append(manager.__exit__)
+        return result
+
+    def callback(self, function: Callable, *args, **kwargs) -> None:
+        self._exits.append(lambda *exc: function(*args, **kwargs))
+
+    def __enter__(self) -> "UndoStack":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with SignalsHeld(propagating=exc):
+            error = exc
+            while self._exits:
+                step = self._exits.pop()
+                try:
+                    step(exc_type, exc, tb)
+                except BaseException as failure:  # noqa: BLE001 - every step runs; failures are kept
+                    if error is None:
+                        error = failure
+                    else:
+                        add_cleanup_failure(error, failure)
+            if error is not None and error is not exc:
+                raise error
+

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 # The one place this script uses nftrace's code: scenarios, their flows and how a flow's
 # `nftrace why` and traffic look (the namespace lab's, reused so that both labs trace alike).
-from nftrace.lab import find_scenario, why_arguments  # noqa: E402
+from nftrace.lab.lab import find_scenario, why_arguments  # noqa: E402
 
 VM_PYTHON = "/nftrace/.venv/bin/python"
 ROUTER_NS = "nftlab-router"
@@ -59,10 +59,12 @@ class VMs:
 
 
 def traffic_argv(flow) -> list[str]:
-    """The flow's `nftrace.traffic` arguments, as the namespace lab sends them."""
+    """The flow's traffic command as the namespace lab runs it (`python -m MODULE ARGS`), with
+    the VM's python instead of the namespace wrapper and the host's."""
     command = why_arguments(STAND_IN_TOPOLOGY, flow)
     command = command[command.index("--") + 1:]
-    return [VM_PYTHON, "-m", "nftrace.traffic", *command[command.index("nftrace.traffic") + 1:]]
+    module = command.index("-m") + 1
+    return [VM_PYTHON, "-m", *command[module:]]
 
 
 def why_argv(flow) -> list[str]:

@@ -12,9 +12,9 @@ import ipaddress
 import json
 from pathlib import Path
 
-from nftrace.events import PacketHeaders, TraceEvent
-from nftrace.monitor import decode_monitor_datagram
-from nftrace.ruleset import RulesetSnapshot
+from nftrace.trace.events import PacketHeaders, TraceEvent
+from nftrace.kernel.monitor import decode_monitor_datagram
+from nftrace.trace.ruleset import RulesetSnapshot
 
 OWN = "nftrace_100_abcdef"
 DATA = Path(__file__).parent / "data"
@@ -33,16 +33,16 @@ def event(trace_id, table, chain, type="rule", verdict="continue", handle=None, 
                       handle=handle, target=target, nfproto=2, iif=iif, oif=oif, packet=packet)
 
 
-def mark(trace_id, hook="prerouting", packet=SYN, iif=2):
+def mark(trace_id, hook="prerouting", packet=SYN, iif=2, family="inet"):
     return [event(trace_id, OWN, f"mark_{hook}", handle=3, packet=packet, iif=iif if hook == "prerouting" else None,
-                  oif=None if hook == "prerouting" else 3),
-            event(trace_id, OWN, f"mark_{hook}"),
-            event(trace_id, OWN, f"mark_{hook}", "policy", "accept")]
+                  oif=None if hook == "prerouting" else 3, family=family),
+            event(trace_id, OWN, f"mark_{hook}", family=family),
+            event(trace_id, OWN, f"mark_{hook}", "policy", "accept", family=family)]
 
 
-def observe(trace_id, hook, packet=SYN, iif=2, oif=None):
-    return [event(trace_id, OWN, f"obs_{hook}", packet=packet, iif=iif, oif=oif),
-            event(trace_id, OWN, f"obs_{hook}", "policy", "accept")]
+def observe(trace_id, hook, packet=SYN, iif=2, oif=None, family="inet"):
+    return [event(trace_id, OWN, f"obs_{hook}", packet=packet, iif=iif, oif=oif, family=family),
+            event(trace_id, OWN, f"obs_{hook}", "policy", "accept", family=family)]
 
 
 def first(trace_id, chain, handle=None, verdict="continue", target=None, table="fw", family="inet", packet=SYN, iif=2):

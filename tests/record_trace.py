@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from nftrace.netlab import ROUTER_CLIENT_V4, SERVER_V4, Topology, in_netns  # noqa: E402
+from nftrace.lab.topology import ROUTER_CLIENT_V4, SERVER_V4, Topology, in_netns  # noqa: E402
 from test_live_nftables import ROUTER_RULESET  # noqa: E402
 
 FLOWS = [
@@ -33,15 +33,15 @@ FLOWS = [
 
 RECORDER = r"""
 import json, sys, time
-from nftrace.monitor import TraceMonitor
-from nftrace.nft import NftContext
-from nftrace.tracetable import TraceTable
+from nftrace.kernel.monitor import TraceMonitor
+from nftrace.kernel.nft import NftContext
+from nftrace.kernel.tracetable import TraceTable
 from nftrace.flow import parse_flow
 monitor = TraceMonitor()
 nft = NftContext()
 table = TraceTable(nft, parse_flow("10.77.1.2", "0.0.0.0/0"), max_rate=0)
 table.install()
-listing = nft.run("list ruleset", handles=True, stateless=True, terse=True)
+listing = nft.list_ruleset()
 print("ready", flush=True)
 datagrams = []
 end = time.monotonic() + float(sys.argv[1])
@@ -63,7 +63,7 @@ def main(out: str) -> None:
         assert recorder.stdout.readline().strip() == "ready"
         for proto, host, port in FLOWS:
             extra = ["--timeout", "0.5"] if proto == "tcp" else []
-            in_netns(topo.client, [sys.executable, "-m", "nftrace.traffic", proto, host, port, *extra])
+            in_netns(topo.client, [sys.executable, "-m", "nftrace.lab.traffic", proto, host, port, *extra])
         data = json.loads(recorder.stdout.read())
         recorder.wait()
         data["flows"] = FLOWS

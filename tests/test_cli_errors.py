@@ -7,12 +7,11 @@ stdout stays empty so that a script reading `--json` sees no half document.
 from __future__ import annotations
 
 import os
-import shutil
 import textwrap
 
 import pytest
 
-from conftest import load_ruleset, nftrace, ruleset_state
+from conftest import REPO, load_ruleset, nftrace, ruleset_state, without_admin_rights
 
 FLOW = ["--from", "10.0.0.5", "--to", "10.0.0.9"]
 
@@ -70,14 +69,57 @@ def test_unknown_interface_is_an_error_and_nothing_is_installed(netns):
 
 @pytest.mark.kernel
 def test_without_root_rights_the_error_says_so(netns):
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) is not installed")
     ns = netns()
-    result = nftrace("--netns", ns, "why", *FLOW, wrapper=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-                                                          "--inh-caps=-all", "--bounding-set=-all"])
+    result = nftrace("--netns", ns, "why", *FLOW, wrapper=without_admin_rights())
     assert_one_line_error(result, "needs root (CAP_NET_ADMIN)")
     assert ruleset_state(ns) == ""
+
+
+def test_a_bug_is_one_line_that_says_where_the_traceback_is(tmp_path):
+    # sitecustomize runs in the nftrace process: it breaks the flow parser, as a bug would.
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import nftrace.flow
+        def broken(*args):
+            raise RuntimeError("injected fault\\nwith a second line")
+        nftrace.flow.parse_flow = broken
+    """))
+    result = nftrace("why", *FLOW, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "TMPDIR": str(tmp_path)})
+    assert result.returncode == 70 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    (written,) = tmp_path.glob("nftrace-traceback-*.txt")
+    assert line == f"nftrace: internal error: RuntimeError: injected fault (a bug; traceback in {written})"
+    traceback = written.read_text()
+    assert "Traceback (most recent call last)" in traceback and "in broken" in traceback
+    assert "nftrace why --from 10.0.0.5" in traceback
+
+
+def test_a_bugs_traceback_is_shown_on_request(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text("import nftrace.flow\nnftrace.flow.parse_flow = None\n")
+    result = nftrace("why", *FLOW, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "TMPDIR": str(tmp_path),
+                                         "NFTRACE_TRACEBACK": "1"})
+    assert result.returncode == 70
+    assert result.stderr.startswith("Traceback (most recent call last)")
+    assert result.stderr.splitlines()[-1] == "nftrace: internal error: TypeError: 'NoneType' object is not callable"
+    assert not list(tmp_path.glob("nftrace-traceback-*"))
+
+
+# Modules imported while the command line starts (typer), and while `why` starts (its session).
+@pytest.mark.parametrize("module", ["typer", "nftrace.trace.session"])
+def test_ctrl_c_while_python_imports_is_the_same_one_line(tmp_path, module):
+    # A Ctrl-C that arrives exactly while `module` is being imported: the process sends itself
+    # SIGINT from inside the import system.
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        class CtrlC:
+            def find_spec(self, name, path=None, target=None):
+                if name == {module!r}:
+                    sys.meta_path.remove(self)
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+        sys.meta_path.insert(0, CtrlC())
+    """))
+    result = nftrace("why", *FLOW, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert (result.returncode, result.stderr, result.stdout) == (130, "nftrace: interrupted\n", "")
 
 
 @pytest.fixture

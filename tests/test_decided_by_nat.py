@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from nftrace.events import PacketHeaders, TraceEvent
-from nftrace.paths import PathBuilder
-from nftrace.ruleset import RulesetSnapshot
+from nftrace.trace.events import PacketHeaders, TraceEvent
+from nftrace.trace.paths import PathBuilder
+from nftrace.trace.ruleset import RulesetSnapshot
 
 LISTING = """table ip nat { # handle 1
 \tchain prerouting { # handle 1

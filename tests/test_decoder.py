@@ -18,18 +18,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nftrace.events import (
+from nftrace.trace.events import (
     TRACE_ATTRIBUTES,
+    TRACE_DECODER,
     TRACE_MESSAGE_TYPE,
-    TRACE_TABLE,
     USED_ATTRIBUTES,
     VERDICT_ATTRIBUTES,
-    compact_table,
-    decode_datagram,
     decode_trace_message,
     decode_trace_message_pyroute2,
 )
-from nftrace.monitor import decode_monitor_datagram
+from nftrace.kernel.monitor import decode_monitor_datagram
+from nftrace.kernel.netlink import compact_table, decode_datagram
 
 DATA = Path(__file__).parent / "data"
 RECORDED = DATA / "trace_datagrams.hex"
@@ -53,7 +52,7 @@ MESSAGES = recorded_messages()
 
 def encode(attrs: list, family: int = 1) -> bytes:
     """An NFT_MSG_TRACE as pyroute2 encodes it from (name, value) pairs."""
-    from nftrace.events import nft_trace_msg
+    from nftrace.trace.events import nft_trace_msg
 
     msg = nft_trace_msg()
     msg["header"]["type"] = TRACE_MESSAGE_TYPE
@@ -87,16 +86,16 @@ def test_monitor_decodes_a_whole_datagram_like_the_message_decoder():
 
 
 def test_compact_table_holds_only_the_attributes_an_event_is_made_of():
-    names = {entry[0] for entry in TRACE_TABLE.values()}
+    names = {entry[0] for entry in TRACE_DECODER.values()}
     assert names == {name for name, _ in TRACE_ATTRIBUTES if name in USED_ATTRIBUTES}
     assert "NFTA_TRACE_LL_HEADER" not in names
-    verdict_table = TRACE_TABLE[[name for name, _ in TRACE_ATTRIBUTES].index("NFTA_TRACE_VERDICT")][2]
+    verdict_table = TRACE_DECODER[[name for name, _ in TRACE_ATTRIBUTES].index("NFTA_TRACE_VERDICT")][2]
     assert {entry[0] for entry in verdict_table.values()} == {"NFTA_VERDICT_CODE", "NFTA_VERDICT_CHAIN"}
 
 
 def test_compact_table_refuses_a_type_it_cannot_read():
     with pytest.raises(ValueError, match="NFTA_TRACE_TABLE"):
-        compact_table((("NFTA_TRACE_UNSPEC", "none"), ("NFTA_TRACE_TABLE", "ipaddr")))
+        compact_table((("NFTA_TRACE_UNSPEC", "none"), ("NFTA_TRACE_TABLE", "ipaddr")), wanted=USED_ATTRIBUTES)
 
 
 def test_attribute_numbers_follow_the_kernel_header():

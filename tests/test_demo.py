@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from conftest import REPO, nftrace
-from nftrace.demo import DEMO_PREFIX, leftover_demo_labs
-from nftrace.lab import Lab, find_scenario
-from nftrace.system import NETNS_RUN_DIR
+from nftrace.lab.demo import DEMO_PREFIX, leftover_demo_labs
+from nftrace.lab.lab import Lab, find_scenario
+from nftrace.kernel.system import NETNS_RUN_DIR
 
 
 def demo_namespaces() -> set:

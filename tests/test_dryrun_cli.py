@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from conftest import REPO, nftrace, unique_name
-from nftrace.netlab import Topology, in_netns
-from nftrace.sandbox import NETNS_RUN_DIR, SANDBOX_PREFIX, load_ruleset_file, read_candidate
+from conftest import REPO, lab_topology, nftrace
+from nftrace.lab.topology import in_netns
+from nftrace.dryrun.sandbox import NETNS_RUN_DIR, SANDBOX_PREFIX, load_ruleset_file, read_candidate
 
 pytestmark = pytest.mark.kernel
 
@@ -35,13 +35,8 @@ table inet candidate {
 
 @pytest.fixture(scope="module")
 def router():
-    topology = Topology(unique_name("dcli"))
-    topology.up()
-    try:
-        load_ruleset_file(topology.router, read_candidate(ROUTER_RULESET))
+    with lab_topology("dcli", lambda topo: load_ruleset_file(topo.router, read_candidate(ROUTER_RULESET))) as topology:
         yield topology.router
-    finally:
-        topology.down()
 
 
 def all_sandboxes() -> set:
@@ -51,7 +46,7 @@ def all_sandboxes() -> set:
 def sandboxes() -> set:
     """Sandboxes of processes that are gone: what a finished nftrace run must not leave. (Live
     ones belong to other runs on the machine, e.g. a concurrent `nftrace test`.)"""
-    from nftrace.system import pid_alive
+    from nftrace.kernel.system import pid_alive
 
     return {name for name in all_sandboxes() if not pid_alive(int(name[len(SANDBOX_PREFIX):].split("-")[0]))}
 
@@ -230,23 +225,43 @@ table inet host {
 
 @pytest.fixture
 def bridged_host(netns):
-    """A host whose address sits on a bridge, with a rule on socket owners."""
+    """A host whose address sits on a bridge (one port, up), with a rule on socket owners."""
     host = netns("brh")
     for command in (["ip", "link", "add", "br0", "type", "bridge"], ["ip", "link", "add", "port0", "type", "veth",
                     "peer", "name", "port0-peer"], ["ip", "link", "set", "port0", "master", "br0"],
-                    ["ip", "address", "add", "10.88.0.1/24", "dev", "br0"], ["ip", "link", "set", "br0", "up"]):
+                    ["ip", "address", "add", "10.88.0.1/24", "dev", "br0"], ["ip", "link", "set", "br0", "up"],
+                    ["ip", "link", "set", "port0", "up"], ["ip", "link", "set", "port0-peer", "up"]):
         in_netns(host, command)
     in_netns(host, ["nft", "-f", "-"], input=BRIDGED_RULESET)
     return host
 
 
-def test_a_packet_through_an_interface_that_is_only_approximated_carries_a_warning(bridged_host):
+def test_a_packet_for_a_bridge_arrives_through_a_port_of_its_copy(bridged_host):
     result = nftrace("--netns", bridged_host, "why", "--from", "10.88.0.5", "--to", "10.88.0.1", "--proto", "tcp",
                      "--dport", "22", "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
-    assert result.json["packets"][0]["packet"]["iif"] == "br0"
-    assert any("br0 is a bridge" in warning for warning in result.json["warnings"])
-    assert any("port0 is a port of br0" in item for item in result.json["dry_run"]["not_copied"])
+    [packet] = result.json["packets"]
+    assert result.json["dry_run"]["injected"]["iif"] == "port0"
+    assert packet["packet"]["iif"] == "br0" and packet["verdict"] == "accept"  # no bridge chain: IP hooks only
+    assert packet["decided_by"]["text"] == "tcp dport 22 accept"
+    assert any("has not learnt where" in warning for warning in result.json["warnings"])
+    assert not any("br0" in item for item in result.json["dry_run"]["not_copied"])
+
+
+def test_a_packet_through_an_interface_that_is_only_approximated_carries_a_warning(netns):
+    host = netns("vlh")
+    for command in (["ip", "link", "add", "base0", "type", "veth", "peer", "name", "base0-peer"],
+                    ["ip", "link", "add", "link", "base0", "name", "mv7", "type", "macvlan"],
+                    ["ip", "address", "add", "10.88.7.1/24", "dev", "mv7"],
+                    ["ip", "link", "set", "base0", "up"], ["ip", "link", "set", "mv7", "up"]):
+        in_netns(host, command)
+    in_netns(host, ["nft", "-f", "-"], input=BRIDGED_RULESET)
+    result = nftrace("--netns", host, "why", "--from", "10.88.7.5", "--to", "10.88.7.1", "--proto", "tcp",
+                     "--dport", "22", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.json["packets"][0]["packet"]["iif"] == "mv7"
+    assert any("mv7 is a macvlan" in warning for warning in result.json["warnings"])
+    assert any("mv7 is a macvlan" in item for item in result.json["dry_run"]["not_copied"])
 
 
 def test_a_rule_on_socket_owners_on_the_path_carries_a_warning(bridged_host):

@@ -7,19 +7,20 @@ import struct
 
 import pytest
 
-from nftrace.dryrun import (CONNTRACK_CAVEAT, check_dry_run_flow, conntrack_entry_argv, path_caveats, plan_injection,
-                            target_handles, translate_handles)
+from nftrace.dryrun.names import TargetNames
+from nftrace.dryrun.session import (CONNTRACK_CAVEAT, check_dry_run_flow, conntrack_entry_argv, path_caveats,
+                                    plan_injection)
 from nftrace.errors import InputError
 from nftrace.flow import parse_flow
-from nftrace.inject import (TCP_ACK, TCP_SYN, Injection, crc32c, ethernet_frame, icmp_echo, internet_checksum,
-                            ipv4_packet, sctp_init, tcp_segment, udp_datagram)
-from nftrace.netstate import (Address, Interface, NetworkState, RouteLookup, parse_interfaces,
-                              parse_nexthop_lines, parse_route_lines, parse_rule_lines, parse_socket_table,
-                              sandbox_table_text, split_tables)
-from nftrace.paths import PacketPath, Step
-from nftrace.ruleset import RulesetSnapshot
-from nftrace.sandbox import IPTABLES_SAVE_RE, _NAME_RE, read_candidate
-from nftrace.testing import deciding_rule_text
+from nftrace.dryrun.inject import (TCP_ACK, TCP_SYN, Injection, crc32c, ethernet_frame, icmp_echo, internet_checksum,
+                            ipv4_packet, sctp_init, tcp_segment, transport, udp_datagram)
+from nftrace.dryrun.netstate import (Address, FdbEntry, Interface, NetworkState, RouteLookup, parse_fdb,
+                              parse_interfaces, parse_nexthop_lines, parse_route_lines, parse_rule_lines,
+                              parse_socket_table, parse_vlans, sandbox_table_text, split_tables)
+from nftrace.trace.paths import PacketPath, Step
+from nftrace.trace.ruleset import RulesetSnapshot
+from nftrace.dryrun.sandbox import IPTABLES_SAVE_RE, _NAME_RE, read_candidate
+from nftrace.dryrun.testing import deciding_rule_text
 
 
 # -- reading a namespace ------------------------------------------------------------------------
@@ -122,13 +123,14 @@ def test_sandbox_copy_drops_owner_and_offload_flags_and_says_so():
 
 
 def test_target_handles_are_found_by_rule_position():
-    assert target_handles(LISTING)[("inet", "fw", "input", 2)] == 9
+    sandbox = LISTING.replace("# handle 9", "# handle 4")
+    assert TargetNames(LISTING, [], sandbox, []).handle("inet", "fw", "input", 4, 2) == (9, 2)
 
 
 def test_handles_in_a_path_become_the_targets_own():
     step = Step("input", "inet", "fw", "input", "rule", 4, 2, "tcp dport 22 drop", "drop")
     path = PacketPath(1, steps=[step], decided_by=step)
-    translate_handles(path, {("inet", "fw", "input", 2): 9})
+    TargetNames(LISTING, [], LISTING.replace("# handle 9", "# handle 4"), []).translate(path)
     assert path.decided_by.handle == 9
 
 
@@ -146,7 +148,7 @@ def test_a_correct_checksum_sums_to_zero():
 
 @pytest.mark.parametrize("src,dst", [("10.0.0.1", "10.0.0.2"), ("fd00::1", "fd00::2")])
 def test_tcp_and_udp_checksums_cover_the_pseudo_header(src, dst):
-    from nftrace.inject import _pseudo_header
+    from nftrace.dryrun.inject import _pseudo_header
 
     for proto, segment in ((6, tcp_segment(src, dst, 40000, 22, TCP_SYN, 1)), (17, udp_datagram(src, dst, 40000, 53))):
         assert internet_checksum(_pseudo_header(src, dst, proto, len(segment)) + segment) == 0
@@ -185,7 +187,7 @@ def _state() -> NetworkState:
 
 
 def _peers():
-    from nftrace.sandbox import PeerLink
+    from nftrace.dryrun.sandbox import PeerLink
 
     return {"lan0": PeerLink("lan0", "p2", "02:00:00:00:00:aa")}
 
@@ -214,6 +216,68 @@ def test_unknown_iif_is_an_input_error():
     flow = parse_flow("192.0.2.1", "10.0.0.1", "tcp", None, 22, iif="wan9")
     with pytest.raises(InputError, match="no interface 'wan9'"):
         plan_injection(flow, _state(), _peers(), "h", "new", None)
+
+
+def _bridged_state() -> NetworkState:
+    """br0 (10.0.0.1/24) with ports p1 and p2; the bridge learnt 10.0.0.5's MAC behind p2."""
+    br0 = Interface(2, "br0", "ether", kind="bridge", mac="02:00:00:00:00:b0", up=True,
+                    addresses=[Address(4, "10.0.0.1", 24)])
+    p1 = Interface(3, "p1", "ether", kind="veth", mac="02:00:00:00:00:01", up=True, master="br0")
+    p2 = Interface(4, "p2", "ether", kind="veth", mac="02:00:00:00:00:02", up=True, master="br0")
+    state = NetworkState("sw", interfaces=[br0, p1, p2])
+    state.neighbours = {("br0", "10.0.0.5"): "02:00:00:00:00:05", ("br0", "10.0.0.6"): "02:00:00:00:00:06"}
+    state.fdb = [FdbEntry("02:00:00:00:00:05", "p2", "br0")]
+    return state
+
+
+def _bridged_peers():
+    from nftrace.dryrun.sandbox import PeerLink
+
+    return {"p1": PeerLink("p1", "h3", "02:00:00:00:00:01"), "p2": PeerLink("p2", "h4", "02:00:00:00:00:02")}
+
+
+def test_a_packet_for_a_bridge_enters_through_the_port_its_source_was_learnt_on():
+    flow = parse_flow("10.0.0.5", "10.0.0.1", "tcp", None, 22)
+    plan = plan_injection(flow, _bridged_state(), _bridged_peers(), "h", "new", RouteLookup("br0", None, False),
+                          route_to=RouteLookup("lo", None, True))
+    assert (plan.iif, plan.peer, plan.src_mac, plan.dst_mac) == ("p2", "h4", "02:00:00:00:00:05", "02:00:00:00:00:b0")
+
+
+def test_a_frame_between_two_hosts_of_a_bridge_is_addressed_to_the_destination_host():
+    flow = parse_flow("10.0.0.5", "10.0.0.6", "udp", None, 53)
+    notes = []
+    plan = plan_injection(flow, _bridged_state(), _bridged_peers(), "h", "new", RouteLookup("br0", None, False),
+                          route_to=RouteLookup("br0", None, False), notes=notes)
+    assert (plan.iif, plan.dst_mac) == ("p2", "02:00:00:00:00:06") and notes == []
+
+
+def test_a_source_the_bridge_has_not_learnt_enters_through_the_first_port_and_says_so():
+    flow = parse_flow("10.0.0.9", "10.0.0.1", "tcp", None, 22)
+    notes = []
+    plan = plan_injection(flow, _bridged_state(), _bridged_peers(), "h", "new", RouteLookup("br0", None, False),
+                          route_to=RouteLookup("lo", None, True), notes=notes)
+    assert plan.iif == "p1" and "--iif PORT" in notes[0]
+
+
+def test_iif_may_name_a_bridge_port():
+    flow = parse_flow("10.0.0.5", "10.0.0.6", "udp", None, 53, iif="p1")
+    plan = plan_injection(flow, _bridged_state(), _bridged_peers(), "h", "new", None,
+                          route_to=RouteLookup("br0", None, False))
+    assert (plan.iif, plan.peer, plan.dst_mac) == ("p1", "h3", "02:00:00:00:00:06")
+
+
+def test_bridges_keep_their_options_ports_and_learnt_addresses():
+    text = ('[{"ifindex":2,"ifname":"br0","flags":["UP"],"mtu":1500,"link_type":"ether","address":"02:00:00:00:00:b0",'
+            '"linkinfo":{"info_kind":"bridge","info_data":{"stp_state":1,"vlan_filtering":1,"mcast_snooping":1,'
+            '"group_fwd_mask":"0"}}}]')
+    [br0] = parse_interfaces(text)
+    assert br0.bridge == {"vlan_filtering": "1", "stp_state": "1"}  # defaults are not repeated
+    fdb = ('[{"mac":"02:00:00:00:00:05","ifname":"p2","flags":[],"master":"br0","state":""},'
+           '{"mac":"02:00:00:00:00:02","ifname":"p2","flags":[],"master":"br0","state":"permanent"},'
+           '{"mac":"33:33:00:00:00:01","ifname":"br0","flags":["self"],"state":"permanent"}]')
+    assert parse_fdb(fdb) == [FdbEntry("02:00:00:00:00:05", "p2", "br0")]
+    vlans = parse_vlans('[{"ifname":"p1","vlans":[{"vlan":10,"flags":["PVID","Egress Untagged"]},{"vlan":20,"vlanEnd":29}]}]')
+    assert [vlan.add_command(False) for vlan in vlans] == ["vlan add dev p1 vid 10 pvid untagged", "vlan add dev p1 vid 20-29"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -304,3 +368,48 @@ def test_deciding_rule_text_reads_like_nft():
     assert deciding_rule_text({"decided_by": {"family": "inet", "table": "fw", "chain": "input", "type": "policy",
                                               "verdict": "drop"}}) == "inet fw input policy drop"
     assert deciding_rule_text(None) == "(no packet seen)"
+
+
+# -- the other side's answer (--fix proves that it comes back) ------------------------------------
+
+def _path_leaving(last_src, last_dst, sport, dport, hooks, oif=2):
+    import ipaddress
+
+    from nftrace.trace.events import PacketHeaders
+    from nftrace.trace.paths import HookObservation
+
+    packet = PacketHeaders(ipaddress.ip_address(last_src), ipaddress.ip_address(last_dst), 6, 60, sport, dport)
+    observation = HookObservation(hooks[-1], "nftrace", "obs", packet, 3, oif, None, None, own=True)
+    return PacketPath(1, observations=[observation], hooks=list(hooks), verdict="accept", complete=True)
+
+
+def test_the_answer_to_a_forwarded_syn_is_a_syn_ack_arriving_where_the_syn_left():
+    from nftrace.dryrun.session import reply_injection
+
+    sent = Injection("10.9.0.7", "10.0.0.5", "tcp", 40000, 80, seq=1000, iif="wan0")
+    # Masqueraded on the way out: the answer goes to the address the packet left with.
+    path = _path_leaving("10.0.0.1", "10.0.0.5", 61000, 80, ["prerouting", "forward", "postrouting"])
+    reply = reply_injection(sent, path, {2: "lan0"}, _state(), _peers(), "h", token=lambda n: 0)
+    assert (reply.src, reply.dst, reply.sport, reply.dport) == ("10.0.0.5", "10.0.0.1", 80, 61000)
+    assert (reply.iif, reply.peer, reply.src_mac, reply.state, reply.ack) == ("lan0", "p2", "02:00:00:00:00:05",
+                                                                              "reply", 1001)
+    segment = transport(reply)
+    assert segment[13] == TCP_SYN | TCP_ACK and struct.unpack("!I", segment[8:12])[0] == 1001
+
+
+def test_the_box_answers_a_packet_delivered_to_itself_from_a_local_socket():
+    from nftrace.dryrun.session import reply_injection
+
+    sent = Injection("10.0.0.5", "10.0.0.1", "udp", 5353, 53, iif="lan0")
+    path = _path_leaving("10.0.0.5", "10.0.0.1", 5353, 53, ["prerouting", "input"], oif=None)
+    reply = reply_injection(sent, path, {2: "lan0"}, _state(), _peers(), "h")
+    assert reply.local and (reply.src, reply.sport, reply.dport) == ("10.0.0.1", 53, 5353)
+
+
+def test_there_is_no_answer_to_an_established_packet_or_an_sctp_init():
+    from nftrace.dryrun.session import reply_injection
+
+    path = _path_leaving("10.0.0.5", "10.0.0.1", 5353, 53, ["prerouting", "input"], oif=None)
+    for sent in (Injection("10.0.0.5", "10.0.0.1", "tcp", 1, 2, state="established"),
+                 Injection("10.0.0.5", "10.0.0.1", "sctp", 1, 2)):
+        assert reply_injection(sent, path, {}, _state(), _peers(), "h") is None

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, nftrace, unique_name
-from nftrace.netlab import CLIENT_V4, ROUTER_CLIENT_V4, SERVER_V4, Topology, in_netns
+from conftest import REPO, lab_topology, nftrace
+from nftrace.lab.topology import CLIENT_V4, ROUTER_CLIENT_V4, SERVER_V4, in_netns
 from test_dryrun_differential import essentials
 
 pytestmark = pytest.mark.kernel
@@ -72,12 +72,8 @@ flows = st.tuples(st.sampled_from(["tcp", "udp"]), st.sampled_from(PORTS), st.sa
 
 @pytest.fixture(scope="module")
 def lab():
-    topology = Topology(unique_name("prop"))
-    topology.up()
-    try:
+    with lab_topology("prop") as topology:
         yield topology
-    finally:
-        topology.down()
 
 
 @settings(max_examples=20, deadline=None, database=None,

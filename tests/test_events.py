@@ -2,8 +2,8 @@
 
 from pathkit import recorded
 
-from nftrace.events import parse_packet_headers, verdict_name
-from nftrace.monitor import RulesetChanged, TableDeleted, decode_monitor_datagram
+from nftrace.trace.events import parse_packet_headers, verdict_name
+from nftrace.kernel.monitor import RulesetChanged, TableDeleted, decode_monitor_datagram
 
 
 def test_every_recorded_datagram_decodes_into_a_trace_event():

@@ -1,4 +1,4 @@
-"""The expectation format (nftrace/expectations.py): what a file states, and how an answer of
+"""The expectation format (nftrace/lab/expectations.py): what a file states, and how an answer of
 nftrace's JSON is held against it. Pure: no kernel."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from nftrace.errors import InputError
-from nftrace.expectations import load_expectations
+from nftrace.lab.expectations import load_expectations
 
 
 def write(tmp_path, text, name="demo.expect.toml"):
@@ -27,9 +27,9 @@ expect = "accept"
 """
 
 
-def packet(verdict="accept", chain="input", text=None, type="rule", iptables=None, nat=()):
-    return {"verdict": verdict, "decided_by": {"chain": chain, "text": text, "type": type, "iptables": iptables},
-            "nat": list(nat)}
+def packet(verdict="accept", chain="input", text=None, type="rule", iptables=None, nat=(), family="inet"):
+    return {"verdict": verdict, "decided_by": {"chain": chain, "text": text, "type": type, "iptables": iptables,
+                                               "family": family}, "nat": list(nat)}
 
 
 def flow_with(tmp_path, extra=""):
@@ -92,3 +92,52 @@ def test_an_unknown_sender_is_refused(tmp_path):
 
 def test_the_scenario_name_comes_from_the_file_name(tmp_path):
     assert load_expectations(write(tmp_path, 'ruleset = "demo.nft"\n' + FLOW)).name == "demo"
+
+
+# nft 1.0.6 and 1.1.3 print this iptables-nft rule of rules/docker.rules (tests/test_version_prints.py).
+DOCKER_RULE_1_0_6 = 'iifname != "r-server" oifname "r-server" ip daddr 10.77.2.2 tcp dport 80 counter accept'
+DOCKER_RULE_1_1_3 = 'ip daddr 10.77.2.2 iifname != "r-server" oifname "r-server" tcp dport 80 counter accept'
+DOCKER_RULE_SAVE = "-A DOCKER -d 10.77.2.2/32 ! -i r-server -o r-server -p tcp -m tcp --dport 80 -j ACCEPT"
+
+
+@pytest.mark.parametrize("written, printed", [(DOCKER_RULE_1_0_6, DOCKER_RULE_1_1_3), (DOCKER_RULE_1_1_3, DOCKER_RULE_1_0_6)])
+def test_an_nft_text_written_on_one_nft_version_names_the_rule_on_the_other(tmp_path, written, printed):
+    flow = flow_with(tmp_path, f"text = '{written}'\n")
+    assert flow.check(packet(text=printed)) == []
+
+
+def test_the_iptables_form_names_an_iptables_nft_rule_whatever_nft_prints(tmp_path):
+    flow = flow_with(tmp_path, f"text = '{DOCKER_RULE_SAVE}'\n")
+    assert flow.check(packet(text=DOCKER_RULE_1_1_3, iptables=DOCKER_RULE_SAVE)) == []
+
+
+def test_another_address_is_another_rule(tmp_path):
+    flow = flow_with(tmp_path, f"text = '{DOCKER_RULE_1_0_6.replace('10.77.2.2', '10.77.2.3')}'\n")
+    assert flow.check(packet(text=DOCKER_RULE_1_1_3)) == [
+        f"decided by '{DOCKER_RULE_1_1_3}', expected '{DOCKER_RULE_1_0_6.replace('10.77.2.2', '10.77.2.3')}'"]
+
+
+def test_statements_keep_their_order(tmp_path):
+    # A counter before a match counts packets the match then lets by: another rule.
+    flow = flow_with(tmp_path, "text = 'counter tcp dport 22 drop'\n")
+    assert flow.check(packet(text="tcp dport 22 counter drop"))
+
+
+def test_set_elements_hex_numbers_and_a_limits_default_burst_read_the_same(tmp_path):
+    flow = flow_with(tmp_path, "text = 'ip frag-off & 8191 != 0 tcp dport { 443, 80 } limit rate 10/second accept'\n")
+    printed = "tcp dport { 80, 443 } ip frag-off & 0x1fff != 0x0 limit rate 10/second burst 5 packets accept"
+    assert flow.check(packet(text=printed)) == []
+    assert flow.check(packet(text=printed.replace("burst 5", "burst 50")))
+
+
+def test_a_comment_names_its_rule_and_only_a_whole_comment_does(tmp_path):
+    flow = flow_with(tmp_path, 'text = "ssh"\n')
+    assert flow.check(packet(text='tcp dport 22 accept comment "ssh"')) == []
+    assert flow.check(packet(text='tcp dport 22 accept comment "ssh from the admins"'))
+
+
+def test_ip_protocol_and_meta_l4proto_are_the_same_match_in_an_ip_table_only(tmp_path):
+    # iptables-nft 1.8.9 wrote `-p tcp` as `meta l4proto tcp`, 1.8.11 as `ip protocol tcp`.
+    flow = flow_with(tmp_path, "text = 'meta l4proto tcp counter reject with tcp reset'\n")
+    assert flow.check(packet(text="ip protocol tcp counter reject with tcp reset", family="ip")) == []
+    assert flow.check(packet(text="ip protocol tcp counter reject with tcp reset", family="inet"))

@@ -6,23 +6,17 @@ The kernel-backed counterparts are in test_kernel_drops.py.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 
-from nftrace.events import ConntrackInfo, PacketHeaders, TraceEvent
-from nftrace.kerneldrop import (
-    DropCorrelator,
-    KernelDrop,
-    KernelSymbols,
-    bpftrace_program,
-    explain,
-    has_reason_field,
-    parse_drop_line,
-    parse_reason_names,
-)
-from nftrace.paths import HookObservation, PacketPath, PathBuilder, Step, finalise_path, nat_rewrites
-from nftrace.report import accepted_by_connection, conntrack_json, packet_json, summary
-from nftrace.ruleset import ChainInfo
+from nftrace.trace.events import ConntrackInfo, PacketHeaders, TraceEvent
+from nftrace.drops.bpftrace import KernelSymbols, bpftrace_program
+from nftrace.drops.correlator import DropCorrelator
+from nftrace.drops.reasons import KernelDrop, explain, has_reason_field, parse_drop_line, parse_reason_names
+from nftrace.trace.paths import HookObservation, PacketPath, PathBuilder, Step, finalise_path, nat_rewrites
+from nftrace.trace.report import accepted_by_connection, conntrack_json, packet_json, summary
+from nftrace.trace.ruleset import ChainInfo
 
 CLIENT, ROUTER, SERVER = (ipaddress.ip_address(a) for a in ("10.77.1.2", "10.77.1.1", "10.77.2.2"))
 TRACE_TABLE = "nftrace_1_abcdef"
@@ -110,12 +104,27 @@ def test_location_is_function_plus_offset(tmp_path):
     assert symbols.location(0x1000) == "0x1000"
 
 
-def test_program_filters_traced_packets_of_one_namespace():
-    program = bpftrace_program(4026532246)
-    assert "tracepoint:skb:kfree_skb" in program
-    assert "->nf_trace/" in program
-    assert "$netns == 4026532246" in program
-    assert "NETNS_INODE" not in program and "DROP_PREFIX" not in program
+def test_the_program_is_made_for_one_namespace_and_nothing_else_changes_with_it():
+    one, other = bpftrace_program(4026532246), bpftrace_program(4026532247)
+    assert one != other and one.replace("4026532246", "4026532247") == other
+
+
+def test_every_line_the_program_prints_is_a_drop_line_the_parser_reads():
+    # The program's printf formats, filled as bpftrace fills them: nsecs, reason, location,
+    # version, source, destination, protocol, ports. (Which packets it reports is for the
+    # kernel to show: test_kernel_drops.py.)
+    formats = re.findall(r'printf\("([^"]*)\\n"', bpftrace_program(4026532246))
+    values = {4: ("10.77.1.2", "10.77.1.1"), 6: ("fd77:1::2", "fd77:1::1")}
+    assert len(formats) == 2
+    for text in formats:
+        version = int(text.split()[4])
+        src, dst = values[version]
+        filled = text.replace("%llu", "10000000000", 1).replace("%u", "3", 1).replace("%lu", "18446744071596571217", 1)
+        filled = filled.replace("%s", src, 1).replace("%s", dst, 1).replace("%u %u %u", "6 40000 8081", 1)
+        parsed = parse_drop_line(filled, {3: "NO_SOCKET"})
+        assert parsed is not None, filled
+        assert (parsed.time, parsed.reason, str(parsed.src), str(parsed.dst), parsed.proto, parsed.sport,
+                parsed.dport) == (10.0, "NO_SOCKET", src, dst, 6, 40000, 8081)
 
 
 # -- plain words ---------------------------------------------------------------------------------
@@ -263,7 +272,7 @@ def test_packet_that_vanished_after_prerouting_is_closed_by_its_drop():
     assert [path.trace_id for path in closed] == [0x51]
     ready = correlator.hold(closed, now=20.01)
     path = ready[0]
-    assert (path.complete, path.verdict, path.decided_by, path.incomplete_reason) == (True, "drop", None, None)
+    assert (path.complete, path.verdict, path.decided_by, path.incomplete_reason) == (True, "accept", None, None)
     assert path.kernel_drop["reason"] == "IP_RPFILTER"
     assert "r-client" in path.kernel_drop["explain"]
     assert summary(path).startswith("no rule dropped it: it passed every chain up to prerouting, "
@@ -374,3 +383,32 @@ def test_packet_json_carries_nat_and_kernel_drop():
     assert document["nat"] == []
     assert document["verdict"] == "accept"
 
+
+
+def test_a_flood_of_one_flow_with_rule_drops_leaves_no_drop_unpaired_and_no_note():
+    """One flow, 3,000 packets in batches of 100 as the socket is read, every tenth dropped by
+    a rule: each rule drop's NETFILTER_DROP echo (read with the batch) is consumed, accepted
+    packets get no drop, and nothing is left over to be mistaken for a late drop."""
+    correlator = DropCorrelator()
+    step = rule_step("forward", "udp dport 5001 drop", verdict="drop", chain="forward")
+    answered = []
+    for batch in range(30):
+        echoes = []
+        for number in range(batch * 100, batch * 100 + 100):
+            at = 10.0 + number * 0.0001
+            packet = tcp(sport=40000, dport=5001)
+            if number % 10 == 0:
+                path = PacketPath(number, steps=[step], observations=[observation("prerouting", packet)],
+                                  hooks=["prerouting", "forward"], verdict="drop", decided_by=step, complete=True,
+                                  first_seen=at, last_seen=at)
+                echoes.append(drop("NETFILTER_DROP", at=at, dport=5001))
+            else:
+                path = accepted_at_input(at, at, packet)
+            answered += correlator.hold([path], now=at)
+        correlator.add_drops(echoes)
+        answered += correlator.release(now=10.0 + batch * 0.01)
+    answered += correlator.release(now=20.0, everything=True)
+    assert len(answered) == 3000
+    assert [path.trace_id for path in answered if path.kernel_drop is not None] == []
+    assert correlator.notes == []
+    assert correlator.vanished(accepted_at_input(20.0, 20.0, tcp(sport=40000, dport=5001))) is None

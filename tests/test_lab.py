@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, NftraceResult, nftrace, ruleset_state, unique_name
-from nftrace.lab import LEGACY_BUILTIN_CHAINS, Lab, legacy_reset_text, rules_dir
-from nftrace.netlab import SERVER_V4, in_netns, netns_exists
+from conftest import NftraceResult, nftrace, ruleset_state, unique_name, without_admin_rights
+from nftrace.lab.lab import LEGACY_BUILTIN_CHAINS, Lab, legacy_reset_text, rules_dir
+from nftrace.lab.topology import SERVER_V4, in_netns, netns_exists
 
 
 @pytest.fixture
@@ -27,20 +26,13 @@ def prefix():
             Lab(name).down()
 
 
-def as_nobody(*args: str) -> NftraceResult:
-    """nftrace run by an unprivileged user (as is, when the tests themselves are not root)."""
-    if os.geteuid() != 0:
-        return nftrace(*args)
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-               "env", f"PYTHONPATH={REPO}", sys.executable, "-m", "nftrace", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd="/", stdin=subprocess.DEVNULL)
-    return NftraceResult(result.returncode, result.stdout, result.stderr)
+def without_root(*args: str) -> NftraceResult:
+    """nftrace run without the rights of root (as is, when the tests themselves are not root)."""
+    return nftrace(*args, wrapper=without_admin_rights() if os.geteuid() == 0 else ())
 
 
 def test_lab_up_refuses_to_run_without_root_in_one_line(prefix):
-    result = as_nobody("lab", "up", "--prefix", prefix)
+    result = without_root("lab", "up", "--prefix", prefix)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "nftrace: nftrace lab needs root to create network namespaces and load rulesets; run it with sudo"]
@@ -85,7 +77,7 @@ class TestLabAgainstTheKernel:
 
     def test_the_servers_listeners_answer_through_the_router(self, prefix):
         assert nftrace("lab", "up", "--prefix", prefix, "--scenario", "nat-router", "--listen-seconds", "120").returncode == 0
-        answer = in_netns(f"{prefix}-client", [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "80"])
+        answer = in_netns(f"{prefix}-client", [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "80"])
         assert answer.stdout.strip() == "connected"
 
     def test_up_again_changes_nothing(self, prefix):
@@ -151,7 +143,7 @@ class TestLabAgainstTheKernel:
         assert not netns_exists(f"{prefix}-router")
 
     def test_a_half_made_lab_is_rebuilt(self, prefix):
-        from nftrace.netlab import run
+        from nftrace.lab.topology import run
 
         run(["ip", "netns", "add", f"{prefix}-router"])
         result = nftrace("lab", "up", "--prefix", prefix, "--listen-seconds", "120")

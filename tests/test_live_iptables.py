@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, load_ruleset, nftrace, traffic, unique_name
-from nftrace.netlab import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4,
+from conftest import REPO, firewall_state, lab_topology, load_ruleset, nftrace, traffic, unavailable, why
+from nftrace.lab.topology import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4,
                             Topology, in_netns)
 
 pytestmark = pytest.mark.kernel
@@ -90,72 +90,27 @@ FLAVOURS = {"legacy": ("iptables-legacy-restore", "ip6tables-legacy-restore"),
             "nft": ("iptables-nft-restore", "ip6tables-nft-restore")}
 
 
-def firewall_state(ns: str) -> dict:
-    """Everything a run could change: legacy rules (counters aside), legacy tables, the
-    nftables ruleset, and the nf_log bindings."""
-    def save(command):
-        text = in_netns(ns, [command], check=False).stdout
-        return "\n".join(re.sub(r"\[\d+:\d+\]", "", line) for line in text.splitlines() if not line.startswith("#"))
-
-    def read(path):
-        return in_netns(ns, ["cat", path], check=False).stdout
-
-    return {
-        "iptables-legacy": save("iptables-legacy-save"),
-        "ip6tables-legacy": save("ip6tables-legacy-save"),
-        "ip_tables": sorted(read("/proc/net/ip_tables_names").split()),
-        "ip6_tables": sorted(read("/proc/net/ip6_tables_names").split()),
-        "nft": in_netns(ns, ["nft", "-s", "list", "ruleset"]).stdout,
-        "nf_log": read("/proc/sys/net/netfilter/nf_log/2") + read("/proc/sys/net/netfilter/nf_log/10"),
-    }
-
-
-def make_lab(flavour: str, extra_nft: str = "") -> Topology:
-    topo = Topology(unique_name(f"ipt{flavour[0]}"))
-    topo.up()
-    try:
+def load_rules(flavour: str, extra_nft: str = ""):
+    """Lab setup: the legacy or iptables-nft rules of both families in the router (and nft rules)."""
+    def setup(topo: Topology) -> None:
         v4, v6 = FLAVOURS[flavour]
         in_netns(topo.router, [v4], input=RULES_V4)
         in_netns(topo.router, [v6], input=RULES_V6)
         if extra_nft:
             load_ruleset(topo.router, extra_nft)
-    except BaseException:
-        topo.down()
-        raise
-    return topo
+    return setup
 
 
 @pytest.fixture(scope="module")
 def legacy_lab():
-    topo = make_lab("legacy")
-    try:
+    with lab_topology("iptl", load_rules("legacy")) as topo:
         yield topo
-    finally:
-        topo.down()
 
 
 @pytest.fixture(scope="module")
 def nft_lab():
-    topo = make_lab("nft")
-    try:
+    with lab_topology("iptn", load_rules("nft")) as topo:
         yield topo
-    finally:
-        topo.down()
-
-
-def why(lab, *flow, command, backend=None):
-    """Trace one flow in the router while `command` sends its packet; check nothing stays changed."""
-    before = firewall_state(lab.router)
-    extra = ("--backend", backend) if backend else ()
-    result = nftrace("--netns", lab.router, "why", *flow, "--count", "1", "--timeout", "15", "--json", *extra,
-                     "--", *command)
-    assert result.returncode == 0, result.stderr
-    assert firewall_state(lab.router) == before, "the router's firewall changed"
-    packets = result.packets
-    assert len(packets) == 1, result.stdout
-    packet = packets[0]
-    packet["backend"] = result.json["backend"]
-    return packet
 
 
 def tcp_to_router(lab, port, host=ROUTER_CLIENT_V4):
@@ -178,7 +133,7 @@ LEGACY = "iptables-legacy"
 
 
 def test_legacy_drop_names_table_chain_rule_number_and_save_text(legacy_lab):
-    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25))
+    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25)).packet
     assert packet["backend"] == "nft+iptables-legacy"
     assert packet["verdict"] == "drop"
     assert packet["decided_by"] == {
@@ -190,7 +145,7 @@ def test_legacy_drop_names_table_chain_rule_number_and_save_text(legacy_lab):
 
 
 def test_legacy_tables_report_in_hook_and_priority_order(legacy_lab):
-    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25))
+    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25)).packet
     assert [(s["hook"], s["table"], s["chain"], s["type"]) for s in packet["steps"]] == [
         ("prerouting", "raw", "PREROUTING", "policy"),
         ("prerouting", "mangle", "PREROUTING", "policy"),
@@ -203,7 +158,7 @@ def test_legacy_tables_report_in_hook_and_priority_order(legacy_lab):
 
 
 def test_legacy_return_rule_and_end_of_chain_lead_back_to_the_drop_policy(legacy_lab):
-    packet = why(legacy_lab, *tcp_flow(22), command=tcp_to_router(legacy_lab, 22))
+    packet = why(legacy_lab, *tcp_flow(22), command=tcp_to_router(legacy_lab, 22)).packet
     filter_steps = [step for step in chain_steps(packet) if step[1] == "filter"]
     assert filter_steps == [
         (LEGACY, "filter", "INPUT", "rule", 3, "jump", 0),
@@ -218,7 +173,7 @@ def test_legacy_return_rule_and_end_of_chain_lead_back_to_the_drop_policy(legacy
 
 
 def test_legacy_reject_is_a_drop_that_says_rejected(legacy_lab):
-    packet = why(legacy_lab, *tcp_flow(2323), command=tcp_to_router(legacy_lab, 2323))
+    packet = why(legacy_lab, *tcp_flow(2323), command=tcp_to_router(legacy_lab, 2323)).packet
     assert packet["verdict"] == "drop"
     assert packet["summary"] == ("rejected by iptables filter CLIENTS rule 3: "
                                  "-A CLIENTS -p tcp -m tcp --dport 2323 -j REJECT --reject-with tcp-reset")
@@ -226,7 +181,7 @@ def test_legacy_reject_is_a_drop_that_says_rejected(legacy_lab):
 
 def test_legacy_accept_is_decided_by_the_filter_rule_not_the_nat_policy_after_it(legacy_lab):
     packet = why(legacy_lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5000",
-                 command=traffic(legacy_lab.client, "udp", ROUTER_CLIENT_V4, "5000"))
+                 command=traffic(legacy_lab.client, "udp", ROUTER_CLIENT_V4, "5000")).packet
     assert (packet["verdict"], packet["complete"]) == ("accept", True)
     assert packet["decided_by"]["text"] == "-A CLIENTS -p udp -m udp --dport 5000 -j ACCEPT"
     assert packet["decided_by"]["rule_number"] == 4
@@ -234,7 +189,7 @@ def test_legacy_accept_is_decided_by_the_filter_rule_not_the_nat_policy_after_it
 
 
 def test_legacy_raw_table_drop(legacy_lab):
-    packet = why(legacy_lab, *tcp_flow(7000), command=tcp_to_router(legacy_lab, 7000))
+    packet = why(legacy_lab, *tcp_flow(7000), command=tcp_to_router(legacy_lab, 7000)).packet
     assert packet["decided_by"]["table"] == "raw"
     assert packet["decided_by"]["rule_number"] == 1
     assert packet["hooks"] == ["prerouting"]
@@ -242,14 +197,14 @@ def test_legacy_raw_table_drop(legacy_lab):
 
 def test_legacy_mangle_drop_in_forward(legacy_lab):
     packet = why(legacy_lab, *tcp_flow(8443, dst=SERVER_V4), command=traffic(legacy_lab.client, "tcp", SERVER_V4, "8443",
-                                                                               "--timeout", "1"))
+                                                                               "--timeout", "1")).packet
     assert packet["summary"] == "dropped by iptables mangle FORWARD rule 1: -A FORWARD -p tcp -m tcp --dport 8443 -j DROP"
     assert packet["hooks"] == ["prerouting", "forward"]
 
 
 def test_legacy_forward_accept_then_masquerade(legacy_lab):
     packet = why(legacy_lab, *tcp_flow(443, dst=SERVER_V4), command=traffic(legacy_lab.client, "tcp", SERVER_V4, "443",
-                                                                              "--timeout", "1"))
+                                                                              "--timeout", "1")).packet
     assert (packet["verdict"], packet["complete"]) == ("accept", True)
     assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
     assert packet["decided_by"]["text"] == "-A FORWARD -i r-client -o r-server -p tcp -m tcp --dport 443 -j ACCEPT"
@@ -259,7 +214,7 @@ def test_legacy_forward_accept_then_masquerade(legacy_lab):
 
 
 def test_legacy_dnat_is_followed_to_the_forward_rule(legacy_lab):
-    packet = why(legacy_lab, *tcp_flow(8080), command=tcp_to_router(legacy_lab, 8080))
+    packet = why(legacy_lab, *tcp_flow(8080), command=tcp_to_router(legacy_lab, 8080)).packet
     dnat = next(s for s in packet["steps"] if s["table"] == "nat" and s["chain"] == "PREROUTING")
     assert dnat["text"] == "-A PREROUTING -d 10.77.1.1/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.77.2.2:80"
     assert packet["decided_by"]["text"] == "-A FORWARD -d 10.77.2.2/32 -p tcp -m tcp --dport 80 -j ACCEPT"
@@ -268,15 +223,15 @@ def test_legacy_dnat_is_followed_to_the_forward_rule(legacy_lab):
 
 
 def test_legacy_output_drop_of_a_locally_sent_packet(legacy_lab):
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
-    packet = why(legacy_lab, *tcp_flow(25, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
+    packet = why(legacy_lab, *tcp_flow(25, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command).packet
     assert packet["hooks"] == ["output"]
     assert packet["summary"] == "dropped by iptables filter OUTPUT rule 1: -A OUTPUT -p tcp -m tcp --dport 25 -j DROP"
 
 
 def test_legacy_output_policy_accept_of_a_locally_sent_packet(legacy_lab):
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
-    packet = why(legacy_lab, *tcp_flow(80, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
+    packet = why(legacy_lab, *tcp_flow(80, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command).packet
     assert (packet["verdict"], packet["complete"]) == ("accept", True)
     assert packet["hooks"] == ["output", "postrouting"]
     assert packet["summary"] == "accepted by iptables filter OUTPUT policy accept"
@@ -285,8 +240,8 @@ def test_legacy_output_policy_accept_of_a_locally_sent_packet(legacy_lab):
 
 @pytest.mark.parametrize("backend", ["auto", "iptables"])
 def test_legacy_packet_to_a_local_address_is_followed_through_loopback(legacy_lab, backend):
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", ROUTER_CLIENT_V4, "9", "--timeout", "1"]
-    packet = why(legacy_lab, *tcp_flow(9, src=ROUTER_CLIENT_V4, dst=ROUTER_CLIENT_V4), command=command, backend=backend)
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", ROUTER_CLIENT_V4, "9", "--timeout", "1"]
+    packet = why(legacy_lab, *tcp_flow(9, src=ROUTER_CLIENT_V4, dst=ROUTER_CLIENT_V4), command=command, backend=backend).packet
     assert packet["hooks"][:1] == ["output"] and packet["hooks"][-2:] == ["prerouting", "input"]
     assert (packet["verdict"], packet["decided_by"]["text"]) == ("accept", "-A INPUT -i lo -j ACCEPT")
     tables = [(s["hook"], s["table"], s["chain"]) for s in packet["steps"]]
@@ -295,14 +250,14 @@ def test_legacy_packet_to_a_local_address_is_followed_through_loopback(legacy_la
 
 def test_legacy_ipv6_drop_in_a_user_chain(legacy_lab):
     packet = why(legacy_lab, *tcp_flow(80, src=CLIENT_V6, dst=ROUTER_CLIENT_V6),
-                 command=tcp_to_router(legacy_lab, 80, ROUTER_CLIENT_V6))
+                 command=tcp_to_router(legacy_lab, 80, ROUTER_CLIENT_V6)).packet
     assert packet["summary"] == "dropped by ip6tables filter CLIENTS6 rule 1: -A CLIENTS6 -p tcp -m tcp --dport 80 -j DROP"
     assert packet["decided_by"]["family"] == "ip6"
 
 
 def test_legacy_ipv6_accept(legacy_lab):
     packet = why(legacy_lab, *tcp_flow(443, src=CLIENT_V6, dst=ROUTER_CLIENT_V6),
-                 command=tcp_to_router(legacy_lab, 443, ROUTER_CLIENT_V6))
+                 command=tcp_to_router(legacy_lab, 443, ROUTER_CLIENT_V6)).packet
     assert (packet["verdict"], packet["complete"]) == ("accept", True)
     assert packet["decided_by"]["text"] == "-A CLIENTS6 -p tcp -m tcp --dport 443 -j ACCEPT"
 
@@ -343,7 +298,7 @@ COMMIT
 
 
 def test_trace_rules_give_the_same_answer_without_nftables(legacy_lab):
-    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25), backend="iptables")
+    packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25), backend="iptables").packet
     assert packet["backend"] == "iptables-legacy"
     assert packet["summary"] == "dropped by iptables filter CLIENTS rule 2: -A CLIENTS -p tcp -m tcp --dport 25 -j DROP"
     assert packet["packet"]["dport"] == 25
@@ -352,13 +307,13 @@ def test_trace_rules_give_the_same_answer_without_nftables(legacy_lab):
 
 def test_trace_rules_keep_raw_rule_numbers_as_the_admin_counts_them(legacy_lab):
     # nftrace's TRACE rule is first in raw PREROUTING while it runs; the admin's DROP stays rule 1.
-    packet = why(legacy_lab, *tcp_flow(7000), command=tcp_to_router(legacy_lab, 7000), backend="iptables")
+    packet = why(legacy_lab, *tcp_flow(7000), command=tcp_to_router(legacy_lab, 7000), backend="iptables").packet
     assert packet["summary"] == "dropped by iptables raw PREROUTING rule 1: -A PREROUTING -p tcp -m tcp --dport 7000 -j DROP"
 
 
 def test_trace_rules_accept_completes_at_the_last_table_of_the_exit_hook(legacy_lab):
     packet = why(legacy_lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5000",
-                 command=traffic(legacy_lab.client, "udp", ROUTER_CLIENT_V4, "5000"), backend="iptables")
+                 command=traffic(legacy_lab.client, "udp", ROUTER_CLIENT_V4, "5000"), backend="iptables").packet
     assert (packet["verdict"], packet["complete"]) == ("accept", True)
     assert packet["decided_by"]["rule_number"] == 4
 
@@ -448,7 +403,7 @@ def nft_handle(lab, family, table, chain, position):
 
 
 def test_iptables_nft_drop_names_handle_rule_number_and_iptables_text(nft_lab):
-    packet = why(nft_lab, *tcp_flow(25), command=tcp_to_router(nft_lab, 25))
+    packet = why(nft_lab, *tcp_flow(25), command=tcp_to_router(nft_lab, 25)).packet
     assert packet["backend"] == "nft"
     decided = packet["decided_by"]
     assert (decided["backend"], decided["family"], decided["table"], decided["chain"]) == ("nft", "ip", "filter", "CLIENTS")
@@ -461,7 +416,7 @@ def test_iptables_nft_drop_names_handle_rule_number_and_iptables_text(nft_lab):
 
 
 def test_iptables_nft_return_rule_end_of_chain_and_policy(nft_lab):
-    packet = why(nft_lab, *tcp_flow(22), command=tcp_to_router(nft_lab, 22))
+    packet = why(nft_lab, *tcp_flow(22), command=tcp_to_router(nft_lab, 22)).packet
     steps = [(s["table"], s["chain"], s["type"], s["rule_number"], s["verdict"], s["iptables"])
              for s in packet["steps"] if s["table"] == "filter"]
     assert steps == [
@@ -475,14 +430,14 @@ def test_iptables_nft_return_rule_end_of_chain_and_policy(nft_lab):
 
 
 def test_iptables_nft_reject(nft_lab):
-    packet = why(nft_lab, *tcp_flow(2323), command=tcp_to_router(nft_lab, 2323))
+    packet = why(nft_lab, *tcp_flow(2323), command=tcp_to_router(nft_lab, 2323)).packet
     assert packet["summary"].startswith("rejected by ip filter CLIENTS rule handle ")
     assert packet["summary"].endswith(": -A CLIENTS -p tcp -m tcp --dport 2323 -j REJECT --reject-with tcp-reset")
 
 
 def test_iptables_nft_accept_is_decided_by_the_filter_rule_not_the_nat_chain(nft_lab):
     packet = why(nft_lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5000",
-                 command=traffic(nft_lab.client, "udp", ROUTER_CLIENT_V4, "5000"))
+                 command=traffic(nft_lab.client, "udp", ROUTER_CLIENT_V4, "5000")).packet
     assert packet["verdict"] == "accept"
     assert packet["decided_by"]["iptables"] == "-A CLIENTS -p udp -m udp --dport 5000 -j ACCEPT"
     assert packet["decided_by"]["rule_number"] == 4
@@ -490,7 +445,7 @@ def test_iptables_nft_accept_is_decided_by_the_filter_rule_not_the_nat_chain(nft
 
 def test_iptables_nft_forward_accept_with_masquerade(nft_lab):
     packet = why(nft_lab, *tcp_flow(443, dst=SERVER_V4), command=traffic(nft_lab.client, "tcp", SERVER_V4, "443",
-                                                                          "--timeout", "1"))
+                                                                          "--timeout", "1")).packet
     assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
     assert packet["decided_by"]["iptables"] == "-A FORWARD -i r-client -o r-server -p tcp -m tcp --dport 443 -j ACCEPT"
     masquerade = next(s for s in packet["steps"] if s["table"] == "nat" and s["type"] == "rule")
@@ -498,14 +453,14 @@ def test_iptables_nft_forward_accept_with_masquerade(nft_lab):
 
 
 def test_iptables_nft_output_policy_accept(nft_lab):
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
-    packet = why(nft_lab, *tcp_flow(80, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command)
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "80", "--timeout", "1"]
+    packet = why(nft_lab, *tcp_flow(80, src=ROUTER_SERVER_V4, dst=SERVER_V4), command=command).packet
     assert packet["summary"] == "accepted by ip filter OUTPUT policy accept"
 
 
 def test_iptables_nft_ipv6(nft_lab):
     packet = why(nft_lab, *tcp_flow(80, src=CLIENT_V6, dst=ROUTER_CLIENT_V6),
-                 command=tcp_to_router(nft_lab, 80, ROUTER_CLIENT_V6))
+                 command=tcp_to_router(nft_lab, 80, ROUTER_CLIENT_V6)).packet
     decided = packet["decided_by"]
     assert (decided["family"], decided["chain"], decided["rule_number"]) == ("ip6", "CLIENTS6", 1)
     assert decided["iptables"] == "-A CLIENTS6 -p tcp -m tcp --dport 80 -j DROP"
@@ -540,14 +495,12 @@ table inet fw {
 
 @pytest.fixture(scope="module")
 def mixed_lab():
-    topo = Topology(unique_name("iptm"))
-    topo.up()
-    try:
+    def setup(topo: Topology) -> None:
         in_netns(topo.router, ["iptables-legacy-restore"], input=MIXED_LEGACY)
         load_ruleset(topo.router, MIXED_NFT)
+
+    with lab_topology("iptm", setup) as topo:
         yield topo
-    finally:
-        topo.down()
 
 
 def mixed_steps(packet):
@@ -555,7 +508,7 @@ def mixed_steps(packet):
 
 
 def test_mixed_host_legacy_drop_between_two_nft_chains(mixed_lab):
-    packet = why(mixed_lab, *tcp_flow(22), command=tcp_to_router(mixed_lab, 22))
+    packet = why(mixed_lab, *tcp_flow(22), command=tcp_to_router(mixed_lab, 22)).packet
     assert packet["backend"] == "nft+iptables-legacy"
     assert mixed_steps(packet) == [("nft", "early", "input", "rule", "continue"),
                                    ("nft", "early", "input", "policy", "accept"),
@@ -564,7 +517,7 @@ def test_mixed_host_legacy_drop_between_two_nft_chains(mixed_lab):
 
 
 def test_mixed_host_nft_drop_after_the_legacy_policy(mixed_lab):
-    packet = why(mixed_lab, *tcp_flow(25), command=tcp_to_router(mixed_lab, 25))
+    packet = why(mixed_lab, *tcp_flow(25), command=tcp_to_router(mixed_lab, 25)).packet
     assert mixed_steps(packet) == [("nft", "early", "input", "rule", "continue"),
                                    ("nft", "early", "input", "policy", "accept"),
                                    (LEGACY, "filter", "INPUT", "policy", "accept"),
@@ -574,7 +527,7 @@ def test_mixed_host_nft_drop_after_the_legacy_policy(mixed_lab):
 
 
 def test_mixed_host_accept_through_all_three_with_a_legacy_log_rule(mixed_lab):
-    packet = why(mixed_lab, *tcp_flow(80), command=tcp_to_router(mixed_lab, 80))
+    packet = why(mixed_lab, *tcp_flow(80), command=tcp_to_router(mixed_lab, 80)).packet
     assert mixed_steps(packet) == [("nft", "early", "input", "rule", "continue"),
                                    ("nft", "early", "input", "policy", "accept"),
                                    (LEGACY, "filter", "INPUT", "rule", "continue"),
@@ -612,25 +565,27 @@ def configure_ufw_namespace(etc: Path, flavour: str) -> None:
 class UfwTopology(Topology):
     flavour: str = "legacy"  # the iptables that ufw runs in the router: legacy or nft
 
-
-@pytest.fixture(scope="module", params=["legacy", "nft"])
-def ufw_lab(request):
-    if shutil.which("ufw") is None:
-        pytest.skip("ufw is not installed (scripts/setup.sh installs it)")
-    topo = UfwTopology(unique_name(f"ufw{request.param[0]}"), request.param)
-    etc = Path("/etc/netns") / topo.router
-    try:
-        topo.up()
-        configure_ufw_namespace(etc, topo.flavour)
-        for command in (["ufw", "allow", "22/tcp"], ["ufw", "deny", "25/tcp"], ["ufw", "--force", "enable"]):
-            in_netns(topo.router, command)
-        yield topo
-    finally:
-        topo.down()
+    def down(self) -> None:
+        """The namespaces, then the router's /etc/netns files (ufw's own /etc there)."""
+        super().down()
+        etc = Path("/etc/netns") / self.router
         if etc.exists():
             shutil.rmtree(etc)
         with contextlib.suppress(OSError):  # not empty: other namespaces' files, not ours
             Path("/etc/netns").rmdir()
+
+
+@pytest.fixture(scope="module", params=["legacy", "nft"])
+def ufw_lab(request):
+    if shutil.which("ufw") is None:
+        unavailable("ufw is not installed (scripts/setup.sh installs it)")
+    def setup(topo: UfwTopology) -> None:
+        configure_ufw_namespace(Path("/etc/netns") / topo.router, topo.flavour)
+        for command in (["ufw", "allow", "22/tcp"], ["ufw", "deny", "25/tcp"], ["ufw", "--force", "enable"]):
+            in_netns(topo.router, command)
+
+    with lab_topology(f"ufw{request.param[0]}", setup, UfwTopology, flavour=request.param) as topo:
+        yield topo
 
 
 def ufw_rule(lab, text):
@@ -642,7 +597,7 @@ def ufw_rule(lab, text):
 
 
 def test_ufw_allow_rule_is_named_in_the_flavour_it_was_written_with(ufw_lab):
-    packet = why(ufw_lab, *tcp_flow(22), command=tcp_to_router(ufw_lab, 22))
+    packet = why(ufw_lab, *tcp_flow(22), command=tcp_to_router(ufw_lab, 22)).packet
     text = "-A ufw-user-input -p tcp -m tcp --dport 22 -j ACCEPT"
     decided = packet["decided_by"]
     assert (packet["verdict"], decided["chain"], decided["iptables"]) == ("accept", "ufw-user-input", text)
@@ -655,14 +610,14 @@ def test_ufw_allow_rule_is_named_in_the_flavour_it_was_written_with(ufw_lab):
 
 
 def test_ufw_deny_rule(ufw_lab):
-    packet = why(ufw_lab, *tcp_flow(25), command=tcp_to_router(ufw_lab, 25))
+    packet = why(ufw_lab, *tcp_flow(25), command=tcp_to_router(ufw_lab, 25)).packet
     text = "-A ufw-user-input -p tcp -m tcp --dport 25 -j DROP"
     assert (packet["verdict"], packet["decided_by"]["iptables"]) == ("drop", text)
     assert packet["decided_by"]["rule_number"] == ufw_rule(ufw_lab, text)
 
 
 def test_ufw_default_deny_is_the_input_policy_after_its_log_rule(ufw_lab):
-    packet = why(ufw_lab, *tcp_flow(8080), command=tcp_to_router(ufw_lab, 8080))
+    packet = why(ufw_lab, *tcp_flow(8080), command=tcp_to_router(ufw_lab, 8080)).packet
     where = "iptables filter" if ufw_lab.flavour == "legacy" else "ip filter"
     assert packet["summary"] == f"dropped by {where} INPUT policy drop"
     log = [s for s in packet["steps"] if "[UFW BLOCK]" in (s["iptables"] or "")]

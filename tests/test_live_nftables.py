@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from conftest import load_ruleset, nftrace, ruleset_state, traffic
-from nftrace.netlab import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, Topology
+from conftest import lab_topology, load_ruleset, nftrace, ruleset_state, traffic, why
+from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4
 
 pytestmark = pytest.mark.kernel
 
@@ -59,32 +59,13 @@ table ip extra {
 
 @pytest.fixture(scope="module")
 def lab():
-    from conftest import unique_name
-
-    topo = Topology(unique_name("live"))
-    topo.up()
-    try:
-        load_ruleset(topo.router, ROUTER_RULESET)
+    with lab_topology("live", lambda topo: load_ruleset(topo.router, ROUTER_RULESET)) as topo:
         yield topo
-    finally:
-        topo.down()
-
-
-def why(lab, *flow, command, extra=()):
-    """Trace one flow in the router while `command` sends its packet; check nothing stays behind."""
-    before = ruleset_state(lab.router)
-    result = nftrace("--netns", lab.router, "why", *flow, "--count", "1", "--timeout", "15", "--json", *extra,
-                     "--", *command)
-    assert ruleset_state(lab.router) == before, "the router's ruleset changed"
-    assert result.returncode == 0, result.stderr
-    packets = result.packets
-    assert len(packets) == 1, result.stdout
-    return packets[0]
 
 
 def rule_handle(lab, family, table, chain, text):
     """The handle of the rule whose text is `text`, as `nft -a list` shows it."""
-    from nftrace.netlab import in_netns
+    from nftrace.lab.topology import in_netns
 
     listing = in_netns(lab.router, ["nft", "-a", "-s", "list", "chain", family, table, chain]).stdout
     for line in listing.splitlines():
@@ -100,7 +81,7 @@ def tcp_from_client(lab, port, host=ROUTER_CLIENT_V4):
 
 def test_input_accept_after_jump_names_the_rule_in_the_called_chain(lab):
     packet = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "22",
-                 command=tcp_from_client(lab, 22))
+                 command=tcp_from_client(lab, 22)).packet
     assert packet["verdict"] == "accept"
     decided = packet["decided_by"]
     assert (decided["family"], decided["table"], decided["chain"], decided["type"]) == ("inet", "fw", "ssh_zone", "rule")
@@ -115,7 +96,7 @@ def test_input_accept_after_jump_names_the_rule_in_the_called_chain(lab):
 
 def test_verdict_map_drop_is_decided_by_the_vmap_rule(lab):
     packet = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "9090",
-                 command=tcp_from_client(lab, 9090))
+                 command=tcp_from_client(lab, 9090)).packet
     assert packet["verdict"] == "drop"
     assert packet["decided_by"]["text"] == "tcp dport vmap @services"
     assert packet["decided_by"]["verdict"] == "drop"
@@ -126,7 +107,7 @@ def test_verdict_map_drop_is_decided_by_the_vmap_rule(lab):
 
 def test_verdict_map_jump_is_followed_into_the_chain(lab):
     packet = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "8080",
-                 command=tcp_from_client(lab, 8080))
+                 command=tcp_from_client(lab, 8080)).packet
     verdicts = [(s["chain"], s["verdict"], s.get("target")) for s in packet["steps"] if s["table"] == "fw"]
     assert ("input", "jump", "web") in verdicts
     assert packet["verdict"] == "accept"
@@ -136,7 +117,7 @@ def test_verdict_map_jump_is_followed_into_the_chain(lab):
 
 def test_goto_then_reject_counts_as_drop_and_says_rejected(lab):
     packet = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "2323",
-                 command=tcp_from_client(lab, 2323))
+                 command=tcp_from_client(lab, 2323)).packet
     assert packet["verdict"] == "drop"
     assert packet["decided_by"]["chain"] == "reject_zone"
     assert packet["decided_by"]["text"] == "tcp dport 2323 reject with tcp reset"
@@ -147,7 +128,7 @@ def test_goto_then_reject_counts_as_drop_and_says_rejected(lab):
 
 def test_chain_that_falls_off_its_end_returns_then_policy_drops(lab):
     packet = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5353",
-                 command=traffic(lab.client, "udp", ROUTER_CLIENT_V4, "5353"))
+                 command=traffic(lab.client, "udp", ROUTER_CLIENT_V4, "5353")).packet
     fw_steps = [(s["chain"], s["type"], s["verdict"]) for s in packet["steps"] if s["table"] == "fw"]
     assert fw_steps == [("input", "rule", "jump"), ("udp_zone", "return", "return"), ("input", "policy", "drop")]
     assert packet["verdict"] == "drop"
@@ -157,7 +138,7 @@ def test_chain_that_falls_off_its_end_returns_then_policy_drops(lab):
 
 def test_second_table_on_the_same_hook_drops_first(lab):
     packet = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "4444",
-                 command=tcp_from_client(lab, 4444))
+                 command=tcp_from_client(lab, 4444)).packet
     assert packet["verdict"] == "drop"
     assert (packet["decided_by"]["family"], packet["decided_by"]["table"]) == ("ip", "extra")
     assert not any(step["table"] == "fw" for step in packet["steps"])
@@ -165,7 +146,7 @@ def test_second_table_on_the_same_hook_drops_first(lab):
 
 def test_ipv6_drop_by_named_set_rule(lab):
     packet = why(lab, "--from", CLIENT_V6, "--to", ROUTER_CLIENT_V6, "--proto", "tcp", "--dport", "80",
-                 command=tcp_from_client(lab, 80, ROUTER_CLIENT_V6))
+                 command=tcp_from_client(lab, 80, ROUTER_CLIENT_V6)).packet
     assert packet["verdict"] == "drop"
     assert packet["decided_by"]["text"] == "ip6 saddr @blocked6 tcp dport 80 drop"
     assert packet["packet"]["src"] == CLIENT_V6
@@ -173,7 +154,7 @@ def test_ipv6_drop_by_named_set_rule(lab):
 
 def test_forwarded_packet_passes_prerouting_forward_postrouting(lab):
     packet = why(lab, "--from", CLIENT_V4, "--to", SERVER_V4, "--proto", "tcp", "--dport", "443",
-                 command=traffic(lab.client, "tcp", SERVER_V4, "443", "--timeout", "1"))
+                 command=traffic(lab.client, "tcp", SERVER_V4, "443", "--timeout", "1")).packet
     assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
     assert packet["verdict"] == "accept"
     assert packet["decided_by"]["text"] == 'iifname "r-client" oifname "r-server" tcp dport 443 accept'
@@ -182,7 +163,7 @@ def test_forwarded_packet_passes_prerouting_forward_postrouting(lab):
 
 def test_forwarded_packet_dropped_by_forward_policy(lab):
     packet = why(lab, "--from", CLIENT_V4, "--to", SERVER_V4, "--proto", "tcp", "--dport", "8443",
-                 command=traffic(lab.client, "tcp", SERVER_V4, "8443", "--timeout", "1"))
+                 command=traffic(lab.client, "tcp", SERVER_V4, "8443", "--timeout", "1")).packet
     assert packet["verdict"] == "drop"
     assert packet["decided_by"] == {
         "hook": "forward", "family": "inet", "table": "fw", "chain": "forward", "type": "policy", "handle": None,
@@ -192,9 +173,9 @@ def test_forwarded_packet_dropped_by_forward_policy(lab):
 
 def test_locally_sent_packet_dropped_in_output(lab):
     # The traffic command runs inside the router's namespace, like nftrace itself.
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", SERVER_V4, "25", "--timeout", "1"]
     packet = why(lab, "--from", ROUTER_SERVER_V4, "--to", SERVER_V4, "--proto", "tcp", "--dport", "25",
-                 command=command)
+                 command=command).packet
     assert packet["hooks"] == ["output"]
     assert packet["verdict"] == "drop"
     assert packet["decided_by"]["text"] == "tcp dport 25 drop"
@@ -226,7 +207,7 @@ DEBIAN_WORKSTATION = "/usr/share/doc/nftables/examples/workstation.nft"
 
 def chain_rules(ns, family, table, chain):
     """(handle, text) of every rule, as `nft -a -s list chain` prints them."""
-    from nftrace.netlab import in_netns
+    from nftrace.lab.topology import in_netns
 
     listing = in_netns(ns, ["nft", "-a", "-s", "list", "chain", family, table, chain]).stdout
     return [(int(m.group(2)), m.group(1).strip()) for m in
@@ -240,7 +221,7 @@ def workstation(topology):
 
     if not os.path.exists(DEBIAN_WORKSTATION):
         pytest.fail(f"{DEBIAN_WORKSTATION} is missing: scripts/setup.sh installs the nftables package")
-    from nftrace.netlab import in_netns
+    from nftrace.lab.topology import in_netns
 
     in_netns(topology.router, ["nft", "-f", DEBIAN_WORKSTATION])
     return topology
@@ -248,7 +229,7 @@ def workstation(topology):
 
 def test_debian_workstation_ruleset_drops_ssh_with_its_last_rule(workstation):
     packet = why(workstation, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp", "--dport", "22",
-                 command=tcp_from_client(workstation, 22))
+                 command=tcp_from_client(workstation, 22)).packet
     rules = chain_rules(workstation.router, "inet", "filter", "input")
     last_handle, last_text = rules[-1]
     assert last_text == "counter drop"
@@ -259,7 +240,7 @@ def test_debian_workstation_ruleset_drops_ssh_with_its_last_rule(workstation):
 
 def test_debian_workstation_ruleset_accepts_icmpv6_echo_with_its_icmpv6_rule(workstation):
     packet = why(workstation, "--from", CLIENT_V6, "--to", ROUTER_CLIENT_V6, "--proto", "icmpv6",
-                 command=traffic(workstation.client, "icmp", ROUTER_CLIENT_V6))
+                 command=traffic(workstation.client, "icmp", ROUTER_CLIENT_V6)).packet
     handle, text = next((h, t) for h, t in chain_rules(workstation.router, "inet", "filter", "input")
                         if "echo-request" in t)
     assert packet["verdict"] == "accept"
@@ -277,7 +258,7 @@ table inet host {
     }
 }
 """)
-    command = [sys.executable, "-m", "nftrace.traffic", "tcp", "127.0.0.1", "8080", "--timeout", "0.5"]
+    command = [sys.executable, "-m", "nftrace.lab.traffic", "tcp", "127.0.0.1", "8080", "--timeout", "0.5"]
     result = nftrace("--netns", host, "why", "--from", "127.0.0.1", "--to", "127.0.0.1", "--proto", "tcp",
                      "--dport", "8080", "--count", "1", "--timeout", "15", "--json", "--", *command)
     assert result.returncode == 0, result.stderr

@@ -7,14 +7,15 @@ import ipaddress
 
 import pytest
 
-from nftrace.events import PacketHeaders, TraceEvent
-from nftrace.legacy import LegacyRuleset
-from nftrace.merge import (LegacyPathBuilder, LegacyTrail, MergedPathBuilder, last_tables_on_exit_hooks, merge_hooks,
-                           merge_steps, packet_identity)
-from nftrace.monitor import EventsLost
-from nftrace.nflog import LegacyTraceEvent
-from nftrace.paths import PathBuilder, Step, deciding_accept
-from nftrace.ruleset import RulesetSnapshot, priority_value
+from nftrace.trace.events import PacketHeaders, TraceEvent
+from nftrace.iptables.legacy import LegacyRuleset
+from nftrace.iptables.merge import (LegacyPathBuilder, LegacyTrail, MergedPathBuilder, last_tables_on_exit_hooks, merge_hooks,
+                           merge_steps)
+from nftrace.trace.identity import packet_identity
+from nftrace.kernel.monitor import EventsLost
+from nftrace.iptables.nflog import LegacyTraceEvent
+from nftrace.trace.paths import PathBuilder, Step, deciding_accept
+from nftrace.trace.ruleset import RulesetSnapshot, priority_value
 
 OWN = "nftrace_1_abcdef"
 CLIENT, ROUTER, SERVER = (ipaddress.ip_address(a) for a in ("10.77.1.2", "10.77.1.1", "10.77.2.2"))

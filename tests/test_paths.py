@@ -12,9 +12,9 @@ import pytest
 from pathkit import OWN, end_of_chain, event, first, headers, mark, observe, policy, recorded, rule
 
 from nftrace.flow import parse_flow
-from nftrace.paths import PathBuilder
-from nftrace.report import summary
-from nftrace.ruleset import RulesetSnapshot
+from nftrace.trace.paths import PathBuilder
+from nftrace.trace.report import summary
+from nftrace.trace.ruleset import RulesetSnapshot
 
 LISTING = """table inet fw { # handle 1
 	chain zone { # handle 2
@@ -289,7 +289,7 @@ def test_queue_and_stolen_end_the_path(verdict):
 
 
 def test_headline_tree_shows_jumps_indented():
-    from nftrace.render import render_packet
+    from nftrace.trace.render import render_packet
 
     events = [*mark(1), *observe(1, "prerouting"),
               first(1, "input", 7, "jump", "zone"), end_of_chain(1, "zone"), rule(1, "input", 8, "drop")]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from nftrace.events import PacketHeaders, TraceEvent
-from nftrace.paths import PathBuilder
-from nftrace.ruleset import RulesetSnapshot
+from nftrace.trace.events import PacketHeaders, TraceEvent
+from nftrace.trace.paths import PathBuilder
+from nftrace.trace.ruleset import RulesetSnapshot
 
 TABLE = "nftrace_1_abcdef"
 PACKET = PacketHeaders(ipaddress.ip_address("10.77.1.2"), ipaddress.ip_address("10.77.2.2"), 17, 35, 40000, 5000)

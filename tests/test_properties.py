@@ -4,6 +4,7 @@ the flow parser and the path builder never crash and their answers keep their in
 from __future__ import annotations
 
 import ipaddress
+import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,10 +12,10 @@ from pathkit import end_of_chain, event, first, headers, mark, observe, policy, 
 from test_paths import SNAPSHOT
 
 from nftrace.errors import InputError
-from nftrace.events import TraceEvent
+from nftrace.trace.events import TraceEvent
 from nftrace.flow import parse_flow
-from nftrace.paths import HOOK_RANK, PathBuilder
-from nftrace.report import packet_json, summary
+from nftrace.trace.paths import HOOK_RANK, PathBuilder
+from nftrace.trace.report import packet_json, summary
 
 # -- the flow parser -----------------------------------------------------------------------------
 
@@ -78,7 +79,8 @@ def test_any_event_stream_builds_without_crashing_and_keeps_the_invariants(event
     paths.extend(builder.flush())
     for path in paths:
         check_invariants(path)
-        packet_json(path, {})  # the JSON of any path serialises
+        document = packet_json(path, {})
+        assert json.loads(json.dumps(document)) == document  # the JSON of any path serialises, and reads back
 
 
 def check_invariants(path):

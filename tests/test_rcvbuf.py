@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nftrace.errors import InputError
-from nftrace.rcvbuf import MAX_RCVBUF, MIN_RCVBUF, loss_warning, parse_size, receive_buffer_size
+from nftrace.kernel.rcvbuf import MAX_RCVBUF, MIN_RCVBUF, loss_warning, parse_size, receive_buffer_size
 
 
 def test_default_rate_gets_a_small_buffer():

@@ -1,6 +1,6 @@
 """The ruleset snapshot: rule text exactly as `nft -a list ruleset` prints it, by handle."""
 
-from nftrace.ruleset import RulesetSnapshot, parse_ruleset_listing
+from nftrace.trace.ruleset import RulesetSnapshot, parse_ruleset_listing
 
 LISTING = """table inet filter { # handle 1
 	set admins { # handle 4

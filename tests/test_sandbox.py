@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from conftest import REPO, load_ruleset, nftrace, unique_name
-from nftrace.netlab import ROUTER_CLIENT_V4, Topology, in_netns, netns_exists, run
-from nftrace.netstate import parse_route_lines, parse_rule_lines, read_network_state
-from nftrace.sandbox import Sandbox
+from conftest import REPO, lab_topology, load_ruleset, nftrace
+from nftrace.lab.topology import ROUTER_CLIENT_V4, in_netns, netns_exists, run
+from nftrace.dryrun.netstate import parse_route_lines, parse_rule_lines, read_network_state
+from nftrace.dryrun.sandbox import Sandbox
 
 pytestmark = pytest.mark.kernel
 
@@ -79,25 +79,20 @@ def _wait_for_ipv6_addresses(ns: str) -> None:
 @pytest.fixture(scope="module")
 def target():
     """A router namespace with routes, rules, sysctls, a ruleset, legacy tables, a listener and a connection."""
-    topo = Topology(unique_name("sbx"))
-    topo.up()
-    listener = None
-    try:
-        _target_setup(topo.router)
-        listener = subprocess.Popen(["ip", "netns", "exec", topo.router, sys.executable, "-m", "nftrace.traffic",
+    with lab_topology("sbx", lambda topo: _target_setup(topo.router)) as topo:
+        listener = subprocess.Popen(["ip", "netns", "exec", topo.router, sys.executable, "-m", "nftrace.lab.traffic",
                                      "listen-tcp", "0.0.0.0", "2222", "--seconds", "300"], stdout=subprocess.PIPE,
                                     text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-        assert listener.stdout.readline().strip() == "ready"
-        if shutil.which("conntrack"):
-            in_netns(topo.router, ["conntrack", "-I", "-p", "tcp", "-s", "10.77.1.2", "-d", "10.77.1.1", "--sport",
-                                   "40000", "--dport", "22", "--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED",
-                                   "-t", "600"])
-        yield topo
-    finally:
-        if listener is not None:
+        try:
+            assert listener.stdout.readline().strip() == "ready"
+            if shutil.which("conntrack"):
+                in_netns(topo.router, ["conntrack", "-I", "-p", "tcp", "-s", "10.77.1.2", "-d", "10.77.1.1", "--sport",
+                                       "40000", "--dport", "22", "--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED",
+                                       "-t", "600"])
+            yield topo
+        finally:
             listener.kill()
             listener.wait()
-        topo.down()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from nftrace.expectations import EXPECTATION_SUFFIX, load_expectations
-from nftrace.lab import list_scenarios, rules_dir
+from nftrace.lab.expectations import EXPECTATION_SUFFIX, load_expectations
+from nftrace.lab.lab import list_scenarios, rules_dir
 
 RULES = rules_dir()
 SCENARIOS = list_scenarios()
@@ -80,7 +80,7 @@ def test_only_flows_with_a_stated_reason_are_expected_to_fail():
 
 
 def test_the_demo_traces_one_accepted_one_rule_drop_one_policy_drop_and_one_nat():
-    from nftrace.demo import DEMO_SCENARIO
+    from nftrace.lab.demo import DEMO_SCENARIO
 
     flows = [flow for flow in BY_NAME[DEMO_SCENARIO].flows if flow.demo]
     assert any(flow.expect == "accept" for flow in flows)

@@ -4,7 +4,8 @@ scenario's .expect.toml states (verdict, deciding chain, rule, NAT).
 
 The kernel decides, the file states it. One lab per scenario, flows traced one after the
 other with --count 1. Flows the file marks `xfail` state the right answer for a case nftrace
-cannot give yet: they run, and fail as expected (strict=False: they pass once it can).
+cannot give yet: they run, and must fail (strict: once nftrace gives that answer, the xfail
+must go from the file, or the test fails).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 import pytest
 
 from conftest import nftrace, ruleset_state, unique_name
-from nftrace.lab import Lab, Scenario, list_scenarios, why_arguments
+from nftrace.lab.lab import Lab, Scenario, list_scenarios, why_arguments
 
 pytestmark = pytest.mark.kernel
 
@@ -59,7 +60,7 @@ def labs(tmp_path_factory):
 @pytest.mark.parametrize("scenario, flow", CASES)
 def test_nftrace_gives_the_scenario_files_answer(labs, scenario, flow, request):
     if flow.xfail:
-        request.applymarker(pytest.mark.xfail(reason=flow.xfail, strict=False))
+        request.applymarker(pytest.mark.xfail(reason=flow.xfail, strict=True))
     lab = labs.running(scenario)
     before = ruleset_state(lab.topology.router)
     result = nftrace(*why_arguments(lab.topology, flow, as_json=True))

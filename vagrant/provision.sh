@@ -19,7 +19,7 @@ NFTRACE="$REPO/.venv/bin/nftrace"
 PYTHON="$REPO/.venv/bin/python"
 HOST_CA=/usr/local/share/nftlab/host-ca.pem
 ROUTER_NS=nftlab-router
-# nftrace/lab.py's LISTEN_TCP / LISTEN_UDP, less 22: the server VM's sshd answers there.
+# nftrace/lab/lab.py's LISTEN_TCP / LISTEN_UDP, less 22: the server VM's sshd answers there.
 LISTEN_TCP="25 80 443 3306 5432 6379 8080 9090"
 LISTEN_UDP="53 161 5000"
 LISTEN_SECONDS=86400
@@ -81,7 +81,7 @@ start_listeners() {
         fi
         systemctl reset-failed "$unit" 2>/dev/null || :
         # shellcheck disable=SC2086 # the port list is meant to split
-        systemd-run --quiet --unit "$unit" --collect "$PYTHON" -m nftrace.traffic "listen-$kind" :: $ports \
+        systemd-run --quiet --unit "$unit" --collect "$PYTHON" -m nftrace.lab.traffic "listen-$kind" :: $ports \
             --seconds "$LISTEN_SECONDS"
     done
 }

@@ -1,0 +1,185 @@
+"""`nftrace drops` against what an admin would do instead, on one flood with one drop in ten.
+
+The router's ruleset drops one packet in ten of port DROPS_PORT (a numgen rule with a
+counter, in the chain the flood's packets jump to). Two runs, one after the other, on the
+same flood:
+- the admin's way: a catch-all trace rule (`meta nftrace set 1` at prerouting, in a table of
+  its own) and `nft monitor trace`, its drop verdicts counted afterwards (what `| grep drop`
+  would show);
+- `nftrace drops --max-rate 0 --json` with a 16 MiB receive buffer (NFTRACE_RCVBUF; --max-rate 0
+  would get 1 GiB), stopped with SIGTERM once the flood is over.
+Each is compared with the rule's counter: drops reported, lost events, CPU, memory, and how
+long after the flood its last report came.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from bench.flood import FLOOD_PORT, Lab, _follow, _kill, _queued, _stop
+from bench.probes import CommitWatcher, Finished, own_usage, wait_for_trace_listener
+from nftrace.lab.topology import SERVER_V4, in_netns
+
+DROPS_PORT = FLOOD_PORT + 1
+RCVBUF = 16 << 20
+DROP_RULE = f'udp dport {DROPS_PORT} numgen inc mod 10 0 counter drop comment "one in ten"'
+ADMIN_TABLE = """
+table inet admintrace {
+    chain pre { type filter hook prerouting priority -350; meta nftrace set 1; }
+}
+"""
+
+
+@dataclass
+class DropsToolResult:
+    name: str
+    drops_reported: int = 0
+    rule_counter: int = 0  # the drop rule's counter over the run
+    loss_reported: str = "none"
+    kernel_drops: int = 0
+    drained_after: Optional[float] = None
+    finished: Optional[Finished] = None
+    own_cpu_seconds: Optional[float] = None
+    own_max_rss_bytes: Optional[int] = None
+    rss_while_streaming: list = field(default_factory=list)
+    stderr: str = ""
+
+    @property
+    def every_drop(self) -> bool:
+        return self.drops_reported == self.rule_counter and self.rule_counter > 0
+
+
+@dataclass
+class DropsFloodResult:
+    sent: int
+    admin: DropsToolResult
+    nftrace: DropsToolResult
+    admin_flood_seconds: float = 0.0
+    nftrace_flood_seconds: float = 0.0
+
+
+def add_drop_rule(lab: Lab) -> None:
+    in_netns(lab.router, ["nft", "-f", "-"], input=f"insert rule inet fw udp_services {DROP_RULE}\n")
+
+
+def rule_counter(lab: Lab) -> int:
+    listing = json.loads(in_netns(lab.router, ["nft", "-j", "list", "chain", "inet", "fw", "udp_services"]).stdout)
+    for item in listing["nftables"]:
+        rule = item.get("rule")
+        if rule and rule.get("comment") == "one in ten":
+            for expr in rule["expr"]:
+                if "counter" in expr:
+                    return expr["counter"]["packets"]
+    raise RuntimeError("the benchmark's drop rule is missing")
+
+
+def flood(lab: Lab, packets: int) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", lab.topology.client, sys.executable, "-m", "nftrace.lab.traffic",
+                             "udp", SERVER_V4, str(DROPS_PORT), "--count", str(packets), "--max-seconds", "120"],
+                            stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def run_admin(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult, int, float]:
+    """A catch-all trace rule and `nft monitor trace`; drops are its `(verdict drop)` lines."""
+    result = DropsToolResult("nft monitor trace + catch-all trace rule")
+    before = rule_counter(lab)
+    in_netns(lab.router, ["nft", "-f", "-"], input=ADMIN_TABLE)
+    process = None
+    try:
+        started = time.monotonic()
+        out = open(workdir / "admin.txt", "w")
+        process = subprocess.Popen(["ip", "netns", "exec", lab.router, "nft", "monitor", "trace"], stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+        if not wait_for_trace_listener(process.pid, 10):
+            raise RuntimeError("nft monitor trace did not start listening")
+        flood_started = time.monotonic()
+        sender = flood(lab, packets)
+        _, flood_ended, drained = _follow(sender, process, None, workdir, flood_started, flood_started + 180,
+                                          60 + packets / 1000, outputs={"nft": (process, workdir / "admin.txt", 1.0)})
+        sent = int(sender.stdout.read().strip() or 0)
+        sender.stdout.close()
+        result.kernel_drops = _queued(process.pid)[1]
+        result.own_cpu_seconds, result.own_max_rss_bytes = own_usage(process.pid)
+        result.finished = _stop(process, started)
+        result.drained_after = drained.get("nft")
+    finally:
+        _kill(process)
+        in_netns(lab.router, ["nft", "delete", "table", "inet", "admintrace"], check=False)
+    result.rule_counter = rule_counter(lab) - before
+    notices = 0
+    with open(workdir / "admin.txt") as lines:
+        for line in lines:
+            if line.startswith("# ERROR: We lost some netlink events"):
+                notices += 1
+            elif "(verdict drop)" in line and f"dport {DROPS_PORT}" in line:
+                result.drops_reported += 1
+    if notices:
+        result.loss_reported = f"{notices} \"lost some events\" line{'s' if notices > 1 else ''}, no count"
+    return result, sent, flood_ended - flood_started
+
+
+def run_nftrace(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult, int, float]:
+    """`nftrace drops --max-rate 0 --json`, stopped by SIGTERM once the flood has drained."""
+    result = DropsToolResult("nftrace drops")
+    before = rule_counter(lab)
+    watcher = CommitWatcher(lab.router)
+    process = None
+    try:
+        started = time.monotonic()
+        out, err = open(workdir / "drops.json", "w"), open(workdir / "drops.err", "w")
+        # The default 16 MiB receive buffer, not the 1 GiB that --max-rate 0 gets: keeping up means
+        # that no backlog builds that a small buffer could not hold.
+        process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.router, "drops", "--proto", "udp",
+                                    "--max-rate", "0", "--json"], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                   env=dict(os.environ, NFTRACE_RCVBUF=str(RCVBUF)))
+        out.close()
+        err.close()
+        if watcher.rules_installed("nftrace_", 30) is None:
+            raise RuntimeError(f"nftrace drops did not install its trace rules: {(workdir / 'drops.err').read_text()}")
+        time.sleep(0.5)  # bpftrace (kernel drop reasons) attaches before nftrace says it is ready
+        flood_started = time.monotonic()
+        sender = flood(lab, packets)
+        rss, flood_ended, drained = _follow(sender, None, process, workdir, flood_started, flood_started + 180,
+                                            60 + packets / 1000,
+                                            outputs={"nftrace": (process, workdir / "drops.json", 3.0)})
+        sent = int(sender.stdout.read().strip() or 0)
+        sender.stdout.close()
+        result.kernel_drops = _queued(process.pid)[1]
+        result.own_cpu_seconds, result.own_max_rss_bytes = own_usage(process.pid)
+        result.finished = _stop(process, started)
+        result.drained_after = drained.get("nftrace")
+        result.rss_while_streaming = [(t, value) for t, value in rss
+                                      if result.drained_after is None or t <= flood_ended - flood_started
+                                      + result.drained_after]
+    finally:
+        _kill(process)
+        watcher.close()
+    result.rule_counter = rule_counter(lab) - before
+    result.stderr = (workdir / "drops.err").read_text()
+    try:
+        document = json.loads((workdir / "drops.json").read_text())
+    except ValueError:
+        raise RuntimeError(f"nftrace drops' output is not one JSON document: {result.stderr[-500:]}") from None
+    for rule in document["rules"]:
+        if rule["decided_by"] and "one in ten" in (rule["decided_by"]["text"] or ""):
+            result.drops_reported += rule["packets"]
+    lost = document.get("lost_events", 0)
+    result.loss_reported = f"{lost:,} events" if lost else "none"
+    return result, sent, flood_ended - flood_started
+
+
+def run_drops_flood(lab: Lab, packets: int, workdir: Optional[Path] = None) -> DropsFloodResult:
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="nftbench"))
+    add_drop_rule(lab)
+    admin, sent, admin_seconds = run_admin(lab, packets, workdir)
+    mine, sent_mine, mine_seconds = run_nftrace(lab, packets, workdir)
+    return DropsFloodResult(min(sent, sent_mine), admin, mine, admin_seconds, mine_seconds)

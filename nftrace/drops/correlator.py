@@ -1,0 +1,414 @@
+"""Pairing kernel drops with packet paths: which traced packet did the kernel free, and why.
+
+Why the order of reading matters: the kernel queues a packet's trace events on nftrace's
+netlink socket while netfilter runs, before the packet can be freed; bpftrace learns of the
+drop only after that. So a drop line read *before* the netlink socket is drained has all of
+its packet's events in the drained batch: applying drops after the drain never closes a
+packet whose events are still unread.
+
+Pure: drops come in as `KernelDrop` records (reasons.py), whatever read them.
+
+A flood of one flow files thousands of packets a second under the same headers: every index
+here keeps each header key's items in time order, and a drop is compared with the few items
+nearest to it in time, never with all of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from ..protocols import PORT_PROTOCOL_NUMBERS, endpoint_text, protocol_name
+from ..trace.paths import PacketPath, verdict_before_kernel_drop
+from .reasons import KernelDrop, explain
+
+# A drop happens after its packet's trace events were generated; nftrace reads those events
+# some time later. So a drop may precede the first reading by that delay (EARLY), and follows
+# the last event by little more than the kernel's own work (LATE).
+MATCH_EARLY_SECONDS = 1.0
+MATCH_LATE_SECONDS = 0.25
+# How long a packet that netfilter accepted waits for a drop before its answer is given.
+HOLD_SECONDS = 0.3
+# How long drops and answered packets are remembered for pairing.
+REMEMBER_SECONDS = 10.0
+REMEMBER_MAX = 4096
+# A drop is compared with this many items on each side of its time, among those filed under
+# its headers.
+NEIGHBOURS = 4
+
+
+def header_key(src, dst, proto: Optional[int], sport: Optional[int], dport: Optional[int]) -> tuple:
+    """Headers as a dictionary key: addresses as (version, integer), which hash in C, where an
+    address object hashes in Python (a flood files thousands of packets a second by them)."""
+    return (src.version if src is not None else 0, int(src) if src is not None else None,
+            int(dst) if dst is not None else None, proto, sport, dport)
+
+
+def drop_key(drop: KernelDrop) -> tuple:
+    return header_key(drop.src, drop.dst, drop.proto, drop.sport, drop.dport)
+
+
+@dataclass(frozen=True)
+class PacketSignature:
+    """What pairing a drop with a packet needs, and all that is kept of an answered packet."""
+
+    trace_id: int
+    headers: tuple  # (src, dst, proto, sport, dport) at each hook where they were seen, NAT included
+    first_seen: float
+    last_seen: float
+    dropped_by_rule: bool
+    iif: Optional[int]
+    keys: tuple = ()  # `headers` as header_key()s
+
+    @classmethod
+    def of(cls, path: PacketPath) -> "PacketSignature":
+        headers, keys = [], []
+        for observation in path.observations:
+            packet = observation.packet
+            if packet is None:
+                continue
+            ports = packet.proto in PORT_PROTOCOL_NUMBERS
+            fields = (packet.src, packet.dst, packet.proto, packet.sport if ports else None,
+                      packet.dport if ports else None)
+            key = header_key(*fields)
+            if key not in keys:
+                keys.append(key)
+                headers.append(fields)
+        return cls(path.trace_id, tuple(headers), path.first_seen, path.last_seen or path.first_seen,
+                   path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"), tuple(keys))
+
+    def matches(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
+        """Same packet: the headers it had at some hook (before or after NAT), a time that fits.
+
+        A NETFILTER_DROP of a packet that a traced rule dropped says nothing the rule did not
+        (see `echoes`).
+        """
+        if drop.reason == "NETFILTER_DROP" and self.dropped_by_rule:
+            return False
+        return self.fits(drop, late_seconds)
+
+    def echoes(self, drop: KernelDrop) -> bool:
+        """The kernel's own record of the drop that a traced rule made: nothing to report."""
+        return drop.reason == "NETFILTER_DROP" and self.dropped_by_rule and self.fits(drop)
+
+    def fits(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
+        if drop_key(drop) not in self.keys:
+            return False
+        return self.first_seen - MATCH_EARLY_SECONDS <= drop.time <= self.last_seen + late_seconds
+
+    def distance(self, drop: KernelDrop) -> float:
+        if drop.time < self.first_seen:
+            return self.first_seen - drop.time
+        return max(0.0, drop.time - self.last_seen)
+
+
+def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS, test=None):
+    """The candidate (anything with a `.signature`) that the drop fits best, or None."""
+    test = test or (lambda signature: signature.matches(drop, late_seconds))
+    matching = [item for item in candidates if test(item.signature)]
+    return min(matching, key=lambda item: item.signature.distance(drop)) if matching else None
+
+
+def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] = None) -> None:
+    """Put the drop on the packet. A packet that vanished after netfilter (it was never seen
+    leaving) is now a complete answer, with netfilter's verdict (verdict_before_kernel_drop)
+    and the kernel's drop after it."""
+    iif_index = path.interface_index("iif")
+    iif = (interfaces or {}).get(iif_index) if iif_index else None
+    path.kernel_drop = {"reason": drop.reason, "location": drop.location, "explain": explain(drop, iif)}
+    if not path.complete and path.incomplete_reason != "events lost":
+        path.complete = True
+        path.verdict = verdict_before_kernel_drop(drop.reason)
+        path.decided_by = None
+        path.vanished_after = path.hooks[-1] if path.hooks else "its first hook"
+        path.incomplete_reason = None
+
+
+class _ByHeaders:
+    """Items filed under every header key of their packet, each key's items in the order of
+    their packet's last event: a drop is compared only with what had its headers, and among
+    those with the few nearest to it in time."""
+
+    def __init__(self):
+        self._items: dict = {}  # key -> ([last_seen], [item]), both in time order
+
+    def add(self, item) -> None:
+        when = item.signature.last_seen
+        for key in item.signature.keys:
+            times, items = self._items.setdefault(key, ([], []))
+            index = bisect.bisect_right(times, when)
+            times.insert(index, when)
+            items.insert(index, item)
+
+    def remove(self, item) -> None:
+        when = item.signature.last_seen
+        for key in item.signature.keys:
+            filed = self._items.get(key)
+            if filed is None:
+                continue
+            times, items = filed
+            index = bisect.bisect_left(times, when)
+            while index < len(items) and times[index] == when:
+                if items[index] is item:
+                    del times[index], items[index]
+                    break
+                index += 1
+            if not items:
+                del self._items[key]
+
+    def near(self, key: tuple, when: float) -> list:
+        """The items filed under `key` nearest to `when`: NEIGHBOURS on each side."""
+        filed = self._items.get(key)
+        if filed is None:
+            return []
+        times, items = filed
+        index = bisect.bisect_left(times, when)
+        return items[max(0, index - NEIGHBOURS):index + NEIGHBOURS]
+
+
+class _Drops:
+    """Drops not paired yet, filed by header key in time order, and in arrival order for
+    forgetting the oldest."""
+
+    def __init__(self):
+        self._arrived: deque = deque()
+        self._by_key: dict = {}  # key -> ([time], [drop])
+        self._live: set = set()  # ids of the drops still remembered
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def add(self, drop: KernelDrop) -> None:
+        self._arrived.append(drop)
+        self._live.add(id(drop))
+        times, drops = self._by_key.setdefault(drop_key(drop), ([], []))
+        index = bisect.bisect_right(times, drop.time)
+        times.insert(index, drop.time)
+        drops.insert(index, drop)
+
+    def forget(self, drop: KernelDrop) -> None:
+        if id(drop) not in self._live:
+            return
+        self._live.discard(id(drop))
+        key = drop_key(drop)
+        times, drops = self._by_key[key]
+        index = bisect.bisect_left(times, drop.time)
+        while index < len(drops):
+            if drops[index] is drop:
+                del times[index], drops[index]
+                break
+            index += 1
+        if not drops:
+            del self._by_key[key]
+
+    def near(self, signature: PacketSignature) -> list:
+        """Drops under the signature's headers whose time may fit it, nearest first."""
+        found = []
+        for key in signature.keys:
+            filed = self._by_key.get(key)
+            if filed is None:
+                continue
+            times, drops = filed
+            low = bisect.bisect_left(times, signature.first_seen - MATCH_EARLY_SECONDS)
+            high = bisect.bisect_right(times, signature.last_seen + REMEMBER_SECONDS)
+            middle = bisect.bisect_left(times, signature.first_seen, low, high)
+            found += drops[max(low, middle - NEIGHBOURS):min(high, middle + NEIGHBOURS)]
+        return found
+
+    def oldest(self) -> Optional[KernelDrop]:
+        while self._arrived and id(self._arrived[0]) not in self._live:
+            self._arrived.popleft()
+        return self._arrived[0] if self._arrived else None
+
+    def __iter__(self):
+        return (drop for drop in list(self._arrived) if id(drop) in self._live)
+
+
+@dataclass(eq=False)
+class _Held:
+    """A finished packet whose answer waits for a possible kernel drop."""
+
+    path: PacketPath
+    signature: PacketSignature
+    until: float
+    waiting: bool = True  # filed by headers, waiting for a drop
+
+
+@dataclass(eq=False)
+class _Answered:
+    """What is kept of a packet answered as accepted: enough to place a late drop."""
+
+    signature: PacketSignature
+    at: float
+    settled: bool = False  # a drop came for it since: out of the index
+
+
+class DropCorrelator:
+    """Pairs kernel drops with finished packet paths, before their answer is given.
+
+    A packet that netfilter accepted is held for `hold_seconds`: the kernel may still drop
+    it (a closed port is found after the input hook). A drop for a packet that is still open
+    (it vanished after a hook, e.g. rp_filter after prerouting) closes it at once through
+    `vanished`. A drop that comes after the packet's answer was given (a next hop that never
+    answers ARP makes the kernel drop the packet seconds later) becomes a note. The kernel's
+    NETFILTER_DROP of a packet that a traced rule dropped is its echo: it is consumed.
+
+    Answers come out in the order the packets finished: while one waits, those behind it
+    wait too.
+
+    Per batch of drops: `add_drops`, then `PathBuilder.close_vanished(vanished)` and `hold`,
+    then `release`; so a drop goes to an open packet before an answered one is considered.
+    """
+
+    def __init__(self, interfaces: Optional[dict] = None, hold_seconds: float = HOLD_SECONDS):
+        self.interfaces = interfaces if interfaces is not None else {}
+        self.hold_seconds = hold_seconds
+        self.notes: list = []
+        self._held: deque = deque()  # in the order the packets finished
+        self._held_index = _ByHeaders()
+        self._drops = _Drops()  # not yet paired
+        self._answered: deque = deque()  # answered as accepted
+        self._answered_index = _ByHeaders()
+        self._echoes: deque = deque()  # dropped by a rule: their NETFILTER_DROP is still to come
+        self._echo_index = _ByHeaders()
+
+    @property
+    def holding(self) -> int:
+        return len(self._held)
+
+    def add_drops(self, drops: Iterable[KernelDrop]) -> None:
+        for drop in drops:
+            key = drop_key(drop)
+            if drop.reason == "NETFILTER_DROP":
+                dropped = _nearest(self._echo_index.near(key, drop.time), drop,
+                                   test=lambda signature: signature.echoes(drop))
+                if dropped is not None:
+                    self._echo_index.remove(dropped)
+                    dropped.settled = True
+                    continue
+            held = _nearest(self._held_index.near(key, drop.time), drop)
+            if held is not None:
+                attach_drop(held.path, drop, self.interfaces)
+                self._stop_waiting(held)
+                continue
+            answered = self._answered_for(drop)
+            if answered is not None:
+                self._settle(answered, drop)
+                continue
+            self._drops.add(drop)
+        while len(self._drops) > REMEMBER_MAX:
+            self._drops.forget(self._drops.oldest())
+
+    def vanished(self, path: PacketPath) -> Optional[KernelDrop]:
+        """For PathBuilder.close_vanished: the remembered drop that accounts for an open packet."""
+        if not len(self._drops):
+            return None
+        return self._remembered_drop(PacketSignature.of(path))
+
+    def hold(self, paths: Iterable, now: float) -> list:
+        """Pair each finished path with a remembered drop; return those whose answer is ready."""
+        for path in paths:
+            signature = PacketSignature.of(path)
+            drop = self._remembered_drop(signature) if len(self._drops) else None
+            if drop is not None:
+                self._drops.forget(drop)
+                attach_drop(path, drop, self.interfaces)
+            elif signature.dropped_by_rule:
+                echo = next((candidate for candidate in self._drops.near(signature) if signature.echoes(candidate)),
+                            None) if len(self._drops) else None
+                if echo is not None:
+                    self._drops.forget(echo)
+                else:
+                    waiting = _Answered(signature, now)
+                    self._echoes.append(waiting)
+                    self._echo_index.add(waiting)
+            held = _Held(path, signature, now, waiting=False)
+            if drop is None and path.complete and path.verdict == "accept":
+                held.until, held.waiting = now + self.hold_seconds, True
+                self._held_index.add(held)
+            self._held.append(held)
+        return self.release(now)
+
+    def release(self, now: float, everything: bool = False) -> list:
+        """Held paths whose drop came or whose wait is over (all of them at the end of a run)."""
+        ready = []
+        while self._held:
+            head = self._held[0]
+            if not (everything or not head.waiting or head.until <= now):
+                break
+            self._held.popleft()
+            self._stop_waiting(head)
+            ready.append(head)
+        self._forget(now)
+        return self._answer(ready, now)
+
+    def _stop_waiting(self, held: _Held) -> None:
+        if held.waiting:
+            held.waiting = False
+            self._held_index.remove(held)
+
+    def _remembered_drop(self, signature: PacketSignature) -> Optional[KernelDrop]:
+        candidates = [drop for drop in self._drops.near(signature) if signature.matches(drop)]
+        return min(candidates, key=signature.distance) if candidates else None
+
+    def _answer(self, ready: list, now: float) -> list:
+        """Remember what a late drop could still belong to: packets answered as accepted. A
+        drop remembered before the answer that fits it late is noted now."""
+        for held in ready:
+            path = held.path
+            if path.complete and path.kernel_drop is None and path.verdict == "accept":
+                answered = _Answered(held.signature, now)
+                if len(self._drops):
+                    late = self._late_drop(held.signature)
+                    if late is not None:
+                        self._drops.forget(late)
+                        self._settle(answered, late, filed=False)
+                        continue
+                self._answered.append(answered)
+                self._answered_index.add(answered)
+        while len(self._answered) > REMEMBER_MAX:
+            self._expire_answered()
+        return [held.path for held in ready]
+
+    def _expire_answered(self) -> None:
+        answered = self._answered.popleft()
+        if not answered.settled:
+            self._answered_index.remove(answered)
+
+    def _answered_for(self, drop: KernelDrop) -> Optional[_Answered]:
+        return _nearest(self._answered_index.near(drop_key(drop), drop.time), drop, REMEMBER_SECONDS)
+
+    def _late_drop(self, signature: PacketSignature) -> Optional[KernelDrop]:
+        candidates = [drop for drop in self._drops.near(signature) if signature.matches(drop, REMEMBER_SECONDS)]
+        return min(candidates, key=signature.distance) if candidates else None
+
+    def _settle(self, answered: _Answered, drop: KernelDrop, filed: bool = True) -> None:
+        """A drop for a packet already answered as accepted: a note."""
+        if filed:
+            self._answered_index.remove(answered)
+            answered.settled = True  # left in the deque, skipped when it expires
+        self._late(answered.signature, drop)
+
+    def _late(self, signature: PacketSignature, drop: KernelDrop) -> None:
+        iif = self.interfaces.get(signature.iif) if signature.iif else None
+        src, dst, proto, sport, dport = signature.headers[0]
+        packet = f"{endpoint_text(src, sport)} → {endpoint_text(dst, dport)} {protocol_name(proto)}"
+        self.notes.append(
+            f"the kernel dropped packet {packet} (trace id {signature.trace_id:08x}) after its answer was given: "
+            f"{drop.reason} at {drop.location} — {explain(drop, iif)}"
+        )
+
+    def _forget(self, now: float) -> None:
+        while True:
+            oldest = self._drops.oldest()
+            if oldest is None or now - oldest.time < REMEMBER_SECONDS:
+                break
+            self._drops.forget(oldest)
+        while self._answered and now - self._answered[0].at >= REMEMBER_SECONDS:
+            self._expire_answered()
+        while self._echoes and (now - self._echoes[0].at >= REMEMBER_SECONDS or len(self._echoes) > REMEMBER_MAX):
+            waiting = self._echoes.popleft()
+            if not waiting.settled:
+                self._echo_index.remove(waiting)

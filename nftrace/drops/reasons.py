@@ -1,0 +1,164 @@
+"""Kernel drop reasons: the lines the bpftrace program prints, and what each reason means.
+
+Pure: nothing here runs a process or reads the kernel. `bpftrace.py` runs the program that
+prints these lines; `correlator.py` pairs the drops with packet paths.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from ..protocols import PORT_PROTOCOL_NUMBERS, protocol_name
+
+DROP_PREFIX = "nftrace-drop"
+
+# Plain words for the reasons an admin meets. Placeholders: {proto} {dport} {src} {dst} {iif}.
+REASON_EXPLANATIONS = {
+    "NOT_SPECIFIED": "the kernel freed it without saying why",
+    "NO_SOCKET": "nothing listens on {proto}/{dport} in this namespace",
+    "SOCKET_CLOSE": "the receiving socket was closed before it read the packet",
+    "SOCKET_FILTER": "a socket filter (BPF program on the receiving socket) rejected it",
+    "SOCKET_RCVBUFF": "the receiving socket's buffer was full (the application does not read fast enough)",
+    "SOCKET_BACKLOG": "the receiving socket's backlog was full",
+    "PKT_TOO_SMALL": "the packet is shorter than its headers say",
+    "TCP_CSUM": "bad TCP checksum",
+    "UDP_CSUM": "bad UDP checksum",
+    "IP_CSUM": "bad IP header checksum",
+    "ICMP_CSUM": "bad ICMP checksum",
+    "NETFILTER_DROP": "netfilter dropped it outside the traced chains (iptables-legacy, conntrack or NAT)",
+    "OTHERHOST": "the frame was addressed to another host's MAC address",
+    "IP_INHDR": "invalid IP header",
+    "IP_RPFILTER": "reverse-path filter: replies to {src} would not leave through {iif} "
+                   "(net.ipv4.conf.{iif_key}.rp_filter / conf.all.rp_filter)",
+    "UNICAST_IN_L2_MULTICAST": "unicast IP packet in a link-layer multicast or broadcast frame",
+    "XFRM_POLICY": "an IPsec (xfrm) policy refused it",
+    "IP_NOPROTO": "this host has no handler for IP protocol {proto}",
+    "PROTO_MEM": "the protocol's memory limit was reached",
+    "TCP_FLAGS": "TCP flags not valid for the connection's state",
+    "TCP_ZEROWINDOW": "the receiver's TCP window is zero",
+    "TCP_OLD_DATA": "TCP data already received (a duplicate)",
+    "TCP_OVERWINDOW": "TCP data beyond the receive window",
+    "TCP_RFC7323_PAWS": "TCP timestamp older than the connection's (PAWS check)",
+    "TCP_LISTEN_OVERFLOW": "the listening socket's accept queue is full",
+    "TCP_OLD_SEQUENCE": "TCP sequence number older than the window",
+    "TCP_INVALID_SEQUENCE": "TCP sequence number outside the window",
+    "TCP_INVALID_ACK_SEQUENCE": "TCP acknowledges data that was never sent",
+    "TCP_RESET": "TCP reset for this connection",
+    "TCP_INVALID_SYN": "unexpected TCP SYN on an existing connection",
+    "TCP_CLOSE": "the TCP connection is closed",
+    "IP_OUTNOROUTES": "no route to {dst} for a locally sent packet",
+    "IP_INNOROUTES": "no route to {dst}: the packet cannot be forwarded",
+    "IP_INADDRERRORS": "invalid destination address {dst}",
+    "IP_LOCAL_SOURCE": "the source {src} is one of this host's own addresses",
+    "IP_INVALID_SOURCE": "invalid source address {src} (multicast, broadcast or zero)",
+    "IP_LOCALNET": "127.0.0.0/8 address on a non-loopback interface (net.ipv4.conf.*.route_localnet)",
+    "IP_INVALID_DEST": "invalid destination address {dst}",
+    "IPV6DISABLED": "IPv6 is disabled on the interface",
+    "BPF_CGROUP_EGRESS": "a cgroup BPF program refused to send it",
+    "NEIGH_CREATEFAIL": "no neighbour entry could be created for the next hop",
+    "NEIGH_FAILED": "the next hop did not answer ARP / neighbour discovery (no host there)",
+    "NEIGH_QUEUEFULL": "too many packets were waiting for the next hop's ARP / neighbour answer",
+    "NEIGH_DEAD": "the next hop's neighbour entry was being removed",
+    "NEIGH_HH_FILLFAIL": "the link-layer header for the next hop could not be built",
+    "TC_EGRESS": "a tc filter dropped it on the way out",
+    "TC_INGRESS": "a tc filter dropped it on the way in",
+    "SECURITY_HOOK": "a security module (SELinux, AppArmor, ...) refused it",
+    "QDISC_DROP": "the interface's queue (qdisc) was full",
+    "CPU_BACKLOG": "the CPU's input backlog was full (net.core.netdev_max_backlog)",
+    "XDP": "an XDP program dropped it",
+    "UNHANDLED_PROTO": "no handler for its protocol",
+    "NOMEM": "the kernel ran out of memory",
+    "PKT_TOO_BIG": "larger than the path MTU and not allowed to be fragmented",
+    "DUP_FRAG": "a duplicate fragment",
+    "FRAG_REASM_TIMEOUT": "the other fragments did not arrive in time",
+    "FRAG_TOO_FAR": "a fragment too far from the others",
+    "NO_TX_TARGET": "no device to send it on",
+}
+# Families of reasons: when a reason has no sentence of its own, its prefix gives one.
+REASON_PREFIX_EXPLANATIONS = (
+    ("TCP_MD5", "TCP MD5 signature check failed"),
+    ("TCP_AO", "TCP authentication option check failed"),
+    ("TCP_", "TCP's own checks refused it"),
+    ("NEIGH_", "the next hop's link-layer address could not be found"),
+    ("QDISC_", "the interface's queueing discipline dropped it"),
+    ("IPV6_", "invalid IPv6 packet"),
+    ("IP_", "the IP layer refused it"),
+)
+
+@dataclass(frozen=True)
+class KernelDrop:
+    """One traced packet freed by the kernel with a drop reason, as the tracepoint saw it."""
+
+    time: float  # CLOCK_MONOTONIC seconds: comparable with time.monotonic()
+    reason: str
+    location: str
+    src: Optional[ipaddress._BaseAddress]
+    dst: Optional[ipaddress._BaseAddress]
+    proto: Optional[int]
+    sport: Optional[int] = None
+    dport: Optional[int] = None
+
+    def headers(self) -> tuple:
+        return (self.src, self.dst, self.proto, self.sport, self.dport)
+
+
+_SYMBOLIC_RE = re.compile(r'\{\s*(\d+)\s*,\s*"(\w+)"\s*\}')
+
+
+def parse_reason_names(format_text: str) -> dict[int, str]:
+    """Reason number → name, from the `__print_symbolic` table of the tracepoint's format."""
+    return {int(number): name for number, name in _SYMBOLIC_RE.findall(format_text)}
+
+
+def has_reason_field(format_text: str) -> bool:
+    return re.search(r"field:[^;]*\breason;", format_text) is not None
+
+
+def parse_drop_line(line: str, reason_names: dict[int, str], symbols=None) -> Optional[KernelDrop]:
+    """One line of the bpftrace program; None for anything else bpftrace printed."""
+    parts = line.split()
+    if len(parts) != 10 or parts[0] != DROP_PREFIX:
+        return None
+    try:
+        nsecs, reason, address = int(parts[1]), int(parts[2]), int(parts[3])
+        src, dst = ipaddress.ip_address(parts[5]), ipaddress.ip_address(parts[6])
+        proto, sport, dport = int(parts[7]), int(parts[8]), int(parts[9])
+    except ValueError:
+        return None
+    location = symbols.location(address) if symbols is not None else f"0x{address:x}"
+    ports = proto in PORT_PROTOCOL_NUMBERS
+    return KernelDrop(
+        time=nsecs / 1e9,
+        reason=reason_names.get(reason, f"reason-{reason}"),
+        location=location,
+        src=src,
+        dst=dst,
+        proto=proto,
+        sport=sport if ports else None,
+        dport=dport if ports else None,
+    )
+
+
+class _SafeFormat(dict):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def explain(drop: KernelDrop, iif: Optional[str] = None) -> str:
+    """The drop reason in plain words, with the packet's own addresses and port filled in."""
+    template = REASON_EXPLANATIONS.get(drop.reason)
+    if template is None:
+        template = next((text for prefix, text in REASON_PREFIX_EXPLANATIONS if drop.reason.startswith(prefix)),
+                        "see enum skb_drop_reason in the kernel's include/net/dropreason-core.h")
+    values = _SafeFormat(
+        proto=protocol_name(drop.proto) or "?",
+        dport=drop.dport if drop.dport is not None else "?",
+        src=drop.src,
+        dst=drop.dst,
+        iif=iif or "the interface it came in on",
+        iif_key=iif or "IFACE",
+    )
+    return template.format_map(values)

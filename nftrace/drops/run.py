@@ -1,0 +1,85 @@
+"""`nftrace drops`: trace every packet that matches a filter (or all of them), count the drops.
+
+The live trace is `why`'s (trace/session.py: trace table, events, paths, kernel drops, the
+same guarantees on every exit path); what differs is here:
+- the trace table counts, before and after its rate limit, the packets that match, so the
+  run can say how many it did not trace (read at the end, while the table is still in);
+- only packets that this run's mark rule traced are counted: a concurrent `why` in the same
+  namespace traces packets of its own, and every listener receives their events;
+- nftables only: legacy iptables tables are named in a warning, not traced.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from ..errors import KernelError
+from ..iptables.backends import BackendPlan
+from ..iptables.legacy import FAMILIES, legacy_tables
+from ..protocols import iptables_command
+from ..kernel.tracetable import TraceTable
+from ..trace.paths import PacketPath
+from ..trace.session import TraceOptions, TraceSession, open_nftables
+from .report import DropsReport
+from .tally import TraceCounts
+
+
+class DropsSession(TraceSession):
+    """One `nftrace drops` run; `run(on_drop, ...)` calls `on_drop` for each dropped packet."""
+
+    def __init__(self, options: TraceOptions, report: DropsReport):
+        options.counted = True
+        options.count = 0
+        options.backend = "nft"
+        super().__init__(options, report)
+        self.started: Optional[float] = None
+
+    def run(self, on_drop: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
+            on_batch: Optional[Callable[[], None]] = None) -> None:
+        report = self.report
+
+        def on_packet(path: PacketPath) -> None:
+            if report.tally.add(path, report.interfaces, time.monotonic()) is not None:
+                on_drop(path)
+
+        def ready() -> None:
+            self.started = time.monotonic()
+            on_ready()
+
+        try:
+            super().run(on_packet, ready, on_batch)
+        finally:
+            if self.started is not None:
+                report.duration = time.monotonic() - self.started
+
+    def _plan(self):
+        nft = open_nftables()
+        present = [f"{iptables_command(family)} ({', '.join(tables)})" for family in FAMILIES
+                   if (tables := legacy_tables(family))]
+        if present:
+            self.report.warnings.append(f"legacy iptables tables are not traced by drops: {'; '.join(present)}")
+        if self.options.flow.oif:
+            self.report.warnings.append("--oif is known only after routing: traced and not_traced count the "
+                                        "matching packets of every output interface")
+        return nft, BackendPlan(nft=True)
+
+    def _near_miss_annotator(self, nft, snapshot, plan):
+        """Near misses answer `why` about one flow; a tally of drops has no use for them."""
+        return None
+
+    def _wanted(self, path: PacketPath) -> bool:
+        table = self._table
+        if table is None or table.name not in path.marked_by:
+            return False  # traced by someone else's run (a concurrent `why`)
+        return super()._wanted(path)
+
+    def _finishing(self, table: Optional[TraceTable]) -> None:
+        if table is None or not table.installed:
+            return
+        try:
+            matched, traced = table.counts()
+        except KernelError as err:  # never hides what ended the run
+            self.report.warnings.append(f"nftrace's counters could not be read: {err}")
+            return
+        self.report.counts = TraceCounts(matched=matched, traced=traced)

@@ -1,0 +1,191 @@
+"""`nftrace drops`: what the firewall dropped, counted per deciding rule and per kernel reason.
+
+Pure: finished packet paths in, counts out; nothing here reads the kernel, so recorded or
+hand-made paths test it exactly. The same tally feeds the live table, the summary at the
+end, and the JSON document.
+
+Which packets count, and under what (one meaning of "verdict", see README "The answer"):
+- a packet that a rule or a policy dropped (a reject is a drop) counts under that step;
+- a packet that netfilter let through and the kernel then dropped (`kernel_drop`: no
+  socket, reverse-path filter, no route, ...) counts under the kernel's reason, whatever
+  netfilter's verdict says (it is netfilter's: accept);
+- anything else (accepted and delivered, incomplete, queued) is not a drop.
+
+Memory stays bounded on a busy box: each rule and reason keeps at most FLOWS_KEPT distinct
+flows; packets of flows met after that are counted, and said to be, as `other_flows`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..protocols import protocol_name
+from ..trace.paths import PacketPath, Step
+from ..trace.report import decided_by_json
+from ..kernel.system import interface_name
+
+FLOWS_KEPT = 4096
+TOP_FLOWS = 5
+
+
+@dataclass(frozen=True)
+class FlowKey:
+    """A dropped packet's flow as the summary groups it (headers as the packet arrived)."""
+
+    src: Optional[str]
+    dst: Optional[str]
+    proto: Optional[str]
+    sport: Optional[int]
+    dport: Optional[int]
+    iif: Optional[str]
+
+    def to_json(self, packets: int) -> dict:
+        return {"src": self.src, "dst": self.dst, "proto": self.proto, "sport": self.sport, "dport": self.dport,
+                "iif": self.iif, "packets": packets}
+
+    def describe(self) -> str:
+        """`10.0.0.5:41522 → 10.0.0.9:22 tcp in eth0`"""
+        src = _endpoint(self.src, self.sport)
+        dst = _endpoint(self.dst, self.dport)
+        where = f" in {self.iif}" if self.iif else ""
+        return f"{src} → {dst} {self.proto or '?'}{where}"
+
+
+def _endpoint(address: Optional[str], port: Optional[int]) -> str:
+    text = address or "?"
+    if port:
+        return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+    return text
+
+
+def flow_key(path: PacketPath, interfaces: dict) -> FlowKey:
+    packet = path.first_packet
+    if packet is None:
+        return FlowKey(None, None, None, None, None, interface_name(interfaces, path.interface_index("iif")))
+    return FlowKey(str(packet.src) if packet.src is not None else None,
+                   str(packet.dst) if packet.dst is not None else None,
+                   protocol_name(packet.proto), packet.sport, packet.dport,
+                   interface_name(interfaces, path.interface_index("iif")))
+
+
+def rule_key(step: Step) -> tuple:
+    """What makes two dropping steps the same rule or policy (text aside: it can be re-read)."""
+    return (step.backend, step.family, step.table, step.chain, step.type, step.handle, step.rule_number,
+            step.verdict)
+
+
+@dataclass
+class Counted:
+    """Packets dropped by one rule, policy or kernel reason, and the flows behind them."""
+
+    packets: int = 0
+    flows: Counter = field(default_factory=Counter)
+    other_flows: int = 0  # packets of flows met after FLOWS_KEPT distinct ones
+    last_flow: Optional[FlowKey] = None
+    last_seen: float = 0.0
+
+    def add(self, flow: FlowKey, now: float) -> None:
+        self.packets += 1
+        if flow in self.flows or len(self.flows) < FLOWS_KEPT:
+            self.flows[flow] += 1
+        else:
+            self.other_flows += 1
+        self.last_flow = flow
+        self.last_seen = now
+
+    def top_flows(self, limit: Optional[int] = TOP_FLOWS) -> list:
+        return self.flows.most_common(limit)
+
+    def flows_json(self, limit: Optional[int] = TOP_FLOWS) -> list:
+        return [flow.to_json(packets) for flow, packets in self.top_flows(limit)]
+
+
+@dataclass
+class RuleDrops(Counted):
+    step: Optional[Step] = None  # the latest dropping step seen for the rule (its text as read then)
+
+
+@dataclass
+class ReasonDrops(Counted):
+    reason: str = ""
+    explain: Optional[str] = None  # the latest packet's explanation
+
+
+def drop_kind(path: PacketPath) -> Optional[str]:
+    """`rule` (a rule or policy of netfilter dropped it), `kernel` (the kernel dropped it after
+    netfilter), or None: not a drop."""
+    if not path.complete:
+        return None
+    if path.kernel_drop is not None:
+        return "kernel"
+    if path.verdict == "drop" and path.decided_by is not None:
+        return "rule"
+    return None
+
+
+class DropTally:
+    """Every dropped packet of a run, per deciding rule and per kernel reason."""
+
+    def __init__(self):
+        self.rules: dict = {}  # rule_key → RuleDrops, in the order first seen
+        self.reasons: dict = {}  # reason → ReasonDrops
+        self.packets = 0  # dropped packets counted
+        self.seen = 0  # packets offered (dropped or not)
+
+    def add(self, path: PacketPath, interfaces: dict, now: float = 0.0) -> Optional[str]:
+        """Count the packet if it was dropped; returns drop_kind(path)."""
+        self.seen += 1
+        kind = drop_kind(path)
+        if kind is None:
+            return None
+        flow = flow_key(path, interfaces)
+        if kind == "rule":
+            step = path.decided_by
+            entry = self.rules.get(rule_key(step))
+            if entry is None:
+                entry = self.rules[rule_key(step)] = RuleDrops()
+            entry.step = step
+        else:
+            reason = path.kernel_drop.get("reason") or "unknown"
+            entry = self.reasons.get(reason)
+            if entry is None:
+                entry = self.reasons[reason] = ReasonDrops(reason=reason)
+            entry.explain = path.kernel_drop.get("explain")
+        entry.add(flow, now)
+        self.packets += 1
+        return kind
+
+    def ranked_rules(self) -> list:
+        """Rules by packets dropped, most first (ties: first seen first)."""
+        return sorted(self.rules.values(), key=lambda entry: -entry.packets)
+
+    def ranked_reasons(self) -> list:
+        return sorted(self.reasons.values(), key=lambda entry: -entry.packets)
+
+    def rules_json(self, flows: Optional[int] = TOP_FLOWS) -> list:
+        return [{"decided_by": decided_by_json(entry.step), "packets": entry.packets,
+                 "flows": entry.flows_json(flows), "other_flows": entry.other_flows}
+                for entry in self.ranked_rules()]
+
+    def kernel_drops_json(self, flows: Optional[int] = TOP_FLOWS) -> list:
+        return [{"reason": entry.reason, "explain": entry.explain, "packets": entry.packets,
+                 "flows": entry.flows_json(flows), "other_flows": entry.other_flows}
+                for entry in self.ranked_reasons()]
+
+
+@dataclass
+class TraceCounts:
+    """What nftrace's own counters say (kernel-side, before and after the rate limit)."""
+
+    matched: int  # packets that matched the filter at a mark chain
+    traced: int  # of those, packets the rate limit let through (marked for tracing)
+
+    @property
+    def not_traced(self) -> int:
+        return max(0, self.matched - self.traced)
+
+    @property
+    def sampled(self) -> bool:
+        return self.not_traced > 0

@@ -1,0 +1,152 @@
+"""Which parts of netfilter a run traces (`--backend auto|nft|iptables`), and the legacy side
+of a run.
+
+- nft: nftrace's own table marks the flow and its trace events tell the path; iptables-nft
+  rules are nftables rules and are traced with it.
+- iptables: legacy x_tables only, for kernels without nf_tables: TRACE rules in the raw table
+  mark the flow, and TRACE lines (through nfnetlink_log) alone tell the path.
+- auto: nft where nf_tables works, and legacy tables of the flow's family, when the namespace
+  has any, are traced too: nftrace's mark chain sets the trace bit that makes legacy tables
+  report, so a packet gets one path through both, in hook order. Without nf_tables: iptables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..errors import EnvironmentProblem, InputError
+from ..flow import Flow
+from ..protocols import iptables_command
+from .iptctrace import TraceRules, remove_leftover_trace_rules
+from .legacy import FAMILIES, LiveLegacyRuleset, legacy_tables
+from .merge import LegacyPathBuilder, MergedPathBuilder, last_tables_on_exit_hooks
+from .nflog import NFNETLINK_LOG, NflogListener, in_initial_netns, restore_leftover_loggers
+from ..signals import SignalsHeld, UndoStack, undo_after
+from ..trace.paths import PacketPathBuilder, PathBuilder
+
+BACKENDS = ("auto", "nft", "iptables")
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    nft: bool  # nftrace's trace table and nftables trace events
+    legacy: Optional[str] = None  # ip / ip6: the family whose legacy tables report TRACE lines
+    trace_rules: bool = False  # legacy TRACE rules set the trace bit (no nftables at all)
+
+    @property
+    def name(self) -> str:
+        """What the JSON document's `backend` says."""
+        if self.nft and self.legacy:
+            return "nft+iptables-legacy"
+        return "nft" if self.nft else "iptables-legacy"
+
+
+def parse_backend(text: str) -> str:
+    choice = (text or "").strip().lower()
+    if choice not in BACKENDS:
+        raise InputError(f"--backend: '{text}' is not one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def plan_backend(choice: str, flow: Flow, nft_problem: Optional[str], tables: list,
+                 warnings: Optional[list] = None) -> BackendPlan:
+    """Decide from what the namespace has: `nft_problem` says why nf_tables cannot be used
+    (None: it can), `tables` are the namespace's legacy tables of the flow's family."""
+    family = flow.nft_family
+    command = iptables_command(family)
+    if choice == "iptables":
+        if not tables:
+            raise EnvironmentProblem(f"--backend iptables: this namespace has no legacy {command} tables "
+                                     "(iptables-nft rules are nftables rules: use --backend nft or auto)")
+        return BackendPlan(nft=False, legacy=family, trace_rules=True)
+    if nft_problem is None:
+        if choice == "nft":
+            if tables and warnings is not None:
+                warnings.append(f"legacy {command} tables ({', '.join(tables)}) are not traced with --backend nft")
+            return BackendPlan(nft=True)
+        return BackendPlan(nft=True, legacy=family if tables else None)
+    if choice == "auto":
+        if tables:
+            return BackendPlan(nft=False, legacy=family, trace_rules=True)
+        raise EnvironmentProblem(f"{nft_problem}, and this namespace has no legacy {command} tables to trace instead")
+    raise EnvironmentProblem(nft_problem)
+
+
+class LegacyTracing:
+    """The legacy side of a run: nfnetlink_log bound and listened to, the legacy ruleset, and
+    (without nftables) the TRACE rules. Leaving the `with` block undoes all of it."""
+
+    def __init__(self, plan: BackendPlan, flow: Flow, max_rate: int, warnings: list):
+        self.plan = plan
+        self.family = plan.legacy
+        self.flow = flow
+        self.max_rate = max_rate
+        self.warnings = warnings
+        self.listener: Optional[NflogListener] = None
+        self.rules: Optional[TraceRules] = None
+        self.ruleset: Optional[LiveLegacyRuleset] = None
+
+    def __enter__(self) -> "LegacyTracing":
+        cleaned = restore_leftover_loggers() + remove_leftover_trace_rules(self.family)
+        if cleaned:
+            self.warnings.append(f"undid what killed nftrace runs left: {'; '.join(cleaned)}")
+        try:
+            with SignalsHeld():  # the binding and the object that undoes it go together
+                self.listener = NflogListener((self.family,))
+            previous = self.listener.previous_loggers().get(self.family)
+            if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
+                self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {iptables_command(self.family)} "
+                                     f"wrote to nftrace instead of the kernel log ({previous} is bound again now)")
+            if self.plan.trace_rules:
+                self.rules = TraceRules(self.family, self.flow, self.max_rate)
+                self.rules.install()
+                if self.rules.created_raw_table:
+                    self.warnings.append(f"the legacy {iptables_command(self.family)} raw table did not exist and was "
+                                         "created for the TRACE rules; the kernel keeps it (empty) after the run")
+            self.ruleset = LiveLegacyRuleset(self.family)
+        except BaseException as err:
+            undo_after(err, self.__exit__)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """TRACE rules out first (they make the lines), then the listener and the loggers."""
+        with UndoStack() as undo:
+            if self.listener is not None:
+                undo.callback(self.listener.close)
+            if self.rules is not None:
+                undo.callback(self.rules.remove)
+
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    def read(self):
+        return self.listener.read()
+
+    def lost_messages(self) -> int:
+        return self.listener.dropped_messages() or self.listener.overruns
+
+    def tables(self) -> list:
+        return legacy_tables(self.family)
+
+
+def clean_up_legacy() -> list[str]:
+    """What killed runs left in this namespace's legacy side: nf_log bindings and TRACE rules."""
+    done = [f"restored {item}" for item in restore_leftover_loggers()]
+    for family in FAMILIES:
+        done.extend(f"removed {item}" for item in remove_leftover_trace_rules(family))
+    return done
+
+
+def make_path_builder(plan: BackendPlan, snapshot, legacy: Optional[LegacyTracing],
+                      keep: Callable, idle_seconds: float, **devices) -> PacketPathBuilder:
+    """The path builder for the plan: nftables events, legacy TRACE lines, or both merged.
+    `devices`: the bridges and egress devices nftables paths follow (PathBuilder)."""
+    if not plan.nft:
+        return LegacyPathBuilder(legacy.ruleset, keep=keep, idle_seconds=idle_seconds,
+                                 last_tables=last_tables_on_exit_hooks(legacy.tables()))
+    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds, **devices)
+    if legacy is None:
+        return builder
+    return MergedPathBuilder(builder, snapshot, legacy.ruleset)

@@ -1,0 +1,417 @@
+"""nftrace's own nftables table: mark chains that switch tracing on for the flow, and
+observation chains that show the packet where nothing else can.
+
+- mark chains at prerouting and output, priority -350, before raw (-300), conntrack
+  (-200) and NAT: they see the packet as it arrived or was sent, and set `meta nftrace`
+  for the flow only, under a kernel-side rate limit;
+- observation chains, last priority, on the exit hooks (input, postrouting: their event says
+  that netfilter let the packet through, and shows it as it leaves) and on the hooks where
+  NAT may rewrite it unseen (prerouting and output, when the namespace has NAT chains there:
+  a packet that vanishes after a DNAT is known by its new headers). Everywhere else the
+  first chain of the next hook shows the packet as the hook left it (trace/paths.py).
+
+Every chain of the table ends on an `accept` rule: the kernel then sends one event per
+packet and chain, where a chain that falls off its end sends two (end of rules, policy).
+Each event costs the kernel an allocation and the reader its decoding: under a flood, the
+events per packet decide whether nftrace keeps up.
+
+The table is created with `flags owner` where the kernel has it, so that the kernel deletes
+it when nftrace's netlink socket closes, even on SIGKILL. Its name carries the pid, so that
+`nftrace cleanup` (and every later run) can tell a dead run's leftover from a live one's.
+Everything the user typed reaches the kernel as JSON values, never as nft command text.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import re
+import secrets
+from typing import TYPE_CHECKING, Optional
+
+from ..errors import KernelError
+from ..flow import Flow, PROTOCOL_NUMBERS
+from .nft import NftContext
+from ..signals import SignalsHeld, UndoStack, undo_after
+from .system import pid_alive
+
+if TYPE_CHECKING:
+    from ..trace.ruleset import RulesetSnapshot
+
+# Every table an nftrace run makes is named nftrace_<pid>_<hex>: the ruleset snapshot leaves
+# them out of paths, and cleanup finds a dead run's by the pid.
+TRACE_TABLE_PREFIX = "nftrace_"
+# Its chains: mark_<hook> set the trace bit, obs_<hook> observe (the path builder reads the hook
+# from the name).
+MARK_CHAIN_PREFIX = "mark_"
+OBSERVE_CHAIN_PREFIX = "obs_"
+
+MARK_PRIORITY = -350
+INGRESS_MARK_PRIORITY = -10000
+OBSERVE_PRIORITY = 2**31 - 1
+MARK_HOOKS = ("prerouting", "output")
+OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
+# Bridge hooks where a bridged frame's path ends (input: up to the bridge device itself;
+# postrouting: out of a port) or that a frame routed out through a bridge device passes.
+BRIDGE_OBSERVE_HOOKS = ("input", "forward", "output", "postrouting")
+# Observed always: their observation is where an accepted packet's path ends.
+EXIT_OBSERVE_HOOKS = ("input", "postrouting")
+# Observed when the namespace has NAT chains on them (DNAT happens there).
+NAT_OBSERVE_HOOKS = ("prerouting", "output")
+ACCEPT = {"accept": None}
+# Named counters of a counted table (`drops`): packets that matched, and those traced.
+MATCHED_COUNTER = "matched"
+TRACED_COUNTER = "traced"
+DEFAULT_MAX_RATE = 100
+OWNER_WARNING = ("nftrace's table could not be tied to its process with 'flags owner' ({reason}): it is removed "
+                 "on every exit but SIGKILL; after a SIGKILL, 'nftrace cleanup' (or the next run) removes it")
+_owner_warned = False
+_NAME_RE = re.compile(rf"^{TRACE_TABLE_PREFIX}(\d+)_[0-9a-f]+$")
+
+
+def is_trace_table(name: str) -> bool:
+    """Whether a table is an nftrace run's (this one's, another live one's, or a leftover)."""
+    return name.startswith(TRACE_TABLE_PREFIX)
+
+
+def _address_match(field: str, flow: Flow, network) -> Optional[dict]:
+    if network is None or network.prefixlen == 0:
+        return None
+    right = (
+        str(network.network_address)
+        if network.prefixlen == network.max_prefixlen
+        else {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
+    )
+    return {"match": {"op": "==", "left": {"payload": {"protocol": flow.nft_family, "field": field}}, "right": right}}
+
+
+# How each family's chains tell IPv4 from IPv6: inet/ip/ip6 chains by the hook's protocol,
+# bridge and netdev chains (which see frames) by the frame's ether type.
+_L3_KEYS = {"bridge": ("protocol", {4: "ip", 6: "ip6"}), "netdev": ("protocol", {4: "ip", 6: "ip6"})}
+_INET_L3 = ("nfproto", {4: "ipv4", 6: "ipv6"})
+
+
+def flow_match(flow: Flow, hook: str, family: str = "inet", end: Optional[str] = None) -> list[dict]:
+    """The nft JSON expressions that match the flow at a mark hook of a `family` chain.
+
+    `end` "src" or "dst" matches that end of the flow alone (its address and port): a
+    namespace that a packet of the flow reaches after NAT sees one end rewritten (see
+    mark_ends). --iif/--oif name interfaces of the IP layer: bridge and netdev chains see
+    ports and devices instead, and do not match them."""
+    key, words = _L3_KEYS.get(family, _INET_L3)
+    if flow.ip_version is not None:
+        exprs = [{"match": {"op": "==", "left": {"meta": {"key": key}}, "right": words[flow.ip_version]}}]
+    elif family in _L3_KEYS:  # frames: IP ones only (`drops` without an address: both families)
+        exprs = [{"match": {"op": "==", "left": {"meta": {"key": key}}, "right": {"set": list(words.values())}}}]
+    else:
+        exprs = []  # inet, ip, ip6 chains see IP packets only
+    for side, field, network in (("src", "saddr", flow.src), ("dst", "daddr", flow.dst)):
+        match = _address_match(field, flow, network) if end in (None, side) else None
+        if match:
+            exprs.append(match)
+    if flow.proto:
+        exprs.append({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": PROTOCOL_NUMBERS[flow.proto]}})
+    for side, field, port in (("src", "sport", flow.sport), ("dst", "dport", flow.dport)):
+        if port is not None and end in (None, side):
+            exprs.append({"match": {"op": "==", "left": {"payload": {"protocol": flow.proto, "field": field}}, "right": port}})
+    if family in ("inet", "ip", "ip6"):
+        if hook == "prerouting" and flow.iif:
+            exprs.append({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": flow.iif}})
+        if hook == "output" and flow.oif:
+            exprs.append({"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": flow.oif}})
+    return exprs
+
+
+def mark_ends(flow: Flow, relaxed: bool) -> tuple:
+    """Which mark rules a chain gets: the whole flow (None), or, in a trace across several
+    namespaces (`relaxed`), one rule per end of the flow that says something: a packet
+    DNATed on its way here keeps its source, a packet SNATed keeps its destination. What
+    such a rule marks beyond the flow is not answered unless it continues a packet of the
+    flow (trace/crossing.py)."""
+    if not relaxed:
+        return (None,)
+    # relaxed traces have a flow with both addresses (why)
+    ends = tuple(end for end, network, port in (("src", flow.src, flow.sport), ("dst", flow.dst, flow.dport))
+                 if network.prefixlen or port is not None)
+    return ends or (None,)
+
+
+def mark_hooks(flow: Flow) -> tuple[str, ...]:
+    """A packet that arrives on --iif is never a locally sent one: no output mark then."""
+    return ("prerouting",) if flow.iif else MARK_HOOKS
+
+
+def _mark_chain_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
+                         ends: tuple = (None,), counted: bool = False, **attach) -> list[dict]:
+    """A chain on `hook` whose rules (one per end, see mark_ends) switch tracing on for the flow."""
+    chain = f"{MARK_CHAIN_PREFIX}{hook}{suffix}"
+    return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter", "hook": hook,
+                               "policy": "accept", **attach}}}] + \
+        _mark_rule_commands(family, name, flow, max_rate, hook, suffix, ends, counted)
+
+
+def _mark_rule_commands(family: str, name: str, flow: Flow, max_rate: int, hook: str, suffix: str = "",
+                        ends: tuple = (None,), counted: bool = False, counted_elsewhere: tuple = ()) -> list[dict]:
+    """The rules of a mark chain (see _mark_chain_commands); each ends on accept.
+
+    `counted`: the rule counts the packets that match (MATCHED_COUNTER, before the rate limit)
+    and those it marks (TRACED_COUNTER, after it), so that a run can say how many packets it
+    did not trace. A packet counts once: at prerouting, packets that come in on `lo` were
+    counted (and marked, or not) at output, and the trace bit crosses loopback; so were
+    packets that come in on `counted_elsewhere`, the devices marked at ingress."""
+    chain = f"{MARK_CHAIN_PREFIX}{hook}{suffix}"
+    commands = []
+    for end in ends:
+        exprs = flow_match(flow, hook, family, end)
+        if counted and hook == "prerouting" and family == "inet":
+            counted_before = (("lo",) if "output" in mark_hooks(flow) else ()) + tuple(counted_elsewhere)
+            if counted_before:
+                exprs.append({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}},
+                                        "right": {"set": list(counted_before)}}})
+        if counted:
+            exprs.append({"counter": MATCHED_COUNTER})
+        if max_rate:
+            exprs.append({"limit": {"rate": max_rate, "per": "second", "burst": max_rate}})
+        if counted:
+            exprs.append({"counter": TRACED_COUNTER})
+        exprs.append({"mangle": {"key": {"meta": {"key": "nftrace"}}, "value": 1}})
+        exprs.append(ACCEPT)
+        commands.append({"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": exprs}}})
+    return commands
+
+
+def _observe_chain_commands(family: str, name: str, hook: str, suffix: str = "", **attach) -> list[dict]:
+    chain = f"{OBSERVE_CHAIN_PREFIX}{hook}{suffix}"
+    return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter",
+                               "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept", **attach}}},
+            {"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": [ACCEPT]}}}]
+
+
+def observation_hooks(nat_hooks) -> tuple[str, ...]:
+    """The hooks that get an observation chain, given the hooks where the namespace has NAT."""
+    return tuple(hook for hook in OBSERVE_HOOKS if hook in EXIT_OBSERVE_HOOKS or (hook in NAT_OBSERVE_HOOKS
+                                                                                 and hook in nat_hooks))
+
+
+def nat_hooks(snapshot: "RulesetSnapshot", legacy_nat: bool = False) -> frozenset:
+    """Hooks with NAT chains: nftables base chains of type nat (iptables-nft's included), and
+    every NAT hook when a legacy iptables nat table exists."""
+    hooks = {chain.hook for chain in snapshot.chains.values() if chain.type == "nat" and chain.hook
+             and not is_trace_table(chain.table)}
+    if legacy_nat:
+        hooks.update(("prerouting", "output", "input", "postrouting"))
+    return frozenset(hooks)
+
+
+def ingress_mark_commands(family: str, name: str, flow: Flow, max_rate: int, devices: list[str],
+                          ends: tuple = (None,), counted: bool = False) -> list[dict]:
+    """Ingress chains (netdev, or inet ingress) run before prerouting: a packet they drop never
+    reaches the prerouting mark chain, so the trace bit is set at ingress too, on their devices,
+    before them. Its rate limit is a rule of its own: a packet passes it and the prerouting one."""
+    if flow.iif:
+        devices = [device for device in devices if device == flow.iif]
+    commands = []
+    for index, device in enumerate(devices):
+        # libnftables' JSON takes one device per inet ingress chain: a chain per device.
+        commands += _mark_chain_commands(family, name, flow, max_rate, "ingress", f"@{index}", ends, counted,
+                                         dev=device, prio=INGRESS_MARK_PRIORITY)
+    if counted and devices:
+        # Packets of these devices now count at ingress: the prerouting rule leaves them out,
+        # in the same transaction, so that none counts twice or not at all.
+        commands.append({"flush": {"chain": {"family": family, "table": name, "name": f"{MARK_CHAIN_PREFIX}prerouting"}}})
+        commands += _mark_rule_commands(family, name, flow, max_rate, "prerouting", "", ends, counted,
+                                        counted_elsewhere=tuple(devices))
+    return commands
+
+
+def egress_commands(name: str, flow: Flow, max_rate: int, devices: list[str], ends: tuple = (None,)) -> list[dict]:
+    """netdev egress chains run after postrouting, as the packet is handed to its device: an
+    observation chain after them on each device says that they let it go (the path ends
+    there, not at postrouting), and a mark chain before them marks what no IP hook saw
+    (packets sent on a packet socket)."""
+    commands = []
+    for index, device in enumerate(devices):
+        commands += _mark_chain_commands("netdev", name, flow, max_rate, "egress", f"@{index}", ends, dev=device,
+                                         prio=INGRESS_MARK_PRIORITY)
+        commands += _observe_chain_commands("netdev", name, "egress", f"@{index}", dev=device)
+    return commands
+
+
+def bridge_table_commands(name: str, flow: Flow, max_rate: int, ends: tuple = (None,)) -> list[dict]:
+    """A frame bridged between two ports passes the bridge family's hooks only (unless
+    br_netfilter hands it to the IP hooks too): it is marked at bridge prerouting, and the
+    bridge hooks where its path can end or turn are observed."""
+    commands = _mark_chain_commands("bridge", name, flow, max_rate, "prerouting", ends=ends, prio=MARK_PRIORITY)
+    for hook in BRIDGE_OBSERVE_HOOKS:
+        commands += _observe_chain_commands("bridge", name, hook)
+    return commands
+
+
+def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int, ends: tuple = (None,),
+                         observe=EXIT_OBSERVE_HOOKS, counted: bool = False) -> list[dict]:
+    commands = []
+    if counted:
+        commands += [{"add": {"counter": {"family": family, "table": name, "name": counter}}}
+                     for counter in (MATCHED_COUNTER, TRACED_COUNTER)]
+    for hook in mark_hooks(flow):
+        commands += _mark_chain_commands(family, name, flow, max_rate, hook, ends=ends, counted=counted,
+                                         prio=MARK_PRIORITY)
+    for hook in observe:
+        commands += _observe_chain_commands(family, name, hook)
+    return commands
+
+
+class TraceTable:
+    """The trace rules of one run; `remove()` (or leaving the `with` block) takes them out.
+
+    One table per family that needs marking, all of one name: `inet` always, `bridge` where
+    the namespace has bridges (`mark_bridges`), `netdev` where it has egress chains
+    (`mark_egress`). `relaxed`: mark each end of the flow on its own (see mark_ends), for a
+    trace across several namespaces."""
+
+    family = "inet"
+
+    def __init__(self, nft: NftContext, flow: Flow, max_rate: int = DEFAULT_MAX_RATE, relaxed: bool = False,
+                 counted: bool = False):
+        self.nft = nft
+        self.flow = flow
+        self.max_rate = max_rate
+        self.counted = counted  # count matched and traced packets (see _mark_rule_commands)
+        self.observed: tuple = EXIT_OBSERVE_HOOKS
+        self.ends = mark_ends(flow, relaxed)
+        self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
+        self.owner = False  # the tables are tied to nftrace's socket (flags owner)
+        self.families: list[str] = []  # tables made, in order
+        # Why the tables could not be tied to nftrace's socket (None: they are): said once per process.
+        self.owner_warning: Optional[str] = None
+
+    @property
+    def installed(self) -> bool:
+        return bool(self.families)
+
+    def forget(self) -> None:
+        """Someone else deleted the tables: nothing is left to remove."""
+        self.families = []
+
+    def install(self) -> None:
+        """Create the table and its chains; on any failure (a signal included) leave nothing behind."""
+        try:
+            self._add_table(self.family)
+        except BaseException as err:
+            undo_after(err, self.remove)
+            raise
+        self._commit(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.ends, self.observed,
+                                          self.counted))
+
+    def observe(self, nat: frozenset) -> None:
+        """Add the observation chains that NAT on these hooks calls for (see observation_hooks);
+        called once the ruleset is known, and again when it changes. Chains are only added:
+        one observation too many costs an event, one too few a fact."""
+        missing = [hook for hook in observation_hooks(nat) if hook not in self.observed]
+        if missing:
+            self.nft.run_json([command for hook in missing
+                               for command in _observe_chain_commands(self.family, self.name, hook)])
+            self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in missing)
+
+    def counts(self) -> tuple[int, int]:
+        """(matched, traced) packets so far, from the table's counters (see `counted`)."""
+        listing = json.loads(self.nft.run(f"list counters table {self.family} {self.name}", json_output=True))
+        packets = {item["counter"]["name"]: item["counter"]["packets"] for item in listing.get("nftables", [])
+                   if "counter" in item}
+        return packets.get(MATCHED_COUNTER, 0), packets.get(TRACED_COUNTER, 0)
+
+    def _add_table(self, family: str) -> None:
+        global _owner_warned
+        if family in self.families:
+            return
+        comment = f'comment "nftrace trace rules, pid {os.getpid()}; nftrace cleanup removes them"'
+        reason = None
+        with SignalsHeld():  # a table made is a table remove() knows of
+            try:
+                if os.environ.get("NFTRACE_TABLE_OWNER", "1") == "0" or (self.families and not self.owner):
+                    raise KernelError("owner flag turned off by NFTRACE_TABLE_OWNER=0")
+                self.nft.run(f"add table {family} {self.name} {{ flags owner; {comment}; }}")
+                self.owner = True
+            except KernelError as err:
+                # Kernels before 5.12 have no owner flag: cleanup then rests on nftrace itself
+                # (and on `nftrace cleanup` after a SIGKILL). NFTRACE_TABLE_OWNER=0 forces this path.
+                reason = str(err)
+                self.nft.run(f"add table {family} {self.name} {{ {comment}; }}")
+            self.families.append(family)
+        if reason is not None and not _owner_warned:
+            _owner_warned = True
+            self.owner_warning = OWNER_WARNING.format(reason=reason)
+
+    def _commit(self, commands: list[dict], family: Optional[str] = None) -> None:
+        """Apply; on failure take out `family`'s table (None: every table)."""
+        try:
+            self.nft.run_json(commands)
+        except BaseException as err:
+            undo_after(err, self.remove if family is None else functools.partial(self._delete, family))
+            raise
+
+    def mark_ingress(self, devices: list[str]) -> None:
+        """Also set the trace bit at ingress on these interfaces (see ingress_mark_commands)."""
+        commands = ingress_mark_commands(self.family, self.name, self.flow, self.max_rate, devices, self.ends,
+                                         self.counted)
+        if commands:
+            self._commit(commands)
+
+    def mark_bridges(self) -> None:
+        """Trace bridged frames too (see bridge_table_commands)."""
+        self._add_table("bridge")
+        self._commit(bridge_table_commands(self.name, self.flow, self.max_rate, self.ends), "bridge")
+
+    def mark_egress(self, devices: list[str]) -> None:
+        """Follow packets through the egress chains of these devices (see egress_commands)."""
+        if not devices:
+            return
+        self._add_table("netdev")
+        self._commit(egress_commands(self.name, self.flow, self.max_rate, devices, self.ends), "netdev")
+
+    def remove(self) -> None:
+        with UndoStack() as undo:  # every family's table, the last made first, whatever fails
+            for family in self.families:
+                undo.callback(self._delete, family)
+
+    def _delete(self, family: str) -> None:
+        with SignalsHeld():
+            if family not in self.families:
+                return
+            try:
+                self.nft.run(f"delete table {family} {self.name}")
+            except KernelError as err:
+                if err.errno != errno.ENOENT:  # already gone: deleted by someone else, or by the kernel
+                    raise
+            self.families.remove(family)
+
+    def __enter__(self) -> "TraceTable":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def leftover_tables(snapshot: "RulesetSnapshot") -> list[tuple[str, str]]:
+    """Trace tables whose run is gone (its pid no longer exists)."""
+    leftovers = []
+    for family, name in snapshot.trace_tables():
+        match = _NAME_RE.match(name)
+        if match and not pid_alive(int(match.group(1))):
+            leftovers.append((family, name))
+    return leftovers
+
+
+def remove_leftover_tables(nft: NftContext, snapshot: "RulesetSnapshot") -> list[str]:
+    removed = []
+    for family, name in leftover_tables(snapshot):
+        try:
+            nft.run(f"delete table {family} {name}")
+            removed.append(f"{family} {name}")
+        except KernelError as err:
+            if err.errno != errno.ENOENT:  # already gone: deleted by someone else, or by the kernel
+                raise
+    return removed

@@ -1,0 +1,290 @@
+"""`nftrace drops` against the real kernel: every dropping rule named, with counts equal to
+the kernel's own counters, accepted traffic absent, honest sampling, and nothing left behind.
+
+A router namespace carries drop rules with counters: one in its base chain, one in a chain
+it jumps to, and a policy drop reached after a return; accepted traffic flows alongside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, load_ruleset, nftrace, ruleset_state, traffic, unique_name
+from nftrace.lab.topology import CLIENT_V4, ROUTER_CLIENT_V4, SERVER_V4, Topology, in_netns
+
+pytestmark = pytest.mark.kernel
+
+ROUTER_RULESET = """
+table inet fw {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        udp dport 6000 counter drop comment "no 6000"
+        iifname "r-client" jump clients
+    }
+    chain clients {
+        udp dport 6001 counter drop comment "no 6001 from clients"
+        udp dport 5000 counter accept
+    }
+    chain input {
+        type filter hook input priority filter; policy drop;
+        meta l4proto { icmp, ipv6-icmp } accept
+        jump inbound
+        ct state established,related accept
+    }
+    chain inbound {
+        udp dport 7001 counter return
+    }
+}
+"""
+# (port, host, packets): two rule drops, a policy drop after a return, accepted traffic.
+SENT = ((6000, SERVER_V4, 300), (6001, SERVER_V4, 200), (7001, ROUTER_CLIENT_V4, 100), (5000, SERVER_V4, 400))
+
+
+@pytest.fixture(scope="module")
+def lab():
+    topo = Topology(unique_name("drops"))
+    topo.up()
+    try:
+        load_ruleset(topo.router, ROUTER_RULESET)
+        yield topo
+    finally:
+        topo.down()
+
+
+def counters(ns: str) -> dict:
+    """(chain, handle) → packets, for every rule with a counter, as the kernel counts them."""
+    listing = json.loads(in_netns(ns, ["nft", "-j", "list", "table", "inet", "fw"]).stdout)
+    found = {}
+    for item in listing["nftables"]:
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        for expr in rule["expr"]:
+            if "counter" in expr and isinstance(expr["counter"], dict):
+                found[(rule["chain"], rule["handle"])] = expr["counter"]["packets"]
+    return found
+
+
+def handle_of(ns: str, chain: str, text: str) -> int:
+    listing = in_netns(ns, ["nft", "-a", "list", "chain", "inet", "fw", chain]).stdout
+    for line in listing.splitlines():
+        if text in line:
+            return int(line.rsplit("# handle ", 1)[1])
+    raise AssertionError(f"no rule '{text}' in {chain}")
+
+
+def send(lab, port: int, host: str, count: int, rate: int = 2000) -> None:
+    subprocess.run(traffic(lab.client, "udp", host, str(port), "--count", str(count), "--rate", str(rate),
+                           "--max-seconds", "20"), check=True, capture_output=True, timeout=60)
+
+
+class Drops:
+    """`nftrace drops` running in a process group of its own (Ctrl-C reaches it alone)."""
+
+    def __init__(self, lab, *args: str):
+        self.process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.router, "drops", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        line = self.process.stderr.readline()
+        assert line.startswith("watching drops of"), line + self.process.stderr.read()
+
+    def interrupt(self) -> None:
+        os.killpg(self.process.pid, signal.SIGINT)
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        out, err = self.process.communicate(timeout=timeout)
+        return self.process.returncode, out, err
+
+
+def test_every_drop_is_counted_under_its_rule_equal_to_the_kernel_counters(lab):
+    before_rules = ruleset_state(lab.router)
+    before = counters(lab.router)
+    run = Drops(lab, "--max-rate", "0", "--duration", "6", "--json")
+    for port, host, count in SENT:
+        send(lab, port, host, count)
+    code, out, err = run.finish()
+    assert code == 0, err
+    document = json.loads(out)
+    after = counters(lab.router)
+    delta = {key: after[key] - before.get(key, 0) for key in after}
+    by_rule = {(rule["decided_by"]["chain"], rule["decided_by"]["type"], rule["decided_by"]["handle"]): rule["packets"]
+               for rule in document["rules"]}
+    forward_drop = handle_of(lab.router, "forward", "udp dport 6000")
+    clients_drop = handle_of(lab.router, "clients", "udp dport 6001")
+    returned = handle_of(lab.router, "inbound", "udp dport 7001")
+    assert by_rule == {
+        ("forward", "rule", forward_drop): delta[("forward", forward_drop)],
+        ("clients", "rule", clients_drop): delta[("clients", clients_drop)],
+        ("input", "policy", None): delta[("inbound", returned)],
+    }
+    assert (delta[("forward", forward_drop)], delta[("clients", clients_drop)], delta[("inbound", returned)]) == (
+        300, 200, 100)
+    # Accepted traffic is traced (it matched) but is no drop.
+    assert all(packet["packet"]["dport"] != 5000 for packet in document["packets"])
+    assert len(document["packets"]) == document["dropped"] == 600
+    assert document["not_traced"] == 0 and document["sampled"] is False
+    assert document["traced"] >= 1000
+    assert document["lost_events"] == 0
+    assert document["mode"] == "drops" and document["filter"]["src"] is None
+    assert {flow["dport"] for rule in document["rules"] for flow in rule["flows"]} == {6000, 6001, 7001}
+    assert ruleset_state(lab.router) == before_rules
+
+
+def test_a_burst_over_the_rate_limit_is_counted_as_not_traced(lab):
+    before = counters(lab.router)
+    run = Drops(lab, "--proto", "udp", "--dport", "6000", "--duration", "4", "--json")
+    send(lab, 6000, SERVER_V4, 3000, rate=0)
+    code, out, err = run.finish()
+    assert code == 0, err
+    document = json.loads(out)
+    handle = handle_of(lab.router, "forward", "udp dport 6000")
+    counted = counters(lab.router)[("forward", handle)] - before[("forward", handle)]
+    assert counted == 3000
+    assert document["traced"] + document["not_traced"] == counted
+    assert document["not_traced"] > 0 and document["sampled"] is True
+    assert document["rules"][0]["packets"] == document["traced"]
+    assert any("counts are a sample" in warning for warning in document["warnings"])
+
+
+def test_ctrl_c_prints_the_summary_and_leaves_the_ruleset_as_it_was(lab):
+    before = ruleset_state(lab.router)
+    run = Drops(lab, "--max-rate", "0")
+    send(lab, 6001, SERVER_V4, 50)
+    time.sleep(0.5)
+    run.interrupt()
+    code, out, _ = run.finish()
+    assert code == 0
+    assert "dropped by inet fw clients rule handle" in out and 'udp dport 6001 counter drop comment "no 6001 from clients"' in out
+    assert "counts are exact" in out
+    lines = [line for line in out.splitlines() if " DROP " in line]
+    assert len(lines) == 50 and all("→ 10.77.2.2:6001 udp in r-client" in line for line in lines)
+    assert ruleset_state(lab.router) == before
+    assert "nftrace_" not in in_netns(lab.router, ["nft", "list", "tables"]).stdout
+
+
+def test_a_concurrent_why_sees_only_its_own_flow(lab):
+    before = counters(lab.router)
+    run = Drops(lab, "--max-rate", "0", "--duration", "8", "--json")
+    why = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.router, "why", "--from", CLIENT_V4,
+                            "--to", SERVER_V4, "--proto", "udp", "--dport", "6000", "--count", "20", "--timeout", "20",
+                            "--json", "--", *traffic(lab.client, "udp", SERVER_V4, "6000", "--count", "20",
+                                                     "--rate", "100")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL)
+    send(lab, 6001, SERVER_V4, 100, rate=200)
+    out, err = why.communicate(timeout=60)
+    assert why.returncode == 0, err
+    packets = json.loads(out)["packets"]
+    assert len(packets) == 20
+    assert {(packet["packet"]["dport"], packet["verdict"]) for packet in packets} == {(6000, "drop")}
+    code, out, err = run.finish()
+    assert code == 0, err
+    document = json.loads(out)
+    after = counters(lab.router)
+    by_chain = {rule["decided_by"]["chain"]: rule["packets"] for rule in document["rules"]}
+    for chain, text in (("forward", "udp dport 6000"), ("clients", "udp dport 6001")):
+        handle = handle_of(lab.router, chain, text)
+        assert by_chain[chain] == after[(chain, handle)] - before[(chain, handle)]
+    assert by_chain == {"forward": 20, "clients": 100}
+
+
+def test_a_packet_the_kernel_drops_after_netfilter_counts_under_its_reason(lab):
+    in_netns(lab.router, ["nft", "insert", "rule", "inet", "fw", "input", "udp", "dport", "8081", "accept"])
+    try:
+        run = Drops(lab, "--proto", "udp", "--dport", "8081", "--max-rate", "0", "--duration", "5", "--json")
+        send(lab, 8081, ROUTER_CLIENT_V4, 10, rate=100)
+        code, out, err = run.finish()
+    finally:
+        handle = handle_of(lab.router, "input", "udp dport 8081")
+        in_netns(lab.router, ["nft", "delete", "rule", "inet", "fw", "input", "handle", str(handle)])
+    assert code == 0, err
+    document = json.loads(out)
+    if any("kernel drop reasons unavailable" in warning for warning in document["warnings"]):
+        pytest.skip("bpftrace cannot watch kernel drops here")
+    assert document["rules"] == []
+    [reason] = document["kernel_drops"]
+    assert (reason["reason"], reason["packets"]) == ("NO_SOCKET", 10)
+    assert {packet["verdict"] for packet in document["packets"]} == {"accept"}
+    assert all(packet["kernel_drop"]["reason"] == "NO_SOCKET" for packet in document["packets"])
+
+
+def test_bad_filter_is_refused_before_anything_is_installed(lab):
+    result = nftrace("--netns", lab.router, "drops", "--dport", "22")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "nftrace: --sport/--dport need --proto tcp, udp or sctp"
+
+
+def test_packets_dropped_at_ingress_count_once_and_are_named(lab):
+    load_ruleset(lab.router, """
+table netdev border {
+    chain ingress_client {
+        type filter hook ingress device "r-client" priority 0; policy accept;
+        udp dport 6100 counter drop
+    }
+}
+""")
+    try:
+        run = Drops(lab, "--proto", "udp", "--dport", "6100", "--duration", "4", "--json")
+        send(lab, 6100, SERVER_V4, 2000, rate=0)
+        code, out, err = run.finish()
+        assert code == 0, err
+        listing = json.loads(in_netns(lab.router, ["nft", "-j", "list", "table", "netdev", "border"]).stdout)
+        [counted] = [expr["counter"]["packets"] for item in listing["nftables"] if "rule" in item
+                     for expr in item["rule"]["expr"] if "counter" in expr]
+    finally:
+        in_netns(lab.router, ["nft", "delete", "table", "netdev", "border"])
+    document = json.loads(out)
+    assert counted == 2000
+    assert document["traced"] + document["not_traced"] == counted
+    [rule] = document["rules"]
+    assert (rule["decided_by"]["family"], rule["decided_by"]["chain"]) == ("netdev", "ingress_client")
+    assert rule["packets"] == document["traced"]
+
+
+def test_on_a_terminal_a_live_table_is_redrawn_then_the_summary_is_printed(lab):
+    import pty
+    import select as select_module
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.router, "drops", "--max-rate", "0",
+                                "--proto", "udp", "--duration", "4"], stdout=slave, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="160"),
+                               start_new_session=True)
+    os.close(slave)
+    try:
+        assert process.stderr.readline().startswith(b"watching drops of")
+        send(lab, 6000, SERVER_V4, 30)
+        output = b""
+        while True:
+            ready, _, _ = select_module.select([master], [], [], 20)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other end closed: the process is done
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(20) == 0
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+    text = output.decode("utf-8", "replace")
+    assert text.count("\x1b[H\x1b[2J") >= 2  # redrawn in place, then cleared for the summary
+    assert "PACKETS" in text and "RATE/s" in text and "LAST FLOW" in text
+    assert '[' in text and 'udp dport 6000 counter drop comment "no 6000"' in text
+    summary = text.rsplit("\x1b[H\x1b[2J", 1)[1]
+    assert "30 dropped of" in summary and "dropped by inet fw forward rule handle" in summary

@@ -1,0 +1,123 @@
+"""Undoing is never cut short: signals wait for it, and a failing step never hides the error.
+
+Signals are raised in this very process (signal.raise_signal delivers them at once, to this
+thread), inside the blocks nftrace uses to undo its changes.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from nftrace.signals import (Interrupted, SignalsAsExceptions, SignalsHeld, UndoStack, cleanup_failures,
+                             undo_after)
+
+
+def test_a_signal_during_an_undo_step_waits_for_it_and_is_raised_after():
+    done = []
+    with pytest.raises(Interrupted) as stop:
+        with SignalsAsExceptions():
+            with SignalsHeld():
+                signal.raise_signal(signal.SIGTERM)
+                done.append("undone")
+    assert done == ["undone"] and stop.value.signum == signal.SIGTERM
+
+
+def test_only_the_first_signal_counts_the_second_does_not_cut_the_cleanup_short():
+    done = []
+    with pytest.raises(Interrupted) as stop:
+        with SignalsAsExceptions():
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            finally:
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C while the SIGTERM's cleanup runs
+                done.append("cleanup finished")
+    assert done == ["cleanup finished"] and stop.value.signum == signal.SIGTERM
+
+
+def test_ctrl_c_stays_a_keyboard_interrupt_and_handlers_come_back_after_the_run():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with SignalsAsExceptions():
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_held_outside_a_run_still_defers_the_signal_to_the_end_of_the_undo():
+    done = []
+    with pytest.raises(Interrupted):
+        with SignalsHeld():
+            signal.raise_signal(signal.SIGHUP)
+            done.append("undone")
+    assert done == ["undone"]
+
+
+def test_every_undo_step_runs_and_a_failing_one_is_a_note_on_the_error_that_started_it():
+    done = []
+
+    def failing():
+        raise RuntimeError("could not delete table inet nftrace_1_abc")
+
+    with pytest.raises(ValueError) as raised:
+        with UndoStack() as undo:
+            undo.callback(done.append, "first made, last undone")
+            undo.callback(failing)
+            undo.callback(done.append, "last made, first undone")
+            raise ValueError("the run failed")
+    assert done == ["last made, first undone", "first made, last undone"]
+    assert cleanup_failures(raised.value) == [
+        "while undoing what nftrace changed: could not delete table inet nftrace_1_abc"]
+
+
+def test_a_failing_undo_step_is_the_error_when_nothing_else_went_wrong():
+    def failing():
+        raise RuntimeError("nf_log could not be restored")
+
+    with pytest.raises(RuntimeError, match="nf_log could not be restored"):
+        with UndoStack() as undo:
+            undo.callback(failing)
+
+
+def test_undo_after_keeps_the_original_error_and_runs_every_step():
+    error = ValueError("install failed")
+    steps = []
+
+    def failing():
+        steps.append("failing")
+        raise OSError("busy")
+
+    undo_after(error, failing, lambda: steps.append("next"))
+    assert steps == ["failing", "next"]
+    assert cleanup_failures(error) == ["while undoing what nftrace changed: busy"]
+
+
+def test_a_signal_during_the_undo_of_an_error_says_it_waited_and_the_error_goes_on():
+    with pytest.raises(ValueError) as raised:
+        with SignalsAsExceptions(), UndoStack() as undo:
+            undo.callback(signal.raise_signal, signal.SIGTERM)
+            raise ValueError("the run failed")
+    assert cleanup_failures(raised.value) == [
+        "SIGTERM came while nftrace was undoing its changes: it waited until they were undone"]
+
+
+def test_an_undo_step_in_another_thread_neither_holds_nor_raises_the_main_threads_signal():
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def worker():
+        with SignalsHeld():
+            entered.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=worker)
+    with pytest.raises(Interrupted):
+        with SignalsAsExceptions():
+            thread.start()
+            entered.wait(5)
+            try:
+                signal.raise_signal(signal.SIGTERM)  # the main thread is not undoing anything: raised now
+            finally:
+                release.set()
+                thread.join(5)
