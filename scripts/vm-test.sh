@@ -166,6 +166,13 @@ cleanup() {
                 "${VIRSH[@]}" undefine --remove-all-storage "$DOMAIN_PREFIX$name" >/dev/null 2>&1 || cleanup_ok=0
             fi
         done
+        # A disk made just before the run was stopped, for a domain not defined yet: no domain
+        # takes it with it. The names are the lab's (checked free at the start).
+        for name in "${VMS[@]}"; do
+            if "${VIRSH[@]}" vol-info --pool default "$DOMAIN_PREFIX$name.img" >/dev/null 2>&1; then
+                "${VIRSH[@]}" vol-delete --pool default "$DOMAIN_PREFIX$name.img" >/dev/null 2>&1 || cleanup_ok=0
+            fi
+        done
         for name in "${LAB_NETWORKS[@]}"; do
             if "${VIRSH[@]}" net-info "$name" >/dev/null 2>&1 && ! grep -qx "$name" <<<"$networks_before"; then
                 "${VIRSH[@]}" net-destroy "$name" >/dev/null 2>&1 || :
@@ -266,6 +273,11 @@ networks_before=$("${VIRSH[@]}" net-list --all --name)
 for name in "${VMS[@]}"; do
     if "${VIRSH[@]}" dominfo "$DOMAIN_PREFIX$name" >/dev/null 2>&1; then
         die "a VM $DOMAIN_PREFIX$name exists already (a lab of yours? 'cd vagrant && vagrant destroy -f')"
+    fi
+done
+for name in "${VMS[@]}"; do
+    if "${VIRSH[@]}" vol-info --pool default "$DOMAIN_PREFIX$name.img" >/dev/null 2>&1; then
+        die "a disk $DOMAIN_PREFIX$name.img exists already in libvirt's pool 'default' (a lab of yours?)"
     fi
 done
 for name in nftlab-client-side nftlab-server-side; do
