@@ -38,7 +38,7 @@ then path order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Optional, Protocol
 
 from ..protocols import iptables_command
 
@@ -494,11 +494,6 @@ def _remoteness(near_miss: NearMiss) -> int:
     if mismatches and all(m.field in STATE_FIELDS or m.wanted in LOOPBACK_NAMES for m in mismatches):
         return 2
     return 1 if any(m.other_protocol for m in mismatches) else 0
-
-
-def renumber(near_misses: Iterable[NearMiss], handles: Callable[[NearMiss], Optional[int]]) -> list:
-    """The same near misses with other handles (a dry run's sandbox numbers its own)."""
-    return [replace(item, handle=handles(item)) if handles(item) is not None else item for item in near_misses]
 
 
 __all__ = ["Mismatch", "NearMiss", "RuleVerdict", "find_near_misses", "packet_view", "describe_mismatch",
