@@ -68,14 +68,26 @@ def _ctrl_c_is_one_line(command):
 def main(
     ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-    netns: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help="Work inside /run/netns/NAME (never created)."),
+    netns: Optional[List[str]] = typer.Option(None, "--netns", metavar="NAME",
+                                              help="Work inside /run/netns/NAME (never created); several: one trace across them."),
+    pid: Optional[List[str]] = typer.Option(None, "--pid", metavar="PID",
+                                            help="The network namespace of process PID (as a --netns)."),
+    container: Optional[List[str]] = typer.Option(None, "--container", metavar="NAME|ID",
+                                                  help="The network namespace of a running container (docker, podman or containerd)."),
+    all_netns: bool = typer.Option(False, "--all-netns", help="Every named namespace and this one."),
 ):
+    from .kernel.netns import NamespaceRequest
+
     if version:
         from . import __version__
 
         typer.echo(f"nftrace {__version__}")
         raise typer.Exit(0)
-    ctx.obj = {"netns": netns}
+    request = NamespaceRequest(tuple(netns or ()), tuple(pid or ()), tuple(container or ()), all_netns)
+    if ctx.invoked_subcommand not in (None, "why", "cleanup") and (request.several or request.pids or request.containers):
+        _fail(InputError(f"'{ctx.invoked_subcommand}' works in one namespace: give at most one --netns NAME "
+                         "(--pid, --container, --all-netns and several --netns are for 'why' and 'cleanup')"))
+    ctx.obj = {"netns": request.one_name, "namespaces": request}
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
@@ -106,6 +118,8 @@ def why(
     state: str = typer.Option("new", "--state", metavar="new|established", help="With --dry-run: the packet opens a connection, or belongs to an established one."),
     backend: str = typer.Option("auto", "--backend", metavar="auto|nft|iptables",
                                 help="What to trace: nftables (iptables-nft included), legacy iptables, or auto: both where present."),
+    fix: Optional[str] = typer.Option(None, "--fix", metavar="accept|drop", help="Also give the smallest change after which this flow gets that verdict, proven in a sandbox copy of the namespace (nothing is applied)."),
+    keep: Optional[Path] = typer.Option(None, "--keep", metavar="FILE", help="With --fix: flows that must keep their verdicts (an expectations file, as rules/*.expect.toml)."),
     command: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS...]", help="Traffic to run once tracing is on."),
 ):
     """Trace the packets of one flow and say which rule decided each one's fate."""
@@ -115,32 +129,57 @@ def why(
     from .trace.jsonstream import JsonStream
     from .trace.colour import Style, colour_wanted, parse_colour_choice
     from .trace.render import dry_run_line, render_closing, render_packet
-    from .trace.report import TraceReport
+    from .trace.report import TraceReport, netns_words
     from .trace.session import TraceOptions, TraceSession
 
-    netns = ctx.obj["netns"]
+    netns, namespaces = ctx.obj["netns"], ctx.obj["namespaces"]
     try:
         flow = parse_flow(src, dst, proto, sport, dport, iif, oif)
         backend = parse_backend(backend)
         style = Style(colour_wanted(parse_colour_choice(color), sys.stdout))
         if not dry_run and (ruleset_file is not None or ruleset_kind is not None or state != "new"):
             raise InputError("--ruleset, --ruleset-kind and --state go with --dry-run")
+        if dry_run and (namespaces.several or namespaces.pids or namespaces.containers):
+            raise InputError("--dry-run copies one namespace: give one --netns NAME (or none for this one)")
+        fixing = None
+        if fix is not None or keep is not None:
+            from .dryrun.fix import FixRequest, load_keep, parse_fix_verdict
+
+            if fix is None:
+                raise InputError("--keep goes with --fix")
+            if ruleset_file is not None:
+                raise InputError("--fix changes the namespace's current ruleset: it does not go with --ruleset")
+            if namespaces.several or namespaces.pids or namespaces.containers:
+                raise InputError("--fix changes one namespace's ruleset: give one --netns NAME (or none for this one)")
+            fixing = FixRequest(parse_fix_verdict(fix), load_keep(keep), timeout=min(timeout or 10.0, 10.0))
     except NftraceError as err:
         _fail(err)
     options = TraceOptions(flow=flow, netns=netns, count=count, timeout=timeout, max_rate=max_rate,
-                           command=list(command or []), drop_reasons=drop_reasons, backend=backend)
+                           command=list(command or []), drop_reasons=drop_reasons, backend=backend,
+                           namespaces=None if dry_run else namespaces)
     report = TraceReport(flow=flow, netns=netns)
+    packets = []  # with --fix: the answers get their fix once the trace is over
+    fixes = []
     if dry_run:
         from .dryrun.session import DryRunRequest, DryRunSession
 
-        session = DryRunSession(options, report, DryRunRequest(netns, ruleset_file, ruleset_kind, state))
+        request = DryRunRequest(netns, ruleset_file, ruleset_kind, state)
+
+        def proving(dry):
+            from .dryrun.fix import fix_packets
+
+            fixes.extend(fix_packets(packets, flow, fixing, request, dry=dry))
+        session = DryRunSession(options, report, request, with_sandbox=proving if fixing is not None else None)
     else:
         session = TraceSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None
 
     def on_packet(path):
+        if fixing is not None:
+            packets.append(path)
         if stream:
-            stream.packet(path)
+            if fixing is None:
+                stream.packet(path)
         else:
             typer.echo(render_packet(path, report.interfaces, style) + dry_run_line(report) + "\n", color=style.enabled)
 
@@ -149,16 +188,25 @@ def why(
         # A dry run takes a moment; its answer says it is one.
         if dry_run:
             return
-        where = f" in netns {netns}" if netns else ""
+        named = [netns_words(label) for label in report.namespaces if label is not None or len(report.namespaces) > 1]
+        where = f" in {', '.join(named)}" if named else ""
         typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
 
     # A live trace flushes JSON once per batch of events read; a dry run's one answer is
     # flushed when the document is finished.
     batches = {"on_batch": stream.flush} if stream and not dry_run else {}
     exit_code, _ = _run_session(lambda: session.run(on_packet, on_ready, **batches), stream)
+    if fixing is not None and exit_code is None and packets and not dry_run:
+        exit_code = _prove_live_fix(packets, flow, fixing, netns, report, fixes)
     if stream:
+        for path in packets:
+            stream.packet(path)
         stream.finish()
     else:
+        if fixes:
+            from .dryrun.fix import render_fix
+
+            typer.echo("\n\n".join(render_fix(answer) for answer in fixes))
         closing = render_closing(report, session.packets_seen)
         if closing:
             typer.echo(closing, err=True)
@@ -181,6 +229,23 @@ def _run_session(run: Callable[[], None], stream) -> tuple[Optional[int], bool]:
     except (KeyboardInterrupt, Interrupted) as stop:
         return _stopped(stop, "trace rules removed"), True
     return None, False
+
+
+def _prove_live_fix(packets, flow, fixing, netns, report, fixes) -> Optional[int]:
+    """--fix after a live trace: the change is proven in sandbox copies of the namespace. A
+    failure there is one line; the answers are still printed."""
+    from .dryrun.fix import fix_packets
+    from .dryrun.session import DryRunRequest
+
+    try:
+        with SignalsAsExceptions():
+            fixes.extend(fix_packets(packets, flow, fixing, DryRunRequest(netns), interfaces=report.interfaces))
+    except NftraceError as err:
+        _say(err, f"--fix: {err}")
+        return err.exit_code
+    except (KeyboardInterrupt, Interrupted) as stop:
+        return _stopped(stop, "sandbox removed")
+    return None
 
 
 @app.command()
@@ -270,23 +335,33 @@ def cleanup(ctx: typer.Context):
     from .errors import EnvironmentProblem
     from .dryrun.sandbox import remove_leftover_sandboxes
     from .trace.session import open_nftables
+    from .trace.report import netns_words
     from .trace.ruleset import RulesetSnapshot
-    from .kernel.system import enter_namespace, require_net_admin
+    from .kernel.system import enter_namespace_fd, require_net_admin
     from .kernel.tracetable import remove_leftover_tables
 
     removed = []
     try:
         require_net_admin()
         sandboxes = remove_leftover_sandboxes()
-        if ctx.obj["netns"]:
-            enter_namespace(ctx.obj["netns"])
+        targets = ctx.obj["namespaces"].resolve()
         try:
-            nft = open_nftables()
-        except EnvironmentProblem:
-            nft = None  # no nf_tables here: nothing of nftrace's can be in it
-        if nft is not None:
-            removed.extend(f"removed table {item}" for item in remove_leftover_tables(nft, RulesetSnapshot.take(nft)))
-        removed.extend(clean_up_legacy())
+            several = len(targets.targets) > 1
+            for target in targets.targets:
+                # One namespace after the other, nftrace's own thread in each: the leftovers of
+                # legacy iptables are found by the namespace the process is in.
+                enter_namespace_fd(target.fd, target.shown)
+                where = f" in {netns_words(target.label)}" if several else ""
+                try:
+                    nft = open_nftables()
+                except EnvironmentProblem:
+                    nft = None  # no nf_tables here: nothing of nftrace's can be in it
+                if nft is not None:
+                    removed.extend(f"removed table {item}{where}"
+                                   for item in remove_leftover_tables(nft, RulesetSnapshot.take(nft)))
+                removed.extend(f"{item}{where}" for item in clean_up_legacy())
+        finally:
+            targets.close()
     except NftraceError as err:
         _fail(err)
     for name in sandboxes:

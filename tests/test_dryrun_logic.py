@@ -7,12 +7,13 @@ import struct
 
 import pytest
 
-from nftrace.dryrun.session import (CONNTRACK_CAVEAT, check_dry_run_flow, conntrack_entry_argv, path_caveats, plan_injection,
-                            target_handles, translate_handles)
+from nftrace.dryrun.names import TargetNames
+from nftrace.dryrun.session import (CONNTRACK_CAVEAT, check_dry_run_flow, conntrack_entry_argv, path_caveats,
+                                    plan_injection)
 from nftrace.errors import InputError
 from nftrace.flow import parse_flow
 from nftrace.dryrun.inject import (TCP_ACK, TCP_SYN, Injection, crc32c, ethernet_frame, icmp_echo, internet_checksum,
-                            ipv4_packet, sctp_init, tcp_segment, udp_datagram)
+                            ipv4_packet, sctp_init, tcp_segment, transport, udp_datagram)
 from nftrace.dryrun.netstate import (Address, FdbEntry, Interface, NetworkState, RouteLookup, parse_fdb,
                               parse_interfaces, parse_nexthop_lines, parse_route_lines, parse_rule_lines,
                               parse_socket_table, parse_vlans, sandbox_table_text, split_tables)
@@ -122,13 +123,14 @@ def test_sandbox_copy_drops_owner_and_offload_flags_and_says_so():
 
 
 def test_target_handles_are_found_by_rule_position():
-    assert target_handles(LISTING)[("inet", "fw", "input", 2)] == 9
+    sandbox = LISTING.replace("# handle 9", "# handle 4")
+    assert TargetNames(LISTING, [], sandbox, []).handle("inet", "fw", "input", 4, 2) == (9, 2)
 
 
 def test_handles_in_a_path_become_the_targets_own():
     step = Step("input", "inet", "fw", "input", "rule", 4, 2, "tcp dport 22 drop", "drop")
     path = PacketPath(1, steps=[step], decided_by=step)
-    translate_handles(path, {("inet", "fw", "input", 2): 9})
+    TargetNames(LISTING, [], LISTING.replace("# handle 9", "# handle 4"), []).translate(path)
     assert path.decided_by.handle == 9
 
 
@@ -366,3 +368,48 @@ def test_deciding_rule_text_reads_like_nft():
     assert deciding_rule_text({"decided_by": {"family": "inet", "table": "fw", "chain": "input", "type": "policy",
                                               "verdict": "drop"}}) == "inet fw input policy drop"
     assert deciding_rule_text(None) == "(no packet seen)"
+
+
+# -- the other side's answer (--fix proves that it comes back) ------------------------------------
+
+def _path_leaving(last_src, last_dst, sport, dport, hooks, oif=2):
+    import ipaddress
+
+    from nftrace.trace.events import PacketHeaders
+    from nftrace.trace.paths import HookObservation
+
+    packet = PacketHeaders(ipaddress.ip_address(last_src), ipaddress.ip_address(last_dst), 6, 60, sport, dport)
+    observation = HookObservation(hooks[-1], "nftrace", "obs", packet, 3, oif, None, None, own=True)
+    return PacketPath(1, observations=[observation], hooks=list(hooks), verdict="accept", complete=True)
+
+
+def test_the_answer_to_a_forwarded_syn_is_a_syn_ack_arriving_where_the_syn_left():
+    from nftrace.dryrun.session import reply_injection
+
+    sent = Injection("10.9.0.7", "10.0.0.5", "tcp", 40000, 80, seq=1000, iif="wan0")
+    # Masqueraded on the way out: the answer goes to the address the packet left with.
+    path = _path_leaving("10.0.0.1", "10.0.0.5", 61000, 80, ["prerouting", "forward", "postrouting"])
+    reply = reply_injection(sent, path, {2: "lan0"}, _state(), _peers(), "h", token=lambda n: 0)
+    assert (reply.src, reply.dst, reply.sport, reply.dport) == ("10.0.0.5", "10.0.0.1", 80, 61000)
+    assert (reply.iif, reply.peer, reply.src_mac, reply.state, reply.ack) == ("lan0", "p2", "02:00:00:00:00:05",
+                                                                              "reply", 1001)
+    segment = transport(reply)
+    assert segment[13] == TCP_SYN | TCP_ACK and struct.unpack("!I", segment[8:12])[0] == 1001
+
+
+def test_the_box_answers_a_packet_delivered_to_itself_from_a_local_socket():
+    from nftrace.dryrun.session import reply_injection
+
+    sent = Injection("10.0.0.5", "10.0.0.1", "udp", 5353, 53, iif="lan0")
+    path = _path_leaving("10.0.0.5", "10.0.0.1", 5353, 53, ["prerouting", "input"], oif=None)
+    reply = reply_injection(sent, path, {2: "lan0"}, _state(), _peers(), "h")
+    assert reply.local and (reply.src, reply.sport, reply.dport) == ("10.0.0.1", 53, 5353)
+
+
+def test_there_is_no_answer_to_an_established_packet_or_an_sctp_init():
+    from nftrace.dryrun.session import reply_injection
+
+    path = _path_leaving("10.0.0.5", "10.0.0.1", 5353, 53, ["prerouting", "input"], oif=None)
+    for sent in (Injection("10.0.0.5", "10.0.0.1", "tcp", 1, 2, state="established"),
+                 Injection("10.0.0.5", "10.0.0.1", "sctp", 1, 2)):
+        assert reply_injection(sent, path, {}, _state(), _peers(), "h") is None

@@ -68,3 +68,43 @@ def test_table_list_names_every_table_even_empty_ones(netns):
         snapshot = RulesetSnapshot.take_tables(NftContext())
     assert set(snapshot.tables) == {("inet", "fw"), ("ip", "empty"), ("netdev", "odd-name.v2")}
     assert not snapshot.rules and not snapshot.chains
+
+
+ANONYMOUS = (
+    "table inet filter { # handle 1\n"
+    "\tchain forward { # handle 1\n"
+    "\t\ttype filter hook forward priority filter; policy drop;\n"
+    "\t\ttcp dport 22 jump {\n"
+    "\t\t\tip saddr 10.0.0.1 accept\n"
+    '\t\t\tlog prefix "blocked ssh: "\n'
+    "\t\t\tdrop\n"
+    '\t\t} comment "ssh gate" # handle 5\n'
+    "\t\tudp dport 53 accept # handle 6\n"
+    "\t}\n"
+    "}\n"
+)
+
+
+def test_a_rule_that_opens_an_anonymous_chain_reads_as_one_line_nft_takes_back():
+    _, _, rules = parse_ruleset_listing(ANONYMOUS)
+    rule = rules[("inet", "filter", "forward", 5)]
+    assert rule.text == ('tcp dport 22 jump { ip saddr 10.0.0.1 accept; log prefix "blocked ssh: "; drop; } '
+                         'comment "ssh gate"')
+    assert [inline.text for inline in rule.inline] == ["ip saddr 10.0.0.1 accept", 'log prefix "blocked ssh: "', "drop"]
+    assert (rule.number, rules[("inet", "filter", "forward", 6)].number) == (1, 2)
+
+
+def test_an_anonymous_chain_that_opens_the_chain_is_a_rule_too():
+    listing = ANONYMOUS.replace("\t\tudp dport 53 accept # handle 6\n", "")
+    assert [rule.handle for rule in parse_ruleset_listing(listing)[2].values()] == [5]
+
+
+def test_anonymous_chains_get_their_rules_under_the_kernels_names():
+    from nftrace.kernel.anonchains import KernelChain
+
+    snapshot = RulesetSnapshot(ANONYMOUS)
+    snapshot.add_anonymous_chains([KernelChain("inet", "filter", "forward", [5, 6], {5: "__chain458"}),
+                                   KernelChain("inet", "filter", "__chain458", [2, 3, 4])])
+    assert snapshot.rule("inet", "filter", "__chain458", 4).text == "drop"
+    assert snapshot.rule("inet", "filter", "__chain458", 4).number == 3
+    assert snapshot.chain("inet", "filter", "__chain458").rules == [2, 3, 4]

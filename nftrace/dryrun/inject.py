@@ -44,7 +44,7 @@ class Injection:
     proto: str
     sport: Optional[int] = None
     dport: Optional[int] = None
-    state: str = "new"  # new | established
+    state: str = "new"  # new | established | reply (the other side's answer to a packet sent before)
     iif: Optional[str] = None  # None: sent by a socket of the sandbox itself
     netns: Optional[str] = None  # helper namespace that holds `peer`
     peer: Optional[str] = None
@@ -134,13 +134,13 @@ def udp_datagram(src: str, dst: str, sport: int, dport: int, payload: bytes = PA
     return _with_checksum(datagram, 6, src, dst, PROTOCOL_NUMBERS["udp"], zero_means_none=True)
 
 
-def icmp_echo(ident: int, seq: int = 1, payload: bytes = PAYLOAD) -> bytes:
-    message = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
+def icmp_echo(ident: int, seq: int = 1, payload: bytes = PAYLOAD, reply: bool = False) -> bytes:
+    message = struct.pack("!BBHHH", 0 if reply else 8, 0, 0, ident, seq) + payload
     return message[:2] + struct.pack("!H", internet_checksum(message)) + message[4:]
 
 
-def icmpv6_echo(src: str, dst: str, ident: int, seq: int = 1, payload: bytes = PAYLOAD) -> bytes:
-    message = struct.pack("!BBHHH", 128, 0, 0, ident, seq) + payload
+def icmpv6_echo(src: str, dst: str, ident: int, seq: int = 1, payload: bytes = PAYLOAD, reply: bool = False) -> bytes:
+    message = struct.pack("!BBHHH", 129 if reply else 128, 0, 0, ident, seq) + payload
     return _with_checksum(message, 2, src, dst, PROTOCOL_NUMBERS["icmpv6"])
 
 
@@ -154,16 +154,20 @@ def sctp_init(sport: int, dport: int, tag: int, tsn: int) -> bytes:
 def transport(injection: Injection) -> bytes:
     """The L4 part of the packet, checksummed for the injection's addresses."""
     i = injection
+    reply = i.state == "reply"
     if i.proto == "tcp":
         if i.state == "established":
             return tcp_segment(i.src, i.dst, i.sport, i.dport, TCP_ACK, i.seq, i.ack)
-        return tcp_segment(i.src, i.dst, i.sport, i.dport, TCP_SYN, i.seq, mss=i.mtu - (40 if i.family == 4 else 60))
+        mss = i.mtu - (40 if i.family == 4 else 60)
+        if reply:
+            return tcp_segment(i.src, i.dst, i.sport, i.dport, TCP_SYN | TCP_ACK, i.seq, i.ack, mss=mss)
+        return tcp_segment(i.src, i.dst, i.sport, i.dport, TCP_SYN, i.seq, mss=mss)
     if i.proto == "udp":
         return udp_datagram(i.src, i.dst, i.sport, i.dport)
     if i.proto == "icmp":
-        return icmp_echo(i.icmp_id)
+        return icmp_echo(i.icmp_id, reply=reply)
     if i.proto == "icmpv6":
-        return icmpv6_echo(i.src, i.dst, i.icmp_id)
+        return icmpv6_echo(i.src, i.dst, i.icmp_id, reply=reply)
     if i.proto == "sctp":
         return sctp_init(i.sport, i.dport, i.seq or 1, i.ack or 1)
     raise ValueError(f"no packet for protocol {i.proto}")
@@ -227,7 +231,7 @@ def send_local(injection: Injection) -> None:
             # The SYN leaves inside connect(); closing at once means no retransmission.
             sock.connect_ex((i.dst, i.dport))
         return
-    if i.proto == "udp":
+    if i.proto == "udp" and i.state != "reply":
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((i.src, i.sport or 0))
@@ -236,9 +240,11 @@ def send_local(injection: Injection) -> None:
             except PermissionError:
                 pass  # dropped in the output path: the trace says by what
         return
+    # A raw socket for the rest: a packet of a connection (an ACK, a reply) that no socket of
+    # the sandbox would send by itself, with the ports and flags it needs.
     with socket.socket(family, socket.SOCK_RAW, PROTOCOL_NUMBERS[i.proto]) as sock:
         sock.bind((i.src, 0))
-        payload = icmpv6_echo(i.src, i.dst, i.icmp_id) if i.proto == "icmpv6" else transport(i)
+        payload = icmpv6_echo(i.src, i.dst, i.icmp_id, reply=i.state == "reply") if i.proto == "icmpv6" else transport(i)
         try:
             sock.sendto(payload, (i.dst, 0))
         except PermissionError:

@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ..kernel.anonchains import read_anonymous_chains
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import call_in_namespace, thread_proc_net
 from ..kernel.runner import bridge_argv, ip_argv, netns_exec_argv, run, run_all
@@ -195,6 +196,7 @@ class NetworkState:
     legacy: dict = field(default_factory=dict)  # iptables|ip6tables -> `*-legacy-save -c` text
     xtables_nft: dict = field(default_factory=dict)  # (family, table) -> `*-nft-save -c -t TABLE` text
     iptables_managed: set = field(default_factory=set)  # (family, table) that nft says iptables-nft manages
+    anonymous_chains: list = field(default_factory=list)  # KernelChain: the kernel's names of `jump { }` chains
 
     def copied_with_xtables(self, block: TableBlock) -> bool:
         """Tables of iptables-nft are copied with its own save/restore: nft's text of them can
@@ -504,7 +506,8 @@ def _read_inside(paths: Sequence[str]) -> dict:
     nft = NftContext()
     listing = nft.list_ruleset(state=True)
     return {"sysctls": sysctls, "listeners": sorted(set(listeners), key=lambda l: (l.proto, l.address, l.port)),
-            "legacy_tables": legacy, "listing": listing, "managed": iptables_managed_tables(nft.messages)}
+            "legacy_tables": legacy, "listing": listing, "managed": iptables_managed_tables(nft.messages),
+            "anonymous": read_anonymous_chains(listing)}
 
 
 def read_network_state(netns: Optional[str]) -> NetworkState:
@@ -537,6 +540,7 @@ def read_network_state(netns: Optional[str]) -> NetworkState:
     state.listeners = inside["listeners"]
     state.nft_listing = inside["listing"]
     state.iptables_managed = inside["managed"]
+    state.anonymous_chains = inside["anonymous"]
     saves = {}
     for tool, tables in inside["legacy_tables"].items():
         if tables:

@@ -7,13 +7,15 @@ is never touched: not its ruleset, counters, conntrack table or sockets.
 
 What the copy cannot carry is said plainly: always in the JSON's `dry_run.not_copied`, and as
 a warning when a rule on the packet's path depends on it (socket owners, conntrack, ...).
-Rule handles in the answer are the target's own (the copy keeps every chain's rule order),
-so that `nft -a list ruleset` in the target shows the rule named.
+Rule handles and chain names in the answer are the target's own (the copy keeps every chain's
+rule order; nftrace.dryrun.names translates), so that `nft -a list ruleset` in the target
+shows the rule named, and an anonymous chain has the name the target's kernel gave it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import secrets
 import shutil
@@ -21,22 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
 from .inject import Injection, random_mac
+from .names import TargetNames
 from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
+from ..kernel.anonchains import read_anonymous_chains
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
-from ..trace.nearmiss import renumber
+from ..trace.crossing import assign_namespace
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport
-from ..trace.ruleset import RulesetSnapshot, parse_ruleset_listing
+from ..trace.ruleset import RulesetSnapshot
 from .sandbox import CandidateRuleset, Sandbox, read_candidate
 from ..trace.session import TraceOptions, TraceSession
 from ..signals import SignalsAsExceptions, UndoStack, undo_after
 from ..kernel.system import namespace_path, require_net_admin
 
 STATES = ("new", "established")
+REPLY_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
 EPHEMERAL_PORTS = (32768, 60999)
 # A crafted packet's events all arrive within microseconds: a short idle time ends a packet
 # that the kernel dropped outside netfilter without making the user wait.
@@ -162,6 +168,32 @@ def bridge_entry(netstate: NetworkState, bridge, iif: str, src_mac: Optional[str
     return port, dst_mac
 
 
+def reply_injection(sent: Optional[Injection], path: PacketPath, interfaces: dict, netstate: NetworkState,
+                    peers: dict, helper: str, token: Callable[[int], int] = secrets.randbelow) -> Optional[Injection]:
+    """The answer of the other side to a packet sent before (`path` is its trace): from the
+    address and port it went to, as the last hook left it (after NAT), back to where it came
+    from, on the interface it left by (or from a local socket, when it was delivered to the
+    box itself). TCP answers a SYN with a SYN-ACK; UDP with a datagram; ping with a pong."""
+    if sent is None or sent.proto not in REPLY_PROTOCOLS or sent.state != "new" or not path.complete:
+        return None
+    last = next((o.packet for o in reversed(path.observations) if o.packet is not None), None)
+    if last is None or last.src is None or last.dst is None:
+        return None
+    common = dict(src=str(last.dst), dst=str(last.src), proto=sent.proto, state="reply", icmp_id=sent.icmp_id,
+                  sport=last.dport if sent.proto in PORT_PROTOCOLS else None,
+                  dport=last.sport if sent.proto in PORT_PROTOCOLS else None,
+                  seq=1 + token(0xFFFFFFFE), ack=(sent.seq + 1) & 0xFFFFFFFF)
+    if "input" in path.hooks:
+        return Injection(**common)  # the box answers itself
+    oif = interfaces.get(path.interface_index("oif") or -1)
+    interface = netstate.interface(oif) if oif else None
+    if interface is None or oif not in peers:
+        return None
+    neighbour = netstate.neighbours.get((oif, common["src"]))
+    return Injection(**common, iif=oif, netns=helper, peer=peers[oif].peer, src_mac=neighbour or random_mac(token),
+                     dst_mac=peers[oif].mac, mtu=interface.mtu)
+
+
 def conntrack_entry_argv(injection: Injection) -> list[str]:
     """`conntrack -I`: the flow's connection, established, as if both sides had talked."""
     i = injection
@@ -175,23 +207,6 @@ def conntrack_entry_argv(injection: Injection) -> list[str]:
     elif i.proto == "icmpv6":
         argv += ["--icmpv6-type", "128", "--icmpv6-code", "0", "--icmpv6-id", str(i.icmp_id)]
     return argv + ["-u", "SEEN_REPLY,ASSURED", "-t", str(CONNTRACK_TIMEOUT)]
-
-
-def target_handles(listing: str) -> dict:
-    """(family, table, chain, rule number) → the target's rule handle."""
-    _, _, rules = parse_ruleset_listing(listing)
-    return {(r.family, r.table, r.chain, r.number): r.handle for r in rules.values()}
-
-
-def translate_handles(path: PacketPath, handles: dict) -> None:
-    """Give each step and near miss the target's handle for its rule (the sandbox numbers its own)."""
-    for step in path.steps:
-        if step.type == "rule" and step.rule_number is not None:
-            handle = handles.get((step.family, step.table, step.chain, step.rule_number))
-            if handle is not None:
-                step.handle = handle
-    path.near_misses = renumber(path.near_misses, lambda item: handles.get(
-        (item.family, item.table, item.chain, item.rule_number)) if item.backend == "nft" else None)
 
 
 def chains_on_path(path: PacketPath) -> set:
@@ -218,6 +233,12 @@ def path_caveats(path: PacketPath, snapshot: RulesetSnapshot, state: str) -> lis
     return caveats
 
 
+def _read_sandbox_ruleset() -> tuple[str, list]:
+    """Runs in the sandbox: its ruleset, and the names the kernel gave its anonymous chains."""
+    listing = NftContext().run("list ruleset", handles=True, stateless=True, terse=True)
+    return listing, read_anonymous_chains(listing)
+
+
 @dataclass
 class DryRunRequest:
     netns: Optional[str]
@@ -238,9 +259,12 @@ class DryRun:
         self.netstate: Optional[NetworkState] = None
         self.sandbox: Optional[Sandbox] = None
         self.snapshot: Optional[RulesetSnapshot] = None
-        self.handles: dict = {}
+        self.names = TargetNames()
         self._bookmark: Optional[NamespaceBookmark] = None
         self._traced = 0
+        self._drops: Optional[KernelDropWatcher] = None
+        self._drops_problem: Optional[str] = None
+        self.last_injection: Optional[Injection] = None
 
     # -- the sandbox ------------------------------------------------------------------------
 
@@ -254,15 +278,21 @@ class DryRun:
         self.netstate = read_network_state(self.request.netns)
         self.sandbox = Sandbox(self.netstate)
         self.sandbox.build(self.candidate)
-        self.snapshot = call_in_namespace(self.sandbox.name, lambda: RulesetSnapshot.take(NftContext()))
+        listing, anonymous = call_in_namespace(self.sandbox.name, _read_sandbox_ruleset)
+        self.snapshot = RulesetSnapshot(listing)
+        self.snapshot.add_anonymous_chains(anonymous)
         if self.candidate is None:
-            self.handles = target_handles(self.netstate.nft_listing)
+            self.names = TargetNames(self.netstate.nft_listing, self.netstate.anonymous_chains, listing, anonymous)
+        else:
+            self.names = TargetNames(listing, anonymous)  # the candidate's own names
 
     def close(self) -> None:
         """Back to nftrace's own namespace, then the sandbox removed (signals held, see signals.py)."""
         with UndoStack() as undo:
             if self.sandbox is not None:
                 undo.callback(self._remove_sandbox)
+            if self._drops is not None:
+                undo.callback(self._drops.close)
             if self._bookmark is not None:
                 undo.callback(self._return_home)
 
@@ -287,6 +317,26 @@ class DryRun:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _drop_watcher(self, report: TraceReport) -> Optional[KernelDropWatcher]:
+        """One bpftrace watches the sandbox for every flow traced in it: it takes seconds to
+        start (it reads the kernel's BTF), which `nftrace test` would otherwise pay per flow.
+        One that died after it was ready is started again; one that never got ready is not."""
+        watcher = self._drops
+        if watcher is not None and watcher.ended:
+            self._drops = None
+            watcher.close()
+            if not watcher.ready:
+                self._drops_problem = watcher.failure()
+        if self._drops is None and self._drops_problem is None:
+            try:
+                inode = os.stat(namespace_path(self.sandbox.name)).st_ino
+                self._drops = KernelDropWatcher.start(netns_inode=inode)
+            except DropReasonsUnavailable as err:
+                self._drops_problem = str(err)
+        if self._drops_problem is not None:
+            report.warnings.append(f"kernel drop reasons unavailable: {self._drops_problem}")
+        return self._drops
 
     # -- one flow ---------------------------------------------------------------------------
 
@@ -314,27 +364,51 @@ class DryRun:
         }
 
     def trace(self, flow: Flow, report: TraceReport, on_packet: Callable[[PacketPath], None], *,
-              timeout: float = 10.0, max_rate: int = 100) -> int:
+              timeout: float = 10.0, max_rate: int = 100, drop_reasons: bool = True, near_misses: bool = True) -> int:
         """Send the flow's packet into the sandbox and trace it; return how many packets were seen (0 or 1)."""
         notes: list = []
         injection = self.plan(flow, notes)
         if self._traced:
             self._forget_connections()
+        return self._trace_injection(flow, injection, report, on_packet, timeout=timeout, max_rate=max_rate,
+                                     drop_reasons=drop_reasons, near_misses=near_misses, notes=notes)
+
+    def trace_reply(self, path: PacketPath, interfaces: dict, report: TraceReport,
+                    on_packet: Callable[[PacketPath], None], *, timeout: float = 10.0,
+                    drop_reasons: bool = False) -> Optional[int]:
+        """Send the other side's answer to the packet traced last (`path`), while its connection
+        is in the sandbox's conntrack table, and trace it; None when there is no answer to send."""
+        injection = reply_injection(self.last_injection, path, interfaces, self.netstate, self.sandbox.peers,
+                                    self.sandbox.helper)
+        if injection is None:
+            return None
+        flow = Flow(ipaddress.ip_network(injection.src), ipaddress.ip_network(injection.dst), injection.proto,
+                    injection.sport, injection.dport)
+        return self._trace_injection(flow, injection, report, on_packet, timeout=timeout, drop_reasons=drop_reasons,
+                                     near_misses=False)
+
+    def _trace_injection(self, flow: Flow, injection: Injection, report: TraceReport,
+                         on_packet: Callable[[PacketPath], None], *, timeout: float = 10.0, max_rate: int = 100,
+                         drop_reasons: bool = True, near_misses: bool = True, notes: tuple = ()) -> int:
         self._traced += 1
+        self.last_injection = injection
         report.mode = "dry-run"
         report.dry_run = self.describe(injection)
-        report.warnings.extend(w for w in self.sandbox.warnings + notes if w not in report.warnings)
+        report.warnings.extend(w for w in [*self.sandbox.warnings, *notes] if w not in report.warnings)
         if self.request.state == "established":
             self.sandbox.run(conntrack_entry_argv(injection))
             if any(chain.type == "nat" for chain in self.snapshot.chains.values()):
                 report.warnings.append(NAT_CAVEAT)
+        drops = self._drop_watcher(report) if drop_reasons else None
         options = TraceOptions(flow=flow, netns=self.sandbox.name, count=1, timeout=timeout, max_rate=max_rate,
-                               command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS)
-        session = TraceSession(options, report)
+                               command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS,
+                               drop_reasons=drops is not None, near_misses=near_misses)
+        session = TraceSession(options, report, drop_watcher=drops)
 
         def deliver(path: PacketPath) -> None:
-            translate_handles(path, self.handles)
+            assign_namespace(path, self.request.netns)  # the target's, not the sandbox's
             caveats = path_caveats(path, self.snapshot, self.request.state)
+            self.names.translate(path, self.snapshot)
             for which in ("iif", "oif"):
                 name = report.interfaces.get(path.interface_index(which) or -1)
                 if name in self.sandbox.approximated:
@@ -365,11 +439,14 @@ class DryRun:
 class DryRunSession:
     """What `nftrace why --dry-run` runs in place of a live TraceSession: the same interface."""
 
-    def __init__(self, options: TraceOptions, report: TraceReport, request: DryRunRequest):
+    def __init__(self, options: TraceOptions, report: TraceReport, request: DryRunRequest,
+                 with_sandbox: Optional[Callable[[DryRun], None]] = None):
         self.options = options
         self.report = report
         self.request = request
         self.packets_seen = 0
+        # Called after the trace while the sandbox is still there (--fix proves its change in it).
+        self.with_sandbox = with_sandbox
 
     def run(self, on_packet: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None) -> None:
         if self.options.command:
@@ -380,5 +457,7 @@ class DryRunSession:
             self.report.mode = "dry-run"
             undo.callback(dry.close)
             dry.open()
-            self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
-                                          timeout=self.options.timeout, max_rate=self.options.max_rate)
+            self.packets_seen = dry.trace(self.options.flow, self.report, on_packet, timeout=self.options.timeout,
+                                          max_rate=self.options.max_rate, drop_reasons=self.options.drop_reasons)
+            if self.with_sandbox is not None:
+                self.with_sandbox(dry)

@@ -26,19 +26,24 @@ from ..iptables.legacy import read_legacy_ruleset
 from ..kernel import runner
 from ..iptables.xtmatch import parse_ipset_save
 from .nearmiss import find_near_misses
-from .rulebook import RuleBook
+from .rulebook import VARYING_FIELDS, RuleBook
 
 LEGACY_MAX_AGE = 2.0
 CACHE_SIZE = 1024
 
 
-def path_signature(path) -> tuple:
-    """Everything near misses depend on, besides the ruleset."""
+def path_signature(path, tested: frozenset = frozenset(VARYING_FIELDS)) -> tuple:
+    """Everything near misses depend on, besides the ruleset. Of the fields that vary from
+    packet to packet of a flow (source port, length, tcp flags, mark), only those that some rule
+    read so far tests (`tested`): a flood of new connections from ever other source ports is one
+    evaluation, not one per packet, unless a rule looks at the source port."""
+    sport, length, flags, mark = ("sport" in tested, "length" in tested, "tcp_flags" in tested, "mark" in tested)
     steps = tuple((s.backend, s.hook, s.family, s.table, s.chain, s.type, s.handle, s.rule_number, s.verdict,
                    s.target, s.depth) for s in path.steps)
     seen = tuple((o.hook, o.table, o.chain, o.own, o.packet and (o.packet.src, o.packet.dst, o.packet.proto,
-                  o.packet.sport, o.packet.dport, o.packet.icmp_type, o.packet.icmp_code, o.packet.tcp_flags,
-                  o.packet.length), o.iif, o.oif, o.mark, o.ct and (o.ct.state, o.ct.direction, o.ct.status))
+                  sport and o.packet.sport, o.packet.dport, o.packet.icmp_type, o.packet.icmp_code,
+                  flags and o.packet.tcp_flags, length and o.packet.length), o.iif, o.oif, mark and o.mark,
+                  o.ct and (o.ct.state, o.ct.direction, o.ct.status))
                  for o in path.observations)
     decided = next((index for index, step in enumerate(path.steps) if step is path.decided_by), None)
     return (path.verdict, path.complete, decided, steps, seen)
@@ -168,11 +173,20 @@ class NearMissAnnotator:
     def annotate(self, path) -> None:
         if self._failed or not path.complete or path.verdict not in ("accept", "drop"):
             return
-        key = (self.source.generation, path_signature(path))
+        try:
+            book = self.source.book()
+        except (NftraceError, ValueError, OSError) as err:
+            self._failed = True
+            self.warn(f"near misses unavailable: the ruleset could not be read ({err})")
+            return
+        # Before the first evaluation no rule is read, so the key holds every field; the rules
+        # read since say which the next keys need.
+        key = (self.source.generation, path_signature(path, frozenset(book.tested_fields) if book.chains else
+                                                      frozenset(VARYING_FIELDS)))
         found = self._cache.get(key)
         if found is None:
             try:
-                found = find_near_misses(path, self.source.book(), self.interfaces)
+                found = find_near_misses(path, book, self.interfaces)
             except (NftraceError, ValueError, OSError) as err:
                 self._failed = True
                 self.warn(f"near misses unavailable: the ruleset could not be read ({err})")

@@ -11,6 +11,7 @@ JSON. iptables-nft rules whose JSON holds compat matches (`xt match multiport`, 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -18,6 +19,15 @@ from ..iptables import xtmatch
 from . import nftexpr
 from .matching import PacketView, RuleEvaluation
 from .nearmiss import RuleVerdict
+
+# Fields that vary from packet to packet of one flow, and how a rule that tests them reads
+# (nft JSON, iptables-save): a packet's near misses depend on them only when a rule does.
+VARYING_FIELDS = {
+    "sport": ('"field": "sport"', "--sport", "--source-port", "--sports", "--source-ports", "--ports"),
+    "length": ('"field": "length"', '"key": "length"', "-m length"),
+    "tcp_flags": ('"field": "flags"', "--tcp-flags", "--syn"),
+    "mark": ('"key": "mark"', "-m mark", "-m connmark"),
+}
 
 # (family, table, chain, rule number) → the iptables-save form of an iptables-nft rule.
 IptablesForm = Callable[[str, str, str, int], Optional[str]]
@@ -99,6 +109,13 @@ class RuleBook:
         self.nft_text = nft_text
         self.iptables_form = iptables_form
         self._asked: set = set()
+        # Which of VARYING_FIELDS the rules read so far test (see trace/nearmiss_live.py).
+        self.tested_fields: set = set()
+
+    def _note_fields(self, *texts: Optional[str]) -> None:
+        for name, marks in VARYING_FIELDS.items():
+            if name not in self.tested_fields and any(t and any(mark in t for mark in marks) for t in texts):
+                self.tested_fields.add(name)
 
     def rules(self, backend: str, family: str, table: str, chain: str) -> Optional[list]:
         key = (backend, family, table, chain)
@@ -141,6 +158,7 @@ class RuleBook:
                     or nftexpr.rule_text(body.get("expr", []), body.get("comment"))
                 form = iptables(family, table, chain, number) if iptables else None
                 rules.append(NftRule(family, table, chain, handle, number, shown, body.get("expr", []), self, form))
+                self._note_fields(json.dumps(body.get("expr", [])), form)
 
     def add_legacy(self, family: str, chains: dict) -> None:
         """Add one family's legacy chains ({(table, chain): LegacyChain}, iptables/legacy.py)."""
@@ -150,6 +168,7 @@ class RuleBook:
                 user_chains.setdefault(table, set()).add(name)
         for (table, name), chain in chains.items():
             users = frozenset(user_chains.get(table, ()))
+            self._note_fields(*(rule.text for rule in chain.rules))
             self.chains[("iptables-legacy", family, table, name)] = [
                 LegacyBookRule(family, table, name, rule.number, rule.text, self, xtmatch.rule_verdict(rule.text, users))
                 for rule in chain.rules if rule.number is not None

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 from ..kernel.tracetable import is_trace_table
 
 
-_TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)$")
+_TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)(?: .*)?$")  # an owned table: "# handle 5 progname nftrace"
 _TABLE_NAME_RE = re.compile(r"^table (\S+) (.+?) \{")
 _CHAIN_RE = re.compile(r"^chain (.+?) \{ # handle (\d+)$")
 _BASE_RE = re.compile(r"^type (\S+) hook (\S+)(?: .*?)? priority ([^;]+);(?: policy (\S+);)?")
@@ -50,6 +50,14 @@ def priority_value(text: Optional[str], family: str = "inet") -> Optional[int]:
 
 
 @dataclass(frozen=True)
+class InlineRule:
+    """A rule of an anonymous chain (`jump { ... }`), which nft prints without a handle."""
+
+    text: str
+    inline: tuple = ()  # its own anonymous chain's rules, when it opens one
+
+
+@dataclass(frozen=True)
 class RuleInfo:
     family: str
     table: str
@@ -58,6 +66,7 @@ class RuleInfo:
     text: str
     number: int  # position in its chain, from 1, as iptables counts rules
     deleted: bool = False
+    inline: tuple = ()  # InlineRule: the rules of the anonymous chain this rule opens, in order
 
 
 @dataclass
@@ -81,8 +90,18 @@ def _unquote(name: str) -> str:
     return name[1:-1] if len(name) >= 2 and name[0] == name[-1] == '"' else name
 
 
-def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
-    """Parse `nft -a -s -t list ruleset` into (tables, chains, rules).
+@dataclass
+class TableOutline:
+    """A table's flags and the names of its chains, sets and maps (what a JSON listing of it
+    one object at a time needs: see NftContext.list_ruleset)."""
+
+    flags: tuple = ()
+    objects: list = field(default_factory=list)  # (kind, name): chain, set, map
+
+
+def parse_ruleset_listing(text: str, outline: Optional[dict] = None) -> tuple[dict, dict, dict]:
+    """Parse `nft -a -s -t list ruleset` into (tables, chains, rules); `outline`, when given,
+    gets each table's TableOutline.
 
     nft indents with one tab per level: tables at 0, their objects at 1, a chain's rules and
     base-chain line at 2. Blocks other than chains (sets, maps, flowtables, objects) are
@@ -93,6 +112,13 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
     rules: dict = {}
     family = table = None
     chain: Optional[ChainInfo] = None
+    block: Optional[list] = None  # (depth, line) of an anonymous chain being read, its opening line first
+
+    def add_rule(text: str, handle: int, inline: tuple = ()) -> None:
+        chain.rules.append(handle)
+        rules[(family, table, chain.name, handle)] = RuleInfo(family, table, chain.name, handle, text,
+                                                              len(chain.rules), inline=inline)
+
     for line in text.splitlines():
         if line.startswith("\t\t\t") or not line.startswith("\t\t"):
             depth = len(line) - len(line.lstrip("\t"))
@@ -101,29 +127,44 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
         body = line.strip()
         if not body:
             continue
+        if block is not None:
+            # `jump {` ... `} # handle N`: one rule whose anonymous chain nft prints inline.
+            if depth == 2 and body.startswith("}"):
+                head, marker, handle = body.rpartition(" # handle ")
+                if marker and handle.isdecimal() and chain is not None:
+                    inline = _fold_block(block[1:], 3)
+                    add_rule(_folded_text(block[0][1], inline, head[1:].strip()), int(handle), inline)
+                block = None
+            else:
+                block.append((depth, body))
+            continue
         if depth == 2 and chain is not None and chain.rules:
             # A chain's base-chain line comes before its first rule: from then on only rules.
             head, marker, handle = body.rpartition(" # handle ")
             if marker and handle.isdecimal():
-                number = int(handle)
-                chain.rules.append(number)
-                rules[(family, table, chain.name, number)] = RuleInfo(
-                    family, table, chain.name, number, head.strip(), len(chain.rules)
-                )
+                add_rule(head.strip(), int(handle))
+            elif body.endswith("{"):
+                block = [(depth, body)]
             continue
         if depth == 0:
             match = _TABLE_RE.match(body)
             if match:
                 family, table = match.group(1), _unquote(match.group(2))
                 tables[(family, table)] = int(match.group(3))
+                if outline is not None:
+                    outline[(family, table)] = TableOutline()
             chain = None
         elif depth == 1:
             match = _CHAIN_RE.match(body)
             if match and table is not None:
                 chain = ChainInfo(family, table, _unquote(match.group(1)))
                 chains[(family, table, chain.name)] = chain
+                if outline is not None:
+                    outline[(family, table)].objects.append(("chain", chain.name))
             elif body != "}":
                 chain = None
+                if outline is not None and (family, table) in outline:
+                    _outline_line(outline[(family, table)], body)
         elif depth == 2 and chain is not None:
             base = _BASE_RE.match(body)
             if base and not chain.rules and chain.hook is None:
@@ -136,12 +177,52 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
                 continue
             match = _RULE_RE.match(body)
             if match:
-                handle = int(match.group(2))
-                chain.rules.append(handle)
-                rules[(family, table, chain.name, handle)] = RuleInfo(
-                    family, table, chain.name, handle, match.group(1).strip(), len(chain.rules)
-                )
+                add_rule(match.group(1).strip(), int(match.group(2)))
+            elif body.endswith("{"):
+                block = [(depth, body)]
     return tables, chains, rules
+
+
+_SET_RE = re.compile(r"^(set|map) (.+?) \{")
+
+
+def _outline_line(table: TableOutline, body: str) -> None:
+    if body.startswith("flags "):
+        table.flags = tuple(flag.strip() for flag in body[len("flags "):].rstrip(";").split(","))
+        return
+    match = _SET_RE.match(body)
+    if match:
+        table.objects.append((match.group(1), _unquote(match.group(2))))
+
+
+def _fold_block(entries: list, depth: int) -> tuple:
+    """The rules of an anonymous chain, from nft's indented lines; a nested block folded in."""
+    folded = []
+    index = 0
+    while index < len(entries):
+        line_depth, body = entries[index]
+        index += 1
+        if line_depth != depth:
+            continue
+        if not body.endswith("{"):
+            folded.append(InlineRule(body))
+            continue
+        inner = []
+        while index < len(entries) and not (entries[index][0] == depth and entries[index][1].startswith("}")):
+            inner.append(entries[index])
+            index += 1
+        tail = entries[index][1][1:].strip() if index < len(entries) else ""
+        index += 1
+        nested = _fold_block(inner, depth + 1)
+        folded.append(InlineRule(_folded_text(body, nested, tail), nested))
+    return tuple(folded)
+
+
+def _folded_text(opening: str, inline: tuple, tail: str) -> str:
+    """`tcp dport 22 jump { ip saddr 10.0.0.1 accept; drop; } comment "x"`: one line that nft
+    reads back (it wants a `;` before the closing brace)."""
+    inner = " ".join(f"{rule.text};" for rule in inline)
+    return f"{opening} {inner} }}" + (f" {tail}" if tail else "")
 
 
 class RulesetSnapshot:
@@ -171,6 +252,15 @@ class RulesetSnapshot:
                 snapshot.tables[(match.group(1), _unquote(match.group(2)))] = None
         return snapshot
 
+    def refresh_from(self, nft) -> None:
+        """`refresh` with nft's listing of now, and the kernel's names of its anonymous chains
+        (nft never prints them; trace events use them)."""
+        from ..kernel.anonchains import read_anonymous_chains
+
+        listing = nft.list_ruleset()
+        self.refresh(listing)
+        self.add_anonymous_chains(read_anonymous_chains(listing))
+
     def refresh(self, listing: str) -> None:
         """Replace with a newer listing; rules gone from a table that still exists stay, marked deleted."""
         tables, chains, rules = parse_ruleset_listing(listing)
@@ -186,6 +276,32 @@ class RulesetSnapshot:
                 chains[key] = chain
         self.tables, self.chains, self.rules = tables, chains, rules
 
+    def add_anonymous_chains(self, kernel_chains: Iterable) -> None:
+        """Give the rules of anonymous chains (`jump { ... }`) their text, under the names and
+        handles the kernel gave them (nftrace.kernel.anonchains), which nft never prints: the
+        text is the jumping rule's inline block, rule by rule in order."""
+        by_key = {(c.family, c.table, c.name): c for c in kernel_chains}
+        pending = [(c, handle, target) for c in by_key.values() for handle, target in c.jumps.items()]
+        while pending:
+            waiting = []
+            for parent, handle, target in pending:
+                opener = self.rules.get((parent.family, parent.table, parent.name, handle))
+                child = by_key.get((parent.family, parent.table, target))
+                if opener is None:
+                    waiting.append((parent, handle, target))
+                    continue
+                if child is None:
+                    continue
+                info = ChainInfo(parent.family, parent.table, target)
+                self.chains[child.family, child.table, target] = info
+                for number, (rule_handle, inline) in enumerate(zip(child.handles, opener.inline), 1):
+                    info.rules.append(rule_handle)
+                    self.rules[(child.family, child.table, target, rule_handle)] = RuleInfo(
+                        child.family, child.table, target, rule_handle, inline.text, number, inline=inline.inline)
+            if len(waiting) == len(pending):
+                break  # openers that the listing does not have: nothing more to learn
+            pending = waiting
+
     def rule(self, family: str, table: str, chain: str, handle: int) -> Optional[RuleInfo]:
         return self.rules.get((family, table, chain, handle))
 
@@ -200,10 +316,11 @@ class RulesetSnapshot:
         """Interfaces with egress chains of the ruleset: they act after postrouting."""
         return self._devices_with("egress")
 
-    def has_base_chains(self, family: str) -> bool:
-        """Whether the ruleset (nftrace's own tables aside) has base chains of `family`."""
+    def has_base_chains(self, family: str, hooks: tuple = ()) -> bool:
+        """Whether the ruleset (nftrace's own tables aside) has base chains of `family` (on one
+        of `hooks`, when given)."""
         return any(chain.family == family and chain.is_base and not is_trace_table(chain.table)
-                   for chain in self.chains.values())
+                   and (not hooks or chain.hook in hooks) for chain in self.chains.values())
 
     def _devices_with(self, hook: str) -> list[str]:
         return sorted({device for chain in self.chains.values() if chain.hook == hook

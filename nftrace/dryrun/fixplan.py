@@ -1,0 +1,375 @@
+"""What to change so that a flow gets the verdict asked for: the candidates, as commands.
+
+Pure: a packet's path (in the target's names), the flow as the user gave it and the verdict
+asked for in; changes out, each one command line that a POSIX shell runs as it is. Whether a
+change works is not decided here: nftrace.dryrun.fix applies it in a sandbox copy and lets
+the kernel say.
+
+An admin's change, in the order they would reach for it:
+- a set element: the packet's address or port added to the named set of a rule that failed
+  on that one lookup (a near miss), when that rule gives the verdict asked for;
+- one rule that matches exactly the flow as given (`--from/--to/--proto/--sport/--dport/
+  --iif/--oif`), with the verdict asked for, placed where it takes effect: just before the
+  rule that decided (in the chain that decided; above the rule that jumps into an anonymous
+  chain, which no command can name), or at the end of a chain whose policy decided. A field
+  that NAT rewrote before that hook is matched as the kernel saw it there.
+A comment names nftrace and the date, so the rule is easy to find and to take out again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from dataclasses import dataclass, replace
+from typing import Collection, Optional
+
+from ..flow import Flow
+from ..protocols import PORT_PROTOCOLS
+from ..kernel.anonchains import is_anonymous_chain
+from ..trace.paths import PacketPath, Step
+
+VERDICTS = ("accept", "drop")
+COMMENT_PREFIX = "nftrace fix"
+NFT_COMMENT_MAX = 128
+# Hooks where a packet has an input or an output interface.
+IIF_HOOKS = frozenset({"ingress", "prerouting", "input", "forward", "postrouting"})
+OIF_HOOKS = frozenset({"forward", "output", "postrouting", "egress"})
+_PLAIN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+_ELEMENT_RE = re.compile(r"^[0-9A-Za-z:./\- ]+$")
+_MAP_LOOKUP_RE = re.compile(r"\b(v?map)\s+@")
+
+
+class NoChange(Exception):
+    """No change of the asked kind can be made for this path; the message says why."""
+
+
+@dataclass(frozen=True)
+class FlowMatch:
+    """The flow as given, with the fields NAT rewrote before the deciding hook as the kernel saw them."""
+
+    version: int
+    src: str
+    dst: str
+    proto: Optional[str] = None
+    sport: Optional[int] = None
+    dport: Optional[int] = None
+    iif: Optional[str] = None
+    oif: Optional[str] = None
+    established: bool = False  # only packets of a connection conntrack knows (the flow's answers)
+
+    def nft(self, family: str) -> str:
+        """The match as nft rule text: `ip saddr 10.0.0.5 ip daddr 10.0.0.9 tcp dport 22`."""
+        l3 = "ip6" if self.version == 6 else "ip"
+        words = []
+        if self.iif:
+            words.append(f'iifname "{self.iif}"')
+        if self.oif:
+            words.append(f'oifname "{self.oif}"')
+        words += [f"{l3} saddr {self.src}", f"{l3} daddr {self.dst}"]
+        if self.proto in PORT_PROTOCOLS and (self.sport or self.dport):
+            if self.sport:
+                words.append(f"{self.proto} sport {self.sport}")
+            if self.dport:
+                words.append(f"{self.proto} dport {self.dport}")
+        elif self.proto:
+            words.append(f"meta l4proto {'ipv6-icmp' if self.proto == 'icmpv6' else self.proto}")
+        if self.established:
+            words.append("ct state established")
+        return " ".join(words)
+
+    def iptables(self) -> list[str]:
+        """The match as iptables arguments."""
+        args = []
+        if self.iif:
+            args += ["-i", self.iif]
+        if self.oif:
+            args += ["-o", self.oif]
+        args += ["-s", self.src, "-d", self.dst]
+        if self.proto:
+            args += ["-p", "ipv6-icmp" if self.proto == "icmpv6" else self.proto]
+            if self.proto in PORT_PROTOCOLS:
+                if self.sport:
+                    args += ["--sport", str(self.sport)]
+                if self.dport:
+                    args += ["--dport", str(self.dport)]
+        if self.established:
+            args += ["-m", "conntrack", "--ctstate", "ESTABLISHED"]
+        return args
+
+    def describe(self) -> str:
+        """`10.77.1.2 -> 10.77.2.2 tcp dport 25` (ASCII: it goes into rule comments)."""
+        text = f"{self.src} -> {self.dst}"
+        if self.proto:
+            text += f" {self.proto}"
+        if self.sport:
+            text += f" sport {self.sport}"
+        if self.dport:
+            text += f" dport {self.dport}"
+        if self.iif:
+            text += f" in {self.iif}"
+        if self.oif:
+            text += f" out {self.oif}"
+        if self.established:
+            text += " established"
+        return text
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new rule goes: before one rule of a chain, or at the end of the chain."""
+
+    hook: Optional[str]
+    backend: str  # nft | iptables-legacy
+    family: str
+    table: str
+    chain: str
+    handle: Optional[int] = None  # nft: before this rule; None: at the end
+    rule_number: Optional[int] = None  # iptables: before this rule number; None: at the end
+    iptables_nft: bool = False  # an iptables-nft table: iptables writes it, so iptables edits it
+    base_table: Optional[str] = None  # the base chain the packet ran under (for managers)
+    base_chain: Optional[str] = None
+
+    def where(self) -> str:
+        if self.backend == "iptables-legacy":
+            return f"{iptables_tool(self.family, legacy=True)} {self.table} {self.chain}"
+        return f"{self.family} {self.table} {self.chain}"
+
+    def describe(self) -> str:
+        if self.backend == "iptables-legacy" or self.iptables_nft:
+            position = f"as rule {self.rule_number}" if self.rule_number else "at the end"
+        else:
+            position = f"before rule handle {self.handle}" if self.handle is not None else "at the end"
+        return f"{self.where()}, {position}"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to the target's firewall, and the shell line that makes it."""
+
+    kind: str  # rule | element
+    verdict: str
+    summary: str  # what it does, for people
+    placement: Optional[Placement] = None  # rule
+    rule: Optional[str] = None  # rule: the nft text of the rule (match, verdict, comment)
+    iptables_args: tuple = ()  # rule in iptables tables: match, comment and target arguments
+    set_family: Optional[str] = None  # element
+    set_table: Optional[str] = None
+    set_name: Optional[str] = None
+    element: Optional[str] = None
+    scope: str = ""  # what else it changes, in words
+    match_text: str = ""  # rule: what it matches, in words
+    legacy_iptables_is_default: bool = True  # `iptables` means the legacy tool on this machine
+
+    def command(self, handle: Optional[int] = None, rule_number: Optional[int] = None) -> str:
+        """The shell line. `handle`/`rule_number` replace the target's (the sandbox has its own)."""
+        if self.kind == "element":
+            return "nft " + shlex.quote(f"add element {self.set_family} {self.set_table} {self.set_name} "
+                                        f"{{ {self.element} }}")
+        placement = self.placement
+        if placement.backend == "iptables-legacy" or placement.iptables_nft:
+            legacy = placement.backend == "iptables-legacy"
+            tool = iptables_tool(placement.family, legacy=legacy,
+                                 default_is_legacy=self.legacy_iptables_is_default)
+            number = rule_number if rule_number is not None else placement.rule_number
+            where = ["-I", placement.chain, str(number)] if number else ["-A", placement.chain]
+            table = [] if placement.table == "filter" else ["-t", placement.table]
+            return shlex.join([tool, *table, *where, *self.iptables_args])
+        target = handle if handle is not None else placement.handle
+        if target is not None:
+            text = f"insert rule {placement.family} {placement.table} {placement.chain} position {target} {self.rule}"
+        else:
+            text = f"add rule {placement.family} {placement.table} {placement.chain} {self.rule}"
+        return "nft " + shlex.quote(text)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "summary": self.summary, "command": self.command(), "scope": self.scope,
+                "where": self.placement.where() if self.placement else f"{self.set_family} {self.set_table} set "
+                                                                          f"{self.set_name}"}
+
+
+def iptables_tool(family: str, legacy: bool, default_is_legacy: bool = True) -> str:
+    """`iptables` where it is the right flavour on this machine, else `iptables-legacy`/`-nft`."""
+    base = "ip6tables" if family == "ip6" else "iptables"
+    if legacy:
+        return base if default_is_legacy else f"{base}-legacy"
+    return f"{base}-nft" if default_is_legacy else base
+
+
+def fix_comment(verdict: str, match: FlowMatch, date: str) -> str:
+    text = f"{COMMENT_PREFIX} {date}: {verdict} {match.describe()}"
+    return text if len(text) <= NFT_COMMENT_MAX else text[:NFT_COMMENT_MAX - 3] + "..."
+
+
+def is_fix_rule(text: Optional[str]) -> bool:
+    """A rule that a fix being proven added (its comment says so)."""
+    return bool(text) and f'"{COMMENT_PREFIX} ' in text
+
+
+# -- where the packet was decided ----------------------------------------------------------------
+
+
+def base_chain_of(path: PacketPath, index: int) -> Optional[Step]:
+    """The base chain's step that the step at `index` ran under (the depth-0 step before it)."""
+    step = path.steps[index]
+    for earlier in reversed(path.steps[: index + 1]):
+        if earlier.depth == 0 and earlier.hook == step.hook and earlier.backend == step.backend:
+            return earlier
+    return None
+
+
+def placement_for(path: PacketPath, iptables_nft_tables: Collection = ()) -> Placement:
+    """Where a rule takes effect for this packet: before the rule that decided it, in its chain,
+    or at the end of the chain whose policy decided. Raises NoChange with the reason.
+
+    `iptables_nft_tables`: (family, table) of the tables iptables-nft writes; a step of one of
+    them with an iptables form says so too, but a policy has none."""
+    step = path.decided_by
+    if step is None:
+        raise NoChange(_undecided_reason(path))
+    index = _index_of(path, step)
+    base = base_chain_of(path, index)
+    common = dict(hook=step.hook, backend=step.backend, family=step.family, table=step.table,
+                  iptables_nft=step.backend == "nft" and (step.iptables is not None
+                                                          or (step.family, step.table) in iptables_nft_tables),
+                  base_table=base.table if base else step.table, base_chain=base.chain if base else step.chain)
+    if step.type == "policy":
+        return Placement(chain=step.chain, **common)
+    if step.type != "rule":
+        raise NoChange(f"the packet was decided by {step.location()}, where no rule can be put before it")
+    chain, handle, number = step.chain, step.handle, step.rule_number
+    while step.backend == "nft" and is_anonymous_chain(chain):
+        # No command names an anonymous chain: the rule goes above the one that jumps into it.
+        jump = next((s for s in reversed(path.steps[:index]) if s.target == chain and s.verdict in ("jump", "goto")),
+                    None)
+        if jump is None:
+            raise NoChange(f"the packet was decided in the anonymous chain {chain}, and the rule that jumps "
+                           f"into it is not on its path")
+        index = _index_of(path, jump)
+        chain, handle, number = jump.chain, jump.handle, jump.rule_number
+    if step.backend == "nft" and handle is None:
+        raise NoChange(f"the rule that decided ({step.location()}) has no handle to put a rule before")
+    if step.backend != "nft" and number is None:
+        raise NoChange(f"the rule that decided ({step.location()}) has no number to put a rule before")
+    return Placement(chain=chain, handle=handle, rule_number=number, **common)
+
+
+def _index_of(path: PacketPath, step: Step) -> int:
+    for index, candidate in enumerate(path.steps):
+        if candidate is step:
+            return index
+    return path.steps.index(step)
+
+
+def _undecided_reason(path: PacketPath) -> str:
+    if not path.complete:
+        return "the packet's path is incomplete: what decided it is not known"
+    if path.kernel_drop:
+        reason = path.kernel_drop.get("reason")
+        return (f"no rule dropped it: the kernel dropped it after netfilter ({reason}); a ruleset change "
+                f"cannot let it through")
+    if path.verdict == "drop":
+        return "no rule dropped it: something outside the ruleset did (routing, rp_filter, no socket, ...)"
+    return "no chain of the ruleset decided it: there is no chain on its path to put a rule in"
+
+
+# -- the flow, as the deciding hook saw it ---------------------------------------------------------
+
+
+def observed_packet(path: PacketPath, placement: Placement):
+    """The headers of the packet as the deciding base chain saw them (else as its hook left them)."""
+    for observation in path.observations:
+        if (observation.hook, observation.table, observation.chain) == (placement.hook, placement.base_table,
+                                                                        placement.base_chain) \
+                and observation.packet is not None:
+            return observation.packet
+    own = [o for o in path.observations if o.hook == placement.hook and o.packet is not None]
+    return own[-1].packet if own else None
+
+
+def flow_match(flow: Flow, path: PacketPath, placement: Placement) -> FlowMatch:
+    """Exactly the flow as given; where NAT rewrote a field before this hook, its value there."""
+    packet = observed_packet(path, placement)
+
+    def address(given, seen) -> str:
+        if seen is not None and ipaddress.ip_address(seen) not in given:
+            return str(seen)  # rewritten on the way: only the rewritten value reaches this hook
+        return str(given.network_address) if given.prefixlen == given.max_prefixlen else str(given)
+
+    def port(given, seen) -> Optional[int]:
+        if given is not None and seen is not None and seen != given:
+            return seen
+        return given
+
+    src = address(flow.src, packet.src if packet else None)
+    dst = address(flow.dst, packet.dst if packet else None)
+    sport = port(flow.sport, packet.sport if packet else None)
+    dport = port(flow.dport, packet.dport if packet else None)
+    iif = flow.iif if placement.hook in IIF_HOOKS else None
+    oif = flow.oif if placement.hook in OIF_HOOKS else None
+    return FlowMatch(flow.ip_version, src, dst, flow.proto, sport, dport, iif, oif)
+
+
+# -- the changes -------------------------------------------------------------------------------
+
+
+def reversed_flow(flow: Flow) -> Flow:
+    """The flow's answers: from where it goes, back to where it comes from."""
+    return Flow(src=flow.dst, dst=flow.src, proto=flow.proto, sport=flow.dport, dport=flow.sport, iif=flow.oif,
+                oif=flow.iif)
+
+
+def rule_change(flow: Flow, path: PacketPath, verdict: str, date: str, legacy_is_default: bool = True,
+                established: bool = False, iptables_nft_tables: Collection = ()) -> Change:
+    """One rule that gives exactly this flow `verdict`, where it takes effect; `established`:
+    only to packets of connections conntrack knows (for the answers of a flow let through)."""
+    placement = placement_for(path, iptables_nft_tables)
+    match = replace(flow_match(flow, path, placement), established=established)
+    for name in (match.iif, match.oif):
+        if name and '"' in name:
+            raise NoChange(f"the interface name {name!r} cannot be written in a rule")
+    comment = fix_comment(verdict, match, date)
+    rule = f'{match.nft(placement.family)} {verdict} comment "{comment}"'
+    target = "ACCEPT" if verdict == "accept" else "DROP"
+    iptables_args = (*match.iptables(), "-m", "comment", "--comment", comment, "-j", target)
+    if placement.backend == "nft" and not placement.iptables_nft and not _PLAIN_NAME_RE.match(placement.chain):
+        raise NoChange(f"the chain name {placement.chain!r} cannot be written in an nft command")
+    return Change("rule", verdict, f"{verdict} {match.describe()} in {placement.describe()}", placement=placement,
+                  rule=rule, iptables_args=iptables_args, match_text=match.describe(),
+                  scope=f"the new rule matches only {match.describe()}",
+                  legacy_iptables_is_default=legacy_is_default)
+
+
+def element_change(near_miss, verdict: str) -> Optional[Change]:
+    """The packet's value added to the named set of a near miss that failed on that lookup alone
+    and gives `verdict`; None when the near miss is not such a rule."""
+    if getattr(near_miss, "backend", "nft") != "nft" or getattr(near_miss, "iptables", None):
+        return None
+    if getattr(near_miss, "unknown", None):
+        return None  # an expression that could not be evaluated may fail too
+    mismatches = list(getattr(near_miss, "mismatches", []) or [])
+    if len(mismatches) != 1 or not verdict_gives(near_miss.verdict, verdict):
+        return None
+    mismatch = mismatches[0]
+    if _MAP_LOOKUP_RE.search(getattr(mismatch, "expr", "") or ""):
+        return None  # a map's element needs a value too: not the packet's to give
+    set_name = getattr(mismatch, "set_name", None)
+    value = getattr(mismatch, "packet", None)
+    if not set_name or value in (None, "") or set_name.startswith("__") or not _PLAIN_NAME_RE.match(set_name):
+        return None
+    value = str(value)
+    if not _ELEMENT_RE.match(value):
+        return None  # not a plain address, prefix, port or concatenation of those
+    return Change("element", verdict, f"add {value} to set {near_miss.family} {near_miss.table} {set_name}",
+                  set_family=near_miss.family, set_table=near_miss.table, set_name=set_name, element=value,
+                  scope=f"every rule that uses @{set_name} now matches {value} too")
+
+
+def verdict_gives(rule_verdict: Optional[str], asked: str) -> bool:
+    """Whether a rule's verdict is the asked one (reject is a drop)."""
+    if rule_verdict is None:
+        return False
+    word = rule_verdict.split()[0].lower()
+    if asked == "drop":
+        return word in ("drop", "reject")
+    return word == "accept"

@@ -1,0 +1,258 @@
+"""The pure part of --fix: where a rule takes effect, what it matches, the command lines a shell
+runs as they are, set elements from near misses, and the managers' notes and hints."""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+
+import pytest
+
+from nftrace.dryrun.fixplan import (Change, FlowMatch, NoChange, Placement, element_change, flow_match,
+                                    placement_for, rule_change)
+from nftrace.dryrun.managers import manager_of
+from nftrace.flow import parse_flow
+from nftrace.trace.events import PacketHeaders
+from nftrace.trace.nearmiss import Mismatch, NearMiss
+from nftrace.trace.paths import HookObservation, PacketPath, Step
+
+DATE = "2025-06-01"
+FLOW = parse_flow("10.77.1.2", "10.77.2.2", "tcp", None, 25)
+
+
+def packet(src="10.77.1.2", dst="10.77.2.2", sport=40000, dport=25) -> PacketHeaders:
+    return PacketHeaders(ipaddress.ip_address(src), ipaddress.ip_address(dst), 6, 60, sport, dport)
+
+
+def observation(hook, table, chain, headers=None) -> HookObservation:
+    return HookObservation(hook, table, chain, headers or packet(), 2, 3, None, None, own=False)
+
+
+def path_of(*steps, decided=None, observations=(), verdict="drop") -> PacketPath:
+    path = PacketPath(1, steps=list(steps), observations=list(observations), hooks=["prerouting", "forward"],
+                      verdict=verdict, complete=True)
+    path.decided_by = decided if decided is not None else steps[-1]
+    return path
+
+
+def step(chain, type="rule", handle=None, number=None, text=None, verdict="drop", target=None, depth=0,
+         table="filter", hook="forward", backend="nft", iptables=None, family="inet") -> Step:
+    return Step(hook, family, table, chain, type, handle, number, text, verdict, target=target, depth=depth,
+                backend=backend, iptables=iptables)
+
+
+# -- where the rule goes ------------------------------------------------------------------------
+
+def test_a_rule_goes_just_before_the_rule_that_decided():
+    decided = step("forward", handle=12, number=4, text="tcp dport 25 drop")
+    placement = placement_for(path_of(decided))
+    assert (placement.chain, placement.handle) == ("forward", 12)
+
+
+def test_a_rule_goes_at_the_end_of_the_chain_whose_policy_decided():
+    placement = placement_for(path_of(step("forward", type="policy")))
+    assert (placement.chain, placement.handle, placement.rule_number) == ("forward", None, None)
+
+
+def test_a_drop_in_an_anonymous_chain_is_fixed_above_the_rule_that_jumps_into_it():
+    jump = step("forward", handle=7, number=1, text="tcp dport 22 jump { log; drop; }", verdict="jump",
+                target="__chain458")
+    drop = step("__chain458", handle=118, number=2, text="drop", depth=1)
+    placement = placement_for(path_of(jump, drop))
+    assert (placement.chain, placement.handle) == ("forward", 7)
+
+
+def test_a_drop_in_a_jumped_to_chain_is_fixed_in_that_chain():
+    jump = step("forward", handle=3, number=1, verdict="jump", target="lan_in")
+    drop = step("lan_in", handle=9, number=2, depth=1)
+    placement = placement_for(path_of(jump, drop))
+    assert (placement.chain, placement.handle, placement.base_chain) == ("lan_in", 9, "forward")
+
+
+def test_a_kernel_drop_after_netfilter_has_no_rule_to_fix():
+    path = path_of(step("forward", type="policy", verdict="accept"), verdict="drop")
+    path.decided_by = None
+    path.kernel_drop = {"reason": "NO_SOCKET"}
+    with pytest.raises(NoChange, match="the kernel dropped it after netfilter"):
+        placement_for(path)
+
+
+# -- what it matches -------------------------------------------------------------------------------
+
+def test_the_rule_matches_exactly_the_flow_as_given():
+    flow = parse_flow("10.77.1.0/24", "10.77.2.2", "tcp", None, 25, "r-client")
+    decided = step("forward", type="policy")
+    path = path_of(decided, observations=[observation("forward", "filter", "forward")])
+    match = flow_match(flow, path, placement_for(path))
+    assert match.nft("inet") == 'iifname "r-client" ip saddr 10.77.1.0/24 ip daddr 10.77.2.2 tcp dport 25'
+    assert match.iptables() == ["-i", "r-client", "-s", "10.77.1.0/24", "-d", "10.77.2.2", "-p", "tcp", "--dport", "25"]
+
+
+def test_a_destination_that_dnat_rewrote_is_matched_as_the_deciding_hook_saw_it():
+    flow = parse_flow("10.77.2.2", "10.77.2.1", "tcp", None, 2222)
+    decided = step("forward", type="policy")
+    seen = observation("forward", "filter", "forward", packet("10.77.2.2", "10.77.1.2", 40000, 22))
+    path = path_of(decided, observations=[observation("prerouting", "nat", "prerouting",
+                                                      packet("10.77.2.2", "10.77.2.1", 40000, 2222)), seen])
+    match = flow_match(flow, path, placement_for(path))
+    assert (match.dst, match.dport) == ("10.77.1.2", 22)
+
+
+def test_an_input_interface_is_not_matched_where_packets_have_none():
+    flow = parse_flow("10.77.1.1", "10.77.2.2", "udp", None, 53, "r-client")
+    decided = step("output", type="policy", hook="output")
+    path = path_of(decided)
+    assert flow_match(flow, path, placement_for(path)).iif is None
+
+
+def test_icmp_is_matched_by_protocol():
+    match = FlowMatch(6, "fd77:1::2", "fd77:2::2", "icmpv6")
+    assert match.nft("inet") == "ip6 saddr fd77:1::2 ip6 daddr fd77:2::2 meta l4proto ipv6-icmp"
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+def test_an_nft_command_is_one_shell_word_after_nft_and_says_nftrace_and_the_date():
+    change = rule_change(FLOW, path_of(step("forward", handle=12, number=4)), "accept", DATE)
+    argv = shlex.split(change.command())
+    assert argv[0] == "nft" and len(argv) == 2
+    assert argv[1] == ('insert rule inet filter forward position 12 ip saddr 10.77.1.2 ip daddr 10.77.2.2 tcp dport 25 '
+                       'accept comment "nftrace fix 2025-06-01: accept 10.77.1.2 -> 10.77.2.2 tcp dport 25"')
+
+
+def test_the_sandbox_runs_the_same_line_with_its_own_handle():
+    change = rule_change(FLOW, path_of(step("forward", handle=12, number=4)), "accept", DATE)
+    assert change.command(handle=40) == change.command().replace("position 12", "position 40")
+
+
+def test_a_policy_decision_appends_the_rule():
+    change = rule_change(FLOW, path_of(step("forward", type="policy")), "drop", DATE)
+    assert shlex.split(change.command())[1].startswith("add rule inet filter forward ip saddr 10.77.1.2")
+    assert " drop comment " in change.command()
+
+
+def test_a_legacy_rule_is_inserted_by_number_with_iptables():
+    decided = step("LAN_IN", handle=None, number=2, backend="iptables-legacy", family="ip", hook="input",
+                   iptables="-A LAN_IN -p tcp -m tcp --dport 23 -j REJECT")
+    change = rule_change(FLOW, path_of(decided), "accept", DATE, legacy_is_default=True)
+    assert shlex.split(change.command()) == [
+        "iptables", "-I", "LAN_IN", "2", "-s", "10.77.1.2", "-d", "10.77.2.2", "-p", "tcp", "--dport", "25",
+        "-m", "comment", "--comment", "nftrace fix 2025-06-01: accept 10.77.1.2 -> 10.77.2.2 tcp dport 25",
+        "-j", "ACCEPT"]
+
+
+def test_legacy_rules_name_the_legacy_tool_where_iptables_means_iptables_nft():
+    decided = step("FORWARD", type="policy", backend="iptables-legacy", family="ip", table="nat", hook="forward")
+    change = rule_change(FLOW, path_of(decided), "drop", DATE, legacy_is_default=False)
+    assert shlex.split(change.command())[:4] == ["iptables-legacy", "-t", "nat", "-A"]
+
+
+def test_iptables_nft_tables_are_edited_with_iptables():
+    decided = step("FORWARD", type="policy", family="ip", iptables=":FORWARD DROP")
+    change = rule_change(FLOW, path_of(decided), "accept", DATE, legacy_is_default=False)
+    assert shlex.split(change.command())[:3] == ["iptables", "-A", "FORWARD"]
+
+
+def test_an_element_command_adds_the_packets_value_to_the_set():
+    near = NearMiss("inet", "filter", "input", "input", 5, 2, "ip saddr @admins tcp dport 22 accept", "accept",
+                    mismatches=(Mismatch("ip saddr @admins", "10.77.1.2", True, "ip saddr", "admins"),))
+    change = element_change(near, "accept")
+    assert shlex.split(change.command()) == ["nft", "add element inet filter admins { 10.77.1.2 }"]
+
+
+@pytest.mark.parametrize("near", [
+    NearMiss("inet", "f", "input", "input", 5, 2, "tcp dport vmap @services", "accept",
+             mismatches=(Mismatch("tcp dport vmap @services", "8443", True, "tcp dport", "services"),)),
+    NearMiss("inet", "f", "input", "input", 5, 2, "ip saddr @admins tcp dport 22 accept", "accept",
+             mismatches=(Mismatch("ip saddr @admins", "10.77.1.2", True, "ip saddr", "admins"),
+                         Mismatch("tcp dport 22", "25", False, "tcp dport"))),
+    NearMiss("inet", "f", "input", "input", 5, 2, "ip saddr @admins drop", "drop",
+             mismatches=(Mismatch("ip saddr @admins", "10.77.1.2", True, "ip saddr", "admins"),)),
+    NearMiss("inet", "f", "input", "input", 5, 2, "ip saddr 10.0.0.0/8 accept", "accept",
+             mismatches=(Mismatch("ip saddr 10.0.0.0/8", "192.0.2.1", True, "ip saddr"),)),
+], ids=["a map", "two mismatches", "the other verdict", "no set"])
+def test_only_a_single_failed_set_lookup_of_a_rule_with_the_asked_verdict_becomes_an_element(near):
+    assert element_change(near, "accept") is None
+
+
+# -- managers ------------------------------------------------------------------------------------
+
+def placement(table, chain, hook="input", family="inet", base=None) -> Placement:
+    return Placement(hook, "nft", family, table, chain, base_table=table, base_chain=base or chain)
+
+
+MATCH = FlowMatch(4, "10.77.2.2", "10.77.2.1", "tcp", None, 9090)
+
+
+def test_firewalld_says_a_reload_undoes_the_edit_and_gives_a_rich_rule_for_the_zone():
+    note = manager_of(placement("firewalld", "filter_INPUT"), MATCH, "accept", {"filter_IN_public", "filter_INPUT"})
+    assert "reload" in note.note
+    assert note.hint.startswith("firewall-cmd --zone=public --add-rich-rule='rule family=\"ipv4\" source address="
+                                "\"10.77.2.2\" destination address=\"10.77.2.1\" port port=\"9090\" protocol=\"tcp\" "
+                                "accept'")
+    assert "--permanent" in note.hint
+
+
+def test_ufw_gets_its_own_allow_command():
+    note = manager_of(placement("filter", "ufw-user-input", family="ip"), MATCH, "accept")
+    assert note.hint == "ufw allow from 10.77.2.2 to 10.77.2.1 port 9090 proto tcp"
+    routed = manager_of(placement("filter", "ufw-user-forward", hook="forward", family="ip"), MATCH, "drop")
+    assert routed.hint == "ufw route deny from 10.77.2.2 to 10.77.2.1 port 9090 proto tcp"
+
+
+def test_docker_points_at_docker_user():
+    note = manager_of(placement("filter", "DOCKER", hook="forward", family="ip", base="FORWARD"), MATCH, "accept")
+    assert "DOCKER-USER" in note.note
+    assert note.hint == "iptables -I DOCKER-USER -s 10.77.2.2 -d 10.77.2.1 -p tcp --dport 9090 -j ACCEPT"
+
+
+def test_a_table_of_the_admins_own_has_no_manager():
+    assert manager_of(placement("filter", "input"), MATCH, "accept", {"input", "lan_in"}) is None
+
+
+def test_every_hint_and_command_is_one_line_a_posix_shell_splits():
+    hints = [manager_of(placement(table, chain), MATCH, "accept", path).hint
+             for table, chain, path in (("firewalld", "filter_IN_public_allow", ()), ("fw4", "input_wan", ()),
+                                        ("filter", "ufw-user-input", ()))]
+    for hint in hints:
+        assert "\n" not in hint and shlex.split(hint)
+
+
+def test_a_change_says_what_it_does_in_json():
+    change = rule_change(FLOW, path_of(step("forward", handle=12, number=4)), "accept", DATE)
+    assert isinstance(change, Change)
+    data = change.to_json()
+    assert data["kind"] == "rule" and data["where"] == "inet filter forward"
+    assert data["scope"] == "the new rule matches only 10.77.1.2 -> 10.77.2.2 tcp dport 25"
+
+
+# -- bad input is one line, exit 2, before anything is traced ---------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--fix", "maybe"], "--fix: 'maybe' is not one of accept, drop"),
+    (["--keep", "flows.toml"], "--keep goes with --fix"),
+    (["--fix", "accept", "--keep", "/nonexistent/keep.toml"], "/nonexistent/keep.toml: No such file or directory"),
+    (["--fix", "drop", "--ruleset", "/nonexistent/new.nft"],
+     "--fix changes the namespace's current ruleset: it does not go with --ruleset"),
+])
+def test_bad_fix_options_are_one_line_and_exit_2(args, message):
+    from conftest import nftrace
+
+    result = nftrace("why", "--from", "10.77.1.2", "--to", "10.77.2.2", "--proto", "tcp", "--dport", "25",
+                     "--dry-run", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"nftrace: {message}"
+
+
+def test_fw4_gets_a_uci_rule_for_the_zone_the_packet_came_from():
+    note = manager_of(placement("fw4", "handle_reject", base="input"), MATCH, "accept",
+                      {"input", "input_wan", "handle_reject"})
+    assert "fw4 reload" in note.note
+    assert note.hint.startswith("uci add firewall rule && uci set firewall.@rule[-1].name='nftrace fix' && "
+                                "uci set firewall.@rule[-1].src=wan && ")
+    assert note.hint.endswith("uci set firewall.@rule[-1].target=ACCEPT && uci commit firewall && fw4 reload")
+
+
+def test_nixos_gets_its_configuration_option():
+    note = manager_of(placement("nixos-fw", "input"), MATCH, "accept")
+    assert note.hint.startswith("networking.firewall.allowedTCPPorts = [ 9090 ];")
