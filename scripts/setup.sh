@@ -6,11 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "setup.sh: run as root (sudo $0)" >&2
-    exit 2
-fi
-
 # python3-nftables and python3-iptables are bindings to C libraries of the same Debian release
 # (libnftables, libxtables): Debian builds them against those, PyPI has no wheel of either.
 PACKAGES=(nftables libnftables1 python3-nftables iptables python3-iptables iproute2 python3 python3-venv python3-pip
@@ -21,6 +16,18 @@ PACKAGES=(nftables libnftables1 python3-nftables iptables python3-iptables iprou
 if [ "${NFTRACE_SETUP_DOCKER:-0}" = 1 ]; then
     PACKAGES+=(docker.io busybox-static)
 fi
+
+# `setup.sh --packages`: the Debian packages, one a line (vagrant/build-box.sh puts them in its box).
+if [ "${1:-}" = --packages ]; then
+    printf '%s\n' "${PACKAGES[@]}"
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: run as root (sudo $0)" >&2
+    exit 2
+fi
+
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
