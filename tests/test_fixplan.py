@@ -231,7 +231,7 @@ def test_a_change_says_what_it_does_in_json():
 @pytest.mark.parametrize("args, message", [
     (["--fix", "maybe"], "--fix: 'maybe' is not one of accept, drop"),
     (["--keep", "flows.toml"], "--keep goes with --fix"),
-    (["--fix", "accept", "--keep", "/nonexistent/keep.toml"], "/nonexistent/keep.toml: No such file or directory"),
+    (["--fix", "accept", "--keep", "/nonexistent/keep.toml"], "--keep: /nonexistent/keep.toml: No such file or directory"),
     (["--fix", "drop", "--ruleset", "/nonexistent/new.nft"],
      "--fix changes the namespace's current ruleset: it does not go with --ruleset"),
 ])
