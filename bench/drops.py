@@ -101,16 +101,7 @@ def run_admin(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult, i
         out.close()
         if not wait_for_trace_listener(process.pid, 10):
             raise RuntimeError("nft monitor trace did not start listening")
-        flood_started = time.monotonic()
-        sender = flood(lab, packets)
-        _, flood_ended, drained = _follow(sender, process, None, workdir, flood_started, flood_started + 180,
-                                          60 + packets / 1000, outputs={"nft": (process, workdir / "admin.txt", 1.0)})
-        sent = int(sender.stdout.read().strip() or 0)
-        sender.stdout.close()
-        result.kernel_drops = _queued(process.pid)[1]
-        result.own_cpu_seconds, result.own_max_rss_bytes = own_usage(process.pid)
-        result.finished = _stop(process, started)
-        result.drained_after = drained.get("nft")
+        _, sent, seconds = _measure(lab, packets, process, started, workdir / "admin.txt", 1.0, result, workdir)
     finally:
         _kill(process)
         in_netns(lab.router, ["nft", "delete", "table", "inet", "admintrace"], check=False)
@@ -124,7 +115,25 @@ def run_admin(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult, i
                 result.drops_reported += 1
     if notices:
         result.loss_reported = f"{notices} \"lost some events\" line{'s' if notices > 1 else ''}, no count"
-    return result, sent, flood_ended - flood_started
+    return result, sent, seconds
+
+
+def _measure(lab: Lab, packets: int, process: subprocess.Popen, started: float, output: Path, settle: float,
+             result: DropsToolResult, workdir: Path, sample_rss: bool = False) -> tuple[list, int, float]:
+    """Flood, follow the tool until its output settles, then stop it and take its figures.
+    Returns its resident memory over time (when sampled), packets sent, the flood's seconds."""
+    flood_started = time.monotonic()
+    sender = flood(lab, packets)
+    rss, flood_ended, drained = _follow(sender, None, process if sample_rss else None, workdir, flood_started,
+                                        flood_started + 180, 60 + packets / 1000,
+                                        outputs={result.name: (process, output, settle)})
+    sent = int(sender.stdout.read().strip() or 0)
+    sender.stdout.close()
+    result.kernel_drops = _queued(process.pid)[1]
+    result.own_cpu_seconds, result.own_max_rss_bytes = own_usage(process.pid)
+    result.finished = _stop(process, started)
+    result.drained_after = drained.get(result.name)
+    return rss, sent, flood_ended - flood_started
 
 
 def run_nftrace(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult, int, float]:
@@ -146,20 +155,10 @@ def run_nftrace(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult,
         if watcher.rules_installed("nftrace_", 30) is None:
             raise RuntimeError(f"nftrace drops did not install its trace rules: {(workdir / 'drops.err').read_text()}")
         time.sleep(0.5)  # bpftrace (kernel drop reasons) attaches before nftrace says it is ready
-        flood_started = time.monotonic()
-        sender = flood(lab, packets)
-        rss, flood_ended, drained = _follow(sender, None, process, workdir, flood_started, flood_started + 180,
-                                            60 + packets / 1000,
-                                            outputs={"nftrace": (process, workdir / "drops.json", 3.0)})
-        sent = int(sender.stdout.read().strip() or 0)
-        sender.stdout.close()
-        result.kernel_drops = _queued(process.pid)[1]
-        result.own_cpu_seconds, result.own_max_rss_bytes = own_usage(process.pid)
-        result.finished = _stop(process, started)
-        result.drained_after = drained.get("nftrace")
+        rss, sent, seconds = _measure(lab, packets, process, started, workdir / "drops.json", 3.0, result, workdir,
+                                      sample_rss=True)
         result.rss_while_streaming = [(t, value) for t, value in rss
-                                      if result.drained_after is None or t <= flood_ended - flood_started
-                                      + result.drained_after]
+                                      if result.drained_after is None or t <= seconds + result.drained_after]
     finally:
         _kill(process)
         watcher.close()
@@ -174,7 +173,7 @@ def run_nftrace(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult,
             result.drops_reported += rule["packets"]
     lost = document.get("lost_events", 0)
     result.loss_reported = f"{lost:,} events" if lost else "none"
-    return result, sent, flood_ended - flood_started
+    return result, sent, seconds
 
 
 def run_drops_flood(lab: Lab, packets: int, workdir: Optional[Path] = None) -> DropsFloodResult:

@@ -68,14 +68,26 @@ def _ctrl_c_is_one_line(command):
 def main(
     ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-    netns: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help="Work inside /run/netns/NAME (never created)."),
+    netns: Optional[List[str]] = typer.Option(None, "--netns", metavar="NAME",
+                                              help="Work inside /run/netns/NAME (never created); several: one trace across them."),
+    pid: Optional[List[str]] = typer.Option(None, "--pid", metavar="PID",
+                                            help="The network namespace of process PID (as a --netns)."),
+    container: Optional[List[str]] = typer.Option(None, "--container", metavar="NAME|ID",
+                                                  help="The network namespace of a running container (docker, podman or containerd)."),
+    all_netns: bool = typer.Option(False, "--all-netns", help="Every named namespace and this one."),
 ):
+    from .kernel.netns import NamespaceRequest
+
     if version:
         from . import __version__
 
         typer.echo(f"nftrace {__version__}")
         raise typer.Exit(0)
-    ctx.obj = {"netns": netns}
+    request = NamespaceRequest(tuple(netns or ()), tuple(pid or ()), tuple(container or ()), all_netns)
+    if ctx.invoked_subcommand not in (None, "why", "cleanup") and (request.several or request.pids or request.containers):
+        _fail(InputError(f"'{ctx.invoked_subcommand}' works in one namespace: give at most one --netns NAME "
+                         "(--pid, --container, --all-netns and several --netns are for 'why' and 'cleanup')"))
+    ctx.obj = {"netns": request.one_name, "namespaces": request}
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
@@ -117,16 +129,18 @@ def why(
     from .trace.jsonstream import JsonStream
     from .trace.colour import Style, colour_wanted, parse_colour_choice
     from .trace.render import dry_run_line, render_closing, render_packet
-    from .trace.report import TraceReport
+    from .trace.report import TraceReport, netns_words
     from .trace.session import TraceOptions, TraceSession
 
-    netns = ctx.obj["netns"]
+    netns, namespaces = ctx.obj["netns"], ctx.obj["namespaces"]
     try:
         flow = parse_flow(src, dst, proto, sport, dport, iif, oif)
         backend = parse_backend(backend)
         style = Style(colour_wanted(parse_colour_choice(color), sys.stdout))
         if not dry_run and (ruleset_file is not None or ruleset_kind is not None or state != "new"):
             raise InputError("--ruleset, --ruleset-kind and --state go with --dry-run")
+        if dry_run and (namespaces.several or namespaces.pids or namespaces.containers):
+            raise InputError("--dry-run copies one namespace: give one --netns NAME (or none for this one)")
         fixing = None
         if fix is not None or keep is not None:
             from .dryrun.fix import FixRequest, load_keep, parse_fix_verdict
@@ -135,11 +149,14 @@ def why(
                 raise InputError("--keep goes with --fix")
             if ruleset_file is not None:
                 raise InputError("--fix changes the namespace's current ruleset: it does not go with --ruleset")
+            if namespaces.several or namespaces.pids or namespaces.containers:
+                raise InputError("--fix changes one namespace's ruleset: give one --netns NAME (or none for this one)")
             fixing = FixRequest(parse_fix_verdict(fix), load_keep(keep), timeout=min(timeout or 10.0, 10.0))
     except NftraceError as err:
         _fail(err)
     options = TraceOptions(flow=flow, netns=netns, count=count, timeout=timeout, max_rate=max_rate,
-                           command=list(command or []), drop_reasons=drop_reasons, backend=backend)
+                           command=list(command or []), drop_reasons=drop_reasons, backend=backend,
+                           namespaces=None if dry_run else namespaces)
     report = TraceReport(flow=flow, netns=netns)
     packets = []  # with --fix: the answers get their fix once the trace is over
     fixes = []
@@ -171,7 +188,8 @@ def why(
         # A dry run takes a moment; its answer says it is one.
         if dry_run:
             return
-        where = f" in netns {netns}" if netns else ""
+        named = [netns_words(label) for label in report.namespaces if label is not None or len(report.namespaces) > 1]
+        where = f" in {', '.join(named)}" if named else ""
         typer.echo(f"tracing {flow.describe()}{where} (Ctrl-C to stop)", err=True)
 
     # A live trace flushes JSON once per batch of events read; a dry run's one answer is
@@ -317,23 +335,33 @@ def cleanup(ctx: typer.Context):
     from .errors import EnvironmentProblem
     from .dryrun.sandbox import remove_leftover_sandboxes
     from .trace.session import open_nftables
+    from .trace.report import netns_words
     from .trace.ruleset import RulesetSnapshot
-    from .kernel.system import enter_namespace, require_net_admin
+    from .kernel.system import enter_namespace_fd, require_net_admin
     from .kernel.tracetable import remove_leftover_tables
 
     removed = []
     try:
         require_net_admin()
         sandboxes = remove_leftover_sandboxes()
-        if ctx.obj["netns"]:
-            enter_namespace(ctx.obj["netns"])
+        targets = ctx.obj["namespaces"].resolve()
         try:
-            nft = open_nftables()
-        except EnvironmentProblem:
-            nft = None  # no nf_tables here: nothing of nftrace's can be in it
-        if nft is not None:
-            removed.extend(f"removed table {item}" for item in remove_leftover_tables(nft, RulesetSnapshot.take(nft)))
-        removed.extend(clean_up_legacy())
+            several = len(targets.targets) > 1
+            for target in targets.targets:
+                # One namespace after the other, nftrace's own thread in each: the leftovers of
+                # legacy iptables are found by the namespace the process is in.
+                enter_namespace_fd(target.fd, target.shown)
+                where = f" in {netns_words(target.label)}" if several else ""
+                try:
+                    nft = open_nftables()
+                except EnvironmentProblem:
+                    nft = None  # no nf_tables here: nothing of nftrace's can be in it
+                if nft is not None:
+                    removed.extend(f"removed table {item}{where}"
+                                   for item in remove_leftover_tables(nft, RulesetSnapshot.take(nft)))
+                removed.extend(f"{item}{where}" for item in clean_up_legacy())
+        finally:
+            targets.close()
     except NftraceError as err:
         _fail(err)
     for name in sandboxes:

@@ -62,6 +62,28 @@ class Flow:
             return False
         return True
 
+    def constrained_ends(self) -> tuple:
+        """The ends ("src", "dst") that the flow says something about: an address prefix or a port."""
+        return tuple(end for end, network, port in (("src", self.src, self.sport), ("dst", self.dst, self.dport))
+                     if (network is not None and network.prefixlen) or port is not None)
+
+    def matches_an_end(self, src, dst, proto: Optional[int], sport: Optional[int], dport: Optional[int]) -> bool:
+        """Whether one end of a packet is the flow's: its source (address and port), or its
+        destination. A packet of the flow that NAT rewrote on its way keeps one end (DNAT keeps
+        the source, SNAT the destination); an end the flow says nothing about is not one."""
+        if src is None or dst is None:
+            return False
+        if self.proto is not None and proto != PROTOCOL_NUMBERS[self.proto]:
+            return False
+        if self.ip_version is not None and src.version != self.ip_version:
+            return False
+        ends = self.constrained_ends()
+        if not ends:
+            return True
+        if "src" in ends and (self.src is None or src in self.src) and (self.sport is None or sport == self.sport):
+            return True
+        return "dst" in ends and (self.dst is None or dst in self.dst) and (self.dport is None or dport == self.dport)
+
     def to_json(self) -> dict:
         return {
             "src": _network_text(self.src) if self.src is not None else None,

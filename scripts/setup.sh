@@ -6,15 +6,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# python3-nftables and python3-iptables are bindings to C libraries of the same Debian release
+# (libnftables, libxtables): Debian builds them against those, PyPI has no wheel of either.
+PACKAGES=(nftables libnftables1 python3-nftables iptables python3-iptables iproute2 python3 python3-venv python3-pip
+          bpftrace ufw ruby kmod procps conntrack)
+# NFTRACE_SETUP_DOCKER=1 (.ci/run): Docker and busybox-static for tests/test_containers.py, which
+# runs dockerd inside a test namespace. Docker's services are neither started nor enabled here:
+# a Docker running in the machine's own namespace would rewrite its firewall.
+if [ "${NFTRACE_SETUP_DOCKER:-0}" = 1 ]; then
+    PACKAGES+=(docker.io busybox-static)
+fi
+
+# `setup.sh --packages`: the Debian packages, one a line (vagrant/build-box.sh puts them in its box).
+if [ "${1:-}" = --packages ]; then
+    printf '%s\n' "${PACKAGES[@]}"
+    exit 0
+fi
+
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (sudo $0)" >&2
     exit 2
 fi
 
-# python3-nftables and python3-iptables are bindings to C libraries of the same Debian release
-# (libnftables, libxtables): Debian builds them against those, PyPI has no wheel of either.
-PACKAGES=(nftables libnftables1 python3-nftables iptables python3-iptables iproute2 python3 python3-venv python3-pip
-          bpftrace ufw ruby kmod procps conntrack)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -22,7 +35,23 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" docker.io "* ]]; then
+        # Docker must not start from its installation (policy-rc.d: "not now") nor at boot:
+        # tests start their own dockerd, inside a namespace.
+        policy=/usr/sbin/policy-rc.d
+        made_policy=0
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+        fi
+        trap 'if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi' EXIT
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        if [ "$made_policy" = 1 ]; then rm -f "$policy"; made_policy=0; fi
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            systemctl disable --now docker.service docker.socket >/dev/null 2>&1 || true
+        fi
+    else
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
 fi
 
 # Debian's python3 sees python3-nftables and python3-iptables; a venv made from it with

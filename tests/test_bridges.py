@@ -214,3 +214,14 @@ def test_a_dry_run_copies_br_netfilter(lab):
     assert result.returncode == 0, result.stderr
     [dry] = result.packets
     assert steps(dry) == [("bridge", "forward", "l2", "forward", "accept"), ("inet", "forward", "fw", "forward", "accept")]
+
+
+def test_a_frame_bridged_where_no_chain_filters_bridges_is_answered_all_the_same(lab):
+    """No bridge chain and no br_netfilter: no chain of the ruleset sees the frame, and the
+    answer says so (rather than that no packet was seen)."""
+    load_ruleset(lab.switch, "table inet fw {\n chain input {\n  type filter hook input priority filter; policy drop;\n }\n}\n")
+    packet = why(lab.switch, "--from", HOST1, "--to", HOST2, "--proto", "udp", "--dport", "5559",
+                 command=traffic(lab.host1, "udp", HOST2, "5559"))
+    assert packet["verdict"] == "accept" and packet["steps"] == []
+    assert packet["summary"].startswith("accepted: no chain of the ruleset gave a verdict on its path")
+    assert (packet["packet"]["iif"], packet["packet"]["oif"]) == ("p1", "p2")

@@ -158,3 +158,42 @@ def test_a_drops_session_counts_traces_nftables_and_takes_every_packet():
     options = TraceOptions(flow=parse_filter(), count=10, backend="auto")
     DropsSession(options, DropsReport(flow=options.flow))
     assert (options.counted, options.count, options.backend) == (True, 0, "nft")
+
+
+def test_drops_refuses_the_machines_own_namespace_when_legacy_tables_would_log_every_packet(monkeypatch):
+    import pytest
+
+    from nftrace.drops import run as drops_run
+    from nftrace.errors import EnvironmentProblem
+    from nftrace.trace.session import TraceOptions
+
+    monkeypatch.setattr(drops_run, "open_nftables", lambda: object())
+    monkeypatch.setattr(drops_run, "legacy_tables", lambda family: ["filter"] if family == "ip" else [])
+    options = TraceOptions(flow=parse_filter())
+    session = drops_run.DropsSession(options, DropsReport(flow=options.flow))
+    monkeypatch.setattr(drops_run, "in_initial_netns", lambda: True)
+    with pytest.raises(EnvironmentProblem, match="TRACE line per packet to the kernel log"):
+        session._plan()
+    monkeypatch.setattr(drops_run, "in_initial_netns", lambda: False)
+    session._plan()
+    assert session.report.warnings == ["legacy iptables tables are not traced by drops: iptables (filter)"]
+
+
+def test_a_kernel_drop_reported_after_its_packet_was_answered_still_counts_under_its_reason():
+    from nftrace.drops.correlator import DropCorrelator
+    from nftrace.drops.reasons import KernelDrop
+
+    tally = DropTally()
+    correlator = DropCorrelator()
+    correlator.on_late = lambda signature, drop: tally.add_late(signature, drop, INTERFACES)
+    accepted = path(verdict="accept", decided_by=step(verdict="accept"))
+    accepted.first_seen = accepted.last_seen = 10.0
+    [answered] = correlator.hold([accepted], now=10.0) + correlator.release(now=10.5)
+    assert tally.add(answered, INTERFACES) is None
+    late = KernelDrop(11.0, "NO_SOCKET", "udp_rcv", ipaddress.ip_address("10.0.0.5"),
+                      ipaddress.ip_address("10.0.0.9"), 6, 40000, 22)
+    correlator.add_drops([late])
+    [reason] = tally.kernel_drops_json()
+    assert (reason["reason"], reason["packets"]) == ("NO_SOCKET", 1)
+    assert reason["flows"][0]["iif"] == "eth0" and reason["flows"][0]["dport"] == 22
+    assert len(correlator.notes) == 1

@@ -242,7 +242,8 @@ def test_a_packet_for_a_bridge_arrives_through_a_port_of_its_copy(bridged_host):
     assert result.returncode == 0, result.stderr
     [packet] = result.json["packets"]
     assert result.json["dry_run"]["injected"]["iif"] == "port0"
-    assert packet["packet"]["iif"] == "br0" and packet["verdict"] == "accept"  # no bridge chain: IP hooks only
+    assert packet["packet"]["iif"] == "port0" and packet["verdict"] == "accept"
+    assert packet["hooks"][:2] == ["prerouting", "input"]  # the bridge's, then the device's own
     assert packet["decided_by"]["text"] == "tcp dport 22 accept"
     assert any("has not learnt where" in warning for warning in result.json["warnings"])
     assert not any("br0" in item for item in result.json["dry_run"]["not_copied"])

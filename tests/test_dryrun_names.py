@@ -64,9 +64,6 @@ def test_sandbox_names_become_the_targets_by_place_in_the_ruleset():
 
 # -- against the kernel -------------------------------------------------------------------------
 
-pytest_kernel = pytest.mark.kernel
-
-
 @pytest.fixture(scope="module")
 def router():
     from conftest import unique_name

@@ -372,7 +372,7 @@ def test_invalid_state_is_read_from_the_rule_that_matched_it():
     path = PacketPath(1, steps=[step], observations=[observation("prerouting", tcp())], hooks=["prerouting"],
                       verdict="drop", decided_by=step, complete=True)
     assert conntrack_json(path) == [{"hook": "prerouting", "state": "invalid", "direction": None, "status": [],
-                                     "id": None}]
+                                     "id": None, "netns": None}]
 
 
 def test_packet_json_carries_nat_and_kernel_drop():
@@ -412,3 +412,27 @@ def test_a_flood_of_one_flow_with_rule_drops_leaves_no_drop_unpaired_and_no_note
     assert [path.trace_id for path in answered if path.kernel_drop is not None] == []
     assert correlator.notes == []
     assert correlator.vanished(accepted_at_input(20.0, 20.0, tcp(sport=40000, dport=5001))) is None
+
+
+# -- one meaning for the verdict: netfilter's, whatever the kernel did next -----------------------
+
+
+def test_a_packet_netfilter_dropped_outside_the_traced_chains_is_a_drop_without_deciding_step():
+    builder = PathBuilder(Lookup())
+    builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)
+    correlator = DropCorrelator(interfaces={3: "r-client"})
+    correlator.add_drops([drop("NETFILTER_DROP", at=20.0)])
+    [path] = correlator.hold(builder.close_vanished(correlator.vanished), now=20.01)
+    assert (path.complete, path.verdict, path.decided_by, path.vanished_after) == (True, "drop", None, "prerouting")
+    assert summary(path).startswith("dropped by netfilter outside the traced chains, after prerouting: NETFILTER_DROP")
+
+
+def test_a_packet_the_kernel_freed_mid_path_keeps_netfilters_accept_and_no_deciding_step():
+    builder = PathBuilder(Lookup())
+    builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)
+    correlator = DropCorrelator()
+    correlator.add_drops([drop("NOT_SPECIFIED", at=20.0)])
+    [path] = correlator.hold(builder.close_vanished(correlator.vanished), now=20.01)
+    assert (path.verdict, path.decided_by, path.kernel_drop["reason"]) == ("accept", None, "NOT_SPECIFIED")
+    assert summary(path).startswith("no rule dropped it: it passed every chain up to prerouting, then the kernel "
+                                    "dropped it: NOT_SPECIFIED")

@@ -4,6 +4,7 @@ NFLOG wire format, iptables-nft text, and the choice of backend."""
 from __future__ import annotations
 
 import socket
+import struct
 
 import pytest
 
@@ -133,12 +134,13 @@ def test_tables_run_at_their_netfilter_priorities():
 TCP_SYN = bytes.fromhex("4500003c7cd940004006a7460a4d01020a4d0101") + bytes.fromhex("b2c20019588a50e300000000a002faf0")
 
 
-def nflog_datagram(prefix: str, payload: bytes = TCP_SYN, hook: int = 1, family: int = socket.AF_INET) -> bytes:
+def nflog_datagram(prefix: str, payload: bytes = TCP_SYN, hook: int = 1, family: int = socket.AF_INET,
+                   extra: tuple = ()) -> bytes:
     msg = nflog_packet_msg()
     msg["header"]["type"] = PACKET_MESSAGE_TYPE
     msg["nfgen_family"] = family
     msg["attrs"] = [("NFULA_PACKET_HDR", {"hw_protocol": 0x0800, "hook": hook, "pad": 0}),
-                    ("NFULA_IFINDEX_INDEV", 2), ("NFULA_PAYLOAD", payload), ("NFULA_PREFIX", prefix)]
+                    ("NFULA_IFINDEX_INDEV", 2), ("NFULA_PAYLOAD", payload), ("NFULA_PREFIX", prefix), *extra]
     msg.encode()
     return bytes(msg.data)
 
@@ -159,6 +161,17 @@ def test_nflog_message_decodes_to_a_legacy_trace_event():
     assert (event.hook, event.iif) == ("input", 2)
     assert (str(event.packet.src), str(event.packet.dst), event.packet.dport) == ("10.77.1.2", "10.77.1.1", 25)
     assert (event.packet.ip_id, event.packet.tcp_seq) == (0x7CD9, 0x588A50E3)
+
+
+def test_nflog_timestamp_is_when_the_packet_arrived_in_seconds():
+    datagram = nflog_datagram("TRACE: filter:CLIENTS:rule:2 ",
+                              extra=(("NFULA_TIMESTAMP", {"sec": 1_790_000_000, "usec": 250_000}),))
+    # struct nfulnl_msg_packet_timestamp: two big-endian 64-bit numbers.
+    assert struct.pack(">QQ", 1_790_000_000, 250_000) in datagram
+    [event] = decode_nflog_datagram(datagram)
+    assert event.timestamp == 1_790_000_000.25
+    [without] = decode_nflog_datagram(nflog_datagram("TRACE: filter:CLIENTS:rule:2 "))
+    assert without.timestamp is None
 
 
 def test_payload_with_ip_options_finds_the_transport_header():

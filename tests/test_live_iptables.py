@@ -139,7 +139,7 @@ def test_legacy_drop_names_table_chain_rule_number_and_save_text(legacy_lab):
     assert packet["decided_by"] == {
         "hook": "input", "family": "ip", "table": "filter", "chain": "CLIENTS", "type": "rule", "handle": None,
         "rule_number": 2, "text": "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP", "verdict": "drop",
-        "iptables": "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP", "backend": LEGACY,
+        "iptables": "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP", "backend": LEGACY, "netns": legacy_lab.router,
     }
     assert packet["summary"] == "dropped by iptables filter CLIENTS rule 2: -A CLIENTS -p tcp -m tcp --dport 25 -j DROP"
 
@@ -292,6 +292,34 @@ COMMIT
     decided = [(p["verdict"], p["decided_by"]["rule_number"], p["decided_by"]["text"]) for p in result.packets]
     assert decided == [("accept", 2, "-A INPUT -p udp -m udp --dport 5000 -j ACCEPT"),
                        ("accept", 1, "-A INPUT -p udp -m udp --dport 5000 -j ACCEPT")]
+
+
+@pytest.mark.parametrize("change,later", [
+    # The ACCEPT is rule 1 after the change; the packet before it met it as rule 2.
+    ("iptables-legacy -D INPUT 1", 1),
+    # Rule 2 is the DROP for 5001 after the change, which the packet to 5000 cannot have met.
+    ("iptables-legacy -I INPUT 1 -p tcp --dport 22 -j ACCEPT", 3),
+])
+def test_a_legacy_line_read_after_the_rules_changed_is_named_by_the_rules_it_met(topology, change, later):
+    """nftrace is held (SIGSTOP) while the first datagram passes and the rules change, and
+    reads that datagram's TRACE line seconds later, as on a loaded machine."""
+    in_netns(topology.router, ["iptables-legacy-restore"], input="""*filter
+:INPUT DROP [0:0]
+-A INPUT -p udp -m udp --dport 5001 -j DROP
+-A INPUT -p udp -m udp --dport 5000 -j ACCEPT
+COMMIT
+""")
+    send = " ".join(traffic(topology.client, "udp", ROUTER_CLIENT_V4, "5000"))
+    # $PPID is nftrace: the command is its child. The trap lets it go whatever happens.
+    script = (f"trap 'kill -CONT $PPID' EXIT; kill -STOP $PPID; {send}; {change}; sleep 2.5; kill -CONT $PPID; "
+              f"sleep 1; {send}")
+    result = nftrace("--netns", topology.router, "why", "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp",
+                     "--dport", "5000", "--count", "2", "--timeout", "30", "--json", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    decided = [(p["verdict"], p["decided_by"]["rule_number"], p["decided_by"]["text"]) for p in result.packets]
+    assert decided == [("accept", 2, "-A INPUT -p udp -m udp --dport 5000 -j ACCEPT"),
+                       ("accept", later, "-A INPUT -p udp -m udp --dport 5000 -j ACCEPT")]
+    assert not any("changed while packets were traced" in warning for warning in result.json["warnings"])
 
 
 # -- legacy iptables with TRACE rules (the path for kernels without nf_tables) ----------------

@@ -167,7 +167,7 @@ def test_forwarded_packet_dropped_by_forward_policy(lab):
     assert packet["verdict"] == "drop"
     assert packet["decided_by"] == {
         "hook": "forward", "family": "inet", "table": "fw", "chain": "forward", "type": "policy", "handle": None,
-        "rule_number": None, "text": None, "verdict": "drop", "iptables": None, "backend": "nft",
+        "rule_number": None, "text": None, "verdict": "drop", "iptables": None, "backend": "nft", "netns": lab.router,
     }
 
 

@@ -651,3 +651,15 @@ def test_new_connections_from_other_source_ports_share_one_evaluation(monkeypatc
 def test_new_connections_are_evaluated_one_by_one_when_a_rule_tests_the_source_port(monkeypatch):
     rule = [match(payload("tcp", "sport"), 1024, "<"), ACCEPT]
     assert _evaluations_for_new_connections(monkeypatch, rule) == 10
+
+
+def test_after_a_goto_chain_ends_the_walk_goes_on_in_the_caller_of_the_chain_that_went_there():
+    book = ruleset(("chain", "forward"), ("chain", "lan"), ("chain", "zone"),
+                   ("rule", "forward", 9, [match(meta("iifname"), "lan0"), jump("lan")]),
+                   ("rule", "lan", 20, [{"goto": {"target": "zone"}}]),
+                   ("rule", "lan", 21, [match(payload("tcp", "dport"), 21), ACCEPT]),
+                   ("rule", "forward", 10, [match(payload("tcp", "dport"), 443), ACCEPT]))
+    steps = [step("forward", 9, "jump", target="lan"), step("lan", 20, "goto", depth=1, target="zone"),
+             step("zone", None, "return", "return", depth=2), policy_drop()]
+    found = find_near_misses(path(steps), book, INTERFACES)
+    assert [(n.chain, n.handle) for n in found] == [("forward", 10)]  # lan's rule 21 was never reached

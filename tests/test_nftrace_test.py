@@ -151,3 +151,18 @@ def test_a_flow_that_cannot_enter_is_an_error_row_and_the_others_still_run(route
     assert "not run: --dry-run: netns" in result.stdout and "no route back to 192.0.2.9" in result.stdout
     assert "2 flows: 1 passed, 1 failed" in result.stdout
     assert ET.parse(report).getroot().get("errors") == "1"
+
+
+def test_each_flow_gets_the_kernel_drop_of_its_own_packet(router, tmp_path):
+    """The sandbox's one bpftrace (it takes seconds to start) serves every flow of the run:
+    each packet the kernel drops after netfilter is answered with its own drop."""
+    from nftrace.dryrun.testing import load_all, run_files
+
+    shutil.copy(DATA / "router.nft", tmp_path / "router.nft")
+    path = tmp_path / "closed.expect.toml"
+    flows = "".join(f"\n[[flow]]\nname = 'udp {port} to the router'\nfrom = '10.77.1.2'\nto = '10.77.1.1'\n"
+                    f"proto = 'udp'\ndport = {port}\nexpect = 'accept'\n" for port in (53, 67))
+    path.write_text("ruleset = 'router.nft'\n" + flows)
+    results = run_files(load_all([path]), router)
+    assert [(r.passed, r.packet["packet"]["dport"], r.packet["kernel_drop"]["reason"]) for r in results] == [
+        (True, 53, "NO_SOCKET"), (True, 67, "NO_SOCKET")]

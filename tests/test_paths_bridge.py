@@ -41,7 +41,7 @@ table netdev out { # handle 3
 
 
 def build(events, **devices):
-    builder = PathBuilder(RulesetSnapshot(LISTING), bridges=frozenset({BR0}), **devices)
+    builder = PathBuilder(RulesetSnapshot(LISTING), bridges=frozenset({BR0}), bridge_out=True, **devices)
     paths = []
     for index, item in enumerate(events):
         paths.extend(builder.feed(item, now=index * 0.001))
@@ -106,3 +106,14 @@ def test_the_same_mark_chain_in_two_families_is_not_a_new_packet():
     events = [*mark(1, family="bridge", iif=P1), *mark(1, iif=BR0), first(1, "input", iif=BR0), rule(1, "input", 4, "drop")]
     [path], _ = build(events)
     assert path.verdict == "drop"
+
+
+def test_without_bridge_chains_after_it_a_packet_routed_out_through_a_bridge_ends_at_ip_postrouting():
+    """IP postrouting runs before the next hop is resolved: the bridge hooks may come much later,
+    or never (no answer to ARP), and have nothing of the ruleset's to say."""
+    builder = PathBuilder(RulesetSnapshot(LISTING), bridges=frozenset({BR0}), bridge_out=False)
+    events = [*mark(1, iif=UPLINK), first(1, "forward", iif=UPLINK), rule(1, "forward", 2, "accept"),
+              *observe(1, "postrouting", iif=None, oif=BR0)]
+    paths = [path for index, item in enumerate(events) for path in builder.feed(item, now=index * 0.001)]
+    [path] = paths
+    assert path.verdict == "accept" and path.hooks[-1] == "postrouting"

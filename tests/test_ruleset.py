@@ -95,3 +95,21 @@ table inet nftrace_1_abcdef { # handle 2
     assert snapshot.chain("netdev", "edge", "one").devices == ("r-server",)
     assert snapshot.chain("netdev", "edge", "two").devices == ("d0", "d1")
     assert snapshot.ingress_devices() == ["d0", "d1", "r-server"]  # nftrace's own chains are not the ruleset's
+
+
+def test_an_owned_table_is_read_with_its_own_chains():
+    """nft names the owning program after the handle; the table's chains are its own, not the
+    table's before it."""
+    listing = ("table inet filter { # handle 1\n\tchain input { # handle 1\n"
+               "\t\ttype filter hook input priority filter; policy accept;\n\t}\n}\n"
+               "table inet nftrace_7_abc { # handle 2 progname nftrace\n\tflags owner\n\n"
+               "\tchain mark_prerouting { # handle 1\n"
+               "\t\ttype filter hook prerouting priority -350; policy accept;\n\t}\n}\n")
+    snapshot = RulesetSnapshot(listing)
+    assert ("inet", "nftrace_7_abc") in snapshot.tables
+    assert snapshot.chain("inet", "nftrace_7_abc", "mark_prerouting").hook == "prerouting"
+    assert snapshot.chain("inet", "filter", "mark_prerouting") is None
+    outline: dict = {}
+    parse_ruleset_listing(listing, outline)
+    assert outline[("inet", "nftrace_7_abc")].flags == ("owner",)
+    assert outline[("inet", "filter")].objects == [("chain", "input")]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Provisioning of the Vagrant lab (vagrant/Vagrantfile), run as root in each VM:
 #
-#   provision.sh install             nftrace from the synced repository (/nftrace) with scripts/setup.sh
+#   provision.sh install             nftrace from the synced repository (/nftrace) with scripts/setup.sh,
+#                                    using the host's CA bundle and pip settings where the
+#                                    Vagrantfile carried them in (vagrant/host_settings.rb)
 #   provision.sh client|server       lab addresses and routes; on the server, the lab's listeners
 #   provision.sh firewall SCENARIO   namespace nftlab-router holding both lab links (renamed r-client
 #                                    and r-server, as in the namespace lab), forwarding on, and
@@ -15,6 +17,7 @@ set -euo pipefail
 REPO=/nftrace
 NFTRACE="$REPO/.venv/bin/nftrace"
 PYTHON="$REPO/.venv/bin/python"
+HOST_CA=/usr/local/share/nftlab/host-ca.pem
 ROUTER_NS=nftlab-router
 # nftrace/lab/lab.py's LISTEN_TCP / LISTEN_UDP, less 22: the server VM's sshd answers there.
 LISTEN_TCP="25 80 443 3306 5432 6379 8080 9090"
@@ -28,7 +31,31 @@ device_with() {
     ip -o -4 addr show | awk -v address="$1" '{ split($4, a, "/"); if (a[1] == address) { print $2; exit } }'
 }
 
+# The host's pip settings (PIP_* in the environment) and CA bundle (NFTLAB_HOST_CA, uploaded
+# by the Vagrantfile), kept in the VM's /etc/pip.conf so that pip works there later too.
+# Nothing carried in: nothing written.
+carry_host_pip_settings() {
+    local lines=() variable option
+    if [ -n "${NFTLAB_HOST_CA:-}" ]; then
+        [ -f "$NFTLAB_HOST_CA" ] || die "the host's CA bundle was not uploaded to $NFTLAB_HOST_CA"
+        install -D -m 644 "$NFTLAB_HOST_CA" "$HOST_CA"
+        rm -f "$NFTLAB_HOST_CA"
+        export PIP_CERT="$HOST_CA"
+    fi
+    for variable in PIP_CERT PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_PROXY PIP_TIMEOUT PIP_DEFAULT_TIMEOUT PIP_RETRIES; do
+        if [ -n "${!variable:-}" ]; then
+            option=${variable#PIP_}
+            option=${option,,}
+            lines+=("${option//_/-} = ${!variable}")
+        fi
+    done
+    if [ "${#lines[@]}" -gt 0 ]; then
+        printf '%s\n' "# Carried in from the host by nftrace's vagrant/provision.sh" "[global]" "${lines[@]}" >/etc/pip.conf
+    fi
+}
+
 install_nftrace() {
+    carry_host_pip_settings
     [ -x "$REPO/scripts/setup.sh" ] || die "$REPO/scripts/setup.sh is missing: is the repository synced?"
     "$REPO/scripts/setup.sh"
     ln -sf "$NFTRACE" /usr/local/bin/nftrace

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from ..protocols import PORT_PROTOCOL_NUMBERS, endpoint_text, protocol_name
 from ..trace.paths import PacketPath, verdict_before_kernel_drop
@@ -266,6 +266,8 @@ class DropCorrelator:
         self.interfaces = interfaces if interfaces is not None else {}
         self.hold_seconds = hold_seconds
         self.notes: list = []
+        # Told of every drop that came after its packet's answer (`drops` still counts it).
+        self.on_late: Optional[Callable[[PacketSignature, KernelDrop], None]] = None
         self._held: deque = deque()  # in the order the packets finished
         self._held_index = _ByHeaders()
         self._drops = _Drops()  # not yet paired
@@ -392,6 +394,8 @@ class DropCorrelator:
         self._late(answered.signature, drop)
 
     def _late(self, signature: PacketSignature, drop: KernelDrop) -> None:
+        if self.on_late is not None:
+            self.on_late(signature, drop)
         iif = self.interfaces.get(signature.iif) if signature.iif else None
         src, dst, proto, sport, dport = signature.headers[0]
         packet = f"{endpoint_text(src, sport)} → {endpoint_text(dst, dport)} {protocol_name(proto)}"

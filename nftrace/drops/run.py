@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from ..errors import KernelError
+from ..errors import EnvironmentProblem, KernelError
+from ..iptables.nflog import in_initial_netns
 from ..iptables.backends import BackendPlan
 from ..iptables.legacy import FAMILIES, legacy_tables
 from ..protocols import iptables_command
@@ -57,6 +58,12 @@ class DropsSession(TraceSession):
         nft = open_nftables()
         present = [f"{iptables_command(family)} ({', '.join(tables)})" for family in FAMILIES
                    if (tables := legacy_tables(family))]
+        if present and in_initial_netns():
+            # x_tables write a TRACE line for every traced packet to the family's nf_log logger:
+            # in the machine's own namespace, that is the kernel log.
+            raise EnvironmentProblem(f"this namespace has legacy iptables tables ({'; '.join(present)}): tracing "
+                                     "every packet would write a TRACE line per packet to the kernel log; "
+                                     "nftrace drops runs where only nftables (iptables-nft included) filters")
         if present:
             self.report.warnings.append(f"legacy iptables tables are not traced by drops: {'; '.join(present)}")
         if self.options.flow.oif:
@@ -64,7 +71,14 @@ class DropsSession(TraceSession):
                                         "matching packets of every output interface")
         return nft, BackendPlan(nft=True)
 
-    def _near_miss_annotator(self, nft, snapshot, plan):
+    def _await_drop_watcher(self, watcher) -> None:
+        super()._await_drop_watcher(watcher)
+        if self._correlator is not None:
+            report = self.report
+            self._correlator.on_late = lambda signature, drop: report.tally.add_late(
+                signature, drop, report.interfaces, time.monotonic())
+
+    def _near_miss_annotator(self, part, plan):
         """Near misses answer `why` about one flow; a tally of drops has no use for them."""
         return None
 

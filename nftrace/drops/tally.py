@@ -157,6 +157,19 @@ class DropTally:
         self.packets += 1
         return kind
 
+    def add_late(self, signature, drop, interfaces: dict, now: float = 0.0) -> None:
+        """A kernel drop that came after its packet was answered as accepted (the kernel was
+        slow to report it, or dropped the packet seconds later): counted under its reason,
+        with the packet's flow as the correlator kept it."""
+        src, dst, proto, sport, dport = signature.headers[0]
+        flow = FlowKey(str(src) if src is not None else None, str(dst) if dst is not None else None,
+                       protocol_name(proto), sport, dport, interface_name(interfaces, signature.iif))
+        entry = self.reasons.get(drop.reason)
+        if entry is None:
+            entry = self.reasons[drop.reason] = ReasonDrops(reason=drop.reason)
+        entry.add(flow, now)
+        self.packets += 1
+
     def ranked_rules(self) -> list:
         """Rules by packets dropped, most first (ties: first seen first)."""
         return sorted(self.rules.values(), key=lambda entry: -entry.packets)

@@ -15,6 +15,7 @@ shows the rule named, and an anonymous chain has the name the target's kernel ga
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import secrets
 import shutil
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
 from .inject import Injection, random_mac
@@ -30,6 +32,7 @@ from .netstate import NetworkState, RouteLookup, read_network_state, route_towar
 from ..kernel.anonchains import read_anonymous_chains
 from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
+from ..trace.crossing import assign_namespace
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport
 from ..trace.ruleset import RulesetSnapshot
@@ -259,6 +262,8 @@ class DryRun:
         self.names = TargetNames()
         self._bookmark: Optional[NamespaceBookmark] = None
         self._traced = 0
+        self._drops: Optional[KernelDropWatcher] = None
+        self._drops_problem: Optional[str] = None
         self.last_injection: Optional[Injection] = None
 
     # -- the sandbox ------------------------------------------------------------------------
@@ -286,6 +291,8 @@ class DryRun:
         with UndoStack() as undo:
             if self.sandbox is not None:
                 undo.callback(self._remove_sandbox)
+            if self._drops is not None:
+                undo.callback(self._drops.close)
             if self._bookmark is not None:
                 undo.callback(self._return_home)
 
@@ -310,6 +317,26 @@ class DryRun:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _drop_watcher(self, report: TraceReport) -> Optional[KernelDropWatcher]:
+        """One bpftrace watches the sandbox for every flow traced in it: it takes seconds to
+        start (it reads the kernel's BTF), which `nftrace test` would otherwise pay per flow.
+        One that died after it was ready is started again; one that never got ready is not."""
+        watcher = self._drops
+        if watcher is not None and watcher.ended:
+            self._drops = None
+            watcher.close()
+            if not watcher.ready:
+                self._drops_problem = watcher.failure()
+        if self._drops is None and self._drops_problem is None:
+            try:
+                inode = os.stat(namespace_path(self.sandbox.name)).st_ino
+                self._drops = KernelDropWatcher.start(netns_inode=inode)
+            except DropReasonsUnavailable as err:
+                self._drops_problem = str(err)
+        if self._drops_problem is not None:
+            report.warnings.append(f"kernel drop reasons unavailable: {self._drops_problem}")
+        return self._drops
 
     # -- one flow ---------------------------------------------------------------------------
 
@@ -372,12 +399,14 @@ class DryRun:
             self.sandbox.run(conntrack_entry_argv(injection))
             if any(chain.type == "nat" for chain in self.snapshot.chains.values()):
                 report.warnings.append(NAT_CAVEAT)
+        drops = self._drop_watcher(report) if drop_reasons else None
         options = TraceOptions(flow=flow, netns=self.sandbox.name, count=1, timeout=timeout, max_rate=max_rate,
                                command=injection.command(), idle_seconds=DRY_RUN_IDLE_SECONDS,
-                               drop_reasons=drop_reasons, near_misses=near_misses)
-        session = TraceSession(options, report)
+                               drop_reasons=drops is not None, near_misses=near_misses)
+        session = TraceSession(options, report, drop_watcher=drops)
 
         def deliver(path: PacketPath) -> None:
+            assign_namespace(path, self.request.netns)  # the target's, not the sandbox's
             caveats = path_caveats(path, self.snapshot, self.request.state)
             self.names.translate(path, self.snapshot)
             for which in ("iif", "oif"):
@@ -428,7 +457,7 @@ class DryRunSession:
             self.report.mode = "dry-run"
             undo.callback(dry.close)
             dry.open()
-            self.packets_seen = dry.trace(self.options.flow, self.report, on_packet,
-                                          timeout=self.options.timeout, max_rate=self.options.max_rate)
+            self.packets_seen = dry.trace(self.options.flow, self.report, on_packet, timeout=self.options.timeout,
+                                          max_rate=self.options.max_rate, drop_reasons=self.options.drop_reasons)
             if self.with_sandbox is not None:
                 self.with_sandbox(dry)

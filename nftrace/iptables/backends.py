@@ -12,6 +12,8 @@ of a run.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,9 +21,12 @@ from ..errors import EnvironmentProblem, InputError
 from ..flow import Flow
 from ..protocols import iptables_command
 from .iptctrace import TraceRules, remove_leftover_trace_rules
-from .legacy import FAMILIES, LiveLegacyRuleset, legacy_tables
+from .legacy import FAMILIES, legacy_tables
 from .merge import LegacyPathBuilder, MergedPathBuilder, last_tables_on_exit_hooks
-from .nflog import NFNETLINK_LOG, NflogListener, in_initial_netns, restore_leftover_loggers
+from .nflog import NFNETLINK_LOG, LegacyTraceEvent, NflogListener, in_initial_netns, restore_leftover_loggers
+from .rulehistory import RulesetHistory
+from .xtstate import RulesetObserver
+from ..kernel.system import interface_names
 from ..signals import SignalsHeld, UndoStack, undo_after
 from ..trace.paths import PacketPathBuilder, PathBuilder
 
@@ -74,8 +79,13 @@ def plan_backend(choice: str, flow: Flow, nft_problem: Optional[str], tables: li
 
 
 class LegacyTracing:
-    """The legacy side of a run: nfnetlink_log bound and listened to, the legacy ruleset, and
-    (without nftables) the TRACE rules. Leaving the `with` block undoes all of it."""
+    """The legacy side of a run: nfnetlink_log bound and listened to, the legacy rulesets as
+    they change (rulehistory.py), and (without nftables) the TRACE rules. Leaving the `with`
+    block undoes all of it."""
+
+    # While lines are awaited, the tables are observed at least this often (seconds): a line's
+    # packet timestamp then places it after the observations finished before it arrived.
+    OBSERVE_INTERVAL = 0.1
 
     def __init__(self, plan: BackendPlan, flow: Flow, max_rate: int, warnings: list):
         self.plan = plan
@@ -85,7 +95,9 @@ class LegacyTracing:
         self.warnings = warnings
         self.listener: Optional[NflogListener] = None
         self.rules: Optional[TraceRules] = None
-        self.ruleset: Optional[LiveLegacyRuleset] = None
+        self.history: Optional[RulesetHistory] = None
+        self._observer: Optional[RulesetObserver] = None
+        self._floor = 0  # the latest observation before the previous drain of the socket began
 
     def __enter__(self) -> "LegacyTracing":
         cleaned = restore_leftover_loggers() + remove_leftover_trace_rules(self.family)
@@ -104,7 +116,11 @@ class LegacyTracing:
                 if self.rules.created_raw_table:
                     self.warnings.append(f"the legacy {iptables_command(self.family)} raw table did not exist and was "
                                          "created for the TRACE rules; the kernel keeps it (empty) after the run")
-            self.ruleset = LiveLegacyRuleset(self.family)
+            self.history = RulesetHistory(self.family, interface_names())
+            self._observer = RulesetObserver(self.family, self.history)
+            # Nothing of this run sets the trace bit before this observation, except TRACE
+            # rules just put in: lines of the first drain are read against it and later ones.
+            self._floor = self._observer.observe()
         except BaseException as err:
             undo_after(err, self.__exit__)
             raise
@@ -117,12 +133,31 @@ class LegacyTracing:
                 undo.callback(self.listener.close)
             if self.rules is not None:
                 undo.callback(self.rules.remove)
+            if self._observer is not None:
+                undo.callback(self._observer.close)
 
     def fileno(self) -> int:
         return self.listener.fileno()
 
-    def read(self):
-        return self.listener.read()
+    def read(self) -> list:
+        """Every TRACE line queued now, each with the observations of the tables that bound
+        when it was made (rulehistory.py); call it often, lines or not."""
+        observer, history = self._observer, self.history
+        if time.time() - history.latest_finished >= self.OBSERVE_INTERVAL:
+            observer.observe()
+        began = history.latest
+        items = list(self.listener.read())
+        if any(isinstance(item, LegacyTraceEvent) for item in items):
+            read_at = time.time()
+            window = (self._floor, observer.observe())
+            items = [dataclasses.replace(item, seen_between=window, read_at=read_at)
+                     if isinstance(item, LegacyTraceEvent) else item for item in items]
+        self._floor = began
+        return items
+
+    def notes(self) -> list[str]:
+        """Warnings about lines that could not be read against one ruleset."""
+        return self.history.notes() if self.history is not None else []
 
     def lost_messages(self) -> int:
         return self.listener.dropped_messages() or self.listener.overruns
@@ -144,9 +179,9 @@ def make_path_builder(plan: BackendPlan, snapshot, legacy: Optional[LegacyTracin
     """The path builder for the plan: nftables events, legacy TRACE lines, or both merged.
     `devices`: the bridges and egress devices nftables paths follow (PathBuilder)."""
     if not plan.nft:
-        return LegacyPathBuilder(legacy.ruleset, keep=keep, idle_seconds=idle_seconds,
+        return LegacyPathBuilder(legacy.history, keep=keep, idle_seconds=idle_seconds,
                                  last_tables=last_tables_on_exit_hooks(legacy.tables()))
     builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds, **devices)
     if legacy is None:
         return builder
-    return MergedPathBuilder(builder, snapshot, legacy.ruleset)
+    return MergedPathBuilder(builder, snapshot, legacy.history)

@@ -4,8 +4,8 @@ prints them, and what a TRACE line says about a rule.
 A TRACE line names table, chain and the rule's position in its chain, nothing more: no
 verdict, no rule text. Both come from the ruleset, read with `iptables-legacy-save`, so a
 rule reads exactly as the admin wrote it (`-A CLIENTS -p tcp -m tcp --dport 25 -j DROP`),
-and its verdict is its target's. Legacy tables have no change notification: the live
-ruleset is read again when a line names a rule it does not know.
+and its verdict is its target's. Legacy tables have no change notification: which reading of
+the rules a line is read against is rulehistory.py's question.
 
 Counting rules: the kernel numbers every rule of a chain, nftrace's own TRACE rules
 included; `number` is the position an admin sees without them (`iptables -L --line-numbers`
@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,7 +26,8 @@ from ..errors import EnvironmentProblem
 from ..kernel import runner
 from ..protocols import iptables_command
 
-TABLE_NAME_FILES = {"ip": "/proc/net/ip_tables_names", "ip6": "/proc/net/ip6_tables_names"}
+# Of the calling thread's namespace (/proc/net follows the process's first thread).
+TABLE_NAME_FILES = {"ip": "/proc/thread-self/net/ip_tables_names", "ip6": "/proc/thread-self/net/ip6_tables_names"}
 FAMILIES = ("ip", "ip6")
 BACKEND = "iptables-legacy"
 
@@ -191,6 +191,10 @@ class LegacyRuleset:
             return Resolution("return", None, "return")
         return None
 
+    def resolve_line(self, event) -> Optional[Resolution]:
+        """The step a TRACE line (nflog.LegacyTraceEvent) stands for in these rules."""
+        return self.resolve(event.table, event.chain, event.type, event.rule_number)
+
     def _rule_verdict(self, rule: LegacyRule) -> tuple[str, Optional[str]]:
         target = rule.target
         if target is None:
@@ -239,37 +243,3 @@ def read_legacy_ruleset(family: str) -> LegacyRuleset:
                                  "read (apt-get install iptables)")
     result = runner.run(command, what=f"{command[0]} failed")
     return LegacyRuleset.parse(family, result.stdout)
-
-
-class LiveLegacyRuleset:
-    """The namespace's legacy ruleset as TRACE lines need it.
-
-    x_tables announce no change, and a rule inserted above another shifts the numbers that
-    lines carry. So the ruleset is read again when a line names a rule the last reading did
-    not have (at most every REFRESH_INTERVAL), and while lines come, when the last reading is
-    older than MAX_AGE: a change is named right at most MAX_AGE after it.
-    """
-
-    REFRESH_INTERVAL = 0.5
-    MAX_AGE = 2.0
-
-    def __init__(self, family: str, ruleset: Optional[LegacyRuleset] = None, clock=time.monotonic):
-        self.family = family
-        self.clock = clock
-        self.ruleset = ruleset if ruleset is not None else read_legacy_ruleset(family)
-        self._read_at = clock()
-
-    def refresh(self) -> None:
-        self.ruleset = read_legacy_ruleset(self.family)
-        self._read_at = self.clock()
-
-    def resolve(self, table: str, chain: str, kind: str, position: int) -> Optional[Resolution]:
-        age = self.clock() - self._read_at
-        if age >= self.MAX_AGE:
-            self.refresh()
-            age = 0.0
-        found = self.ruleset.resolve(table, chain, kind, position)
-        if found is None and age >= self.REFRESH_INTERVAL:
-            self.refresh()
-            found = self.ruleset.resolve(table, chain, kind, position)
-        return found

@@ -40,7 +40,10 @@ LOOPBACK_IFINDEXES = frozenset({1})
 
 
 class LegacyResolver(Protocol):
-    def resolve(self, table: str, chain: str, kind: str, position: int) -> Optional[Resolution]: ...
+    """What a TRACE line stands for: a fixed LegacyRuleset, or the rules as they were when
+    the line was made (rulehistory.RulesetHistory)."""
+
+    def resolve_line(self, event: LegacyTraceEvent) -> Optional[Resolution]: ...
 
 
 def legacy_position(step_or_event) -> tuple[int, int]:
@@ -297,7 +300,7 @@ class MergedPathBuilder:
             if not trail.takes(event):
                 continue
             self._trails[id(path)] = trail
-            trail.add(event, self.resolver.resolve(event.table, event.chain, event.type, event.rule_number))
+            trail.add(event, self.resolver.resolve_line(event))
             if trail.final is not None:
                 # Closing an open path hands it back; a held one is already closed (returns nothing).
                 self._held.extend(self.builder.finish_packet(path))
@@ -354,7 +357,7 @@ class LegacyPathBuilder:
                 continue
             packet = self._packet_for(item, now)
             trail = packet.trail
-            trail.add(item, self.resolver.resolve(item.table, item.chain, item.type, item.rule_number))
+            trail.add(item, self.resolver.resolve_line(item))
             packet.last_seen = now
             if packet.kept is None:
                 packet.kept = self.keep is None or self.keep(packet.path)

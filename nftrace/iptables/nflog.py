@@ -93,7 +93,7 @@ class nflog_packet_msg(nfgen_msg):
         ("NFULA_UNSPEC", "none"),
         ("NFULA_PACKET_HDR", "packet_hdr"),
         ("NFULA_MARK", "be32"),
-        ("NFULA_TIMESTAMP", "cdata"),
+        ("NFULA_TIMESTAMP", "timestamp"),
         ("NFULA_IFINDEX_INDEV", "be32"),
         ("NFULA_IFINDEX_OUTDEV", "be32"),
         ("NFULA_IFINDEX_PHYSINDEV", "be32"),
@@ -117,6 +117,11 @@ class nflog_packet_msg(nfgen_msg):
     class packet_hdr(nla):
         fields = (("hw_protocol", ">H"), ("hook", "B"), ("pad", "B"))
 
+    class timestamp(nla):
+        """struct nfulnl_msg_packet_timestamp: CLOCK_REALTIME."""
+
+        fields = (("sec", ">Q"), ("usec", ">Q"))
+
 
 @dataclass(frozen=True)
 class LegacyTraceEvent:
@@ -134,6 +139,13 @@ class LegacyTraceEvent:
     oif: Optional[int] = None
     mark: Optional[int] = None
     packet: Optional[PacketHeaders] = None
+    # When the packet arrived (CLOCK_REALTIME; sent at prerouting, input and forward only):
+    # the line was made no earlier.
+    timestamp: Optional[float] = None
+    # Set when the line is read (backends.LegacyTracing): the first and last observation of
+    # the legacy tables whose rules may have made it, and when it was read (CLOCK_REALTIME).
+    seen_between: Optional[tuple[int, int]] = None
+    read_at: Optional[float] = None
 
 
 def parse_trace_prefix(prefix: Optional[str]) -> Optional[tuple[str, str, str, int]]:
@@ -172,8 +184,10 @@ def decode_nflog_message(raw: bytes) -> Optional[LegacyTraceEvent]:
     header = get("NFULA_PACKET_HDR")
     hook = HOOK_NAMES.get(header["hook"]) if header is not None else None
     family = FAMILY_NAMES.get(msg["nfgen_family"], str(msg["nfgen_family"]))
+    stamp = get("NFULA_TIMESTAMP")
     return LegacyTraceEvent(family, table, chain, kind, number, hook, get("NFULA_IFINDEX_INDEV"),
-                            get("NFULA_IFINDEX_OUTDEV"), get("NFULA_MARK"), packet_from_payload(get("NFULA_PAYLOAD")))
+                            get("NFULA_IFINDEX_OUTDEV"), get("NFULA_MARK"), packet_from_payload(get("NFULA_PAYLOAD")),
+                            stamp["sec"] + stamp["usec"] / 1e6 if stamp is not None else None)
 
 
 def decode_nflog_datagram(datagram: bytes) -> Iterator[LegacyTraceEvent]:

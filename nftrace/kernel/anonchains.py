@@ -22,7 +22,6 @@ from ..errors import EnvironmentProblem
 from ..trace.events import TABLE_FAMILIES
 
 ANONYMOUS_CHAIN_RE = re.compile(r"^__chain\d+$")
-FAMILY_NUMBERS = {name: number for number, name in TABLE_FAMILIES.items()}
 # An nft listing line that opens an anonymous chain: `tcp dport 22 jump {`.
 _OPENS_BLOCK_RE = re.compile(r"\b(jump|goto) \{$")
 

@@ -28,6 +28,7 @@ from .system import NETNS_RUN_DIR, namespace_path
 
 SANDBOX_PREFIX = "nftrace-sbx-"  # dry-run sandboxes are nftrace's own, never traced by --all-netns
 RUNTIMES = ("docker", "podman", "ctr")
+CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 INSPECT_TIMEOUT = 10.0
 
 
@@ -43,7 +44,6 @@ class NetnsTarget:
     inode: tuple = ()  # (st_dev, st_ino) of the namespace: the same namespace named twice is one
     pid: Optional[int] = None
     described: str = ""  # how the user named it, for messages
-    runtime: Optional[str] = None
 
     @property
     def shown(self) -> str:
@@ -142,11 +142,15 @@ def _container_pid(runtime: str, name: str) -> tuple[Optional[int], Optional[str
                 return None, runner.first_line(result)
             pid = parse_inspect_pid(result.stdout)
             return (pid, None) if pid else (None, "not running")
-        namespaces = runner.run(["ctr", "namespaces", "list", "--quiet"], check=False, timeout=INSPECT_TIMEOUT)
+        address = os.environ.get("CONTAINERD_ADDRESS", CONTAINERD_SOCKET)
+        if not os.path.exists(address):
+            return None, f"containerd is not running ({address} does not exist)"
+        ctr = ["ctr", "--connect-timeout", "2s"]
+        namespaces = runner.run([*ctr, "namespaces", "list", "--quiet"], check=False, timeout=INSPECT_TIMEOUT)
         if namespaces.returncode != 0:
             return None, runner.first_line(namespaces)
         for namespace in namespaces.stdout.split():
-            tasks = runner.run(["ctr", "--namespace", namespace, "task", "list"], check=False, timeout=INSPECT_TIMEOUT)
+            tasks = runner.run([*ctr, "--namespace", namespace, "task", "list"], check=False, timeout=INSPECT_TIMEOUT)
             pid = parse_ctr_tasks(tasks.stdout, name) if tasks.returncode == 0 else None
             if pid:
                 return pid, None
@@ -168,7 +172,7 @@ def by_container(name: str, runtimes: Iterable[str] = RUNTIMES) -> NetnsTarget:
         pid, problem = _container_pid(runtime, name)
         if pid:
             target = NetnsTarget(f"container:{name}", "container", f"/proc/{pid}/ns/net", pid=pid,
-                                 described=f"container {name}", runtime=runtime)
+                                 described=f"container {name}")
             return _open(target, f"--container {name}: its process {pid} ended before nftrace could enter it")
         answers.append(f"{runtime}: {problem}")
     raise InputError(f"--container {name}: no running container of that name ({'; '.join(answers)})")
@@ -239,5 +243,25 @@ def resolve(netns: Iterable[str] = (), pids: Iterable[str] = (), containers: Ite
     return found
 
 
-def describe_targets(targets: list) -> str:
-    return ", ".join(target.shown for target in targets)
+@dataclass(frozen=True)
+class NamespaceRequest:
+    """The namespaces the command line names (--netns, --pid, --container, --all-netns)."""
+
+    netns: tuple = ()
+    pids: tuple = ()
+    containers: tuple = ()
+    all_netns: bool = False
+
+    @property
+    def several(self) -> bool:
+        return self.all_netns or len(self.netns) + len(self.pids) + len(self.containers) > 1
+
+    @property
+    def one_name(self) -> Optional[str]:
+        """The one --netns NAME, when that is all that was asked."""
+        if not self.several and not self.pids and not self.containers and self.netns:
+            return self.netns[0]
+        return None
+
+    def resolve(self) -> TargetList:
+        return resolve(self.netns, self.pids, self.containers, self.all_netns)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import threading
 from typing import Any, Callable, Optional
 
@@ -71,58 +70,64 @@ class NamespaceBookmark:
             self._fd = None
 
 
-class NamespaceWorker:
-    """A thread that lives in one network namespace and runs what it is given there.
+class NamespaceCaller:
+    """Runs calls inside another network namespace, from nftrace's own thread: setns(2) there,
+    the call, setns back.
 
-    A trace across several namespaces keeps one per namespace other than its own: the
-    libnftables context and the netlink sockets of that namespace are made in it (a socket
-    belongs to the namespace of the thread that opened it, for good), and every libnftables
-    call, interface lookup and command for that namespace runs in it, so that nothing of
-    libnftables' ever reopens a socket in the wrong namespace. Calls run one at a time.
+    A trace across several namespaces keeps one per namespace other than its own. The
+    libnftables context and the netlink sockets of that namespace are made through it (a
+    socket belongs to the namespace it was opened in, for good, and libnftables 1.0.6 never
+    reopens its socket), and so are the interface lookups, /proc/sys reads and commands for
+    that namespace. One thread makes every libnftables call, whichever namespace it is for:
+    libnftables promises nothing for contexts used from several threads.
     """
 
     def __init__(self, fd: int, shown: str):
         self.shown = shown
-        self._calls: queue.Queue = queue.Queue()
-        self._entered: queue.Queue = queue.Queue(maxsize=1)
-        self._thread = threading.Thread(target=self._serve, args=(fd,), name=f"nftrace-netns-{shown}", daemon=True)
-        self._thread.start()
-        problem = self._entered.get()
-        if problem is not None:
-            self._thread.join()
-            raise problem
-
-    def _serve(self, fd: int) -> None:
-        try:
-            enter_namespace_fd(fd, self.shown)
-        except BaseException as err:  # handed to the constructor, raised there
-            self._entered.put(err)
-            return
-        self._entered.put(None)
-        while True:
-            item = self._calls.get()
-            if item is None:
-                return
-            function, args, kwargs, outcome, done = item
-            try:
-                outcome["value"] = function(*args, **kwargs)
-            except BaseException as err:  # carried to the caller, raised there
-                outcome["error"] = err
-            done.set()
+        self._fd = fd
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._thread = threading.current_thread()
+        self._inside = False
 
     def call(self, function: Callable[..., Any], *args, **kwargs) -> Any:
-        """`function(*args, **kwargs)` inside the namespace; its exception is raised here."""
-        if not self._thread.is_alive():
-            raise EnvironmentProblem(f"the helper thread of {self.shown} has stopped")
-        outcome: dict = {}
-        done = threading.Event()
-        self._calls.put((function, args, kwargs, outcome, done))
-        done.wait()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome.get("value")
+        """`function(*args, **kwargs)` inside the namespace (a call from inside runs at once)."""
+        if self._inside:
+            return function(*args, **kwargs)
+        if threading.current_thread() is not self._thread:
+            raise EnvironmentProblem(f"{self.shown} is reached from nftrace's own thread only")
+        enter_namespace_fd(self._fd, self.shown)
+        self._inside = True
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self._inside = False
+            enter_namespace_fd(self._home, "nftrace's own network namespace")
 
-    def close(self, timeout: float = 5.0) -> None:
-        if self._thread.is_alive():
-            self._calls.put(None)
-            self._thread.join(timeout)
+    def proxy(self, target: Any) -> "InNamespace":
+        """`target` with every method call run inside the namespace."""
+        return InNamespace(self, target)
+
+    def close(self) -> None:
+        if self._home >= 0:
+            os.close(self._home)
+            self._home = -1
+
+
+class InNamespace:
+    """An object that belongs to another namespace (a libnftables context, a rule book):
+    its methods run inside that namespace; other attributes are read as they are."""
+
+    def __init__(self, caller: NamespaceCaller, target: Any):
+        self._caller = caller
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+        caller = self._caller
+
+        def in_namespace(*args, **kwargs):
+            return caller.call(value, *args, **kwargs)
+
+        return in_namespace

@@ -132,10 +132,7 @@ def mark_ends(flow: Flow, relaxed: bool) -> tuple:
     flow (trace/crossing.py)."""
     if not relaxed:
         return (None,)
-    # relaxed traces have a flow with both addresses (why)
-    ends = tuple(end for end, network, port in (("src", flow.src, flow.sport), ("dst", flow.dst, flow.dport))
-                 if network.prefixlen or port is not None)
-    return ends or (None,)
+    return flow.constrained_ends() or (None,)
 
 
 def mark_hooks(flow: Flow) -> tuple[str, ...]:

@@ -34,7 +34,9 @@ from ..kernel.system import NETNS_RUN_DIR, pid_alive
 DEMO_SCENARIO = "nat-router"
 DEMO_PREFIX = "nftdemo"
 LISTEN_SECONDS = 120
-TRACE_TIMEOUT = 10.0
+# Each trace's --timeout; NFTRACE_DEMO_TIMEOUT raises it where everything is slow (a VM under
+# software emulation starts Python several times slower than a real machine).
+TRACE_TIMEOUT = float(os.environ.get("NFTRACE_DEMO_TIMEOUT") or 10.0)
 _LEFTOVER_RE = re.compile(rf"^{DEMO_PREFIX}(\d+)-(client|router|server)$")
 _HEADLINE_RE = re.compile(r"^(ACCEPT|DROP|QUEUE|STOLEN|\?)\s")
 HEADLINE_VERDICTS = {"ACCEPT": "accept", "DROP": "drop", "QUEUE": "queue", "STOLEN": "stolen", "?": "unknown"}

@@ -124,8 +124,11 @@ class Topology:
             if not netns_exists(name):
                 run(["ip", "netns", "add", name])
             in_netns(name, ["ip", "link", "set", "lo", "up"])
-        run(["ip", "link", "add", "eth0", "netns", self.client, "type", "veth", "peer", "name", "r-client", "netns", self.router])
-        run(["ip", "link", "add", "eth0", "netns", self.server, "type", "veth", "peer", "name", "r-server", "netns", self.router])
+        # Each pair is made from inside the router: some kernels (Debian 12's 6.1, in the lab VMs)
+        # look a new link's name up in the caller's namespace too, so `ip link add eth0 netns X`
+        # fails with "File exists" on a machine that has an eth0 of its own.
+        in_netns(self.router, ["ip", "link", "add", "r-client", "type", "veth", "peer", "name", "eth0", "netns", self.client])
+        in_netns(self.router, ["ip", "link", "add", "r-server", "type", "veth", "peer", "name", "eth0", "netns", self.server])
         for ns in (self.client, self.server, self.router):
             # No DAD delay: IPv6 addresses are usable at once.
             in_netns(ns, ["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])

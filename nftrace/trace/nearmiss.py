@@ -38,7 +38,7 @@ then path order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Optional, Protocol
 
 from ..protocols import iptables_command
 
@@ -333,7 +333,8 @@ class _Finder:
         self._walk_chain(run, run.chain, view, wanted, matched, depth=0)
 
     def _walk_chain(self, run: _Run, chain: str, view: PacketView, wanted: str, matched: dict, depth: int) -> str:
-        """`end` (fell off / returned), `stop` (a terminal verdict), `goto` (left by goto)."""
+        """`end` (fell off / returned), `stop` (a terminal verdict), `goto` (left by a goto whose
+        chain came to its end: the kernel goes back to this chain's caller, as from a return)."""
         rules = self.book.rules(run.backend, run.family, run.table, chain)
         if rules is None or depth > MAX_JUMP_DEPTH:
             return "stop"  # not known: nothing sound can be said past it
@@ -344,12 +345,12 @@ class _Finder:
                 step = steps.pop(0) if len(steps) > 1 else steps[0]
                 if step.verdict == "jump" and step.target:
                     outcome = self._walk_chain(run, step.target, view, wanted, matched, depth + 1)
-                    if outcome != "end":
+                    if outcome == "stop":
                         return "stop"
-                    continue
+                    continue  # the target returned here, itself or through a goto
                 if step.verdict == "goto" and step.target:
                     outcome = self._walk_chain(run, step.target, view, wanted, matched, depth + 1)
-                    return "stop" if outcome != "end" else "goto"
+                    return "stop" if outcome == "stop" else "goto"
                 if step.verdict == "return":
                     return "end"
                 if step.verdict == "continue":
@@ -493,11 +494,6 @@ def _remoteness(near_miss: NearMiss) -> int:
     if mismatches and all(m.field in STATE_FIELDS or m.wanted in LOOPBACK_NAMES for m in mismatches):
         return 2
     return 1 if any(m.other_protocol for m in mismatches) else 0
-
-
-def renumber(near_misses: Iterable[NearMiss], handles: Callable[[NearMiss], Optional[int]]) -> list:
-    """The same near misses with other handles (a dry run's sandbox numbers its own)."""
-    return [replace(item, handle=handles(item)) if handles(item) is not None else item for item in near_misses]
 
 
 __all__ = ["Mismatch", "NearMiss", "RuleVerdict", "find_near_misses", "packet_view", "describe_mismatch",

@@ -94,7 +94,7 @@ class PacketPathBuilder(Protocol):
     def open_packets(self) -> int: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One thing that happened to the packet in the ruleset: a rule matched, a chain returned,
     a policy applied."""
@@ -163,7 +163,7 @@ class Step:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class HookObservation:
     """The packet as one base chain first saw it: headers, interfaces, conntrack."""
 
@@ -182,7 +182,7 @@ class HookObservation:
     derived: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class PacketPath:
     """Everything nftrace learnt about one packet; rendered for people and as JSON."""
 
@@ -201,6 +201,7 @@ class PacketPath:
     netns: Optional[str] = None  # the namespace this path (or part of a path) ran in
     # A packet traced across namespaces: its part in each, in the order it met them (crossing.py).
     segments: list = field(default_factory=list)
+    interfaces: Optional[dict] = None  # ifindex -> name in a segment's namespace (None: the run's own)
     # The kernel freed the packet after this hook, before netfilter was done with it (a kernel
     # drop closed the path): no step decided its fate (see verdict_before_kernel_drop).
     vanished_after: Optional[str] = None
@@ -237,7 +238,7 @@ class PacketPath:
         return marks[-1] if marks else None
 
 
-@dataclass
+@dataclass(slots=True)
 class _PacketState:
     trace_id: int
     path: PacketPath
@@ -283,7 +284,7 @@ class PathBuilder:
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
                  idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1}),
-                 bridges: frozenset = frozenset(), egress: frozenset = frozenset()):
+                 bridges: frozenset = frozenset(), egress: frozenset = frozenset(), bridge_out: bool = False):
         self.lookup = lookup
         self.keep = keep
         self.idle_seconds = idle_seconds
@@ -293,6 +294,10 @@ class PathBuilder:
         # egress chains it observes (ifindexes): a packet leaving through one is not done at
         # postrouting. A frame delivered up to a bridge device comes back in under a new id.
         self.bridges = bridges
+        # The ruleset has bridge chains at output or postrouting: a packet routed out through a
+        # bridge device goes on there after IP postrouting (which runs before the next hop is
+        # resolved: without such chains, its path ends at IP postrouting, as without bridges).
+        self.bridge_out = bridge_out
         self.egress = egress
         self.rejoin_ifindexes = loopback_ifindexes | bridges
         self._open: OrderedDict[int, _PacketState] = OrderedDict()
@@ -528,7 +533,7 @@ class PathBuilder:
             return False
         if _hook_family(event.family) == "bridge":
             return not (("inet", "forward") in state.passed and ("inet", "postrouting") not in state.passed)
-        return oif not in self.bridges or ("bridge", "postrouting") in state.passed
+        return oif not in self.bridges or not self.bridge_out or ("bridge", "postrouting") in state.passed
 
     def _enter_hook(self, state: _PacketState, hook: str, event: TraceEvent) -> None:
         """Steps whose base chain was unknown to the snapshot ran on the hook entered next.

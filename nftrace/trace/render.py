@@ -6,7 +6,7 @@ from ..protocols import endpoint_text, protocol_name
 from .colour import PLAIN, Style
 from .nearmiss import TEXT_LIMIT, NearMiss
 from .paths import PacketPath, Step
-from .report import TraceReport, conntrack_json, summary
+from .report import TraceReport, conntrack_json, netns_words, summary
 from ..kernel.system import interface_name
 
 VERDICT_LABELS = {"accept": "ACCEPT", "drop": "DROP", "queue": "QUEUE", "stolen": "STOLEN", "unknown": "?"}
@@ -43,48 +43,92 @@ def _step_line(step: Step, style: Style = PLAIN, deciding: bool = False) -> str:
 
 
 def path_lines(path: PacketPath, interfaces: dict, style: Style = PLAIN) -> list[str]:
-    """hook → table/chain → rule and verdict; jumps indented; every hook the packet passed."""
+    """hook → table/chain → rule and verdict; jumps indented; every hook the packet passed.
+    A packet traced across namespaces: its hooks grouped under each namespace, in order."""
     lines = []
-    steps_by_hook: dict = {}
-    for step in path.steps:
-        steps_by_hook.setdefault(step.hook, []).append(step)
-    hooks = list(path.hooks) + [hook for hook in steps_by_hook if hook not in path.hooks]
-    # Interfaces as the hook left them (nftrace's observation chain), else as a chain of the
-    # ruleset first saw them (a packet dropped on a hook never reaches the observation).
-    observations: dict = {}
-    for observation in path.observations:
-        if observation.hook and (observation.hook not in observations or observation.own):
-            observations[observation.hook] = observation
-    conntrack = {entry["hook"]: entry for entry in conntrack_json(path)}
-    for hook in hooks:
-        observation = observations.get(hook)
-        where = ""
-        if observation is not None:
-            iif = interface_name(interfaces, observation.iif)
-            oif = interface_name(interfaces, observation.oif)
-            where = "  " + " ".join(part for part in (f"in {iif}" if iif else "", f"out {oif}" if oif else "") if part)
-        if hook in conntrack:
-            ct = conntrack[hook]
-            where += f"  ct {ct['state']}" + (f" ({ct['direction']})" if ct["direction"] else "")
-        lines.append(f"  {hook or '(hook unknown)'}{where}".rstrip())
-        current = None
-        for step in steps_by_hook.get(hook, []):
-            chain = (step.backend, step.family, step.table, step.chain)
-            if step.depth == 0 and chain != current:
-                lines.append(f"    {step.where()}")
-                current = chain
-            lines.append("  " + _step_line(step, style, step is path.decided_by))
-        if not steps_by_hook.get(hook):
-            lines.append("    (no chain of the ruleset on this hook)")
-    for change in path.nat:
-        by = f"by {change['rule']}" if change.get("rule") else "by conntrack (the connection's NAT mapping)"
-        lines.append(f"  nat at {change['hook']}: {change['field']} {change['from']} → {change['to']}  {by}")
+    if path.segments:
+        for segment in path.segments:
+            lines.append(f"  {netns_words(segment.netns)}")
+            names = segment.interfaces or interfaces
+            lines += ["  " + line for line in _hook_lines(segment, names, style, path.decided_by)]
+            lines += ["  " + line for line in _nat_lines(segment)]
+    else:
+        lines += _hook_lines(path, interfaces, style, path.decided_by)
+        lines += _nat_lines(path)
     if path.kernel_drop:
         drop = path.kernel_drop
         where = f" at {drop['location']}" if drop.get("location") else ""
         explained = f": {drop['explain']}" if drop.get("explain") else ""
         lines.append(f"  kernel drop: {drop.get('reason')}{where}{explained}")
     return lines + near_miss_lines(path, style)
+
+
+def _occurrences(hooks: list, items: list) -> list:
+    """Which pass of `hooks` each item (a step, an observation) belongs to, in order: a hook can
+    come twice (a packet routed out through a bridge passes postrouting, then the bridge's
+    output and postrouting)."""
+    places, position = [], 0
+    for item in items:
+        found = next((i for i in range(position, len(hooks)) if hooks[i] == item.hook), None)
+        if found is None:
+            found = next((i for i in range(len(hooks)) if hooks[i] == item.hook), None)
+        else:
+            position = found
+        places.append(found)
+    return places
+
+
+def _hook_lines(path: PacketPath, interfaces: dict, style: Style, decided_by) -> list[str]:
+    lines = []
+    hooks = list(path.hooks) + [step.hook for step in path.steps if step.hook not in path.hooks]
+    steps_at: dict = {}
+    for step, place in zip(path.steps, _occurrences(hooks, path.steps)):
+        steps_at.setdefault(place, []).append(step)
+    # Interfaces as the first chain on the hook saw them (the port a bridged frame came in on,
+    # before br_netfilter's IP chains show the bridge device); the output interface, when that
+    # chain ran before routing chose one, as the hook's last chain saw it.
+    seen: dict = {}
+    out: dict = {}
+    for observation, place in zip(path.observations, _occurrences(hooks, path.observations)):
+        if place is None:
+            continue
+        seen.setdefault(place, observation)
+        if observation.oif:
+            out[place] = observation.oif
+    conntrack = {entry["hook"]: entry for entry in conntrack_json(path)}
+    for place, hook in enumerate(hooks):
+        observation = seen.get(place)
+        where = ""
+        if observation is not None:
+            iif = interface_name(interfaces, observation.iif)
+            oif = interface_name(interfaces, observation.oif or out.get(place))
+            where = "  " + " ".join(part for part in (f"in {iif}" if iif else "", f"out {oif}" if oif else "") if part)
+        if hook in conntrack and (observation is None or observation.family not in ("bridge", "netdev")):
+            ct = conntrack[hook]
+            where += f"  ct {ct['state']}" + (f" ({ct['direction']})" if ct["direction"] else "")
+        label = hook or "(hook unknown)"
+        if observation is not None and observation.family == "bridge" \
+                and all(step.family == "bridge" for step in steps_at.get(place, [])):
+            label += " (bridge)"
+        lines.append(f"  {label}{where}".rstrip())
+        current = None
+        for step in steps_at.get(place, []):
+            chain = (step.backend, step.family, step.table, step.chain)
+            if step.depth == 0 and chain != current:
+                lines.append(f"    {step.where()}")
+                current = chain
+            lines.append("  " + _step_line(step, style, step is decided_by))
+        if not steps_at.get(place):
+            lines.append("    (no chain of the ruleset on this hook)")
+    return lines
+
+
+def _nat_lines(path: PacketPath) -> list[str]:
+    lines = []
+    for change in path.nat:
+        by = f"by {change['rule']}" if change.get("rule") else "by conntrack (the connection's NAT mapping)"
+        lines.append(f"  nat at {change['hook']}: {change['field']} {change['from']} → {change['to']}  {by}")
+    return lines
 
 
 WOULD_HAVE = {"accept": "accepted", "drop": "dropped"}

@@ -25,14 +25,16 @@ class TraceReport:
     flow: Flow
     backend: str = "nft"
     mode: str = "live"
-    netns: Optional[str] = None
+    netns: Optional[str] = None  # the (first) namespace traced; None: nftrace's own
+    namespaces: list = field(default_factory=list)  # every namespace traced, in the order given
     lost_events: int = 0
     warnings: list = field(default_factory=list)
     interfaces: dict = field(default_factory=dict)
     dry_run: Optional[dict] = None  # mode "dry-run": the sandbox, the packet sent, what was not copied
 
     def header_json(self) -> dict:
-        return {"backend": self.backend, "mode": self.mode, "netns": self.netns, "flow": self.flow.to_json(),
+        return {"backend": self.backend, "mode": self.mode, "netns": self.netns,
+                "namespaces": list(self.namespaces or [self.netns]), "flow": self.flow.to_json(),
                 "dry_run": self.dry_run}
 
     def trailer_json(self) -> dict:
@@ -69,6 +71,8 @@ def summary(path: PacketPath) -> str:
     word = VERDICT_WORDS.get(path.verdict, path.verdict)
     if path.verdict == "drop" and step.type == "rule" and step.text and "reject" in step.text.lower():
         word = "rejected"
+    if path.segments:
+        word += f" in {netns_words(step.netns)}"
     text = f"{word} by {step.location()}"
     state = accepted_by_connection(path)
     if state == "established":
@@ -76,6 +80,18 @@ def summary(path: PacketPath) -> str:
     elif state == "related":
         text += " — only because it is related to an earlier connection (ct state related)"
     return text
+
+
+def netns_words(label: Optional[str]) -> str:
+    """How the answer names a namespace: `netns R`, `the namespace of pid 4242`, `container web`."""
+    if label is None:
+        return "this namespace"
+    kind, _, rest = label.partition(":")
+    if kind == "pid" and rest:
+        return f"the namespace of pid {rest}"
+    if kind == "container" and rest:
+        return f"container {rest}"
+    return f"netns {label}"
 
 
 def accepted_by_connection(path: PacketPath) -> Optional[str]:
@@ -87,16 +103,18 @@ def accepted_by_connection(path: PacketPath) -> Optional[str]:
     if not re.search(r"\bct state\b", step.text) or re.search(r"\bnew\b", step.text):
         return None  # a rule that also accepts new connections does not owe its match to an old one
     for entry in conntrack_json(path):
-        if entry["hook"] == step.hook and entry["state"] in ("established", "related"):
+        if entry["hook"] == step.hook and entry["netns"] == step.netns and entry["state"] in ("established", "related"):
             return entry["state"] if re.search(rf"\b{entry['state']}\b", step.text) else None
     return None
 
 
 def packet_fields(path: PacketPath, interfaces: dict) -> dict:
+    """The packet as it arrived in its first namespace; `oif` where it left its last one."""
     packet = path.first_packet
+    first, last = (path.segments[0], path.segments[-1]) if path.segments else (path, path)
     return {
-        "iif": interface_name(interfaces, path.interface_index("iif")),
-        "oif": interface_name(interfaces, path.interface_index("oif")),
+        "iif": interface_name(first.interfaces or interfaces, first.interface_index("iif")),
+        "oif": interface_name(last.interfaces or interfaces, last.interface_index("oif")),
         "src": str(packet.src) if packet and packet.src else None,
         "dst": str(packet.dst) if packet and packet.dst else None,
         "proto": protocol_name(packet.proto) if packet else None,
@@ -108,7 +126,7 @@ def packet_fields(path: PacketPath, interfaces: dict) -> dict:
 
 
 DECIDED_BY_FIELDS = ("hook", "family", "table", "chain", "type", "handle", "rule_number", "text", "verdict",
-                     "iptables", "backend")
+                     "iptables", "backend", "netns")
 
 
 def decided_by_json(step: Optional[Step]) -> Optional[dict]:
@@ -123,6 +141,18 @@ def _decided_by_json(path: PacketPath) -> Optional[dict]:
     return decided_by_json(path.decided_by)
 
 
+def namespaces_json(path: PacketPath, interfaces: dict) -> list:
+    """The packet's part in each namespace it crossed, in order (one part when one was traced)."""
+    parts = []
+    for segment in path.segments or [path]:
+        names = segment.interfaces or interfaces
+        parts.append({"netns": segment.netns, "trace_id": f"{segment.trace_id:08x}", "hooks": list(segment.hooks),
+                      "iif": interface_name(names, segment.interface_index("iif")),
+                      "oif": interface_name(names, segment.interface_index("oif")),
+                      "verdict": segment.verdict if segment.complete else "unknown"})
+    return parts
+
+
 def packet_json(path: PacketPath, interfaces: dict) -> dict:
     return {
         "trace_id": f"{path.trace_id:08x}",
@@ -134,6 +164,7 @@ def packet_json(path: PacketPath, interfaces: dict) -> dict:
         "decided_by": _decided_by_json(path),
         "steps": [step.to_json() for step in path.steps],
         "packet": packet_fields(path, interfaces),
+        "namespaces": namespaces_json(path, interfaces),
         "conntrack": conntrack_json(path),
         # "established" / "related": the accepting rule matched only because of an earlier connection
         "accepted_by_connection": accepted_by_connection(path),
@@ -149,17 +180,22 @@ def conntrack_json(path: PacketPath) -> list:
 
     The kernel reports the state as the hook's last chain (nftrace's observation chain) saw it.
     It sends nothing for an invalid packet; a rule that matched `ct state invalid` says it.
+    Each namespace has a conntrack table of its own: a packet across several has an entry per
+    namespace and hook.
     """
+    if path.segments:
+        return [entry for segment in path.segments for entry in conntrack_json(segment)]
     by_hook: dict = {}
     for observation in path.observations:
         if observation.ct is not None and observation.hook is not None:
             ct = observation.ct
             by_hook[observation.hook] = {"hook": observation.hook, "state": ct.state, "direction": ct.direction,
-                                         "status": list(ct.status), "id": ct.id}
+                                         "status": list(ct.status), "id": ct.id, "netns": path.netns}
     for step in path.steps:
         if step.hook and step.hook not in by_hook and step.type == "rule" and step.text \
                 and _INVALID_RULE_RE.search(step.text):
-            by_hook[step.hook] = {"hook": step.hook, "state": "invalid", "direction": None, "status": [], "id": None}
+            by_hook[step.hook] = {"hook": step.hook, "state": "invalid", "direction": None, "status": [], "id": None,
+                                  "netns": path.netns}
     return [by_hook[hook] for hook in path.hooks if hook in by_hook]
 
 

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 from ..kernel.tracetable import is_trace_table
 
 
-_TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)$")
+_TABLE_RE = re.compile(r"^table (\S+) (.+?) \{ # handle (\d+)(?: .*)?$")  # an owned table: "# handle 5 progname nftrace"
 _TABLE_NAME_RE = re.compile(r"^table (\S+) (.+?) \{")
 _CHAIN_RE = re.compile(r"^chain (.+?) \{ # handle (\d+)$")
 _BASE_RE = re.compile(r"^type (\S+) hook (\S+)(?: .*?)? priority ([^;]+);(?: policy (\S+);)?")
@@ -90,8 +90,18 @@ def _unquote(name: str) -> str:
     return name[1:-1] if len(name) >= 2 and name[0] == name[-1] == '"' else name
 
 
-def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
-    """Parse `nft -a -s -t list ruleset` into (tables, chains, rules).
+@dataclass
+class TableOutline:
+    """A table's flags and the names of its chains, sets and maps (what a JSON listing of it
+    one object at a time needs: see NftContext.list_ruleset)."""
+
+    flags: tuple = ()
+    objects: list = field(default_factory=list)  # (kind, name): chain, set, map
+
+
+def parse_ruleset_listing(text: str, outline: Optional[dict] = None) -> tuple[dict, dict, dict]:
+    """Parse `nft -a -s -t list ruleset` into (tables, chains, rules); `outline`, when given,
+    gets each table's TableOutline.
 
     nft indents with one tab per level: tables at 0, their objects at 1, a chain's rules and
     base-chain line at 2. Blocks other than chains (sets, maps, flowtables, objects) are
@@ -141,14 +151,20 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
             if match:
                 family, table = match.group(1), _unquote(match.group(2))
                 tables[(family, table)] = int(match.group(3))
+                if outline is not None:
+                    outline[(family, table)] = TableOutline()
             chain = None
         elif depth == 1:
             match = _CHAIN_RE.match(body)
             if match and table is not None:
                 chain = ChainInfo(family, table, _unquote(match.group(1)))
                 chains[(family, table, chain.name)] = chain
+                if outline is not None:
+                    outline[(family, table)].objects.append(("chain", chain.name))
             elif body != "}":
                 chain = None
+                if outline is not None and (family, table) in outline:
+                    _outline_line(outline[(family, table)], body)
         elif depth == 2 and chain is not None:
             base = _BASE_RE.match(body)
             if base and not chain.rules and chain.hook is None:
@@ -165,6 +181,18 @@ def parse_ruleset_listing(text: str) -> tuple[dict, dict, dict]:
             elif body.endswith("{"):
                 block = [(depth, body)]
     return tables, chains, rules
+
+
+_SET_RE = re.compile(r"^(set|map) (.+?) \{")
+
+
+def _outline_line(table: TableOutline, body: str) -> None:
+    if body.startswith("flags "):
+        table.flags = tuple(flag.strip() for flag in body[len("flags "):].rstrip(";").split(","))
+        return
+    match = _SET_RE.match(body)
+    if match:
+        table.objects.append((match.group(1), _unquote(match.group(2))))
 
 
 def _fold_block(entries: list, depth: int) -> tuple:
@@ -288,10 +316,11 @@ class RulesetSnapshot:
         """Interfaces with egress chains of the ruleset: they act after postrouting."""
         return self._devices_with("egress")
 
-    def has_base_chains(self, family: str) -> bool:
-        """Whether the ruleset (nftrace's own tables aside) has base chains of `family`."""
+    def has_base_chains(self, family: str, hooks: tuple = ()) -> bool:
+        """Whether the ruleset (nftrace's own tables aside) has base chains of `family` (on one
+        of `hooks`, when given)."""
         return any(chain.family == family and chain.is_base and not is_trace_table(chain.table)
-                   for chain in self.chains.values())
+                   and (not hooks or chain.hook in hooks) for chain in self.chains.values())
 
     def _devices_with(self, hook: str) -> list[str]:
         return sorted({device for chain in self.chains.values() if chain.hook == hook

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
 from ..iptables.backends import BackendPlan, LegacyTracing, make_path_builder, plan_backend
@@ -28,12 +28,16 @@ from ..kernel import runner
 from ..kernel.monitor import EventsLost, MonitorItem, RulesetChanged, TableDeleted, TraceMonitor
 from ..kernel.nft import NftContext
 from .nearmiss_live import LiveRuleBook, NearMissAnnotator, nft_lister
-from .paths import PacketPath, PacketPathBuilder
+from .crossing import CrossingJoiner, assign_namespace
+from .parts import NamespacePart
+from .paths import PacketPath, PathBuilder
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions, UndoStack
-from ..kernel.system import enter_namespace, interface_index, interface_links, interface_names, require_net_admin
+from ..kernel.netns import NamespaceRequest
+from ..kernel.nsexec import NamespaceCaller
+from ..kernel.system import enter_namespace_fd, interface_index, interface_links, interface_names, require_net_admin
 from ..kernel.tracetable import DEFAULT_MAX_RATE, TraceTable, nat_hooks, remove_leftover_tables
 from ..iptables.xtnft import IptablesNftText
 
@@ -44,7 +48,7 @@ POLL_SECONDS = 0.2
 @dataclass
 class TraceOptions:
     flow: Flow
-    netns: Optional[str] = None
+    netns: Optional[str] = None  # one namespace by name (a dry run's sandbox); see `namespaces`
     count: int = 10
     timeout: float = 60.0
     max_rate: int = DEFAULT_MAX_RATE
@@ -55,14 +59,19 @@ class TraceOptions:
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
     counted: bool = False  # count matched and traced packets in the trace table (`drops`)
     near_misses: bool = True  # explain each answer with its near misses (a dry run's helpers may not need them)
+    # The namespaces to trace (--netns, --pid, --container, --all-netns); None: `netns`, or
+    # the one nftrace runs in. The first is where the traffic command runs.
+    namespaces: Optional[NamespaceRequest] = None
+
+    def request(self) -> NamespaceRequest:
+        if self.namespaces is not None:
+            return self.namespaces
+        return NamespaceRequest(netns=(self.netns,) if self.netns else ())
 
 
-def prepare_namespace(options: TraceOptions) -> None:
-    """Checks that need no kernel change, in the order a user would fix them."""
-    require_net_admin()
-    if options.netns:
-        enter_namespace(options.netns)
-    for name, option in ((options.flow.iif, "--iif"), (options.flow.oif, "--oif")):
+def check_interfaces(flow: Flow) -> None:
+    """--iif and --oif name interfaces of the (first) namespace traced."""
+    for name, option in ((flow.iif, "--iif"), (flow.oif, "--oif")):
         if name:
             interface_index(name, option)
 
@@ -80,30 +89,40 @@ def open_nftables() -> NftContext:
 class _Run:
     """What one run of `TraceSession.run` set up, and what its loop reads and feeds."""
 
-    nft: Optional[NftContext]
-    snapshot: Optional[RulesetSnapshot]
-    monitor: Optional[TraceMonitor]
-    table: Optional[TraceTable]
+    parts: list  # NamespacePart, the first one nftrace's own thread is in
     legacy: Optional[LegacyTracing]
-    builder: PacketPathBuilder
+    joiner: Optional[CrossingJoiner]  # a trace across several namespaces: joins each packet's parts
     on_packet: Callable[[PacketPath], None]
     on_batch: Optional[Callable[[], None]]
     deadline: Optional[float]  # --timeout, on the monotonic clock
+
+    @property
+    def primary(self) -> NamespacePart:
+        return self.parts[0]
+
+    @property
+    def live(self) -> list:
+        return [part for part in self.parts if not part.ended]
+
+    def part(self, label: Optional[str]) -> NamespacePart:
+        return next((part for part in self.parts if part.label == label), self.parts[0])
 
 
 class TraceSession:
     """One live trace. `run(on_packet)` calls `on_packet` for each packet of the flow."""
 
-    def __init__(self, options: TraceOptions, report: TraceReport):
+    def __init__(self, options: TraceOptions, report: TraceReport, drop_watcher: Optional[KernelDropWatcher] = None):
+        """`drop_watcher`: a watcher of the traced namespace that the caller started and keeps
+        running across several sessions (bpftrace takes seconds to start): this session uses
+        it, and leaves it running."""
         self.options = options
         self.report = report
         self.packets_seen = 0
         self._process: Optional[subprocess.Popen] = None
+        self._shared_drops = drop_watcher
         self._drops: Optional[KernelDropWatcher] = None
         self._correlator: Optional[DropCorrelator] = None
-        self._iptables_nft: Optional[IptablesNftText] = None
-        self._near_misses: Optional[NearMissAnnotator] = None
-        self._table: Optional[TraceTable] = None
+        self._table: Optional[TraceTable] = None  # the first namespace's
 
     def _finishing(self, table: Optional[TraceTable]) -> None:
         """Called once the trace is over, while the trace table is still in (for its counters)."""
@@ -114,42 +133,37 @@ class TraceSession:
         options = self.options
         rcvbuf = options.rcvbuf or receive_buffer_size(options.max_rate)
         with SignalsAsExceptions():
-            prepare_namespace(options)
-            nft, plan = self._plan()
-            self.report.backend = plan.name
-            self.report.interfaces = interface_names()
+            require_net_admin()
             with UndoStack() as undo:
-                snapshot = monitor = table = legacy = None
+                parts = self._enter_namespaces(undo)
+                primary = parts[0]
+                check_interfaces(options.flow)
+                nft, plan = self._plan()
+                if len(parts) > 1 and not plan.nft:
+                    raise EnvironmentProblem("a trace across several namespaces needs nf_tables in each "
+                                             "(--backend iptables traces one namespace)")
+                self.report.backend = plan.name
+                self.report.interfaces = primary.interfaces = interface_names()
+                primary.nft = nft
+                for part in parts[1:]:
+                    part.nft = part.inside(self._open_nftables_in(part))
+                    part.interfaces = part.call(interface_names)
                 if plan.nft:
-                    # Tables only until the trace rules are in: a full listing of a big ruleset takes
-                    # long, and it is taken once they are in anyway.
-                    snapshot = RulesetSnapshot.take_tables(nft)
-                    removed = remove_leftover_tables(nft, snapshot)
-                    if removed:
-                        self.report.warnings.append(f"removed trace tables left by killed nftrace runs: {', '.join(removed)}")
-                    monitor = undo.enter_context(TraceMonitor(rcvbuf))
+                    for part in parts:
+                        self._listen(part, undo, rcvbuf)
                 drops = undo.enter_context(self._drop_watcher())
+                legacy = None
                 if plan.legacy:
                     # Listening before anything sets the trace bit: no TRACE line is missed.
                     legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
-                if plan.nft:
-                    table = undo.enter_context(TraceTable(nft, options.flow, options.max_rate, counted=options.counted))
-                    self._table = table
-                    if table.owner_warning:
-                        self.report.warnings.append(table.owner_warning)
-                    monitor.watch_ruleset()
-                    snapshot.refresh_from(nft)
-                    if snapshot.ingress_devices():
-                        table.mark_ingress(snapshot.ingress_devices())
-                    devices = self._follow_devices(table, snapshot)
-                    table.observe(nat_hooks(snapshot, legacy_nat=self._legacy_nat(legacy)))
-                    self._iptables_nft = IptablesNftText.read(snapshot)
-                builder = make_path_builder(plan, snapshot, legacy, self._keep, options.idle_seconds,
-                                            **(devices if plan.nft else {}))
-                if options.near_misses:
-                    self._near_misses = self._near_miss_annotator(nft if plan.nft else None, snapshot, plan)
+                for part in parts:
+                    if plan.nft:
+                        self._mark(part, undo, relaxed=len(parts) > 1)
+                    self._build(part, plan, legacy, several=len(parts) > 1)
+                joiner = CrossingJoiner(self._keep, {part.label: part.snapshot for part in parts}) \
+                    if len(parts) > 1 else None
                 deadline = time.monotonic() + options.timeout if options.timeout else None
-                run = _Run(nft, snapshot, monitor, table, legacy, builder, on_packet, on_batch, deadline)
+                run = _Run(parts, legacy, joiner, on_packet, on_batch, deadline)
                 try:
                     self._await_drop_watcher(drops)
                     on_ready()
@@ -157,25 +171,103 @@ class TraceSession:
                     self._loop(run)
                 finally:
                     self._stop_command()
-                    self._finishing(table)
-                    self.report.lost_events = ((monitor.dropped_messages() or monitor.overruns) if monitor else 0) + (
+                    self._finishing(primary.table)
+                    self.report.lost_events = sum((part.monitor.dropped_messages() or part.monitor.overruns)
+                                                  for part in parts if part.monitor is not None) + (
                         legacy.lost_messages() if legacy else 0)
                     if self.report.lost_events:
                         self.report.warnings.append(loss_warning(self.report.lost_events, rcvbuf, options.max_rate))
                     if self._correlator is not None:
                         self.report.warnings.extend(self._correlator.notes)
-                    if builder.unmatched_lines:
-                        self.report.warnings.append(f"{builder.unmatched_lines} legacy TRACE lines belonged to no "
-                                                    "packet of this run (packets traced by someone else's TRACE rules?)")
+                    if legacy is not None:
+                        self.report.warnings.extend(legacy.notes())
+                    if primary.builder.unmatched_lines:
+                        self.report.warnings.append(f"{primary.builder.unmatched_lines} legacy TRACE lines belonged "
+                                                    "to no packet of this run (packets traced by someone else's "
+                                                    "TRACE rules?)")
 
-    def _follow_devices(self, table: TraceTable, snapshot: RulesetSnapshot) -> dict:
+    # -- setting up, one namespace at a time --------------------------------------------------
+
+    def _enter_namespaces(self, undo: UndoStack) -> list:
+        """Open every namespace asked for; enter the first (the traffic command runs there);
+        give each other one a thread that lives in it. Nothing is changed yet."""
+        request = self.options.request()
+        targets = request.resolve()
+        undo.callback(targets.close)
+        self.report.warnings.extend(targets.notes)
+        first = targets.targets[0]
+        enter_namespace_fd(first.fd, first.shown)
+        parts = [NamespacePart(first.label, first)]
+        for target in targets.targets[1:]:
+            caller = NamespaceCaller(target.fd, target.shown)
+            undo.callback(caller.close)  # after everything done through it is undone
+            parts.append(NamespacePart(target.label, target, caller))
+        if self.options.namespaces is not None:
+            # Named by the user (a dry run names its sandbox, and keeps its answer's names).
+            self.report.netns = parts[0].label
+            self.report.namespaces = [part.label for part in parts]
+        return parts
+
+    @staticmethod
+    def _open_nftables_in(part: NamespacePart) -> NftContext:
+        try:
+            return part.call(open_nftables)
+        except EnvironmentProblem as err:
+            raise EnvironmentProblem(f"{part.shown}: {err}") from None
+
+    def _listen(self, part: NamespacePart, undo: UndoStack, rcvbuf: int) -> None:
+        """The part's trace-event socket, open before its trace rules go in."""
+        # Tables only until the trace rules are in: a full listing of a big ruleset takes
+        # long, and it is taken once they are in anyway.
+        part.snapshot = RulesetSnapshot.take_tables(part.nft)
+        removed = remove_leftover_tables(part.nft, part.snapshot)
+        if removed:
+            where = f" in {part.shown}" if part.caller is not None or len(self.report.namespaces) > 1 else ""
+            self.report.warnings.append(f"removed trace tables left by killed nftrace runs{where}: {', '.join(removed)}")
+        part.monitor = undo.enter_context(part.call(TraceMonitor, rcvbuf))
+
+    def _mark(self, part: NamespacePart, undo: UndoStack, relaxed: bool) -> None:
+        """The part's trace rules; its snapshot, now with them in. --iif and --oif name interfaces
+        of the first namespace: the others' rules do without."""
+        flow = self.options.flow if part.caller is None else replace(self.options.flow, iif=None, oif=None)
+        part.table = undo.enter_context(TraceTable(part.nft, flow, self.options.max_rate, counted=self.options.counted,
+                                                   relaxed=relaxed))
+        if part.caller is None:
+            self._table = part.table
+        if part.table.owner_warning:
+            self.report.warnings.append(part.table.owner_warning)
+        part.monitor.watch_ruleset()
+        # In the part's namespace: the anonymous chains' names are read over a netlink socket.
+        part.call(part.snapshot.refresh_from, part.nft)
+        if part.snapshot.ingress_devices():
+            part.table.mark_ingress(part.snapshot.ingress_devices())
+
+    def _build(self, part: NamespacePart, plan: BackendPlan, legacy: Optional[LegacyTracing], several: bool) -> None:
+        keep = self._keep_either_end if several else self._keep
+        if part.caller is None:
+            devices = self._follow_devices(part) if plan.nft else {}
+            if plan.nft:
+                part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)))
+            part.iptables_nft = IptablesNftText.read(part.snapshot) if plan.nft else None
+            part.builder = make_path_builder(plan, part.snapshot, legacy, keep, self.options.idle_seconds, **devices)
+        else:
+            devices = self._follow_devices(part)
+            part.table.observe(nat_hooks(part.snapshot))
+            part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
+            part.builder = PathBuilder(part.snapshot, keep=keep, idle_seconds=self.options.idle_seconds, **devices)
+            if part.call(legacy_tables, self.options.flow.nft_family):
+                self.report.warnings.append(f"legacy iptables tables of {part.shown} are not traced: a trace across "
+                                            "namespaces follows nftables (iptables-nft included) in each")
+        if self.options.near_misses:
+            part.near_misses = self._near_miss_annotator(part, plan if part.caller is None else None)
+
+    def _follow_devices(self, part: NamespacePart) -> dict:
         """Bridged frames and egress chains: mark and observe them where the namespace has
-        them; the path builder needs their interfaces' indexes. Bridges are followed where
-        the ruleset has bridge chains: without, a bridged frame meets no chain of its own
-        (br_netfilter's IP hooks mark and trace it as any packet)."""
-        links = interface_links()
-        bridges = frozenset(link.index for link in links if link.kind == "bridge") \
-            if snapshot.has_base_chains("bridge") else frozenset()
+        them; the path builder needs their interfaces' indexes, and whether the bridge hooks
+        after IP postrouting hold chains of the ruleset."""
+        table, snapshot = part.table, part.snapshot
+        links = part.call(interface_links)
+        bridges = frozenset(link.index for link in links if link.kind == "bridge")
         if bridges:
             try:
                 table.mark_bridges()
@@ -185,7 +277,7 @@ class TraceSession:
                                             f"family ({err})")
         egress = snapshot.egress_devices()
         table.mark_egress(egress)
-        return {"bridges": bridges,
+        return {"bridges": bridges, "bridge_out": snapshot.has_base_chains("bridge", ("output", "postrouting")),
                 "egress": frozenset(link.index for link in links if link.name in egress)}
 
     def _plan(self) -> tuple[Optional[NftContext], BackendPlan]:
@@ -201,29 +293,34 @@ class TraceSession:
                             self.report.warnings)
         return nft, plan
 
-    @staticmethod
-    def _legacy_nat(legacy: Optional[LegacyTracing]) -> bool:
-        return legacy is not None and "nat" in legacy.tables()
-
-    def _near_miss_annotator(self, nft, snapshot, plan: BackendPlan) -> NearMissAnnotator:
+    def _near_miss_annotator(self, part: NamespacePart, plan: Optional[BackendPlan]) -> NearMissAnnotator:
         """Near misses read the ruleset when the first answer needs them, never before."""
+        snapshot = part.snapshot
+        nft = part.nft if plan is None or plan.nft else None
 
         def nft_text(family, table, chain, handle):
             rule = snapshot.rule(family, table, chain, handle) if snapshot is not None else None
             return rule.text if rule is not None and not rule.deleted else None
 
         def iptables_form(family, table, chain, number):
-            return self._iptables_nft.text(family, table, chain, number) if self._iptables_nft is not None else None
+            return part.iptables_nft.text(family, table, chain, number) if part.iptables_nft is not None else None
 
-        source = LiveRuleBook(nft_lister() if nft is not None else None, nft_text, iptables_form,
-                              (plan.legacy,) if plan.legacy else ())
-        return NearMissAnnotator(source, self.report.interfaces, self.report.warnings.append)
+        legacy = (plan.legacy,) if plan is not None and plan.legacy else ()
+        # The lister is a command: made in the part's namespace (part.call) when it answers.
+        source = LiveRuleBook(nft_lister() if nft is not None else None, nft_text, iptables_form, legacy)
+        return NearMissAnnotator(source, part.interfaces, self.report.warnings.append)
+
+    @staticmethod
+    def _legacy_nat(legacy: Optional[LegacyTracing]) -> bool:
+        return legacy is not None and "nat" in legacy.tables()
 
     def _drop_watcher(self):
         """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
         without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
         if not self.options.drop_reasons:
             return nullcontext()
+        if self._shared_drops is not None:
+            return nullcontext(self._shared_drops)
         watcher = start_drop_watcher(self.report.warnings.append)
         return watcher if watcher is not None else nullcontext()
 
@@ -237,6 +334,8 @@ class TraceSession:
             watcher.close()
             self.report.warnings.append(f"kernel drop reasons unavailable: {err}")
             return
+        if watcher is self._shared_drops:
+            watcher.read()  # drops of the packets of earlier sessions, not of this one's
         self._drops = watcher
         self._correlator = DropCorrelator(interfaces=self.report.interfaces)
 
@@ -256,12 +355,21 @@ class TraceSession:
         packet = path.first_packet
         return self.options.flow.matches(packet.src, packet.dst, packet.proto, packet.sport, packet.dport)
 
+    def _keep_either_end(self, path: PacketPath) -> bool:
+        """Across namespaces, a packet's part after NAT has one end of the flow rewritten: it is
+        built if one end matches, and answered if it continues a packet of the flow (crossing.py)."""
+        packet = path.first_packet
+        return self.options.flow.matches_an_end(packet.src, packet.dst, packet.proto, packet.sport, packet.dport)
+
     def _wanted(self, path: PacketPath) -> bool:
-        """--oif cannot be matched where the packet is marked (before routing): filter here."""
+        """--oif cannot be matched where the packet is marked (before routing): filter here.
+        It names an interface of the first namespace: where the packet left that one."""
         oif = self.options.flow.oif
         if not oif:
             return True
-        return self.report.interfaces.get(path.interface_index("oif") or -1) == oif
+        first = self.report.netns
+        parts = [segment for segment in path.segments if segment.netns == first] if path.segments else [path]
+        return any(self.report.interfaces.get(part.interface_index("oif") or -1) == oif for part in parts)
 
     def _start_command(self) -> None:
         if not self.options.command:
@@ -272,6 +380,23 @@ class TraceSession:
     def _stop_command(self) -> None:
         if self._process is not None:
             runner.stop(self._process)
+
+    def _finished(self, run: "_Run", part: NamespacePart, paths: list, held: bool = False) -> None:
+        """Paths a part's builder finished: said where they ran, and, across namespaces, joined
+        into packets first."""
+        if not paths:
+            return
+        for path in paths:
+            assign_namespace(path, part.label)
+        if run.joiner is None:
+            self._deliver(run, paths, held)
+            return
+        now = time.monotonic()
+        answers = []
+        for path in paths:
+            path.interfaces = part.interfaces
+            answers += run.joiner.add(path, now)
+        self._deliver(run, answers, held)
 
     def _deliver(self, run: "_Run", paths: list, held: bool = False) -> None:
         """Hand finished paths to the caller, up to --count; a path netfilter accepted waits
@@ -285,45 +410,65 @@ class TraceSession:
         for path in paths:
             if not self._wanted(path) or (count and self.packets_seen >= count):
                 continue
-            if self._iptables_nft is not None:
-                self._iptables_nft.annotate(path)
-            if self._near_misses is not None:
-                self._near_misses.annotate(path)
+            self._annotate(run, path)
             self.packets_seen += 1
             run.on_packet(path)
 
+    @staticmethod
+    def _annotate(run: "_Run", path: PacketPath) -> None:
+        """iptables-nft forms and near misses, each part of a packet from its own namespace."""
+        for segment in path.segments or [path]:
+            part = run.part(segment.netns)
+            if part.iptables_nft is not None:
+                part.iptables_nft.annotate(segment)
+            if part.near_misses is not None and not part.ended:
+                part.call(part.near_misses.annotate, segment)
+        if path.segments:
+            path.near_misses = [near_miss for segment in path.segments for near_miss in segment.near_misses]
+
     def _loop(self, run: "_Run") -> None:
-        correlator = self._correlator
+        correlator, primary = self._correlator, run.primary
         try:
             self._follow(run)
         except (KeyboardInterrupt, Interrupted):
-            # What happened up to now is still answered: events already queued on the socket,
-            # and answers complete but held (for a late kernel drop, or for their way back in
-            # through loopback); then the interruption goes on.
-            if run.monitor is not None:
-                self._dispatch(run, run.monitor.read(limit=None), stopping=True)
+            # What happened up to now is still answered: events already queued on the sockets,
+            # and answers complete but held (for a late kernel drop, for their way back in
+            # through loopback, or for their part in another namespace); then the interruption
+            # goes on.
+            for part in run.live:
+                if part.monitor is not None:
+                    self._dispatch(run, part, part.monitor.read(limit=None), stopping=True)
             if run.legacy is not None:
-                self._deliver(run, run.builder.feed_legacy(run.legacy.read(), time.monotonic()))
+                self._finished(run, primary, primary.builder.feed_legacy(run.legacy.read(), time.monotonic()))
             if correlator is not None:
                 correlator.add_drops(self._read_drops())
-                self._deliver(run, run.builder.close_vanished(correlator.vanished))
+                self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
+            if run.joiner is not None:
+                self._deliver(run, run.joiner.flush())
+            if correlator is not None:
                 self._deliver(run, correlator.release(time.monotonic(), everything=True), held=True)
-            self._deliver(run, run.builder.release_looped(), held=True)
+            for part in run.live:
+                self._finished(run, part, part.builder.release_looped(), held=True)
+            if run.joiner is not None:
+                self._deliver(run, run.joiner.flush(), held=True)
             raise
-        self._deliver(run, run.builder.flush())
+        for part in run.live:
+            self._finished(run, part, part.builder.flush())
+        if run.joiner is not None:
+            self._deliver(run, run.joiner.flush())
         if correlator is not None:
             self._deliver(run, correlator.release(time.monotonic(), everything=True), held=True)
 
-    def _dispatch(self, run: "_Run", items: Iterable[MonitorItem], stopping: bool = False) -> bool:
-        """Feed what the monitor read to the path builder; True once --count packets are out.
+    def _dispatch(self, run: "_Run", part: NamespacePart, items: Iterable[MonitorItem], stopping: bool = False) -> bool:
+        """Feed what a part's monitor read to its path builder; True once --count packets are out.
 
         `stopping`: the run is being interrupted: only what was queued is answered (no new
         ruleset snapshot, and a deleted table no longer stops anything).
         """
-        count, builder = self.options.count, run.builder
+        count, builder = self.options.count, part.builder
         for item in items:
             if isinstance(item, TraceEvent):
-                self._deliver(run, builder.feed(item, time.monotonic()))
+                self._finished(run, part, builder.feed(item, time.monotonic()))
                 if not stopping and count and self.packets_seen >= count:
                     return True
             elif isinstance(item, EventsLost):
@@ -331,20 +476,39 @@ class TraceSession:
             elif stopping:
                 continue
             elif isinstance(item, RulesetChanged):
-                run.snapshot.refresh_from(run.nft)
-                self._iptables_nft = IptablesNftText.read(run.snapshot)
-                run.table.observe(nat_hooks(run.snapshot, legacy_nat=self._legacy_nat(run.legacy)))
-                if self._near_misses is not None:
-                    self._near_misses.invalidate()
-            elif isinstance(item, TableDeleted) and item.name == run.table.name:
-                run.table.forget()
-                raise TraceTableGone(f"nftrace's table inet {run.table.name} was deleted by someone else; stopping")
+                part.call(part.snapshot.refresh_from, part.nft)
+                part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
+                legacy_nat = self._legacy_nat(run.legacy) if part is run.primary else False
+                part.table.observe(nat_hooks(part.snapshot, legacy_nat=legacy_nat))
+                if part.near_misses is not None:
+                    part.near_misses.invalidate()
+            elif isinstance(item, TableDeleted) and item.name == part.table.name:
+                part.table.forget()
+                where = f" in {part.shown}" if len(run.parts) > 1 else ""
+                raise TraceTableGone(f"nftrace's table inet {part.table.name}{where} was deleted by someone else; "
+                                     "stopping")
         return False
+
+    def _end_part(self, run: "_Run", part: NamespacePart) -> None:
+        """A namespace went away mid-trace: what was read of it is answered, its trace rules and
+        socket go (nftrace's hold on them kept it alive), and the others go on."""
+        self.report.warnings.append(f"{part.shown} went away during the trace: its part of the trace ended there")
+        if part.monitor is not None:
+            self._dispatch(run, part, part.monitor.read(limit=None), stopping=True)
+        self._finished(run, part, part.builder.flush())
+        part.ended = True
+        with UndoStack() as undo:
+            if part.caller is not None:
+                undo.callback(part.caller.close)
+            if part.monitor is not None:
+                undo.callback(part.monitor.close)
+            if part.table is not None:
+                undo.callback(part.table.remove)
 
     def _follow(self, run: "_Run") -> None:
         """Read events until --count, --timeout, or the traffic command is done and settled."""
-        options, correlator = self.options, self._correlator
-        monitor, legacy, builder, deadline = run.monitor, run.legacy, run.builder, run.deadline
+        options, correlator, primary, joiner = self.options, self._correlator, run.primary, run.joiner
+        legacy, deadline = run.legacy, run.deadline
         command_done_at = None
         while True:
             now = time.monotonic()
@@ -352,29 +516,49 @@ class TraceSession:
                 return
             if deadline is not None and now >= deadline:
                 return
+            for part in run.live:
+                if part.gone():
+                    self._end_part(run, part)
+            if not run.live:
+                return
+            monitors = [part.monitor for part in run.live if part.monitor is not None]
             if self._process is not None and command_done_at is None and self._process.poll() is not None:
                 command_done_at = now
-            # A backlog still in the socket belongs to the command's packets: read it all first.
+            # A backlog still in the sockets belongs to the command's packets: read it all first.
             if command_done_at is not None and now - command_done_at >= COMMAND_GRACE_SECONDS \
-                    and (monitor is None or monitor.drained):
-                settled = builder.open_packets == 0 and not (correlator and correlator.holding)
+                    and all(monitor.drained for monitor in monitors):
+                settled = all(part.builder.open_packets == 0 for part in run.live) \
+                    and not (joiner and joiner.holding) and not (correlator and correlator.holding)
                 if settled or now - command_done_at >= options.idle_seconds + COMMAND_GRACE_SECONDS:
                     return
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
-            readable = self._wait([source for source in (monitor, legacy) if source is not None], wait)
+            readable = self._wait(monitors + ([legacy] if legacy is not None else []), wait)
             drops = self._read_drops()
-            if monitor is not None and (monitor in readable or drops):
-                if self._dispatch(run, monitor.read()):
-                    return
+            all_drained = True
+            for part in run.live:
+                monitor = part.monitor
+                if monitor is None:
+                    continue
+                if monitor in readable or drops:
+                    if self._dispatch(run, part, monitor.read()):
+                        return
                 if monitor.drained:  # reads come in batches: a backlog may still be queued
-                    builder.socket_drained()
-            if legacy is not None and (readable or drops):
+                    part.builder.socket_drained()
+                else:
+                    all_drained = False
+            if legacy is not None:
                 # Read after the trace events: the TRACE lines written before them are all here.
-                self._deliver(run, builder.feed_legacy(legacy.read(), time.monotonic()))
+                # Read on every round, lines or not: each read observes the legacy tables.
+                self._finished(run, primary, primary.builder.feed_legacy(legacy.read(), time.monotonic()))
             if correlator is not None and drops:
                 correlator.add_drops(drops)
-                self._deliver(run, builder.close_vanished(correlator.vanished))
-            self._deliver(run, builder.expire(time.monotonic()))
+                self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
+            for part in run.live:
+                self._finished(run, part, part.builder.expire(time.monotonic()))
+            if joiner is not None:
+                if all_drained:
+                    joiner.socket_drained(time.monotonic())
+                self._deliver(run, joiner.expire(time.monotonic()))
             if correlator is not None:
                 self._deliver(run, correlator.release(time.monotonic()), held=True)
             if run.on_batch is not None:
