@@ -130,11 +130,15 @@ outside() {
     root=$(mktemp -d "${NFTRACE_ROOTS_DIR:-/var/tmp}/nftrace-$suite.XXXXXX")
     chmod 755 "$root"  # it becomes /: readable by all, as / is
 
+    child=
     cleanup() {
-        # A process the command left (a listener, say) would keep the mount namespace alive.
+        # What still runs in the root (the command, when a signal ended this script, or a
+        # listener it left) is killed, by pid; the half in the mount namespace then unmounts
+        # and ends, and the namespace with it.
         for proc in /proc/[0-9]*; do
             if [ "$(readlink "$proc/root" 2>/dev/null)" = "$root" ]; then kill -KILL "${proc#/proc/}" 2>/dev/null || true; fi
         done
+        if [ -n "$child" ]; then wait "$child" 2>/dev/null || true; fi
         if [ -n "$keep" ]; then
             echo "clean-root: kept $root" >&2
         else
@@ -147,8 +151,13 @@ outside() {
     trap 'exit 143' TERM
     trap 'exit 129' HUP
 
+    # In the background, waited for: a signal to this script is handled at once, not when the
+    # command ends.
+    unshare --mount --propagation private -- "$0" --inside "$root" "$suite" "$repo" "$command" <&0 &
+    child=$!
     status=0
-    unshare --mount --propagation private -- "$0" --inside "$root" "$suite" "$repo" "$command" || status=$?
+    wait "$child" || status=$?
+    child=
     exit "$status"
 }
 
