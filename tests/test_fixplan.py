@@ -231,7 +231,7 @@ def test_a_change_says_what_it_does_in_json():
 @pytest.mark.parametrize("args, message", [
     (["--fix", "maybe"], "--fix: 'maybe' is not one of accept, drop"),
     (["--keep", "flows.toml"], "--keep goes with --fix"),
-    (["--fix", "accept", "--keep", "/nonexistent/keep.toml"], "/nonexistent/keep.toml: No such file or directory"),
+    (["--fix", "accept", "--keep", "/nonexistent/keep.toml"], "--keep: /nonexistent/keep.toml: No such file or directory"),
     (["--fix", "drop", "--ruleset", "/nonexistent/new.nft"],
      "--fix changes the namespace's current ruleset: it does not go with --ruleset"),
 ])
@@ -256,3 +256,35 @@ def test_fw4_gets_a_uci_rule_for_the_zone_the_packet_came_from():
 def test_nixos_gets_its_configuration_option():
     note = manager_of(placement("nixos-fw", "input"), MATCH, "accept")
     assert note.hint.startswith("networking.firewall.allowedTCPPorts = [ 9090 ];")
+
+
+# -- the answer ----------------------------------------------------------------------------------
+
+def test_a_proven_fix_says_its_commands_its_proof_and_its_scope():
+    from nftrace.dryrun.fix import FixAnswer, render_fix
+
+    change = rule_change(FLOW, path_of(step("forward", handle=12, number=4)), "accept", DATE)
+    new = step("forward", text=change.rule, verdict="accept")
+    answer = FixAnswer("accept", proven=True, changes=[change], netns="r1", after=path_of(new, verdict="accept"),
+                       kept=3, keep_file="office.expect.toml")
+    data = answer.to_json()
+    assert data["commands"] == ["ip netns exec r1 " + change.command()]
+    assert (data["proven"], data["kept"], data["after"]["verdict"], data["after"]["decided_by"]["new"]) == (
+        True, 3, "accept", True)
+    text = render_fix(answer).splitlines()
+    assert text[:2] == ["fix accept: run in netns r1:", "  ip netns exec r1 " + change.command()]
+    assert text[2].startswith("proven in a sandbox copy: ACCEPT by inet filter forward rule (new): ip saddr 10.77.1.2")
+    assert text[3] == ("scope: the new rule matches only 10.77.1.2 -> 10.77.2.2 tcp dport 25; the 3 flows of "
+                       "office.expect.toml keep their verdicts")
+
+
+def test_a_fix_that_could_not_be_proven_prints_no_command_and_says_why():
+    from nftrace.dryrun.fix import FixAnswer, render_fix
+
+    change = rule_change(FLOW, path_of(step("forward", handle=12, number=4)), "accept", DATE)
+    answer = FixAnswer("accept", changes=[change], reason="the change would make --keep flow 'web' drop",
+                       broken={"flow": "web", "before": "accept", "after": "drop"})
+    data = answer.to_json()
+    assert (data["proven"], data["commands"], data["changes"], data["scope"]) == (False, [], [], None)
+    assert data["broken"]["flow"] == "web"
+    assert render_fix(answer) == "fix accept: no change could be proven: the change would make --keep flow 'web' drop"

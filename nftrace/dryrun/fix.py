@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 from ..errors import InputError
 from ..flow import Flow
-from ..lab.expectations import ExpectationFile, FlowExpectation, load_expectations
+from ..lab.expectations import ExpectationFile, FlowExpectation
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport, decided_by_json
 from .fixplan import (VERDICTS, Change, NoChange, element_change, flow_match, is_fix_rule, reversed_flow,
@@ -35,7 +35,8 @@ from .sandbox import default_iptables_kind
 from ..kernel.runner import CommandFailed, first_line
 from ..kernel.system import interface_name
 from ..protocols import protocol_name
-from .session import DryRun, DryRunRequest, check_dry_run_flow
+from .session import DryRun, DryRunRequest
+from .testing import load_all
 
 MAX_CHANGES = 6  # base chains that may each decide the packet's fate along one path
 
@@ -50,16 +51,13 @@ def parse_fix_verdict(text: Optional[str]) -> Optional[str]:
 
 
 def load_keep(path: Optional[Path]) -> Optional[ExpectationFile]:
-    """The --keep file, read and checked before anything is traced (bad input is exit 2)."""
+    """The --keep file, read and checked as `nftrace test` does, before anything is traced."""
     if path is None:
         return None
-    keep = load_expectations(Path(path))
-    for expectation in keep.flows:
-        try:
-            check_dry_run_flow(expectation.flow, "new")
-        except InputError as err:
-            raise InputError(f"--keep {path}: flow '{expectation.name}': {err}") from None
-    return keep
+    try:
+        return load_all([Path(path)])[0]
+    except InputError as err:
+        raise InputError(f"--keep: {err}") from None
 
 
 @dataclass

@@ -121,17 +121,7 @@ def _docker(placement: Placement, match: FlowMatch, verdict: str) -> ManagerNote
         return ManagerNote("docker", note)
     tool = "ip6tables" if match.version == 6 else "iptables"
     target = "ACCEPT" if verdict == "accept" else "DROP"
-    args = []
-    if match.iif:
-        args += ["-i", match.iif]
-    if match.oif:
-        args += ["-o", match.oif]
-    args += ["-s", match.src, "-d", match.dst]
-    if match.proto:
-        args += ["-p", match.proto]
-        if match.dport:
-            args += ["--dport", str(match.dport)]
-    return ManagerNote("docker", note, shlex.join([tool, "-I", "DOCKER-USER", *args, "-j", target]))
+    return ManagerNote("docker", note, shlex.join([tool, "-I", "DOCKER-USER", *match.iptables(), "-j", target]))
 
 
 def _fw4(placement: Placement, chains: set, match: FlowMatch, verdict: str) -> ManagerNote:
