@@ -152,8 +152,10 @@ outside() {
     trap 'exit 129' HUP
 
     # In the background, waited for: a signal to this script is handled at once, not when the
-    # command ends.
-    unshare --mount --propagation private -- "$0" --inside "$root" "$suite" "$repo" "$command" <&0 &
+    # command ends. bash starts a background command with SIGINT and SIGQUIT ignored; env gives
+    # the command the defaults a user's shell gives it, or no Ctrl-C in it would work.
+    env --default-signal=INT,QUIT unshare --mount --propagation private -- \
+        "$0" --inside "$root" "$suite" "$repo" "$command" <&0 &
     child=$!
     status=0
     wait "$child" || status=$?

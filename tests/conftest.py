@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ sys.path.insert(0, str(REPO))
 from nftrace.lab.topology import Topology, in_netns, netns_exists, run  # noqa: E402
 
 _counter = itertools.count()
+
+# A suite started as a background job of a script (`./scripts/test.sh &`, as CI's parallel
+# parts are) inherits SIGINT ignored, and so would every nftrace it runs: the tests of Ctrl-C
+# would then wait for a signal that never arrives. A Python handler here becomes the default
+# disposition in every child, as it is for a user at a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def kernel_required() -> bool:

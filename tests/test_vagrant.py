@@ -202,8 +202,9 @@ def test_a_locally_built_box_named_by_a_file_next_to_the_vagrantfile(tmp_path):
 
 
 def test_the_local_box_file_is_not_committed():
-    ignored = subprocess.run(["git", "check-ignore", "-q", "vagrant/local-box"], cwd=REPO, timeout=30)
-    assert ignored.returncode == 0
+    # Read from .gitignore, not asked of git: a checkout copied without .git (CI's clean roots,
+    # a release tarball) has no git to ask.
+    assert "vagrant/local-box" in (REPO / ".gitignore").read_text().splitlines()
 
 
 def test_build_box_names_the_box_the_vagrantfile_and_vm_test_use():
