@@ -575,6 +575,49 @@ def test_a_chain_that_dropped_the_packet_before_its_hook_was_observed_sees_the_h
     assert [(n.chain, n.rule_number) for n in found] == [("LAN", 1), ("FORWARD", 2)]
 
 
+
+LEGACY_OUTPUT = """*raw
+:OUTPUT ACCEPT [0:0]
+-A OUTPUT -p tcp -m tcp --dport 22 -j DROP
+COMMIT
+*filter
+:OUTPUT DROP [0:0]
+-A OUTPUT -p tcp -m multiport --dports 22,443 -m conntrack --ctstate NEW -j ACCEPT
+COMMIT
+"""
+
+
+def own_observation(hook, chain, state):
+    result = observation(hook=hook, chain=chain, oif=None, state=state, table="nftrace_1_ab")
+    result.own = True
+    return result
+
+
+# What nftrace's table saw of a locally sent packet on output: the mark chain before conntrack
+# (no state), its conntrack chain after it (where legacy tables are traced).
+SENT = [own_observation("output", "mark_output", None), own_observation("output", "ct_output", "new")]
+
+
+def test_a_legacy_chain_after_conntrack_sees_the_state_of_nftraces_conntrack_chain_not_the_mark_chains():
+    """Read from the mark chain, the packet would have no state: `--ctstate NEW` would fail."""
+    book = RuleBook()
+    book.add_legacy("ip", parse_save(LEGACY_OUTPUT))
+    steps = [legacy_step("OUTPUT", None, "drop", "policy")]
+    steps[0].hook = "output"
+    found = find_near_misses(path(steps, SENT), book, INTERFACES)
+    assert [(n.table, n.chain, n.rule_number) for n in found] == [("filter", "OUTPUT", 1)]
+    assert [m.expr for m in found[0].mismatches] == ["-m multiport --dports 22,443"]
+
+
+def test_a_legacy_raw_chain_runs_before_conntrack_and_sees_the_packet_as_the_mark_chain_did():
+    book = RuleBook()
+    book.add_legacy("ip", parse_save(LEGACY_OUTPUT))
+    steps = [legacy_step("OUTPUT", None, "accept", "policy")]
+    steps[0].hook, steps[0].table = "output", "raw"
+    found = find_near_misses(path(steps, SENT), book, INTERFACES)
+    assert [(n.table, n.chain, n.rule_number) for n in found] == [("raw", "OUTPUT", 1)]
+    assert [m.expr for m in found[0].mismatches] == ["--dport 22"]
+
 def test_a_rule_only_the_connections_state_kept_from_matching_ranks_after_one_the_flow_missed():
     book = ruleset(("chain", "forward"),
                    ("rule", "forward", 7, [match(ct("state"), ["established", "related"], "in"), ACCEPT]),

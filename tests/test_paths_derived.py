@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 
 from nftrace.trace.events import ConntrackInfo, PacketHeaders, TraceEvent
-from nftrace.trace.paths import PathBuilder
+from nftrace.trace.paths import HookObservation, PathBuilder, _ct_before_hook
 from nftrace.trace.report import conntrack_json
 from nftrace.trace.ruleset import RulesetSnapshot
 
@@ -92,3 +92,59 @@ def test_a_packet_marked_by_this_run_says_so():
         event(OTHER, "obs_postrouting", handle=5, packet=headers(), iif=2, oif=3),
     ])
     assert other_only.marked_by == {OTHER}
+
+
+# -- conntrack state before a hook ---------------------------------------------------------------
+
+MASQUERADED = ConntrackInfo("new", "original", 7, ("snat",))
+
+
+def test_a_packet_a_legacy_table_dropped_has_its_conntrack_state_from_the_conntrack_chain():
+    """The mark chain runs before conntrack and the legacy table sends nothing: only the
+    conntrack chain (where legacy tables are traced) says the state."""
+    [path] = build([
+        event(OWN, "mark_prerouting", handle=2, packet=headers(), iif=2),
+        event(OWN, "ct_prerouting", handle=4, packet=headers(), iif=2, ct=NEW),
+    ])
+    assert path.hooks == ["prerouting"] and not path.complete
+    assert [(entry["hook"], entry["state"]) for entry in conntrack_json(path)] == [("prerouting", "new")]
+    assert [(o.chain, o.own) for o in path.observations] == [("mark_prerouting", True), ("ct_prerouting", True)]
+
+
+def test_a_masquerade_on_the_way_out_is_not_read_back_into_the_hooks_before():
+    """The NAT chain's event already has the `snat` bit its rule set; forward (derived from
+    that event) did not have it."""
+    listing = LISTING.replace("table inet fw", """table ip masq { # handle 4
+\tchain postrouting { # handle 1
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tmasquerade # handle 2
+\t}
+}
+table inet fw""")
+    builder = PathBuilder(RulesetSnapshot(listing))
+    paths = []
+    for item in [event(OWN, "mark_prerouting", handle=2, packet=headers(), iif=2),
+                 event(OWN, "ct_prerouting", handle=4, packet=headers(), iif=2, ct=NEW),
+                 event("masq", "postrouting", handle=2, packet=headers(), iif=2, oif=3, ct=MASQUERADED, family="ip"),
+                 event(OWN, "obs_postrouting", handle=5, packet=headers(), iif=2, oif=3, ct=MASQUERADED)]:
+        paths += builder.feed(item)
+    [path] = paths + builder.flush()
+    assert [(entry["hook"], entry["status"]) for entry in conntrack_json(path)] == [
+        ("prerouting", []), ("forward", []), ("postrouting", ["snat"])]
+
+
+def test_ct_before_hook_strips_only_the_nat_bits_the_hook_itself_sets():
+    before = [HookObservation("prerouting", OWN, "ct_prerouting", None, 2, None, 0, NEW, True)]
+    assert _ct_before_hook(MASQUERADED, "postrouting", False, before) == NEW  # set here: not there before
+    assert _ct_before_hook(MASQUERADED, "postrouting", True, []) == NEW  # a NAT chain's own doing
+    # Nothing said before, no NAT chain: the bit may be older than the hook, so it stays.
+    assert _ct_before_hook(MASQUERADED, "postrouting", False, []) == MASQUERADED
+    # An established connection masqueraded long ago keeps its bit.
+    established = ConntrackInfo("established", "original", 7, ("snat", "snat-done"))
+    kept = [HookObservation("prerouting", OWN, "ct_prerouting", None, 2, None, 0, established, True)]
+    assert _ct_before_hook(established, "postrouting", True, kept) == established
+    # Destination NAT bits are prerouting's and output's, not postrouting's.
+    dnat = ConntrackInfo("new", "original", 7, ("dnat",))
+    assert _ct_before_hook(dnat, "postrouting", True, []) == dnat
+    assert _ct_before_hook(dnat, "output", True, []) == ConntrackInfo("new", "original", 7, ())
+    assert _ct_before_hook(None, "postrouting", True, before) is None

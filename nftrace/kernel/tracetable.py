@@ -8,7 +8,12 @@ observation chains that show the packet where nothing else can.
   that netfilter let the packet through, and shows it as it leaves) and on the hooks where
   NAT may rewrite it unseen (prerouting and output, when the namespace has NAT chains there:
   a packet that vanishes after a DNAT is known by its new headers). Everywhere else the
-  first chain of the next hook shows the packet as the hook left it (trace/paths.py).
+  first chain of the next hook shows the packet as the hook left it (trace/paths.py);
+- conntrack chains, right after conntrack on prerouting and output, where legacy iptables
+  tables are traced: the mark chain runs before conntrack, and a legacy table that drops the
+  packet sends no trace event, so without them no event of such a packet carries its
+  conntrack state. Where only nftables chains decide, the first of them after conntrack
+  carries it, and nothing is added.
 
 Every chain of the table ends on an `accept` rule: the kernel then sends one event per
 packet and chain, where a chain that falls off its end sends two (end of rules, policy).
@@ -43,14 +48,16 @@ if TYPE_CHECKING:
 # Every table an nftrace run makes is named nftrace_<pid>_<hex>: the ruleset snapshot leaves
 # them out of paths, and cleanup finds a dead run's by the pid.
 TRACE_TABLE_PREFIX = "nftrace_"
-# Its chains: mark_<hook> set the trace bit, obs_<hook> observe (the path builder reads the hook
-# from the name).
+# Its chains: mark_<hook> set the trace bit, obs_<hook> observe the end of a hook, ct_<hook> the
+# conntrack state (the path builder reads the hook from the name).
 MARK_CHAIN_PREFIX = "mark_"
 OBSERVE_CHAIN_PREFIX = "obs_"
+CONNTRACK_CHAIN_PREFIX = "ct_"
 
 MARK_PRIORITY = -350
 INGRESS_MARK_PRIORITY = -10000
 OBSERVE_PRIORITY = 2**31 - 1
+CONNTRACK_OBSERVE_PRIORITY = -199  # NF_IP_PRI_CONNTRACK + 1: conntrack has given the packet its state
 MARK_HOOKS = ("prerouting", "output")
 OBSERVE_HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 # Bridge hooks where a bridged frame's path ends (input: up to the bridge device itself;
@@ -179,10 +186,11 @@ def _mark_rule_commands(family: str, name: str, flow: Flow, max_rate: int, hook:
     return commands
 
 
-def _observe_chain_commands(family: str, name: str, hook: str, suffix: str = "", **attach) -> list[dict]:
-    chain = f"{OBSERVE_CHAIN_PREFIX}{hook}{suffix}"
+def _observe_chain_commands(family: str, name: str, hook: str, suffix: str = "", prefix: str = OBSERVE_CHAIN_PREFIX,
+                            prio: int = OBSERVE_PRIORITY, **attach) -> list[dict]:
+    chain = f"{prefix}{hook}{suffix}"
     return [{"add": {"chain": {"family": family, "table": name, "name": chain, "type": "filter",
-                               "hook": hook, "prio": OBSERVE_PRIORITY, "policy": "accept", **attach}}},
+                               "hook": hook, "prio": prio, "policy": "accept", **attach}}},
             {"add": {"rule": {"family": family, "table": name, "chain": chain, "expr": [ACCEPT]}}}]
 
 
@@ -277,6 +285,7 @@ class TraceTable:
         self.max_rate = max_rate
         self.counted = counted  # count matched and traced packets (see _mark_rule_commands)
         self.observed: tuple = EXIT_OBSERVE_HOOKS
+        self.conntrack_observed: tuple = ()  # hooks with a conntrack chain (see observe)
         self.ends = mark_ends(flow, relaxed)
         self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
         self.owner = False  # the tables are tied to nftrace's socket (flags owner)
@@ -302,15 +311,21 @@ class TraceTable:
         self._commit(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.ends, self.observed,
                                           self.counted))
 
-    def observe(self, nat: frozenset) -> None:
-        """Add the observation chains that NAT on these hooks calls for (see observation_hooks);
-        called once the ruleset is known, and again when it changes. Chains are only added:
-        one observation too many costs an event, one too few a fact."""
+    def observe(self, nat: frozenset, legacy: bool = False) -> None:
+        """Add the observation chains that NAT on these hooks calls for (see observation_hooks),
+        and, where legacy iptables tables are traced (`legacy`), the conntrack chains (see the
+        module's docstring); called once the ruleset is known, and again when it changes.
+        Chains are only added: one observation too many costs an event, one too few a fact."""
         missing = [hook for hook in observation_hooks(nat) if hook not in self.observed]
-        if missing:
-            self.nft.run_json([command for hook in missing
-                               for command in _observe_chain_commands(self.family, self.name, hook)])
+        conntrack = [hook for hook in mark_hooks(self.flow) if legacy and hook not in self.conntrack_observed]
+        commands = [command for hook in missing for command in _observe_chain_commands(self.family, self.name, hook)]
+        commands += [command for hook in conntrack
+                     for command in _observe_chain_commands(self.family, self.name, hook, prefix=CONNTRACK_CHAIN_PREFIX,
+                                                            prio=CONNTRACK_OBSERVE_PRIORITY)]
+        if commands:
+            self.nft.run_json(commands)
             self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in missing)
+            self.conntrack_observed += tuple(conntrack)
 
     def counts(self) -> tuple[int, int]:
         """(matched, traced) packets so far, from the table's counters (see `counted`)."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional, Protocol
 
+from ..kernel.tracetable import MARK_CHAIN_PREFIX
 from ..protocols import iptables_command
 
 from .matching import Condition, PacketView, RuleEvaluation
@@ -280,10 +281,15 @@ def _runs(path) -> list:
 
 
 def _observation_for(path, run: _Run) -> tuple:
-    """(observation, same hook): the one the run's base chain made (its own headers), else the
-    hook's latest, else the latest of an earlier hook (a chain that dropped the packet before
-    nftrace's observation chain, with no event of its own: a legacy iptables chain)."""
-    best = earlier = None
+    """(observation, same hook): the one the run's base chain made (its own headers), else one
+    of the hook's, else the latest of an earlier hook (a chain that dropped the packet before
+    nftrace's observation chain, with no event of its own: a legacy iptables chain).
+
+    Of the hook's, a chain of the ruleset's; else the first of nftrace's that ran after
+    conntrack (a conntrack or observation chain): the mark chain runs before conntrack, and
+    its event has no conntrack state, which for a chain after conntrack would read as an
+    invalid packet. Only a legacy raw table runs before conntrack too."""
+    best = before_conntrack = earlier = None
     rank = HOOK_RANK.get(run.hook or "", -1)
     for observation in path.observations:
         if observation.packet is None:
@@ -294,8 +300,13 @@ def _observation_for(path, run: _Run) -> tuple:
             continue
         if observation.table == run.table and observation.chain == run.chain:
             return observation, True
-        if not observation.own or best is None:
+        if observation.own and observation.chain.startswith(MARK_CHAIN_PREFIX):
+            before_conntrack = before_conntrack or observation
+        elif not observation.own or best is None:
             best = observation
+    if run.backend == "iptables-legacy" and run.table == "raw" and before_conntrack is not None:
+        return before_conntrack, True
+    best = best or before_conntrack
     return (best, True) if best is not None else (earlier, False)
 
 

@@ -16,7 +16,8 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
   hooks. Elsewhere nothing runs between the end of one IP hook and the first chain of the
   next, so that chain's first event says it: the hook's end is derived from it (`derived`),
   and a hook that the kernel's order puts in between (forward, between prerouting and
-  postrouting) is added the same way;
+  postrouting) is added the same way. Where legacy iptables tables may end a packet without
+  an event, nftrace's conntrack chains (right after conntrack) say its conntrack state;
 - returns: nothing is sent when a caller resumes after a jump, so a jump stack is kept;
   falling off the end of a chain is a rule event without handle (older kernels: a return
   event); a goto pushes nothing, so the end of a goto'd chain goes back past it;
@@ -33,12 +34,12 @@ from __future__ import annotations
 import functools
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Protocol
 
 from .events import FINAL_VERDICTS, TERMINAL_VERDICTS, ConntrackInfo, PacketHeaders, TraceEvent
 from ..protocols import endpoint_text, iptables_command
-from ..kernel.tracetable import MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX, is_trace_table
+from ..kernel.tracetable import CONNTRACK_CHAIN_PREFIX, MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX, is_trace_table
 from .jumpstack import JumpStack
 from .ruleset import ChainInfo, RuleInfo, priority_value
 
@@ -56,6 +57,10 @@ HOOKS_BETWEEN = {
 }
 # Hooks run before routing: no output interface yet.
 BEFORE_ROUTING = frozenset({"ingress", "prerouting"})
+# The conntrack status bits that NAT sets up on each hook (destination NAT where the packet
+# comes in or is sent, source NAT where it leaves or is delivered).
+NAT_STATUS_SET_ON = {"prerouting": frozenset({"dnat", "dnat-done"}), "output": frozenset({"dnat", "dnat-done"}),
+                     "input": frozenset({"snat", "snat-done"}), "postrouting": frozenset({"snat", "snat-done"})}
 MANGLE_PRIORITY = -150
 
 
@@ -259,7 +264,7 @@ class _PacketState:
 
 @functools.lru_cache(maxsize=256)
 def _own_chain_hook(chain: str) -> Optional[str]:
-    for prefix in (MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX):
+    for prefix in (MARK_CHAIN_PREFIX, OBSERVE_CHAIN_PREFIX, CONNTRACK_CHAIN_PREFIX):
         if chain.startswith(prefix):
             hook = chain[len(prefix):].split("@")[0]  # mark_ingress@N: one chain per device
             return hook if hook in HOOK_RANK else None
@@ -554,11 +559,12 @@ class PathBuilder:
         previous = state.family_hooks.get("inet") if _hook_family(event.family) == "inet" else None
         if previous is not None and previous != hook and HOOK_RANK[hook] > HOOK_RANK[previous] \
                 and path.hooks[-1:] == [previous]:
+            ct = _ct_before_hook(event.ct, hook, state.base_type == "nat", path.observations)
             if not state.hook_end_seen:
-                path.observations.append(_derived_observation(previous, event))
+                path.observations.append(_derived_observation(previous, event, ct))
             for between in HOOKS_BETWEEN.get((previous, hook), ()):
                 path.hooks.append(between)
-                path.observations.append(_derived_observation(between, event))
+                path.observations.append(_derived_observation(between, event, ct))
         if previous != hook and _hook_family(event.family) == "inet":
             state.hook_end_seen = False
         if not path.hooks or path.hooks[-1] != hook:
@@ -660,12 +666,32 @@ def verdict_before_kernel_drop(reason: Optional[str]) -> str:
     return "drop" if reason == "NETFILTER_DROP" else "accept"
 
 
-def _derived_observation(hook: str, event: TraceEvent) -> HookObservation:
+def _derived_observation(hook: str, event: TraceEvent, ct: Optional[ConntrackInfo]) -> HookObservation:
     """The end of `hook`, as the first chain of a later hook saw the packet (see the module's
     docstring); before routing there is no output interface."""
     oif = None if hook in BEFORE_ROUTING else event.oif
-    return HookObservation(hook, event.table, event.chain, event.packet, event.iif, oif, event.mark, event.ct,
+    return HookObservation(hook, event.table, event.chain, event.packet, event.iif, oif, event.mark, ct,
                            own=True, family=event.family, derived=True)
+
+
+def _ct_before_hook(ct: Optional[ConntrackInfo], hook: str, nat_chain: bool, earlier: list) -> Optional[ConntrackInfo]:
+    """The conntrack entry as the packet entered `hook`, from an event of the first chain that
+    saw it there.
+
+    Headers are rewritten after a NAT chain has run, but the status bits at once: the event
+    of a NAT chain's first matching rule (`nat_chain`) already says `snat` if that rule
+    masqueraded, and so does a later chain's after a legacy nat table. The kernel runs NAT
+    chains only for a connection whose NAT of that kind is not set up yet, so such bits are
+    this hook's doing. Where an earlier event said the entry's status, bits it did not have
+    are this hook's doing in any case."""
+    set_here = NAT_STATUS_SET_ON.get(hook)
+    if ct is None or set_here is None or set_here.isdisjoint(ct.status):
+        return ct
+    before = next((observation.ct for observation in reversed(earlier) if observation.ct is not None), None)
+    if before is None and not nat_chain:
+        return ct
+    kept = set(before.status) if before is not None else set()
+    return replace(ct, status=tuple(bit for bit in ct.status if bit not in set_here or bit in kept))
 
 
 def _hook_family(family: str) -> str:

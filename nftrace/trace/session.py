@@ -254,7 +254,8 @@ class TraceSession:
         if part.caller is None:
             devices = self._follow_devices(part) if plan.nft else {}
             if plan.nft:
-                part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)))
+                part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)),
+                                   legacy=legacy is not None)
             part.iptables_nft = IptablesNftText.read(part.snapshot) if plan.nft else None
             part.builder = make_path_builder(plan, part.snapshot, legacy, keep, self.options.idle_seconds, **devices)
         else:
@@ -489,8 +490,9 @@ class TraceSession:
             elif isinstance(item, RulesetChanged):
                 part.call(part.snapshot.refresh_from, part.nft)
                 part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
-                legacy_nat = self._legacy_nat(run.legacy) if part is run.primary else False
-                part.table.observe(nat_hooks(part.snapshot, legacy_nat=legacy_nat))
+                legacy = run.legacy if part is run.primary else None
+                part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)),
+                                   legacy=legacy is not None)
                 if part.near_misses is not None:
                     part.near_misses.invalidate()
             elif isinstance(item, TableDeleted) and item.name == part.table.name:
