@@ -17,12 +17,12 @@ from nftrace.trace.colour import Style, colour_wanted, parse_colour_choice
 from nftrace.trace.events import ConntrackInfo, PacketHeaders
 from nftrace.trace.matching import PacketView
 from nftrace.trace.nearmiss import find_near_misses
-from nftrace.trace.nearmiss_live import LiveRuleBook, NearMissAnnotator
+from nftrace.trace.nearmiss_live import LiveRuleBook, NearMissAnnotator, NftCommandLister
 from nftrace.trace.paths import HookObservation, PacketPath, Step
 from nftrace.trace.render import render_packet
 from nftrace.trace.report import packet_json
 from nftrace.trace.rulebook import RuleBook
-from nftrace.errors import InputError
+from nftrace.errors import InputError, NftraceError
 
 INTERFACES = {2: "lan0", 3: "wan0"}
 
@@ -521,6 +521,41 @@ def test_a_ruleset_that_cannot_be_read_leaves_the_answer_alone_and_warns_once():
         assert packet.near_misses == []
     assert len(warnings) == 1 and "near misses unavailable" in warnings[0]
 
+
+
+def stand_in_nft(tmp_path, *answers):
+    """An `nft` that prints these answers to successive calls (the last one from then on),
+    exit 0, as libnftables 1.0.6 does when it could not print its document."""
+    script = tmp_path / "nft"
+    calls = tmp_path / "calls"
+    lines = ["#!/bin/sh", f"n=$(cat {calls} 2>/dev/null || echo 0); echo $((n + 1)) > {calls}"]
+    for number, answer in enumerate(answers):
+        test = f"[ $n -ge {number} ]" if number == len(answers) - 1 else f"[ $n -eq {number} ]"
+        lines.append(f"if {test}; then printf '%s' '{answer}'; exit 0; fi")
+    script.write_text("\n".join(lines) + "\n")
+    script.chmod(0o755)
+    return str(script), calls
+
+
+LISTED = '{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"chain": {"family": "inet", "table": "fw", "name": "forward"}}]}\n'
+
+
+def test_a_listing_that_is_no_json_document_is_asked_for_again(tmp_path):
+    command, calls = stand_in_nft(tmp_path, "\n", '{"nftables": [{"metainfo"\n', LISTED)
+    document = NftCommandLister(command).chain("inet", "fw", "forward")
+    assert document["nftables"][1]["chain"]["name"] == "forward"
+    assert calls.read_text().strip() == "3"
+
+
+def test_a_listing_that_stays_broken_is_an_error_naming_it_never_an_empty_chain(tmp_path):
+    command, _ = stand_in_nft(tmp_path, "\n")
+    with pytest.raises(NftraceError, match=r"^nft -j list chain inet fw forward printed no JSON document: ''$"):
+        NftCommandLister(command).chain("inet", "fw", "forward")
+    warnings = []
+    annotator = NearMissAnnotator(LiveRuleBook(NftCommandLister(command), ipsets=dict), INTERFACES, warnings.append)
+    annotator.annotate(path([policy_drop()]))
+    assert warnings == ["near misses unavailable: the ruleset could not be read (nft -j list chain inet fw forward "
+                        "printed no JSON document: '')"]
 
 # -- colour ------------------------------------------------------------------------------------------------
 

@@ -2,9 +2,9 @@
 needs it, and each finished packet annotated with its near misses.
 
 Nothing here is on the event path: the trace rules go in and events are read before the
-first listing; the JSON listing (`nft -j -a list ruleset`, with set elements) is taken when
-the first packet is answered, and again only after the ruleset generation changed
-(`invalidate`, called on NFT_MSG_NEWGEN). Legacy tables announce no change: their rules
+first listing; the chains and sets a packet's path touches are listed as JSON (`nft -j -a
+list chain`, `list set`) when the first packet that needs them is answered, and again only
+after the ruleset generation changed (`invalidate`, called on NFT_MSG_NEWGEN). Legacy tables announce no change: their rules
 (iptables-legacy-save) and the ipsets (`ipset save`) are read again when the last reading is
 older than LEGACY_MAX_AGE seconds.
 
@@ -104,23 +104,41 @@ class LiveRuleBook:
 class NftCommandLister:
     """One chain or set at a time, as `nft -j -a` lists it, in a process of its own.
 
-    libnftables 1.0.6 can abort the whole process ("corrupted double-linked list") while
-    printing some rulesets as JSON (seen with iptables-nft's compat matches, about one run in
-    six): a trace must never die of an explanation, so the listing runs apart, and a failure
-    only costs the near misses. The command is JSON on nft's stdin, so that every name,
-    keywords included, is a JSON value and never parsed as nft syntax.
+    Never a whole table or ruleset: libnftables 1.0.6 frees the flag of a table that has
+    exactly one (`flags owner`: nftrace's own trace tables, other programs' owned tables;
+    `flags dormant`) before it prints it as JSON (`list ruleset`, `list table`, `list tables`),
+    a use after free that corrupts the heap ("corrupted double-linked list" aborts, and
+    valgrind says so). `list chain` prints no table and is safe (checked with valgrind, with
+    owned and dormant tables around); kernel/nft.py's `_json_ruleset` works around the bug
+    the same way. The listing still runs apart, so that a trace never dies of an
+    explanation: a failure only costs the near misses. The command is JSON on nft's stdin,
+    so that every name, keywords included, is a JSON value and never parsed as nft syntax.
+
+    nft's answer must be one JSON document: libnftables prints the document's newline
+    whether or not `json_dumpf` could print the document (its result goes unchecked) and
+    exits 0, so an answer can be a lone newline ("Expecting value: line 2 column 1", seen
+    now and then in long test runs and not reproduced at will) or a document cut short. A
+    listing is a read: such an answer is asked for again (ATTEMPTS in all), and one that
+    stays broken is an error that names the listing, never read as an empty chain.
     """
+
+    ATTEMPTS = 3
 
     def __init__(self, command: str):
         self.command = command
 
     def _list(self, kind: str, family: str, table: str, name: str) -> Optional[dict]:
         request = {"nftables": [{"list": {kind: {"family": family, "table": table, "name": name}}}]}
-        result = runner.run([self.command, "-j", "-a", "-f", "-"], input=json.dumps(request), timeout=60,
-                            check=False, what=f"nft -j list {kind} {family} {table} {name}")
-        if result.returncode != 0:
-            return None  # gone since, or not of this kind: nothing sound to say about it
-        return json.loads(result.stdout or '{"nftables": []}')
+        what = f"nft -j list {kind} {family} {table} {name}"
+        for _ in range(self.ATTEMPTS):
+            result = runner.run([self.command, "-j", "-a", "-f", "-"], input=json.dumps(request), timeout=60,
+                                check=False, what=what)
+            if result.returncode != 0:
+                return None  # gone since, or not of this kind: nothing sound to say about it
+            document = parse_listing(result.stdout)
+            if document is not None:
+                return document
+        raise NftraceError(f"{what} printed no JSON document: {result.stdout.strip()[:60]!r}")
 
     def chain(self, family: str, table: str, name: str) -> Optional[dict]:
         return self._list("chain", family, table, name)
@@ -133,6 +151,18 @@ class NftCommandLister:
                 if body is not None:
                     return body.get("elem", [])
         return None
+
+
+def parse_listing(stdout: str) -> Optional[dict]:
+    """nft's JSON answer to a list command; None where it is not one whole JSON document
+    (see NftCommandLister). No output at all stays what it always was here: nothing listed."""
+    if not stdout:
+        return {"nftables": []}
+    try:
+        document = json.loads(stdout)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) and isinstance(document.get("nftables"), list) else None
 
 
 def nft_lister() -> Optional[NftCommandLister]:
