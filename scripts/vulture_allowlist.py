@@ -18,8 +18,3 @@ description  # nftrace/lab/expectations.py
 port_id, wall_seconds  # bench/probes.py
 # Near misses (branch nearmiss): the interface rulebook.py implements, and a verdict's reject flag.
 BookRule, reject  # nftrace/trace/nearmiss.py
-# In progress on other branches, not used yet on main (multi-namespace tracing, Docker in a test
-# namespace): remove from here once they are used, or delete them.
-NamespaceWorker, describe_targets  # nftrace/kernel/nsexec.py, netns.py
-docker_problem, DockerHost, import_image, container_pid, container_address  # tests/dockerhost.py
-OTHER  # tests/test_crossing.py

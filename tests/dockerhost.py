@@ -109,9 +109,6 @@ class DockerHost:
     def container_pid(self, name: str) -> int:
         return int(self.docker("inspect", "--format", "{{.State.Pid}}", name).stdout.strip())
 
-    def container_address(self, name: str) -> str:
-        return self.docker("inspect", "--format", "{{.NetworkSettings.IPAddress}}", name).stdout.decode().strip()
-
     # -- stopping ---------------------------------------------------------------------------
 
     def stop(self) -> None:
