@@ -10,10 +10,13 @@ IP ones; netdev egress chains run after postrouting.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import load_ruleset, nftrace, ruleset_state, traffic, unique_name
+from conftest import REPO, load_ruleset, nftrace, ruleset_state, traffic, unique_name
 from nftrace.lab.topology import in_netns, netns_exists, run
 
 pytestmark = pytest.mark.kernel
@@ -144,6 +147,64 @@ def test_with_br_netfilter_a_bridged_frame_passes_bridge_and_ip_hooks_in_order(l
     assert packet["decided_by"]["family"] == "inet" and packet["decided_by"]["text"] == "udp dport 5556 counter accept"
     assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
 
+
+
+# With br_netfilter a bridged frame is marked twice, by the bridge mark chain and by the IP
+# one; both marks are one packet, one trace id.
+DROPPED_IN_BRIDGE_AND_IN_IP = BRIDGE_FILTER + """
+table inet late {
+    chain forward {
+        type filter hook forward priority 10; policy accept;
+        udp dport 5557 counter drop
+    }
+}
+"""
+
+
+def send(lab, port, count):
+    subprocess.run(traffic(lab.host1, "udp", HOST2, str(port), "--count", str(count), "--rate", "20"), check=True,
+                   capture_output=True, timeout=60)
+
+
+def test_with_br_netfilter_each_bridged_frame_is_one_answer_with_its_bridge_and_ip_steps(lab):
+    load_ruleset(lab.switch, BRIDGE_FILTER)
+    lab.br_netfilter(True)
+    result = nftrace("--netns", lab.switch, "why", "--from", HOST1, "--to", HOST2, "--proto", "udp", "--dport", "5556",
+                     "--count", "3", "--timeout", "15", "--json", "--",
+                     *traffic(lab.host1, "udp", HOST2, "5556", "--count", "3", "--rate", "20"))
+    assert result.returncode == 0, result.stderr
+    assert len({packet["trace_id"] for packet in result.packets}) == 3
+    for packet in result.packets:
+        assert steps(packet) == [("bridge", "forward", "l2", "forward", "accept"),
+                                 ("inet", "forward", "fw", "forward", "accept")]
+
+
+def test_with_br_netfilter_drops_counts_each_bridged_frame_once_under_the_rule_that_dropped_it(lab):
+    load_ruleset(lab.switch, DROPPED_IN_BRIDGE_AND_IN_IP)
+    lab.br_netfilter(True)
+    process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.switch, "drops", "--max-rate", "0",
+                                "--duration", "5", "--no-drop-reasons", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        line = process.stderr.readline()
+        assert line.startswith("watching drops of"), line
+        send(lab, 5557, 3)  # bridged, then dropped at the IP forward hook
+        send(lab, 5555, 2)  # dropped at the bridge forward hook, after IP prerouting
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    document = json.loads(out)
+    assert document["dropped"] == len(document["packets"]) == 5
+    assert {(rule["decided_by"]["family"], rule["decided_by"]["table"]): rule["packets"]
+            for rule in document["rules"]} == {("inet", "late"): 3, ("bridge", "l2"): 2}
+    # One path per frame, with the chains of both families it passed (no chain of the ruleset
+    # is on IP prerouting, where a frame that the bridge then dropped met only nftrace's).
+    assert sorted((packet["packet"]["dport"], tuple(step["family"] for step in packet["steps"]))
+                  for packet in document["packets"]) == [(5555, ("bridge",))] * 2 + [(5557, ("bridge", "inet", "inet"))] * 3
 
 def test_a_packet_routed_out_through_a_bridge_device_passes_the_bridge_hooks_after_postrouting(lab):
     load_ruleset(lab.switch, BRIDGE_FILTER)
