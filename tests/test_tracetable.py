@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nftrace.flow import parse_flow
-from nftrace.kernel.tracetable import TraceTable, bridge_table_commands, egress_commands, flow_match, mark_ends
+from nftrace.kernel.tracetable import bridge_table_commands, egress_commands, flow_match, mark_ends, trace_table_commands
 
 FLOW = parse_flow("10.0.0.5", "10.0.0.9", "tcp", None, 22)
 
@@ -59,33 +59,19 @@ def test_bridge_frames_are_marked_at_bridge_prerouting_before_the_rulesets_chain
     assert {c["hook"] for c in chains[1:]} == {"input", "forward", "output", "postrouting"}
 
 
-class RecordingNft:
-    """Keeps the commands a TraceTable sends instead of sending them."""
 
-    def __init__(self):
-        self.sent: list = []
-
-    def run_json(self, commands):
-        self.sent.append(commands)
-
-
-def added_chains(nft):
-    return [(c["add"]["chain"]["name"], c["add"]["chain"]["prio"]) for batch in nft.sent for c in batch
-            if "chain" in c["add"]]
+def chains(commands):
+    return [(c["add"]["chain"]["name"], c["add"]["chain"]["prio"]) for c in commands if "chain" in c["add"]]
 
 
 def test_conntrack_chains_follow_conntrack_on_the_marked_hooks_only_where_legacy_tables_are_traced():
-    nft = RecordingNft()
-    table = TraceTable(nft, FLOW)
-    table.observe(frozenset())
-    assert nft.sent == []  # nftables alone: its first chain after conntrack says the state, no event more
-    table.observe(frozenset(), legacy=True)
-    assert added_chains(nft) == [("ct_prerouting", -199), ("ct_output", -199)]
-    table.observe(frozenset({"prerouting"}), legacy=True)  # the ruleset changed: nothing twice
-    assert added_chains(nft)[2:] == [("obs_prerouting", 2**31 - 1)]
+    plain = chains(trace_table_commands("inet", "nftrace_1_abc", FLOW, 100))
+    assert not any(name.startswith("ct_") for name, _ in plain)  # nftables alone: no event more
+    with_legacy = chains(trace_table_commands("inet", "nftrace_1_abc", FLOW, 100, conntrack=True))
+    assert with_legacy == plain + [("ct_prerouting", -199), ("ct_output", -199)]
 
 
 def test_a_flow_that_arrives_on_an_interface_has_no_conntrack_chain_on_output():
-    nft = RecordingNft()
-    TraceTable(nft, parse_flow("10.0.0.5", "10.0.0.9", iif="eth0")).observe(frozenset(), legacy=True)
-    assert added_chains(nft) == [("ct_prerouting", -199)]
+    flow = parse_flow("10.0.0.5", "10.0.0.9", iif="eth0")
+    assert [name for name, _ in chains(trace_table_commands("inet", "nftrace_1_abc", flow, 100, conntrack=True))
+            if name.startswith("ct_")] == ["ct_prerouting"]

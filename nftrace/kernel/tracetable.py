@@ -255,7 +255,9 @@ def bridge_table_commands(name: str, flow: Flow, max_rate: int, ends: tuple = (N
 
 
 def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int, ends: tuple = (None,),
-                         observe=EXIT_OBSERVE_HOOKS, counted: bool = False) -> list[dict]:
+                         observe=EXIT_OBSERVE_HOOKS, counted: bool = False, conntrack: bool = False) -> list[dict]:
+    """The table's chains: mark chains, observation chains on `observe`, and with `conntrack`
+    the conntrack chains on the marked hooks (see the module's docstring)."""
     commands = []
     if counted:
         commands += [{"add": {"counter": {"family": family, "table": name, "name": counter}}}
@@ -265,6 +267,9 @@ def trace_table_commands(family: str, name: str, flow: Flow, max_rate: int, ends
                                          prio=MARK_PRIORITY)
     for hook in observe:
         commands += _observe_chain_commands(family, name, hook)
+    for hook in mark_hooks(flow) if conntrack else ():
+        commands += _observe_chain_commands(family, name, hook, prefix=CONNTRACK_CHAIN_PREFIX,
+                                            prio=CONNTRACK_OBSERVE_PRIORITY)
     return commands
 
 
@@ -274,18 +279,19 @@ class TraceTable:
     One table per family that needs marking, all of one name: `inet` always, `bridge` where
     the namespace has bridges (`mark_bridges`), `netdev` where it has egress chains
     (`mark_egress`). `relaxed`: mark each end of the flow on its own (see mark_ends), for a
-    trace across several namespaces."""
+    trace across several namespaces. `conntrack`: legacy iptables tables are traced too (the
+    table gets conntrack chains, see the module's docstring)."""
 
     family = "inet"
 
     def __init__(self, nft: NftContext, flow: Flow, max_rate: int = DEFAULT_MAX_RATE, relaxed: bool = False,
-                 counted: bool = False):
+                 counted: bool = False, conntrack: bool = False):
         self.nft = nft
         self.flow = flow
         self.max_rate = max_rate
         self.counted = counted  # count matched and traced packets (see _mark_rule_commands)
         self.observed: tuple = EXIT_OBSERVE_HOOKS
-        self.conntrack_observed: tuple = ()  # hooks with a conntrack chain (see observe)
+        self.conntrack = conntrack
         self.ends = mark_ends(flow, relaxed)
         self.name = f"{TRACE_TABLE_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
         self.owner = False  # the tables are tied to nftrace's socket (flags owner)
@@ -309,23 +315,17 @@ class TraceTable:
             undo_after(err, self.remove)
             raise
         self._commit(trace_table_commands(self.family, self.name, self.flow, self.max_rate, self.ends, self.observed,
-                                          self.counted))
+                                          self.counted, self.conntrack))
 
-    def observe(self, nat: frozenset, legacy: bool = False) -> None:
-        """Add the observation chains that NAT on these hooks calls for (see observation_hooks),
-        and, where legacy iptables tables are traced (`legacy`), the conntrack chains (see the
-        module's docstring); called once the ruleset is known, and again when it changes.
-        Chains are only added: one observation too many costs an event, one too few a fact."""
+    def observe(self, nat: frozenset) -> None:
+        """Add the observation chains that NAT on these hooks calls for (see observation_hooks);
+        called once the ruleset is known, and again when it changes. Chains are only added:
+        one observation too many costs an event, one too few a fact."""
         missing = [hook for hook in observation_hooks(nat) if hook not in self.observed]
-        conntrack = [hook for hook in mark_hooks(self.flow) if legacy and hook not in self.conntrack_observed]
-        commands = [command for hook in missing for command in _observe_chain_commands(self.family, self.name, hook)]
-        commands += [command for hook in conntrack
-                     for command in _observe_chain_commands(self.family, self.name, hook, prefix=CONNTRACK_CHAIN_PREFIX,
-                                                            prio=CONNTRACK_OBSERVE_PRIORITY)]
-        if commands:
-            self.nft.run_json(commands)
+        if missing:
+            self.nft.run_json([command for hook in missing
+                               for command in _observe_chain_commands(self.family, self.name, hook)])
             self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in missing)
-            self.conntrack_observed += tuple(conntrack)
 
     def counts(self) -> tuple[int, int]:
         """(matched, traced) packets so far, from the table's counters (see `counted`)."""

@@ -160,7 +160,7 @@ class TraceSession:
                     legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
                 for part in parts:
                     if plan.nft:
-                        self._mark(part, undo, relaxed=len(parts) > 1)
+                        self._mark(part, undo, relaxed=len(parts) > 1, legacy=legacy is not None)
                     self._build(part, plan, legacy, several=len(parts) > 1)
                 joiner = CrossingJoiner(self._keep, {part.label: part.snapshot for part in parts}) \
                     if len(parts) > 1 else None
@@ -233,12 +233,13 @@ class TraceSession:
             self.report.warnings.append(f"removed trace tables left by killed nftrace runs{where}: {', '.join(removed)}")
         part.monitor = undo.enter_context(part.call(TraceMonitor, rcvbuf))
 
-    def _mark(self, part: NamespacePart, undo: UndoStack, relaxed: bool) -> None:
+    def _mark(self, part: NamespacePart, undo: UndoStack, relaxed: bool, legacy: bool = False) -> None:
         """The part's trace rules; its snapshot, now with them in. --iif and --oif name interfaces
-        of the first namespace: the others' rules do without."""
+        of the first namespace: the others' rules do without; so do their conntrack chains,
+        there for the legacy tables (`legacy`) that only the first namespace's trace follows."""
         flow = self.options.flow if part.caller is None else replace(self.options.flow, iif=None, oif=None)
         part.table = undo.enter_context(TraceTable(part.nft, flow, self.options.max_rate, counted=self.options.counted,
-                                                   relaxed=relaxed))
+                                                   relaxed=relaxed, conntrack=legacy and part.caller is None))
         if part.caller is None:
             self._table = part.table
         if part.table.owner_warning:
@@ -254,8 +255,7 @@ class TraceSession:
         if part.caller is None:
             devices = self._follow_devices(part) if plan.nft else {}
             if plan.nft:
-                part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)),
-                                   legacy=legacy is not None)
+                part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)))
             part.iptables_nft = IptablesNftText.read(part.snapshot) if plan.nft else None
             part.builder = make_path_builder(plan, part.snapshot, legacy, keep, self.options.idle_seconds, **devices)
         else:
@@ -490,9 +490,8 @@ class TraceSession:
             elif isinstance(item, RulesetChanged):
                 part.call(part.snapshot.refresh_from, part.nft)
                 part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
-                legacy = run.legacy if part is run.primary else None
-                part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)),
-                                   legacy=legacy is not None)
+                legacy_nat = self._legacy_nat(run.legacy) if part is run.primary else False
+                part.table.observe(nat_hooks(part.snapshot, legacy_nat=legacy_nat))
                 if part.near_misses is not None:
                     part.near_misses.invalidate()
             elif isinstance(item, TableDeleted) and item.name == part.table.name:
