@@ -8,8 +8,9 @@ exit status says which signal it was.
 Undoing must not be cut short by a second signal (an impatient Ctrl-C after a SIGTERM, a
 second Ctrl-C): every undo step runs inside `SignalsHeld`, and a run's undo steps as a whole
 in an `UndoStack`:
-- only the first stop signal counts; any later one is recorded and dropped, since the stop
-  it asks for is already under way;
+- only the first stop signal counts (the first to arrive, whatever order Python runs the
+  handlers of signals that arrived together in); any later one is recorded and dropped,
+  since the stop it asks for is already under way;
 - a first signal that comes while something is being undone waits until the undoing is
   done, and is raised then (the exit status is that signal's);
 - an undo step that fails never replaces the error that started the undoing: it is added to
@@ -18,6 +19,7 @@ in an `UndoStack`:
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Callable, Optional
@@ -52,15 +54,39 @@ class _State:
         self.first: Optional[int] = None  # the first stop signal since the handler went in
         self.held = 0  # undo steps running now
         self.pending = False  # the first signal came while held and has not been raised yet
+        self._wakeup: Optional[tuple[int, int]] = None  # the C-level handler writes each signal number here
+        self._previous_wakeup = -1
 
     def handle(self, signum, _frame) -> None:
+        arrived = self._arrivals()
         if self.first is not None:
             return  # a stop is already under way: this signal asks for nothing more
-        self.first = signum
+        # `signum` is not necessarily the first to arrive: see _arrivals.
+        self.first = arrived[0] if arrived else signum
         if self.held:
             self.pending = True  # raised when the undoing is done
             return
-        raise interruption(signum)
+        raise interruption(self.first)
+
+    def _arrivals(self) -> list[int]:
+        """The stop signals that arrived since the last call, in the order they arrived.
+
+        Python runs its signal handlers later than the signals arrive (in the main thread,
+        between two bytecodes), and when several are pending by then it runs them in the
+        order of their numbers, not of their arrival: a SIGTERM and then a Ctrl-C that both
+        come while the main thread waits (for a worker thread that the signals were
+        delivered to, say) run the SIGINT handler first. The wakeup fd is written by the
+        C-level handler at the moment each signal arrives, so it has the true order."""
+        arrived: list[int] = []
+        while self._wakeup is not None:
+            try:
+                data = os.read(self._wakeup[0], 512)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            arrived += [signal.Signals(number) for number in data if number in STOP_SIGNALS]
+        return arrived
 
     def install(self) -> None:
         if self.installed == 0:
@@ -68,6 +94,9 @@ class _State:
             self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS
                              if signal.getsignal(signum) is not signal.SIG_IGN}
             self.first, self.pending = None, False
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._wakeup = (read_end, write_end)
+            self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         self.installed += 1
 
     def uninstall(self, exiting: bool = False) -> None:
@@ -79,6 +108,13 @@ class _State:
                 signal.signal(signum, signal.SIG_IGN if stopping else handler)
             self.previous = {}
             self.first, self.pending = None, False
+            try:
+                signal.set_wakeup_fd(self._previous_wakeup)
+            except (ValueError, OSError):  # closed by its owner meanwhile: there is none to give back
+                signal.set_wakeup_fd(-1)
+            for fd in self._wakeup or ():
+                os.close(fd)
+            self._wakeup, self._previous_wakeup = None, -1
 
 
 _state = _State()

@@ -7,11 +7,19 @@ thread), inside the blocks nftrace uses to undo its changes.
 from __future__ import annotations
 
 import signal
+import sys
+import threading
+import time
 
 import pytest
 
 from nftrace.signals import (Interrupted, SignalsAsExceptions, SignalsHeld, UndoStack, cleanup_failures,
                              undo_after)
+
+
+def signal_of(stop: BaseException) -> int:
+    """Which signal an interruption stands for (Ctrl-C is a KeyboardInterrupt)."""
+    return stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
 
 
 def test_a_signal_during_an_undo_step_waits_for_it_and_is_raised_after():
@@ -42,6 +50,45 @@ def test_ctrl_c_stays_a_keyboard_interrupt_and_handlers_come_back_after_the_run(
         with SignalsAsExceptions():
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def raise_while_the_main_thread_waits(*signums: int) -> None:
+    """Raise the signals, one after the other, from a worker thread that the main thread is
+    blocked joining (as call_in_namespace does): they are delivered to the worker, and the main
+    thread runs their handlers all together once the join is over."""
+    main = threading.main_thread().ident
+
+    def worker():
+        deadline = time.monotonic() + 5
+        while sys._current_frames()[main].f_code.co_name != "_wait_for_tstate_lock" and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for signum in signums:
+            signal.raise_signal(signum)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        thread.join()
+    finally:
+        thread.join()  # the block is never left while the worker may still raise a signal
+
+
+def test_the_first_signal_to_arrive_counts_even_when_python_runs_the_handler_of_a_later_one_first():
+    """SIGTERM, then Ctrl-C, while the main thread waits: Python runs the pending handlers by
+    signal number, SIGINT's first. The run still ends as the SIGTERM says."""
+    with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:
+        with SignalsAsExceptions():
+            raise_while_the_main_thread_waits(signal.SIGTERM, signal.SIGINT)
+    assert signal_of(stop.value) == signal.SIGTERM
+
+
+def test_the_first_of_several_signals_that_arrive_during_an_undo_step_is_the_one_raised_after_it():
+    done = []
+    with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:
+        with SignalsAsExceptions(), SignalsHeld():
+            raise_while_the_main_thread_waits(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+            done.append("undone")
+    assert done == ["undone"] and signal_of(stop.value) == signal.SIGTERM
 
 
 def test_held_outside_a_run_still_defers_the_signal_to_the_end_of_the_undo():
@@ -102,8 +149,6 @@ def test_a_signal_during_the_undo_of_an_error_says_it_waited_and_the_error_goes_
 
 
 def test_an_undo_step_in_another_thread_neither_holds_nor_raises_the_main_threads_signal():
-    import threading
-
     entered, release = threading.Event(), threading.Event()
 
     def worker():
