@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-from json import dumps, loads
 import re
 from typing import Any, Optional
 
@@ -54,59 +53,19 @@ class NftContext:
         self.messages = error or ""
         return output
 
-    def list_ruleset(self, *, state: bool = False, json: bool = False) -> str:
+    def list_ruleset(self, *, state: bool = False) -> str:
         """The whole ruleset as nft prints it, with handles (`nft -a`).
 
         state=False: without counter values, quotas and set elements (`-s -t`): the rule text
         an admin reads, and a listing whose size does not grow with the sets' contents.
         state=True: everything, as a copy needs it (`nft -a list ruleset`).
-        json=True: everything, as libnftables' JSON document (`nft -a -j list ruleset`), made
-        table by table (see _json_ruleset).
+        Never as JSON: libnftables 1.0.6 frees the flag of a table that has exactly one (`flags
+        owner`, `flags dormant`) before it prints it as JSON, a use after free that corrupts
+        the heap; trace/nearmiss_live.py lists JSON chain by chain, which is safe.
         """
-        if json:
-            return self._json_ruleset()
         if state:
             return self.run("list ruleset", handles=True)
         return self.run("list ruleset", handles=True, stateless=True, terse=True)
-
-    def _json_ruleset(self) -> str:
-        """`nft -j list ruleset`, one table at a time.
-
-        libnftables 1.0.6 frees the flag of a table that has exactly one (`flags owner`:
-        nftrace's own trace tables, and other programs' owned tables) before it prints it:
-        a use after free that corrupts the heap, seen here as aborts ("corrupted double-linked
-        list") and under valgrind. Such a table is listed object by object (its chains, sets
-        and maps), without the table itself; nftrace's own tables are left out.
-        """
-        from ..trace.ruleset import parse_ruleset_listing  # the rule text's parser (not imported at start)
-        from .tracetable import is_trace_table  # tracetable imports this module
-
-        outline: dict = {}
-        parse_ruleset_listing(self.list_ruleset(), outline)
-        items: list = []
-        for (family, table), shape in outline.items():
-            if is_trace_table(table):
-                continue
-            if len(shape.flags) != 1:
-                commands = [{"list": {"table": {"family": family, "name": table}}}]
-            else:
-                commands = [{"list": {kind: {"family": family, "table": table, "name": name}}}
-                            for kind, name in shape.objects]
-            for command in commands:
-                items += [item for item in loads(self._run_json_listing(command)).get("nftables", [])
-                          if "metainfo" not in item]
-        return dumps({"nftables": items})
-
-    def _run_json_listing(self, command: dict) -> str:
-        nft = self._nft
-        nft.set_json_output(True)
-        nft.set_handle_output(True)
-        nft.set_stateless_output(False)
-        nft.set_terse_output(False)
-        rc, output, error = nft.cmd(dumps({"nftables": [command]}))
-        if rc != 0:
-            raise KernelError(_first_error_line(error) or "nft: listing failed", kernel_errno(error))
-        return output or '{"nftables": []}'
 
     def run_json(self, commands: list[dict[str, Any]]) -> None:
         """Apply a list of JSON commands as one atomic transaction.

@@ -109,10 +109,10 @@ class NftCommandLister:
     `flags dormant`) before it prints it as JSON (`list ruleset`, `list table`, `list tables`),
     a use after free that corrupts the heap ("corrupted double-linked list" aborts, and
     valgrind says so). `list chain` prints no table and is safe (checked with valgrind, with
-    owned and dormant tables around); kernel/nft.py's `_json_ruleset` works around the bug
-    the same way. The listing still runs apart, so that a trace never dies of an
-    explanation: a failure only costs the near misses. The command is JSON on nft's stdin,
-    so that every name, keywords included, is a JSON value and never parsed as nft syntax.
+    owned and dormant tables around). The listing still runs apart, so that a trace never
+    dies of an explanation: a failure only costs the near misses. The command is JSON on
+    nft's stdin, so that every name, keywords included, is a JSON value and never parsed as
+    nft syntax.
 
     nft's answer must be one JSON document: libnftables prints the document's newline
     whether or not `json_dumpf` could print the document (its result goes unchecked) and
