@@ -4,9 +4,9 @@ needs it, and each finished packet annotated with its near misses.
 Nothing here is on the event path: the trace rules go in and events are read before the
 first listing; the chains and sets a packet's path touches are listed as JSON (`nft -j -a
 list chain`, `list set`) when the first packet that needs them is answered, and again only
-after the ruleset generation changed (`invalidate`, called on NFT_MSG_NEWGEN). Legacy tables announce no change: their rules
-(iptables-legacy-save) and the ipsets (`ipset save`) are read again when the last reading is
-older than LEGACY_MAX_AGE seconds.
+after the ruleset generation changed (`invalidate`, called on NFT_MSG_NEWGEN). Legacy tables
+announce no change: their rules (iptables-legacy-save) and the ipsets (`ipset save`) are
+read again when the last reading is older than LEGACY_MAX_AGE seconds.
 
 Packets of one flow mostly look alike: the near misses of a packet are remembered by what
 they depend on (its steps, verdict and the packet as each hook saw it), so a flood of the
