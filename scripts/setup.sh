@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 # python3-nftables and python3-iptables are bindings to C libraries of the same Debian release
 # (libnftables, libxtables): Debian builds them against those, PyPI has no wheel of either.
 PACKAGES=(nftables libnftables1 python3-nftables iptables python3-iptables iproute2 python3 python3-venv python3-pip
-          bpftrace ufw ruby kmod procps conntrack)
+          bpftrace ufw ruby kmod procps conntrack ipset)
+# ipset: near misses read the namespace's ipsets (`ipset save`) to evaluate legacy `-m set` rules;
+# without it such a rule's set membership can only be shown as unknown.
 # NFTRACE_SETUP_DOCKER=1 (.ci/run): Docker and busybox-static for tests/test_containers.py, which
 # runs dockerd inside a test namespace. Docker's services are neither started nor enabled here:
 # a Docker running in the machine's own namespace would rewrite its firewall.

@@ -169,6 +169,7 @@ def test_legacy_return_rule_and_end_of_chain_lead_back_to_the_drop_policy(legacy
     ]
     assert packet["steps"][-3]["text"] == "-A SSH -j RETURN"
     assert packet["summary"] == "dropped by iptables filter INPUT policy drop"
+    assert (packet["decided_by"]["chain"], packet["decided_by"]["type"]) == ("INPUT", "policy")
     assert packet["decided_by"]["rule_number"] is None and packet["decided_by"]["type"] == "policy"
 
 
@@ -320,6 +321,41 @@ COMMIT
     assert decided == [("accept", 2, "-A INPUT -p udp -m udp --dport 5000 -j ACCEPT"),
                        ("accept", later, "-A INPUT -p udp -m udp --dport 5000 -j ACCEPT")]
     assert not any("changed while packets were traced" in warning for warning in result.json["warnings"])
+
+
+def test_a_legacy_ipset_match_is_evaluated_against_the_namespace_s_ipset(topology):
+    """`-m set --match-set allowed src` against the ipset as the router's namespace holds it
+    (ipsets are per namespace): while the client is not in the set, the DROP policy decides
+    and the near miss is that rule, failing on exactly the set membership; once the client's
+    address is added, the kernel accepts by that rule."""
+    router = topology.router
+    in_netns(router, ["ipset", "create", "allowed", "hash:ip"])
+    in_netns(router, ["ipset", "add", "allowed", "10.77.1.99"])
+    in_netns(router, ["iptables-legacy-restore"], input="""*filter
+:INPUT DROP [0:0]
+-A INPUT -p tcp -m tcp --dport 22 -m set --match-set allowed src -j ACCEPT
+COMMIT
+""")
+    rule = "-A INPUT -p tcp -m tcp --dport 22 -m set --match-set allowed src -j ACCEPT"
+    packet = why(topology, *tcp_flow(22), command=tcp_to_router(topology, 22)).packet
+    assert packet["verdict"] == "drop"
+    assert packet["summary"] == "dropped by iptables filter INPUT policy drop"
+    assert (packet["decided_by"]["chain"], packet["decided_by"]["type"]) == ("INPUT", "policy")
+    [near_miss] = packet["near_misses"]
+    assert (near_miss["backend"], near_miss["chain"], near_miss["rule_number"], near_miss["text"],
+            near_miss["verdict"]) == (LEGACY, "INPUT", 1, rule, "accept")
+    [mismatch] = near_miss["mismatches"]
+    assert (mismatch["expr"], mismatch["packet"], mismatch["wanted"], mismatch["field"], mismatch["set_name"],
+            mismatch["first"]) == ("-m set --match-set allowed src", CLIENT_V4, "@allowed", "ip saddr", "allowed",
+                                   True)
+    assert near_miss["unknown"] == []
+
+    in_netns(router, ["ipset", "add", "allowed", CLIENT_V4])
+    packet = why(topology, *tcp_flow(22), command=tcp_to_router(topology, 22)).packet
+    assert packet["verdict"] == "accept"
+    decided = packet["decided_by"]
+    assert (decided["backend"], decided["chain"], decided["type"], decided["rule_number"], decided["text"]) == (
+        LEGACY, "INPUT", "rule", 1, rule)
 
 
 # -- legacy iptables with TRACE rules (the path for kernels without nf_tables) ----------------
