@@ -331,13 +331,40 @@ def test_a_legacy_ipset_match_is_evaluated_against_the_namespace_s_ipset(topolog
     router = topology.router
     in_netns(router, ["ipset", "create", "allowed", "hash:ip"])
     in_netns(router, ["ipset", "add", "allowed", "10.77.1.99"])
-    in_netns(router, ["iptables-legacy-restore"], input="""*filter
-:INPUT DROP [0:0]
--A INPUT -p tcp -m tcp --dport 22 -m set --match-set allowed src -j ACCEPT
-COMMIT
-""")
-    rule = "-A INPUT -p tcp -m tcp --dport 22 -m set --match-set allowed src -j ACCEPT"
+    rule = accept_ssh_from_ipset(router, "allowed")
+    assert_dropped_with_the_ipset_as_the_one_mismatch(topology, rule, "allowed")
+
+    in_netns(router, ["ipset", "add", "allowed", CLIENT_V4])
     packet = why(topology, *tcp_flow(22), command=tcp_to_router(topology, 22)).packet
+    assert packet["verdict"] == "accept"
+    decided = packet["decided_by"]
+    assert (decided["backend"], decided["chain"], decided["type"], decided["rule_number"], decided["text"]) == (
+        LEGACY, "INPUT", "rule", 1, rule)
+
+
+def test_a_nomatch_entry_of_a_legacy_ipset_keeps_the_client_out_of_the_wider_network(topology):
+    """hash:net holds the client's /24 but carves its /30 out (`nomatch`): the kernel looks up
+    the most specific entry, so the client is not in the set and the DROP policy decides."""
+    router = topology.router
+    in_netns(router, ["ipset", "create", "clients", "hash:net"])
+    in_netns(router, ["ipset", "add", "clients", "10.77.1.0/24"])
+    in_netns(router, ["ipset", "add", "clients", "10.77.1.0/30", "nomatch"])
+    rule = accept_ssh_from_ipset(router, "clients")
+    assert_dropped_with_the_ipset_as_the_one_mismatch(topology, rule, "clients")
+
+
+def accept_ssh_from_ipset(router: str, name: str) -> str:
+    """Lab setup: legacy INPUT dropping all but ssh from the sources in ipset `name`; the rule
+    as iptables-save prints it."""
+    rule = f"-A INPUT -p tcp -m tcp --dport 22 -m set --match-set {name} src -j ACCEPT"
+    in_netns(router, ["iptables-legacy-restore"], input=f"*filter\n:INPUT DROP [0:0]\n{rule}\nCOMMIT\n")
+    return rule
+
+
+def assert_dropped_with_the_ipset_as_the_one_mismatch(lab: Topology, rule: str, name: str) -> None:
+    """ssh from the client is dropped by the INPUT policy, and its one near miss is `rule`,
+    failing on the ipset membership alone (✗), read from the router's own ipsets."""
+    packet = why(lab, *tcp_flow(22), command=tcp_to_router(lab, 22)).packet
     assert packet["verdict"] == "drop"
     assert packet["summary"] == "dropped by iptables filter INPUT policy drop"
     assert (packet["decided_by"]["chain"], packet["decided_by"]["type"]) == ("INPUT", "policy")
@@ -346,16 +373,8 @@ COMMIT
             near_miss["verdict"]) == (LEGACY, "INPUT", 1, rule, "accept")
     [mismatch] = near_miss["mismatches"]
     assert (mismatch["expr"], mismatch["packet"], mismatch["wanted"], mismatch["field"], mismatch["set_name"],
-            mismatch["first"]) == ("-m set --match-set allowed src", CLIENT_V4, "@allowed", "ip saddr", "allowed",
-                                   True)
+            mismatch["first"]) == (f"-m set --match-set {name} src", CLIENT_V4, f"@{name}", "ip saddr", name, True)
     assert near_miss["unknown"] == []
-
-    in_netns(router, ["ipset", "add", "allowed", CLIENT_V4])
-    packet = why(topology, *tcp_flow(22), command=tcp_to_router(topology, 22)).packet
-    assert packet["verdict"] == "accept"
-    decided = packet["decided_by"]
-    assert (decided["backend"], decided["chain"], decided["type"], decided["rule_number"], decided["text"]) == (
-        LEGACY, "INPUT", "rule", 1, rule)
 
 
 # -- legacy iptables with TRACE rules (the path for kernels without nf_tables) ----------------

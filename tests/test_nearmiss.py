@@ -457,6 +457,40 @@ def test_an_ipset_is_looked_up_with_its_members():
     assert rule_conditions("-A X -m set --match-set allowed src -j ACCEPT", inside, "ip", ipsets).matches is True
 
 
+# `ipset save` as this kernel's ipset 7.17 printed it: a /24 with a nomatch /30 carved out of it
+# (`ipset test np 10.0.0.2,tcp:22`: NOT in set; 10.0.0.9,tcp:22: in set), and a hash:ip with
+# netmask 24 that stores 10.0.0.0 for the 10.0.0.5 added (`ipset test m 10.0.0.77`: in set).
+IPSET_SAVE = """create np hash:net,port family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x9542e6db
+add np 10.0.0.0/30,tcp:22 nomatch
+add np 10.0.0.0/24,udp:3
+add np 10.0.0.0/24,tcp:22 comment "nomatch is only a word here"
+create m hash:ip family inet hashsize 1024 maxelem 65536 netmask 24 bucketsize 12 initval 0x8efaa6a7
+add m 10.0.0.0
+"""
+
+
+@pytest.mark.parametrize("source,member", [("10.0.0.2", False), ("10.0.0.9", True), ("10.0.1.9", False)])
+def test_an_ipset_entry_added_nomatch_excludes_what_it_covers_from_a_wider_entry(source, member):
+    packet = view(src=ipaddress.ip_address(source), dport=22)
+    rule = "-A X -m set --match-set np src,dst -j ACCEPT"
+    [condition] = rule_conditions(rule, packet, "ip", parse_ipset_save(IPSET_SAVE)).conditions
+    assert condition.matched is member
+
+
+def test_return_nomatch_makes_the_excluded_entries_match():
+    packet = view(src=ipaddress.ip_address("10.0.0.2"), dport=22)
+    rule = "-A X -m set --match-set np src,dst --return-nomatch ! --update-counters -j ACCEPT"
+    evaluation = rule_conditions(rule, packet, "ip", parse_ipset_save(IPSET_SAVE))
+    assert [(c.expr, c.matched) for c in evaluation.conditions] == [("-m set --match-set np src,dst", True)]
+
+
+def test_a_hash_ip_with_a_netmask_holds_the_whole_network_of_each_member():
+    ipsets = parse_ipset_save(IPSET_SAVE)
+    rule = "-A X -m set --match-set m src -j ACCEPT"
+    assert rule_conditions(rule, view(src=ipaddress.ip_address("10.0.0.77")), "ip", ipsets).matches is True
+    assert rule_conditions(rule, view(src=ipaddress.ip_address("10.0.1.77")), "ip", ipsets).matches is False
+
+
 def test_iptables_nft_compat_matches_are_evaluated_in_their_iptables_form():
     rule = [match(payload("ip", "saddr"), prefix("10.77.1.0", 28)), {"xt": {"type": "match", "name": "multiport"}},
             ACCEPT]

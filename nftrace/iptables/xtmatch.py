@@ -4,7 +4,8 @@ The matches admins use most are evaluated: `-s`/`-d` (lists, prefixes), `-p`, `-
 (with the `+` wildcard), `--sport`/`--dport` of the tcp, udp and sctp matches (ranges),
 `--syn`, `-m multiport`, `-m conntrack --ctstate/--ctstatus/--ctdir`, `-m state`, `-m mark`,
 `-m icmp`/`-m icmp6`, `-m iprange`, and `-m set --match-set` against the ipsets of the
-namespace (hash:ip, hash:net and hash:ip,port / hash:net,port sets). `!` negates the option
+namespace (hash:ip, hash:net and hash:ip,port / hash:net,port sets, with their `nomatch`
+exceptions). `!` negates the option
 it stands before. Every other match (limit, recent, hashlimit, connlimit, addrtype, owner,
 string, time, physdev, ...) is unknown, as are the ipsets of other types. `-m comment` is
 no match. Options after `-j`/`-g` belong to the target.
@@ -36,22 +37,35 @@ NO_MATCH_MODULES = frozenset({"comment"})
 
 @dataclass
 class IpSet:
-    """One ipset as `ipset save` prints it: its type and members."""
+    """One ipset as `ipset save` prints it: its type and members.
+
+    `excluded`: the entries added with `nomatch` (hash:net types), exceptions carved out of a
+    wider entry: the kernel decides by the most specific entry an address falls in, so
+    10.0.0.2 is not in a set of 10.0.0.0/24 and 10.0.0.0/28 nomatch. `netmask`: a hash:ip
+    made with `netmask 24` stores (and `ipset save` prints) 10.0.0.0 for 10.0.0.5, and the
+    kernel masks the packet's address the same way before it looks it up.
+    """
 
     name: str
     type: str
-    members: list = field(default_factory=list)  # each a list of the member's parts (`10.0.0.1,tcp:80`)
+    members: list = field(default_factory=list)  # each the member's text (`10.0.0.1,tcp:80`)
+    excluded: list = field(default_factory=list)
+    netmask: Optional[int] = None  # hash:ip `netmask 24`: members stand for their /24
 
 
 def parse_ipset_save(text: str) -> dict:
-    """`ipset save` → {name: IpSet}."""
+    """`ipset save` → {name: IpSet}. Options after a member (`timeout 300`, `comment "..."`,
+    counters) say nothing about membership, except `nomatch`."""
     sets: dict = {}
     for line in text.splitlines():
-        words = line.split()
+        words = _split(line)
         if len(words) >= 3 and words[0] == "create":
-            sets[words[1]] = IpSet(words[1], words[2])
+            options = dict(zip(words[3::2], words[4::2]))
+            netmask = options.get("netmask")
+            sets[words[1]] = IpSet(words[1], words[2], netmask=int(netmask) if netmask and netmask.isdigit() else None)
         elif len(words) >= 3 and words[0] == "add" and words[1] in sets:
-            sets[words[1]].members.append(words[2])
+            ipset = sets[words[1]]
+            (ipset.excluded if "nomatch" in words[3:] else ipset.members).append(words[2])
     return sets
 
 
@@ -83,6 +97,13 @@ class _Rule:
 
     def peek(self) -> Optional[str]:
         return self.tokens[self.index] if self.index < len(self.tokens) else None
+
+    def module_options(self) -> list[str]:
+        """The tokens still to come of the current match, up to the next `-m` or the target:
+        what a match's later flags (`--return-nomatch`) change in its earlier test."""
+        rest = self.tokens[self.index:]
+        end = next((i for i, token in enumerate(rest) if token in ("-m", "--match", "-j", "-g")), len(rest))
+        return rest[:end]
 
 
 def rule_verdict(text: str, user_chains: frozenset) -> RuleVerdict:
@@ -153,6 +174,11 @@ def rule_conditions(text: str, view: PacketView, family: str, ipsets: Optional[d
             rule.next()
             negate = False
             continue
+        if module == "set" and token in _SET_FLAGS:
+            # Flags without a value: --return-nomatch is read with --match-set, and the counter
+            # updates change no verdict.
+            negate = False
+            continue
         value = rule.next()
         if value is None:
             break
@@ -170,6 +196,8 @@ _BASE_OPTIONS = frozenset({"-s", "--source", "-d", "--destination", "-p", "--pro
                            "-o", "--out-interface"})
 # Matches named after the protocol (`-p tcp -m tcp --dport 22`): the option alone says it all.
 _PROTOCOL_MODULES = frozenset({"tcp", "udp", "sctp", "icmp", "icmp6", "icmpv6"})
+# `-m set` options that take no value (xt_set's save prints them after --match-set).
+_SET_FLAGS = frozenset({"--return-nomatch", "--update-counters", "--update-subcounters"})
 _KNOWN_MODULES = frozenset({"tcp", "udp", "sctp", "multiport", "conntrack", "state", "mark", "icmp", "icmp6",
                             "icmpv6", "iprange", "set"})
 
@@ -289,7 +317,7 @@ def _condition(token: str, value: str, negate: bool, expr: str, view: PacketView
     if module == "set" and token == "--match-set":
         directions = rule.next() or "src"
         return _ipset(f"-m set {'! ' if negate else ''}--match-set {value} {directions}", value, directions, negate,
-                      view, ipsets)
+                      view, ipsets, "--return-nomatch" in rule.module_options())
     return unknown(expr)
 
 
@@ -357,7 +385,14 @@ def _icmp(expr: str, value: str, negate: bool, view: PacketView, module: str) ->
     return _result(expr, found, negate, field_name, str(view.icmp_type), value)
 
 
-def _ipset(expr: str, name: str, directions: str, negate: bool, view: PacketView, ipsets: Optional[dict]) -> Condition:
+def _ipset(expr: str, name: str, directions: str, negate: bool, view: PacketView, ipsets: Optional[dict],
+           return_nomatch: bool = False) -> Condition:
+    """`-m set --match-set NAME DIRECTIONS`: is the packet's tuple in the ipset?
+
+    The kernel looks up the most specific entry the tuple falls in (longest prefixes first);
+    when that entry was added `nomatch`, the tuple is not in the set — unless the rule says
+    `--return-nomatch`, which turns exactly that case into a match.
+    """
     ipset = (ipsets or {}).get(name)
     if ipset is None:
         return Condition(expr, None, "ipset", set_name=name)
@@ -378,10 +413,13 @@ def _ipset(expr: str, name: str, directions: str, negate: bool, view: PacketView
     if any(v is None or (isinstance(v, tuple) and None in v) for v in values):
         return Condition(expr, None, " . ".join(fields), set_name=name)
 
-    def member_matches(member: str) -> Optional[bool]:
+    def member_matches(member: str) -> Optional[tuple]:
+        """The member's prefix lengths when the tuple is in it (its specificity), False when
+        not, None when its text cannot be read."""
         parts = member.split(",")
         if len(parts) != len(kinds):
             return None
+        prefixes = []
         for part, kind, value in zip(parts, kinds, values):
             if kind == "port":
                 proto_text, _, port_text = part.rpartition(":")
@@ -393,13 +431,25 @@ def _ipset(expr: str, name: str, directions: str, negate: bool, view: PacketView
                 except ValueError:
                     return None
             else:
+                if ipset.netmask is not None and "/" not in part:
+                    part = f"{part}/{ipset.netmask}"
                 found = _addresses_match(value, part)
                 if not found:
                     return found
-        return True
+                prefixes.append(ipaddress.ip_network(part, strict=False).prefixlen)
+        return tuple(prefixes)
 
-    results = [member_matches(member) for member in ipset.members]
-    found = True if True in results else (None if None in results else False)
+    included = [member_matches(member) for member in ipset.members]
+    excluded = [member_matches(member) for member in ipset.excluded]
+    # An entry whose text cannot be read might be the most specific one: then it is unknown.
+    best_in = max((p for p in included if p), default=None)
+    best_out = max((p for p in excluded if p), default=None)
+    if best_out is not None and (best_in is None or best_out >= best_in):
+        found = None if None in included else return_nomatch
+    elif best_in is not None:
+        found = None if None in excluded else True
+    else:
+        found = None if None in included else False
     shown = " . ".join(f"{v[1]}" if isinstance(v, tuple) else str(v) for v in values)
     return _result(expr, found, negate, " . ".join(fields), shown, f"@{name}", name,
                    reason=None if negate else f"{' . '.join(fields)} {shown} is not in ipset {name}")
