@@ -329,8 +329,7 @@ def test_a_legacy_ipset_match_is_evaluated_against_the_namespace_s_ipset(topolog
     and the near miss is that rule, failing on exactly the set membership; once the client's
     address is added, the kernel accepts by that rule."""
     router = topology.router
-    in_netns(router, ["ipset", "create", "allowed", "hash:ip"])
-    in_netns(router, ["ipset", "add", "allowed", "10.77.1.99"])
+    make_ipset(router, "allowed", "hash:ip", ["10.77.1.99"])
     rule = accept_ssh_from_ipset(router, "allowed")
     assert_dropped_with_the_ipset_as_the_one_mismatch(topology, rule, "allowed")
 
@@ -346,11 +345,19 @@ def test_a_nomatch_entry_of_a_legacy_ipset_keeps_the_client_out_of_the_wider_net
     """hash:net holds the client's /24 but carves its /30 out (`nomatch`): the kernel looks up
     the most specific entry, so the client is not in the set and the DROP policy decides."""
     router = topology.router
-    in_netns(router, ["ipset", "create", "clients", "hash:net"])
-    in_netns(router, ["ipset", "add", "clients", "10.77.1.0/24"])
-    in_netns(router, ["ipset", "add", "clients", "10.77.1.0/30", "nomatch"])
+    make_ipset(router, "clients", "hash:net", ["10.77.1.0/24", "10.77.1.0/30 nomatch"])
     rule = accept_ssh_from_ipset(router, "clients")
     assert_dropped_with_the_ipset_as_the_one_mismatch(topology, rule, "clients")
+
+
+def make_ipset(router: str, name: str, kind: str, entries: list) -> None:
+    """Lab setup: ipset `name` in the router's namespace (ipsets are per namespace: made there,
+    never in the machine's own)."""
+    if shutil.which("ipset") is None:
+        unavailable("ipset is not installed (scripts/setup.sh installs it)")
+    in_netns(router, ["ipset", "create", name, kind])
+    for entry in entries:
+        in_netns(router, ["ipset", "add", name, *entry.split()])
 
 
 def accept_ssh_from_ipset(router: str, name: str) -> str:
