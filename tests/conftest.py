@@ -37,6 +37,15 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _stop_like_ctrl_c(_signum, _frame) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+# SIGTERM (CI stopping its parts, a timeout's kill) ends the suite as Ctrl-C does: pytest then
+# runs the fixtures' teardown, and the namespaces of the test under way are deleted.
+signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+
+
 def kernel_required() -> bool:
     return bool(os.environ.get("CI") or os.environ.get("NFTRACE_REQUIRE_KERNEL"))
 
