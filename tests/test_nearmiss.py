@@ -491,6 +491,13 @@ def test_a_hash_ip_with_a_netmask_holds_the_whole_network_of_each_member():
     assert rule_conditions(rule, view(src=ipaddress.ip_address("10.0.1.77")), "ip", ipsets).matches is False
 
 
+def test_a_set_of_ports_alone_is_looked_up_by_port():
+    ipsets = parse_ipset_save("create web bitmap:port range 0-65535\nadd web 8080\n")
+    rule = "-A X -m set --match-set web dst -j ACCEPT"
+    assert rule_conditions(rule, view(dport=8080), "ip", ipsets).matches is True
+    assert rule_conditions(rule, view(dport=8081), "ip", ipsets).matches is False
+
+
 def test_iptables_nft_compat_matches_are_evaluated_in_their_iptables_form():
     rule = [match(payload("ip", "saddr"), prefix("10.77.1.0", 28)), {"xt": {"type": "match", "name": "multiport"}},
             ACCEPT]

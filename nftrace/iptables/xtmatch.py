@@ -442,8 +442,9 @@ def _ipset(expr: str, name: str, directions: str, negate: bool, view: PacketView
     included = [member_matches(member) for member in ipset.members]
     excluded = [member_matches(member) for member in ipset.excluded]
     # An entry whose text cannot be read might be the most specific one: then it is unknown.
-    best_in = max((p for p in included if p), default=None)
-    best_out = max((p for p in excluded if p), default=None)
+    # A tuple, empty for a set of ports alone, is a hit; False a miss, None unreadable.
+    best_in = max((p for p in included if isinstance(p, tuple)), default=None)
+    best_out = max((p for p in excluded if isinstance(p, tuple)), default=None)
     if best_out is not None and (best_in is None or best_out >= best_in):
         found = None if None in included else return_nomatch
     elif best_in is not None:
