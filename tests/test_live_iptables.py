@@ -276,13 +276,17 @@ def test_human_output_names_the_legacy_rule_first(legacy_lab):
     assert any(line.strip() == "[#2] -A CLIENTS -p tcp -m tcp --dport 25 -j DROP  → drop" for line in lines)
 
 
-def test_legacy_rules_changed_mid_trace_are_named_as_they_are_now(topology):
-    in_netns(topology.router, ["iptables-legacy-restore"], input="""*filter
+# Rule 1 drops port 5001, rule 2 accepts 5000: the rules that change under a trace below.
+DROP_5001_ACCEPT_5000 = """*filter
 :INPUT DROP [0:0]
 -A INPUT -p udp -m udp --dport 5001 -j DROP
 -A INPUT -p udp -m udp --dport 5000 -j ACCEPT
 COMMIT
-""")
+"""
+
+
+def test_legacy_rules_changed_mid_trace_are_named_as_they_are_now(topology):
+    in_netns(topology.router, ["iptables-legacy-restore"], input=DROP_5001_ACCEPT_5000)
     send = " ".join(traffic(topology.client, "udp", ROUTER_CLIENT_V4, "5000"))
     # Rule 1 goes away between the two datagrams: the ACCEPT is rule 1 for the second one, and
     # the rule that was rule 1 must not be blamed for it.
@@ -304,12 +308,7 @@ COMMIT
 def test_a_legacy_line_read_after_the_rules_changed_is_named_by_the_rules_it_met(topology, change, later):
     """nftrace is held (SIGSTOP) while the first datagram passes and the rules change, and
     reads that datagram's TRACE line seconds later, as on a loaded machine."""
-    in_netns(topology.router, ["iptables-legacy-restore"], input="""*filter
-:INPUT DROP [0:0]
--A INPUT -p udp -m udp --dport 5001 -j DROP
--A INPUT -p udp -m udp --dport 5000 -j ACCEPT
-COMMIT
-""")
+    in_netns(topology.router, ["iptables-legacy-restore"], input=DROP_5001_ACCEPT_5000)
     send = " ".join(traffic(topology.client, "udp", ROUTER_CLIENT_V4, "5000"))
     # $PPID is nftrace: the command is its child. The trap lets it go whatever happens.
     script = (f"trap 'kill -CONT $PPID' EXIT; kill -STOP $PPID; {send}; {change}; sleep 2.5; kill -CONT $PPID; "
