@@ -26,6 +26,7 @@ from ..kernel.tracetable import TraceTable
 from ..trace.paths import PacketPath
 from ..trace.session import TraceOptions, TraceSession, open_nftables
 from .deferred import DeferredPackets
+from .eventfilter import drops_event_filter
 from .report import DropsReport
 from .tally import TraceCounts
 
@@ -41,6 +42,7 @@ class DropsSession(TraceSession):
         self.started: Optional[float] = None
         self._deferred: Optional[DeferredPackets] = None
         self._remembered = 0  # the correlator's drops remembered, when held packets were last built for them
+        self._filtered: set = set()  # monitors whose kernel side keeps only the events drops reads
 
     def run(self, on_drop: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
             on_batch: Optional[Callable[[], None]] = None) -> None:
@@ -63,13 +65,17 @@ class DropsSession(TraceSession):
                 self._deferred.finish()
 
     def _read_events(self, part, limit=READ_BATCH):
-        """The events of packets that can be drops (see deferred.py); where paths can go on
-        past postrouting (bridges, egress chains), every event."""
+        """The events of packets that can be drops (see deferred.py), of the events the answer
+        needs (eventfilter.py); where paths can go on past postrouting (bridges, egress
+        chains), every event."""
         builder = part.builder
         if self._deferred is None and not (builder.bridges or builder.egress):
             self._deferred = DeferredPackets(builder, on_unbuilt=self.report.tally.not_built)
         if self._deferred is None:
             return super()._read_events(part, limit)
+        if part.monitor not in self._filtered:
+            part.monitor.keep_only(drops_event_filter(), "the filter of the trace events drops reads")
+            self._filtered.add(part.monitor)
         return self._deferred.read(part.monitor.read_raw(limit), time.monotonic())
 
     def _release_for_drops(self, run) -> bool:

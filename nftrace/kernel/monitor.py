@@ -26,6 +26,7 @@ from ..trace.events import TRACE_MESSAGE_TYPE, TraceEvent, decode_trace_message
 from .netlink import (NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES,
                       NFNLGRP_NFTRACE, NFT_MSG_DELTABLE, NFT_MSG_NEWGEN, SO_RCVBUFFORCE, SOL_NETLINK, compact_table,
                       decode_datagram, message_type, read_message)
+from .sockfilter import Program, attach
 
 DELTABLE_TYPE = message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_DELTABLE)
 NEWGEN_TYPE = message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN)
@@ -148,6 +149,10 @@ class TraceMonitor:
     def watch_ruleset(self) -> None:
         """Also receive ruleset changes (joined after nftrace's own changes are in)."""
         self._join(NFNLGRP_NFTABLES)
+
+    def keep_only(self, program: Program, what: str) -> None:
+        """From now on the kernel queues only the datagrams `program` keeps (sockfilter.py)."""
+        attach(self.sock, program, what)
 
     def fileno(self) -> int:
         return self.sock.fileno()
