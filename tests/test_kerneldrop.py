@@ -268,6 +268,7 @@ def test_packet_that_vanished_after_prerouting_is_closed_by_its_drop():
         assert builder.feed(base_chain_event(chain, spoofed), now=20.0) == []
     correlator = DropCorrelator(interfaces={3: "r-client"})
     correlator.add_drops([drop("IP_RPFILTER", at=20.0, src=spoofed.src)])
+    correlator.note_drained(20.005)
     closed = builder.close_vanished(correlator.vanished)
     assert [path.trace_id for path in closed] == [0x51]
     ready = correlator.hold(closed, now=20.01)
@@ -422,6 +423,7 @@ def test_a_packet_netfilter_dropped_outside_the_traced_chains_is_a_drop_without_
     builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)
     correlator = DropCorrelator(interfaces={3: "r-client"})
     correlator.add_drops([drop("NETFILTER_DROP", at=20.0)])
+    correlator.note_drained(20.005)
     [path] = correlator.hold(builder.close_vanished(correlator.vanished), now=20.01)
     assert (path.complete, path.verdict, path.decided_by, path.vanished_after) == (True, "drop", None, "prerouting")
     assert summary(path).startswith("dropped by netfilter outside the traced chains, after prerouting: NETFILTER_DROP")
@@ -432,6 +434,7 @@ def test_a_packet_the_kernel_freed_mid_path_keeps_netfilters_accept_and_no_decid
     builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)
     correlator = DropCorrelator()
     correlator.add_drops([drop("NOT_SPECIFIED", at=20.0)])
+    correlator.note_drained(20.005)
     [path] = correlator.hold(builder.close_vanished(correlator.vanished), now=20.01)
     assert (path.verdict, path.decided_by, path.kernel_drop["reason"]) == ("accept", None, "NOT_SPECIFIED")
     assert summary(path).startswith("no rule dropped it: it passed every chain up to prerouting, then the kernel "
@@ -441,25 +444,61 @@ def test_a_packet_the_kernel_freed_mid_path_keeps_netfilters_accept_and_no_decid
 def test_a_drop_that_no_packet_built_explains_is_unexplained():
     """`drops` builds a packet held back only when a drop is left that it may explain."""
     correlator = DropCorrelator()
-    assert correlator.unexplained(10.0) is None
+    assert correlator.unexplained() is None
     correlator.add_drops([drop("NO_SOCKET", at=10.0)])
-    assert correlator.unexplained(10.0) == "kernel" and correlator.remembered == 1
+    correlator.note_drained(10.01)
+    assert correlator.unexplained() == "kernel" and correlator.remembered == 1
 
 
-def test_a_netfilter_drop_waits_a_moment_for_the_rule_drop_it_echoes():
-    """The echo of a rule's drop can be read before the packet's events: it is unexplained
-    only once that packet would have been read."""
+def test_a_netfilter_drop_waits_for_the_rule_drop_it_echoes_until_the_socket_is_read_empty():
+    """The echo of a rule's drop can be read before the packet's events, seconds before under
+    a backlog: it is unexplained only once the trace socket has been read empty after it."""
     correlator = DropCorrelator()
+    correlator.note_drained(9.0)
     correlator.add_drops([drop("NETFILTER_DROP", at=10.0)])
-    assert correlator.unexplained(10.5) is None
-    assert correlator.unexplained(11.5) == "netfilter"
+    assert correlator.unexplained() is None
+    correlator.note_drained(13.0)
+    assert correlator.unexplained() == "netfilter"
 
 
 def test_a_drop_paired_with_a_packet_is_explained():
     correlator = DropCorrelator()
     correlator.hold([accepted_at_input()], 10.0)
     correlator.add_drops([drop("NO_SOCKET", at=10.1)])
-    assert correlator.unexplained(10.1) is None and correlator.remembered == 0
+    correlator.note_drained(10.2)
+    assert correlator.unexplained() is None and correlator.remembered == 0
+
+
+def rule_drop(at: float, packet=None, trace_id=7) -> PacketPath:
+    step = rule_step("input", "udp dport 8081 drop", verdict="drop")
+    return PacketPath(trace_id, steps=[step], observations=[observation("input", packet or tcp())], hooks=["input"],
+                      verdict="drop", decided_by=step, complete=True, first_seen=at, last_seen=at)
+
+
+def test_under_a_backlog_the_echo_of_a_rule_drop_pairs_with_it_seconds_later():
+    """nftrace reads the rule's drop 3 s after bpftrace reported the kernel's NETFILTER_DROP
+    of it: the socket was not read empty in between, so its events were queued after 9.0."""
+    correlator = DropCorrelator()
+    correlator.note_drained(9.0)
+    correlator.add_drops([drop("NETFILTER_DROP", at=10.0)])
+    [path] = correlator.hold([rule_drop(at=13.0)], now=13.0)
+    assert path.kernel_drop is None and correlator.remembered == 1
+    correlator.note_drained(13.1)
+    assert correlator.unexplained() is None  # the echo was consumed
+
+
+def test_under_a_backlog_a_drop_newer_than_the_last_empty_read_closes_no_open_packet():
+    """A later packet of the same flow may be the one dropped: the open packet's end may
+    still be queued. Once the socket has been read empty, the drop closes it."""
+    builder = PathBuilder(Lookup())
+    builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)
+    correlator = DropCorrelator()
+    correlator.note_drained(19.0)
+    correlator.add_drops([drop("NETFILTER_DROP", at=20.1)])
+    assert builder.close_vanished(correlator.vanished) == []
+    correlator.note_drained(21.0)
+    [path] = correlator.hold(builder.close_vanished(correlator.vanished), now=21.0)
+    assert (path.verdict, path.vanished_after) == ("drop", "prerouting")
 
 
 def test_a_netfilter_drop_is_never_put_on_a_packet_that_left_netfilter():

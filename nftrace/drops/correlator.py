@@ -2,9 +2,16 @@
 
 Why the order of reading matters: the kernel queues a packet's trace events on nftrace's
 netlink socket while netfilter runs, before the packet can be freed; bpftrace learns of the
-drop only after that. So a drop line read *before* the netlink socket is drained has all of
-its packet's events in the drained batch: applying drops after the drain never closes a
-packet whose events are still unread.
+drop only after that. So once the socket has been read empty after a drop (`note_drained`),
+every event of the dropped packet has been read. Until then, under a backlog, its events may
+still be queued: a drop newer than the last time the socket was read empty never closes an
+open packet (it may be a later packet of the same flow whose end is still unread), nor makes
+`drops` build what it holds back.
+
+The same fact bounds how long before its packet was read a drop can have happened: a
+packet's events read after the socket was last read empty were queued, so the packet was
+dropped, after that moment. Under a backlog that is long before the packet is read: the
+pairing window reaches back to it (`PacketSignature.earliest`), not a fixed second.
 
 Pure: drops come in as `KernelDrop` records (reasons.py), whatever read them.
 
@@ -25,8 +32,9 @@ from ..trace.paths import PacketPath, verdict_before_kernel_drop
 from .reasons import KernelDrop, explain
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
-# some time later. So a drop may precede the first reading by that delay (EARLY), and follows
-# the last event by little more than the kernel's own work (LATE).
+# some time later. So a drop may precede the first reading by that delay (EARLY: at least
+# this, and back to the last time the socket was read empty before it), and follows the last
+# event by little more than the kernel's own work (LATE).
 MATCH_EARLY_SECONDS = 1.0
 MATCH_LATE_SECONDS = 0.25
 # How long a packet that netfilter accepted waits for a drop before its answer is given.
@@ -56,7 +64,7 @@ class PacketSignature:
 
     trace_id: int
     headers: tuple  # (src, dst, proto, sport, dport) at each hook where they were seen, NAT included
-    first_seen: float
+    first_seen: float  # when nftrace read its first event, and its last
     last_seen: float
     dropped_by_rule: bool
     iif: Optional[int]
@@ -64,9 +72,11 @@ class PacketSignature:
     # Netfilter let it through to its end (nftrace's observation chain, last on the exit hook,
     # saw it leave): no netfilter drop can follow, so a NETFILTER_DROP is never its.
     left_netfilter: bool = False
+    # The earliest its drop can have happened: its events were queued after this.
+    earliest: float = float("-inf")
 
     @classmethod
-    def of(cls, path: PacketPath) -> "PacketSignature":
+    def of(cls, path: PacketPath, earliest: Optional[float] = None) -> "PacketSignature":
         headers, keys = [], []
         for observation in path.observations:
             packet = observation.packet
@@ -81,7 +91,9 @@ class PacketSignature:
                 headers.append(fields)
         return cls(path.trace_id, tuple(headers), path.first_seen, path.last_seen or path.first_seen,
                    path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"), tuple(keys),
-                   path.complete and path.verdict == "accept" and path.vanished_after is None)
+                   path.complete and path.verdict == "accept" and path.vanished_after is None,
+                   path.first_seen - MATCH_EARLY_SECONDS if earliest is None
+                   else min(earliest, path.first_seen - MATCH_EARLY_SECONDS))
 
     def matches(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
         """Same packet: the headers it had at some hook (before or after NAT), a time that fits.
@@ -101,7 +113,7 @@ class PacketSignature:
     def fits(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
         if drop_key(drop) not in self.keys:
             return False
-        return self.first_seen - MATCH_EARLY_SECONDS <= drop.time <= self.last_seen + late_seconds
+        return self.earliest <= drop.time <= self.last_seen + late_seconds
 
     def distance(self, drop: KernelDrop) -> float:
         if drop.time < self.first_seen:
@@ -181,7 +193,6 @@ class _Drops:
         self._arrived: deque = deque()
         self._by_key: dict = {}  # key -> ([time], [drop])
         self._live: set = set()  # ids of the drops still remembered
-        self.other_reasons = 0  # drops remembered whose reason is not NETFILTER_DROP
         self.added = 0  # drops remembered, in all
 
     def __len__(self) -> int:
@@ -191,8 +202,6 @@ class _Drops:
         self._arrived.append(drop)
         self._live.add(id(drop))
         self.added += 1
-        if drop.reason != "NETFILTER_DROP":
-            self.other_reasons += 1
         times, drops = self._by_key.setdefault(drop_key(drop), ([], []))
         index = bisect.bisect_right(times, drop.time)
         times.insert(index, drop.time)
@@ -202,8 +211,6 @@ class _Drops:
         if id(drop) not in self._live:
             return
         self._live.discard(id(drop))
-        if drop.reason != "NETFILTER_DROP":
-            self.other_reasons -= 1
         key = drop_key(drop)
         times, drops = self._by_key[key]
         index = bisect.bisect_left(times, drop.time)
@@ -223,7 +230,7 @@ class _Drops:
             if filed is None:
                 continue
             times, drops = filed
-            low = bisect.bisect_left(times, signature.first_seen - MATCH_EARLY_SECONDS)
+            low = bisect.bisect_left(times, signature.earliest)
             high = bisect.bisect_right(times, signature.last_seen + REMEMBER_SECONDS)
             middle = bisect.bisect_left(times, signature.first_seen, low, high)
             found += drops[max(low, middle - NEIGHBOURS):min(high, middle + NEIGHBOURS)]
@@ -287,6 +294,31 @@ class DropCorrelator:
         self._answered_index = _ByHeaders()
         self._echoes: deque = deque()  # dropped by a rule: their NETFILTER_DROP is still to come
         self._echo_index = _ByHeaders()
+        self._drained: list = []  # when the trace sockets were read empty, the last REMEMBER_SECONDS
+
+    def note_drained(self, now: float) -> None:
+        """The trace sockets were read empty at `now`: every event of a packet dropped before
+        then has been read (see the module)."""
+        drained = self._drained
+        if drained and now <= drained[-1]:
+            return
+        drained.append(now)
+        if now - drained[0] > 2 * REMEMBER_SECONDS:
+            del drained[:bisect.bisect_left(drained, now - REMEMBER_SECONDS)]
+
+    @property
+    def last_drained(self) -> float:
+        return self._drained[-1] if self._drained else float("-inf")
+
+    def _signature(self, path: PacketPath) -> PacketSignature:
+        """The path's signature, its drop no earlier than the last time the sockets were read
+        empty before its first event was read."""
+        drained = self._drained
+        if not drained:
+            return PacketSignature.of(path)  # not read empty yet this run: MATCH_EARLY_SECONDS
+        index = bisect.bisect_right(drained, path.first_seen)
+        # Read empty before the oldest time remembered: its drop is older than any remembered.
+        return PacketSignature.of(path, drained[index - 1] if index else float("-inf"))
 
     @property
     def holding(self) -> int:
@@ -315,16 +347,20 @@ class DropCorrelator:
         while len(self._drops) > REMEMBER_MAX:
             self._drops.forget(self._drops.oldest())
 
-    def unexplained(self, now: float) -> Optional[str]:
-        """Whether a drop is remembered that no packet built so far accounts for: "kernel" for
-        one of a reason other than NETFILTER_DROP (the kernel dropped a packet that netfilter
-        let through, maybe seconds later), "netfilter" for a NETFILTER_DROP too old to be the
-        echo of a rule's drop whose packet is still to be read (MATCH_EARLY_SECONDS: the packet
-        vanished inside netfilter, outside the traced chains); None."""
-        if self._drops.other_reasons > 0:
-            return "kernel"
-        oldest = self._drops.oldest()
-        return "netfilter" if oldest is not None and now - oldest.time > MATCH_EARLY_SECONDS else None
+    def unexplained(self) -> Optional[str]:
+        """Whether a drop is remembered that no packet built so far accounts for, though every
+        event of its packet has been read (the sockets were read empty since): "kernel" for one
+        of a reason other than NETFILTER_DROP (the kernel dropped a packet that netfilter let
+        through, maybe seconds later), "netfilter" for a NETFILTER_DROP that is no echo of a
+        rule's drop (the packet vanished inside netfilter, outside the traced chains); None."""
+        fence, found = self.last_drained, None
+        for drop in self._drops:  # in the order they were read, which is nearly their time order
+            if drop.time >= fence:
+                break
+            if drop.reason != "NETFILTER_DROP":
+                return "kernel"
+            found = "netfilter"
+        return found
 
     @property
     def remembered(self) -> int:
@@ -332,15 +368,17 @@ class DropCorrelator:
         return self._drops.added
 
     def vanished(self, path: PacketPath) -> Optional[KernelDrop]:
-        """For PathBuilder.close_vanished: the remembered drop that accounts for an open packet."""
+        """For PathBuilder.close_vanished: the remembered drop that accounts for an open packet,
+        among those older than the last time the sockets were read empty (a newer one may be
+        that of a later packet whose events are still queued)."""
         if not len(self._drops):
             return None
-        return self._remembered_drop(PacketSignature.of(path))
+        return self._remembered_drop(self._signature(path), before=self.last_drained)
 
     def hold(self, paths: Iterable, now: float) -> list:
         """Pair each finished path with a remembered drop; return those whose answer is ready."""
         for path in paths:
-            signature = PacketSignature.of(path)
+            signature = self._signature(path)
             drop = self._remembered_drop(signature) if len(self._drops) else None
             if drop is not None:
                 self._drops.forget(drop)
@@ -379,8 +417,8 @@ class DropCorrelator:
             held.waiting = False
             self._held_index.remove(held)
 
-    def _remembered_drop(self, signature: PacketSignature) -> Optional[KernelDrop]:
-        candidates = [drop for drop in self._drops.near(signature) if signature.matches(drop)]
+    def _remembered_drop(self, signature: PacketSignature, before: float = float("inf")) -> Optional[KernelDrop]:
+        candidates = [drop for drop in self._drops.near(signature) if drop.time < before and signature.matches(drop)]
         return min(candidates, key=signature.distance) if candidates else None
 
     def _answer(self, ready: list, now: float) -> list:

@@ -84,7 +84,7 @@ class DropsSession(TraceSession):
         netfilter (NETFILTER_DROP outside the traced chains), of a packet held still open,
         which is built (see deferred.py)."""
         now = time.monotonic()
-        unexplained = self._correlator.unexplained(now) if self._deferred is not None else None
+        unexplained = self._correlator.unexplained() if self._deferred is not None else None
         if unexplained == "kernel":
             self._deferred.suspend(now)
         elif unexplained == "netfilter" and self._correlator.remembered != self._remembered:

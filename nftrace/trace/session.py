@@ -449,6 +449,7 @@ class TraceSession:
             if run.legacy is not None:
                 self._finished(run, primary, primary.builder.feed_legacy(run.legacy.read(), time.monotonic()))
             if correlator is not None:
+                correlator.note_drained(time.monotonic())
                 correlator.add_drops(self._read_drops())
                 self._release_for_drops(run)
                 self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
@@ -572,6 +573,8 @@ class TraceSession:
                 # Read on every round, lines or not: each read observes the legacy tables.
                 self._finished(run, primary, primary.builder.feed_legacy(legacy.read(), time.monotonic()))
             if correlator is not None:
+                if all_drained:
+                    correlator.note_drained(time.monotonic())
                 if drops:
                     correlator.add_drops(drops)
                 if self._release_for_drops(run) or drops:
