@@ -12,7 +12,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from typing import Optional
 
 import pytest
 
@@ -86,14 +88,18 @@ def send(lab, port: int, host: str, count: int, rate: int = 2000) -> None:
 
 
 class Drops:
-    """`nftrace drops` running in a process group of its own (Ctrl-C reaches it alone)."""
+    """`nftrace drops` running in a process group of its own (Ctrl-C reaches it alone), its
+    output read as it comes, as a reader would: a full pipe would stop it."""
 
-    def __init__(self, lab, *args: str):
+    def __init__(self, lab, *args: str, env: Optional[dict] = None):
         self.process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.router, "drops", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
         self._wait_ready()
+        self._out: list = []
+        self._reader = threading.Thread(target=lambda: self._out.append(self.process.stdout.read()), daemon=True)
+        self._reader.start()
 
     def _wait_ready(self) -> None:
         line = self.process.stderr.readline()
@@ -103,8 +109,10 @@ class Drops:
         os.killpg(self.process.pid, signal.SIGINT)
 
     def finish(self, timeout: float = 60) -> tuple[int, str, str]:
-        out, err = self.process.communicate(timeout=timeout)
-        return self.process.returncode, out, err
+        self.process.wait(timeout=timeout)
+        err = self.process.stderr.read()
+        self._reader.join(timeout)
+        return self.process.returncode, "".join(self._out), err
 
 
 def test_every_drop_is_counted_under_its_rule_equal_to_the_kernel_counters(lab):
@@ -155,6 +163,28 @@ def test_a_burst_over_the_rate_limit_is_counted_as_not_traced(lab):
     assert document["not_traced"] > 0 and document["sampled"] is True
     assert document["rules"][0]["packets"] == document["traced"]
     assert any("counts are a sample" in warning for warning in document["warnings"])
+
+
+def test_events_lost_to_a_small_buffer_leave_a_sample_never_a_wrong_count(lab):
+    """A burst into a 64 KiB receive buffer: the kernel drops events. The packets that may
+    have lost events are not counted, the count is a sample (never above the counter, the
+    loss the kernel's own count), and the drops after the burst are all counted again."""
+    before = counters(lab.router)
+    run = Drops(lab, "--proto", "udp", "--max-rate", "0", "--duration", "8", "--json", env={"NFTRACE_RCVBUF": "64K"})
+    for port in (6001, 5000):
+        send(lab, port, SERVER_V4, 3000, rate=0)
+    send(lab, 6001, SERVER_V4, 100, rate=200)
+    code, out, err = run.finish()
+    assert code == 0, err
+    document = json.loads(out)
+    handle = handle_of(lab.router, "clients", "udp dport 6001")
+    counted = counters(lab.router)[("clients", handle)] - before[("clients", handle)]
+    assert counted == 3100
+    assert document["lost_events"] > 0 and document["sampled"] is True
+    assert any("trace events were lost" in warning for warning in document["warnings"])
+    by_chain = {rule["decided_by"]["chain"]: rule["packets"] for rule in document["rules"]}
+    assert set(by_chain) == {"clients"} and 100 <= by_chain["clients"] < counted
+    assert document["kernel_drops"] == []  # the rule's drops are never counted again as the kernel's
 
 
 def test_ctrl_c_prints_the_summary_and_leaves_the_ruleset_as_it_was(lab):

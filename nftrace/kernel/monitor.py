@@ -7,6 +7,17 @@ in batches of up to READ_BATCH datagrams per wake-up, without waiting in between
 queues datagrams, and a reader that takes one per wake-up falls behind under a flood, while
 one that drains a backlog of a million events in a single call never lets its caller expire
 finished packets. How big the receive buffer may grow is decided in rcvbuf.py.
+
+Where events were lost: the kernel reports an overflow (ENOBUFS) once, and stays silent about
+later ones until the socket has been read empty, which under a sustained flood may never
+happen. Its drop counter (SO_MEMINFO) says every one. So after reading each batch, before
+handing it out, the monitor reads that counter: events lost since the last batch lie after
+everything read before this batch (they were lost after it was read), so a loss is reported
+in front of the batch. And they lie before everything queued after now: once as many bytes
+as the socket holds now have been read past this batch, every datagram read was queued after
+the loss (`LossWindow`), and packets that start there are whole again. The socket counts
+what it holds in the kernel's memory per datagram (truesize): the datagram and its struct
+sk_buff, so each datagram read is counted as its length and SKB_OVERHEAD, less than that.
 """
 
 from __future__ import annotations
@@ -39,6 +50,13 @@ UNSIZED_RCVBUF = 64 * 1024 * 1024
 # the caller gets control back every few tens of milliseconds while it drains a backlog.
 READ_BATCH = 4096
 _NLMSG_HEADER = struct.Struct("=IH")
+# getsockopt(SO_MEMINFO): u32 sk_meminfo[SK_MEMINFO_VARS] (linux/sock_diag.h).
+SO_MEMINFO = 55
+_MEMINFO = struct.Struct("=9I")
+_MEMINFO_RMEM_ALLOC, _MEMINFO_DROPS = 0, 8
+# A lower bound of what a queued datagram costs the socket besides its bytes: struct sk_buff
+# (232 bytes on 6.x, over 200 on every kernel), without its shared info (320 more).
+SKB_OVERHEAD = 200
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,35 @@ class TableDeleted:
 @dataclass(frozen=True)
 class EventsLost:
     """The socket overflowed (ENOBUFS): some events between the last read and now are gone."""
+
+
+@dataclass
+class LossWindow:
+    """Where a socket's losses lie in the stream of bytes read from it (see the module).
+
+    Pure: the monitor tells it what it read and what the kernel's counters said."""
+
+    position: int = 0  # bytes read so far, each datagram counted with SKB_OVERHEAD
+    drops: int = 0  # the kernel's drop counter, as last seen
+    clean_from: int = 0  # everything read from here on was queued after the last loss
+
+    def observe(self, drops: int, queued: int, batch: int, overrun: bool = False) -> bool:
+        """Counters read after reading a `batch` of bytes (`overrun`: the reads said ENOBUFS),
+        with at most `queued` bytes still in the socket: whether events were lost since the
+        previous batch was read."""
+        if drops <= self.drops and not overrun:
+            return False
+        self.drops = max(drops, self.drops)
+        self.clean_from = self.position + batch + queued
+        return True
+
+    def advance(self, size: int) -> None:
+        self.position += size
+
+    @property
+    def behind(self) -> bool:
+        """Everything queued before the last loss has been read."""
+        return self.position >= self.clean_from
 
 
 @dataclass(frozen=True)
@@ -136,6 +183,7 @@ class TraceMonitor:
         self._join(NFNLGRP_NFTRACE)
         self.rcvbuf = rcvbuf
         self.overruns = 0
+        self.losses = LossWindow()
         self._buffer = bytearray(1 << 20)
         self._view = memoryview(self._buffer)
         self._inode = os.fstat(self.sock.fileno()).st_ino
@@ -162,7 +210,7 @@ class TraceMonitor:
 
         ENOBUFS only says that something was lost; the socket's drop counter says how much.
         """
-        return socket_drops(self._inode)
+        return self._meminfo()[1] or socket_drops(self._inode)
 
     def wait(self, timeout: float) -> bool:
         ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
@@ -175,12 +223,35 @@ class TraceMonitor:
         return not ready
 
     def read_raw(self, limit: Optional[int] = None) -> Iterator[Optional[bytes]]:
-        """The datagrams queued now (at most `limit`); an overrun yields None, is counted, and
-        reading goes on."""
+        """The datagrams queued now (at most `limit`), with a None in front of them where
+        events were lost since the previous batch (see the module); reading goes on."""
+        batch = []
+        overrun = False
         for datagram in read_datagrams(self.sock, self._view, limit=limit):
             if datagram is None:
                 self.overruns += 1
-            yield datagram
+                overrun = True
+            else:
+                batch.append(datagram)
+        size = sum(map(len, batch)) + SKB_OVERHEAD * len(batch)
+        queued, drops = self._meminfo()
+        if self.losses.observe(drops, queued, size, overrun):
+            yield None
+        self.losses.advance(size)
+        yield from batch
+
+    def _meminfo(self) -> tuple[int, int]:
+        """(bytes queued, messages dropped) as the kernel counts them for this socket."""
+        try:
+            info = _MEMINFO.unpack(self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))
+        except OSError:  # not on this kernel: the overruns alone say when, the buffer's size how far
+            return 2 * self.rcvbuf, 0
+        return info[_MEMINFO_RMEM_ALLOC], info[_MEMINFO_DROPS]
+
+    @property
+    def behind_losses(self) -> bool:
+        """Every datagram queued before the last loss has been read: packets starting now are whole."""
+        return self.losses.behind
 
     def read(self, limit: Optional[int] = READ_BATCH) -> Iterator[MonitorItem]:
         """Decode what is queued now (up to `limit` datagrams; None: until the socket is empty)

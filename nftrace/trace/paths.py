@@ -426,12 +426,13 @@ class PathBuilder:
         return done
 
     def mark_loss(self) -> None:
-        """The kernel dropped events (ENOBUFS): which packets they belonged to is unknown.
+        """The kernel dropped events: which packets they belonged to is unknown.
 
-        The gap lies after everything that was queued on the socket when the overflow was
-        reported. So every packet open now, and every packet that starts before the socket
-        has been read empty (`socket_drained`), may miss events of its own: all of them end
-        incomplete rather than with a verdict that could be wrong.
+        The gap lies after everything read before the loss was reported (kernel/monitor.py
+        reports it in front of the batch it was found after). So every packet open now, and
+        every packet that starts before everything queued before the loss has been read
+        (`socket_drained`), may miss events of its own: all of them end incomplete rather
+        than with a verdict that could be wrong.
         """
         self.loss_pending = True
         for state in self._open.values():
@@ -439,7 +440,8 @@ class PathBuilder:
                 state.path.incomplete_reason = "events lost"
 
     def socket_drained(self) -> None:
-        """Everything queued before the last overflow has been read."""
+        """Everything queued before the last loss has been read (the socket was read empty,
+        or read past what it held when the loss was found)."""
         self.loss_pending = False
 
     @property

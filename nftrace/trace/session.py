@@ -564,10 +564,10 @@ class TraceSession:
                 if monitor in readable or drops:
                     if self._dispatch(run, part, self._read_events(part)):
                         return
-                if monitor.drained:  # reads come in batches: a backlog may still be queued
+                drained = monitor.drained  # reads come in batches: a backlog may still be queued
+                if drained or monitor.behind_losses:
                     part.builder.socket_drained()
-                else:
-                    all_drained = False
+                all_drained = all_drained and drained
             if legacy is not None:
                 # Read after the trace events: the TRACE lines written before them are all here.
                 # Read on every round, lines or not: each read observes the legacy tables.
