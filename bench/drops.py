@@ -1,13 +1,15 @@
 """`nftrace drops` against what an admin would do instead, on one flood with one drop in ten.
 
 The router's ruleset drops one packet in ten of port DROPS_PORT (a numgen rule with a
-counter, in the chain the flood's packets jump to). Two runs, one after the other, on the
+counter, in the chain the flood's packets jump to). Three runs, one after the other, on the
 same flood:
 - the admin's way: a catch-all trace rule (`meta nftrace set 1` at prerouting, in a table of
   its own) and `nft monitor trace`, its drop verdicts counted afterwards (what `| grep drop`
   would show);
-- `nftrace drops --max-rate 0 --json` with a 16 MiB receive buffer (NFTRACE_RCVBUF; --max-rate 0
-  would get 1 GiB), stopped with SIGTERM once the flood is over.
+- `nftrace drops --max-rate 0 --json` as it comes (its receive buffer for --max-rate 0: 1 GiB,
+  a limit that costs only what is queued), stopped with SIGTERM once the flood is over;
+- the same with the buffer capped at 16 MiB (NFTRACE_RCVBUF), as nft monitor's: whether it keeps
+  up without a backlog that a small buffer could not hold.
 Each is compared with the rule's counter: drops reported, lost events, CPU, memory, and how
 long after the flood its last report came.
 """
@@ -61,9 +63,11 @@ class DropsToolResult:
 class DropsFloodResult:
     sent: int
     admin: DropsToolResult
-    nftrace: DropsToolResult
+    nftrace: DropsToolResult  # with its own receive buffer
+    capped: DropsToolResult  # with the buffer capped at RCVBUF
     admin_flood_seconds: float = 0.0
     nftrace_flood_seconds: float = 0.0
+    capped_flood_seconds: float = 0.0
 
 
 def add_drop_rule(lab: Lab) -> None:
@@ -136,26 +140,30 @@ def _measure(lab: Lab, packets: int, process: subprocess.Popen, started: float, 
     return rss, sent, flood_ended - flood_started
 
 
-def run_nftrace(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult, int, float]:
-    """`nftrace drops --max-rate 0 --json`, stopped by SIGTERM once the flood has drained."""
-    result = DropsToolResult("nftrace drops")
+def run_nftrace(lab: Lab, packets: int, workdir: Path, rcvbuf: Optional[int] = None) -> tuple[DropsToolResult, int,
+                                                                                               float]:
+    """`nftrace drops --max-rate 0 --json` (its receive buffer capped at `rcvbuf` bytes), stopped
+    by SIGTERM once the flood has drained."""
+    result = DropsToolResult("nftrace drops" if rcvbuf is None else f"nftrace drops, {rcvbuf >> 20} MiB")
+    name = "drops" if rcvbuf is None else f"drops-{rcvbuf >> 20}m"
+    env = {key: value for key, value in os.environ.items() if key != "NFTRACE_RCVBUF"}
+    if rcvbuf is not None:
+        env["NFTRACE_RCVBUF"] = str(rcvbuf)
     before = rule_counter(lab)
     watcher = CommitWatcher(lab.router)
     process = None
     try:
         started = time.monotonic()
-        out, err = open(workdir / "drops.json", "w"), open(workdir / "drops.err", "w")
-        # The default 16 MiB receive buffer, not the 1 GiB that --max-rate 0 gets: keeping up means
-        # that no backlog builds that a small buffer could not hold.
+        out, err = open(workdir / f"{name}.json", "w"), open(workdir / f"{name}.err", "w")
         process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.router, "drops", "--proto", "udp",
                                     "--max-rate", "0", "--json"], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                   env=dict(os.environ, NFTRACE_RCVBUF=str(RCVBUF)))
+                                   env=env)
         out.close()
         err.close()
         if watcher.rules_installed("nftrace_", 30) is None or \
-                not wait_for_ready(workdir / "drops.err", "watching drops", process.pid, 60):
-            raise RuntimeError(f"nftrace drops did not get ready: {(workdir / 'drops.err').read_text()}")
-        rss, sent, seconds = _measure(lab, packets, process, started, workdir / "drops.json", 3.0, result, workdir,
+                not wait_for_ready(workdir / f"{name}.err", "watching drops", process.pid, 60):
+            raise RuntimeError(f"nftrace drops did not get ready: {(workdir / f'{name}.err').read_text()}")
+        rss, sent, seconds = _measure(lab, packets, process, started, workdir / f"{name}.json", 3.0, result, workdir,
                                       sample_rss=True)
         result.rss_while_streaming = [(t, value) for t, value in rss
                                       if result.drained_after is None or t <= seconds + result.drained_after]
@@ -163,9 +171,9 @@ def run_nftrace(lab: Lab, packets: int, workdir: Path) -> tuple[DropsToolResult,
         _kill(process)
         watcher.close()
     result.rule_counter = rule_counter(lab) - before
-    result.stderr = (workdir / "drops.err").read_text()
+    result.stderr = (workdir / f"{name}.err").read_text()
     try:
-        document = json.loads((workdir / "drops.json").read_text())
+        document = json.loads((workdir / f"{name}.json").read_text())
     except ValueError:
         raise RuntimeError(f"nftrace drops' output is not one JSON document: {result.stderr[-500:]}") from None
     for rule in document["rules"]:
@@ -181,4 +189,6 @@ def run_drops_flood(lab: Lab, packets: int, workdir: Optional[Path] = None) -> D
     add_drop_rule(lab)
     admin, sent, admin_seconds = run_admin(lab, packets, workdir)
     mine, sent_mine, mine_seconds = run_nftrace(lab, packets, workdir)
-    return DropsFloodResult(min(sent, sent_mine), admin, mine, admin_seconds, mine_seconds)
+    capped, sent_capped, capped_seconds = run_nftrace(lab, packets, workdir, RCVBUF)
+    return DropsFloodResult(min(sent, sent_mine, sent_capped), admin, mine, capped, admin_seconds, mine_seconds,
+                            capped_seconds)

@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from bench import costs  # noqa: E402
-from bench.drops import DROPS_PORT, DropsFloodResult, run_drops_flood  # noqa: E402
+from bench.drops import DROPS_PORT, RCVBUF, DropsFloodResult, run_drops_flood  # noqa: E402
 from bench.flood import FloodResult, Lab, machine, run_flood  # noqa: E402
 from bench.probes import inside_netns  # noqa: E402
 from nftrace.errors import NftraceError  # noqa: E402
@@ -175,23 +175,25 @@ def _seconds(value: Optional[float]) -> str:
 
 
 def drops_table(drops: DropsFloodResult) -> list[str]:
-    admin, mine = drops.admin, drops.nftrace
+    admin, mine, capped = drops.admin, drops.nftrace, drops.capped
+    rates = " and ".join(f"{drops.sent / seconds:,.0f}/s" for seconds in
+                         (drops.admin_flood_seconds, drops.nftrace_flood_seconds, drops.capped_flood_seconds))
     lines = [f"Drops: {drops.sent:,} UDP packets to port {DROPS_PORT}, one in ten dropped by a rule "
-             f"(numgen, with a counter); each tool alone on the same flood "
-             f"({drops.sent / drops.admin_flood_seconds:,.0f}/s and {drops.sent / drops.nftrace_flood_seconds:,.0f}/s)",
-             ""]
+             f"(numgen, with a counter); each tool alone on the same flood ({rates})", ""]
+    tools = (admin, mine, capped)
     rows = [
-        ("", "nft monitor trace + catch-all rule", "nftrace drops --max-rate 0", "nftrace / nft monitor"),
-        ("drops by the rule (its counter)", f"{admin.rule_counter:,}", f"{mine.rule_counter:,}", ""),
-        ("drops reported", f"{admin.drops_reported:,}", f"{mine.drops_reported:,}",
+        ("", "nft monitor trace + catch-all rule", "nftrace drops --max-rate 0",
+         f"same, buffer capped at {RCVBUF >> 20} MiB", "nftrace / nft monitor"),
+        ("drops by the rule (its counter)", *(f"{tool.rule_counter:,}" for tool in tools), ""),
+        ("drops reported", *(f"{tool.drops_reported:,}" for tool in tools),
          ratio(mine.drops_reported, admin.drops_reported)),
-        ("events lost, as reported by each", admin.loss_reported, mine.loss_reported, ""),
-        ("events lost, kernel's socket counter", f"{admin.kernel_drops:,}", f"{mine.kernel_drops:,}", ""),
-        ("CPU seconds (user + sys)", f"{admin.finished.cpu_seconds:.2f}", f"{mine.finished.cpu_seconds:.2f}",
+        ("events lost, as reported by each", *(tool.loss_reported for tool in tools), ""),
+        ("events lost, kernel's socket counter", *(f"{tool.kernel_drops:,}" for tool in tools), ""),
+        ("CPU seconds (user + sys)", *(f"{tool.finished.cpu_seconds:.2f}" for tool in tools),
          ratio(mine.finished.cpu_seconds, admin.finished.cpu_seconds)),
-        ("peak memory (max RSS of the process)", mib(_own_peak(admin)), mib(_own_peak(mine)),
+        ("peak memory (max RSS of the process)", *(mib(_own_peak(tool)) for tool in tools),
          ratio(_own_peak(mine), _own_peak(admin))),
-        ("last report, after the flood ended", _seconds(admin.drained_after), _seconds(mine.drained_after), ""),
+        ("last report, after the flood ended", *(_seconds(tool.drained_after) for tool in tools), ""),
     ]
     lines += aligned(rows)
     helper_cpu, helper_rss = _helper_usage(mine)
@@ -282,7 +284,11 @@ def evaluate(flood: FloodResult, default_rate: FloodResult, startup: costs.Start
                                             f"{dropped.drops_reported:,} of {dropped.rule_counter:,}"))
         lost = dropped.kernel_drops
         targets.append((lost == 0 and dropped.loss_reported == "none",
-                        f"drops: no lost event with the default 16 MiB buffer: {lost:,} (kernel counter)"))
+                        f"drops: no lost event with its own buffer (1 GiB at --max-rate 0): {lost:,} (kernel counter)"))
+        capped = drops.capped
+        targets.append((capped.kernel_drops == 0 and capped.every_drop,
+                        f"drops: with the buffer capped at {RCVBUF >> 20} MiB, no lost event and every drop counted: "
+                        f"{capped.kernel_drops:,} lost, {capped.drops_reported:,} of {capped.rule_counter:,} counted"))
         if dropped.drained_after is not None:
             targets.append((dropped.drained_after <= TARGET_DROPS_DRAIN,
                             f"drops: last report ≤ {TARGET_DROPS_DRAIN} s after the flood: {dropped.drained_after:.2f} s"))
