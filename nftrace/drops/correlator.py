@@ -242,7 +242,8 @@ class _Drops:
         return self._arrived[0] if self._arrived else None
 
     def __iter__(self):
-        return (drop for drop in list(self._arrived) if id(drop) in self._live)
+        """The drops remembered, in the order they were read (not to be changed meanwhile)."""
+        return (drop for drop in self._arrived if id(drop) in self._live)
 
 
 @dataclass(eq=False)
