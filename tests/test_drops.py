@@ -82,6 +82,12 @@ def handle_of(ns: str, chain: str, text: str) -> int:
     raise AssertionError(f"no rule '{text}' in {chain}")
 
 
+def counted_since(lab, before: dict, chain: str, text: str) -> int:
+    """Packets the rule `text` of `chain` counted since `before` (counters())."""
+    handle = handle_of(lab.router, chain, text)
+    return counters(lab.router)[(chain, handle)] - before[(chain, handle)]
+
+
 def send(lab, port: int, host: str, count: int, rate: int = 2000) -> None:
     subprocess.run(traffic(lab.client, "udp", host, str(port), "--count", str(count), "--rate", str(rate),
                            "--max-seconds", "20"), check=True, capture_output=True, timeout=60)
@@ -114,6 +120,12 @@ class Drops:
         self._reader.join(timeout)
         return self.process.returncode, "".join(self._out), err
 
+    def document(self) -> dict:
+        """The JSON document of a run that ended well (--json)."""
+        code, out, err = self.finish()
+        assert code == 0, err
+        return json.loads(out)
+
 
 def test_every_drop_is_counted_under_its_rule_equal_to_the_kernel_counters(lab):
     before_rules = ruleset_state(lab.router)
@@ -121,9 +133,7 @@ def test_every_drop_is_counted_under_its_rule_equal_to_the_kernel_counters(lab):
     run = Drops(lab, "--max-rate", "0", "--duration", "6", "--json")
     for port, host, count in SENT:
         send(lab, port, host, count)
-    code, out, err = run.finish()
-    assert code == 0, err
-    document = json.loads(out)
+    document = run.document()
     after = counters(lab.router)
     delta = {key: after[key] - before.get(key, 0) for key in after}
     by_rule = {(rule["decided_by"]["chain"], rule["decided_by"]["type"], rule["decided_by"]["handle"]): rule["packets"]
@@ -153,11 +163,8 @@ def test_a_burst_over_the_rate_limit_is_counted_as_not_traced(lab):
     before = counters(lab.router)
     run = Drops(lab, "--proto", "udp", "--dport", "6000", "--duration", "4", "--json")
     send(lab, 6000, SERVER_V4, 3000, rate=0)
-    code, out, err = run.finish()
-    assert code == 0, err
-    document = json.loads(out)
-    handle = handle_of(lab.router, "forward", "udp dport 6000")
-    counted = counters(lab.router)[("forward", handle)] - before[("forward", handle)]
+    document = run.document()
+    counted = counted_since(lab, before, "forward", "udp dport 6000")
     assert counted == 3000
     assert document["traced"] + document["not_traced"] == counted
     assert document["not_traced"] > 0 and document["sampled"] is True
@@ -174,11 +181,8 @@ def test_events_lost_to_a_small_buffer_leave_a_sample_never_a_wrong_count(lab):
     for port in (6001, 5000):
         send(lab, port, SERVER_V4, 3000, rate=0)
     send(lab, 6001, SERVER_V4, 100, rate=200)
-    code, out, err = run.finish()
-    assert code == 0, err
-    document = json.loads(out)
-    handle = handle_of(lab.router, "clients", "udp dport 6001")
-    counted = counters(lab.router)[("clients", handle)] - before[("clients", handle)]
+    document = run.document()
+    counted = counted_since(lab, before, "clients", "udp dport 6001")
     assert counted == 3100
     assert document["lost_events"] > 0 and document["sampled"] is True
     assert any("trace events were lost" in warning for warning in document["warnings"])
@@ -218,14 +222,10 @@ def test_a_concurrent_why_sees_only_its_own_flow(lab):
     packets = json.loads(out)["packets"]
     assert len(packets) == 20
     assert {(packet["packet"]["dport"], packet["verdict"]) for packet in packets} == {(6000, "drop")}
-    code, out, err = run.finish()
-    assert code == 0, err
-    document = json.loads(out)
-    after = counters(lab.router)
+    document = run.document()
     by_chain = {rule["decided_by"]["chain"]: rule["packets"] for rule in document["rules"]}
     for chain, text in (("forward", "udp dport 6000"), ("clients", "udp dport 6001")):
-        handle = handle_of(lab.router, chain, text)
-        assert by_chain[chain] == after[(chain, handle)] - before[(chain, handle)]
+        assert by_chain[chain] == counted_since(lab, before, chain, text)
     assert by_chain == {"forward": 20, "clients": 100}
 
 

@@ -76,7 +76,8 @@ class TableDeleted:
 
 @dataclass(frozen=True)
 class EventsLost:
-    """The socket overflowed (ENOBUFS): some events between the last read and now are gone."""
+    """The socket overflowed since the previous batch: events after everything read before
+    this one are gone (see the module)."""
 
 
 @dataclass
@@ -223,22 +224,29 @@ class TraceMonitor:
         return not ready
 
     def read_raw(self, limit: Optional[int] = None) -> Iterator[Optional[bytes]]:
-        """The datagrams queued now (at most `limit`), with a None in front of them where
-        events were lost since the previous batch (see the module); reading goes on."""
-        batch = []
-        overrun = False
-        for datagram in read_datagrams(self.sock, self._view, limit=limit):
-            if datagram is None:
-                self.overruns += 1
-                overrun = True
-            else:
-                batch.append(datagram)
-        size = sum(map(len, batch)) + SKB_OVERHEAD * len(batch)
-        queued, drops = self._meminfo()
-        if self.losses.observe(drops, queued, size, overrun):
-            yield None
-        self.losses.advance(size)
-        yield from batch
+        """The datagrams queued now (at most `limit`; None: until the socket is empty), in
+        batches of at most READ_BATCH, each with a None in front of it where events were lost
+        since the previous batch (see the module); reading goes on."""
+        left = limit
+        while left is None or left > 0:
+            wanted = READ_BATCH if left is None else min(left, READ_BATCH)
+            batch, overruns = [], 0
+            for datagram in read_datagrams(self.sock, self._view, limit=wanted):
+                if datagram is None:
+                    overruns += 1  # an ENOBUFS read: counted as one of the batch's reads
+                else:
+                    batch.append(datagram)
+            self.overruns += overruns
+            size = sum(map(len, batch)) + SKB_OVERHEAD * len(batch)
+            queued, drops = self._meminfo()
+            if self.losses.observe(drops, queued, size, overruns > 0):
+                yield None
+            self.losses.advance(size)
+            yield from batch
+            if len(batch) + overruns < wanted:
+                return  # read empty
+            if left is not None:
+                left -= len(batch) + overruns
 
     def _meminfo(self) -> tuple[int, int]:
         """(bytes queued, messages dropped) as the kernel counts them for this socket."""
