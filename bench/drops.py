@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,8 +183,7 @@ def run_nftrace(lab: Lab, packets: int, workdir: Path, rcvbuf: Optional[int] = N
     return result, sent, seconds
 
 
-def run_drops_flood(lab: Lab, packets: int, workdir: Optional[Path] = None) -> DropsFloodResult:
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="nftbench"))
+def run_drops_flood(lab: Lab, packets: int, workdir: Path) -> DropsFloodResult:
     add_drop_rule(lab)
     admin, sent, admin_seconds = run_admin(lab, packets, workdir)
     mine, sent_mine, mine_seconds = run_nftrace(lab, packets, workdir)

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,11 +150,11 @@ def _kill(process: Optional[subprocess.Popen]) -> None:
             pass
 
 
-def run_flood(lab: Lab, packets: int, *, rate: float = 0.0, record: bool = False, monitor: bool = True,
-              max_rate: int = 0, reference: Optional[tuple] = None, workdir: Optional[Path] = None) -> FloodResult:
+def run_flood(lab: Lab, packets: int, workdir: Path, *, rate: float = 0.0, record: bool = False, monitor: bool = True,
+              max_rate: int = 0, reference: Optional[tuple] = None) -> FloodResult:
     """One side-by-side run: nft monitor (unless `monitor` is False) and nftrace listen while
-    `packets` UDP datagrams are sent (at `rate` a second, 0: as fast as Python sends them)."""
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="nftbench"))
+    `packets` UDP datagrams are sent (at `rate` a second, 0: as fast as Python sends them);
+    their output goes to `workdir`, which the caller removes."""
     watcher = CommitWatcher(lab.router)
     recorder = None
     nft_process = nftrace_process = None
