@@ -12,7 +12,7 @@ import pytest
 
 from nftrace.trace.events import ConntrackInfo, PacketHeaders, TraceEvent
 from nftrace.drops.bpftrace import KernelSymbols, bpftrace_program
-from nftrace.drops.correlator import DropCorrelator
+from nftrace.drops.correlator import DropCorrelator, attach_drop
 from nftrace.drops.reasons import KernelDrop, explain, has_reason_field, parse_drop_line, parse_reason_names
 from nftrace.trace.paths import HookObservation, PacketPath, PathBuilder, Step, finalise_path, nat_rewrites
 from nftrace.trace.report import accepted_by_connection, conntrack_json, packet_json, summary
@@ -102,6 +102,20 @@ def test_location_is_function_plus_offset(tmp_path):
     symbols = KernelSymbols(str(kallsyms))
     assert symbols.location(0xFFFFFFFF82033A51) == "tcp_v4_rcv+0x91"
     assert symbols.location(0x1000) == "0x1000"
+
+
+def test_a_drop_location_is_looked_up_when_an_answer_shows_it_not_when_the_drop_is_read(tmp_path):
+    # A lookup reads /proc/kallsyms (tens of ms): at the first drop of a flood, read at once,
+    # it held the event loop long enough for a 16 MiB buffer to overflow.
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("ffffffff820339c0 T tcp_v4_rcv\n")
+    symbols = KernelSymbols(str(kallsyms))
+    parsed = parse_drop_line("nftrace-drop 1123729402057 3 18446744071595833937 4 10.77.1.2 10.77.1.1 6 36894 8081",
+                             {3: "NO_SOCKET"}, symbols)
+    assert parsed.location == "0xffffffff82033a51" and not symbols._cache
+    path = PacketPath(1, complete=True, verdict="accept")
+    attach_drop(path, parsed)
+    assert path.kernel_drop["location"] == "tcp_v4_rcv+0x91"
 
 
 def test_the_program_is_made_for_one_namespace_and_nothing_else_changes_with_it():

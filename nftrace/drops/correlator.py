@@ -134,7 +134,7 @@ def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] =
     and the kernel's drop after it."""
     iif_index = path.interface_index("iif")
     iif = (interfaces or {}).get(iif_index) if iif_index else None
-    path.kernel_drop = {"reason": drop.reason, "location": drop.location, "explain": explain(drop, iif)}
+    path.kernel_drop = {"reason": drop.reason, "location": drop.code_location(), "explain": explain(drop, iif)}
     if not path.complete and path.incomplete_reason != "events lost":
         path.complete = True
         path.verdict = verdict_before_kernel_drop(drop.reason)
@@ -468,7 +468,7 @@ class DropCorrelator:
         packet = f"{endpoint_text(src, sport)} → {endpoint_text(dst, dport)} {protocol_name(proto)}"
         self.notes.append(
             f"the kernel dropped packet {packet} (trace id {signature.trace_id:08x}) after its answer was given: "
-            f"{drop.reason} at {drop.location} — {explain(drop, iif)}"
+            f"{drop.reason} at {drop.code_location()} — {explain(drop, iif)}"
         )
 
     def _forget(self, now: float) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
 from ..kernel.monitor import EventsLost, ReadEarlier, decode_monitor_datagram
@@ -54,14 +53,17 @@ _FINAL, _DELIVERED, _SENT, _OTHER = range(4)
 _NLMSG_HEADER = struct.Struct("=IH")
 
 
-@dataclass(eq=False)
 class _Packet:
-    """The undecoded events of one packet (one trace id, from a base chain's first event)."""
+    """The undecoded events of one packet (one trace id, from a base chain's first event).
+    A plain class with slots: one is made per packet traced, at flood rates."""
 
-    trace_id: int
-    first: float  # when its first and latest events were read
-    last: float
-    datagrams: list = field(default_factory=list)
+    __slots__ = ("trace_id", "first", "last", "datagrams")
+
+    def __init__(self, trace_id: int, first: float, last: float):
+        self.trace_id = trace_id
+        self.first = first  # when its first and latest events were read
+        self.last = last
+        self.datagrams: list = []
 
 
 def _kind(template) -> int:
@@ -250,10 +252,12 @@ class DeferredPackets:
     def _expire(self, now: float) -> None:
         """Let go of what can no longer turn out a drop: packets accepted longer ago than
         `keep_seconds` (or beyond `keep_packets`), packets idle for `idle_seconds`."""
-        accepted = self._accepted
+        accepted, let_go = self._accepted, 0
         while accepted and (len(accepted) > self.keep_packets or now - accepted[0].last >= self.keep_seconds):
             accepted.popleft().datagrams = []
-            self.on_unbuilt(1)
+            let_go += 1
+        if let_go:
+            self.on_unbuilt(let_go)
         opened = self._open
         while opened:
             packet = next(iter(opened.values()))

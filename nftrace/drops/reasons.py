@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ..protocols import PORT_PROTOCOL_NUMBERS, protocol_name
@@ -94,12 +94,22 @@ class KernelDrop:
 
     time: float  # CLOCK_MONOTONIC seconds: comparable with time.monotonic()
     reason: str
-    location: str
+    location: str  # the code that freed it: `function+0xoffset`, or its address `0x…` until looked up
     src: Optional[ipaddress._BaseAddress]
     dst: Optional[ipaddress._BaseAddress]
     proto: Optional[int]
     sport: Optional[int] = None
     dport: Optional[int] = None
+    symbols: Optional[object] = field(default=None, compare=False, repr=False)  # bpftrace.KernelSymbols
+
+    def code_location(self) -> str:
+        """`function+0xoffset`, looked up when an answer shows the drop, not when it is read:
+        a lookup reads /proc/kallsyms (60 ms), and most drops never show (under a flood of rule
+        drops, each one's NETFILTER_DROP echo); read at once, the first of them held the event
+        loop long enough for a 16 MiB socket buffer to overflow."""
+        if self.symbols is not None and self.location.startswith("0x"):
+            return self.symbols.location(int(self.location, 16))
+        return self.location
 
     def headers(self) -> tuple:
         return (self.src, self.dst, self.proto, self.sport, self.dport)
@@ -128,17 +138,17 @@ def parse_drop_line(line: str, reason_names: dict[int, str], symbols=None) -> Op
         proto, sport, dport = int(parts[7]), int(parts[8]), int(parts[9])
     except ValueError:
         return None
-    location = symbols.location(address) if symbols is not None else f"0x{address:x}"
     ports = proto in PORT_PROTOCOL_NUMBERS
     return KernelDrop(
         time=nsecs / 1e9,
         reason=reason_names.get(reason, f"reason-{reason}"),
-        location=location,
+        location=f"0x{address:x}",
         src=src,
         dst=dst,
         proto=proto,
         sport=sport if ports else None,
         dport=dport if ports else None,
+        symbols=symbols,
     )
 
 
