@@ -13,6 +13,7 @@ import re
 import pytest
 
 from conftest import lab_topology, load_ruleset, nftrace, traffic, why
+from nftrace.drops.bpftrace import KernelDropWatcher
 from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, in_netns
 
 pytestmark = pytest.mark.kernel
@@ -152,6 +153,13 @@ def test_bpftrace_does_not_outlive_the_run(lab):
         except OSError:
             continue
     assert survivors == []
+
+
+def test_bpftrace_runs_as_a_batch_task_so_that_its_wakeups_do_not_preempt_nftrace(lab):
+    # It wakes for every drop line; under a flood of drops its wake-ups preempting nftrace's
+    # reading made a 16 MiB socket buffer overflow (bench/run.py).
+    with KernelDropWatcher.start(netns_inode(lab.router)) as watcher:
+        assert os.sched_getscheduler(watcher.process.pid) == os.SCHED_BATCH
 
 
 # -- NAT ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 
 from ..protocols import PORT_PROTOCOL_NUMBERS, endpoint_text, protocol_name
 from ..trace.paths import PacketPath, verdict_before_kernel_drop
-from .reasons import KernelDrop, explain
+from .reasons import KernelDrop, explain, header_key
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
 # some time later. So a drop may precede the first reading by that delay (EARLY: at least
@@ -45,17 +45,6 @@ REMEMBER_MAX = 4096
 # A drop is compared with this many items on each side of its time, among those filed under
 # its headers.
 NEIGHBOURS = 4
-
-
-def header_key(src, dst, proto: Optional[int], sport: Optional[int], dport: Optional[int]) -> tuple:
-    """Headers as a dictionary key: addresses as (version, integer), which hash in C, where an
-    address object hashes in Python (a flood files thousands of packets a second by them)."""
-    return (src.version if src is not None else 0, int(src) if src is not None else None,
-            int(dst) if dst is not None else None, proto, sport, dport)
-
-
-def drop_key(drop: KernelDrop) -> tuple:
-    return header_key(drop.src, drop.dst, drop.proto, drop.sport, drop.dport)
 
 
 @dataclass(frozen=True)
@@ -111,7 +100,7 @@ class PacketSignature:
         return drop.reason == "NETFILTER_DROP" and self.dropped_by_rule and self.fits(drop)
 
     def fits(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
-        if drop_key(drop) not in self.keys:
+        if drop.key not in self.keys:
             return False
         return self.earliest <= drop.time <= self.last_seen + late_seconds
 
@@ -202,7 +191,7 @@ class _Drops:
         self._arrived.append(drop)
         self._live.add(id(drop))
         self.added += 1
-        times, drops = self._by_key.setdefault(drop_key(drop), ([], []))
+        times, drops = self._by_key.setdefault(drop.key, ([], []))
         index = bisect.bisect_right(times, drop.time)
         times.insert(index, drop.time)
         drops.insert(index, drop)
@@ -211,7 +200,7 @@ class _Drops:
         if id(drop) not in self._live:
             return
         self._live.discard(id(drop))
-        key = drop_key(drop)
+        key = drop.key
         times, drops = self._by_key[key]
         index = bisect.bisect_left(times, drop.time)
         while index < len(drops):
@@ -327,7 +316,7 @@ class DropCorrelator:
 
     def add_drops(self, drops: Iterable[KernelDrop]) -> None:
         for drop in drops:
-            key = drop_key(drop)
+            key = drop.key
             if drop.reason == "NETFILTER_DROP":
                 dropped = _nearest(self._echo_index.near(key, drop.time), drop,
                                    test=lambda signature: signature.echoes(drop))
@@ -447,7 +436,7 @@ class DropCorrelator:
             self._answered_index.remove(answered)
 
     def _answered_for(self, drop: KernelDrop) -> Optional[_Answered]:
-        return _nearest(self._answered_index.near(drop_key(drop), drop.time), drop, REMEMBER_SECONDS)
+        return _nearest(self._answered_index.near(drop.key, drop.time), drop, REMEMBER_SECONDS)
 
     def _late_drop(self, signature: PacketSignature) -> Optional[KernelDrop]:
         candidates = [drop for drop in self._drops.near(signature) if signature.matches(drop, REMEMBER_SECONDS)]

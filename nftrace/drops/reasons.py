@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..protocols import PORT_PROTOCOL_NUMBERS, protocol_name
+from ..trace.events import kept_address
 
 DROP_PREFIX = "nftrace-drop"
 
@@ -88,6 +89,14 @@ REASON_PREFIX_EXPLANATIONS = (
     ("IP_", "the IP layer refused it"),
 )
 
+
+def header_key(src, dst, proto: Optional[int], sport: Optional[int], dport: Optional[int]) -> tuple:
+    """Headers as a dictionary key: addresses as (version, integer), which hash in C, where an
+    address object hashes in Python (a flood files thousands of packets a second by them)."""
+    return (src.version if src is not None else 0, int(src) if src is not None else None,
+            int(dst) if dst is not None else None, proto, sport, dport)
+
+
 @dataclass(frozen=True)
 class KernelDrop:
     """One traced packet freed by the kernel with a drop reason, as the tracepoint saw it."""
@@ -101,6 +110,10 @@ class KernelDrop:
     sport: Optional[int] = None
     dport: Optional[int] = None
     symbols: Optional[object] = field(default=None, compare=False, repr=False)  # bpftrace.KernelSymbols
+    key: tuple = field(init=False, compare=False, repr=False)  # its headers as header_key() files them
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", header_key(self.src, self.dst, self.proto, self.sport, self.dport))
 
     def code_location(self) -> str:
         """`function+0xoffset`, looked up when an answer shows the drop, not when it is read:
@@ -134,7 +147,7 @@ def parse_drop_line(line: str, reason_names: dict[int, str], symbols=None) -> Op
         return None
     try:
         nsecs, reason, address = int(parts[1]), int(parts[2]), int(parts[3])
-        src, dst = ipaddress.ip_address(parts[5]), ipaddress.ip_address(parts[6])
+        src, dst = kept_address(parts[5]), kept_address(parts[6])
         proto, sport, dport = int(parts[7]), int(parts[8]), int(parts[9])
     except ValueError:
         return None

@@ -199,8 +199,9 @@ _ADDRESS_CACHE_SIZE = 4096
 _addresses: dict = {}
 
 
-def _address(raw: bytes) -> ipaddress._BaseAddress:
-    """The address object for 4 or 16 raw bytes; a flow has few addresses, so they are kept."""
+def kept_address(raw) -> ipaddress._BaseAddress:
+    """The address object for 4 or 16 raw bytes, or for its text (as bpftrace prints it); a
+    flow has few addresses, so they are kept."""
     address = _addresses.get(raw)
     if address is None:
         if len(_addresses) >= _ADDRESS_CACHE_SIZE:
@@ -223,13 +224,13 @@ def parse_packet_headers(nfproto: Optional[int], network: Optional[bytes], trans
     if version == 4 and len(network) >= 20:
         length, ip_id = _PORTS.unpack_from(network, 2)
         proto = network[9]
-        src = _address(network[12:16])
-        dst = _address(network[16:20])
+        src = kept_address(network[12:16])
+        dst = kept_address(network[16:20])
     elif version == 6 and len(network) >= 40:
         length = _U16.unpack_from(network, 4)[0] + 40
         proto = network[6]
-        src = _address(network[8:24])
-        dst = _address(network[24:40])
+        src = kept_address(network[8:24])
+        dst = kept_address(network[24:40])
     else:
         return None
     sport = dport = icmp_type = icmp_code = tcp_flags = tcp_seq = tcp_ack = None
