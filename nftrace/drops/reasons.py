@@ -113,7 +113,7 @@ class KernelDrop:
     key: tuple = field(init=False, compare=False, repr=False)  # its headers as header_key() files them
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", header_key(self.src, self.dst, self.proto, self.sport, self.dport))
+        object.__setattr__(self, "key", header_key(*self.headers()))
 
     def code_location(self) -> str:
         """`function+0xoffset`, looked up when an answer shows the drop, not when it is read:

@@ -7,11 +7,11 @@ read, which is what lets a reader keep up with a flood whose events it mostly do
 (drops/eventfilter.py says which ones `nftrace drops` needs).
 
 Classic BPF has an ancillary load that finds a netlink attribute by type (SKF_AD_NLATTR), but
-on this machine's kernel (6.18) it found nothing in trace events: it gave 0 for every attribute,
-those at the first offset included (why was not established; the kernel's helper gives up on
-non-linear buffers). So programs read attributes with plain loads, walking them one by one: classic BPF
-has no loops, so the walk is unrolled (drops/eventfilter.py), with scratch memory (M[0..15])
-for what it found.
+on this machine's kernel (6.18) it found nothing in trace events: it gave 0 for every
+attribute, those at the first offset included (why was not established; the kernel's helper
+gives up on non-linear buffers). So programs read attributes with plain loads, walking them
+one by one: classic BPF has no loops, so the walk is unrolled (drops/eventfilter.py), with
+scratch memory (M[0..15]) for what it found.
 
 Programs are written with labels (`Program.jump(..., "keep")`) and assembled into the
 kernel's `struct sock_filter` array here. Assembling is pure; `attach` is the one call that

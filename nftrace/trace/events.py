@@ -199,14 +199,14 @@ _ADDRESS_CACHE_SIZE = 4096
 _addresses: dict = {}
 
 
-def kept_address(raw) -> ipaddress._BaseAddress:
+def kept_address(value) -> ipaddress._BaseAddress:
     """The address object for 4 or 16 raw bytes, or for its text (as bpftrace prints it); a
     flow has few addresses, so they are kept."""
-    address = _addresses.get(raw)
+    address = _addresses.get(value)
     if address is None:
         if len(_addresses) >= _ADDRESS_CACHE_SIZE:
             _addresses.clear()
-        address = _addresses[raw] = ipaddress.ip_address(raw)
+        address = _addresses[value] = ipaddress.ip_address(value)
     return address
 
 
