@@ -515,6 +515,34 @@ def test_under_a_backlog_a_drop_newer_than_the_last_empty_read_closes_no_open_pa
     assert (path.verdict, path.vanished_after) == ("drop", "prerouting")
 
 
+def test_an_open_packet_read_after_the_socket_was_read_empty_is_not_closed_by_an_older_drop():
+    """Under a burst the events of one packet were lost: only the kernel's NETFILTER_DROP of it
+    arrives. A later packet of the same flow, read after the socket was last read empty and
+    still open (its end still queued), was queued after that moment: the older drop is not
+    its, whatever its age."""
+    builder = PathBuilder(Lookup())
+    correlator = DropCorrelator()
+    correlator.note_drained(10.0)
+    correlator.add_drops([drop("NETFILTER_DROP", at=10.2)])  # the lost packet's
+    correlator.note_drained(10.3)
+    assert correlator.unexplained() == "netfilter"
+    builder.feed(base_chain_event("mark_prerouting", tcp()), now=10.5)
+    assert builder.close_vanished(correlator.vanished) == []
+    assert builder.open_packets == 1
+
+
+def test_an_open_packet_that_may_have_lost_events_is_not_closed_by_a_drop():
+    """Its missing end may be lost events, and the drop another packet's: it ends incomplete."""
+    builder = PathBuilder(Lookup())
+    builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)
+    builder.mark_loss()
+    correlator = DropCorrelator()
+    correlator.note_drained(19.0)
+    correlator.add_drops([drop("NETFILTER_DROP", at=20.1)])
+    correlator.note_drained(21.0)
+    assert builder.close_vanished(correlator.vanished) == []
+
+
 def test_a_netfilter_drop_is_never_put_on_a_packet_that_left_netfilter():
     """nftrace's observation chain runs last on the exit hooks: no netfilter drop can follow
     it. In a flood of one flow, the echo of a rule drop whose events were lost would otherwise

@@ -11,7 +11,8 @@ open packet (it may be a later packet of the same flow whose end is still unread
 The same fact bounds how long before its packet was read a drop can have happened: a
 packet's events read after the socket was last read empty were queued, so the packet was
 dropped, after that moment. Under a backlog that is long before the packet is read: the
-pairing window reaches back to it (`PacketSignature.earliest`), not a fixed second.
+pairing window reaches back to it (`PacketSignature.earliest`), not a fixed second; and no
+further: an older drop is another packet's (one whose events were lost, say).
 
 Pure: drops come in as `KernelDrop` records (reasons.py), whatever read them.
 
@@ -32,9 +33,10 @@ from ..trace.paths import PacketPath, verdict_before_kernel_drop
 from .reasons import KernelDrop, explain, header_key
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
-# some time later. So a drop may precede the first reading by that delay (EARLY: at least
-# this, and back to the last time the socket was read empty before it), and follows the last
-# event by little more than the kernel's own work (LATE).
+# some time later. So a drop may precede the first reading by that delay: back to the last
+# time the socket was read empty before it, and never further (EARLY only before the socket
+# was first read empty); and it follows the last event by little more than the kernel's own
+# work (LATE).
 MATCH_EARLY_SECONDS = 1.0
 MATCH_LATE_SECONDS = 0.25
 # How long a packet that netfilter accepted waits for a drop before its answer is given.
@@ -81,8 +83,7 @@ class PacketSignature:
         return cls(path.trace_id, tuple(headers), path.first_seen, path.last_seen or path.first_seen,
                    path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"), tuple(keys),
                    path.complete and path.verdict == "accept" and path.vanished_after is None,
-                   path.first_seen - MATCH_EARLY_SECONDS if earliest is None
-                   else min(earliest, path.first_seen - MATCH_EARLY_SECONDS))
+                   path.first_seen - MATCH_EARLY_SECONDS if earliest is None else earliest)
 
     def matches(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
         """Same packet: the headers it had at some hook (before or after NAT), a time that fits.
@@ -288,7 +289,8 @@ class DropCorrelator:
 
     def note_drained(self, now: float) -> None:
         """The trace sockets were read empty at `now`: every event of a packet dropped before
-        then has been read (see the module)."""
+        then has been read (see the module). `now` is taken after every read so far and before
+        the sockets were found empty: an event read later was queued after it."""
         drained = self._drained
         if drained and now <= drained[-1]:
             return

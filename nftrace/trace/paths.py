@@ -411,10 +411,12 @@ class PathBuilder:
         """Close the open packets that the kernel is known to have freed (`vanished` gives the
         kernel's drop, with its `reason`, or None): netfilter will send nothing more, so there
         is no idle wait. They end complete, with netfilter's verdict and no deciding step (see
-        verdict_before_kernel_drop)."""
+        verdict_before_kernel_drop). One that may have lost events is not: its events, not the
+        packet, may be what is missing, and the drop another packet's."""
         done = []
         for state in list(self._open.values()):
-            if state.closed or state.ignored or state.finished or state.path.first_packet is None:
+            if state.closed or state.ignored or state.finished or state.path.first_packet is None \
+                    or state.path.incomplete_reason == "events lost":
                 continue
             drop = vanished(state.path)
             if drop:

@@ -449,7 +449,9 @@ class TraceSession:
             if run.legacy is not None:
                 self._finished(run, primary, primary.builder.feed_legacy(run.legacy.read(), time.monotonic()))
             if correlator is not None:
-                correlator.note_drained(time.monotonic())
+                drained_at = time.monotonic()
+                if all(part.monitor.drained for part in run.live if part.monitor is not None):
+                    correlator.note_drained(drained_at)
                 correlator.add_drops(self._read_drops())
                 self._release_for_drops(run)
                 self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
@@ -556,14 +558,16 @@ class TraceSession:
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
             readable = self._wait(monitors + ([legacy] if legacy is not None else []), wait)
             drops = self._read_drops()
+            for part in run.live:
+                if part.monitor is not None and (part.monitor in readable or drops):
+                    if self._dispatch(run, part, self._read_events(part)):
+                        return
+            drained_at = time.monotonic()  # after the reads, before the checks: what is read later came after
             all_drained = True
             for part in run.live:
                 monitor = part.monitor
                 if monitor is None:
                     continue
-                if monitor in readable or drops:
-                    if self._dispatch(run, part, self._read_events(part)):
-                        return
                 drained = monitor.drained  # reads come in batches: a backlog may still be queued
                 if drained or monitor.behind_losses:
                     part.builder.socket_drained()
@@ -574,7 +578,7 @@ class TraceSession:
                 self._finished(run, primary, primary.builder.feed_legacy(legacy.read(), time.monotonic()))
             if correlator is not None:
                 if all_drained:
-                    correlator.note_drained(time.monotonic())
+                    correlator.note_drained(drained_at)
                 if drops:
                     correlator.add_drops(drops)
                 if self._release_for_drops(run) or drops:
@@ -583,7 +587,7 @@ class TraceSession:
                 self._finished(run, part, part.builder.expire(time.monotonic()))
             if joiner is not None:
                 if all_drained:
-                    joiner.socket_drained(time.monotonic())
+                    joiner.socket_drained(drained_at)
                 self._deliver(run, joiner.expire(time.monotonic()))
             if correlator is not None:
                 self._deliver(run, correlator.release(time.monotonic()), held=True)
