@@ -249,6 +249,15 @@ def test_a_packet_the_kernel_drops_after_netfilter_counts_under_its_reason(lab):
     assert all(packet["kernel_drop"]["reason"] == "NO_SOCKET" for packet in document["packets"])
 
 
+def test_duration_counts_from_when_drops_says_it_is_watching(lab):
+    """bpftrace takes half a second to start: `--duration 3` once watched for 2.5 s."""
+    run = Drops(lab, "--duration", "3", "--json")  # returns once the "watching" line is read
+    watching = time.monotonic()
+    document = run.document()
+    assert time.monotonic() - watching >= 3
+    assert document["duration"] >= 3
+
+
 def test_bad_filter_is_refused_before_anything_is_installed(lab):
     result = nftrace("--netns", lab.router, "drops", "--dport", "22")
     assert result.returncode == 2

@@ -96,7 +96,7 @@ class _Run:
     joiner: Optional[CrossingJoiner]  # a trace across several namespaces: joins each packet's parts
     on_packet: Callable[[PacketPath], None]
     on_batch: Optional[Callable[[], None]]
-    deadline: Optional[float]  # --timeout, on the monotonic clock
+    deadline: Optional[float]  # --timeout, on the monotonic clock, from when tracing is ready
 
     @property
     def primary(self) -> NamespacePart:
@@ -164,8 +164,7 @@ class TraceSession:
                     self._build(part, plan, legacy, several=len(parts) > 1)
                 joiner = CrossingJoiner(self._keep, {part.label: part.snapshot for part in parts}) \
                     if len(parts) > 1 else None
-                deadline = time.monotonic() + options.timeout if options.timeout else None
-                run = _Run(parts, legacy, joiner, on_packet, on_batch, deadline)
+                run = _Run(parts, legacy, joiner, on_packet, on_batch, deadline=None)
                 try:
                     # What setting up made (imports, the CLI, the snapshot) lives as long as the
                     # run: out of the collector's way, a full collection under a flood takes
@@ -173,6 +172,10 @@ class TraceSession:
                     gc.collect()
                     gc.freeze()
                     self._await_drop_watcher(drops)
+                    # --timeout (drops: --duration) counts from here, where nftrace says it is
+                    # tracing and the traffic command starts, not from before bpftrace's start
+                    # (half a second), which took that much from the time asked for.
+                    run.deadline = time.monotonic() + options.timeout if options.timeout else None
                     on_ready()
                     self._start_command()
                     self._loop(run)
