@@ -84,7 +84,11 @@ def main(
         typer.echo(f"nftrace {__version__}")
         raise typer.Exit(0)
     request = NamespaceRequest(tuple(netns or ()), tuple(pid or ()), tuple(container or ()), all_netns)
-    if ctx.invoked_subcommand not in (None, "why", "cleanup") and (request.several or request.pids or request.containers):
+    if ctx.invoked_subcommand == "drops" and request.several:
+        _fail(InputError("'drops' works in one namespace: give at most one --netns NAME, --pid PID or --container "
+                         "NAME (--all-netns and several namespaces are for 'why' and 'cleanup')"))
+    if ctx.invoked_subcommand not in (None, "why", "cleanup", "drops") and (request.several or request.pids or
+                                                                          request.containers):
         _fail(InputError(f"'{ctx.invoked_subcommand}' works in one namespace: give at most one --netns NAME "
                          "(--pid, --container, --all-netns and several --netns are for 'why' and 'cleanup')"))
     ctx.obj = {"netns": request.one_name, "namespaces": request}
@@ -271,6 +275,7 @@ def drops(
     from .drops.run import DropsSession
     from .flow import parse_filter
     from .trace.jsonstream import JsonStream
+    from .trace.report import netns_words
     from .trace.session import TraceOptions
     import shutil
     import time
@@ -281,7 +286,7 @@ def drops(
     except NftraceError as err:
         _fail(err)
     options = TraceOptions(flow=flow, netns=netns, count=0, timeout=duration, max_rate=max_rate,
-                           drop_reasons=drop_reasons)
+                           drop_reasons=drop_reasons, namespaces=ctx.obj["namespaces"])
     report = DropsReport(flow=flow, netns=netns, max_rate=max_rate)
     session = DropsSession(options, report)
     stream = JsonStream(sys.stdout, report) if as_json else None
@@ -307,7 +312,7 @@ def drops(
             sys.stdout.flush()
 
     def on_ready():
-        where = f" in netns {netns}" if netns else ""
+        where = f" in {netns_words(report.netns)}" if report.netns else ""  # as --pid or --container named it
         limit = f"at most {max_rate} packets/s" if max_rate else "every packet"
         typer.echo(f"watching drops of {flow.describe()}{where}, tracing {limit} (Ctrl-C to stop)", err=True)
 

@@ -10,11 +10,14 @@ tests skip).
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 
 import pytest
 
-from conftest import nftrace, ruleset_state, traffic, unavailable, unique_name
+from conftest import REPO, nftrace, ruleset_state, traffic, unavailable, unique_name
 from dockerhost import IMAGE, DockerHost, docker_problem
 from nftrace.lab.topology import in_netns, netns_exists, run
 
@@ -123,6 +126,42 @@ table inet cfw {
     assert packet["decided_by"]["text"] == "tcp dport 80 counter drop"
     assert parts(packet) == [docker_lab.host_ns, "container:web"]  # the whole path through the host
     assert packet["summary"].startswith("dropped in container web by inet cfw input")
+
+
+def test_drops_watches_a_container_named_as_the_runtime_names_it(docker_lab):
+    docker_lab.in_container(["nft", "-f", "-"], input="""
+table inet cfw {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp dport 80 counter drop
+    }
+}
+""")
+    try:
+        before = docker_lab.states()
+        watcher = subprocess.Popen([sys.executable, "-m", "nftrace", "--container", docker_lab.container, "drops",
+                                    "--max-rate", "0", "--duration", "4", "--json"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                   env=dict(os.environ, PYTHONPATH=str(REPO), **docker_lab.docker.env))
+        try:
+            banner = watcher.stderr.readline()
+            subprocess.run(traffic(docker_lab.client, "tcp", HOST, "8080", "--timeout", "1"), capture_output=True,
+                           timeout=30)
+            out, err = watcher.communicate(timeout=60)
+        finally:
+            watcher.kill()
+        assert watcher.returncode == 0, banner + err
+        assert docker_lab.states() == before, "a ruleset changed"  # (nft -s: counters left out)
+        counted = docker_lab.in_container(["nft", "list", "table", "inet", "cfw"]).stdout
+    finally:
+        docker_lab.in_container(["nft", "delete", "table", "inet", "cfw"])
+    assert banner.startswith("watching drops of any → any in container web,")
+    document = json.loads(out)
+    assert document["netns"] == "container:web"
+    [rule] = document["rules"]
+    assert (rule["decided_by"]["table"], rule["decided_by"]["text"]) == ("cfw", "tcp dport 80 counter drop")
+    packets = int(counted.split("counter packets ")[1].split()[0])
+    assert rule["packets"] == packets >= 1
 
 
 def test_a_docker_user_rule_decides_on_the_host_and_the_packet_never_reaches_the_container(docker_lab):

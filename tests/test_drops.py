@@ -97,8 +97,9 @@ class Drops:
     """`nftrace drops` running in a process group of its own (Ctrl-C reaches it alone), its
     output read as it comes, as a reader would: a full pipe would stop it."""
 
-    def __init__(self, lab, *args: str, env: Optional[dict] = None):
-        self.process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", lab.router, "drops", *args],
+    def __init__(self, lab, *args: str, env: Optional[dict] = None, namespace: tuple = ()):
+        namespace = namespace or ("--netns", lab.router)
+        self.process = subprocess.Popen([sys.executable, "-m", "nftrace", *namespace, "drops", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
                                         stdin=subprocess.DEVNULL, start_new_session=True)
@@ -108,8 +109,8 @@ class Drops:
         self._reader.start()
 
     def _wait_ready(self) -> None:
-        line = self.process.stderr.readline()
-        assert line.startswith("watching drops of"), line + self.process.stderr.read()
+        self.banner = self.process.stderr.readline()
+        assert self.banner.startswith("watching drops of"), self.banner + self.process.stderr.read()
 
     def interrupt(self) -> None:
         os.killpg(self.process.pid, signal.SIGINT)
@@ -256,6 +257,28 @@ def test_duration_counts_from_when_drops_says_it_is_watching(lab):
     document = run.document()
     assert time.monotonic() - watching >= 3
     assert document["duration"] >= 3
+
+
+def test_the_namespace_can_be_named_by_a_process_in_it(lab):
+    holder = subprocess.Popen(["ip", "netns", "exec", lab.router, "sleep", "60"])
+    try:
+        # Never the machine's own namespace: wait until the process is in the router's.
+        router = os.stat(f"/run/netns/{lab.router}").st_ino
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{holder.pid}/ns/net").st_ino != router:
+            assert time.monotonic() < deadline, "ip netns exec did not enter the namespace"
+            time.sleep(0.01)
+        run = Drops(lab, "--proto", "udp", "--dport", "6001", "--max-rate", "0", "--duration", "3", "--json",
+                    namespace=("--pid", str(holder.pid)))
+        send(lab, 6001, SERVER_V4, 20)
+        document = run.document()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"in the namespace of pid {holder.pid}," in run.banner
+    assert document["netns"] == f"pid:{holder.pid}"
+    [rule] = document["rules"]
+    assert rule["decided_by"]["chain"] == "clients" and rule["packets"] == 20
 
 
 def test_bad_filter_is_refused_before_anything_is_installed(lab):

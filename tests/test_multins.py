@@ -239,6 +239,9 @@ def test_a_dry_run_copies_one_namespace(lab):
 def test_other_commands_work_in_one_namespace(lab):
     result = nftrace("--netns", lab.router, "--netns", lab.server, "test", "x.toml")
     assert result.returncode == 2 and "'test' works in one namespace" in result.stderr
+    result = nftrace("--netns", lab.router, "--pid", "1", "drops")
+    assert result.returncode == 2 and result.stderr.startswith("nftrace: 'drops' works in one namespace: give at "
+                                                               "most one --netns NAME, --pid PID or --container NAME")
 
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..protocols import endpoint_text, protocol_name
 from ..trace.paths import PacketPath
-from ..trace.report import summary
+from ..trace.report import netns_words, summary
 from ..kernel.system import interface_name
 from .report import DropsReport
 from .tally import Counted, DropTally
@@ -62,7 +62,7 @@ class LiveTable:
     def render(self, now: float, elapsed: float) -> str:
         tally: DropTally = self.report.tally
         since = (now - self._previous_at) if self._previous_at is not None else None
-        where = f" in netns {self.report.netns}" if self.report.netns else ""
+        where = f" in {netns_words(self.report.netns)}" if self.report.netns else ""
         lines = [f"nftrace drops{where}: {self.report.flow.describe()}   {elapsed:,.0f} s, "
                  f"{tally.packets:,} dropped of {tally.seen:,} traced packets   (Ctrl-C to stop)", ""]
         rule_width = max(30, self.width - 9 - 1 - 8 - 2 - 28 - 1 - 1 - LAST_FLOW_WIDTH)

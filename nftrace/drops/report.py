@@ -24,7 +24,8 @@ class DropsReport:
     """One run of `nftrace drops`: the filter, the tally, nftrace's own counters, warnings."""
 
     flow: Flow
-    netns: Optional[str] = None
+    netns: Optional[str] = None  # the namespace's label: NAME, pid:PID, container:NAME
+    namespaces: list = field(default_factory=list)  # [netns]: set by the session, as for `why`
     max_rate: int = 100
     backend: str = "nft"
     mode: str = "drops"
