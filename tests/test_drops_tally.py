@@ -60,6 +60,32 @@ def test_a_kernel_drop_after_netfilter_counts_under_its_reason_not_under_the_acc
     assert (reason["reason"], reason["packets"], reason["explain"]) == ("NO_SOCKET", 1, "nothing listens")
 
 
+def test_a_reason_is_explained_in_the_packets_words_only_while_they_share_them():
+    def no_socket(port):
+        return path(verdict="accept", decided_by=step(verdict="accept"), headers=packet(dport=port),
+                    kernel_drop={"reason": "NO_SOCKET", "location": "tcp_v4_rcv",
+                                 "explain": f"nothing listens on tcp/{port} in this namespace"})
+
+    tally = DropTally()
+    tally.add(no_socket(22), INTERFACES)
+    tally.add(no_socket(22), INTERFACES)
+    assert tally.kernel_drops_json()[0]["explain"] == "nothing listens on tcp/22 in this namespace"
+    tally.add(no_socket(80), INTERFACES)  # not "tcp/80" for all three, nor "tcp/22"
+    tally.add(no_socket(22), INTERFACES)
+    [reason] = tally.kernel_drops_json()
+    assert (reason["packets"], reason["explain"]) == (4, "nothing listens on their destination ports in this namespace")
+
+
+def test_every_reason_explained_with_a_packets_values_has_words_for_many_packets():
+    from nftrace.drops.reasons import REASON_EXPLANATIONS, explain_many
+
+    for reason, words in REASON_EXPLANATIONS.items():
+        assert explain_many(reason) and "{" not in explain_many(reason), reason
+        if "{" not in words:
+            assert explain_many(reason) == words
+    assert explain_many("A_REASON_NFTRACE_DOES_NOT_KNOW") is None
+
+
 def test_rules_are_ranked_by_packets_and_flows_by_count():
     tally = DropTally()
     for _ in range(3):

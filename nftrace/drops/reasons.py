@@ -165,6 +165,31 @@ def parse_drop_line(line: str, reason_names: dict[int, str], symbols=None) -> Op
     )
 
 
+# The explanations above that name the packet's own values, for packets of different values
+# counted under one reason (`nftrace drops`): said of them all, without the values.
+GROUP_EXPLANATIONS = {
+    "NO_SOCKET": "nothing listens on their destination ports in this namespace",
+    "IP_RPFILTER": "reverse-path filter: replies to their sources would not leave through the interfaces they "
+                   "came in on (rp_filter)",
+    "IP_NOPROTO": "this host has no handler for their IP protocols",
+    "IP_OUTNOROUTES": "no route to their destinations, for locally sent packets",
+    "IP_INNOROUTES": "no route to their destinations: the packets cannot be forwarded",
+    "IP_INADDRERRORS": "invalid destination addresses",
+    "IP_LOCAL_SOURCE": "their sources are this host's own addresses",
+    "IP_INVALID_SOURCE": "invalid source addresses (multicast, broadcast or zero)",
+    "IP_INVALID_DEST": "invalid destination addresses",
+}
+
+
+def explain_many(reason: str) -> Optional[str]:
+    """The reason in plain words for packets whose own explanations differ; None when the
+    words would need one packet's values."""
+    if reason in GROUP_EXPLANATIONS:
+        return GROUP_EXPLANATIONS[reason]
+    template = REASON_EXPLANATIONS.get(reason)
+    return template if template is not None and "{" not in template else None
+
+
 class _SafeFormat(dict):
     def __missing__(self, key: str) -> str:
         return "?"

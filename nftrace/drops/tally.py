@@ -25,6 +25,7 @@ from ..protocols import protocol_name
 from ..trace.paths import PacketPath, Step
 from ..trace.report import decided_by_json
 from ..kernel.system import interface_name
+from .reasons import explain, explain_many
 
 FLOWS_KEPT = 4096
 TOP_FLOWS = 5
@@ -110,7 +111,19 @@ class RuleDrops(Counted):
 @dataclass
 class ReasonDrops(Counted):
     reason: str = ""
-    explain: Optional[str] = None  # the latest packet's explanation
+    # In plain words: the packets' own explanation while they share one ("nothing listens on
+    # tcp/22"), then the reason's without values (explain_many): never one packet's for all.
+    explain: Optional[str] = None
+    mixed: bool = False
+
+    def explained(self, text: Optional[str]) -> None:
+        if text is None or self.mixed or text == self.explain:
+            return
+        if self.explain is None and not self.packets:
+            self.explain = text
+        else:
+            self.mixed = True
+            self.explain = explain_many(self.reason)
 
 
 def drop_kind(path: PacketPath) -> Optional[str]:
@@ -156,7 +169,7 @@ class DropTally:
             entry = self.reasons.get(reason)
             if entry is None:
                 entry = self.reasons[reason] = ReasonDrops(reason=reason)
-            entry.explain = path.kernel_drop.get("explain")
+            entry.explained(path.kernel_drop.get("explain"))
         entry.add(flow, now)
         self.packets += 1
         return kind
@@ -171,6 +184,7 @@ class DropTally:
         entry = self.reasons.get(drop.reason)
         if entry is None:
             entry = self.reasons[drop.reason] = ReasonDrops(reason=drop.reason)
+        entry.explained(explain(drop, interfaces.get(signature.iif) if signature.iif else None))
         entry.add(flow, now)
         self.packets += 1
 
