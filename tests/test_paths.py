@@ -301,6 +301,17 @@ def test_headline_tree_shows_jumps_indented():
     assert lines[1] == "  prerouting  in eth0"
 
 
+def test_when_no_packet_was_seen_a_live_trace_points_to_the_dry_run():
+    from nftrace.trace.render import render_closing
+    from nftrace.trace.report import TraceReport
+
+    flow = parse_flow("10.0.0.5", "10.0.0.9", "udp", None, 9, None, None)
+    assert render_closing(TraceReport(flow=flow), 0) == ("no packet of 10.0.0.5 → 10.0.0.9:9 udp was seen "
+                                                        "(`--dry-run` traces a crafted one, no traffic needed)")
+    dry = TraceReport(flow=flow, mode="dry-run", dry_run={"ruleset": "copy"})
+    assert render_closing(dry, 0) == "no packet of 10.0.0.5 → 10.0.0.9:9 udp was seen"
+
+
 def test_a_packet_looping_through_lo_is_one_path_across_its_two_trace_ids():
     local = headers(src="127.0.0.1", dst="127.0.0.1", dport=8080)
     out = [event(3, OWN, "mark_output", handle=3, packet=local, oif=1), event(3, OWN, "mark_output", "policy", "accept"),

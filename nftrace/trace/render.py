@@ -172,7 +172,8 @@ def render_packet(path: PacketPath, interfaces: dict, style: Style = PLAIN) -> s
 def render_closing(report: TraceReport, packet_count: int) -> str:
     lines = []
     if packet_count == 0:
-        lines.append(f"no packet of {report.flow.describe()} was seen")
+        hint = "" if report.dry_run is not None else " (`--dry-run` traces a crafted one, no traffic needed)"
+        lines.append(f"no packet of {report.flow.describe()} was seen{hint}")
     for warning in report.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
