@@ -108,8 +108,11 @@ class LegacyTracing:
                 self.listener = NflogListener((self.family,))
             previous = self.listener.previous_loggers().get(self.family)
             if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
-                self.warnings.append(f"while nftrace ran, LOG rules of this namespace's {iptables_command(self.family)} "
-                                     f"wrote to nftrace instead of the kernel log ({previous} is bound again now)")
+                # Said whether or not a rule logs: which rules log through nf_log (LOG targets,
+                # nft `log` without a group, in any table) is not worth reading for a warning.
+                self.warnings.append(f"while nftrace ran, it stood in for the kernel log's {previous} logger: what "
+                                     "LOG rules of this namespace logged meanwhile, if any, went to nftrace, not to "
+                                     f"the kernel log ({previous} is bound again now)")
             if self.plan.trace_rules:
                 self.rules = TraceRules(self.family, self.flow, self.max_rate)
                 self.rules.install()
