@@ -105,7 +105,8 @@ class DropsSession(TraceSession):
             # in the machine's own namespace, that is the kernel log.
             raise EnvironmentProblem(f"this namespace has legacy iptables tables ({'; '.join(present)}): tracing "
                                      "every packet would write a TRACE line per packet to the kernel log; "
-                                     "nftrace drops runs where only nftables (iptables-nft included) filters")
+                                     "nftrace drops runs where only nftables (iptables-nft included) filters "
+                                     "(nftrace why traces legacy tables too, for one flow)")
         if present:
             self.report.warnings.append(f"legacy iptables tables are not traced by drops: {'; '.join(present)}")
         if self.options.flow.oif:
