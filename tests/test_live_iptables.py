@@ -464,6 +464,23 @@ def test_cleanup_removes_trace_rules_and_restores_nf_log_after_sigkill(legacy_la
     assert nftrace("--netns", legacy_lab.router, "cleanup").stdout.strip() == "nothing to clean up"
 
 
+def test_a_run_started_while_a_killed_one_is_still_a_zombie_undoes_what_it_left(legacy_lab):
+    before = firewall_state(legacy_lab.router)
+    run = start_nftrace("--netns", legacy_lab.router, "why", *tcp_flow(9), "--timeout", "30", "--backend", "iptables")
+    try:
+        assert wait_for(lambda: "nftrace trace rule" in in_netns(legacy_lab.router, ["iptables-legacy-save"]).stdout)
+        run.kill()
+        os.waitid(os.P_PID, run.pid, os.WEXITED | os.WNOWAIT)  # dead, not yet waited for
+        result = nftrace("--netns", legacy_lab.router, "why", *tcp_flow(10), "--timeout", "1", "--backend", "iptables")
+    finally:
+        run.kill()
+        run.communicate()
+    assert result.returncode == 3, result.stderr
+    assert (f"warning: undid what killed nftrace runs left: nf_log ip → nf_log_ipv4; "
+            f"2 iptables TRACE rules of killed run {run.pid}") in result.stderr
+    assert firewall_state(legacy_lab.router) == before  # nf_log_ipv4 bound again, not nfnetlink_log
+
+
 def test_second_run_in_the_namespace_is_refused_and_sigterm_undoes_the_first(legacy_lab):
     before = firewall_state(legacy_lab.router)
     first = start_nftrace("--netns", legacy_lab.router, "why", *tcp_flow(9), "--timeout", "30")

@@ -119,7 +119,20 @@ def netns_cookie() -> Optional[int]:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process exists: tells a live nftrace run's leftovers from a killed one's."""
+    """Whether a process exists: tells a live nftrace run's leftovers from a killed one's.
+
+    A zombie is dead: a run killed with SIGKILL stays one until its parent waits for it (a
+    script that never does, an init that reaps late), its sockets and bindings already gone;
+    what it left is left, and a run started meanwhile must undo it, not take it for a live
+    run's (it would bind the kernel log's logger over the killed run's and keep it bound)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # pid (comm) state ...: comm may hold spaces and parentheses, the state follows the last ')'.
+            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass  # no /proc: the process table alone
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
