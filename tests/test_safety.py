@@ -163,6 +163,7 @@ def test_a_traffic_command_that_cannot_start_is_one_line_and_leaves_nothing(rout
 def test_a_failing_traffic_command_ends_the_run_normally(router):
     result = nftrace("--netns", router.router, "why", *FLOW, "--timeout", "20", "--", "false")
     assert result.returncode == 3  # no packet seen; the run ended when the command did
+    assert "warning: the traffic command exited with status 1 before any packet of the flow was seen" in result.stderr
     assert "nftrace_" not in nft_tables(router.router)
 
 

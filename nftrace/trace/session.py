@@ -389,8 +389,15 @@ class TraceSession:
         self._process = runner.start(self.options.command, stdout=sys.stderr.fileno(), stderr=None, user_command=True)
 
     def _stop_command(self) -> None:
-        if self._process is not None:
-            runner.stop(self._process)
+        process = self._process
+        if process is None:
+            return
+        status = process.poll()  # its own end, before nftrace stops it
+        runner.stop(process)
+        if status and not self.packets_seen:
+            # The likeliest reason no packet was seen: said, not left to the command's output.
+            ended = f"exited with status {status}" if status > 0 else f"was killed by signal {-status}"
+            self.report.warnings.append(f"the traffic command {ended} before any packet of the flow was seen")
 
     def _finished(self, run: "_Run", part: NamespacePart, paths: list, held: bool = False) -> None:
         """Paths a part's builder finished: said where they ran, and, across namespaces, joined
