@@ -10,6 +10,7 @@ tests skip).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +25,14 @@ from nftrace.lab.topology import in_netns, netns_exists, run
 pytestmark = pytest.mark.kernel
 
 CLIENT, HOST = "10.99.0.2", "10.99.0.1"
+CONTAINER_FIREWALL = """
+table inet cfw {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp dport 80 counter drop
+    }
+}
+"""
 
 
 class DockerLab:
@@ -60,6 +69,15 @@ class DockerLab:
         """A tool of this machine, run in the container's network namespace."""
         pid = self.docker.container_pid(self.container)
         return run(["nsenter", f"--net=/proc/{pid}/ns/net", *args], **kwargs)
+
+    @contextlib.contextmanager
+    def own_firewall(self):
+        """The container's own nftables table, `inet cfw`: what reaches port 80 is counted and dropped."""
+        self.in_container(["nft", "-f", "-"], input=CONTAINER_FIREWALL)
+        try:
+            yield
+        finally:
+            self.in_container(["nft", "delete", "table", "inet", "cfw"])
 
     def states(self) -> dict:
         return {"host": ruleset_state(self.host_ns),
@@ -109,18 +127,8 @@ def test_a_published_port_is_one_path_from_the_hosts_dnat_to_the_containers_inpu
 
 
 def test_the_containers_own_firewall_decides_in_the_container(docker_lab):
-    docker_lab.in_container(["nft", "-f", "-"], input="""
-table inet cfw {
-    chain input {
-        type filter hook input priority filter; policy accept;
-        tcp dport 80 counter drop
-    }
-}
-""")
-    try:
+    with docker_lab.own_firewall():
         packet = docker_lab.why()
-    finally:
-        docker_lab.in_container(["nft", "delete", "table", "inet", "cfw"])
     assert packet["verdict"] == "drop"
     assert packet["decided_by"]["netns"] == "container:web"
     assert packet["decided_by"]["text"] == "tcp dport 80 counter drop"
@@ -129,15 +137,7 @@ table inet cfw {
 
 
 def test_drops_watches_a_container_named_as_the_runtime_names_it(docker_lab):
-    docker_lab.in_container(["nft", "-f", "-"], input="""
-table inet cfw {
-    chain input {
-        type filter hook input priority filter; policy accept;
-        tcp dport 80 counter drop
-    }
-}
-""")
-    try:
+    with docker_lab.own_firewall():
         before = docker_lab.states()
         watcher = subprocess.Popen([sys.executable, "-m", "nftrace", "--container", docker_lab.container, "drops",
                                     "--max-rate", "0", "--duration", "4", "--json"], stdout=subprocess.PIPE,
@@ -153,8 +153,6 @@ table inet cfw {
         assert watcher.returncode == 0, banner + err
         assert docker_lab.states() == before, "a ruleset changed"  # (nft -s: counters left out)
         counted = docker_lab.in_container(["nft", "list", "table", "inet", "cfw"]).stdout
-    finally:
-        docker_lab.in_container(["nft", "delete", "table", "inet", "cfw"])
     assert banner.startswith("watching drops of any → any in container web,")
     document = json.loads(out)
     assert document["netns"] == "container:web"
