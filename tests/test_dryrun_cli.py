@@ -283,3 +283,11 @@ def test_no_packet_seen_exits_3_and_says_why_when_the_interface_is_down(netns):
     assert result.returncode == 3, result.stderr
     assert result.json["packets"] == []
     assert "interface wan0 is down in netns" in " ".join(result.json["warnings"])
+
+
+def test_a_locally_sent_packet_without_a_route_is_one_line_from_the_sender(router):
+    result = nftrace("--netns", router, "why", "--from", "10.77.1.1", "--to", "192.0.2.1", "--proto", "udp",
+                     "--dport", "53", "--dry-run")
+    assert result.returncode == 3
+    assert result.stderr.splitlines() == ["nftrace inject: cannot send the dry run's packet: Network is unreachable",
+                                          "no packet of 10.77.1.1 → 192.0.2.1:53 udp was seen"]

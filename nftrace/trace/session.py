@@ -394,7 +394,7 @@ class TraceSession:
             return
         status = process.poll()  # its own end, before nftrace stops it
         runner.stop(process)
-        if status and not self.packets_seen:
+        if status and not self.packets_seen and self.report.mode == "live":  # a dry run's sender says why itself
             # The likeliest reason no packet was seen: said, not left to the command's output.
             ended = f"exited with status {status}" if status > 0 else f"was killed by signal {-status}"
             self.report.warnings.append(f"the traffic command {ended} before any packet of the flow was seen")
