@@ -84,13 +84,14 @@ def main(
         typer.echo(f"nftrace {__version__}")
         raise typer.Exit(0)
     request = NamespaceRequest(tuple(netns or ()), tuple(pid or ()), tuple(container or ()), all_netns)
-    if ctx.invoked_subcommand == "drops" and request.several:
-        _fail(InputError("'drops' works in one namespace: give at most one --netns NAME, --pid PID or --container "
-                         "NAME (--all-netns and several namespaces are for 'why' and 'cleanup')"))
-    if ctx.invoked_subcommand not in (None, "why", "cleanup", "drops") and (request.several or request.pids or
-                                                                          request.containers):
-        _fail(InputError(f"'{ctx.invoked_subcommand}' works in one namespace: give at most one --netns NAME "
-                         "(--pid, --container, --all-netns and several --netns are for 'why' and 'cleanup')"))
+    command = ctx.invoked_subcommand
+    if command not in (None, "why", "cleanup"):
+        if command == "drops" and request.several:  # drops also takes its one namespace from --pid, --container
+            _fail(InputError("'drops' works in one namespace: give at most one --netns NAME, --pid PID or "
+                             "--container NAME (--all-netns and several namespaces are for 'why' and 'cleanup')"))
+        if command != "drops" and (request.several or request.pids or request.containers):
+            _fail(InputError(f"'{command}' works in one namespace: give at most one --netns NAME "
+                             "(--pid, --container, --all-netns and several --netns are for 'why' and 'cleanup')"))
     ctx.obj = {"netns": request.one_name, "namespaces": request}
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
