@@ -120,6 +120,11 @@ class _State:
 _state = _State()
 
 
+def stop_signal() -> Optional[int]:
+    """The stop signal that is ending this run, if one is (inside SignalsAsExceptions)."""
+    return _state.first
+
+
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 

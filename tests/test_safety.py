@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +165,45 @@ def test_a_failing_traffic_command_ends_the_run_normally(router):
     result = nftrace("--netns", router.router, "why", *FLOW, "--timeout", "20", "--", "false")
     assert result.returncode == 3  # no packet seen; the run ended when the command did
     assert "warning: the traffic command exited with status 1 before any packet of the flow was seen" in result.stderr
+    assert "nftrace_" not in nft_tables(router.router)
+
+
+def dead(pid: int) -> bool:
+    """Ended: a zombie, or already waited for."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_ctrl_c_on_the_terminal_stops_the_traffic_command_too_without_a_warning_about_it(router):
+    """The terminal sends Ctrl-C to the whole foreground group: nftrace and its traffic command.
+    The command's end by that signal says nothing about why no packet was seen."""
+    process = subprocess.Popen([sys.executable, "-m", "nftrace", "--netns", router.router, "why", *FLOW,
+                                "--timeout", "30", "--", "sleep", "30"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert process.stderr.readline().startswith("tracing ")
+    # The order that made the warning: the command has ended when nftrace's handler runs.
+    # Signalled together, as by the terminal, either may go first.
+    deadline = time.monotonic() + 5
+
+    def command() -> str:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        return next((child for child in children if Path(f"/proc/{child}/comm").read_text().strip() == "sleep"), "")
+
+    while not command():  # the traffic command starts right after the "tracing" line
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sleeper = command()
+    os.kill(int(sleeper), signal.SIGINT)
+    while not dead(int(sleeper)):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(10) == 130
+    said = process.stderr.read()
+    assert "trace rules removed" in said and "traffic command" not in said
     assert "nftrace_" not in nft_tables(router.router)
 
 

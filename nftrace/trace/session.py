@@ -36,7 +36,7 @@ from .paths import PacketPath, PathBuilder
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
-from ..signals import Interrupted, SignalsAsExceptions, UndoStack
+from ..signals import Interrupted, SignalsAsExceptions, UndoStack, stop_signal
 from ..kernel.netns import NamespaceRequest
 from ..kernel.nsexec import NamespaceCaller
 from ..kernel.system import enter_namespace_fd, interface_index, interface_links, interface_names, require_net_admin
@@ -394,6 +394,9 @@ class TraceSession:
             return
         status = process.poll()  # its own end, before nftrace stops it
         runner.stop(process)
+        stopped_by = stop_signal()
+        if stopped_by is not None and status in (-stopped_by, 128 + stopped_by):
+            return  # Ctrl-C on the terminal stopped both: not why no packet was seen
         if status and not self.packets_seen and self.report.mode == "live":  # a dry run's sender says why itself
             # The likeliest reason no packet was seen: said, not left to the command's output.
             ended = f"exited with status {status}" if status > 0 else f"was killed by signal {-status}"
