@@ -186,24 +186,32 @@ def test_a_drops_session_counts_traces_nftables_and_takes_every_packet():
     assert (options.counted, options.count, options.backend) == (True, 0, "nft")
 
 
-def test_drops_refuses_the_machines_own_namespace_when_legacy_tables_would_log_every_packet(monkeypatch):
-    import pytest
-
+def test_drops_names_the_legacy_tables_it_does_not_trace_and_keeps_their_trace_lines_out_of_the_kernel_log(
+        monkeypatch):
+    """It once refused the machine's own namespace wherever a legacy table existed, empty or
+    not: their TRACE lines would have gone to the kernel log (now kept out: SilencedTraceLines)."""
     from nftrace.drops import run as drops_run
-    from nftrace.errors import EnvironmentProblem
     from nftrace.trace.session import TraceOptions
 
     monkeypatch.setattr(drops_run, "open_nftables", lambda: object())
-    monkeypatch.setattr(drops_run, "legacy_tables", lambda family: ["filter"] if family == "ip" else [])
+    monkeypatch.setattr(drops_run, "legacy_tables", lambda family: ["filter", "nat"] if family == "ip" else [])
     options = TraceOptions(flow=parse_filter())
     session = drops_run.DropsSession(options, DropsReport(flow=options.flow))
-    monkeypatch.setattr(drops_run, "in_initial_netns", lambda: True)
-    with pytest.raises(EnvironmentProblem, match=r"TRACE line per packet to the kernel log; .*\(nftrace why traces "
-                                                 r"legacy tables too, for one flow\)$"):
-        session._plan()
-    monkeypatch.setattr(drops_run, "in_initial_netns", lambda: False)
-    session._plan()
-    assert session.report.warnings == ["legacy iptables tables are not traced by drops: iptables (filter)"]
+    _, plan = session._plan()
+    assert (plan.nft, plan.legacy, plan.silenced) == (True, None, ("ip",))
+    assert session.report.warnings == ["legacy iptables tables are not traced by drops: iptables (filter, nat)"]
+
+
+def test_a_netfilter_drop_outside_the_traced_chains_is_not_said_to_be_after_netfilter():
+    from nftrace.drops.render import render_summary
+
+    report = DropsReport(flow=parse_filter(), counts=TraceCounts(matched=2, traced=2), duration=1.0)
+    for reason in ("NETFILTER_DROP", "NO_SOCKET"):
+        report.tally.add(path(verdict="accept", kernel_drop={"reason": reason, "location": "x", "explain": "why"}),
+                         INTERFACES)
+    text = render_summary(report)
+    assert "        1  dropped by the kernel: NETFILTER_DROP — why" in text
+    assert "        1  dropped by the kernel after netfilter: NO_SOCKET — why" in text
 
 
 def test_a_kernel_drop_reported_after_its_packet_was_answered_still_counts_under_its_reason():

@@ -335,3 +335,51 @@ def test_state_file_of_a_live_run_stays(state_dir):
     saved.write()
     assert restore_leftover_loggers() == []
     assert saved.path.exists()
+
+
+def test_of_two_runs_in_a_namespace_the_last_to_leave_puts_the_old_logger_back(state_dir, monkeypatch):
+    """A `why` beside a `drops`: both stand nfnetlink_log in for the logger. The one that leaves
+    first leaves it bound for the other; once the other is gone (here: killed, its state file
+    left behind), the next run's clean-up puts the logger both found back."""
+    import os
+    import subprocess
+
+    import nftrace.iptables.nflog as nflog
+
+    bound = {"ip": "nfnetlink_log"}
+    monkeypatch.setattr(nflog, "read_logger", lambda family: bound[family])
+    monkeypatch.setattr(nflog, "write_logger", lambda family, name: bound.__setitem__(family, name))
+    netns, cookie = nflog.current_netns(), nflog.netns_cookie()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        nflog.SavedLoggers(other.pid, netns, {"ip": "nf_log_ipv4"}, cookie).write()
+        assert [saved.pid for saved in nflog.live_bindings(netns, cookie)] == [other.pid]
+        mine = nflog.SavedLoggers(os.getpid(), netns, {"ip": "nf_log_ipv4"}, cookie)
+        mine.write()
+        assert mine.restore() == [] and bound == {"ip": "nfnetlink_log"}
+    finally:
+        other.kill()
+        other.wait()
+    assert nflog.live_bindings(netns, cookie) == []
+    assert nflog.restore_leftover_loggers() == ["nf_log ip → nf_log_ipv4"]
+    assert bound == {"ip": "nf_log_ipv4"} and not state_dir.exists()
+
+
+def test_the_kernel_log_warning_names_what_it_missed_not_log_rules(monkeypatch):
+    """nfnetlink_log as the logger takes conntrack's invalid-packet lines from the kernel log,
+    not LOG rules' (tests/test_live_iptables.py): said in the machine's own namespace, where
+    someone turned that log on; elsewhere the lines reach no kernel log anyway."""
+    from nftrace.iptables import backends
+
+    monkeypatch.setattr(backends, "in_initial_netns", lambda: True)
+    monkeypatch.setattr(backends, "conntrack_log_invalid", lambda: 6)
+    [warning] = backends.kernel_log_warnings({"ip": "nf_log_ipv4", "ip6": "nf_log_ipv6"})
+    assert warning == ("while nftrace ran, conntrack's log of invalid packets (nf_conntrack_log_invalid = 6) went to "
+                       "nftrace, not to the kernel log: nfnetlink_log stood in for nf_log_ipv4 and nf_log_ipv6 "
+                       "(bound again now)")
+    assert backends.kernel_log_warnings({"ip": "NONE"}) == []
+    monkeypatch.setattr(backends, "conntrack_log_invalid", lambda: 0)
+    assert backends.kernel_log_warnings({"ip": "nf_log_ipv4"}) == []
+    monkeypatch.setattr(backends, "conntrack_log_invalid", lambda: 6)
+    monkeypatch.setattr(backends, "in_initial_netns", lambda: False)
+    assert backends.kernel_log_warnings({"ip": "nf_log_ipv4"}) == []

@@ -11,6 +11,7 @@ handle (nftables), and the rule as iptables-save prints it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -496,6 +497,133 @@ def test_second_run_in_the_namespace_is_refused_and_sigterm_undoes_the_first(leg
         if first.poll() is None:
             first.kill()
             first.communicate()
+    assert firewall_state(legacy_lab.router) == before
+
+
+# What a listener received on NFLOG group 0, every message's prefix (TRACE line or not).
+LISTEN_WHILE_LOGGING = """
+import json, socket, time
+from nftrace.iptables.nflog import PACKET_MESSAGE_TYPE, NflogListener, nflog_packet_msg, read_logger
+from nftrace.kernel.netlink import decode_datagram
+with NflogListener(("ip",)) as listener:
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for port in (7, 8):
+        sender.sendto(b"x", ("127.0.0.1", port))
+    time.sleep(0.3)
+    prefixes = []
+    while True:
+        try:
+            datagram = listener.sock.recv(1 << 16)
+        except BlockingIOError:
+            break
+        for msg_type, raw in decode_datagram(datagram):
+            if msg_type == PACKET_MESSAGE_TYPE:
+                msg = nflog_packet_msg(raw)
+                msg.decode()
+                prefixes.append(msg.get_attr("NFULA_PREFIX"))
+    print(json.dumps({"logger": read_logger("ip"), "prefixes": prefixes}))
+"""
+
+
+def test_log_rules_go_on_logging_to_the_kernel_log_while_nftrace_stands_in_for_its_logger(netns):
+    """Binding nfnetlink_log as a namespace's nf_log logger takes TRACE lines (and conntrack's
+    own messages) from the kernel log, not LOG rules' or nft `log` statements' lines: those name
+    their logger type. nftrace once warned, in the machine's own namespace, that they went to it."""
+    ns = netns("nflg")
+    load_ruleset(ns, """table ip t {
+        chain out {
+            type filter hook output priority -400;
+            udp dport 7 counter log prefix "nft-log "
+            udp dport 8 meta nftrace set 1
+        }
+    }""")
+    in_netns(ns, ["iptables-legacy", "-A", "OUTPUT", "-p", "udp", "--dport", "7", "-j", "LOG", "--log-prefix", "xt-log "])
+    result = in_netns(ns, [sys.executable, "-c", LISTEN_WHILE_LOGGING], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    received = json.loads(result.stdout)
+    assert received["logger"] == "nfnetlink_log"
+    assert received["prefixes"] and all(prefix.startswith("TRACE: filter:") for prefix in received["prefixes"])
+    assert "counter packets 1 " in in_netns(ns, ["nft", "list", "chain", "ip", "t", "out"]).stdout
+    assert re.search(r"^\s+1\s+\d+ LOG ", in_netns(ns, ["iptables-legacy", "-vnL", "OUTPUT"]).stdout, re.M)
+
+
+def test_drops_keeps_legacy_trace_lines_out_of_the_kernel_log_and_names_the_tables_it_does_not_trace(legacy_lab):
+    """Every packet drops traces makes legacy tables write a TRACE line per rule it meets, to the
+    namespace's nf_log logger: in the machine's own namespace the kernel log, so drops refused
+    to run there beside any legacy table, even an empty one. nfnetlink_log stands in while it
+    runs; what legacy rules drop counts under the kernel's reason."""
+    before = firewall_state(legacy_lab.router)
+    run = start_nftrace("--netns", legacy_lab.router, "drops", "--duration", "4", "--json")
+    try:
+        assert run.stderr.readline().startswith("watching drops of")
+        assert firewall_state(legacy_lab.router)["nf_log"].split() == ["nfnetlink_log", "nfnetlink_log"]
+        subprocess.run(tcp_to_router(legacy_lab, 25), capture_output=True, timeout=30)  # CLIENTS: DROP
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, err
+    document = json.loads(out)
+    [named] = [warning for warning in document["warnings"] if warning.startswith("legacy iptables tables are not")]
+    assert re.search(r"; ip6tables \([^)]*filter", named) and re.search(r": iptables \([^)]*filter", named)
+    assert firewall_state(legacy_lab.router) == before
+    if any("kernel drop reasons unavailable" in warning for warning in document["warnings"]):
+        return  # bpftrace cannot watch kernel drops here: the rest is the kernel's reason
+    assert document["rules"] == []
+    [reason] = document["kernel_drops"]
+    assert reason["reason"] == "NETFILTER_DROP"
+    assert {flow["dport"] for flow in reason["flows"]} == {25}
+
+
+def start_drops(lab):
+    """`nftrace drops` in the lab's router, watching once it returns."""
+    run = start_nftrace("--netns", lab.router, "drops", "--duration", "60", "--json")
+    banner = run.stderr.readline()
+    assert banner.startswith("watching drops of"), banner + run.stderr.read()
+    return run
+
+
+def stop(run) -> dict:
+    """SIGTERM: the end of a run by its user; the JSON document it printed."""
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=30)
+    assert run.returncode in (0, 128 + signal.SIGTERM), err
+    return json.loads(out)
+
+
+def test_why_traces_legacy_tables_beside_a_running_drops_which_keeps_the_nf_log_binding_it_needs(legacy_lab):
+    """`drops` names NETFILTER_DROP; the admin asks `why` of that flow in another terminal. Both
+    bind nfnetlink_log: the one to leave last puts the old logger back."""
+    before = firewall_state(legacy_lab.router)
+    drops = start_drops(legacy_lab)
+    try:
+        packet = why(legacy_lab, *tcp_flow(25), command=tcp_to_router(legacy_lab, 25)).packet  # firewall unchanged
+        assert packet["decided_by"]["iptables"] == "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP"
+        assert firewall_state(legacy_lab.router)["nf_log"].split() == ["nfnetlink_log", "nfnetlink_log"]
+    finally:
+        stop(drops)
+    assert firewall_state(legacy_lab.router) == before
+
+
+def test_drops_starts_beside_a_why_that_holds_the_legacy_trace_lines_and_the_last_to_leave_restores(legacy_lab):
+    before = firewall_state(legacy_lab.router)
+    waiting = start_nftrace("--netns", legacy_lab.router, "why", *tcp_flow(25), "--count", "1", "--timeout", "30", "--json")
+    drops = None
+    try:
+        assert waiting.stderr.readline().startswith("tracing ")
+        drops = start_drops(legacy_lab)
+        subprocess.run(tcp_to_router(legacy_lab, 25), capture_output=True, timeout=30)
+        out, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 0, err
+        [packet] = json.loads(out)["packets"]
+        assert packet["decided_by"]["iptables"] == "-A CLIENTS -p tcp -m tcp --dport 25 -j DROP"
+        assert firewall_state(legacy_lab.router)["nf_log"].split() == ["nfnetlink_log", "nfnetlink_log"]
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
+        if drops is not None:
+            stop(drops)
     assert firewall_state(legacy_lab.router) == before
 
 

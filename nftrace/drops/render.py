@@ -110,7 +110,9 @@ def render_summary(report: DropsReport) -> str:
     for entry in tally.ranked_reasons():
         lines.append("")
         explained = f" — {entry.explain}" if entry.explain else ""
-        lines.append(f"{entry.packets:>9,}  dropped by the kernel after netfilter: {entry.reason}{explained}")
+        # NETFILTER_DROP is netfilter's own drop, outside the traced chains: not "after netfilter".
+        when = "" if entry.reason == "NETFILTER_DROP" else " after netfilter"
+        lines.append(f"{entry.packets:>9,}  dropped by the kernel{when}: {entry.reason}{explained}")
         lines += _flow_lines(entry)
     if not tally.packets:
         lines.append("")

@@ -6,7 +6,8 @@ same guarantees on every exit path); what differs is here:
   run can say how many it did not trace (read at the end, while the table is still in);
 - only packets that this run's mark rule traced are counted: a concurrent `why` in the same
   namespace traces packets of its own, and every listener receives their events;
-- nftables only: legacy iptables tables are named in a warning, not traced;
+- nftables only: legacy iptables tables are named in a warning, not traced, and their TRACE
+  lines kept out of the kernel log (iptables/backends.py: SilencedTraceLines);
 - a packet's path is built only when the packet can be a drop (deferred.py): on a busy box
   nearly every traced packet is accepted, and costs little more than reading its events.
 """
@@ -16,8 +17,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from ..errors import EnvironmentProblem, KernelError
-from ..iptables.nflog import in_initial_netns
+from ..errors import KernelError
 from ..iptables.backends import BackendPlan
 from ..iptables.legacy import FAMILIES, legacy_tables
 from ..protocols import iptables_command
@@ -98,21 +98,14 @@ class DropsSession(TraceSession):
 
     def _plan(self):
         nft = open_nftables()
-        present = [f"{iptables_command(family)} ({', '.join(tables)})" for family in FAMILIES
-                   if (tables := legacy_tables(family))]
-        if present and in_initial_netns():
-            # x_tables write a TRACE line for every traced packet to the family's nf_log logger:
-            # in the machine's own namespace, that is the kernel log.
-            raise EnvironmentProblem(f"this namespace has legacy iptables tables ({'; '.join(present)}): tracing "
-                                     "every packet would write a TRACE line per packet to the kernel log; "
-                                     "nftrace drops runs where only nftables (iptables-nft included) filters "
-                                     "(nftrace why traces legacy tables too, for one flow)")
+        present = {family: tables for family in FAMILIES if (tables := legacy_tables(family))}
         if present:
-            self.report.warnings.append(f"legacy iptables tables are not traced by drops: {'; '.join(present)}")
+            named = "; ".join(f"{iptables_command(family)} ({', '.join(tables)})" for family, tables in present.items())
+            self.report.warnings.append(f"legacy iptables tables are not traced by drops: {named}")
         if self.options.flow.oif:
             self.report.warnings.append("--oif is known only after routing: traced and not_traced count the "
                                         "matching packets of every output interface")
-        return nft, BackendPlan(nft=True)
+        return nft, BackendPlan(nft=True, silenced=tuple(present))
 
     def _await_drop_watcher(self, watcher) -> None:
         super()._await_drop_watcher(watcher)

@@ -23,7 +23,8 @@ from ..protocols import iptables_command
 from .iptctrace import TraceRules, remove_leftover_trace_rules
 from .legacy import FAMILIES, legacy_tables
 from .merge import LegacyPathBuilder, MergedPathBuilder, last_tables_on_exit_hooks
-from .nflog import NFNETLINK_LOG, LegacyTraceEvent, NflogListener, in_initial_netns, restore_leftover_loggers
+from .nflog import (NFNETLINK_LOG, LegacyTraceEvent, NflogListener, conntrack_log_invalid, in_initial_netns,
+                    restore_leftover_loggers)
 from .rulehistory import RulesetHistory
 from .xtstate import RulesetObserver
 from ..kernel.system import interface_names
@@ -38,6 +39,9 @@ class BackendPlan:
     nft: bool  # nftrace's trace table and nftables trace events
     legacy: Optional[str] = None  # ip / ip6: the family whose legacy tables report TRACE lines
     trace_rules: bool = False  # legacy TRACE rules set the trace bit (no nftables at all)
+    # Families whose legacy tables see traced packets but are not traced (`nftrace drops`):
+    # their TRACE lines are kept out of the kernel log (SilencedTraceLines).
+    silenced: tuple = ()
 
     @property
     def name(self) -> str:
@@ -106,13 +110,7 @@ class LegacyTracing:
         try:
             with SignalsHeld():  # the binding and the object that undoes it go together
                 self.listener = NflogListener((self.family,))
-            previous = self.listener.previous_loggers().get(self.family)
-            if previous not in ("NONE", NFNETLINK_LOG) and in_initial_netns():
-                # Said whether or not a rule logs: which rules log through nf_log (LOG targets,
-                # nft `log` without a group, in any table) is not worth reading for a warning.
-                self.warnings.append(f"while nftrace ran, it stood in for the kernel log's {previous} logger: what "
-                                     "LOG rules of this namespace logged meanwhile, if any, went to nftrace, not to "
-                                     f"the kernel log ({previous} is bound again now)")
+            self.warnings.extend(kernel_log_warnings(self.listener.previous_loggers()))
             if self.plan.trace_rules:
                 self.rules = TraceRules(self.family, self.flow, self.max_rate)
                 self.rules.install()
@@ -167,6 +165,50 @@ class LegacyTracing:
 
     def tables(self) -> list:
         return legacy_tables(self.family)
+
+
+def kernel_log_warnings(previous: dict) -> list[str]:
+    """What the kernel log missed while nfnetlink_log stood in for its loggers (`previous`:
+    family → the logger bound before), said where someone asked for it: in the machine's own
+    namespace, conntrack's log of invalid packets. LOG rules are not affected (nflog.py); a
+    helper's drop messages and other tracers' TRACE lines are too rare for a warning on every
+    run (the README says it)."""
+    replaced = sorted({name for name in previous.values() if name not in ("NONE", NFNETLINK_LOG)})
+    invalid = conntrack_log_invalid() if replaced and in_initial_netns() else 0
+    if not invalid:
+        return []
+    return [f"while nftrace ran, conntrack's log of invalid packets (nf_conntrack_log_invalid = {invalid}) went to "
+            f"nftrace, not to the kernel log: nfnetlink_log stood in for {' and '.join(replaced)} (bound again now)"]
+
+
+class SilencedTraceLines:
+    """The TRACE lines of legacy tables that a run does not trace, kept out of the kernel log.
+
+    Every packet a run traces has the trace bit, and x_tables write a line for each rule it
+    meets to the nf_log logger of its family: in the machine's own namespace (in any, with
+    nf_log_all_netns), the kernel log, a line per rule per packet. For the run, nfnetlink_log
+    stands in for that logger, and NFLOG group 0 is left free: with nobody on it the lines go
+    nowhere, and a `why` started meanwhile can take it (it skips the lines of packets not its
+    own). Bound before anything sets the trace bit; undone, and recorded for `cleanup`, as
+    LegacyTracing's binding is."""
+
+    def __init__(self, families: tuple, warnings: list):
+        self.families = families
+        self.warnings = warnings
+        self.listener: Optional[NflogListener] = None
+
+    def __enter__(self) -> "SilencedTraceLines":
+        cleaned = restore_leftover_loggers()
+        if cleaned:
+            self.warnings.append(f"undid what killed nftrace runs left: {'; '.join(cleaned)}")
+        with SignalsHeld():
+            self.listener = NflogListener(self.families, hold_group=False)
+        self.warnings.extend(kernel_log_warnings(self.listener.previous_loggers()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.listener is not None:
+            self.listener.close()
 
 
 def clean_up_legacy() -> list[str]:

@@ -7,9 +7,16 @@ nfnetlink_log there for the run (NFULNL_CFG_CMD_PF_BIND) and listens on NFLOG gr
 group a LOG-type message goes to, so the lines arrive as NFULNL_MSG_PACKET messages with the
 hook in their packet header and the packet itself as payload. The kernel log is never read.
 
+Only what names no logger type follows that binding: x_tables' TRACE lines, and conntrack's
+own messages (invalid packets, where nf_conntrack_log_invalid is set; a helper's drops). LOG
+rules and nft `log` statements name theirs (nf_log_packet with a loginfo) and go on writing to
+the kernel log while nfnetlink_log is bound (tests/test_live_iptables.py checks it).
+
 The binding outlives the socket, so the listener writes the old one back when it closes, and
 first records it in a state file under /run/nftrace: a run killed with SIGKILL leaves that
 file behind, and `nftrace cleanup` (or the next run in the namespace) puts the old logger back.
+Runs that share a namespace (a `why` beside a `drops`) record the same old logger, and the last
+of them to leave puts it back.
 Everything else about the wire is declared once, as pyroute2 message classes.
 """
 
@@ -43,6 +50,7 @@ PACKET_MESSAGE_TYPE = message_type(NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET)
 CONFIG_MESSAGE_TYPE = message_type(NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG)
 
 NFULNL_CFG_CMD_BIND = 1
+NFULNL_CFG_CMD_UNBIND = 2
 NFULNL_CFG_CMD_PF_BIND = 3
 NFULNL_COPY_PACKET = 2
 # The group a LOG-type nf_log message (TRACE's) goes to when nfnetlink_log is the logger.
@@ -59,6 +67,7 @@ HOOK_NAMES = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postro
 
 NF_LOG_SYSCTL = "/proc/sys/net/netfilter/nf_log/{pf}"
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
+CONNTRACK_LOG_INVALID = "/proc/sys/net/netfilter/nf_conntrack_log_invalid"
 NFNETLINK_LOG = "nfnetlink_log"
 
 _PREFIX_RE = re.compile(r"^TRACE: ([^:]+):([^:]+):(rule|return|policy):(\d+)\s*$")
@@ -217,6 +226,16 @@ def in_initial_netns() -> bool:
     return os.path.exists(NF_LOG_ALL_NETNS)
 
 
+def conntrack_log_invalid() -> int:
+    """nf_conntrack_log_invalid of this namespace: 0 (off, or no conntrack), a protocol number,
+    or 255 (all): which invalid packets conntrack logs to the bound logger."""
+    try:
+        with open(CONNTRACK_LOG_INVALID) as sysctl:
+            return int(sysctl.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def write_logger(family: str, name: str) -> None:
     try:
         with open(NF_LOG_SYSCTL.format(pf=PROTOCOL_FAMILIES[family]), "w") as sysctl:
@@ -259,16 +278,25 @@ class SavedLoggers:
     def restore(self) -> list[str]:
         """Put each old logger back where nfnetlink_log is still bound; return what was restored.
 
-        A binding someone else changed since is theirs: it stays.
+        A binding someone else changed since is theirs: it stays. Where another live run of
+        this namespace (a `why` beside a `drops`) still has nfnetlink_log bound, it stays too:
+        the last run to leave puts the old logger back (this file goes first, so that two runs
+        leaving at once both restore rather than neither).
         """
         restored = []
         with SignalsHeld():
+            self.forget()
+            held = {family for other in live_bindings(self.netns, self.cookie) for family in other.loggers}
             for family, name in self.loggers.items():
-                if name != NFNETLINK_LOG and read_logger(family) == NFNETLINK_LOG:
+                if family not in held and name != NFNETLINK_LOG and read_logger(family) == NFNETLINK_LOG:
                     write_logger(family, name)
                     restored.append(f"nf_log {family} → {name}")
-            self.forget()
         return restored
+
+    def of_namespace(self, netns: int, cookie: Optional[int]) -> bool:
+        """Whether this state is of that namespace (an inode comes back with a later namespace:
+        the cookie tells them apart, where the kernel has cookies)."""
+        return self.netns == netns and (self.cookie is None or cookie is None or self.cookie == cookie)
 
     def forget(self) -> None:
         try:
@@ -291,21 +319,32 @@ class SavedLoggers:
             return None
 
 
+def saved_loggers() -> list[SavedLoggers]:
+    """The state files of every run that bound nfnetlink_log, live or killed, in any namespace."""
+    if not STATE_DIR.is_dir():
+        return []
+    found = (SavedLoggers.load(path) for path in sorted(STATE_DIR.glob("nflog-*.json")))
+    return [saved for saved in found if saved is not None]
+
+
+def live_bindings(netns: int, cookie: Optional[int]) -> list[SavedLoggers]:
+    """The bindings of other runs of that namespace still running."""
+    return [saved for saved in saved_loggers()
+            if saved.pid != os.getpid() and saved.of_namespace(netns, cookie) and pid_alive(saved.pid)]
+
+
 def restore_leftover_loggers() -> list[str]:
     """Loggers that killed runs in this namespace left bound to nfnetlink_log, put back.
 
     State files of killed runs whose namespace is gone (its inode may come back with another
     namespace: the cookie tells them apart) are removed on the way.
     """
-    if not STATE_DIR.is_dir():
-        return []
     netns, cookie = current_netns(), netns_cookie()
     restored = []
-    for path in sorted(STATE_DIR.glob("nflog-*.json")):
-        saved = SavedLoggers.load(path)
-        if saved is None or pid_alive(saved.pid):
+    for saved in saved_loggers():
+        if pid_alive(saved.pid):
             continue
-        if saved.netns == netns and (saved.cookie is None or cookie is None or saved.cookie == cookie):
+        if saved.of_namespace(netns, cookie):
             restored.extend(saved.restore())
         elif saved.netns == netns or not netns_inode_in_use(saved.netns):
             saved.forget()
@@ -332,8 +371,10 @@ class NflogListener:
     binding (with the socket) and writes the old loggers back.
     """
 
-    def __init__(self, families: tuple[str, ...], rcvbuf: int = NFLOG_RCVBUF):
+    def __init__(self, families: tuple[str, ...], rcvbuf: int = NFLOG_RCVBUF, hold_group: bool = True):
+        """`hold_group=False`: bind the loggers only, for lines nobody reads (SilencedTraceLines)."""
         self.families = families
+        self.hold_group = hold_group
         self.overruns = 0
         self._saved: Optional[SavedLoggers] = None
         self._seq = 0
@@ -348,22 +389,37 @@ class NflogListener:
             raise
 
     def _bind_group(self) -> None:
+        """Hold NFLOG group 0, where the lines go. Without `hold_group`, only make sure that no
+        other program holds it: the lines then go nowhere, or to another nftrace run, which skips
+        the lines of packets not its own."""
         try:
             self._configure(0, [("NFULA_CFG_CMD", {"command": NFULNL_CFG_CMD_BIND})])
         except ConfigurationRefused as err:
-            if err.errno in (errno.EBUSY, errno.EPERM):
-                raise EnvironmentProblem(
-                    "NFLOG group 0 of this namespace is taken by another program (another nftrace run, ulogd, ...): "
-                    "legacy iptables TRACE lines would go to it; stop it and try again"
-                ) from None
-            raise
+            if err.errno not in (errno.EBUSY, errno.EPERM):
+                raise
+            if not self.hold_group and live_bindings(current_netns(), netns_cookie()):
+                return
+            raise EnvironmentProblem(
+                "NFLOG group 0 of this namespace is taken by another program (another nftrace run, ulogd, ...): "
+                "legacy iptables TRACE lines would go to it; stop it and try again"
+            ) from None
+        if not self.hold_group:
+            self._configure(0, [("NFULA_CFG_CMD", {"command": NFULNL_CFG_CMD_UNBIND})])
+            return
         self._configure(0, [("NFULA_CFG_MODE", {"copy_range": COPY_RANGE, "copy_mode": NFULNL_COPY_PACKET, "pad": 0}),
                             # One message per line, sent at once: paths close as soon as the packet is done.
                             ("NFULA_CFG_QTHRESH", 1)])
 
     def _bind_loggers(self) -> None:
-        self._saved = SavedLoggers(os.getpid(), current_netns(), {family: read_logger(family) for family in self.families},
-                                   netns_cookie())
+        """Record the loggers bound now, then bind nfnetlink_log. Where another live run bound it
+        already, the logger recorded is the one that run found: whichever leaves last puts it back."""
+        netns, cookie = current_netns(), netns_cookie()
+        previous = {family: read_logger(family) for family in self.families}
+        for other in live_bindings(netns, cookie):
+            for family, name in other.loggers.items():
+                if previous.get(family) == NFNETLINK_LOG and name != NFNETLINK_LOG:
+                    previous[family] = name
+        self._saved = SavedLoggers(os.getpid(), netns, previous, cookie)
         self._saved.write()
         for family in self.families:
             self._configure(PROTOCOL_FAMILIES[family], [("NFULA_CFG_CMD", {"command": NFULNL_CFG_CMD_PF_BIND})])

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
-from ..iptables.backends import BackendPlan, LegacyTracing, make_path_builder, plan_backend
+from ..iptables.backends import BackendPlan, LegacyTracing, SilencedTraceLines, make_path_builder, plan_backend
 from ..errors import EnvironmentProblem, KernelError, TraceTableGone
 from .events import TraceEvent
 from ..flow import Flow
@@ -155,6 +155,8 @@ class TraceSession:
                         self._listen(part, undo, rcvbuf)
                 drops = undo.enter_context(self._drop_watcher())
                 legacy = None
+                if plan.silenced:
+                    undo.enter_context(SilencedTraceLines(plan.silenced, self.report.warnings))
                 if plan.legacy:
                     # Listening before anything sets the trace bit: no TRACE line is missed.
                     legacy = undo.enter_context(LegacyTracing(plan, options.flow, options.max_rate, self.report.warnings))
@@ -193,8 +195,8 @@ class TraceSession:
                         self.report.warnings.extend(legacy.notes())
                     if primary.builder.unmatched_lines:
                         self.report.warnings.append(f"{primary.builder.unmatched_lines} legacy TRACE lines belonged "
-                                                    "to no packet of this run (packets traced by someone else's "
-                                                    "TRACE rules?)")
+                                                    "to no packet of this run (packets traced by another nftrace "
+                                                    "run, such as a `drops`, or by someone else's TRACE rules?)")
 
     # -- setting up, one namespace at a time --------------------------------------------------
 
