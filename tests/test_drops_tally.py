@@ -202,6 +202,20 @@ def test_drops_names_the_legacy_tables_it_does_not_trace_and_keeps_their_trace_l
     assert session.report.warnings == ["legacy iptables tables are not traced by drops: iptables (filter, nat)"]
 
 
+def test_beside_legacy_tables_a_netfilter_drop_comes_with_the_why_that_names_its_rule():
+    from nftrace.drops.render import render_summary
+
+    report = DropsReport(flow=parse_filter(), netns="pid:42", untraced_legacy=["iptables (filter)"])
+    for sport, dport in ((1, 23), (2, 25), (3, 25)):  # one flow per source port: tcp/25 is the commonest
+        report.tally.add(path(verdict="drop", headers=packet(sport=sport, dport=dport),
+                              kernel_drop={"reason": "NETFILTER_DROP", "location": "nf_hook_slow"}), INTERFACES)
+    assert ("           legacy iptables tables are not traced by drops; to name the rule, trace the commonest "
+            "destination: nftrace --pid 42 why --from 10.0.0.5 --to 10.0.0.9 --proto tcp --dport 25"
+            ) in render_summary(report)
+    report.untraced_legacy = []  # conntrack or NAT, then: `why` would say no more
+    assert "nftrace --pid 42 why" not in render_summary(report)
+
+
 def test_a_netfilter_drop_outside_the_traced_chains_is_not_said_to_be_after_netfilter():
     from nftrace.drops.render import render_summary
 

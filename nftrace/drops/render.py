@@ -3,7 +3,9 @@ the summary at the end. All of it is read from the tally (tally.py) and the repo
 
 from __future__ import annotations
 
+import shlex
 import time
+from collections import Counter
 from typing import Optional
 
 from ..protocols import endpoint_text, protocol_name
@@ -11,7 +13,7 @@ from ..trace.paths import PacketPath
 from ..trace.report import netns_words, summary
 from ..kernel.system import interface_name
 from .report import DropsReport
-from .tally import Counted, DropTally
+from .tally import Counted, DropTally, FlowKey
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: the table is redrawn in place
 LAST_FLOW_WIDTH = 48
@@ -114,12 +116,40 @@ def render_summary(report: DropsReport) -> str:
         when = "" if entry.reason == "NETFILTER_DROP" else " after netfilter"
         lines.append(f"{entry.packets:>9,}  dropped by the kernel{when}: {entry.reason}{explained}")
         lines += _flow_lines(entry)
+        if entry.reason == "NETFILTER_DROP" and report.untraced_legacy and entry.flows:
+            lines.append(f"{'':>9}  legacy iptables tables are not traced by drops; to name the rule, trace "
+                         f"the commonest destination: {why_command(report.netns, commonest_destination(entry))}")
     if not tally.packets:
         lines.append("")
         lines.append(f"no packet of {report.flow.describe()} was dropped")
     for warning in report.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def commonest_destination(entry: Counted) -> FlowKey:
+    """A flow of the destination (address, protocol, port) with the most packets: source ports
+    make many flows of one, and `why` needs no source port."""
+    totals: Counter = Counter()
+    for flow, packets in entry.flows.items():
+        totals[(flow.src, flow.dst, flow.proto, flow.dport)] += packets
+    [(commonest, _)] = totals.most_common(1)
+    return next(flow for flow in entry.flows if (flow.src, flow.dst, flow.proto, flow.dport) == commonest)
+
+
+def why_command(netns: Optional[str], flow: FlowKey) -> str:
+    """The `nftrace why` of a dropped flow, in the namespace drops watched (its label: NAME,
+    pid:PID, container:NAME); its own traffic, then, is the admin's to send."""
+    from ..lab.lab import command_name  # only here: the lab's module is not worth its import time to drops
+
+    kind, _, rest = (netns or "").partition(":")
+    where = {"pid": ["--pid", rest], "container": ["--container", rest]}.get(kind, ["--netns", netns] if netns else [])
+    args = [command_name(), *where, "why", "--from", flow.src or "?", "--to", flow.dst or "?"]
+    if flow.proto:
+        args += ["--proto", flow.proto]
+    if flow.dport is not None:
+        args += ["--dport", str(flow.dport)]
+    return shlex.join(args)
 
 
 def _flow_lines(entry: Counted) -> list:
@@ -130,4 +160,4 @@ def _flow_lines(entry: Counted) -> list:
     return lines
 
 
-__all__ = ["LiveTable", "drop_line", "render_summary"]
+__all__ = ["LiveTable", "drop_line", "render_summary", "why_command"]

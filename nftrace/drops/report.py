@@ -35,6 +35,8 @@ class DropsReport:
     lost_events: int = 0
     warnings: list = field(default_factory=list)
     interfaces: dict = field(default_factory=dict)
+    # The legacy iptables tables present, which drops does not trace (`iptables (filter, nat)`).
+    untraced_legacy: list = field(default_factory=list)
 
     @property
     def traced(self) -> Optional[int]:

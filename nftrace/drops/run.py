@@ -99,9 +99,11 @@ class DropsSession(TraceSession):
     def _plan(self):
         nft = open_nftables()
         present = {family: tables for family in FAMILIES if (tables := legacy_tables(family))}
+        self.report.untraced_legacy = [f"{iptables_command(family)} ({', '.join(tables)})"
+                                       for family, tables in present.items()]
         if present:
-            named = "; ".join(f"{iptables_command(family)} ({', '.join(tables)})" for family, tables in present.items())
-            self.report.warnings.append(f"legacy iptables tables are not traced by drops: {named}")
+            self.report.warnings.append("legacy iptables tables are not traced by drops: "
+                                        f"{'; '.join(self.report.untraced_legacy)}")
         if self.options.flow.oif:
             self.report.warnings.append("--oif is known only after routing: traced and not_traced count the "
                                         "matching packets of every output interface")
