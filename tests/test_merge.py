@@ -127,6 +127,21 @@ def test_legacy_drop_finishes_the_nft_path_at_once_with_the_legacy_rule(legacy, 
     assert merged.open_packets == 0
 
 
+def test_a_hook_only_legacy_tables_ran_shows_the_interfaces_of_their_first_line(legacy, snapshot):
+    """No chain of nftables (nor of nftrace's) ran at input: the TRACE line's interfaces are all
+    there is, and the hook once showed none."""
+    from nftrace.trace.render import render_packet
+
+    pkt = packet(25)
+    merged = MergedPathBuilder(PathBuilder(snapshot), snapshot, legacy)
+    for event in marked(1, pkt) + [observed(1, "prerouting", pkt)]:
+        merged.feed(event)
+    [path] = merged.feed_legacy([line("filter", "INPUT", "rule", 2, "input", pkt),
+                                 line("filter", "CLIENTS", "rule", 2, "input", pkt)])
+    assert {observation.hook for observation in path.observations} == {"prerouting"}
+    assert "\n  input  in eth1\n    iptables filter INPUT\n" in render_packet(path, {2: "eth1"})
+
+
 def test_path_finished_by_trace_events_waits_for_the_lines_read_after_them(legacy, snapshot):
     pkt = packet(5000, proto=17)
     merged = MergedPathBuilder(PathBuilder(snapshot), snapshot, legacy)

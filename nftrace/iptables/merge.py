@@ -203,6 +203,7 @@ def merge_trail(path: PacketPath, trail: LegacyTrail, lookup: RuleLookup) -> Pac
         return path
     path.steps = merge_steps(path.steps, path.hooks, trail, lookup)
     path.hooks = merge_hooks(path.hooks, trail.hooks)
+    path.legacy_observations = trail.observations
     if path.incomplete_reason == "events lost":
         return path
     if trail.final is not None:

@@ -194,6 +194,9 @@ class PacketPath:
     trace_id: int
     steps: list = field(default_factory=list)
     observations: list = field(default_factory=list)
+    # The packet as each legacy table run's first TRACE line gave it (iptables/merge.py): kept
+    # apart, for the interfaces of hooks that no chain of nftables ran.
+    legacy_observations: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     verdict: str = "unknown"
     decided_by: Optional[Step] = None

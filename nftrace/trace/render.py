@@ -95,6 +95,10 @@ def _hook_lines(path: PacketPath, interfaces: dict, style: Style, decided_by) ->
         seen.setdefault(place, observation)
         if observation.oif:
             out[place] = observation.oif
+    # A hook that only legacy tables ran: its interfaces as their first TRACE line there gave them.
+    for observation, place in zip(path.legacy_observations, _occurrences(hooks, path.legacy_observations)):
+        if place is not None:
+            seen.setdefault(place, observation)
     conntrack = {entry["hook"]: entry for entry in conntrack_json(path)}
     for place, hook in enumerate(hooks):
         observation = seen.get(place)
