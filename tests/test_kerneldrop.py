@@ -440,7 +440,8 @@ def test_a_packet_netfilter_dropped_outside_the_traced_chains_is_a_drop_without_
     correlator.note_drained(20.005)
     [path] = correlator.hold(builder.close_vanished(correlator.vanished), now=20.01)
     assert (path.complete, path.verdict, path.decided_by, path.vanished_after) == (True, "drop", None, "prerouting")
-    assert summary(path).startswith("dropped by netfilter outside the traced chains, after prerouting: NETFILTER_DROP")
+    assert summary(path) == ("dropped by netfilter outside the traced chains (iptables-legacy, conntrack or NAT), "
+                             "after prerouting: NETFILTER_DROP")
 
 
 def test_a_packet_the_kernel_freed_mid_path_keeps_netfilters_accept_and_no_deciding_step():

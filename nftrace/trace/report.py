@@ -61,8 +61,9 @@ def summary(path: PacketPath) -> str:
             if step is not None:
                 return f"accepted by {step.location()}, then dropped by the kernel: {said}"
             return f"accepted by every chain, then dropped by the kernel: {said}"
-        if path.verdict == "drop" and step is None:
-            return f"dropped by netfilter outside the traced chains, after {where}: {said}"
+        if path.verdict == "drop" and step is None:  # NETFILTER_DROP, whose explanation says no more than this
+            return (f"dropped by netfilter outside the traced chains (iptables-legacy, conntrack or NAT), "
+                    f"after {where}: {drop.get('reason')}")
     if step is None:
         if path.verdict == "accept":
             hooks = ", ".join(path.hooks)
