@@ -365,6 +365,31 @@ def test_of_two_runs_in_a_namespace_the_last_to_leave_puts_the_old_logger_back(s
     assert bound == {"ip": "nf_log_ipv4"} and not state_dir.exists()
 
 
+def test_a_binding_recorded_by_a_process_whose_pid_was_reused_is_a_killed_runs(state_dir, monkeypatch):
+    """Its pid now names a process that started later: the binding is not kept for it, and it
+    keeps no other run from putting the logger back."""
+    import subprocess
+
+    import nftrace.iptables.nflog as nflog
+    from nftrace.kernel.system import process_start
+
+    bound = {"ip": "nfnetlink_log"}
+    monkeypatch.setattr(nflog, "read_logger", lambda family: bound[family])
+    monkeypatch.setattr(nflog, "write_logger", lambda family, name: bound.__setitem__(family, name))
+    netns, cookie = nflog.current_netns(), nflog.netns_cookie()
+    holder = subprocess.Popen(["sleep", "30"])  # has the pid now; the run that recorded it started earlier
+    try:
+        saved = nflog.SavedLoggers(holder.pid, netns, {"ip": "nf_log_ipv4"}, cookie, process_start(holder.pid) - 1)
+        saved.write()
+        assert nflog.SavedLoggers.load(saved.path) == saved
+        assert nflog.live_bindings(netns, cookie) == []
+        assert nflog.restore_leftover_loggers() == ["nf_log ip → nf_log_ipv4"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert bound == {"ip": "nf_log_ipv4"} and not state_dir.exists()
+
+
 def test_the_kernel_log_warning_names_what_it_missed_not_log_rules(monkeypatch):
     """nfnetlink_log as the logger takes conntrack's invalid-packet lines from the kernel log,
     not LOG rules' (tests/test_live_iptables.py): said in the machine's own namespace, where

@@ -42,7 +42,7 @@ from ..kernel.monitor import EventsLost, open_netfilter_socket, read_datagrams, 
 from ..kernel.netlink import NFNL_SUBSYS_ULOG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, decode_datagram, message_type
 from ..kernel.rcvbuf import MIN_RCVBUF
 from ..signals import SignalsHeld, undo_after
-from ..kernel.system import NETNS_RUN_DIR, STATE_DIR, current_netns, netns_cookie, pid_alive
+from ..kernel.system import NETNS_RUN_DIR, STATE_DIR, current_netns, netns_cookie, pid_alive, process_start
 
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
@@ -263,6 +263,10 @@ class SavedLoggers:
     netns: int  # inode
     loggers: dict  # family → previous logger name
     cookie: Optional[int] = None  # the namespace's cookie, where the kernel has them
+    started: Optional[int] = None  # the run's process_start: its pid, once reused, is another process's
+
+    def alive(self) -> bool:
+        return pid_alive(self.pid, self.started)
 
     @property
     def path(self) -> Path:
@@ -272,7 +276,7 @@ class SavedLoggers:
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"pid": self.pid, "netns": self.netns, "cookie": self.cookie,
-                                         "loggers": self.loggers}))
+                                         "started": self.started, "loggers": self.loggers}))
         temporary.replace(self.path)
 
     def restore(self) -> list[str]:
@@ -313,8 +317,9 @@ class SavedLoggers:
     def load(cls, path: Path) -> Optional["SavedLoggers"]:
         try:
             data = json.loads(path.read_text())
-            cookie = data.get("cookie")
-            return cls(int(data["pid"]), int(data["netns"]), dict(data["loggers"]), None if cookie is None else int(cookie))
+            cookie, started = data.get("cookie"), data.get("started")
+            return cls(int(data["pid"]), int(data["netns"]), dict(data["loggers"]), None if cookie is None else int(cookie),
+                       None if started is None else int(started))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -330,7 +335,7 @@ def saved_loggers() -> list[SavedLoggers]:
 def live_bindings(netns: int, cookie: Optional[int]) -> list[SavedLoggers]:
     """The bindings of other runs of that namespace still running."""
     return [saved for saved in saved_loggers()
-            if saved.pid != os.getpid() and saved.of_namespace(netns, cookie) and pid_alive(saved.pid)]
+            if saved.pid != os.getpid() and saved.of_namespace(netns, cookie) and saved.alive()]
 
 
 def restore_leftover_loggers() -> list[str]:
@@ -342,7 +347,7 @@ def restore_leftover_loggers() -> list[str]:
     netns, cookie = current_netns(), netns_cookie()
     restored = []
     for saved in saved_loggers():
-        if pid_alive(saved.pid):
+        if saved.alive():
             continue
         if saved.of_namespace(netns, cookie):
             restored.extend(saved.restore())
@@ -419,7 +424,7 @@ class NflogListener:
             for family, name in other.loggers.items():
                 if previous.get(family) == NFNETLINK_LOG and name != NFNETLINK_LOG:
                     previous[family] = name
-        self._saved = SavedLoggers(os.getpid(), netns, previous, cookie)
+        self._saved = SavedLoggers(os.getpid(), netns, previous, cookie, process_start(os.getpid()))
         self._saved.write()
         for family in self.families:
             self._configure(PROTOCOL_FAMILIES[family], [("NFULA_CFG_CMD", {"command": NFULNL_CFG_CMD_PF_BIND})])

@@ -118,17 +118,36 @@ def netns_cookie() -> Optional[int]:
             return None
 
 
-def pid_alive(pid: int) -> bool:
+def _stat_fields(pid: int) -> list:
+    """/proc/PID/stat from the state on (field 3): comm may hold spaces and parentheses, the
+    state follows the last ')'."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rpartition(b")")[2].split()
+
+
+def process_start(pid: int) -> Optional[int]:
+    """When the process started, in clock ticks after boot (/proc/PID/stat field 22): with the
+    pid, it names one process, not whichever gets the pid later. None where /proc cannot say."""
+    try:
+        return int(_stat_fields(pid)[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, started: Optional[int] = None) -> bool:
     """Whether a process exists: tells a live nftrace run's leftovers from a killed one's.
 
     A zombie is dead: a run killed with SIGKILL stays one until its parent waits for it (a
     script that never does, an init that reaps late), its sockets and bindings already gone;
     what it left is left, and a run started meanwhile must undo it, not take it for a live
-    run's (it would bind the kernel log's logger over the killed run's and keep it bound)."""
+    run's (it would bind the kernel log's logger over the killed run's and keep it bound).
+    `started` (process_start, recorded with the pid): a process that got the pid since is not
+    the one that recorded it."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # pid (comm) state ...: comm may hold spaces and parentheses, the state follows the last ')'.
-            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+        fields = _stat_fields(pid)
+        if started is not None and len(fields) > 19 and fields[19] != str(started).encode():
+            return False
+        return fields[0] not in (b"Z", b"X")
     except FileNotFoundError:
         return False
     except (OSError, IndexError):
