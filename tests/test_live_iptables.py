@@ -525,7 +525,7 @@ with NflogListener(("ip",)) as listener:
 """
 
 
-def test_log_rules_go_on_logging_to_the_kernel_log_while_nftrace_stands_in_for_its_logger(netns):
+def test_while_nftrace_stands_in_for_the_logger_only_trace_lines_reach_it_not_log_rules_lines(netns):
     """Binding nfnetlink_log as a namespace's nf_log logger takes TRACE lines (and conntrack's
     own messages) from the kernel log, not LOG rules' or nft `log` statements' lines: those name
     their logger type. nftrace once warned, in the machine's own namespace, that they went to it."""
