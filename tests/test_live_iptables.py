@@ -546,15 +546,22 @@ def test_while_nftrace_stands_in_for_the_logger_only_trace_lines_reach_it_not_lo
     assert re.search(r"^\s+1\s+\d+ LOG ", in_netns(ns, ["iptables-legacy", "-vnL", "OUTPUT"]).stdout, re.M)
 
 
+def start_drops(lab, duration: int = 60):
+    """`nftrace drops --json` in the lab's router, watching once it returns."""
+    run = start_nftrace("--netns", lab.router, "drops", "--duration", str(duration), "--json")
+    banner = run.stderr.readline()
+    assert banner.startswith("watching drops of"), banner + run.stderr.read()
+    return run
+
+
 def test_drops_keeps_legacy_trace_lines_out_of_the_kernel_log_and_names_the_tables_it_does_not_trace(legacy_lab):
     """Every packet drops traces makes legacy tables write a TRACE line per rule it meets, to the
     namespace's nf_log logger: in the machine's own namespace the kernel log, so drops refused
     to run there beside any legacy table, even an empty one. nfnetlink_log stands in while it
     runs; what legacy rules drop counts under the kernel's reason."""
     before = firewall_state(legacy_lab.router)
-    run = start_nftrace("--netns", legacy_lab.router, "drops", "--duration", "4", "--json")
+    run = start_drops(legacy_lab, duration=4)
     try:
-        assert run.stderr.readline().startswith("watching drops of")
         assert firewall_state(legacy_lab.router)["nf_log"].split() == ["nfnetlink_log", "nfnetlink_log"]
         subprocess.run(tcp_to_router(legacy_lab, 25), capture_output=True, timeout=30)  # CLIENTS: DROP
         out, err = run.communicate(timeout=60)
@@ -573,14 +580,6 @@ def test_drops_keeps_legacy_trace_lines_out_of_the_kernel_log_and_names_the_tabl
     [reason] = document["kernel_drops"]
     assert reason["reason"] == "NETFILTER_DROP"
     assert {flow["dport"] for flow in reason["flows"]} == {25}
-
-
-def start_drops(lab):
-    """`nftrace drops` in the lab's router, watching once it returns."""
-    run = start_nftrace("--netns", lab.router, "drops", "--duration", "60", "--json")
-    banner = run.stderr.readline()
-    assert banner.startswith("watching drops of"), banner + run.stderr.read()
-    return run
 
 
 def stop(run) -> dict:
