@@ -185,6 +185,36 @@ def test_a_near_miss_on_a_set_lookup_is_fixed_by_adding_the_packets_value_to_the
     assert_others_keep_their_verdicts(router, scenario, missing)
 
 
+# A zone chain of OpenWrt's fw4 with a set of its own, as fw4 writes them from /etc/config/firewall.
+FW4_SET = """
+table inet fw4 {
+    set admins { type ipv4_addr; elements = { 10.77.1.9 } }
+    chain input {
+        type filter hook input priority filter; policy drop;
+        iifname "r-client" jump input_lan
+    }
+    chain input_lan {
+        ip saddr @admins tcp dport 22 accept
+    }
+}
+"""
+
+
+def test_a_set_element_in_a_managers_table_says_that_the_manager_rewrites_it(lab, tmp_path):
+    flows = [{"name": "ssh from a LAN host", "from": "10.77.1.2", "to": "10.77.1.1", "proto": "tcp", "dport": 22,
+              "expect": "drop"}]
+    scenario = own_scenario(tmp_path, "fw4set", FW4_SET, flows)
+    router = lab(scenario)
+    ssh = flow_named(scenario, "ssh from a LAN host")
+    fix = propose(router, ssh, "accept")
+    assert fix["commands"] == [f"ip netns exec {router.topology.router} nft 'add element inet fw4 admins "
+                               f"{{ 10.77.1.2 }}'"]
+    (note,) = fix["managers"]
+    assert note["manager"] == "fw4" and "fw4 reload" in note["note"] and "firewall.@rule[-1].src=lan" in note["hint"]
+    paste(fix["commands"])
+    assert live_verdict(router, ssh) == "accept"
+
+
 SETS = """
 table inet filter {
     set web_ports { type inet_service; elements = { 80, 443 } }
@@ -360,6 +390,63 @@ def test_a_fix_in_firewalld_chains_says_a_reload_undoes_it_and_gives_firewalld_s
     assert note["hint"].startswith("firewall-cmd --zone=public --add-rich-rule=")
     paste(fix["commands"])
     assert live_verdict(router, cockpit) == "accept"
+
+
+# A port forward to an address the router has no route to: the kernel drops what netfilter let through.
+FORWARD_TO_NOWHERE = """table ip nat {
+    chain prerouting {
+        type nat hook prerouting priority dstnat;
+        tcp dport 2222 dnat to 192.0.2.99:22
+    }
+}
+table inet filter {
+    chain input {
+        type filter hook input priority filter; policy accept;
+    }
+}
+"""
+
+
+NOWHERE_FLOWS = [{"name": "a port forward to nowhere", "from": "10.77.1.2", "to": "10.77.1.1", "proto": "tcp",
+                  "dport": 2222, "expect": "accept"},
+                 {"name": "web, routed through no chain", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp",
+                  "dport": 80, "expect": "accept"},
+                 {"name": "mail, routed through no chain", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp",
+                  "dport": 25, "expect": "accept"}]
+
+
+def test_a_drop_asked_of_a_packet_the_kernel_drops_after_a_port_forward_gets_a_chain_that_filters(lab, tmp_path):
+    scenario = own_scenario(tmp_path, "nowhere", FORWARD_TO_NOWHERE, NOWHERE_FLOWS)
+    router = lab(scenario)
+    forward = flow_named(scenario, "a port forward to nowhere")
+    fix = propose(router, forward, "drop")
+    # No rule decided: netfilter let it through (a NAT chain, which sees a connection's first
+    # packet only) and routing dropped it. The drop goes in a filter chain of its own on the
+    # hook, after the port forward: it matches the address and port the packet was sent on to.
+    assert fix["after"]["verdict"] == "drop" and fix["after"]["decided_by"]["new"] is True
+    (command,) = fix["commands"]
+    assert "add chain inet filter prerouting { type filter hook prerouting priority filter; policy accept; }" \
+           in command
+    assert "ip saddr 10.77.1.2 ip daddr 192.0.2.99 tcp dport 22 drop" in command
+    paste(fix["commands"])
+    assert live_verdict(router, forward) == "drop"
+
+
+def test_a_drop_asked_of_a_packet_no_chain_filtered_gets_a_base_chain_of_its_own(lab, tmp_path):
+    scenario = own_scenario(tmp_path, "nowhere", FORWARD_TO_NOWHERE, NOWHERE_FLOWS)
+    router = lab(scenario)
+    web = flow_named(scenario, "web, routed through no chain")
+    fix = propose(router, web, "drop", keep=keep_file(tmp_path, scenario, web))
+    # inet filter exists, with no chain on forward: the line adds one (and the table, were it missing).
+    (command,) = fix["commands"]
+    assert "'add table inet filter; add chain inet filter forward { type filter hook forward priority filter; " \
+           "policy accept; }; add rule inet filter forward ip saddr 10.77.1.2 ip daddr 10.77.2.2 tcp dport 80 drop" \
+           in command
+    assert fix["after"]["decided_by"]["new"] is True
+    paste(fix["commands"])
+    assert live_verdict(router, web) == "drop"
+    assert real_traffic(router, web) == "timeout"
+    assert live_verdict(router, flow_named(scenario, "mail, routed through no chain")) == "accept"
 
 
 # -- iptables-nft ----------------------------------------------------------------------------------

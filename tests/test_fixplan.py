@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
+from dataclasses import replace
 
 import pytest
 
@@ -31,7 +32,7 @@ def observation(hook, table, chain, headers=None) -> HookObservation:
 def path_of(*steps, decided=None, observations=(), verdict="drop") -> PacketPath:
     path = PacketPath(1, steps=list(steps), observations=list(observations), hooks=["prerouting", "forward"],
                       verdict=verdict, complete=True)
-    path.decided_by = decided if decided is not None else steps[-1]
+    path.decided_by = decided if decided is not None else (steps[-1] if steps else None)
     return path
 
 
@@ -69,12 +70,57 @@ def test_a_drop_in_a_jumped_to_chain_is_fixed_in_that_chain():
     assert (placement.chain, placement.handle, placement.base_chain) == ("lan_in", 9, "forward")
 
 
-def test_a_kernel_drop_after_netfilter_has_no_rule_to_fix():
-    path = path_of(step("forward", type="policy", verdict="accept"), verdict="drop")
+def kernel_dropped(*steps) -> PacketPath:
+    """Let through by netfilter, dropped by the kernel after the last hook it ran (no route)."""
+    path = path_of(*steps, verdict="accept")
     path.decided_by = None
-    path.kernel_drop = {"reason": "NO_SOCKET"}
-    with pytest.raises(NoChange, match="the kernel dropped it after netfilter"):
-        placement_for(path)
+    path.kernel_drop = {"reason": "IP_INNOROUTES"}
+    return path
+
+
+def test_a_packet_the_kernel_drops_after_netfilter_cannot_be_let_through_by_a_rule():
+    path = kernel_dropped(step("prerouting", type="policy", verdict="accept", hook="prerouting"))
+    with pytest.raises(NoChange, match="the kernel dropped it after netfilter .IP_INNOROUTES.; a ruleset change "
+                                       "cannot let it through"):
+        placement_for(path, verdict="accept")
+
+
+def test_a_drop_asked_of_a_packet_the_kernel_drops_later_goes_before_the_step_that_let_it_through():
+    policy = step("prerouting", type="policy", verdict="accept", table="fw4", hook="prerouting")
+    placement = placement_for(kernel_dropped(policy), verdict="drop")
+    assert (placement.table, placement.chain, placement.handle, placement.new_base_chain) == (
+        "fw4", "prerouting", None, False)
+
+
+def test_a_drop_is_not_put_in_a_nat_chain_which_sees_only_a_connections_first_packet():
+    masquerade = step("postrouting", handle=5, number=1, text="masquerade", verdict="accept", table="nat",
+                      hook="postrouting", family="ip")
+    masquerade = replace(masquerade, in_nat_chain=True)
+    placement = placement_for(path_of(masquerade, verdict="accept"), verdict="drop")
+    assert (placement.family, placement.table, placement.chain, placement.new_base_chain) == (
+        "inet", "filter", "forward", True)
+
+
+def test_a_drop_asked_of_a_packet_no_chain_filtered_goes_in_a_base_chain_of_its_own():
+    path = kernel_dropped()  # through prerouting and forward, no chain of the ruleset on the way
+    change = rule_change(FLOW, path, "drop", DATE)
+    placement = change.placement
+    assert (placement.family, placement.table, placement.chain, placement.hook) == ("inet", "filter", "forward",
+                                                                                    "forward")
+    assert shlex.split(change.command()) == [
+        "nft", "add table inet filter; add chain inet filter forward { type filter hook forward priority filter; "
+        "policy accept; }; add rule inet filter forward ip saddr 10.77.1.2 ip daddr 10.77.2.2 tcp dport 25 drop "
+        f'comment "nftrace fix {DATE}: drop 10.77.1.2 -> 10.77.2.2 tcp dport 25"']
+    assert change.summary.endswith("in a new chain inet filter forward (hook forward, policy accept)")
+
+
+def test_a_drop_asked_of_a_bridged_frame_gets_no_inet_chain_which_it_would_not_reach():
+    path = kernel_dropped()
+    path.observations = [replace(observation(hook, "nftrace_1_ab", f"obs_{hook}"), family="bridge")
+                         for hook in ("prerouting", "forward")]
+    with pytest.raises(NoChange, match="no chain of the ruleset let it through.*the kernel drops it already, after "
+                                       "netfilter .IP_INNOROUTES."):
+        placement_for(path, verdict="drop")
 
 
 # -- what it matches -------------------------------------------------------------------------------
@@ -204,6 +250,16 @@ def test_docker_points_at_docker_user():
     note = manager_of(placement("filter", "DOCKER", hook="forward", family="ip", base="FORWARD"), MATCH, "accept")
     assert "DOCKER-USER" in note.note
     assert note.hint == "iptables -I DOCKER-USER -s 10.77.2.2 -d 10.77.2.1 -p tcp --dport 9090 -j ACCEPT"
+
+
+def test_a_set_element_in_a_managers_table_gets_its_note_as_a_rule_there_would():
+    near = NearMiss("ip", "kube-proxy", "cluster-ips-check", "prerouting", 24, 1, "ip daddr @cluster-ips reject",
+                    "drop", mismatches=(Mismatch("ip daddr @cluster-ips", "10.180.0.1", True, "ip daddr",
+                                                 "cluster-ips"),))
+    change = element_change(near, "drop")
+    note = manager_of(change.used_in, MATCH, "drop")
+    assert note.manager == "kube-proxy"
+    assert note.note.startswith("kube-proxy resynchronises table ip kube-proxy within seconds")
 
 
 def test_a_table_of_the_admins_own_has_no_manager():

@@ -325,9 +325,9 @@ class FixProver:
             raise StrategyFailed(str(reason)) from None
 
     def _note_manager(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Flow) -> None:
-        if change.placement is None:
+        placement = change.placement or change.used_in  # a manager rewrites its sets as it does its chains
+        if placement is None:
             return
-        placement = change.placement
         on_path = {step.chain for step in path.steps
                    if (step.backend, step.family, step.table) == (placement.backend, placement.family, placement.table)}
         note = manager_of(placement, flow_match(flow, path, placement), self.request.verdict, on_path)

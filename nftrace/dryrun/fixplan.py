@@ -11,8 +11,10 @@ An admin's change, in the order they would reach for it:
 - one rule that matches exactly the flow as given (`--from/--to/--proto/--sport/--dport/
   --iif/--oif`), with the verdict asked for, placed where it takes effect: just before the
   rule that decided (in the chain that decided; above the rule that jumps into an anonymous
-  chain, which no command can name), or at the end of a chain whose policy decided. A field
-  that NAT rewrote before that hook is matched as the kernel saw it there.
+  chain, which no command can name), or at the end of a chain whose policy decided; a drop
+  for a packet that the kernel dropped after netfilter, before the step that let it through,
+  and where no chain that filters let it through, in a base chain of its own.
+  A field that NAT rewrote before that hook is matched as the kernel saw it there.
 A comment names nftrace and the date, so the rule is easy to find and to take out again.
 """
 
@@ -27,7 +29,7 @@ from typing import Collection, Optional
 from ..flow import Flow
 from ..protocols import PORT_PROTOCOLS
 from ..kernel.anonchains import is_anonymous_chain
-from ..trace.paths import PacketPath, Step
+from ..trace.paths import PacketPath, Step, deciding_accept
 
 VERDICTS = ("accept", "drop")
 COMMENT_PREFIX = "nftrace fix"
@@ -35,6 +37,8 @@ NFT_COMMENT_MAX = 128
 # Hooks where a packet has an input or an output interface.
 IIF_HOOKS = frozenset({"ingress", "prerouting", "input", "forward", "postrouting"})
 OIF_HOOKS = frozenset({"forward", "output", "postrouting", "egress"})
+# Where a packet that no chain filtered gets a chain of its own, in this order of preference.
+NEW_CHAIN_HOOKS = ("input", "forward", "output", "prerouting")
 _PLAIN_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _ELEMENT_RE = re.compile(r"^[0-9A-Za-z:./\- ]+$")
 _MAP_LOOKUP_RE = re.compile(r"\b(v?map)\s+@")
@@ -129,6 +133,7 @@ class Placement:
     iptables_nft: bool = False  # an iptables-nft table: iptables writes it, so iptables edits it
     base_table: Optional[str] = None  # the base chain the packet ran under (for managers)
     base_chain: Optional[str] = None
+    new_base_chain: bool = False  # nft: the command makes the table and the chain, on `hook`
 
     def where(self) -> str:
         if self.backend == "iptables-legacy":
@@ -136,6 +141,8 @@ class Placement:
         return f"{self.family} {self.table} {self.chain}"
 
     def describe(self) -> str:
+        if self.new_base_chain:
+            return f"a new chain {self.where()} (hook {self.hook}, policy accept)"
         if self.backend == "iptables-legacy" or self.iptables_nft:
             position = f"as rule {self.rule_number}" if self.rule_number else "at the end"
         else:
@@ -157,6 +164,7 @@ class Change:
     set_table: Optional[str] = None
     set_name: Optional[str] = None
     element: Optional[str] = None
+    used_in: Optional[Placement] = None  # element: the rule that matches with it (its table's manager matters)
     scope: str = ""  # what else it changes, in words
     match_text: str = ""  # rule: what it matches, in words
     legacy_iptables_is_default: bool = True  # `iptables` means the legacy tool on this machine
@@ -176,10 +184,15 @@ class Change:
             table = [] if placement.table == "filter" else ["-t", placement.table]
             return shlex.join([tool, *table, *where, *self.iptables_args])
         target = handle if handle is not None else placement.handle
+        where = f"{placement.family} {placement.table} {placement.chain}"
         if target is not None:
-            text = f"insert rule {placement.family} {placement.table} {placement.chain} position {target} {self.rule}"
+            text = f"insert rule {where} position {target} {self.rule}"
         else:
-            text = f"add rule {placement.family} {placement.table} {placement.chain} {self.rule}"
+            text = f"add rule {where} {self.rule}"
+        if placement.new_base_chain:
+            # `add` leaves a table or chain that exists as it is: the line can be run again.
+            text = (f"add table {placement.family} {placement.table}; add chain {where} {{ type filter hook "
+                    f"{placement.hook} priority filter; policy accept; }}; {text}")
         return "nft " + shlex.quote(text)
 
     def to_json(self) -> dict:
@@ -218,15 +231,23 @@ def base_chain_of(path: PacketPath, index: int) -> Optional[Step]:
     return None
 
 
-def placement_for(path: PacketPath, iptables_nft_tables: Collection = ()) -> Placement:
+def placement_for(path: PacketPath, iptables_nft_tables: Collection = (), verdict: Optional[str] = None) -> Placement:
     """Where a rule takes effect for this packet: before the rule that decided it, in its chain,
     or at the end of the chain whose policy decided. Raises NoChange with the reason.
+
+    A packet that netfilter let through and the kernel dropped later (no socket, no route) has
+    no deciding step; a drop asked for it goes before the step that let it through, so that
+    the firewall drops it whatever the kernel would do next.
 
     `iptables_nft_tables`: (family, table) of the tables iptables-nft writes; a step of one of
     them with an iptables form says so too, but a policy has none."""
     step = path.decided_by
+    if verdict == "drop" and path.complete and path.verdict == "accept":
+        step = step or deciding_accept(path.steps)
+        if step is None or step.in_nat_chain:
+            return _new_base_chain(path)
     if step is None:
-        raise NoChange(_undecided_reason(path))
+        raise NoChange(_undecided_reason(path, verdict))
     index = _index_of(path, step)
     base = base_chain_of(path, index)
     common = dict(hook=step.hook, backend=step.backend, family=step.family, table=step.table,
@@ -254,6 +275,22 @@ def placement_for(path: PacketPath, iptables_nft_tables: Collection = ()) -> Pla
     return Placement(chain=chain, handle=handle, rule_number=number, **common)
 
 
+def _new_base_chain(path: PacketPath) -> Placement:
+    """No chain that filters let the packet through (none at all, or NAT chains only, which see
+    only a connection's first packet): a drop gets a base chain of its own, `inet filter` as
+    /etc/nftables.conf has it, on the hook where admins filter (input, forward or output; else
+    prerouting, for a packet that the kernel dropped right after it)."""
+    # Bridged frames skip the inet hooks (unless br_netfilter is on): only the hooks where the
+    # packet was seen as IP count.
+    hooks = {observation.hook for observation in path.observations
+             if observation.family in (None, "ip", "ip6", "inet")} if path.observations else set(path.hooks)
+    hook = next((hook for hook in NEW_CHAIN_HOOKS if hook in hooks), None)
+    if hook is None:
+        raise NoChange(_undecided_reason(path, "drop"))
+    return Placement(hook=hook, backend="nft", family="inet", table="filter", chain=hook, base_table="filter",
+                     base_chain=hook, new_base_chain=True)
+
+
 def _index_of(path: PacketPath, step: Step) -> int:
     for index, candidate in enumerate(path.steps):
         if candidate is step:
@@ -261,9 +298,13 @@ def _index_of(path: PacketPath, step: Step) -> int:
     return path.steps.index(step)
 
 
-def _undecided_reason(path: PacketPath) -> str:
+def _undecided_reason(path: PacketPath, verdict: Optional[str]) -> str:
     if not path.complete:
         return "the packet's path is incomplete: what decided it is not known"
+    if path.kernel_drop and verdict == "drop":
+        reason = path.kernel_drop.get("reason")
+        return (f"no chain of the ruleset let it through, so there is none to put a rule in; the kernel drops it "
+                f"already, after netfilter ({reason})")
     if path.kernel_drop:
         reason = path.kernel_drop.get("reason")
         return (f"no rule dropped it: the kernel dropped it after netfilter ({reason}); a ruleset change "
@@ -323,7 +364,7 @@ def rule_change(flow: Flow, path: PacketPath, verdict: str, date: str, legacy_is
                 established: bool = False, iptables_nft_tables: Collection = ()) -> Change:
     """One rule that gives exactly this flow `verdict`, where it takes effect; `established`:
     only to packets of connections conntrack knows (for the answers of a flow let through)."""
-    placement = placement_for(path, iptables_nft_tables)
+    placement = placement_for(path, iptables_nft_tables, verdict)
     match = replace(flow_match(flow, path, placement), established=established)
     for name in (match.iif, match.oif):
         if name and '"' in name:
@@ -362,6 +403,8 @@ def element_change(near_miss, verdict: str) -> Optional[Change]:
         return None  # not a plain address, prefix, port or concatenation of those
     return Change("element", verdict, f"add {value} to set {near_miss.family} {near_miss.table} {set_name}",
                   set_family=near_miss.family, set_table=near_miss.table, set_name=set_name, element=value,
+                  used_in=Placement(hook=near_miss.hook, backend="nft", family=near_miss.family, table=near_miss.table,
+                                    chain=near_miss.chain, handle=near_miss.handle),
                   scope=f"every rule that uses @{set_name} now matches {value} too")
 
 

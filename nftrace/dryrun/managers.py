@@ -51,12 +51,13 @@ def manager_of(placement: Placement, match: FlowMatch, verdict: str,
     if table == "docker-bridges" or any(_DOCKER_CHAIN_RE.match(name) for name in chains):
         return _docker(placement, match, verdict)
     if table == "libvirt_network" or any(_LIBVIRT_CHAIN_RE.match(name) for name in chains):
-        return ManagerNote("libvirt", f"libvirt writes {placement.where()} again when a virtual network starts "
-                                      f"(virsh net-start, libvirtd restart): a direct edit is lost then; put the "
-                                      f"rule in a table of your own, or in the network's definition")
+        return ManagerNote("libvirt", f"libvirt writes table {placement.family} {table} again when a virtual "
+                                      f"network starts (virsh net-start, libvirtd restart): a direct edit is lost "
+                                      f"then; put the rule in a table of your own, or in the network's definition")
     if table == "kube-proxy" or any(_KUBE_CHAIN_RE.match(name) for name in chains):
-        return ManagerNote("kube-proxy", f"kube-proxy resynchronises {placement.where()} within seconds: a direct "
-                                         f"edit does not last; change the Service or a NetworkPolicy instead")
+        return ManagerNote("kube-proxy", f"kube-proxy resynchronises table {placement.family} {table} within "
+                                         f"seconds: a direct edit does not last; change the Service or a "
+                                         f"NetworkPolicy instead")
     if table == "fw4":
         return _fw4(placement, chains, match, verdict)
     if table == "nixos-fw":
