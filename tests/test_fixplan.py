@@ -99,6 +99,10 @@ def test_a_drop_is_not_put_in_a_nat_chain_which_sees_only_a_connections_first_pa
     placement = placement_for(path_of(masquerade, verdict="accept"), verdict="drop")
     assert (placement.family, placement.table, placement.chain, placement.new_base_chain) == (
         "inet", "filter", "forward", True)
+    # Legacy iptables refuses DROP in its nat table anyway.
+    legacy = step("POSTROUTING", number=1, text="-A POSTROUTING -j MASQUERADE", verdict="accept", table="nat",
+                  hook="postrouting", family="ip", backend="iptables-legacy")
+    assert placement_for(path_of(legacy, verdict="accept"), verdict="drop").new_base_chain
 
 
 def test_a_drop_asked_of_a_packet_no_chain_filtered_goes_in_a_base_chain_of_its_own():

@@ -244,7 +244,7 @@ def placement_for(path: PacketPath, iptables_nft_tables: Collection = (), verdic
     step = path.decided_by
     if verdict == "drop" and path.complete and path.verdict == "accept":
         step = step or deciding_accept(path.steps)
-        if step is None or step.in_nat_chain:
+        if step is None or step.in_nat_chain or (step.backend == "iptables-legacy" and step.table == "nat"):
             return _new_base_chain(path)
     if step is None:
         raise NoChange(_undecided_reason(path, verdict))
