@@ -235,9 +235,10 @@ def placement_for(path: PacketPath, iptables_nft_tables: Collection = (), verdic
     """Where a rule takes effect for this packet: before the rule that decided it, in its chain,
     or at the end of the chain whose policy decided. Raises NoChange with the reason.
 
-    A packet that netfilter let through and the kernel dropped later (no socket, no route) has
-    no deciding step; a drop asked for it goes before the step that let it through, so that
-    the firewall drops it whatever the kernel would do next.
+    A drop asked for a packet that netfilter let through goes before the step that let it
+    through, also when the kernel dropped the packet later (no socket, no route: there is no
+    deciding step), so that the firewall drops it whatever the kernel would do next; where no
+    chain that filters let it through, in a base chain of its own (`verdict`: the one asked).
 
     `iptables_nft_tables`: (family, table) of the tables iptables-nft writes; a step of one of
     them with an iptables form says so too, but a policy has none."""
