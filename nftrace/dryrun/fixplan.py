@@ -160,14 +160,20 @@ class Change:
     placement: Optional[Placement] = None  # rule
     rule: Optional[str] = None  # rule: the nft text of the rule (match, verdict, comment)
     iptables_args: tuple = ()  # rule in iptables tables: match, comment and target arguments
-    set_family: Optional[str] = None  # element
-    set_table: Optional[str] = None
-    set_name: Optional[str] = None
+    set_name: Optional[str] = None  # element
     element: Optional[str] = None
-    used_in: Optional[Placement] = None  # element: the rule that matches with it (its table's manager matters)
+    used_in: Optional[Placement] = None  # element: the rule that looks the set up (the set is in its table)
     scope: str = ""  # what else it changes, in words
     match_text: str = ""  # rule: what it matches, in words
     legacy_iptables_is_default: bool = True  # `iptables` means the legacy tool on this machine
+
+    @property
+    def set_family(self) -> Optional[str]:
+        return self.used_in.family if self.used_in else None
+
+    @property
+    def set_table(self) -> Optional[str]:
+        return self.used_in.table if self.used_in else None
 
     def command(self, handle: Optional[int] = None, rule_number: Optional[int] = None) -> str:
         """The shell line. `handle`/`rule_number` replace the target's (the sandbox has its own)."""
@@ -403,7 +409,7 @@ def element_change(near_miss, verdict: str) -> Optional[Change]:
     if not _ELEMENT_RE.match(value):
         return None  # not a plain address, prefix, port or concatenation of those
     return Change("element", verdict, f"add {value} to set {near_miss.family} {near_miss.table} {set_name}",
-                  set_family=near_miss.family, set_table=near_miss.table, set_name=set_name, element=value,
+                  set_name=set_name, element=value,
                   used_in=Placement(hook=near_miss.hook, backend="nft", family=near_miss.family, table=near_miss.table,
                                     chain=near_miss.chain, handle=near_miss.handle),
                   scope=f"every rule that uses @{set_name} now matches {value} too")
