@@ -151,7 +151,8 @@ def test_every_drop_is_counted_under_its_rule_equal_to_the_kernel_counters(lab):
         300, 200, 100)
     # Accepted traffic is traced (it matched) but is no drop.
     assert all(packet["packet"]["dport"] != 5000 for packet in document["packets"])
-    assert len(document["packets"]) == document["dropped"] == 600
+    # A failure names the kernel's drops: one that is no echo of a rule's drop (seen once in CI: 601).
+    assert len(document["packets"]) == document["dropped"] == 600, document["kernel_drops"]
     assert document["not_traced"] == 0 and document["sampled"] is False
     assert document["traced"] >= 1000
     assert document["lost_events"] == 0
