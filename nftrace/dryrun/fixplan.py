@@ -29,7 +29,7 @@ from typing import Collection, Optional
 from ..flow import Flow
 from ..protocols import PORT_PROTOCOLS
 from ..kernel.anonchains import is_anonymous_chain
-from ..trace.paths import PacketPath, Step, deciding_accept
+from ..trace.paths import NAT_TIER, PacketPath, Step, accept_tier, deciding_accept
 
 VERDICTS = ("accept", "drop")
 COMMENT_PREFIX = "nftrace fix"
@@ -251,7 +251,7 @@ def placement_for(path: PacketPath, iptables_nft_tables: Collection = (), verdic
     step = path.decided_by
     if verdict == "drop" and path.complete and path.verdict == "accept":
         step = step or deciding_accept(path.steps)
-        if step is None or step.in_nat_chain or (step.backend == "iptables-legacy" and step.table == "nat"):
+        if step is None or accept_tier(step) == NAT_TIER:
             return _new_base_chain(path)
     if step is None:
         raise NoChange(_undecided_reason(path, verdict))

@@ -726,15 +726,18 @@ def finalise_path(path: PacketPath, lookup: Optional[RuleLookup] = None) -> None
     path.nat = nat_rewrites(path.observations, path.steps)
 
 
+NAT_TIER = 2  # accept_tier of a NAT step: it accepts every packet it sees
+
+
 def accept_tier(step: Step, lookup: Optional[RuleLookup] = None) -> int:
     """How much an accepting step says about why a packet was let through: 0 for chains that
     filter, 1 for raw and mangle tables and chains at their priorities or of type route (they
     accept nearly everything by policy), 2 for NAT (a masquerade rule, a nat chain's policy:
     they accept every packet they see)."""
     if step.backend == "iptables-legacy":
-        return {"nat": 2, "raw": 1, "mangle": 1}.get(step.table, 0)
+        return {"nat": NAT_TIER, "raw": 1, "mangle": 1}.get(step.table, 0)
     if _is_nat_step(step, lookup):
-        return 2
+        return NAT_TIER
     chain = lookup.chain(step.family, step.table, step.chain) if lookup is not None else None
     if chain is None:
         return 0
