@@ -234,7 +234,7 @@ def test_a_kernel_drop_reported_after_its_packet_was_answered_still_counts_under
 
     tally = DropTally()
     correlator = DropCorrelator()
-    correlator.on_late = lambda signature, drop: tally.add_late(signature, drop, INTERFACES)
+    correlator.on_late = lambda signature, kernel_drop: tally.add_late(signature, kernel_drop, INTERFACES)
     accepted = path(verdict="accept", decided_by=step(verdict="accept"))
     accepted.first_seen = accepted.last_seen = 10.0
     [answered] = correlator.hold([accepted], now=10.0) + correlator.release(now=10.5)

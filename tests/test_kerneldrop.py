@@ -295,6 +295,30 @@ def test_packet_that_vanished_after_prerouting_is_closed_by_its_drop():
     assert builder.open_packets == 0
 
 
+def test_a_packet_closed_by_a_later_packet_under_its_trace_id_still_gets_its_drop_read_after():
+    """The kernel reuses trace ids: the next datagram of a flow can start under the id of one
+    that vanished after prerouting before the drop of that one was read. Closed then as
+    incomplete, it waits for its drop like an accepted packet, and gets it."""
+    builder = PathBuilder(Lookup())
+    builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)
+    [first] = builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.02)
+    assert (first.complete, first.incomplete_reason) == (False, "went idle")
+    correlator = DropCorrelator()
+    assert correlator.hold([first], now=20.021) == []
+    correlator.add_drops([drop("NOT_SPECIFIED", at=20.0005)])
+    [answered] = correlator.release(now=20.03)
+    assert answered is first
+    assert (first.complete, first.verdict, first.vanished_after) == (True, "accept", "prerouting")
+    assert first.kernel_drop["reason"] == "NOT_SPECIFIED"
+    assert builder.open_packets == 1  # the second datagram, still waiting for its own drop
+
+
+def test_a_packet_whose_events_were_lost_is_not_held_for_a_drop():
+    path = accepted_at_input()
+    path.complete, path.verdict, path.incomplete_reason = False, "unknown", "events lost"
+    assert DropCorrelator().hold([path], now=10.0) == [path]
+
+
 def test_open_packet_without_a_matching_drop_stays_open():
     builder = PathBuilder(Lookup())
     builder.feed(base_chain_event("mark_prerouting", tcp()), now=20.0)

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Optional
 from ..protocols import PORT_PROTOCOL_NUMBERS, endpoint_text, protocol_name
 from ..trace.paths import PacketPath, verdict_before_kernel_drop
 from .reasons import KernelDrop, explain, header_key
+from .routing import RouteQuestions, explain_routing
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
 # some time later. So a drop may precede the first reading by that delay: back to the last
@@ -118,19 +119,40 @@ def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH
     return min(matching, key=lambda item: item.signature.distance(drop)) if matching else None
 
 
-def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] = None) -> None:
+def kernel_drop_record(drop: KernelDrop, iif_index: Optional[int], interfaces: Optional[dict] = None,
+                       routing: Optional[RouteQuestions] = None) -> dict:
+    """The drop as an answer shows it: reason, code location, plain words, and for a drop
+    made by routing the route that made it (`routing`, drops/routing.py)."""
+    iif = (interfaces or {}).get(iif_index) if iif_index else None
+    record = {"reason": drop.reason, "location": drop.code_location(), "explain": explain(drop, iif)}
+    facts = routing(drop, iif_index) if routing is not None else None
+    if facts is not None and facts.cause is not None:
+        record["routing"] = facts.to_json()
+        record["explain"] = explain_routing(facts, drop, iif)
+    return record
+
+
+def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] = None,
+                routing: Optional[RouteQuestions] = None) -> None:
     """Put the drop on the packet. A packet that vanished after netfilter (it was never seen
     leaving) is now a complete answer, with netfilter's verdict (verdict_before_kernel_drop)
     and the kernel's drop after it."""
-    iif_index = path.interface_index("iif")
-    iif = (interfaces or {}).get(iif_index) if iif_index else None
-    path.kernel_drop = {"reason": drop.reason, "location": drop.code_location(), "explain": explain(drop, iif)}
+    path.kernel_drop = kernel_drop_record(drop, path.interface_index("iif"), interfaces, routing)
     if not path.complete and path.incomplete_reason != "events lost":
         path.complete = True
         path.verdict = verdict_before_kernel_drop(drop.reason)
         path.decided_by = None
         path.vanished_after = path.hooks[-1] if path.hooks else "its first hook"
         path.incomplete_reason = None
+
+
+def _may_be_dropped_later(path: PacketPath) -> bool:
+    """A drop reported after the path finished may still be its: netfilter let it through, or
+    it vanished after a hook and was closed before its drop was read (a later packet of the
+    flow came under the same trace id: the kernel reuses ids, see KERNEL-FACTS)."""
+    if path.complete:
+        return path.verdict == "accept"
+    return path.incomplete_reason != "events lost" and path.first_packet is not None
 
 
 class _ByHeaders:
@@ -272,12 +294,15 @@ class DropCorrelator:
     then `release`; so a drop goes to an open packet before an answered one is considered.
     """
 
-    def __init__(self, interfaces: Optional[dict] = None, hold_seconds: float = HOLD_SECONDS):
+    def __init__(self, interfaces: Optional[dict] = None, hold_seconds: float = HOLD_SECONDS,
+                 routing: Optional[RouteQuestions] = None):
         self.interfaces = interfaces if interfaces is not None else {}
         self.hold_seconds = hold_seconds
+        self.routing = routing  # asks routing about its drops (drops/routing.py); None: the reasons alone
         self.notes: list = []
-        # Told of every drop that came after its packet's answer (`drops` still counts it).
-        self.on_late: Optional[Callable[[PacketSignature, KernelDrop], None]] = None
+        # Told of every drop that came after its packet's answer, as kernel_drop_record says it
+        # (`drops` still counts it).
+        self.on_late: Optional[Callable[[PacketSignature, dict], None]] = None
         self._held: deque = deque()  # in the order the packets finished
         self._held_index = _ByHeaders()
         self._drops = _Drops()  # not yet paired
@@ -328,7 +353,7 @@ class DropCorrelator:
                     continue
             held = _nearest(self._held_index.near(key, drop.time), drop)
             if held is not None:
-                attach_drop(held.path, drop, self.interfaces)
+                attach_drop(held.path, drop, self.interfaces, self.routing)
                 self._stop_waiting(held)
                 continue
             answered = self._answered_for(drop)
@@ -374,7 +399,7 @@ class DropCorrelator:
             drop = self._remembered_drop(signature) if len(self._drops) else None
             if drop is not None:
                 self._drops.forget(drop)
-                attach_drop(path, drop, self.interfaces)
+                attach_drop(path, drop, self.interfaces, self.routing)
             elif signature.dropped_by_rule:
                 echo = next((candidate for candidate in self._drops.near(signature) if signature.echoes(candidate)),
                             None) if len(self._drops) else None
@@ -385,7 +410,7 @@ class DropCorrelator:
                     self._echoes.append(waiting)
                     self._echo_index.add(waiting)
             held = _Held(path, signature, now, waiting=False)
-            if drop is None and path.complete and path.verdict == "accept":
+            if drop is None and _may_be_dropped_later(path):
                 held.until, held.waiting = now + self.hold_seconds, True
                 self._held_index.add(held)
             self._held.append(held)
@@ -452,14 +477,14 @@ class DropCorrelator:
         self._late(answered.signature, drop)
 
     def _late(self, signature: PacketSignature, drop: KernelDrop) -> None:
+        record = kernel_drop_record(drop, signature.iif, self.interfaces, self.routing)
         if self.on_late is not None:
-            self.on_late(signature, drop)
-        iif = self.interfaces.get(signature.iif) if signature.iif else None
+            self.on_late(signature, record)
         src, dst, proto, sport, dport = signature.headers[0]
         packet = f"{endpoint_text(src, sport)} → {endpoint_text(dst, dport)} {protocol_name(proto)}"
         self.notes.append(
             f"the kernel dropped packet {packet} (trace id {signature.trace_id:08x}) after its answer was given: "
-            f"{drop.reason} at {drop.code_location()} — {explain(drop, iif)}"
+            f"{drop.reason} at {record['location']} — {record['explain']}"
         )
 
     def _forget(self, now: float) -> None:

@@ -113,8 +113,8 @@ class DropsSession(TraceSession):
         super()._await_drop_watcher(watcher)
         if self._correlator is not None:
             report = self.report
-            self._correlator.on_late = lambda signature, drop: report.tally.add_late(
-                signature, drop, report.interfaces, time.monotonic())
+            self._correlator.on_late = lambda signature, kernel_drop: report.tally.add_late(
+                signature, kernel_drop, report.interfaces, time.monotonic())
 
     def _near_miss_annotator(self, part, plan):
         """Near misses answer `why` about one flow; a tally of drops has no use for them."""

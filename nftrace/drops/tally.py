@@ -25,7 +25,7 @@ from ..protocols import protocol_name
 from ..trace.paths import PacketPath, Step
 from ..trace.report import decided_by_json
 from ..kernel.system import interface_name
-from .reasons import explain, explain_many
+from .reasons import explain_many
 
 FLOWS_KEPT = 4096
 TOP_FLOWS = 5
@@ -115,6 +115,7 @@ class ReasonDrops(Counted):
     # tcp/22"), then the reason's without values (explain_many): never one packet's for all.
     explain: Optional[str] = None
     mixed: bool = False
+    routing: Optional[dict] = None  # the refusal of routing they all met (drops/routing.py), if that
 
     def explained(self, text: Optional[str]) -> None:
         if text is None or self.mixed or text == self.explain:
@@ -143,7 +144,7 @@ class DropTally:
 
     def __init__(self):
         self.rules: dict = {}  # rule_key → RuleDrops, in the order first seen
-        self.reasons: dict = {}  # reason → ReasonDrops
+        self.reasons: dict = {}  # reason (with routing's refusal, see _reason_entry) → ReasonDrops
         self.packets = 0  # dropped packets counted
         self.seen = 0  # packets offered (dropped or not)
 
@@ -165,28 +166,32 @@ class DropTally:
                 entry = self.rules[rule_key(step)] = RuleDrops()
             entry.step = step
         else:
-            reason = path.kernel_drop.get("reason") or "unknown"
-            entry = self.reasons.get(reason)
-            if entry is None:
-                entry = self.reasons[reason] = ReasonDrops(reason=reason)
-            entry.explained(path.kernel_drop.get("explain"))
+            entry = self._reason_entry(path.kernel_drop)
         entry.add(flow, now)
         self.packets += 1
         return kind
 
-    def add_late(self, signature, drop, interfaces: dict, now: float = 0.0) -> None:
-        """A kernel drop that came after its packet was answered as accepted (the kernel was
-        slow to report it, or dropped the packet seconds later): counted under its reason,
-        with the packet's flow as the correlator kept it."""
+    def add_late(self, signature, kernel_drop: dict, interfaces: dict, now: float = 0.0) -> None:
+        """A kernel drop (correlator.kernel_drop_record) that came after its packet was answered
+        as accepted (the kernel was slow to report it, or dropped the packet seconds later):
+        counted under its reason, with the packet's flow as the correlator kept it."""
         src, dst, proto, sport, dport = signature.headers[0]
         flow = FlowKey(str(src) if src is not None else None, str(dst) if dst is not None else None,
                        protocol_name(proto), sport, dport, interface_name(interfaces, signature.iif))
-        entry = self.reasons.get(drop.reason)
-        if entry is None:
-            entry = self.reasons[drop.reason] = ReasonDrops(reason=drop.reason)
-        entry.explained(explain(drop, interfaces.get(signature.iif) if signature.iif else None))
-        entry.add(flow, now)
+        self._reason_entry(kernel_drop).add(flow, now)
         self.packets += 1
+
+    def _reason_entry(self, kernel_drop: dict) -> "ReasonDrops":
+        """The entry that counts a kernel drop: one per reason, and per refusal of routing
+        (drops/routing.py: a blackhole route and a prohibit route are both NOT_SPECIFIED)."""
+        reason = kernel_drop.get("reason") or "unknown"
+        routing = kernel_drop.get("routing")
+        key = (reason, kernel_drop.get("explain")) if routing else reason
+        entry = self.reasons.get(key)
+        if entry is None:
+            entry = self.reasons[key] = ReasonDrops(reason=reason, routing=routing)
+        entry.explained(kernel_drop.get("explain"))
+        return entry
 
     def ranked_rules(self) -> list:
         """Rules by packets dropped, most first (ties: first seen first)."""
@@ -201,7 +206,7 @@ class DropTally:
                 for entry in self.ranked_rules()]
 
     def kernel_drops_json(self, flows: Optional[int] = TOP_FLOWS) -> list:
-        return [{"reason": entry.reason, "explain": entry.explain, "packets": entry.packets,
+        return [{"reason": entry.reason, "explain": entry.explain, "routing": entry.routing, "packets": entry.packets,
                  "flows": entry.flows_json(flows), "other_flows": entry.other_flows}
                 for entry in self.ranked_reasons()]
 

@@ -212,6 +212,10 @@ class FixProver:
         path = first or self._trace(dry, probe)
         if path is None:
             raise StrategyFailed("the packet was not seen in the sandbox copy")
+        if asked == "accept" and path.complete and path.verdict == "accept" and path.kernel_drop:
+            drop = path.kernel_drop
+            raise StrategyFailed(f"the ruleset lets it through already, and the kernel drops it after netfilter: "
+                                 f"{drop.get('reason')} — {drop.get('explain')}; no ruleset change can let it through")
         if self._has_verdict(path):
             answer.needed = False
             answer.after = path

@@ -313,9 +313,9 @@ def _undecided_reason(path: PacketPath, verdict: Optional[str]) -> str:
         return (f"no chain of the ruleset let it through, so there is none to put a rule in; the kernel drops it "
                 f"already, after netfilter ({reason})")
     if path.kernel_drop:
-        reason = path.kernel_drop.get("reason")
-        return (f"no rule dropped it: the kernel dropped it after netfilter ({reason}); a ruleset change "
-                f"cannot let it through")
+        reason, words = path.kernel_drop.get("reason"), path.kernel_drop.get("explain")
+        return (f"no rule dropped it: the kernel dropped it after netfilter ({reason}{f' — {words}' if words else ''}); "
+                f"a ruleset change cannot let it through")
     if path.verdict == "drop":
         return "no rule dropped it: something outside the ruleset did (routing, rp_filter, no socket, ...)"
     return "no chain of the ruleset decided it: there is no chain on its path to put a rule in"

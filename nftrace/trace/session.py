@@ -24,6 +24,7 @@ from .events import TraceEvent
 from ..flow import Flow
 from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from ..drops.correlator import DropCorrelator
+from ..drops.routing import RouteQuestions
 from ..iptables.legacy import legacy_tables
 from ..kernel import runner
 from ..kernel.monitor import (READ_BATCH, EventsLost, MonitorItem, ReadEarlier, RulesetChanged, TableDeleted,
@@ -34,6 +35,7 @@ from .crossing import CrossingJoiner, assign_namespace
 from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
+from ..kernel.routes import routing_facts
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions, UndoStack, stop_signal
@@ -350,7 +352,7 @@ class TraceSession:
         if watcher is self._shared_drops:
             watcher.read()  # drops of the packets of earlier sessions, not of this one's
         self._drops = watcher
-        self._correlator = DropCorrelator(interfaces=self.report.interfaces)
+        self._correlator = DropCorrelator(interfaces=self.report.interfaces, routing=RouteQuestions(routing_facts))
 
     def _read_drops(self) -> list:
         """Drop lines available now; must be read before the netlink socket is drained (see drops/correlator.py)."""

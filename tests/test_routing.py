@@ -1,0 +1,156 @@
+"""Drops by the kernel's routing, said by the route that made them: the pure logic
+(drops/routing.py), from hand-made drops and facts. The kernel-backed counterparts, which
+ask a real router namespace, are in test_routing_drops.py."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+from nftrace.drops.correlator import kernel_drop_record
+from nftrace.drops.reasons import KernelDrop
+from nftrace.drops.routing import RouteQuestions, RoutingFacts, explain_routing, is_routing_drop
+from nftrace.drops.tally import DropTally
+from nftrace.trace.paths import PacketPath
+
+CLIENT, BLACKHOLED = ipaddress.ip_address("10.77.1.2"), ipaddress.ip_address("10.99.0.1")
+
+
+def drop(reason="NOT_SPECIFIED", location="ip_error+0x94", src=CLIENT, dst=BLACKHOLED, at=10.0) -> KernelDrop:
+    return KernelDrop(at, reason, location, src, dst, 17, 40000, 5000)
+
+
+# -- which drops are routing's -------------------------------------------------------------------
+
+
+def test_a_drop_where_an_input_route_refuses_is_routings_whatever_its_reason():
+    for location in ("ip_error+0x94", "ip6_pkt_prohibit+0x14", "ip6_pkt_discard+0x14", "dst_discard_out+0x14"):
+        assert is_routing_drop(drop(location=location)), location
+
+
+def test_ip6_forward_drops_are_routings_only_as_invalid_addresses_where_forwarding_is_off():
+    assert is_routing_drop(drop("IP_INADDRERRORS", "ip6_forward+0x642"))
+    assert not is_routing_drop(drop("IP_INHDR", "ip6_forward+0x1a0"))  # hop limit exceeded
+
+
+def test_drops_elsewhere_are_not_routings():
+    assert not is_routing_drop(drop("NO_SOCKET", "udp_queue_rcv_one_skb+0x2c"))
+    assert not is_routing_drop(drop("IP_RPFILTER", "ip_rcv_finish_core+0x1c3"))
+
+
+# -- in plain words ------------------------------------------------------------------------------
+
+
+def test_a_refusing_route_is_named_with_what_the_sender_hears():
+    blackhole = RoutingFacts(errno.EINVAL, ("blackhole 10.99.0.0/24 table main",))
+    assert blackhole.cause == "blackhole"
+    assert explain_routing(blackhole, drop(), "r-client") == \
+        "a blackhole route drops it silently: blackhole 10.99.0.0/24 table main"
+    prohibit = RoutingFacts(errno.EACCES, ("prohibit 10.99.0.0/24 table 100",))
+    assert explain_routing(prohibit, drop(), None) == \
+        "a prohibit route drops it and answers ICMP administratively prohibited: prohibit 10.99.0.0/24 table 100"
+    unreachable = RoutingFacts(errno.EHOSTUNREACH, ("unreachable default table main",))
+    assert explain_routing(unreachable, drop(), None).startswith("an unreachable route drops it and answers ICMP host")
+
+
+def test_without_a_refusing_route_the_policy_rule_is_named_or_the_refusal_alone():
+    by_rule = RoutingFacts(errno.EINVAL, (), ("100: from all to 10.99.0.0/24 blackhole",))
+    assert explain_routing(by_rule, drop(), None) == \
+        "a policy routing rule drops it silently: ip rule 100: from all to 10.99.0.0/24 blackhole"
+    assert explain_routing(RoutingFacts(errno.EINVAL), drop(), None) == \
+        "routing drops it silently (`ip route get` answers blackhole)"
+
+
+def test_no_route_at_all():
+    facts = RoutingFacts(errno.ENETUNREACH)
+    assert facts.cause == "no route"
+    assert explain_routing(facts, drop("IP_INNOROUTES"), None) == \
+        "no route covers the destination in any routing table, not even a default route"
+
+
+def test_forwarding_off_comes_before_what_the_lookup_says():
+    """With forwarding off on the interface, IPv4's lookup fails as if the host were
+    unreachable: the sysctl is the cause, not a route."""
+    facts = RoutingFacts(errno.EHOSTUNREACH, forwarding_off="net.ipv4.conf.r-client.forwarding = 0")
+    assert facts.cause == "forwarding off"
+    assert explain_routing(facts, drop("IP_INADDRERRORS"), "r-client") == (
+        "forwarding is off on r-client (net.ipv4.conf.r-client.forwarding = 0): routed packets are dropped "
+        "(net.ipv4.ip_forward = 1 turns it on for every interface)")
+    v6 = RoutingFacts(0, forwarding_off="net.ipv6.conf.all.forwarding = 0")
+    assert explain_routing(v6, drop("IP_INADDRERRORS", "ip6_forward+0x642", ipaddress.ip_address("fd77:1::2"),
+                                    ipaddress.ip_address("fd77:2::2")), None) == \
+        "IPv6 forwarding is off (net.ipv6.conf.all.forwarding = 0): routed packets are dropped"
+
+
+def test_a_route_found_now_leaves_the_reasons_own_words():
+    """The tables changed since the drop, or it was no refusal: nothing is made up."""
+    assert explain_routing(RoutingFacts(0), drop(), None) is None
+    record = kernel_drop_record(drop(), 3, {3: "r-client"}, routing=lambda drop, iif: RoutingFacts(0))
+    assert record == {"reason": "NOT_SPECIFIED", "location": "ip_error+0x94",
+                      "explain": "the kernel freed it without saying why"}
+
+
+def test_the_answer_carries_the_facts_for_scripts():
+    facts = RoutingFacts(errno.EINVAL, ("blackhole 10.99.0.0/24 table main",))
+    record = kernel_drop_record(drop(), 3, {3: "r-client"}, routing=lambda drop, iif: facts)
+    assert record == {"reason": "NOT_SPECIFIED", "location": "ip_error+0x94",
+                      "explain": "a blackhole route drops it silently: blackhole 10.99.0.0/24 table main",
+                      "routing": {"cause": "blackhole", "routes": ["blackhole 10.99.0.0/24 table main"], "rules": [],
+                                  "sysctl": None}}
+
+
+# -- asking: once per packet, a few a second -----------------------------------------------------
+
+
+class Asker:
+    def __init__(self, facts=RoutingFacts(errno.EINVAL)):
+        self.asked = []
+        self.facts = facts
+
+    def __call__(self, src, dst, iif):
+        self.asked.append((str(src), str(dst), iif))
+        if isinstance(self.facts, Exception):
+            raise self.facts
+        return self.facts
+
+
+def test_only_routings_drops_are_asked_about_and_each_packets_addresses_once():
+    asker = Asker()
+    questions = RouteQuestions(asker, clock=lambda: 0.0)
+    assert questions(drop("NO_SOCKET", "udp_queue_rcv_one_skb+0x2c"), 3) is None
+    assert questions(drop(), 3) == questions(drop(at=11.0), 3) == asker.facts
+    assert asker.asked == [("10.77.1.2", "10.99.0.1", 3)]
+
+
+def test_a_flood_of_new_addresses_is_asked_about_a_few_times_a_second_not_per_packet():
+    asker, now = Asker(), [0.0]
+    questions = RouteQuestions(asker, clock=lambda: now[0])
+    answered = [questions(drop(dst=ipaddress.ip_address(f"10.99.{n // 250}.{n % 250 + 1}")), 3) for n in range(500)]
+    assert len(asker.asked) == sum(facts is not None for facts in answered) == 50
+    now[0] = 1.0
+    questions(drop(dst=ipaddress.ip_address("10.99.9.9")), 3)
+    assert len(asker.asked) == 51
+
+
+def test_where_routing_cannot_be_asked_the_reason_stands_alone():
+    questions = RouteQuestions(Asker(OSError(errno.EPROTONOSUPPORT, "no rtnetlink")), clock=lambda: 0.0)
+    assert questions(drop(), 3) is None
+
+
+# -- counted by drops ----------------------------------------------------------------------------
+
+
+def test_drops_counts_each_refusal_apart_under_one_kernel_reason():
+    tally = DropTally()
+    for route, count in (("blackhole 10.99.0.0/24 table main", 3), ("prohibit 10.97.0.0/24 table main", 2)):
+        facts = RoutingFacts(errno.EINVAL if route.startswith("blackhole") else errno.EACCES, (route,))
+        for _ in range(count):
+            path = PacketPath(1, complete=True, verdict="accept")
+            path.kernel_drop = kernel_drop_record(drop(), None, routing=lambda drop, iif: facts)
+            assert tally.add(path, {}) == "kernel"
+    counted = [(entry["reason"], entry["routing"]["cause"], entry["packets"], entry["explain"])
+               for entry in tally.kernel_drops_json()]
+    assert counted == [
+        ("NOT_SPECIFIED", "blackhole", 3, "a blackhole route drops it silently: blackhole 10.99.0.0/24 table main"),
+        ("NOT_SPECIFIED", "prohibit", 2, "a prohibit route drops it and answers ICMP administratively prohibited: "
+                                         "prohibit 10.97.0.0/24 table main")]

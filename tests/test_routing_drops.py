@@ -1,0 +1,126 @@
+"""Drops by the kernel's routing, against the real kernel: a router namespace whose routes
+refuse some destinations (blackhole, unreachable, prohibit, a policy rule, no route at all)
+and whose forwarding can be switched off.
+
+The kernel frees all of these packets with reasons that do not say which refusal it was
+(NOT_SPECIFIED for most, IP_INADDRERRORS "invalid destination" with forwarding off): the
+answer must name the route, the rule or the sysctl that did it (drops/routing.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import lab_topology, load_ruleset, nftrace, traffic, why
+from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, SERVER_V4, in_netns
+from test_drops import Drops, send
+
+pytestmark = pytest.mark.kernel
+
+ROUTER_RULESET = """
+table inet fw {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        udp dport 7 drop
+    }
+}
+"""
+ROUTES = (
+    ["ip", "route", "add", "blackhole", "10.99.0.0/24"],
+    ["ip", "route", "add", "unreachable", "10.98.0.0/24"],
+    ["ip", "route", "add", "prohibit", "10.97.0.0/24", "table", "100"],
+    ["ip", "rule", "add", "to", "10.97.0.0/24", "lookup", "100", "priority", "90"],
+    ["ip", "rule", "add", "to", "10.95.0.0/24", "prohibit", "priority", "100"],
+    ["ip", "-6", "route", "add", "blackhole", "fd99:1::/64"],
+    ["ip", "-6", "route", "add", "prohibit", "fd99:3::/64"],
+)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    def setup(topo):
+        load_ruleset(topo.router, ROUTER_RULESET)
+        for command in ROUTES:
+            in_netns(topo.router, command)
+
+    with lab_topology("routes", setup) as topo:
+        yield topo
+
+
+def udp_to(lab, destination: str) -> dict:
+    """The one packet of a UDP datagram from the client to `destination`, as `why --json` answers it."""
+    source = CLIENT_V6 if ":" in destination else CLIENT_V4
+    result = why(lab, "--from", source, "--to", destination, "--proto", "udp", "--dport", "5000",
+                 command=traffic(lab.client, "udp", destination, "5000"))
+    packet = result.packets[0]
+    if packet.get("kernel_drop") is None and any("kernel drop reasons unavailable" in w for w in result.json["warnings"]):
+        pytest.skip("bpftrace cannot watch kernel drops here")
+    return packet
+
+
+@pytest.mark.parametrize("destination, cause, words", [
+    ("10.99.0.1", "blackhole", "a blackhole route drops it silently: blackhole 10.99.0.0/24 table main"),
+    ("10.98.0.1", "unreachable", "an unreachable route drops it and answers ICMP host unreachable: "
+                                 "unreachable 10.98.0.0/24 table main"),
+    ("10.97.0.1", "prohibit", "a prohibit route drops it and answers ICMP administratively prohibited: "
+                              "prohibit 10.97.0.0/24 table 100"),
+    ("10.95.0.1", "prohibit", "a policy routing rule drops it and answers ICMP administratively prohibited: "
+                              "ip rule 100: from all to 10.95.0.0/24 prohibit"),
+    ("10.96.0.1", "no route", "no route covers the destination in any routing table, not even a default route"),
+    ("fd99:1::1", "blackhole", "a blackhole route drops it silently: blackhole fd99:1::/64 table main"),
+    ("fd99:3::1", "prohibit", "a prohibit route drops it and answers ICMP administratively prohibited: "
+                              "prohibit fd99:3::/64 table main"),
+])
+def test_a_packet_that_routing_refuses_is_answered_with_the_route_or_rule_that_refused_it(lab, destination, cause,
+                                                                                           words):
+    packet = udp_to(lab, destination)
+    assert (packet["verdict"], packet["decided_by"], packet["hooks"]) == ("accept", None, ["prerouting"])
+    drop = packet["kernel_drop"]
+    assert drop["routing"]["cause"] == cause
+    assert drop["explain"] == words
+    assert packet["summary"].endswith(f"then the kernel dropped it: {drop['reason']} — {words}")
+
+
+def test_forwarding_off_on_the_interface_is_named_not_an_invalid_destination(lab):
+    """IPv4 says IP_INADDRERRORS ("invalid destination address") for a routed packet that came
+    in where forwarding is off: the usual reason a new router forwards nothing."""
+    sysctl = "net.ipv4.conf.r-client.forwarding"
+    in_netns(lab.router, ["sysctl", "-qw", f"{sysctl}=0"])
+    try:
+        packet = udp_to(lab, SERVER_V4)
+    finally:
+        in_netns(lab.router, ["sysctl", "-qw", f"{sysctl}=1"])
+    drop = packet["kernel_drop"]
+    assert drop["reason"] == "IP_INADDRERRORS"
+    assert drop["routing"] == {"cause": "forwarding off", "routes": [], "rules": [], "sysctl": f"{sysctl} = 0"}
+    assert drop["explain"].startswith(f"forwarding is off on r-client ({sysctl} = 0): routed packets are dropped")
+
+
+def test_a_dry_run_names_the_route_from_the_sandbox_copy_and_no_rule_can_let_the_packet_through(lab):
+    result = nftrace("--netns", lab.router, "why", "--dry-run", "--fix", "accept", "--json", "--from", CLIENT_V4,
+                     "--to", "10.99.0.1", "--proto", "udp", "--dport", "5000", "--iif", "r-client", timeout=120)
+    assert result.returncode == 0, result.stderr
+    [packet] = result.packets
+    if packet.get("kernel_drop") is None:
+        pytest.skip("bpftrace cannot watch kernel drops here")
+    assert packet["kernel_drop"]["routing"]["routes"] == ["blackhole 10.99.0.0/24 table main"]
+    fix = packet["fix"]
+    assert (fix["needed"], fix["proven"], fix["commands"]) == (True, False, [])
+    assert fix["reason"] == ("the ruleset lets it through already, and the kernel drops it after netfilter: "
+                             "NOT_SPECIFIED — a blackhole route drops it silently: blackhole 10.99.0.0/24 table main; "
+                             "no ruleset change can let it through")
+
+
+def test_drops_counts_each_refusal_apart_though_the_kernel_gives_them_one_reason(lab):
+    run = Drops(lab, "--max-rate", "0", "--duration", "5", "--json")
+    for destination, count in (("10.99.0.1", 5), ("10.97.0.1", 3)):
+        send(lab, 5000, destination, count, rate=50)
+    code, out, err = run.finish()
+    assert code == 0, err
+    document = json.loads(out)
+    if any("kernel drop reasons unavailable" in warning for warning in document["warnings"]):
+        pytest.skip("bpftrace cannot watch kernel drops here")
+    counted = {(entry["reason"], entry["routing"]["cause"], entry["packets"]) for entry in document["kernel_drops"]}
+    assert counted == {("NOT_SPECIFIED", "blackhole", 5), ("NOT_SPECIFIED", "prohibit", 3)}
