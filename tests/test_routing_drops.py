@@ -14,7 +14,7 @@ import json
 import pytest
 
 from conftest import lab_topology, load_ruleset, nftrace, traffic, why
-from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, SERVER_V4, in_netns
+from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, in_netns
 from test_drops import Drops, send
 
 pytestmark = pytest.mark.kernel
@@ -83,19 +83,24 @@ def test_a_packet_that_routing_refuses_is_answered_with_the_route_or_rule_that_r
     assert packet["summary"].endswith(f"then the kernel dropped it: {drop['reason']} — {words}")
 
 
-def test_forwarding_off_on_the_interface_is_named_not_an_invalid_destination(lab):
-    """IPv4 says IP_INADDRERRORS ("invalid destination address") for a routed packet that came
-    in where forwarding is off: the usual reason a new router forwards nothing."""
-    sysctl = "net.ipv4.conf.r-client.forwarding"
+@pytest.mark.parametrize("destination, sysctl, words", [
+    (SERVER_V4, "net.ipv4.conf.r-client.forwarding", "forwarding is off on r-client (net.ipv4.conf.r-client.forwarding = 0)"
+                                                    ": routed packets are dropped"),
+    (SERVER_V6, "net.ipv6.conf.all.forwarding", "IPv6 forwarding is off (net.ipv6.conf.all.forwarding = 0): routed "
+                                               "packets are dropped"),
+])
+def test_forwarding_off_is_named_not_an_invalid_destination(lab, destination, sysctl, words):
+    """The kernel says IP_INADDRERRORS ("invalid destination address") for a routed packet
+    where forwarding is off: the usual reason a new router forwards nothing."""
     in_netns(lab.router, ["sysctl", "-qw", f"{sysctl}=0"])
     try:
-        packet = udp_to(lab, SERVER_V4)
+        packet = udp_to(lab, destination)
     finally:
         in_netns(lab.router, ["sysctl", "-qw", f"{sysctl}=1"])
     drop = packet["kernel_drop"]
     assert drop["reason"] == "IP_INADDRERRORS"
     assert drop["routing"] == {"cause": "forwarding off", "routes": [], "rules": [], "sysctl": f"{sysctl} = 0"}
-    assert drop["explain"].startswith(f"forwarding is off on r-client ({sysctl} = 0): routed packets are dropped")
+    assert drop["explain"].startswith(words)
 
 
 def test_a_dry_run_names_the_route_from_the_sandbox_copy_and_no_rule_can_let_the_packet_through(lab):

@@ -125,7 +125,7 @@ def kernel_drop_record(drop: KernelDrop, iif_index: Optional[int], interfaces: O
     made by routing the route that made it (`routing`, drops/routing.py)."""
     iif = (interfaces or {}).get(iif_index) if iif_index else None
     record = {"reason": drop.reason, "location": drop.code_location(), "explain": explain(drop, iif)}
-    facts = routing(drop, iif_index) if routing is not None else None
+    facts = routing(drop, iif_index, iif) if routing is not None else None
     if facts is not None and facts.cause is not None:
         record["routing"] = facts.to_json()
         record["explain"] = explain_routing(facts, drop, iif)

@@ -112,7 +112,7 @@ def _a(cause: str) -> str:
 
 
 class RouteQuestions:
-    """`questions(drop, iif_index)`: the routing facts of a drop made by routing, from `ask`
+    """`questions(drop, iif_index, iif)`: the routing facts of a drop made by routing, from `ask`
     (kernel/routes.py routing_facts); None for any other drop, where asking fails, or over the
     budget. Each packet's addresses and interface are asked about once, and only a few new
     ones a second: a flood of routed-away packets costs a lookup now and then, never one per
@@ -125,7 +125,7 @@ class RouteQuestions:
         self._budget = QUESTIONS_BURST
         self._refilled = clock()
 
-    def __call__(self, drop: KernelDrop, iif_index: Optional[int]) -> Optional[RoutingFacts]:
+    def __call__(self, drop: KernelDrop, iif_index: Optional[int], iif: Optional[str]) -> Optional[RoutingFacts]:
         if drop.src is None or drop.dst is None or not is_routing_drop(drop):
             return None
         key = (drop.src, drop.dst, iif_index)
@@ -135,8 +135,8 @@ class RouteQuestions:
         if not self._spend():
             return None
         try:
-            facts = self._ask(drop.src, drop.dst, iif_index)
-        except (OSError, ImportError):  # no rtnetlink here: the reason's own words
+            facts = self._ask(drop.src, drop.dst, iif_index, iif)
+        except OSError:  # no rtnetlink here: the reason's own words
             facts = None
         self._answers[key] = facts
         if len(self._answers) > ANSWERS_REMEMBERED:

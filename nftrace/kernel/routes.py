@@ -9,49 +9,157 @@ RouteQuestions decides which drops are asked about, and how often.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
-from typing import Optional
+import struct
+from typing import Iterator, Optional
+
+from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK
+from pyroute2.netlink.rtnl import RTM_GETROUTE, RTM_GETRULE, RTM_NEWROUTE, RTM_NEWRULE, rt_type
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from ..drops.routing import REFUSALS, RoutingFacts
 
-# The refusing route types (linux/rtnetlink.h RTN_*), numbered as the rule actions that
-# refuse (fib_rules.h FR_ACT_*) are.
-_REFUSING_TYPES = {"blackhole": 6, "unreachable": 7, "prohibit": 8}
+
+def _attribute_numbers(nla_map) -> dict:
+    """name → number, from a pyroute2 nla_map (positional, or with the numbers in it)."""
+    return {entry[-2]: entry[0] if len(entry) == 3 else number for number, entry in enumerate(nla_map)}
+
+
+RTA = _attribute_numbers(rtmsg.nla_map)
+FRA = _attribute_numbers(fibmsg.nla_map)
+# linux/netlink.h: the kernel checks a dump request's header and filters by it (the route
+# type here) instead of sending every route: a full BGP table is a million of them.
+NETLINK_GET_STRICT_CHK = 12
+_NLMSG = struct.Struct("=IHHII")
+_NLA = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+# struct rtmsg and struct fib_rule_hdr: four bytes, table, three bytes (rtmsg: protocol,
+# scope, type; fib_rule_hdr: two reserved, action), flags.
+_RTMSG = struct.Struct("=BBBBBBBBI")
 _TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
+_sequence = itertools.count(1)
 
 
-def routing_facts(src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress, iif_index: Optional[int]) -> RoutingFacts:
-    """What routing says now of a packet from `src` to `dst` that came in on `iif_index`."""
-    from pyroute2 import IPRoute  # imported when routing dropped a packet: 80 ms nftrace mostly never spends
-    from pyroute2.netlink.exceptions import NetlinkError
-
+def routing_facts(src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress, iif_index: Optional[int],
+                  iif: Optional[str]) -> RoutingFacts:
+    """What routing says now of a packet from `src` to `dst` that came in on `iif` (index and name)."""
     family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
-    with IPRoute() as ipr:
-        iif = _interface_name(ipr, iif_index)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         forwarding_off = _forwarding_off(dst.version, iif)
-        question = {"dst": str(dst), "src": str(src)}
-        if iif_index:
-            question["iif"] = iif_index
-        try:
-            ipr.route("get", family=family, **question)
-            error = 0
-        except NetlinkError as err:
-            error = err.code
+        error = _route_get(sock, family, src, dst, iif_index)
         refusal = REFUSALS.get(error)
         routes = rules = ()
-        if refusal in _REFUSING_TYPES:
-            number = _REFUSING_TYPES[refusal]
-            routes = _covering_routes(ipr.get_routes(family=family), dst, number)
-            if not routes:
-                rules = tuple(_rule_text(rule) for rule in ipr.get_rules(family=family) if rule["action"] == number)
+        if refusal in rt_type:  # blackhole, unreachable, prohibit (not: no route)
+            number = rt_type[refusal]
+            routes = _covering_routes(sock, family, dst, number)
+            if not routes:  # a policy rule's action, numbered as the route types are (fib_rules.h FR_ACT_*)
+                rules = tuple(text for action, text in _rules(sock, family) if action == number)
     return RoutingFacts(error, routes, rules, forwarding_off)
 
 
-def _interface_name(ipr, index: Optional[int]) -> Optional[str]:
-    if not index:
-        return None
-    links = ipr.get_links(index)
-    return links[0].get_attr("IFLA_IFNAME") if links else None
+def _route_get(sock: socket.socket, family: int, src, dst, iif_index: Optional[int]) -> int:
+    """The errno of `ip route get DST from SRC iif IIF`; 0 when it finds a route."""
+    bits = dst.max_prefixlen
+    attributes = _attribute(RTA["RTA_DST"], dst.packed) + _attribute(RTA["RTA_SRC"], src.packed)
+    if iif_index:
+        attributes += _attribute(RTA["RTA_IIF"], _U32.pack(iif_index))
+    header = _RTMSG.pack(family, bits, bits, 0, 0, 0, 0, 0, 0)
+    for msg_type, body in _exchange(sock, RTM_GETROUTE, NLM_F_REQUEST, header + attributes):
+        if msg_type == NLMSG_ERROR:
+            return -struct.unpack_from("=i", body)[0]
+        if msg_type == RTM_NEWROUTE:
+            return 0
+    return 0
+
+
+def _covering_routes(sock: socket.socket, family: int, dst, route_type: int) -> tuple:
+    """The routes of `route_type` in any table whose prefix holds `dst`, longest prefix first,
+    as `ip route` prints them; the kernel sends only routes of that type (strict dump)."""
+    found = []
+    header = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, route_type, 0)
+    for msg_type, body in _exchange(sock, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, header):
+        if msg_type != RTM_NEWROUTE or len(body) < _RTMSG.size:
+            continue
+        _, dst_len, _, _, table, _, _, kind, _ = _RTMSG.unpack_from(body)
+        if kind != route_type:
+            continue
+        attributes = _attributes(body, _RTMSG.size)
+        prefix = attributes.get(RTA["RTA_DST"], b"\0" * (dst.max_prefixlen // 8))
+        network = ipaddress.ip_network((ipaddress.ip_address(prefix), dst_len), strict=False)
+        if dst in network:
+            table = _U32.unpack(attributes[RTA["RTA_TABLE"]])[0] if RTA["RTA_TABLE"] in attributes else table
+            where = "default" if dst_len == 0 else str(network)
+            found.append((dst_len, f"{rt_type[route_type]} {where} table {_TABLE_NAMES.get(table, table)}"))
+    found.sort(key=lambda item: -item[0])
+    return tuple(text for _, text in found)
+
+
+def _rules(sock: socket.socket, family: int) -> Iterator[tuple]:
+    """(action, the rule as `ip rule` prints it: priority, the selectors nftrace reads, action)."""
+    for msg_type, body in _exchange(sock, RTM_GETRULE, NLM_F_REQUEST | NLM_F_DUMP,
+                                    _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+        if msg_type != RTM_NEWRULE or len(body) < _RTMSG.size:
+            continue
+        _, dst_len, src_len, _, _, _, _, action, _ = _RTMSG.unpack_from(body)
+        attributes = _attributes(body, _RTMSG.size)
+        words = [f"{_number(attributes, FRA['FRA_PRIORITY']) or 0}:", "from"]
+        source, destination = attributes.get(FRA["FRA_SRC"]), attributes.get(FRA["FRA_DST"])
+        words.append(f"{ipaddress.ip_address(source)}/{src_len}" if source else "all")
+        if destination:
+            words += ["to", f"{ipaddress.ip_address(destination)}/{dst_len}"]
+        for name, word in (("FRA_IIFNAME", "iif"), ("FRA_OIFNAME", "oif")):
+            if FRA[name] in attributes:
+                words += [word, attributes[FRA[name]].rstrip(b"\0").decode("utf-8", "replace")]
+        if FRA["FRA_FWMARK"] in attributes:
+            words += ["fwmark", hex(_number(attributes, FRA["FRA_FWMARK"]))]
+        yield action, " ".join(words + [rt_type.get(action, str(action))])
+
+
+def _exchange(sock: socket.socket, msg_type: int, flags: int, payload: bytes) -> Iterator[tuple]:
+    """Send one request; yield (type, body) of each answer to it, up to the end of a dump or
+    the one answer (or error) of a request."""
+    sequence = next(_sequence)
+    sock.send(_NLMSG.pack(_NLMSG.size + len(payload), msg_type, flags, sequence, 0) + payload)
+    while True:
+        data = sock.recv(1 << 16)
+        offset = 0
+        while offset + _NLMSG.size <= len(data):
+            length, kind, _, answered, _ = _NLMSG.unpack_from(data, offset)
+            if length < _NLMSG.size:
+                return
+            body = data[offset + _NLMSG.size:offset + length]
+            offset += (length + 3) & ~3
+            if answered != sequence:
+                continue
+            if kind == NLMSG_DONE:
+                return
+            yield kind, body
+            if not flags & NLM_F_DUMP or kind == NLMSG_ERROR:
+                return
+
+
+def _attribute(number: int, value: bytes) -> bytes:
+    length = _NLA.size + len(value)
+    return _NLA.pack(length, number) + value + b"\0" * (-length % 4)
+
+
+def _attributes(body: bytes, offset: int) -> dict:
+    found = {}
+    while offset + _NLA.size <= len(body):
+        length, number = _NLA.unpack_from(body, offset)
+        if length < _NLA.size:
+            break
+        found.setdefault(number & 0x3FFF, body[offset + _NLA.size:offset + length])
+        offset += (length + 3) & ~3
+    return found
+
+
+def _number(attributes: dict, number: int) -> Optional[int]:
+    value = attributes.get(number)
+    return _U32.unpack(value[:4])[0] if value is not None and len(value) >= 4 else None
 
 
 def _forwarding_off(version: int, iif: Optional[str]) -> Optional[str]:
@@ -76,40 +184,3 @@ def _sysctl(key: str) -> Optional[str]:
             return value.read().strip()
     except OSError:
         return None
-
-
-def _covering_routes(routes, dst: ipaddress._BaseAddress, route_type: int) -> tuple:
-    """The routes of `route_type` whose prefix holds `dst`, longest prefix first, as text."""
-    found = []
-    for route in routes:
-        if route["type"] != route_type:
-            continue
-        prefix = route.get_attr("RTA_DST")
-        network = ipaddress.ip_network(f"{prefix}/{route['dst_len']}" if prefix else
-                                       ("::/0" if dst.version == 6 else "0.0.0.0/0"), strict=False)
-        if dst in network:
-            table = route.get_attr("RTA_TABLE") or route["table"]
-            found.append((network.prefixlen, _route_text(route_type, network, table)))
-    found.sort(key=lambda item: -item[0])
-    return tuple(text for _, text in found)
-
-
-def _route_text(route_type: int, network, table: int) -> str:
-    kind = next(name for name, number in _REFUSING_TYPES.items() if number == route_type)
-    where = "default" if network.prefixlen == 0 else str(network)
-    return f"{kind} {where} table {_TABLE_NAMES.get(table, table)}"
-
-
-def _rule_text(rule) -> str:
-    """A policy rule as `ip rule` prints it (the selectors nftrace reads, then the action)."""
-    words = [f"{rule.get_attr('FRA_PRIORITY') or 0}:"]
-    source, destination = rule.get_attr("FRA_SRC"), rule.get_attr("FRA_DST")
-    words += ["from", f"{source}/{rule['src_len']}" if source else "all"]
-    if destination:
-        words += ["to", f"{destination}/{rule['dst_len']}"]
-    for attribute, word in (("FRA_IIFNAME", "iif"), ("FRA_OIFNAME", "oif"), ("FRA_FWMARK", "fwmark")):
-        value = rule.get_attr(attribute)
-        if value is not None:
-            words += [word, hex(value) if attribute == "FRA_FWMARK" else str(value)]
-    action = next(name for name, number in _REFUSING_TYPES.items() if number == rule["action"])
-    return " ".join(words + [action])
