@@ -9,7 +9,7 @@ import ipaddress
 
 from nftrace.drops.correlator import kernel_drop_record
 from nftrace.drops.reasons import KernelDrop
-from nftrace.drops.routing import RouteQuestions, RoutingFacts, explain_routing, is_routing_drop
+from nftrace.drops.routing import RouteQuestions, RoutingFacts, explain_routing, explain_unsent, is_routing_drop
 from nftrace.drops.tally import DropTally
 from nftrace.trace.paths import PacketPath
 
@@ -155,3 +155,21 @@ def test_drops_counts_each_refusal_apart_under_one_kernel_reason():
         ("NOT_SPECIFIED", "blackhole", 3, "a blackhole route drops it silently: blackhole 10.99.0.0/24 table main"),
         ("NOT_SPECIFIED", "prohibit", 2, "a prohibit route drops it and answers ICMP administratively prohibited: "
                                          "prohibit 10.97.0.0/24 table main")]
+
+
+# -- a packet this host would send, refused before netfilter saw it --------------------------------
+
+
+def test_a_refused_send_says_what_the_sender_got_and_what_refused_it():
+    assert explain_unsent(RoutingFacts(errno.EINVAL, ("blackhole 10.99.0.0/24 table main",))) == (
+        'routing refuses to send it, so no packet reaches netfilter (the sender gets "Invalid argument"): '
+        'a blackhole route: blackhole 10.99.0.0/24 table main')
+    assert explain_unsent(RoutingFacts(errno.EACCES, (), ("100: from all to 10.95.0.0/24 prohibit",))).endswith(
+        '(the sender gets "Permission denied"): a policy routing rule: ip rule 100: from all to 10.95.0.0/24 prohibit')
+    assert explain_unsent(RoutingFacts(errno.ENETUNREACH)).endswith(
+        '(the sender gets "Network is unreachable"): no route covers the destination in any routing table, not even '
+        'a default route')
+
+
+def test_a_send_that_routing_allows_has_nothing_to_say():
+    assert explain_unsent(RoutingFacts(0)) is None

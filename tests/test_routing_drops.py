@@ -14,7 +14,7 @@ import json
 import pytest
 
 from conftest import lab_topology, load_ruleset, nftrace, traffic, why
-from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, in_netns
+from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, SERVER_V6, in_netns
 from test_drops import Drops, send
 
 pytestmark = pytest.mark.kernel
@@ -129,3 +129,33 @@ def test_drops_counts_each_refusal_apart_though_the_kernel_gives_them_one_reason
         pytest.skip("bpftrace cannot watch kernel drops here")
     counted = {(entry["reason"], entry["routing"]["cause"], entry["packets"]) for entry in document["kernel_drops"]}
     assert counted == {("NOT_SPECIFIED", "blackhole", 5), ("NOT_SPECIFIED", "prohibit", 3)}
+
+
+# -- sent by the router itself: refused before netfilter sees a packet -------------------------------
+
+
+UNSENT = ('routing refuses to send it, so no packet reaches netfilter (the sender gets "Invalid argument"): '
+          'a blackhole route: blackhole 10.99.0.0/24 table main')
+
+
+def test_a_packet_the_router_cannot_send_is_no_packet_and_the_route_is_named(lab):
+    result = nftrace("--netns", lab.router, "why", "--from", ROUTER_SERVER_V4, "--to", "10.99.0.1", "--proto", "udp",
+                     "--dport", "53", "--count", "1", "--timeout", "3", "--json", "--",
+                     *traffic(lab.router, "udp", "10.99.0.1", "53"))
+    assert result.returncode == 3, result.stderr
+    assert result.json["packets"] == []
+    assert UNSENT in result.json["warnings"]
+
+
+def test_a_dry_run_of_a_packet_the_router_cannot_send_names_the_route(lab):
+    result = nftrace("--netns", lab.router, "why", "--dry-run", "--from", ROUTER_SERVER_V4, "--to", "10.99.0.1",
+                     "--proto", "tcp", "--dport", "53", timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert f"warning: {UNSENT}" in result.stdout + result.stderr
+
+
+def test_a_packet_from_another_host_that_never_came_is_not_blamed_on_the_routers_routes(lab):
+    result = nftrace("--netns", lab.router, "why", "--from", CLIENT_V4, "--to", "10.99.0.1", "--proto", "udp",
+                     "--dport", "53", "--count", "1", "--timeout", "2", "--json", "--", "true")
+    assert result.returncode == 3, result.stderr
+    assert not any("routing refuses" in warning for warning in result.json["warnings"])

@@ -17,6 +17,7 @@ Pure: the facts come in as `RoutingFacts`.
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -105,6 +106,24 @@ def explain_routing(facts: RoutingFacts, drop: KernelDrop, iif: Optional[str]) -
     if facts.rules:
         return f"a policy routing rule {effect}: ip rule {facts.rules[0]}"
     return f"routing {effect} (`ip route get` answers {cause})"
+
+
+def explain_unsent(facts: RoutingFacts) -> Optional[str]:
+    """Why a packet this host would send never reached netfilter: routing refused to send it,
+    and the sending socket got the error instead. None where routing finds a route."""
+    cause = facts.cause
+    if cause is None:
+        return None
+    if cause == "no route":
+        what = "no route covers the destination in any routing table, not even a default route"
+    elif facts.routes:
+        what = f"{_a(cause)} route: {facts.routes[0]}"
+    elif facts.rules:
+        what = f"a policy routing rule: ip rule {facts.rules[0]}"
+    else:
+        what = f"`ip route get` answers {cause}"
+    return (f"routing refuses to send it, so no packet reaches netfilter (the sender gets "
+            f"\"{os.strerror(facts.error)}\"): {what}")
 
 
 def _a(cause: str) -> str:

@@ -45,34 +45,55 @@ _sequence = itertools.count(1)
 def routing_facts(src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress, iif_index: Optional[int],
                   iif: Optional[str]) -> RoutingFacts:
     """What routing says now of a packet from `src` to `dst` that came in on `iif` (index and name)."""
+    with _rtnetlink() as sock:
+        error, _ = _route_get(sock, dst, src, iif_index)
+        return _facts(sock, dst, error, _forwarding_off(dst.version, iif))
+
+
+def sending_facts(src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress) -> Optional[RoutingFacts]:
+    """What routing says now of a packet that this namespace sends from `src` to `dst`
+    (`ip route get DST from SRC`); None where `src` is not an address of the namespace."""
+    with _rtnetlink() as sock:
+        if _route_get(sock, src, None, None) != (0, rt_type["local"]):
+            return None
+        error, _ = _route_get(sock, dst, src, None)
+        return _facts(sock, dst, error, None)
+
+
+def _rtnetlink() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+    return sock
+
+
+def _facts(sock: socket.socket, dst, error: int, forwarding_off: Optional[str]) -> RoutingFacts:
+    """The refusal that a lookup's `error` names, with the routes (or rules) that make it."""
     family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
-        forwarding_off = _forwarding_off(dst.version, iif)
-        error = _route_get(sock, family, src, dst, iif_index)
-        refusal = REFUSALS.get(error)
-        routes = rules = ()
-        if refusal in rt_type:  # blackhole, unreachable, prohibit (not: no route)
-            number = rt_type[refusal]
-            routes = _covering_routes(sock, family, dst, number)
-            if not routes:  # a policy rule's action, numbered as the route types are (fib_rules.h FR_ACT_*)
-                rules = tuple(text for action, text in _rules(sock, family) if action == number)
+    refusal = REFUSALS.get(error)
+    routes = rules = ()
+    if refusal in rt_type:  # blackhole, unreachable, prohibit (not: no route)
+        number = rt_type[refusal]
+        routes = _covering_routes(sock, family, dst, number)
+        if not routes:  # a policy rule's action, numbered as the route types are (fib_rules.h FR_ACT_*)
+            rules = tuple(text for action, text in _rules(sock, family) if action == number)
     return RoutingFacts(error, routes, rules, forwarding_off)
 
 
-def _route_get(sock: socket.socket, family: int, src, dst, iif_index: Optional[int]) -> int:
-    """The errno of `ip route get DST from SRC iif IIF`; 0 when it finds a route."""
-    bits = dst.max_prefixlen
-    attributes = _attribute(RTA["RTA_DST"], dst.packed) + _attribute(RTA["RTA_SRC"], src.packed)
+def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int]) -> tuple:
+    """(errno, route type) of `ip route get DST [from SRC] [iif IIF]`: errno 0 when it finds a route."""
+    family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+    attributes = _attribute(RTA["RTA_DST"], dst.packed)
+    if src is not None:
+        attributes += _attribute(RTA["RTA_SRC"], src.packed)
     if iif_index:
         attributes += _attribute(RTA["RTA_IIF"], _U32.pack(iif_index))
-    header = _RTMSG.pack(family, bits, bits, 0, 0, 0, 0, 0, 0)
+    header = _RTMSG.pack(family, dst.max_prefixlen, src.max_prefixlen if src is not None else 0, 0, 0, 0, 0, 0, 0)
     for msg_type, body in _exchange(sock, RTM_GETROUTE, NLM_F_REQUEST, header + attributes):
         if msg_type == NLMSG_ERROR:
-            return -struct.unpack_from("=i", body)[0]
-        if msg_type == RTM_NEWROUTE:
-            return 0
-    return 0
+            return -struct.unpack_from("=i", body)[0], None
+        if msg_type == RTM_NEWROUTE and len(body) >= _RTMSG.size:
+            return 0, _RTMSG.unpack_from(body)[7]
+    return 0, None
 
 
 def _covering_routes(sock: socket.socket, family: int, dst, route_type: int) -> tuple:

@@ -24,7 +24,7 @@ from .events import TraceEvent
 from ..flow import Flow
 from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from ..drops.correlator import DropCorrelator
-from ..drops.routing import RouteQuestions
+from ..drops.routing import RouteQuestions, explain_unsent
 from ..iptables.legacy import legacy_tables
 from ..kernel import runner
 from ..kernel.monitor import (READ_BATCH, EventsLost, MonitorItem, ReadEarlier, RulesetChanged, TableDeleted,
@@ -35,7 +35,7 @@ from .crossing import CrossingJoiner, assign_namespace
 from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
-from ..kernel.routes import routing_facts
+from ..kernel.routes import routing_facts, sending_facts
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions, UndoStack, stop_signal
@@ -183,6 +183,8 @@ class TraceSession:
                     on_ready()
                     self._start_command()
                     self._loop(run)
+                    if not self.packets_seen:
+                        self._explain_unseen()
                 finally:
                     self._stop_command()
                     self._finishing(primary.table)
@@ -328,6 +330,20 @@ class TraceSession:
     @staticmethod
     def _legacy_nat(legacy: Optional[LegacyTracing]) -> bool:
         return legacy is not None and "nat" in legacy.tables()
+
+    def _explain_unseen(self) -> None:
+        """No packet of the flow was seen. Where this namespace sends the flow itself, routing
+        may have refused to: the sender got the error, and netfilter saw no packet."""
+        flow = self.options.flow
+        if flow.iif or not _one_address(flow.src) or not _one_address(flow.dst):
+            return
+        try:
+            facts = sending_facts(flow.src.network_address, flow.dst.network_address)
+        except OSError:
+            return
+        words = explain_unsent(facts) if facts is not None else None
+        if words:
+            self.report.warnings.append(words)
 
     def _drop_watcher(self):
         """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
@@ -616,3 +632,7 @@ class TraceSession:
         sources = sources if self._drops is None else sources + [self._drops]
         readable, _, _ = select.select(sources, [], [], max(0.0, timeout))
         return readable
+
+
+def _one_address(network) -> bool:
+    return network is not None and network.prefixlen == network.max_prefixlen
