@@ -85,14 +85,14 @@ def test_forwarding_off_comes_before_what_the_lookup_says():
 def test_a_route_found_now_leaves_the_reasons_own_words():
     """The tables changed since the drop, or it was no refusal: nothing is made up."""
     assert explain_routing(RoutingFacts(0), drop(), None) is None
-    record = kernel_drop_record(drop(), 3, {3: "r-client"}, routing=lambda drop, index, name: RoutingFacts(0))
+    record = kernel_drop_record(drop(), 3, {3: "r-client"}, routing=lambda drop, index, name, mark: RoutingFacts(0))
     assert record == {"reason": "NOT_SPECIFIED", "location": "ip_error+0x94",
                       "explain": "the kernel freed it without saying why"}
 
 
 def test_the_answer_carries_the_facts_for_scripts():
     facts = RoutingFacts(errno.EINVAL, ("blackhole 10.99.0.0/24 table main",))
-    record = kernel_drop_record(drop(), 3, {3: "r-client"}, routing=lambda drop, index, name: facts)
+    record = kernel_drop_record(drop(), 3, {3: "r-client"}, routing=lambda drop, index, name, mark: facts)
     assert record == {"reason": "NOT_SPECIFIED", "location": "ip_error+0x94",
                       "explain": "a blackhole route drops it silently: blackhole 10.99.0.0/24 table main",
                       "routing": {"cause": "blackhole", "routes": ["blackhole 10.99.0.0/24 table main"], "rules": [],
@@ -107,8 +107,8 @@ class Asker:
         self.asked = []
         self.facts = facts
 
-    def __call__(self, src, dst, iif_index, iif):
-        self.asked.append((str(src), str(dst), iif_index, iif))
+    def __call__(self, src, dst, iif_index, iif, mark):
+        self.asked.append((str(src), str(dst), iif_index, iif, mark))
         if isinstance(self.facts, Exception):
             raise self.facts
         return self.facts
@@ -119,7 +119,7 @@ def test_only_routings_drops_are_asked_about_and_each_packets_addresses_once():
     questions = RouteQuestions(asker, clock=lambda: 0.0)
     assert questions(drop("NO_SOCKET", "udp_queue_rcv_one_skb+0x2c"), 3, "r-client") is None
     assert questions(drop(), 3, "r-client") == questions(drop(at=11.0), 3, "r-client") == asker.facts
-    assert asker.asked == [("10.77.1.2", "10.99.0.1", 3, "r-client")]
+    assert asker.asked == [("10.77.1.2", "10.99.0.1", 3, "r-client", None)]
 
 
 def test_a_flood_of_new_addresses_is_asked_about_a_few_times_a_second_not_per_packet():
@@ -147,7 +147,7 @@ def test_drops_counts_each_refusal_apart_under_one_kernel_reason():
         facts = RoutingFacts(errno.EINVAL if route.startswith("blackhole") else errno.EACCES, (route,))
         for _ in range(count):
             path = PacketPath(1, complete=True, verdict="accept")
-            path.kernel_drop = kernel_drop_record(drop(), None, routing=lambda drop, index, name: facts)
+            path.kernel_drop = kernel_drop_record(drop(), None, routing=lambda drop, index, name, mark: facts)
             assert tally.add(path, {}) == "kernel"
     counted = [(entry["reason"], entry["routing"]["cause"], entry["packets"], entry["explain"])
                for entry in tally.kernel_drops_json()]

@@ -21,6 +21,10 @@ pytestmark = pytest.mark.kernel
 
 ROUTER_RULESET = """
 table inet fw {
+    chain mangle {
+        type filter hook prerouting priority mangle; policy accept;
+        ip daddr 10.77.2.2 udp dport 5001 meta mark set 0x10
+    }
     chain forward {
         type filter hook forward priority filter; policy accept;
         udp dport 7 drop
@@ -33,6 +37,7 @@ ROUTES = (
     ["ip", "route", "add", "prohibit", "10.97.0.0/24", "table", "100"],
     ["ip", "rule", "add", "to", "10.97.0.0/24", "lookup", "100", "priority", "90"],
     ["ip", "rule", "add", "to", "10.95.0.0/24", "prohibit", "priority", "100"],
+    ["ip", "rule", "add", "fwmark", "0x10", "blackhole", "priority", "110"],
     ["ip", "-6", "route", "add", "blackhole", "fd99:1::/64"],
     ["ip", "-6", "route", "add", "prohibit", "fd99:3::/64"],
 )
@@ -49,11 +54,11 @@ def lab():
         yield topo
 
 
-def udp_to(lab, destination: str) -> dict:
+def udp_to(lab, destination: str, port: int = 5000) -> dict:
     """The one packet of a UDP datagram from the client to `destination`, as `why --json` answers it."""
     source = CLIENT_V6 if ":" in destination else CLIENT_V4
-    result = why(lab, "--from", source, "--to", destination, "--proto", "udp", "--dport", "5000",
-                 command=traffic(lab.client, "udp", destination, "5000"))
+    result = why(lab, "--from", source, "--to", destination, "--proto", "udp", "--dport", str(port),
+                 command=traffic(lab.client, "udp", destination, str(port)))
     packet = result.packets[0]
     if packet.get("kernel_drop") is None and any("kernel drop reasons unavailable" in w for w in result.json["warnings"]):
         pytest.skip("bpftrace cannot watch kernel drops here")
@@ -81,6 +86,12 @@ def test_a_packet_that_routing_refuses_is_answered_with_the_route_or_rule_that_r
     assert drop["routing"]["cause"] == cause
     assert drop["explain"] == words
     assert packet["summary"].endswith(f"then the kernel dropped it: {drop['reason']} — {words}")
+
+
+def test_a_policy_rule_that_selects_by_mark_is_found_with_the_mark_the_ruleset_set(lab):
+    packet = udp_to(lab, SERVER_V4, port=5001)
+    assert packet["kernel_drop"]["explain"] == \
+        "a policy routing rule drops it silently: ip rule 110: from all fwmark 0x10 blackhole"
 
 
 @pytest.mark.parametrize("destination, sysctl, words", [

@@ -120,12 +120,12 @@ def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH
 
 
 def kernel_drop_record(drop: KernelDrop, iif_index: Optional[int], interfaces: Optional[dict] = None,
-                       routing: Optional[RouteQuestions] = None) -> dict:
+                       routing: Optional[RouteQuestions] = None, mark: Optional[int] = None) -> dict:
     """The drop as an answer shows it: reason, code location, plain words, and for a drop
-    made by routing the route that made it (`routing`, drops/routing.py)."""
+    made by routing the route that made it (`routing`, drops/routing.py; `mark`: the packet's)."""
     iif = (interfaces or {}).get(iif_index) if iif_index else None
     record = {"reason": drop.reason, "location": drop.code_location(), "explain": explain(drop, iif)}
-    facts = routing(drop, iif_index, iif) if routing is not None else None
+    facts = routing(drop, iif_index, iif, mark) if routing is not None else None
     if facts is not None and facts.cause is not None:
         record["routing"] = facts.to_json()
         record["explain"] = explain_routing(facts, drop, iif)
@@ -137,7 +137,7 @@ def attach_drop(path: PacketPath, drop: KernelDrop, interfaces: Optional[dict] =
     """Put the drop on the packet. A packet that vanished after netfilter (it was never seen
     leaving) is now a complete answer, with netfilter's verdict (verdict_before_kernel_drop)
     and the kernel's drop after it."""
-    path.kernel_drop = kernel_drop_record(drop, path.interface_index("iif"), interfaces, routing)
+    path.kernel_drop = kernel_drop_record(drop, path.interface_index("iif"), interfaces, routing, path.mark)
     if not path.complete and path.incomplete_reason != "events lost":
         path.complete = True
         path.verdict = verdict_before_kernel_drop(drop.reason)

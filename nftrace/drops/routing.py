@@ -131,11 +131,11 @@ def _a(cause: str) -> str:
 
 
 class RouteQuestions:
-    """`questions(drop, iif_index, iif)`: the routing facts of a drop made by routing, from `ask`
-    (kernel/routes.py routing_facts); None for any other drop, where asking fails, or over the
-    budget. Each packet's addresses and interface are asked about once, and only a few new
-    ones a second: a flood of routed-away packets costs a lookup now and then, never one per
-    packet."""
+    """`questions(drop, iif_index, iif, mark)`: the routing facts of a drop made by routing,
+    from `ask` (kernel/routes.py routing_facts); None for any other drop, where asking fails, or
+    over the budget. The packet's mark goes with the question: policy rules can select by it.
+    Each packet's addresses, interface and mark are asked about once, and only a few new ones a
+    second: a flood of routed-away packets costs a lookup now and then, never one per packet."""
 
     def __init__(self, ask: Callable, clock: Callable[[], float] = time.monotonic):
         self._ask = ask
@@ -144,17 +144,18 @@ class RouteQuestions:
         self._budget = QUESTIONS_BURST
         self._refilled = clock()
 
-    def __call__(self, drop: KernelDrop, iif_index: Optional[int], iif: Optional[str]) -> Optional[RoutingFacts]:
+    def __call__(self, drop: KernelDrop, iif_index: Optional[int], iif: Optional[str],
+                 mark: Optional[int] = None) -> Optional[RoutingFacts]:
         if drop.src is None or drop.dst is None or not is_routing_drop(drop):
             return None
-        key = (drop.src, drop.dst, iif_index)
+        key = (drop.src, drop.dst, iif_index, mark)
         if key in self._answers:
             self._answers.move_to_end(key)
             return self._answers[key]
         if not self._spend():
             return None
         try:
-            facts = self._ask(drop.src, drop.dst, iif_index, iif)
+            facts = self._ask(drop.src, drop.dst, iif_index, iif, mark)
         except OSError:  # no rtnetlink here: the reason's own words
             facts = None
         self._answers[key] = facts

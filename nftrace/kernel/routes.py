@@ -43,10 +43,11 @@ _sequence = itertools.count(1)
 
 
 def routing_facts(src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress, iif_index: Optional[int],
-                  iif: Optional[str]) -> RoutingFacts:
-    """What routing says now of a packet from `src` to `dst` that came in on `iif` (index and name)."""
+                  iif: Optional[str], mark: Optional[int] = None) -> RoutingFacts:
+    """What routing says now of a packet from `src` to `dst` that came in on `iif` (index and
+    name) with `mark`."""
     with _rtnetlink() as sock:
-        error, _ = _route_get(sock, dst, src, iif_index)
+        error, _ = _route_get(sock, dst, src, iif_index, mark)
         return _facts(sock, dst, error, _forwarding_off(dst.version, iif))
 
 
@@ -79,14 +80,17 @@ def _facts(sock: socket.socket, dst, error: int, forwarding_off: Optional[str]) 
     return RoutingFacts(error, routes, rules, forwarding_off)
 
 
-def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int]) -> tuple:
-    """(errno, route type) of `ip route get DST [from SRC] [iif IIF]`: errno 0 when it finds a route."""
+def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int], mark: Optional[int] = None) -> tuple:
+    """(errno, route type) of `ip route get DST [from SRC] [iif IIF] [mark MARK]`: errno 0 when
+    it finds a route."""
     family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
     attributes = _attribute(RTA["RTA_DST"], dst.packed)
     if src is not None:
         attributes += _attribute(RTA["RTA_SRC"], src.packed)
     if iif_index:
         attributes += _attribute(RTA["RTA_IIF"], _U32.pack(iif_index))
+    if mark:
+        attributes += _attribute(RTA["RTA_MARK"], _U32.pack(mark))
     header = _RTMSG.pack(family, dst.max_prefixlen, src.max_prefixlen if src is not None else 0, 0, 0, 0, 0, 0, 0)
     for msg_type, body in _exchange(sock, RTM_GETROUTE, NLM_F_REQUEST, header + attributes):
         if msg_type == NLMSG_ERROR:
