@@ -14,7 +14,8 @@ import pytest
 
 from conftest import lab_topology, load_ruleset, nftrace, traffic, why
 from nftrace.drops.bpftrace import KernelDropWatcher
-from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, in_netns
+from nftrace.lab.topology import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4,
+                                  SERVER_V6, in_netns)
 
 pytestmark = pytest.mark.kernel
 
@@ -124,6 +125,21 @@ def test_spoofed_source_is_dropped_by_rp_filter_after_prerouting(lab):
     assert "r-client" in packet["kernel_drop"]["explain"]
     assert packet["summary"].startswith("no rule dropped it: it passed every chain up to prerouting, "
                                         "then the kernel dropped it: IP_RPFILTER — reverse-path filter")
+
+
+@pytest.mark.parametrize("server, words", [
+    (SERVER_V4, "its TTL ran out here: it came in with TTL 1"),
+    (SERVER_V6, "its hop limit ran out here: it came in with hop limit 1"),
+])
+def test_a_datagram_whose_ttl_runs_out_is_said_so_not_an_invalid_header(lab, server, words):
+    """The kernel gives IP_INHDR ("invalid IP header") to a packet it cannot forward because its
+    TTL ran out (traceroute's probes, routing loops): the code that freed it tells which."""
+    source = CLIENT_V6 if ":" in server else CLIENT_V4
+    result = why(lab, "--from", source, "--to", server, "--proto", "udp", "--dport", "5001",
+                 command=traffic(lab.client, "udp", server, "5001", "--ttl", "1"))
+    drop = result.packets[0]["kernel_drop"]
+    assert drop["reason"] == "IP_INHDR"
+    assert drop["explain"].startswith(words)
 
 
 def test_without_bpftrace_drop_reasons_are_unavailable_once_and_the_trace_goes_on(lab):

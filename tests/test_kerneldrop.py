@@ -153,6 +153,12 @@ def test_rp_filter_names_source_and_interface():
     assert "10.77.9.9" in text and "r-client" in text and "rp_filter" in text
 
 
+def test_the_code_that_freed_the_packet_tells_a_ttl_run_out_from_an_invalid_header():
+    expired = KernelDrop(10.0, "IP_INHDR", "ip_forward+0x2c0", CLIENT, ROUTER, 17, 40000, 33434)
+    assert explain(expired).startswith("its TTL ran out here: it came in with TTL 1 and cannot be forwarded")
+    assert explain(KernelDrop(10.0, "IP_INHDR", "ip_rcv_core+0x1b2", CLIENT, ROUTER, 17)) == "invalid IP header"
+
+
 def test_unlisted_tcp_reason_falls_back_to_its_family():
     assert explain(drop("TCP_OFO_DROP")) == "TCP's own checks refused it"
 

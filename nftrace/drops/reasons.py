@@ -78,6 +78,15 @@ REASON_EXPLANATIONS = {
     "FRAG_TOO_FAR": "a fragment too far from the others",
     "NO_TX_TARGET": "no device to send it on",
 }
+# Where one reason has several causes, the code that freed the packet tells which: (function,
+# reason) → the sentence for that cause, before the reason's own.
+LOCATION_EXPLANATIONS = {
+    ("ip_forward", "IP_INHDR"): "its TTL ran out here: it came in with TTL 1 and cannot be forwarded (the sender "
+                                "gets ICMP time exceeded; traceroute does it on purpose, a routing loop by accident)",
+    ("ip6_forward", "IP_INHDR"): "its hop limit ran out here: it came in with hop limit 1 and cannot be forwarded "
+                                 "(the sender gets ICMPv6 time exceeded; traceroute does it on purpose, a routing "
+                                 "loop by accident)",
+}
 # Families of reasons: when a reason has no sentence of its own, its prefix gives one.
 REASON_PREFIX_EXPLANATIONS = (
     ("TCP_MD5", "TCP MD5 signature check failed"),
@@ -195,9 +204,15 @@ class _SafeFormat(dict):
         return "?"
 
 
+def function_of(location: str) -> str:
+    """`ip_error+0x94` → `ip_error`."""
+    return location.split("+", 1)[0]
+
+
 def explain(drop: KernelDrop, iif: Optional[str] = None) -> str:
     """The drop reason in plain words, with the packet's own addresses and port filled in."""
-    template = REASON_EXPLANATIONS.get(drop.reason)
+    template = LOCATION_EXPLANATIONS.get((function_of(drop.code_location()), drop.reason)) or \
+        REASON_EXPLANATIONS.get(drop.reason)
     if template is None:
         template = next((text for prefix, text in REASON_PREFIX_EXPLANATIONS if drop.reason.startswith(prefix)),
                         "see enum skb_drop_reason in the kernel's include/net/dropreason-core.h")

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .reasons import KernelDrop
+from .reasons import KernelDrop, function_of
 
 # Where the kernel frees packets that its routing refused (the input route's dst.input, or
 # its output for IPv6): a drop there is routing's, whatever its reason.
@@ -48,11 +48,6 @@ _REFUSAL_EFFECTS = {
     "unreachable": "drops it and answers ICMP host unreachable",
     "prohibit": "drops it and answers ICMP administratively prohibited",
 }
-
-
-def function_of(location: str) -> str:
-    """`ip_error+0x94` → `ip_error`."""
-    return location.split("+", 1)[0]
 
 
 def is_routing_drop(drop: KernelDrop) -> bool:

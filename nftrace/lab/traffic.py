@@ -42,12 +42,18 @@ def tcp_connect(host: str, port: int, timeout: float = 1.0, sport: int = 0, payl
 
 
 def udp_send(host: str, port: int, count: int = 1, sport: int = 0, payload: bytes = b"nftrace", rate: float = 0.0,
-             max_seconds: float = 30.0, source: str = "") -> int:
-    """Send `count` datagrams, at most for `max_seconds`; return how many were sent."""
+             max_seconds: float = 30.0, source: str = "", ttl: int = 0) -> int:
+    """Send `count` datagrams, at most for `max_seconds`, with TTL (hop limit) `ttl` if not 0;
+    return how many were sent."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sent = 0
     deadline = time.monotonic() + max_seconds
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        if ttl:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
         if sport or source:
             sock.bind((source or _any_address(family), sport))
         gap = 1.0 / rate if rate else 0.0
@@ -150,6 +156,7 @@ def main(argv=None) -> int:
     udp.add_argument("--rate", type=float, default=0.0)
     udp.add_argument("--max-seconds", type=float, default=30.0)
     udp.add_argument("--source", default="", help="send from this local address")
+    udp.add_argument("--ttl", type=int, default=0, help="TTL (IPv6: hop limit) of the datagrams")
     icmp = sub.add_parser("icmp", help="ICMP echo requests")
     icmp.add_argument("host")
     icmp.add_argument("--count", type=int, default=1)
@@ -165,7 +172,7 @@ def main(argv=None) -> int:
             print(tcp_connect(args.host, args.port, args.timeout, args.sport, args.send.encode(), args.source), flush=True)
     elif args.kind == "udp":
         print(udp_send(args.host, args.port, args.count, args.sport, rate=args.rate, max_seconds=args.max_seconds,
-                       source=args.source))
+                       source=args.source, ttl=args.ttl))
     elif args.kind == "icmp":
         print(icmp_echo(args.host, args.count, args.timeout))
     else:
