@@ -9,7 +9,8 @@ import ipaddress
 
 from nftrace.drops.correlator import kernel_drop_record
 from nftrace.drops.reasons import KernelDrop
-from nftrace.drops.routing import RouteQuestions, RoutingFacts, explain_routing, explain_unsent, is_routing_drop
+from nftrace.drops.routing import (RouteQuestions, RoutingFacts, explain_routing, explain_unanswered, explain_unsent,
+                                   is_routing_drop)
 from nftrace.drops.tally import DropTally
 from nftrace.trace.paths import PacketPath
 
@@ -173,3 +174,16 @@ def test_a_refused_send_says_what_the_sender_got_and_what_refused_it():
 
 def test_a_send_that_routing_allows_has_nothing_to_say():
     assert explain_unsent(RoutingFacts(0)) is None
+
+
+# -- a next hop that does not answer ----------------------------------------------------------------
+
+
+def test_a_next_hop_still_asked_about_and_one_that_never_answered():
+    hop = ipaddress.ip_address("10.77.2.99")
+    assert explain_unanswered(hop, "r-server", "INCOMPLETE") == (
+        "the next hop 10.77.2.99 on r-server has not answered ARP yet (neighbour INCOMPLETE): the kernel holds "
+        "packets for it and drops them (NEIGH_FAILED) if it never does; is the host there?")
+    assert explain_unanswered(ipaddress.ip_address("fd77:2::99"), None, "FAILED") == (
+        "the next hop fd77:2::99 did not answer neighbour discovery (neighbour FAILED): the kernel drops packets "
+        "for it after netfilter accepted them (NEIGH_FAILED); is the host there?")

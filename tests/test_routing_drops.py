@@ -170,3 +170,37 @@ def test_a_packet_from_another_host_that_never_came_is_not_blamed_on_the_routers
                      "--dport", "53", "--count", "1", "--timeout", "2", "--json", "--", "true")
     assert result.returncode == 3, result.stderr
     assert not any("routing refuses" in warning for warning in result.json["warnings"])
+
+
+# -- let through to a next hop that never answers ----------------------------------------------------
+
+
+@pytest.mark.parametrize("destination, words", [
+    ("10.77.2.99", "the next hop 10.77.2.99 on r-server has not answered ARP yet (neighbour INCOMPLETE): the kernel "
+                   "holds packets for it and drops them (NEIGH_FAILED) if it never does; is the host there?"),
+    ("fd77:2::99", "the next hop fd77:2::99 on r-server has not answered neighbour discovery yet (neighbour "
+                   "INCOMPLETE)"),
+])
+def test_an_accepted_packet_to_a_host_that_is_not_there_is_said_to_wait_for_its_next_hop(lab, destination, words):
+    """The kernel drops such packets only when ARP gives up, seconds after the answer: the
+    answer says "accepted", and the warning why nothing arrives."""
+    source = CLIENT_V6 if ":" in destination else CLIENT_V4
+    result = why(lab, "--from", source, "--to", destination, "--proto", "udp", "--dport", "5000",
+                 command=traffic(lab.client, "udp", destination, "5000"))
+    assert result.packets[0]["verdict"] == "accept"
+    assert any(warning.startswith(words) for warning in result.json["warnings"]), result.json["warnings"]
+
+
+def test_an_accepted_packet_to_a_host_that_answers_has_no_next_hop_warning(lab):
+    result = why(lab, "--from", CLIENT_V4, "--to", SERVER_V4, "--proto", "udp", "--dport", "5000",
+                 command=traffic(lab.client, "udp", SERVER_V4, "5000"))
+    assert result.packets[0]["verdict"] == "accept"
+    assert not any("next hop" in warning for warning in result.json["warnings"])
+
+
+def test_a_dry_run_says_nothing_of_next_hops_which_its_sandbox_copy_does_not_have(lab):
+    result = nftrace("--netns", lab.router, "why", "--dry-run", "--json", "--from", CLIENT_V4, "--to", SERVER_V4,
+                     "--proto", "udp", "--dport", "5000", "--iif", "r-client", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.packets[0]["verdict"] == "accept"
+    assert not any("next hop" in warning for warning in result.json["warnings"])

@@ -121,6 +121,19 @@ def explain_unsent(facts: RoutingFacts) -> Optional[str]:
             f"\"{os.strerror(facts.error)}\"): {what}")
 
 
+def explain_unanswered(hop, oif: Optional[str], state: str) -> str:
+    """A next hop that has not answered ARP (IPv6: neighbour discovery): the kernel holds the
+    packets netfilter accepted for it, and drops them (NEIGH_FAILED) when it gives up, seconds
+    after the answer was given."""
+    asked = "neighbour discovery" if hop.version == 6 else "ARP"
+    where = f" on {oif}" if oif else ""
+    if state == "FAILED":
+        return (f"the next hop {hop}{where} did not answer {asked} (neighbour {state}): the kernel drops packets "
+                f"for it after netfilter accepted them (NEIGH_FAILED); is the host there?")
+    return (f"the next hop {hop}{where} has not answered {asked} yet (neighbour {state}): the kernel holds packets "
+            f"for it and drops them (NEIGH_FAILED) if it never does; is the host there?")
+
+
 def _a(cause: str) -> str:
     return f"an {cause}" if cause[0] in "aeiou" else f"a {cause}"
 

@@ -15,8 +15,9 @@ import struct
 from typing import Iterator, Optional
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK
-from pyroute2.netlink.rtnl import RTM_GETROUTE, RTM_GETRULE, RTM_NEWROUTE, RTM_NEWRULE, rt_type
+from pyroute2.netlink.rtnl import RTM_GETNEIGH, RTM_GETROUTE, RTM_GETRULE, RTM_NEWNEIGH, RTM_NEWROUTE, RTM_NEWRULE, rt_type
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
+from pyroute2.netlink.rtnl.ndmsg import ndmsg, states as neighbour_states
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from ..drops.routing import REFUSALS, RoutingFacts
@@ -29,6 +30,9 @@ def _attribute_numbers(nla_map) -> dict:
 
 RTA = _attribute_numbers(rtmsg.nla_map)
 FRA = _attribute_numbers(fibmsg.nla_map)
+NDA = _attribute_numbers(ndmsg.nla_map)
+# Neighbour states (NUD_*) of a next hop that has not answered ARP or neighbour discovery.
+UNANSWERED = {neighbour_states["incomplete"]: "INCOMPLETE", neighbour_states["failed"]: "FAILED"}
 # linux/netlink.h: the kernel checks a dump request's header and filters by it (the route
 # type here) instead of sending every route: a full BGP table is a million of them.
 NETLINK_GET_STRICT_CHK = 12
@@ -38,6 +42,7 @@ _U32 = struct.Struct("=I")
 # struct rtmsg and struct fib_rule_hdr: four bytes, table, three bytes (rtmsg: protocol,
 # scope, type; fib_rule_hdr: two reserved, action), flags.
 _RTMSG = struct.Struct("=BBBBBBBBI")
+_NDMSG = struct.Struct("=B3xiHBB")  # struct ndmsg: family, ifindex, state, flags, type
 _TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
 _sequence = itertools.count(1)
 
@@ -55,10 +60,33 @@ def sending_facts(src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress) -> O
     """What routing says now of a packet that this namespace sends from `src` to `dst`
     (`ip route get DST from SRC`); None where `src` is not an address of the namespace."""
     with _rtnetlink() as sock:
-        if _route_get(sock, src, None, None) != (0, rt_type["local"]):
+        error, route = _route_get(sock, src, None, None)
+        if error or route is None or route[0] != rt_type["local"]:
             return None
         error, _ = _route_get(sock, dst, src, None)
         return _facts(sock, dst, error, None)
+
+
+def unanswered_next_hop(dst: ipaddress._BaseAddress) -> Optional[tuple]:
+    """(next hop, output interface index, neighbour state) where the next hop toward `dst` has
+    not answered ARP or neighbour discovery (INCOMPLETE: still asked; FAILED: never answered);
+    None where it has, or no neighbour is involved."""
+    with _rtnetlink() as sock:
+        error, route = _route_get(sock, dst, None, None)
+        if error or route is None or route[0] != rt_type["unicast"]:
+            return None
+        attributes = route[1]
+        oif = _number(attributes, RTA["RTA_OIF"])
+        gateway = attributes.get(RTA["RTA_GATEWAY"])
+        hop = ipaddress.ip_address(gateway) if gateway else dst
+        if oif is None:
+            return None
+        header = _NDMSG.pack(socket.AF_INET6 if hop.version == 6 else socket.AF_INET, oif, 0, 0, 0)
+        for msg_type, body in _exchange(sock, RTM_GETNEIGH, NLM_F_REQUEST, header + _attribute(NDA["NDA_DST"], hop.packed)):
+            if msg_type == RTM_NEWNEIGH and len(body) >= _NDMSG.size:
+                state = _NDMSG.unpack_from(body)[2]
+                return (hop, oif, UNANSWERED[state]) if state in UNANSWERED else None
+        return None
 
 
 def _rtnetlink() -> socket.socket:
@@ -81,8 +109,8 @@ def _facts(sock: socket.socket, dst, error: int, forwarding_off: Optional[str]) 
 
 
 def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int], mark: Optional[int] = None) -> tuple:
-    """(errno, route type) of `ip route get DST [from SRC] [iif IIF] [mark MARK]`: errno 0 when
-    it finds a route."""
+    """(errno, (route type, attributes)) of `ip route get DST [from SRC] [iif IIF] [mark MARK]`:
+    errno 0 when it finds a route."""
     family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
     attributes = _attribute(RTA["RTA_DST"], dst.packed)
     if src is not None:
@@ -96,7 +124,7 @@ def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int], mark: Op
         if msg_type == NLMSG_ERROR:
             return -struct.unpack_from("=i", body)[0], None
         if msg_type == RTM_NEWROUTE and len(body) >= _RTMSG.size:
-            return 0, _RTMSG.unpack_from(body)[7]
+            return 0, (_RTMSG.unpack_from(body)[7], _attributes(body, _RTMSG.size))
     return 0, None
 
 

@@ -24,7 +24,7 @@ from .events import TraceEvent
 from ..flow import Flow
 from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from ..drops.correlator import DropCorrelator
-from ..drops.routing import RouteQuestions, explain_unsent
+from ..drops.routing import RouteQuestions, explain_unanswered, explain_unsent
 from ..iptables.legacy import legacy_tables
 from ..kernel import runner
 from ..kernel.monitor import (READ_BATCH, EventsLost, MonitorItem, ReadEarlier, RulesetChanged, TableDeleted,
@@ -35,7 +35,7 @@ from .crossing import CrossingJoiner, assign_namespace
 from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
-from ..kernel.routes import routing_facts, sending_facts
+from ..kernel.routes import routing_facts, sending_facts, unanswered_next_hop
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions, UndoStack, stop_signal
@@ -122,6 +122,7 @@ class TraceSession:
         self.options = options
         self.report = report
         self.packets_seen = 0
+        self.packets_accepted = 0  # of those, let through with no kernel drop seen
         self._process: Optional[subprocess.Popen] = None
         self._shared_drops = drop_watcher
         self._drops: Optional[KernelDropWatcher] = None
@@ -185,6 +186,8 @@ class TraceSession:
                     self._loop(run)
                     if not self.packets_seen:
                         self._explain_unseen()
+                    elif self.packets_accepted:
+                        self._check_next_hop()
                 finally:
                     self._stop_command()
                     self._finishing(primary.table)
@@ -345,6 +348,22 @@ class TraceSession:
         if words:
             self.report.warnings.append(words)
 
+    def _check_next_hop(self) -> None:
+        """Packets of the flow were let through. Where the next hop toward its destination has
+        not answered ARP, the kernel drops them seconds later (NEIGH_FAILED): maybe after the
+        run is over, so the answer would read "accepted" alone. Not in a dry run: a sandbox copy
+        has the target's routes, not its neighbours."""
+        flow = self.options.flow
+        if self.report.dry_run is not None or not _one_address(flow.dst):
+            return
+        try:
+            unanswered = unanswered_next_hop(flow.dst.network_address)
+        except OSError:
+            return
+        if unanswered is not None:
+            hop, oif, state = unanswered
+            self.report.warnings.append(explain_unanswered(hop, self.report.interfaces.get(oif), state))
+
     def _drop_watcher(self):
         """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
         without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
@@ -453,6 +472,8 @@ class TraceSession:
                 continue
             self._annotate(run, path)
             self.packets_seen += 1
+            if path.complete and path.verdict == "accept" and path.kernel_drop is None:
+                self.packets_accepted += 1
             run.on_packet(path)
 
     @staticmethod
