@@ -1,5 +1,7 @@
-"""Asking the namespace's routing about a dropped packet, as `ip route get DST from SRC iif
-IIF`, `ip route show table all` and `ip rule` ask it (drops/routing.py says why).
+"""Asking the namespace's routing, over rtnetlink, what `ip route get`, `ip route show table
+all type T`, `ip rule` and `ip neigh get` ask it: about a packet the kernel dropped in routing,
+one it refused to send, and the next hop of one it let through (drops/routing.py says why, and
+says the answers in words).
 
 The questions go to the namespace of the calling thread: a trace session's thread is in the
 namespace it traces, where the kernel drops it reports were made. drops/routing.py's
