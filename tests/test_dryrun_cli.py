@@ -285,9 +285,12 @@ def test_no_packet_seen_exits_3_and_says_why_when_the_interface_is_down(netns):
     assert "interface wan0 is down in netns" in " ".join(result.json["warnings"])
 
 
-def test_a_locally_sent_packet_without_a_route_is_one_line_from_the_sender(router):
+def test_a_locally_sent_packet_without_a_route_is_the_senders_error_and_routings_reason(router):
     result = nftrace("--netns", router, "why", "--from", "10.77.1.1", "--to", "192.0.2.1", "--proto", "udp",
                      "--dport", "53", "--dry-run")
     assert result.returncode == 3
-    assert result.stderr.splitlines() == ["nftrace inject: cannot send the dry run's packet: Network is unreachable",
-                                          "no packet of 10.77.1.1 → 192.0.2.1:53 udp was seen"]
+    assert result.stderr.splitlines() == [
+        "nftrace inject: cannot send the dry run's packet: Network is unreachable",
+        "no packet of 10.77.1.1 → 192.0.2.1:53 udp was seen",
+        'warning: routing refuses to send it, so no packet reaches netfilter (the sender gets "Network is '
+        'unreachable"): no route covers the destination in any routing table, not even a default route']
