@@ -109,6 +109,13 @@ def shown(text: str, limit: int = 60) -> str:
     return escaped if len(escaped) <= limit else escaped[:limit] + "..."
 
 
+def one_address(network: Optional[IPNetwork]):
+    """The address of a network that is one address (a /32 or /128); None for a prefix or none."""
+    if network is None or network.prefixlen != network.max_prefixlen:
+        return None
+    return network.network_address
+
+
 def _network_text(network: IPNetwork) -> str:
     if network.prefixlen == network.max_prefixlen:
         return str(network.network_address)

@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 
 from nftrace.errors import InputError
-from nftrace.flow import parse_flow
+from nftrace.flow import one_address, parse_flow
 
 
 def test_host_addresses_become_host_prefixes():
@@ -55,3 +55,10 @@ def test_matches_uses_prefixes_protocol_and_ports():
     assert not flow.matches(src, dst, 6, 40000, 23)
     assert not flow.matches(ipaddress.ip_address("10.0.2.1"), dst, 6, 40000, 22)
     assert not flow.matches(None, dst, 6, 40000, 22)
+
+
+def test_one_address_is_a_flow_end_that_names_one_host():
+    assert str(one_address(ipaddress.ip_network("10.0.0.5/32"))) == "10.0.0.5"
+    assert str(one_address(ipaddress.ip_network("fd00::1/128"))) == "fd00::1"
+    assert one_address(ipaddress.ip_network("10.0.0.0/24")) is None
+    assert one_address(None) is None

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 from ..iptables.backends import BackendPlan, LegacyTracing, SilencedTraceLines, make_path_builder, plan_backend
 from ..errors import EnvironmentProblem, KernelError, TraceTableGone
 from .events import TraceEvent
-from ..flow import Flow
+from ..flow import Flow, one_address
 from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from ..drops.correlator import DropCorrelator
 from ..drops.routing import RouteQuestions, explain_unanswered, explain_unsent
@@ -338,10 +338,11 @@ class TraceSession:
         """No packet of the flow was seen. Where this namespace sends the flow itself, routing
         may have refused to: the sender got the error, and netfilter saw no packet."""
         flow = self.options.flow
-        if flow.iif or not _one_address(flow.src) or not _one_address(flow.dst):
+        src, dst = one_address(flow.src), one_address(flow.dst)
+        if flow.iif or src is None or dst is None:
             return
         try:
-            facts = sending_facts(flow.src.network_address, flow.dst.network_address)
+            facts = sending_facts(src, dst)
         except OSError:
             return
         words = explain_unsent(facts) if facts is not None else None
@@ -353,11 +354,11 @@ class TraceSession:
         not answered ARP, the kernel drops them seconds later (NEIGH_FAILED): maybe after the
         run is over, so the answer would read "accepted" alone. Not in a dry run: a sandbox copy
         has the target's routes, not its neighbours."""
-        flow = self.options.flow
-        if self.report.dry_run is not None or not _one_address(flow.dst):
+        dst = one_address(self.options.flow.dst)
+        if self.report.dry_run is not None or dst is None:
             return
         try:
-            unanswered = unanswered_next_hop(flow.dst.network_address)
+            unanswered = unanswered_next_hop(dst)
         except OSError:
             return
         if unanswered is not None:
@@ -653,7 +654,3 @@ class TraceSession:
         sources = sources if self._drops is None else sources + [self._drops]
         readable, _, _ = select.select(sources, [], [], max(0.0, timeout))
         return readable
-
-
-def _one_address(network) -> bool:
-    return network is not None and network.prefixlen == network.max_prefixlen
