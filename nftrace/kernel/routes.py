@@ -23,6 +23,7 @@ from pyroute2.netlink.rtnl.ndmsg import ndmsg, states as neighbour_states
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from ..drops.routing import REFUSALS, RoutingFacts
+from .netlink import decode_datagram
 
 
 def _attribute_numbers(nla_map) -> dict:
@@ -47,6 +48,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=B3xiHBB")  # struct ndmsg: family, ifindex, state, flags, type
 _TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
 _sequence = itertools.count(1)
+ANSWER_SECONDS = 1.0
 
 
 def routing_facts(src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress, iif_index: Optional[int],
@@ -92,8 +94,11 @@ def unanswered_next_hop(dst: ipaddress._BaseAddress) -> Optional[tuple]:
 
 
 def _rtnetlink() -> socket.socket:
+    """A socket for the questions; an answer that never comes is a timeout (OSError), never a
+    trace that hangs."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+    sock.settimeout(ANSWER_SECONDS)
     return sock
 
 
@@ -179,19 +184,12 @@ def _exchange(sock: socket.socket, msg_type: int, flags: int, payload: bytes) ->
     sequence = next(_sequence)
     sock.send(_NLMSG.pack(_NLMSG.size + len(payload), msg_type, flags, sequence, 0) + payload)
     while True:
-        data = sock.recv(1 << 16)
-        offset = 0
-        while offset + _NLMSG.size <= len(data):
-            length, kind, _, answered, _ = _NLMSG.unpack_from(data, offset)
-            if length < _NLMSG.size:
-                return
-            body = data[offset + _NLMSG.size:offset + length]
-            offset += (length + 3) & ~3
-            if answered != sequence:
+        for kind, message in decode_datagram(sock.recv(1 << 16)):
+            if _NLMSG.unpack_from(message)[3] != sequence:
                 continue
             if kind == NLMSG_DONE:
                 return
-            yield kind, body
+            yield kind, message[_NLMSG.size:]
             if not flags & NLM_F_DUMP or kind == NLMSG_ERROR:
                 return
 
