@@ -42,6 +42,7 @@ REFUSALS = {errno.EINVAL: "blackhole", errno.EHOSTUNREACH: "unreachable", errno.
 ANSWERS_REMEMBERED = 1024
 QUESTIONS_PER_SECOND = 10.0
 QUESTIONS_BURST = 50.0
+NO_ROUTE = "no route covers the destination in any routing table, not even a default route"
 # What each refusal does besides dropping: the sender hears of it, or not.
 _REFUSAL_EFFECTS = {
     "blackhole": "drops it silently",
@@ -92,14 +93,13 @@ def explain_routing(facts: RoutingFacts, drop: KernelDrop, iif: Optional[str]) -
         return (f"forwarding is off{where} ({facts.forwarding_off}): routed packets are dropped "
                 f"(net.ipv4.ip_forward = 1 turns it on for every interface)")
     if cause == "no route":
-        return "no route covers the destination in any routing table, not even a default route"
+        return NO_ROUTE
     if cause is None:
         return None
     effect = _REFUSAL_EFFECTS[cause]
-    if facts.routes:
-        return f"{_a(cause)} route {effect}: {facts.routes[0]}"
-    if facts.rules:
-        return f"a policy routing rule {effect}: ip rule {facts.rules[0]}"
+    refused = _refused_by(facts)
+    if refused is not None:
+        return f"{refused[0]} {effect}: {refused[1]}"
     return f"routing {effect} (`ip route get` answers {cause})"
 
 
@@ -109,12 +109,11 @@ def explain_unsent(facts: RoutingFacts) -> Optional[str]:
     cause = facts.cause
     if cause is None:
         return None
+    refused = _refused_by(facts)
     if cause == "no route":
-        what = "no route covers the destination in any routing table, not even a default route"
-    elif facts.routes:
-        what = f"{_a(cause)} route: {facts.routes[0]}"
-    elif facts.rules:
-        what = f"a policy routing rule: ip rule {facts.rules[0]}"
+        what = NO_ROUTE
+    elif refused is not None:
+        what = f"{refused[0]}: {refused[1]}"
     else:
         what = f"`ip route get` answers {cause}"
     return (f"routing refuses to send it, so no packet reaches netfilter (the sender gets "
@@ -132,6 +131,16 @@ def explain_unanswered(hop, oif: Optional[str], state: str) -> str:
                 f"for it after netfilter accepted them (NEIGH_FAILED); is the host there?")
     return (f"the next hop {hop}{where} has not answered {asked} yet (neighbour {state}): the kernel holds packets "
             f"for it and drops them (NEIGH_FAILED) if it never does; is the host there?")
+
+
+def _refused_by(facts: RoutingFacts) -> Optional[tuple]:
+    """(what refused the packet, it as `ip route` or `ip rule` prints it); None where neither
+    the tables nor the rules name it."""
+    if facts.routes:
+        return f"{_a(facts.cause)} route", facts.routes[0]
+    if facts.rules:
+        return "a policy routing rule", f"ip rule {facts.rules[0]}"
+    return None
 
 
 def _a(cause: str) -> str:

@@ -28,8 +28,8 @@ from ..flow import Flow
 from ..lab.expectations import ExpectationFile, FlowExpectation
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport, decided_by_json
-from .fixplan import (VERDICTS, Change, NoChange, element_change, flow_match, is_fix_rule, reversed_flow,
-                      rule_change)
+from .fixplan import (VERDICTS, Change, NoChange, element_change, flow_match, is_fix_rule, kernel_drop_words,
+                      reversed_flow, rule_change)
 from .managers import manager_of
 from .sandbox import default_iptables_kind
 from ..kernel.runner import CommandFailed, first_line
@@ -213,9 +213,8 @@ class FixProver:
         if path is None:
             raise StrategyFailed("the packet was not seen in the sandbox copy")
         if asked == "accept" and path.complete and path.verdict == "accept" and path.kernel_drop:
-            drop = path.kernel_drop
             raise StrategyFailed(f"the ruleset lets it through already, and the kernel drops it after netfilter: "
-                                 f"{drop.get('reason')} — {drop.get('explain')}; no ruleset change can let it through")
+                                 f"{kernel_drop_words(path)}; no ruleset change can let it through")
         if self._has_verdict(path):
             answer.needed = False
             answer.after = path

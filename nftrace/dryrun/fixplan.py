@@ -305,6 +305,12 @@ def _index_of(path: PacketPath, step: Step) -> int:
     return path.steps.index(step)
 
 
+def kernel_drop_words(path: PacketPath) -> str:
+    """The kernel's drop of the packet as a reason says it: `NO_SOCKET — nothing listens on ...`."""
+    reason, words = path.kernel_drop.get("reason"), path.kernel_drop.get("explain")
+    return f"{reason} — {words}" if words else str(reason)
+
+
 def _undecided_reason(path: PacketPath, verdict: Optional[str]) -> str:
     if not path.complete:
         return "the packet's path is incomplete: what decided it is not known"
@@ -313,8 +319,7 @@ def _undecided_reason(path: PacketPath, verdict: Optional[str]) -> str:
         return (f"no chain of the ruleset let it through, so there is none to put a rule in; the kernel drops it "
                 f"already, after netfilter ({reason})")
     if path.kernel_drop:
-        reason, words = path.kernel_drop.get("reason"), path.kernel_drop.get("explain")
-        return (f"no rule dropped it: the kernel dropped it after netfilter ({reason}{f' — {words}' if words else ''}); "
+        return (f"no rule dropped it: the kernel dropped it after netfilter ({kernel_drop_words(path)}); "
                 f"a ruleset change cannot let it through")
     if path.verdict == "drop":
         return "no rule dropped it: something outside the ruleset did (routing, rp_filter, no socket, ...)"

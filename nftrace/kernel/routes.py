@@ -85,12 +85,16 @@ def unanswered_next_hop(dst: ipaddress._BaseAddress) -> Optional[tuple]:
         hop = ipaddress.ip_address(gateway) if gateway else dst
         if oif is None:
             return None
-        header = _NDMSG.pack(socket.AF_INET6 if hop.version == 6 else socket.AF_INET, oif, 0, 0, 0)
+        header = _NDMSG.pack(_family(hop), oif, 0, 0, 0)
         for msg_type, body in _exchange(sock, RTM_GETNEIGH, NLM_F_REQUEST, header + _attribute(NDA["NDA_DST"], hop.packed)):
             if msg_type == RTM_NEWNEIGH and len(body) >= _NDMSG.size:
                 state = _NDMSG.unpack_from(body)[2]
                 return (hop, oif, UNANSWERED[state]) if state in UNANSWERED else None
         return None
+
+
+def _family(address) -> int:
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
 def _rtnetlink() -> socket.socket:
@@ -104,7 +108,7 @@ def _rtnetlink() -> socket.socket:
 
 def _facts(sock: socket.socket, dst, error: int, forwarding_off: Optional[str]) -> RoutingFacts:
     """The refusal that a lookup's `error` names, with the routes (or rules) that make it."""
-    family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+    family = _family(dst)
     refusal = REFUSALS.get(error)
     routes = rules = ()
     if refusal in rt_type:  # blackhole, unreachable, prohibit (not: no route)
@@ -118,7 +122,7 @@ def _facts(sock: socket.socket, dst, error: int, forwarding_off: Optional[str]) 
 def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int], mark: Optional[int] = None) -> tuple:
     """(errno, (route type, attributes)) of `ip route get DST [from SRC] [iif IIF] [mark MARK]`:
     errno 0 when it finds a route."""
-    family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+    family = _family(dst)
     attributes = _attribute(RTA["RTA_DST"], dst.packed)
     if src is not None:
         attributes += _attribute(RTA["RTA_SRC"], src.packed)
