@@ -1,20 +1,24 @@
 """Drops by the kernel's routing, against the real kernel: a router namespace whose routes
-refuse some destinations (blackhole, unreachable, prohibit, a policy rule, no route at all)
-and whose forwarding can be switched off.
+refuse some destinations (blackhole, unreachable, prohibit, a policy rule, no route at all),
+whose forwarding can be switched off, whose reverse-path filter can be switched on, and whose
+routes and interfaces have MTUs smaller than the client's packets.
 
 The kernel frees all of these packets with reasons that do not say which refusal it was
-(NOT_SPECIFIED for most, IP_INADDRERRORS "invalid destination" with forwarding off): the
-answer must name the route, the rule or the sysctl that did it (drops/routing.py).
+(NOT_SPECIFIED for most, IP_INADDRERRORS "invalid destination" with forwarding off), or that
+say what but not where (IP_RPFILTER, PKT_TOO_BIG): the answer must name the route, the rule,
+the sysctl or the MTU that did it (drops/routing.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 
 from conftest import lab_topology, load_ruleset, nftrace, traffic, why
-from nftrace.lab.topology import CLIENT_V4, CLIENT_V6, ROUTER_SERVER_V4, SERVER_V4, SERVER_V6, in_netns
+from nftrace.lab.topology import (CLIENT_V4, CLIENT_V6, ROUTER_CLIENT_V4, ROUTER_SERVER_V4, SERVER_V4, SERVER_V6,
+                                  in_netns)
 from test_drops import Drops, send
 
 pytestmark = pytest.mark.kernel
@@ -40,7 +44,13 @@ ROUTES = (
     ["ip", "rule", "add", "fwmark", "0x10", "blackhole", "priority", "110"],
     ["ip", "-6", "route", "add", "blackhole", "fd99:1::/64"],
     ["ip", "-6", "route", "add", "prohibit", "fd99:3::/64"],
+    ["ip", "route", "add", "10.88.0.0/24", "via", SERVER_V4],  # replies to the client's 10.88.0.5 go the wrong way
+    ["ip", "route", "add", "10.94.0.0/24", "via", SERVER_V4, "mtu", "1300"],
+    ["ip", "-6", "route", "add", "fd94::/64", "via", SERVER_V6, "mtu", "1280"],
 )
+# Sources on the client that the router routes elsewhere (10.88/16: toward the server) or
+# nowhere (10.89/16): the reverse-path filter's cases.
+WRONG_WAY_SOURCE, NO_WAY_BACK_SOURCE = "10.88.0.5", "10.89.0.5"
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +59,23 @@ def lab():
         load_ruleset(topo.router, ROUTER_RULESET)
         for command in ROUTES:
             in_netns(topo.router, command)
+        for source in (WRONG_WAY_SOURCE, NO_WAY_BACK_SOURCE):
+            in_netns(topo.client, ["ip", "address", "add", f"{source}/32", "dev", "eth0"])
+        # ARP from such a source gets no answer where rp_filter is on (the router checks its
+        # sender address the same way): the client knows the router's address already.
+        mac = in_netns(topo.router, ["cat", "/sys/class/net/r-client/address"]).stdout.strip()
+        in_netns(topo.client, ["ip", "neigh", "replace", ROUTER_CLIENT_V4, "lladdr", mac, "dev", "eth0", "nud", "permanent"])
 
     with lab_topology("routes", setup) as topo:
         yield topo
 
 
-def udp_to(lab, destination: str, port: int = 5000) -> dict:
-    """The one packet of a UDP datagram from the client to `destination`, as `why --json` answers it."""
-    source = CLIENT_V6 if ":" in destination else CLIENT_V4
+def udp_to(lab, destination: str, port: int = 5000, source: str = "", send: tuple = ()) -> dict:
+    """The one packet of a UDP datagram from the client (from `source`, or its own address) to
+    `destination`, as `why --json` answers it; `send`: more options of the traffic command."""
+    source = source or (CLIENT_V6 if ":" in destination else CLIENT_V4)
     result = why(lab, "--from", source, "--to", destination, "--proto", "udp", "--dport", str(port),
-                 command=traffic(lab.client, "udp", destination, str(port)))
+                 command=traffic(lab.client, "udp", destination, str(port), "--source", source, *send))
     packet = result.packets[0]
     if packet.get("kernel_drop") is None and any("kernel drop reasons unavailable" in w for w in result.json["warnings"]):
         pytest.skip("bpftrace cannot watch kernel drops here")
@@ -140,6 +157,80 @@ def test_drops_counts_each_refusal_apart_though_the_kernel_gives_them_one_reason
         pytest.skip("bpftrace cannot watch kernel drops here")
     counted = {(entry["reason"], entry["routing"]["cause"], entry["packets"]) for entry in document["kernel_drops"]}
     assert counted == {("NOT_SPECIFIED", "blackhole", 5), ("NOT_SPECIFIED", "prohibit", 3)}
+
+
+# -- the reverse-path filter ------------------------------------------------------------------------
+
+
+RP_FILTER_ALL, RP_FILTER_IIF = "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.r-client.rp_filter"
+
+
+@contextlib.contextmanager
+def rp_filter(lab, on_all: int, on_iif: int):
+    """The router's rp_filter for a test (conf.all and conf.r-client), then the old settings."""
+    settings = {RP_FILTER_ALL: on_all, RP_FILTER_IIF: on_iif}
+    old = {key: in_netns(lab.router, ["sysctl", "-n", key]).stdout.strip() for key in settings}
+    try:
+        for key, value in settings.items():
+            in_netns(lab.router, ["sysctl", "-qw", f"{key}={value}"])
+        yield
+    finally:
+        for key, value in old.items():
+            in_netns(lab.router, ["sysctl", "-qw", f"{key}={value}"])
+
+
+def test_strict_rp_filter_names_the_interface_replies_would_leave_through(lab):
+    with rp_filter(lab, 0, 1):
+        packet = udp_to(lab, SERVER_V4, source=WRONG_WAY_SOURCE)
+    drop = packet["kernel_drop"]
+    assert (packet["verdict"], packet["hooks"], drop["reason"]) == ("accept", ["prerouting"], "IP_RPFILTER")
+    assert drop["routing"] == {"cause": "reverse path", "mode": "strict", "sysctls": [f"{RP_FILTER_IIF} = 1"],
+                               "overrides": None, "route": f"10.88.0.0/24 via {SERVER_V4} dev r-server",
+                               "oifs": ["r-server"]}
+    assert drop["explain"].startswith(
+        f"reverse-path filter (strict, {RP_FILTER_IIF} = 1): replies would leave through r-server (10.88.0.0/24 via "
+        f"{SERVER_V4} dev r-server), not r-client where it came in;")
+
+
+def test_rp_filter_off_on_the_interface_is_named_as_overridden_by_conf_all(lab):
+    with rp_filter(lab, 1, 0):
+        packet = udp_to(lab, SERVER_V4, source=WRONG_WAY_SOURCE)
+    assert packet["kernel_drop"]["explain"].startswith(
+        f"reverse-path filter (strict, {RP_FILTER_ALL} = 1, which overrides {RP_FILTER_IIF} = 0): replies would leave")
+
+
+def test_loose_rp_filter_lets_a_wrong_way_source_in_and_drops_one_with_no_way_back(lab):
+    with rp_filter(lab, 0, 2):
+        passed = udp_to(lab, SERVER_V4, source=WRONG_WAY_SOURCE)
+        dropped = udp_to(lab, SERVER_V4, source=NO_WAY_BACK_SOURCE)
+    assert (passed["verdict"], passed["hooks"][-1], passed.get("kernel_drop")) == ("accept", "postrouting", None)
+    assert dropped["kernel_drop"]["explain"] == (
+        f"reverse-path filter (loose, {RP_FILTER_IIF} = 2): no route leads back to its source (`ip route get` answers "
+        f"no route), so replies could not be sent; a route back to it lets it in")
+
+
+# -- too big for the MTU on the way out -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("destination, payload, words", [
+    (SERVER_V4, "1472", "larger than the MTU toward its destination (1400 on r-server) and its DF bit forbids "
+                        "fragmenting it: the sender was sent ICMP fragmentation needed (mtu 1400);"),
+    ("10.94.0.1", "1400", "larger than the MTU toward its destination (1300 on r-server, the route's) and its DF bit "
+                          "forbids fragmenting it:"),
+    (SERVER_V6, "1452", "larger than the MTU toward its destination (1400 on r-server) and IPv6 routers never "
+                        "fragment: the sender was sent ICMPv6 packet too big (mtu 1400);"),
+    ("fd94::1", "1400", "larger than the MTU toward its destination (1280 on r-server, the route's) and IPv6 routers "
+                        "never fragment:"),
+])
+def test_a_packet_too_big_for_the_way_out_names_the_mtu_and_where_it_is_set(lab, destination, payload, words):
+    in_netns(lab.router, ["ip", "link", "set", "r-server", "mtu", "1400"])
+    try:
+        packet = udp_to(lab, destination, send=("--size", payload, "--dont-fragment"))
+    finally:
+        in_netns(lab.router, ["ip", "link", "set", "r-server", "mtu", "1500"])
+    drop = packet["kernel_drop"]
+    assert (packet["verdict"], drop["reason"], drop["routing"]["cause"]) == ("accept", "PKT_TOO_BIG", "path mtu")
+    assert drop["explain"].startswith(words)
 
 
 # -- sent by the router itself: refused before netfilter sees a packet -------------------------------

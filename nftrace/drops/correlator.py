@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Optional
 from ..protocols import PORT_PROTOCOL_NUMBERS, endpoint_text, protocol_name
 from ..trace.paths import PacketPath, verdict_before_kernel_drop
 from .reasons import KernelDrop, explain, header_key
-from .routing import RouteQuestions, explain_routing
+from .routing import RouteQuestions
 
 # A drop happens after its packet's trace events were generated; nftrace reads those events
 # some time later. So a drop may precede the first reading by that delay: back to the last
@@ -121,14 +121,16 @@ def _nearest(candidates: Iterable, drop: KernelDrop, late_seconds: float = MATCH
 
 def kernel_drop_record(drop: KernelDrop, iif_index: Optional[int], interfaces: Optional[dict] = None,
                        routing: Optional[RouteQuestions] = None, mark: Optional[int] = None) -> dict:
-    """The drop as an answer shows it: reason, code location, plain words, and for a drop
-    made by routing the route that made it (`routing`, drops/routing.py; `mark`: the packet's)."""
+    """The drop as an answer shows it: reason, code location, plain words, and for a drop that
+    routing has a say in what routing says of it (`routing`, drops/routing.py: the route that
+    refused it, the route back that rp_filter weighed, the MTU it met; `mark`: the packet's)."""
     iif = (interfaces or {}).get(iif_index) if iif_index else None
     record = {"reason": drop.reason, "location": drop.code_location(), "explain": explain(drop, iif)}
     facts = routing(drop, iif_index, iif, mark) if routing is not None else None
-    if facts is not None and facts.cause is not None:
+    words = facts.explain(drop, iif) if facts is not None else None
+    if words is not None:
         record["routing"] = facts.to_json()
-        record["explain"] = explain_routing(facts, drop, iif)
+        record["explain"] = words
     return record
 
 

@@ -11,6 +11,11 @@ same question (`ip route get DST from SRC iif IIF`) says how: its error names th
 tables and rules name the route. kernel/routes.py asks; this module decides when to ask and
 says the answer in plain words.
 
+Two more drops are routing's answer to a question the packet raised, and say nothing of it:
+IP_RPFILTER (the reverse-path filter: which route replies would take, and which setting made
+that a drop) and PKT_TOO_BIG (larger than the MTU toward its destination: which interface,
+which MTU). Both are asked of routing the same way (ReversePathFacts, MtuFacts).
+
 Pure: the facts come in as `RoutingFacts`.
 """
 
@@ -39,6 +44,9 @@ FORWARDING_DROPS = frozenset({("ip6_forward", "IP_INADDRERRORS")})
 REFUSALS = {errno.EINVAL: "blackhole", errno.EHOSTUNREACH: "unreachable", errno.EACCES: "prohibit",
             errno.ENETUNREACH: "no route"}
 # Questions asked of routing: each packet's once, a few new ones a second (RouteQuestions).
+# The questions: which route refused the packet, which route replies to it would take, and
+# which MTU it met on the way out.
+REFUSAL, REVERSE_PATH, PATH_MTU = "refusal", "reverse path", "path mtu"
 ANSWERS_REMEMBERED = 1024
 QUESTIONS_PER_SECOND = 10.0
 QUESTIONS_BURST = 50.0
@@ -55,6 +63,18 @@ def is_routing_drop(drop: KernelDrop) -> bool:
     """The drop was made by the kernel's routing (see ROUTE_DROP_FUNCTIONS)."""
     function = function_of(drop.code_location())
     return function in ROUTE_DROP_FUNCTIONS or (function, drop.reason) in FORWARDING_DROPS
+
+
+def question_for(drop: KernelDrop) -> Optional[str]:
+    """What to ask routing about the drop (REFUSAL, REVERSE_PATH, PATH_MTU); None: nothing, its
+    reason says all that routing could add."""
+    if is_routing_drop(drop):
+        return REFUSAL
+    if drop.reason == "IP_RPFILTER" and drop.src is not None and drop.src.version == 4:  # IPv4's own filter
+        return REVERSE_PATH
+    if drop.reason == "PKT_TOO_BIG":
+        return PATH_MTU
+    return None
 
 
 @dataclass(frozen=True)
@@ -80,27 +100,97 @@ class RoutingFacts:
         return {"cause": self.cause, "routes": list(self.routes), "rules": list(self.rules),
                 "sysctl": self.forwarding_off}
 
+    def explain(self, drop: KernelDrop, iif: Optional[str]) -> Optional[str]:
+        """The refusal in plain words, the same for every packet it refuses (`drops` counts them
+        under it); None where routing finds a route now (the tables changed since, or the drop
+        was not a refusal): the reason's own words then."""
+        cause = self.cause
+        if cause == "forwarding off":
+            if drop.dst is not None and drop.dst.version == 6:
+                return f"IPv6 forwarding is off ({self.forwarding_off}): routed packets are dropped"
+            where = f" on {iif}" if iif else ""
+            return (f"forwarding is off{where} ({self.forwarding_off}): routed packets are dropped "
+                    f"(net.ipv4.ip_forward = 1 turns it on for every interface)")
+        if cause == "no route":
+            return NO_ROUTE
+        if cause is None:
+            return None
+        effect = _REFUSAL_EFFECTS[cause]
+        refused = _refused_by(self)
+        if refused is not None:
+            return f"{refused[0]} {effect}: {refused[1]}"
+        return f"routing {effect} (`ip route get` answers {cause})"
 
-def explain_routing(facts: RoutingFacts, drop: KernelDrop, iif: Optional[str]) -> Optional[str]:
-    """The refusal in plain words, the same for every packet it refuses (`drops` counts them
-    under it); None where routing finds a route now (the tables changed since, or the drop
-    was not a refusal): the reason's own words then."""
-    cause = facts.cause
-    if cause == "forwarding off":
+
+
+RP_FILTER_MODES = {1: "strict", 2: "loose"}
+
+
+@dataclass(frozen=True)
+class ReversePathFacts:
+    """What the reverse-path filter (IPv4's rp_filter) weighed for a packet it dropped: the
+    route that replies to its source would take, and the setting in force. The kernel takes the
+    higher of conf.all.rp_filter and conf.IIF.rp_filter: strict (1) drops a packet whose replies
+    would leave through another interface than it came in on, loose (2) only one with no route
+    back at all. The route back is `ip route get SRC` (with the packet's mark where src_valid_mark
+    is on); the kernel's own lookup also takes DST as the source, which only policy rules with a
+    `from` selector would notice."""
+
+    mode: int  # 1 strict, 2 loose
+    sysctls: tuple  # the settings that put it in force (the higher of conf.all and conf.IIF), as sysctl prints them
+    overridden: Optional[str] = None  # conf.IIF's lower setting, where conf.all's is in force
+    error: int = 0  # errno of the lookup of the route back; 0: it finds one
+    route: Optional[str] = None  # the route back, as `ip route` prints it
+    oifs: tuple = ()  # the interfaces it leaves through
+
+    def explains(self, iif: Optional[str]) -> bool:
+        """The facts make the drop: no route back, or (strict) one through another interface."""
+        return self.error != 0 or (self.mode == 1 and iif is not None and iif not in self.oifs)
+
+    def to_json(self) -> dict:
+        return {"cause": REVERSE_PATH, "mode": RP_FILTER_MODES.get(self.mode, str(self.mode)),
+                "sysctls": list(self.sysctls), "overrides": self.overridden, "route": self.route, "oifs": list(self.oifs)}
+
+    def explain(self, drop: KernelDrop, iif: Optional[str]) -> Optional[str]:
+        """The filter's decision in words without the packet's addresses (`drops` counts every
+        packet it drops for one reason under one line); None where the facts do not make the
+        drop (routes changed since): the reason's own words then."""
+        if not self.explains(iif):
+            return None
+        setting = " and ".join(self.sysctls) + (f", which overrides {self.overridden}" if self.overridden else "")
+        what = f"reverse-path filter ({RP_FILTER_MODES.get(self.mode, self.mode)}, {setting})"
+        if self.error:
+            answer = REFUSALS.get(self.error, os.strerror(self.error))
+            return (f"{what}: no route leads back to its source (`ip route get` answers {answer}), so replies "
+                    f"could not be sent; a route back to it lets it in")
+        return (f"{what}: replies would leave through {', '.join(self.oifs)} ({self.route}), not {iif} where it "
+                f"came in; loose mode (rp_filter = 2; the kernel takes the higher of conf.all and conf.{iif}) "
+                f"or a route back through {iif} lets it in")
+
+
+@dataclass(frozen=True)
+class MtuFacts:
+    """The MTU a packet dropped as PKT_TOO_BIG met: forwarding it needs fragments, which its DF
+    bit (IPv6: any packet) forbids. The kernel takes the route's MTU (an `mtu` on the route, or a
+    path MTU it learned) where there is one, else the output interface's."""
+
+    mtu: int
+    oif: Optional[str]  # the interface the route to its destination leaves through
+    from_route: bool = False  # the route sets the MTU, not the interface
+
+    def to_json(self) -> dict:
+        return {"cause": PATH_MTU, "mtu": self.mtu, "oif": self.oif, "from": "route" if self.from_route else "interface"}
+
+    def explain(self, drop: KernelDrop, iif: Optional[str]) -> Optional[str]:
+        """Which MTU, and what becomes of the sender: told by ICMP to send smaller packets, unless
+        the ICMP is dropped on its way back (then the flow's large packets vanish for good)."""
+        where = f"{self.mtu}" + (f" on {self.oif}" if self.oif else "") + (", the route's" if self.from_route else "")
         if drop.dst is not None and drop.dst.version == 6:
-            return f"IPv6 forwarding is off ({facts.forwarding_off}): routed packets are dropped"
-        where = f" on {iif}" if iif else ""
-        return (f"forwarding is off{where} ({facts.forwarding_off}): routed packets are dropped "
-                f"(net.ipv4.ip_forward = 1 turns it on for every interface)")
-    if cause == "no route":
-        return NO_ROUTE
-    if cause is None:
-        return None
-    effect = _REFUSAL_EFFECTS[cause]
-    refused = _refused_by(facts)
-    if refused is not None:
-        return f"{refused[0]} {effect}: {refused[1]}"
-    return f"routing {effect} (`ip route get` answers {cause})"
+            forbids, told = "IPv6 routers never fragment", f"ICMPv6 packet too big (mtu {self.mtu})"
+        else:
+            forbids, told = "its DF bit forbids fragmenting it", f"ICMP fragmentation needed (mtu {self.mtu})"
+        return (f"larger than the MTU toward its destination ({where}) and {forbids}: the sender was sent {told}; "
+                f"where that ICMP is dropped on its way back, the flow's large packets vanish (a path MTU black hole)")
 
 
 def explain_unsent(facts: RoutingFacts) -> Optional[str]:
@@ -148,11 +238,13 @@ def _a(cause: str) -> str:
 
 
 class RouteQuestions:
-    """`questions(drop, iif_index, iif, mark)`: the routing facts of a drop made by routing,
-    from `ask` (kernel/routes.py routing_facts); None for any other drop, where asking fails, or
-    over the budget. The packet's mark goes with the question: policy rules can select by it.
-    Each packet's addresses, interface and mark are asked about once, and only a few new ones a
-    second: a flood of routed-away packets costs a lookup now and then, never one per packet."""
+    """`questions(drop, iif_index, iif, mark)`: what routing says of a drop it has a say in
+    (question_for), from `ask(question, src, dst, iif_index, iif, mark)` (kernel/routes.py
+    routing_facts): RoutingFacts, ReversePathFacts or MtuFacts; None for any other drop, where
+    asking fails, or over the budget. The packet's mark goes with the question: policy rules can
+    select by it. Each packet's addresses, interface and mark are asked about once, and only a
+    few new ones a second: a flood of routed-away packets costs a lookup now and then, never one
+    per packet."""
 
     def __init__(self, ask: Callable, clock: Callable[[], float] = time.monotonic):
         self._ask = ask
@@ -161,18 +253,18 @@ class RouteQuestions:
         self._budget = QUESTIONS_BURST
         self._refilled = clock()
 
-    def __call__(self, drop: KernelDrop, iif_index: Optional[int], iif: Optional[str],
-                 mark: Optional[int] = None) -> Optional[RoutingFacts]:
-        if drop.src is None or drop.dst is None or not is_routing_drop(drop):
+    def __call__(self, drop: KernelDrop, iif_index: Optional[int], iif: Optional[str], mark: Optional[int] = None):
+        question = question_for(drop) if drop.src is not None and drop.dst is not None else None
+        if question is None:
             return None
-        key = (drop.src, drop.dst, iif_index, mark)
+        key = (question, drop.src, drop.dst, iif_index, mark)
         if key in self._answers:
             self._answers.move_to_end(key)
             return self._answers[key]
         if not self._spend():
             return None
         try:
-            facts = self._ask(drop.src, drop.dst, iif_index, iif, mark)
+            facts = self._ask(question, drop.src, drop.dst, iif_index, iif, mark)
         except OSError:  # no rtnetlink here: the reason's own words
             facts = None
         self._answers[key] = facts

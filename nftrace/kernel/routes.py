@@ -1,7 +1,8 @@
-"""Asking the namespace's routing, over rtnetlink, what `ip route get`, `ip route show table
-all type T`, `ip rule` and `ip neigh get` ask it: about a packet the kernel dropped in routing,
-one it refused to send, and the next hop of one it let through (drops/routing.py says why, and
-says the answers in words).
+"""Asking the namespace's routing, over rtnetlink, what `ip route get [fibmatch]`, `ip route
+show table all type T`, `ip rule` and `ip neigh get` ask it: about a packet the kernel dropped
+in routing, one the reverse-path filter dropped (the route back), one too big for the route out
+(its MTU), one it refused to send, and the next hop of one it let through (drops/routing.py
+says why, and says the answers in words).
 
 The questions go to the namespace of the calling thread: a trace session's thread is in the
 namespace it traces, where the kernel drops it reports were made. drops/routing.py's
@@ -10,6 +11,7 @@ RouteQuestions decides which drops are asked about, and how often.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import itertools
 import socket
@@ -22,7 +24,7 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg, states as neighbour_states
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from ..drops.routing import REFUSALS, RoutingFacts
+from ..drops.routing import PATH_MTU, REFUSALS, REVERSE_PATH, RP_FILTER_MODES, MtuFacts, ReversePathFacts, RoutingFacts
 from .netlink import decode_datagram
 
 
@@ -46,16 +48,25 @@ _U32 = struct.Struct("=I")
 # scope, type; fib_rule_hdr: two reserved, action), flags.
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=B3xiHBB")  # struct ndmsg: family, ifindex, state, flags, type
+_RTNEXTHOP = struct.Struct("=HBBi")  # struct rtnexthop: length, flags, hops, interface index
 _TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
+RTM_F_FIB_MATCH = 0x2000  # linux/rtnetlink.h: answer with the route in the table, not the lookup's result
+RTAX_MTU = 2  # linux/rtnetlink.h: the route's MTU among its metrics
+SIOCGIFMTU = 0x8921
 _sequence = itertools.count(1)
 ANSWER_SECONDS = 1.0
 
 
-def routing_facts(src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress, iif_index: Optional[int],
-                  iif: Optional[str], mark: Optional[int] = None) -> RoutingFacts:
+def routing_facts(question: str, src: ipaddress._BaseAddress, dst: ipaddress._BaseAddress,
+                  iif_index: Optional[int], iif: Optional[str], mark: Optional[int] = None):
     """What routing says now of a packet from `src` to `dst` that came in on `iif` (index and
-    name) with `mark`."""
+    name) with `mark`, that the kernel dropped: the `question` of drops/routing.py's
+    question_for (RoutingFacts, ReversePathFacts, MtuFacts)."""
     with _rtnetlink() as sock:
+        if question == REVERSE_PATH:
+            return _reverse_path(sock, src, iif, mark)
+        if question == PATH_MTU:
+            return _path_mtu(sock, src, dst, iif_index, mark)
         error, _ = _route_get(sock, dst, src, iif_index, mark)
         return _facts(sock, dst, error, _forwarding_off(dst.version, iif))
 
@@ -119,9 +130,43 @@ def _facts(sock: socket.socket, dst, error: int, forwarding_off: Optional[str]) 
     return RoutingFacts(error, routes, rules, forwarding_off)
 
 
-def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int], mark: Optional[int] = None) -> tuple:
-    """(errno, (route type, attributes)) of `ip route get DST [from SRC] [iif IIF] [mark MARK]`:
-    errno 0 when it finds a route."""
+def _reverse_path(sock: socket.socket, src, iif: Optional[str], mark: Optional[int]) -> Optional[ReversePathFacts]:
+    """The route back to `src` and the rp_filter setting in force on `iif`; None where the
+    filter is off (the settings changed since the drop)."""
+    settings = {name: _sysctl_number(f"ipv4/conf/{name}/rp_filter") for name in ("all", iif) if name}
+    mode = max(settings.values(), default=0)
+    if mode not in RP_FILTER_MODES:
+        return None
+    in_force = tuple(f"net.ipv4.conf.{name}.rp_filter = {mode}" for name, value in settings.items() if value == mode)
+    lower = settings.get(iif, mode) if iif else mode
+    overridden = f"net.ipv4.conf.{iif}.rp_filter = {lower}" if lower < mode else None
+    vmark = any(_sysctl_number(f"ipv4/conf/{name}/src_valid_mark") for name in ("all", iif) if name)
+    error, route = _route_get(sock, src, None, None, mark if vmark else None, whole_route=True)
+    text, oifs = _route_words(route) if route is not None else (None, ())
+    return ReversePathFacts(mode, in_force, overridden, error, text, oifs)
+
+
+def _path_mtu(sock: socket.socket, src, dst, iif_index: Optional[int], mark: Optional[int]) -> Optional[MtuFacts]:
+    """The MTU of the route that forwards `src` → `dst` in on `iif_index`: the route's own
+    (RTAX_MTU: an `mtu` on the route or a path MTU learned) or its output interface's."""
+    error, route = _route_get(sock, dst, src, iif_index, mark)
+    if error or route is None:
+        return None
+    oif = _number(route[1], RTA["RTA_OIF"])
+    name = _interface_name(oif) if oif else None
+    route_mtu = _metric(route[1], RTAX_MTU)
+    if route_mtu:
+        return MtuFacts(route_mtu, name, from_route=True)
+    mtu = _interface_mtu(name) if name else None
+    return MtuFacts(mtu, name) if mtu else None
+
+
+def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int], mark: Optional[int] = None,
+               whole_route: bool = False) -> tuple:
+    """(errno, (route type, attributes, prefix length, table)) of `ip route get [fibmatch] DST
+    [from SRC] [iif IIF] [mark MARK]`: errno 0 when it finds a route. `whole_route` (fibmatch)
+    answers with the route in the table (its prefix, its next hops) instead of the one-address
+    route the kernel makes of it."""
     family = _family(dst)
     attributes = _attribute(RTA["RTA_DST"], dst.packed)
     if src is not None:
@@ -130,13 +175,73 @@ def _route_get(sock: socket.socket, dst, src, iif_index: Optional[int], mark: Op
         attributes += _attribute(RTA["RTA_IIF"], _U32.pack(iif_index))
     if mark:
         attributes += _attribute(RTA["RTA_MARK"], _U32.pack(mark))
-    header = _RTMSG.pack(family, dst.max_prefixlen, src.max_prefixlen if src is not None else 0, 0, 0, 0, 0, 0, 0)
+    flags = RTM_F_FIB_MATCH if whole_route else 0
+    header = _RTMSG.pack(family, dst.max_prefixlen, src.max_prefixlen if src is not None else 0, 0, 0, 0, 0, 0, flags)
     for msg_type, body in _exchange(sock, RTM_GETROUTE, NLM_F_REQUEST, header + attributes):
         if msg_type == NLMSG_ERROR:
             return -struct.unpack_from("=i", body)[0], None
         if msg_type == RTM_NEWROUTE and len(body) >= _RTMSG.size:
-            return 0, (_RTMSG.unpack_from(body)[7], _attributes(body, _RTMSG.size))
+            _, dst_len, _, _, table, _, _, kind, _ = _RTMSG.unpack_from(body)
+            found = _attributes(body, _RTMSG.size)
+            return 0, (kind, found, dst_len, _number(found, RTA["RTA_TABLE"]) or table)
     return 0, None
+
+
+def _route_words(route: tuple) -> tuple:
+    """(the route as `ip route` prints it, the names of the interfaces it leaves through)."""
+    kind, attributes, dst_len, table = route
+    prefix = attributes.get(RTA["RTA_DST"])
+    words = [f"{ipaddress.ip_address(prefix)}/{dst_len}" if prefix and dst_len else "default"]
+    if kind != rt_type["unicast"]:
+        words.insert(0, rt_type.get(kind, str(kind)))
+    hops = list(_next_hops(attributes))
+    for gateway, oif in hops:
+        words += (["nexthop"] if len(hops) > 1 else []) + (["via", gateway] if gateway else []) + \
+            (["dev", _interface_name(oif)] if oif else [])
+    if table not in (None, 254):
+        words += ["table", str(_TABLE_NAMES.get(table, table))]
+    return " ".join(words), tuple(dict.fromkeys(_interface_name(oif) for _, oif in hops if oif))
+
+
+def _next_hops(attributes: dict) -> Iterator[tuple]:
+    """(gateway or None, output interface index) of each next hop: one, or each of a multipath
+    route's (RTA_MULTIPATH: struct rtnexthop, then its own attributes)."""
+    multipath = attributes.get(RTA["RTA_MULTIPATH"])
+    if multipath is None:
+        gateway = attributes.get(RTA["RTA_GATEWAY"])
+        yield (str(ipaddress.ip_address(gateway)) if gateway else None), _number(attributes, RTA["RTA_OIF"])
+        return
+    offset = 0
+    while offset + _RTNEXTHOP.size <= len(multipath):
+        length, _, _, oif = _RTNEXTHOP.unpack_from(multipath, offset)
+        if length < _RTNEXTHOP.size:
+            break
+        gateway = _attributes(multipath[:offset + length], offset + _RTNEXTHOP.size).get(RTA["RTA_GATEWAY"])
+        yield (str(ipaddress.ip_address(gateway)) if gateway else None), oif
+        offset += (length + 3) & ~3
+
+
+def _metric(attributes: dict, number: int) -> Optional[int]:
+    """One of a route's metrics (RTA_METRICS, nested), e.g. RTAX_MTU."""
+    metrics = attributes.get(RTA["RTA_METRICS"])
+    return _number(_attributes(metrics, 0), number) if metrics else None
+
+
+def _interface_name(index: int) -> str:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:  # gone since
+        return str(index)
+
+
+def _interface_mtu(name: str) -> Optional[int]:
+    """The interface's MTU (SIOCGIFMTU), in the calling thread's namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            answer = fcntl.ioctl(probe, SIOCGIFMTU, struct.pack("16si", name.encode()[:15], 0))
+        except OSError:
+            return None
+    return struct.unpack_from("16si", answer)[1]
 
 
 def _covering_routes(sock: socket.socket, family: int, dst, route_type: int) -> tuple:
@@ -241,3 +346,8 @@ def _sysctl(key: str) -> Optional[str]:
             return value.read().strip()
     except OSError:
         return None
+
+
+def _sysctl_number(key: str) -> int:
+    value = _sysctl(key)
+    return int(value) if value and value.lstrip("-").isdigit() else 0

@@ -14,6 +14,10 @@ import struct
 import sys
 import time
 
+# linux/in.h, linux/in6.h: path MTU discovery per socket; PROBE sets DF (IPv6: never fragments)
+# and ignores the path MTU learned, so a too-big datagram leaves and a router must drop it.
+IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_PROBE = 10, 23, 3
+
 
 def _any_address(family) -> str:
     return "::" if family == socket.AF_INET6 else "0.0.0.0"
@@ -42,13 +46,19 @@ def tcp_connect(host: str, port: int, timeout: float = 1.0, sport: int = 0, payl
 
 
 def udp_send(host: str, port: int, count: int = 1, sport: int = 0, payload: bytes = b"nftrace", rate: float = 0.0,
-             max_seconds: float = 30.0, source: str = "", ttl: int = 0) -> int:
+             max_seconds: float = 30.0, source: str = "", ttl: int = 0, dont_fragment: bool = False) -> int:
     """Send `count` datagrams, at most for `max_seconds`, with TTL (hop limit) `ttl` if not 0;
-    return how many were sent."""
+    return how many were sent. `dont_fragment`: DF set, whatever path MTU this host learned (a
+    router on the way must drop what is too big for it, as a real sender's would)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sent = 0
     deadline = time.monotonic() + max_seconds
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        if dont_fragment:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, PMTUDISC_PROBE)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, PMTUDISC_PROBE)
         if ttl:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
@@ -157,6 +167,9 @@ def main(argv=None) -> int:
     udp.add_argument("--max-seconds", type=float, default=30.0)
     udp.add_argument("--source", default="", help="send from this local address")
     udp.add_argument("--ttl", type=int, default=0, help="TTL (IPv6: hop limit) of the datagrams")
+    udp.add_argument("--size", type=int, default=0, help="bytes of payload in each datagram")
+    udp.add_argument("--dont-fragment", action="store_true",
+                     help="set DF and ignore the path MTU this host learned (IP_PMTUDISC_PROBE)")
     icmp = sub.add_parser("icmp", help="ICMP echo requests")
     icmp.add_argument("host")
     icmp.add_argument("--count", type=int, default=1)
@@ -171,8 +184,9 @@ def main(argv=None) -> int:
         for _ in range(args.count):
             print(tcp_connect(args.host, args.port, args.timeout, args.sport, args.send.encode(), args.source), flush=True)
     elif args.kind == "udp":
-        print(udp_send(args.host, args.port, args.count, args.sport, rate=args.rate, max_seconds=args.max_seconds,
-                       source=args.source, ttl=args.ttl))
+        payload = b"x" * args.size if args.size else b"nftrace"
+        print(udp_send(args.host, args.port, args.count, args.sport, payload, rate=args.rate,
+                       max_seconds=args.max_seconds, source=args.source, ttl=args.ttl, dont_fragment=args.dont_fragment))
     elif args.kind == "icmp":
         print(icmp_echo(args.host, args.count, args.timeout))
     else:
