@@ -401,6 +401,7 @@ def _lab(ctx: typer.Context, command: str, prefix: Optional[str]):
 @_ctrl_c_is_one_line
 def lab_up(
     ctx: typer.Context,
+    named: Optional[str] = typer.Argument(None, metavar="SCENARIO", help="The scenario, as --scenario names it.", show_default=False),
     scenario: Optional[str] = typer.Option(None, "--scenario", metavar="NAME", help="A rules/ scenario (default: host-firewall)."),
     prefix: Optional[str] = typer.Option(None, "--prefix", metavar="NAME", help="Namespaces NAME-client, -router, -server (default: nftlab)."),
     listen_seconds: Optional[float] = typer.Option(None, "--listen-seconds", min=1, metavar="SEC", help="The server's listeners end after SEC seconds (default: 8 hours)."),
@@ -410,9 +411,12 @@ def lab_up(
 
     lab = _lab(ctx, "up", prefix)
     try:
+        if named and scenario and named != scenario:
+            raise InputError(f"two scenarios given ({named} and --scenario {scenario}): give one")
         require_root()
         with SignalsAsExceptions():
-            done = lab.up(find_scenario(scenario or DEFAULT_SCENARIO), listen_seconds=listen_seconds or LISTEN_SECONDS)
+            done = lab.up(find_scenario(named or scenario or DEFAULT_SCENARIO),
+                          listen_seconds=listen_seconds or LISTEN_SECONDS)
         status = lab.status()
     except NftraceError as err:
         _fail(err)

@@ -53,6 +53,13 @@ def test_lab_commands_refuse_netns_since_the_lab_makes_its_own():
                                          "the lab makes its own namespaces")
 
 
+def test_a_scenario_given_twice_two_ways_is_refused_before_anything_is_made(prefix):
+    result = nftrace("lab", "up", "nat-router", "--scenario", "host-firewall", "--prefix", prefix)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "nftrace: two scenarios given (nat-router and --scenario host-firewall): give one"
+    assert not netns_exists(f"{prefix}-router")
+
+
 def test_a_prefix_that_cannot_name_namespaces_is_refused():
     result = nftrace("lab", "status", "--prefix", "../etc")
     assert result.returncode == 2
@@ -92,7 +99,7 @@ class TestLabAgainstTheKernel:
     def test_up_with_another_scenario_replaces_the_routers_ruleset_in_place(self, prefix):
         nftrace("lab", "up", "--prefix", prefix, "--scenario", "legacy-iptables", "--listen-seconds", "120")
         listeners = Lab(prefix).topology.listener_pids()
-        result = nftrace("lab", "up", "--prefix", prefix, "--scenario", "sets-and-maps", "--listen-seconds", "120")
+        result = nftrace("lab", "up", "sets-and-maps", "--prefix", prefix, "--listen-seconds", "120")  # as an argument
         assert result.returncode == 0, result.stderr
         assert "loaded scenario sets-and-maps" in result.stderr
         assert "set blocklist" in ruleset_state(f"{prefix}-router")
