@@ -191,6 +191,47 @@ def test_an_expression_that_cannot_be_evaluated_before_a_failure_leaves_the_stop
     assert [m.first for m in near.mismatches] == [False]
 
 
+LIMIT = {"limit": {"rate": 2, "per": "minute"}}
+
+
+def test_the_one_condition_the_trace_cannot_tell_failed_when_every_other_matched():
+    """The kernel ran the rule and it did not match: with all else matched, its limit was spent."""
+    book = ruleset(("rule", "forward", 9, [match(payload("tcp", "dport"), 8080), LIMIT, ACCEPT]))
+    packet = path([policy_drop()])
+    packet.near_misses = [near] = find_near_misses(packet, book, INTERFACES)
+    assert (near.unknown, near.matched) == ((), ("tcp dport 8080",))
+    [failed] = near.mismatches
+    assert (failed.expr, failed.first) == ("limit rate 2/minute", True)
+    assert failed.reason == ("limit rate 2/minute: over the limit for this packet (every other condition matched, "
+                             "and the kernel did not match the rule)")
+    assert render_packet(packet, INTERFACES).splitlines()[-1].strip().startswith(
+        "✗ limit rate 2/minute: over the limit for this packet")
+
+
+@pytest.mark.parametrize("expr, words", [
+    ({"quota": {"val": 10, "val_unit": "mbytes"}}, "quota 10 mbytes: the quota is used up"),
+    (match({"numgen": {"mode": "random", "mod": 2}}, 0), "numgen random mod 2 0: did not hold for this packet"),
+])
+def test_by_elimination_says_what_a_failed_quota_or_other_unknown_means(expr, words):
+    book = ruleset(("rule", "forward", 9, [match(payload("tcp", "dport"), 8080), expr, ACCEPT]))
+    [near] = find_near_misses(path([policy_drop()]), book, INTERFACES)
+    assert near.mismatches[0].reason.startswith(words)
+
+
+def test_two_conditions_the_trace_cannot_tell_stay_unknown():
+    book = ruleset(("rule", "forward", 9, [match(payload("tcp", "dport"), 8080), LIMIT,
+                                           {"quota": {"val": 10, "val_unit": "mbytes"}}, ACCEPT]))
+    [near] = find_near_misses(path([policy_drop()]), book, INTERFACES)
+    assert (near.mismatches, near.unknown) == ((), ("limit rate 2/minute", "quota 10 mbytes"))
+
+
+def test_no_elimination_where_a_matched_condition_is_a_set_that_may_have_changed_since():
+    book = ruleset(("set", "admins", ["10.77.1.50"]),
+                   ("rule", "forward", 9, [match(payload("ip", "saddr"), "@admins"), LIMIT, ACCEPT]))
+    [near] = find_near_misses(path([policy_drop()]), book, INTERFACES)
+    assert (near.mismatches, near.unknown) == ((), ("limit rate 2/minute",))
+
+
 @pytest.mark.parametrize("expr, text", [
     ({"limit": {"rate": 5, "per": "second", "inv": True}}, "limit rate over 5/second"),
     ({"quota": {"val": 10, "val_unit": "mbytes"}}, "quota 10 mbytes"),

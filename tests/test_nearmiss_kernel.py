@@ -287,12 +287,6 @@ def test_a_live_answer_names_the_accept_rule_that_nearly_matched(tmp_path):
         lab.down()
 
 
-# -- random rulesets ------------------------------------------------------------------------------
-
-
-flows = st.tuples(st.sampled_from(["tcp", "udp"]), st.sampled_from(PORTS), st.sampled_from([ROUTER_CLIENT_V4, SERVER_V4]))
-
-
 @pytest.fixture(scope="module")
 def lab():
     topology = Topology(unique_name("nmprop"))
@@ -301,6 +295,48 @@ def lab():
         yield topology
     finally:
         topology.down()
+
+
+# -- a condition the trace cannot tell, found by elimination ------------------------------------
+
+
+LIMITED_INPUT = """
+flush ruleset
+table inet fw {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        udp dport 5353 ct state new limit rate 1/minute burst 1 packets accept
+        udp dport 53 accept
+    }
+}
+"""
+
+
+def test_a_spent_rate_limit_is_named_as_the_one_failed_condition(lab):
+    """The trace cannot tell a limit's state, but the kernel's own order can: the first datagram
+    took the one token and was accepted by the rule; the second, with every other condition of
+    the rule matched, was not: its limit was spent."""
+    in_netns(lab.router, ["nft", "-f", "-"], input=LIMITED_INPUT)
+    sender = ["ip", "netns", "exec", lab.client, "python3", "-m", "nftrace.lab.traffic", "udp", ROUTER_CLIENT_V4,
+              "5353", "--count", "2", "--rate", "20", "--sport", "41000"]
+    result = nftrace("--netns", lab.router, "why", "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp",
+                     "--dport", "5353", "--count", "2", "--timeout", "10", "--json", "--no-drop-reasons", "--",
+                     *sender)
+    assert result.returncode == 0, result.stderr
+    first, second = result.packets
+    assert (first["verdict"], first["decided_by"]["handle"]) == ("accept", 2)
+    assert (second["verdict"], second["decided_by"]["type"]) == ("drop", "policy")
+    limited = second["near_misses"][0]
+    assert limited["handle"] == 2 and limited["unknown"] == []
+    assert limited["matched"] == ["udp dport 5353", "ct state new"]
+    [spent] = limited["mismatches"]
+    assert spent["reason"].startswith("limit rate 1/minute burst 1 packets: over the limit for this packet")
+
+
+# -- random rulesets ------------------------------------------------------------------------------
+
+
+flows = st.tuples(st.sampled_from(["tcp", "udp"]), st.sampled_from(PORTS), st.sampled_from([ROUTER_CLIENT_V4, SERVER_V4]))
 
 
 @settings(max_examples=12, deadline=None, database=None,

@@ -24,7 +24,9 @@ For each candidate every match expression is evaluated against the packet at tha
 marks the one the kernel stopped at (it evaluates in order and stops at the first failure;
 when an expression before it cannot be evaluated, nobody knows, and none is marked),
 `unknown` the expressions that cannot be evaluated from the trace (limit, quota, numgen,
-socket, fib, meta time, ...): never guessed. A candidate whose expressions all matched
+socket, fib, meta time, ...): never guessed, but found by elimination where it is the only
+one and every other expression matched (`by_elimination`: `tcp dport 22 limit rate 2/minute
+accept` did not match an ssh packet, so its limit was spent). A candidate whose expressions all matched
 (the evaluation disagrees with the kernel, e.g. state that changed between the packet and
 the listing) is left out rather than explained wrongly.
 
@@ -165,6 +167,31 @@ def mismatches_from(evaluation: RuleEvaluation) -> tuple:
                                   describe_mismatch(condition), condition.other_protocol))
             first_done = True
     return tuple(found)
+
+
+def by_elimination(evaluation: RuleEvaluation) -> RuleEvaluation:
+    """A rule the kernel evaluated and did not match, whose every condition matched but one that
+    the trace cannot tell (`limit`, `quota`, `ct count`, ...): that one failed, for the kernel
+    matches a rule only when all of its conditions hold. Not where a matched condition looks a
+    set up: a set can change between the packet and nftrace's listing of it (dynamic sets,
+    timeouts), a packet's headers cannot."""
+    unknown = evaluation.unknown
+    if evaluation.failed or len(unknown) != 1 or any(c.set_name for c in evaluation.conditions if c.matched):
+        return evaluation
+    [condition] = unknown
+    failed = replace(condition, matched=False, packet="", reason=f"{condition.expr}: {_why_it_failed(condition.expr)} "
+                                                                   "(every other condition matched, and the kernel "
+                                                                   "did not match the rule)")
+    return RuleEvaluation([failed if c is condition else c for c in evaluation.conditions])
+
+
+def _why_it_failed(expr: str) -> str:
+    words = expr.split()
+    if words[:1] == ["limit"] and "over" not in words:
+        return "over the limit for this packet"
+    if words[:1] == ["quota"] and "over" not in words:
+        return "the quota is used up"
+    return "did not hold for this packet"
 
 
 # -- the rules, as the finder needs them ------------------------------------------------------
@@ -393,6 +420,7 @@ class _Finder:
     def _add(self, run: _Run, rule, evaluation: RuleEvaluation, fate: str, target, decided_in) -> None:
         if evaluation.matches is True:
             return  # the kernel says it did not match: a view that disagrees explains nothing
+        evaluation = by_elimination(evaluation)
         self.found.append(NearMiss(
             family=run.family, table=run.table, chain=rule.chain, hook=run.hook, handle=rule.handle,
             rule_number=rule.number, text=rule.text, verdict=fate,
