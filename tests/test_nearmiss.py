@@ -210,6 +210,10 @@ def test_the_one_condition_the_trace_cannot_tell_failed_when_every_other_matched
 
 @pytest.mark.parametrize("expr, words", [
     ({"quota": {"val": 10, "val_unit": "mbytes"}}, "quota 10 mbytes: the quota is used up"),
+    (match({"fib": {"result": "oif", "flags": ["saddr", "mark", "iif"]}}, True),
+     "fib saddr . mark . iif oif exists: no route back to its source leaves through the interface it came in on "
+     "(reverse-path check)"),
+    (match(meta("hour"), {"range": ["09:00", "17:00"]}), "meta hour 09:00-17:00: outside the rule's time window"),
     (match({"numgen": {"mode": "random", "mod": 2}}, 0), "numgen random mod 2 0: did not hold for this packet"),
 ])
 def test_by_elimination_says_what_a_failed_quota_or_other_unknown_means(expr, words):

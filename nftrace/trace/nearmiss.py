@@ -186,11 +186,19 @@ def by_elimination(evaluation: RuleEvaluation) -> RuleEvaluation:
 
 
 def _why_it_failed(expr: str) -> str:
+    """What the failure of a condition the trace cannot tell means, where its form says it."""
     words = expr.split()
-    if words[:1] == ["limit"] and "over" not in words:
-        return "over the limit for this packet"
-    if words[:1] == ["quota"] and "over" not in words:
-        return "the quota is used up"
+    if words[:1] == ["limit"]:
+        return "under the rate for this packet" if "over" in words else "over the limit for this packet"
+    if words[:1] == ["quota"]:
+        return "the quota is not used up yet" if "over" in words else "the quota is used up"
+    if words[:2] == ["fib", "saddr"] and "iif" in words and words[-2:] in (["oif", "exists"], ["oif", "missing"]):
+        # The reverse-path check: is there a route back to the source through the way it came in?
+        if words[-1] == "exists":
+            return "no route back to its source leaves through the interface it came in on (reverse-path check)"
+        return "a route back to its source leaves through the interface it came in on"
+    if words[:2] in (["meta", "time"], ["meta", "day"], ["meta", "hour"]):
+        return "outside the rule's time window when the packet came"
     return "did not hold for this packet"
 
 

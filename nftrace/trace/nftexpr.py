@@ -154,7 +154,11 @@ def _hexadecimal(left: Any) -> bool:
 def match_text(match: dict) -> str:
     left = match.get("left")
     op = match.get("op", "==")
-    right = value_text(match.get("right"), _quoted(left), _hexadecimal(left))
+    right = match.get("right")
+    if isinstance(right, bool):  # an existence test: `fib saddr . iif oif missing`, `exthdr ... exists`
+        right = "exists" if right else "missing"
+    else:
+        right = value_text(right, _quoted(left), _hexadecimal(left))
     operator = "" if op in ("==", "in") else f"{op} "
     return f"{left_text(left)} {operator}{right}"
 
