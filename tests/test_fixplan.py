@@ -318,6 +318,17 @@ def test_nixos_gets_its_configuration_option():
     assert note.hint.startswith("networking.firewall.allowedTCPPorts = [ 9090 ];")
 
 
+def test_nixos_gets_the_option_of_the_chain_that_dropped_the_packet_not_an_open_port():
+    """A port is open already where the reverse-path filter dropped the packet: its rules go in
+    extraReversePathFilterRules; a forwarded packet's in extraForwardRules."""
+    flow = 'ip saddr 10.77.2.2 ip daddr 10.77.2.1 tcp dport 9090'
+    rpfilter = manager_of(placement("nixos-fw", "rpfilter", hook="prerouting"), MATCH, "accept", {"rpfilter"})
+    assert rpfilter.hint.startswith(f"networking.firewall.extraReversePathFilterRules = ''{flow} accept'';")
+    assert rpfilter.hint.endswith('or checkReversePath = "loose" for every source with any route back')
+    forward = manager_of(placement("nixos-fw", "forward", hook="forward"), MATCH, "drop", {"forward", "forward-allow"})
+    assert forward.hint.startswith(f"networking.firewall.extraForwardRules = ''{flow} drop'';")
+
+
 # -- the answer ----------------------------------------------------------------------------------
 
 def test_a_proven_fix_says_its_commands_its_proof_and_its_scope():

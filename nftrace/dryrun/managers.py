@@ -61,7 +61,7 @@ def manager_of(placement: Placement, match: FlowMatch, verdict: str,
     if table == "fw4":
         return _fw4(placement, chains, match, verdict)
     if table == "nixos-fw":
-        return _nixos(match, verdict)
+        return _nixos(placement, chains, match, verdict)
     return None
 
 
@@ -145,11 +145,21 @@ def _fw4(placement: Placement, chains: set, match: FlowMatch, verdict: str) -> M
     return ManagerNote("fw4", note, f"uci add firewall rule && {sets} && uci commit firewall && fw4 reload")
 
 
-def _nixos(match: FlowMatch, verdict: str) -> ManagerNote:
+def _nixos(placement: Placement, chains: set, match: FlowMatch, verdict: str) -> ManagerNote:
+    """NixOS's options by the chain the packet met: the reverse-path filter (chain rpfilter, at
+    prerouting), input or forward; each takes rules in nft's words, but for open ports."""
     note = ("NixOS generates table inet nixos-fw from configuration.nix (networking.firewall): nixos-rebuild "
             "replaces a direct edit")
-    if verdict == "accept" and match.dport and match.proto in ("tcp", "udp"):
+    rule = f"{match.nft(placement.family)} {verdict}"
+    rebuild = "(configuration.nix, then nixos-rebuild switch)"
+    if "rpfilter" in chains and verdict == "accept":
+        return ManagerNote("nixos", note, f"networking.firewall.extraReversePathFilterRules = ''{rule}''; {rebuild}; "
+                                          f"or checkReversePath = \"loose\" for every source with any route back")
+    if placement.hook == "forward":
+        return ManagerNote("nixos", note, f"networking.firewall.extraForwardRules = ''{rule}''; {rebuild}")
+    if placement.hook == "input" and verdict == "accept" and match.dport and match.proto in ("tcp", "udp"):
         option = "allowedTCPPorts" if match.proto == "tcp" else "allowedUDPPorts"
-        return ManagerNote("nixos", note, f"networking.firewall.{option} = [ {match.dport} ]; (configuration.nix, "
-                                          f"then nixos-rebuild switch)")
+        return ManagerNote("nixos", note, f"networking.firewall.{option} = [ {match.dport} ]; {rebuild}")
+    if placement.hook == "input":
+        return ManagerNote("nixos", note, f"networking.firewall.extraInputRules = ''{rule}''; {rebuild}")
     return ManagerNote("nixos", note + "; use networking.firewall.extraInputRules or extraForwardRules")
