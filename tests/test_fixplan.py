@@ -304,6 +304,12 @@ def test_bad_fix_options_are_one_line_and_exit_2(args, message):
     assert result.stderr.strip() == f"nftrace: {message}"
 
 
+def test_firewalld_reverse_path_filter_is_its_setting_not_a_zone_rule():
+    note = manager_of(placement("firewalld", "filter_PREROUTING", hook="prerouting"), MATCH, "accept",
+                      {"filter_PREROUTING"})
+    assert note.hint.startswith("IPv6_rpfilter=no in /etc/firewalld/firewalld.conf")
+
+
 def test_fw4_gets_a_uci_rule_for_the_zone_the_packet_came_from():
     note = manager_of(placement("fw4", "handle_reject", base="input"), MATCH, "accept",
                       {"input", "input_wan", "handle_reject"})

@@ -79,6 +79,10 @@ def _rich_rule(match: FlowMatch, verdict: str) -> str:
 def _firewalld(chains: set, match: FlowMatch, verdict: str) -> ManagerNote:
     note = ("firewalld owns table inet firewalld and writes it again on every reload (firewall-cmd --reload, "
             "a restart): a direct edit is lost then")
+    if "filter_PREROUTING" in chains and verdict == "accept":  # what drops there is its IPv6 reverse-path filter
+        return ManagerNote("firewalld", note, "IPv6_rpfilter=no in /etc/firewalld/firewalld.conf (firewalld 2.x also "
+                                              "takes loose: a route back through any interface), then "
+                                              "firewall-cmd --reload; no zone or rich rule comes before it")
     zone = next((m.group(1) for name in sorted(chains) if (m := _FIREWALLD_ZONE_RE.match(name))), None)
     if zone is None:
         return ManagerNote("firewalld", note + "; make the change in a firewalld zone or policy")
