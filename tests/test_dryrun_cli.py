@@ -294,3 +294,58 @@ def test_a_locally_sent_packet_without_a_route_is_the_senders_error_and_routings
         "no packet of 10.77.1.1 → 192.0.2.1:53 udp was seen",
         'warning: routing refuses to send it, so no packet reaches netfilter (the sender gets "Network is '
         'unreachable"): no route covers the destination in any routing table, not even a default route']
+
+
+# -- IPv6: the sender's neighbour solicitation comes first --------------------------------------
+
+
+ND_BLOCKED = """flush ruleset
+table inet candidate {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+    }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+    }
+}
+"""
+ND_ALLOWED = ND_BLOCKED.replace("ct state established,related accept",
+                                "ct state established,related accept\n        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept")
+WEB6 = ("--from", "fd77:1::2", "--to", "fd77:2::2", "--proto", "tcp", "--dport", "443")
+
+
+def test_an_ipv6_flow_whose_senders_neighbour_solicitation_is_dropped_is_said_to_never_come(router, tmp_path):
+    """The forward chain accepts the flow, but the input chain drops the client's neighbour
+    solicitation for the router: live, no packet of it would ever arrive."""
+    candidate = tmp_path / "nd-blocked.nft"
+    candidate.write_text(ND_BLOCKED)
+    result = dry(router, *WEB6, "--ruleset", str(candidate))
+    assert result.returncode == 0, result.stderr
+    assert result.packets[0]["verdict"] == "accept"
+    solicitation = result.json["dry_run"]["neighbour_solicitation"]
+    assert solicitation == {"src": "fd77:1::2", "target": "fd77:1::1", "iif": "r-client", "verdict": "drop",
+                            "answer": "dropped by inet candidate input policy drop"}
+    assert any(warning.startswith("fd77:1::2 must first find fd77:1::1's link-layer address, and the ruleset drops its "
+                                  "neighbour solicitation on r-client (dropped by inet candidate input policy drop)")
+               for warning in result.json["warnings"]), result.json["warnings"]
+
+
+def test_a_neighbour_solicitation_let_in_has_no_warning_and_ipv4_asks_none(router, tmp_path):
+    candidate = tmp_path / "nd-allowed.nft"
+    candidate.write_text(ND_ALLOWED)
+    result = dry(router, *WEB6, "--ruleset", str(candidate))
+    assert result.returncode == 0, result.stderr
+    assert result.json["dry_run"]["neighbour_solicitation"]["verdict"] == "accept"
+    assert not any("neighbour solicitation" in warning for warning in result.json["warnings"])
+    assert dry(router, *WEB, "--ruleset", str(candidate)).json["dry_run"]["neighbour_solicitation"] is None
+
+
+def test_a_source_behind_a_gateway_is_asked_for_by_the_gateway(router, tmp_path):
+    in_netns(router, ["ip", "-6", "route", "replace", "fd99::/64", "via", "fd77:1::2", "dev", "r-client"])
+    candidate = tmp_path / "nd-blocked.nft"
+    candidate.write_text(ND_BLOCKED)
+    result = dry(router, "--from", "fd99::5", "--to", "fd77:2::2", "--proto", "tcp", "--dport", "443",
+                 "--ruleset", str(candidate))
+    assert result.returncode == 0, result.stderr
+    assert result.json["dry_run"]["neighbour_solicitation"]["src"] == "fd77:1::2"

@@ -176,6 +176,31 @@ def test_frame_is_addressed_to_the_input_interface():
     assert frame[12:14] == b"\x08\x00" and frame[14 + 9] == 17
 
 
+def test_a_neighbour_solicitation_goes_to_the_solicited_node_group_with_the_senders_mac():
+    from nftrace.dryrun.inject import _pseudo_header, multicast_mac, neighbour_solicitation, solicited_node
+
+    group = solicited_node("fd77:1::abcd:1")
+    assert (group, multicast_mac(group)) == ("ff02::1:ffcd:1", "33:33:ff:cd:00:01")
+    message = neighbour_solicitation("fd77:1::2", "fd77:1::abcd:1", "02:00:00:00:00:05")
+    assert (message[0], message[8:24], message[24:32]) == (
+        135, bytes.fromhex("fd77000100000000 00000000abcd0001"), bytes.fromhex("0101 020000000005"))
+    assert internet_checksum(_pseudo_header("fd77:1::2", group, 58, len(message)) + message) == 0
+    frame = ethernet_frame(Injection("fd77:1::2", group, "icmpv6", iif="eth0", netns="h", peer="p2",
+                                     src_mac="02:00:00:00:00:05", dst_mac=multicast_mac(group),
+                                     nd_target="fd77:1::abcd:1"))
+    assert frame[14 + 7] == 255  # hop limit: a receiver ignores neighbour discovery with any other
+
+
+def test_the_address_a_neighbour_resolves_is_on_its_prefix_else_link_local():
+    from nftrace.dryrun.session import neighbour_target
+
+    lan = Interface(2, "lan0", "ether", addresses=[Address(6, "fe80::1", 64, scope="link"), Address(6, "fd77:1::1", 64),
+                                                   Address(6, "fd88::1", 64)])
+    assert neighbour_target(lan, "fd88::5") == "fd88::1"
+    assert neighbour_target(lan, "fd99::5") == "fe80::1"
+    assert neighbour_target(None, "fd88::5") is None
+
+
 # -- planning -----------------------------------------------------------------------------------
 
 def _state() -> NetworkState:

@@ -310,6 +310,9 @@ def test_when_no_packet_was_seen_a_live_trace_points_to_the_dry_run():
                                                         "(`--dry-run` traces a crafted one, no traffic needed)")
     dry = TraceReport(flow=flow, mode="dry-run", dry_run={"ruleset": "copy"})
     assert render_closing(dry, 0) == "no packet of 10.0.0.5 → 10.0.0.9:9 udp was seen"
+    v6 = parse_flow("fd00::5", "fd00::9", "udp", None, 9, None, None)
+    assert render_closing(TraceReport(flow=v6), 0).endswith(
+        "(`--dry-run` traces a crafted one, no traffic needed, and the sender's neighbour solicitation before it)")
 
 
 def test_a_packet_looping_through_lo_is_one_path_across_its_two_trace_ids():

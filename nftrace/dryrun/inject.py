@@ -30,6 +30,7 @@ from ..protocols import PROTOCOL_NUMBERS
 TCP_SYN, TCP_ACK = 0x02, 0x10
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 DEFAULT_TTL = 64
+ND_HOP_LIMIT = 255  # neighbour discovery's: a receiver drops ND messages with any other (RFC 4861 7.1.1)
 PAYLOAD = b"nftrace dry run\n"
 SYN_WINDOW = 64240  # Linux's initial window
 IP_DF = 0x4000
@@ -54,6 +55,9 @@ class Injection:
     icmp_id: int = 0
     seq: int = 0
     ack: int = 0
+    # A neighbour solicitation for this address (proto icmpv6, dst its solicited-node address):
+    # what the sender asks before its first packet to this host or through it.
+    nd_target: Optional[str] = None
 
     @property
     def family(self) -> int:
@@ -144,6 +148,25 @@ def icmpv6_echo(src: str, dst: str, ident: int, seq: int = 1, payload: bytes = P
     return _with_checksum(message, 2, src, dst, PROTOCOL_NUMBERS["icmpv6"])
 
 
+def neighbour_solicitation(src: str, target: str, src_mac: str) -> bytes:
+    """ICMPv6 type 135 (RFC 4861 4.3) for `target`, to its solicited-node address, with the
+    sender's link-layer address: what a host sends before its first packet to a neighbour."""
+    message = struct.pack("!BBHI16s", 135, 0, 0, 0, ipaddress.IPv6Address(target).packed)
+    message += struct.pack("!BB6s", 1, 1, _mac_bytes(src_mac))  # option 1: source link-layer address
+    return _with_checksum(message, 2, src, solicited_node(target), PROTOCOL_NUMBERS["icmpv6"])
+
+
+def solicited_node(address: str) -> str:
+    """ff02::1:ffXX:XXXX, the multicast group a neighbour solicitation for `address` goes to."""
+    low = ipaddress.IPv6Address(address).packed[13:]
+    return str(ipaddress.IPv6Address(bytes.fromhex("ff0200000000000000000001ff") + low))
+
+
+def multicast_mac(address: str) -> str:
+    """33:33 and the group's last four bytes (RFC 2464 7)."""
+    return ":".join(f"{octet:02x}" for octet in b"\x33\x33" + ipaddress.IPv6Address(address).packed[12:])
+
+
 def sctp_init(sport: int, dport: int, tag: int, tsn: int) -> bytes:
     """An SCTP packet with one INIT chunk (the first packet of an association)."""
     chunk = struct.pack("!BBHIIHHI", 1, 0, 20, tag, 106496, 10, 65535, tsn)
@@ -166,6 +189,8 @@ def transport(injection: Injection) -> bytes:
         return udp_datagram(i.src, i.dst, i.sport, i.dport)
     if i.proto == "icmp":
         return icmp_echo(i.icmp_id, reply=reply)
+    if i.proto == "icmpv6" and i.nd_target:
+        return neighbour_solicitation(i.src, i.nd_target, i.src_mac)
     if i.proto == "icmpv6":
         return icmpv6_echo(i.src, i.dst, i.icmp_id, reply=reply)
     if i.proto == "sctp":
@@ -206,7 +231,8 @@ def ethernet_frame(injection: Injection) -> bytes:
     if injection.family == 4:
         packet, ethertype = ipv4_packet(injection.src, injection.dst, proto, segment, ident=injection.icmp_id or 1), ETH_P_IP
     else:
-        packet, ethertype = ipv6_packet(injection.src, injection.dst, proto, segment), ETH_P_IPV6
+        hop_limit = ND_HOP_LIMIT if injection.nd_target else DEFAULT_TTL
+        packet, ethertype = ipv6_packet(injection.src, injection.dst, proto, segment, hop_limit), ETH_P_IPV6
     return _mac_bytes(injection.dst_mac) + _mac_bytes(injection.src_mac) + struct.pack("!H", ethertype) + packet
 
 

@@ -19,14 +19,14 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
-from .inject import Injection, random_mac
+from .inject import Injection, multicast_mac, random_mac, solicited_node
 from .names import TargetNames
 from .netstate import NetworkState, RouteLookup, read_network_state, route_towards
 from ..kernel.anonchains import read_anonymous_chains
@@ -34,7 +34,7 @@ from ..kernel.nft import NftContext
 from ..kernel.nsexec import NamespaceBookmark, call_in_namespace
 from ..trace.crossing import assign_namespace
 from ..trace.paths import PacketPath
-from ..trace.report import TraceReport
+from ..trace.report import TraceReport, summary
 from ..trace.ruleset import RulesetSnapshot
 from .sandbox import CandidateRuleset, Sandbox, read_candidate
 from ..trace.session import TraceOptions, TraceSession
@@ -140,6 +140,19 @@ def plan_injection(flow: Flow, netstate: NetworkState, peers: dict, helper: str,
                              f"through; say where it arrives with --iif")
     return Injection(**common, iif=iif, netns=helper, peer=peers[iif].peer, src_mac=neighbour or random_mac(token),
                      dst_mac=dst_mac, mtu=interface.mtu)
+
+
+def neighbour_target(interface, asker: str) -> Optional[str]:
+    """The address of `interface` that a neighbour at `asker` resolves: a global one on its
+    prefix, else the link-local one (what routers announce as the gateway)."""
+    if interface is None:
+        return None
+    addresses = [a for a in interface.addresses if a.family == 6]
+    neighbour = ipaddress.ip_address(asker)
+    for address in addresses:
+        if neighbour in ipaddress.ip_network(f"{address.local}/{address.prefixlen}", strict=False):
+            return address.local
+    return next((a.local for a in addresses if a.scope == "link"), None)
 
 
 def bridge_entry(netstate: NetworkState, bridge, iif: str, src_mac: Optional[str], dst: str,
@@ -265,6 +278,7 @@ class DryRun:
         self._drops: Optional[KernelDropWatcher] = None
         self._drops_problem: Optional[str] = None
         self.last_injection: Optional[Injection] = None
+        self.solicitation: Optional[dict] = None  # check_neighbour_discovery's finding, for describe()
 
     # -- the sandbox ------------------------------------------------------------------------
 
@@ -361,6 +375,7 @@ class DryRun:
                          "sport": injection.sport, "dport": injection.dport, "iif": injection.iif,
                          "local": injection.local},
             "not_copied": list(NOT_COPIED) + list(sandbox.not_copied),
+            "neighbour_solicitation": self.solicitation,
         }
 
     def trace(self, flow: Flow, report: TraceReport, on_packet: Callable[[PacketPath], None], *,
@@ -428,6 +443,42 @@ class DryRun:
                                    f"arrive on it")
         return session.packets_seen
 
+    def check_neighbour_discovery(self, flow: Flow, report: TraceReport) -> None:
+        """An IPv6 packet from the wire comes only after its sender (the source, or the gateway the
+        route back names) has found this namespace's link-layer address: a neighbour
+        solicitation, to the solicited-node group, that input chains see like any packet. A
+        ruleset that drops it makes every packet of the flow vanish before it is sent, whatever
+        the flow's own answer says. The solicitation is sent into the sandbox and traced before
+        the flow's packet; what became of it goes in `dry_run.neighbour_solicitation`, and a drop
+        is a warning. Nothing is asked for IPv4 (ARP is not inet's), a local sender or an
+        established connection (its neighbour is known)."""
+        injection = self.plan(flow)
+        if injection.family != 6 or injection.local or self.request.state != "new":
+            return
+        route_back = route_towards(self.request.netns, injection.src) if flow.iif is None else None
+        on_link = route_back is None or not route_back.gateway or route_back.dev != injection.iif
+        asker = injection.src if on_link else route_back.gateway
+        target = neighbour_target(self.netstate.interface(injection.iif), asker)
+        if target is None:
+            return
+        group = solicited_node(target)
+        solicitation = replace(injection, src=asker, dst=group, proto="icmpv6", sport=None, dport=None,
+                               nd_target=target, dst_mac=multicast_mac(group))
+        asked = Flow(ipaddress.ip_network(asker), ipaddress.ip_network(group), "icmpv6", iif=injection.iif)
+        paths: list = []
+        self._trace_injection(asked, solicitation, TraceReport(flow=asked, netns=self.request.netns), paths.append,
+                              drop_reasons=False, near_misses=False)
+        path = paths[0] if paths else None
+        verdict = path.verdict if path is not None and path.complete else None
+        self.solicitation = {"src": asker, "target": target, "iif": injection.iif, "verdict": verdict,
+                             "answer": summary(path) if path is not None else None}
+        if verdict == "drop":
+            report.warnings.append(
+                f"{asker} must first find {target}'s link-layer address, and the ruleset drops its neighbour "
+                f"solicitation on {injection.iif} ({self.solicitation['answer']}): in real traffic no packet of the "
+                f"flow comes at all, whatever the answer says; let icmpv6 type {{ nd-neighbor-solicit, "
+                f"nd-neighbor-advert }} in")
+
     def _forget_connections(self) -> None:
         """Each flow of `nftrace test` starts with an empty conntrack table, as a single dry run does."""
         if shutil.which("conntrack") is None:
@@ -457,6 +508,7 @@ class DryRunSession:
             self.report.mode = "dry-run"
             undo.callback(dry.close)
             dry.open()
+            dry.check_neighbour_discovery(self.options.flow, self.report)
             self.packets_seen = dry.trace(self.options.flow, self.report, on_packet, timeout=self.options.timeout,
                                           max_rate=self.options.max_rate, drop_reasons=self.options.drop_reasons)
             if self.with_sandbox is not None:

@@ -177,6 +177,8 @@ def render_closing(report: TraceReport, packet_count: int) -> str:
     lines = []
     if packet_count == 0:
         hint = "" if report.dry_run is not None else " (`--dry-run` traces a crafted one, no traffic needed)"
+        if hint and report.flow.ip_version == 6:  # a sender that cannot find its next hop sends nothing
+            hint = hint[:-1] + ", and the sender's neighbour solicitation before it)"
         lines.append(f"no packet of {report.flow.describe()} was seen{hint}")
     for warning in report.warnings:
         lines.append(f"warning: {warning}")
