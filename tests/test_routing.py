@@ -9,8 +9,9 @@ import ipaddress
 
 from nftrace.drops.correlator import kernel_drop_record
 from nftrace.drops.reasons import KernelDrop
-from nftrace.drops.routing import (PATH_MTU, REFUSAL, REVERSE_PATH, MtuFacts, ReversePathFacts, RouteQuestions,
-                                   RoutingFacts, explain_unanswered, explain_unsent, is_routing_drop, question_for)
+from nftrace.drops.routing import (PATH_MTU, REFUSAL, REVERSE_PATH, MtuFacts, ReversePathFacts, RouteBack,
+                                   RouteQuestions, RoutingFacts, explain_reverse_check, explain_unanswered,
+                                   explain_unsent, is_routing_drop, question_for, reverse_path_check)
 from nftrace.drops.tally import DropTally
 from nftrace.trace.paths import PacketPath
 
@@ -168,6 +169,38 @@ def test_drops_counts_a_spoofing_flood_from_many_sources_under_one_line():
         tally.add(path, {})
     [entry] = tally.kernel_drops_json()
     assert (entry["reason"], entry["packets"], entry["routing"]["cause"]) == ("IP_RPFILTER", 20, "reverse path")
+
+
+# -- a rule's reverse-path check ------------------------------------------------------------------
+
+
+def test_the_reverse_path_check_that_decided_or_failed_is_found_on_dropped_packets_only():
+    from nftrace.trace.nearmiss import Mismatch, NearMiss
+    from nftrace.trace.paths import Step
+
+    rule = Step("prerouting", "inet", "firewalld", "filter_PREROUTING", "rule", 88, 2, "meta nfproto ipv6 fib saddr . "
+                "mark . iif oif missing drop", "drop", None, 0)
+    dropped = PacketPath(1, complete=True, verdict="drop", decided_by=rule)
+    assert reverse_path_check(dropped) == "fib saddr . mark . iif oif missing"
+    policy = Step("prerouting", "inet", "nixos-fw", "rpfilter", "policy", None, None, None, "drop", None, 0)
+    failed = Mismatch("fib saddr . mark . iif oif exists", "?", True, reason="...")
+    nixos = PacketPath(2, complete=True, verdict="drop", decided_by=policy)
+    nixos.near_misses = [NearMiss("inet", "nixos-fw", "rpfilter", "prerouting", 10, 1,
+                                  "fib saddr . mark . iif oif exists accept", "accept", mismatches=(failed,))]
+    assert reverse_path_check(nixos) == "fib saddr . mark . iif oif exists"
+    assert reverse_path_check(PacketPath(3, complete=True, verdict="accept", decided_by=rule)) is None
+
+
+def test_the_route_back_a_reverse_path_check_found_is_said_where_it_explains_the_check():
+    check, src = "fib saddr . iif oif missing", ipaddress.ip_address("10.88.0.5")
+    elsewhere = RouteBack(0, "10.88.0.0/24 via 10.77.2.2 dev r-server", ("r-server",))
+    assert explain_reverse_check(check, elsewhere, src, "r-client") == (
+        "the reverse-path check `fib saddr . iif oif missing` finds the route back to 10.88.0.5 through r-server "
+        "(10.88.0.0/24 via 10.77.2.2 dev r-server), not r-client where the packet came in")
+    assert explain_reverse_check(check, RouteBack(errno.ENETUNREACH), src, "r-client").endswith(
+        "finds no route back to 10.88.0.5 (`ip route get` answers no route)")
+    assert explain_reverse_check(check, RouteBack(0, "10.88.0.0/24 dev r-client", ("r-client",)), src, "r-client") is None
+    assert explain_reverse_check("fib saddr oif missing", elsewhere, src, "r-client") is None  # loose: any way back
 
 
 # -- too big for the MTU on the way out --------------------------------------------------------------

@@ -209,6 +209,68 @@ def test_loose_rp_filter_lets_a_wrong_way_source_in_and_drops_one_with_no_way_ba
         f"no route), so replies could not be sent; a route back to it lets it in")
 
 
+# -- a rule's reverse-path check (nft's fib) ---------------------------------------------------------
+
+
+NIXOS_RPFILTER = """
+table inet rpcheck {
+    chain rpfilter {
+        type filter hook prerouting priority mangle + 10; policy drop;
+        fib saddr . mark . iif oif exists accept
+    }
+}
+"""
+FIREWALLD_RPFILTER = """flush ruleset
+table inet candidate {
+    chain filter_PREROUTING {
+        type filter hook prerouting priority filter + 10; policy accept;
+        fib saddr . mark . iif oif missing drop
+    }
+}
+"""
+
+
+def test_a_packet_dropped_for_want_of_a_passing_reverse_path_check_names_the_route_back(lab):
+    """NixOS's reverse-path filter: an accept rule that checks the route back, and a drop
+    policy. The near miss is the check (found by elimination), and the route back it found is
+    said."""
+    load_ruleset(lab.router, NIXOS_RPFILTER)
+    try:
+        result = why(lab, "--from", WRONG_WAY_SOURCE, "--to", SERVER_V4, "--proto", "udp", "--dport", "5000",
+                     command=traffic(lab.client, "udp", SERVER_V4, "5000", "--source", WRONG_WAY_SOURCE))
+    finally:
+        in_netns(lab.router, ["nft", "delete", "table", "inet", "rpcheck"])
+    [packet] = result.packets
+    assert (packet["verdict"], packet["decided_by"]["type"]) == ("drop", "policy")
+    assert packet["near_misses"][0]["mismatches"][0]["expr"] == "fib saddr . mark . iif oif exists"
+    assert (f"the reverse-path check `fib saddr . mark . iif oif exists` finds the route back to {WRONG_WAY_SOURCE} "
+            f"through r-server (10.88.0.0/24 via {SERVER_V4} dev r-server), not r-client where the packet came in"
+            ) in result.json["warnings"]
+
+
+def test_a_dry_run_of_a_packet_a_reverse_path_check_dropped_names_the_route_back_in_the_sandbox(lab, tmp_path):
+    candidate = tmp_path / "firewalld-rpfilter.nft"
+    candidate.write_text(FIREWALLD_RPFILTER)
+    result = nftrace("--netns", lab.router, "why", "--dry-run", "--json", "--ruleset", str(candidate), "--from",
+                     WRONG_WAY_SOURCE, "--to", SERVER_V4, "--proto", "udp", "--dport", "5000", "--iif", "r-client",
+                     timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.packets[0]["decided_by"]["text"] == "fib saddr . mark . iif oif missing drop"
+    assert any(warning.startswith("the reverse-path check `fib saddr . mark . iif oif missing` finds the route back "
+                                  f"to {WRONG_WAY_SOURCE} through r-server") for warning in result.json["warnings"])
+
+
+def test_a_reverse_path_check_that_a_route_back_passes_says_nothing(lab):
+    load_ruleset(lab.router, NIXOS_RPFILTER)
+    try:
+        result = why(lab, "--from", CLIENT_V4, "--to", SERVER_V4, "--proto", "udp", "--dport", "5000",
+                     command=traffic(lab.client, "udp", SERVER_V4, "5000"))
+    finally:
+        in_netns(lab.router, ["nft", "delete", "table", "inet", "rpcheck"])
+    assert result.packets[0]["verdict"] == "accept"
+    assert not any("reverse-path" in warning for warning in result.json["warnings"])
+
+
 # -- too big for the MTU on the way out -------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -124,6 +125,19 @@ class RoutingFacts:
 
 
 RP_FILTER_MODES = {1: "strict", 2: "loose"}
+# nft's reverse-path check: the route to the packet's source (with its mark; through the interface
+# it came in on), `missing` or `exists`.
+_FIB_REVERSE_PATH = re.compile(r"fib saddr(?: \. mark)?(?: \. iif)? oif (?:missing|exists|0|!= 0)")
+
+
+@dataclass(frozen=True)
+class RouteBack:
+    """The route that replies to a source would take (`ip route get fibmatch SRC`): what a
+    reverse-path check, rp_filter's or a rule's `fib saddr`, looks up."""
+
+    error: int = 0  # errno of the lookup; 0: it finds one
+    route: Optional[str] = None  # as `ip route` prints it
+    oifs: tuple = ()  # the interfaces it leaves through
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,42 @@ class MtuFacts:
             forbids, told = "its DF bit forbids fragmenting it", f"ICMP fragmentation needed (mtu {self.mtu})"
         return (f"larger than the MTU toward its destination ({where}) and {forbids}: the sender was sent {told}; "
                 f"where that ICMP is dropped on its way back, the flow's large packets vanish (a path MTU black hole)")
+
+
+
+def reverse_path_check(path) -> Optional[str]:
+    """The fib reverse-path check that dropped the packet (`fib saddr . iif oif missing drop`,
+    firewalld's IPv6 filter), or whose failure left it to a drop (`fib saddr . mark . iif oif
+    exists accept`, NixOS's, found by elimination in the closest near miss): the check as the
+    rule says it; None for any other packet. The route back it looked up is what the admin
+    needs next (explain_reverse_check)."""
+    if not path.complete or path.verdict != "drop":
+        return None
+    step = path.decided_by
+    if step is not None and step.type == "rule" and step.text:
+        found = _FIB_REVERSE_PATH.search(step.text)
+        if found:
+            return found.group(0)
+    for near_miss in (path.near_misses or [])[:1]:
+        for mismatch in near_miss.mismatches:
+            if _FIB_REVERSE_PATH.fullmatch(mismatch.expr):
+                return mismatch.expr
+    return None
+
+
+def explain_reverse_check(check: str, back: Optional["RouteBack"], src, iif: Optional[str]) -> Optional[str]:
+    """What the reverse-path check of a rule found (`back`: the route back, as rp_filter's): no
+    route back, or (a check with `iif`) one through another interface; None where the route
+    back now passes the check (the routes changed since)."""
+    if back is None:
+        return None
+    if back.error:
+        answer = REFUSALS.get(back.error, os.strerror(back.error))
+        return f"the reverse-path check `{check}` finds no route back to {src} (`ip route get` answers {answer})"
+    if " iif " not in f" {check} " or iif is None or iif in back.oifs:
+        return None
+    return (f"the reverse-path check `{check}` finds the route back to {src} through {', '.join(back.oifs)} "
+            f"({back.route}), not {iif} where the packet came in")
 
 
 def explain_unsent(facts: RoutingFacts) -> Optional[str]:

@@ -116,8 +116,8 @@ class DropsSession(TraceSession):
             self._correlator.on_late = lambda signature, kernel_drop: report.tally.add_late(
                 signature, kernel_drop, report.interfaces, time.monotonic())
 
-    def _check_next_hop(self) -> None:
-        """A tally of drops says nothing of packets let through (see TraceSession)."""
+    def _explain_answers(self) -> None:
+        """A tally of drops, many flows at once: nothing to say of one packet (see TraceSession)."""
 
     def _near_miss_annotator(self, part, plan):
         """Near misses answer `why` about one flow; a tally of drops has no use for them."""

@@ -24,7 +24,8 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg, states as neighbour_states
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from ..drops.routing import PATH_MTU, REFUSALS, REVERSE_PATH, RP_FILTER_MODES, MtuFacts, ReversePathFacts, RoutingFacts
+from ..drops.routing import (PATH_MTU, REFUSALS, REVERSE_PATH, RP_FILTER_MODES, MtuFacts, ReversePathFacts,
+                             RouteBack, RoutingFacts)
 from .netlink import decode_datagram
 
 
@@ -141,9 +142,20 @@ def _reverse_path(sock: socket.socket, src, iif: Optional[str], mark: Optional[i
     lower = settings.get(iif, mode) if iif else mode
     overridden = f"net.ipv4.conf.{iif}.rp_filter = {lower}" if lower < mode else None
     vmark = any(_sysctl_number(f"ipv4/conf/{name}/src_valid_mark") for name in ("all", iif) if name)
-    error, route = _route_get(sock, src, None, None, mark if vmark else None, whole_route=True)
+    back = _route_back(sock, src, mark if vmark else None)
+    return ReversePathFacts(mode, in_force, overridden, back.error, back.route, back.oifs)
+
+
+def route_back(src: ipaddress._BaseAddress, mark: Optional[int] = None) -> RouteBack:
+    """The route that replies to `src` would take (with `mark`), in this thread's namespace."""
+    with _rtnetlink() as sock:
+        return _route_back(sock, src, mark)
+
+
+def _route_back(sock: socket.socket, src, mark: Optional[int]) -> RouteBack:
+    error, route = _route_get(sock, src, None, None, mark, whole_route=True)
     text, oifs = _route_words(route) if route is not None else (None, ())
-    return ReversePathFacts(mode, in_force, overridden, error, text, oifs)
+    return RouteBack(error, text, oifs)
 
 
 def _path_mtu(sock: socket.socket, src, dst, iif_index: Optional[int], mark: Optional[int]) -> Optional[MtuFacts]:

@@ -24,7 +24,8 @@ from .events import TraceEvent
 from ..flow import Flow, one_address
 from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
 from ..drops.correlator import DropCorrelator
-from ..drops.routing import RouteQuestions, explain_unanswered, explain_unsent
+from ..drops.routing import (RouteQuestions, explain_reverse_check, explain_unanswered, explain_unsent,
+                             reverse_path_check)
 from ..iptables.legacy import legacy_tables
 from ..kernel import runner
 from ..kernel.monitor import (READ_BATCH, EventsLost, MonitorItem, ReadEarlier, RulesetChanged, TableDeleted,
@@ -35,7 +36,7 @@ from .crossing import CrossingJoiner, assign_namespace
 from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
-from ..kernel.routes import routing_facts, sending_facts, unanswered_next_hop
+from ..kernel.routes import route_back, routing_facts, sending_facts, unanswered_next_hop
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions, UndoStack, stop_signal
@@ -123,6 +124,7 @@ class TraceSession:
         self.report = report
         self.packets_seen = 0
         self.packets_accepted = 0  # of those, let through with no kernel drop seen
+        self._reverse_check: Optional[tuple] = None  # (check, path): the first packet a reverse-path check dropped
         self._process: Optional[subprocess.Popen] = None
         self._shared_drops = drop_watcher
         self._drops: Optional[KernelDropWatcher] = None
@@ -186,8 +188,8 @@ class TraceSession:
                     self._loop(run)
                     if not self.packets_seen:
                         self._explain_unseen()
-                    elif self.packets_accepted:
-                        self._check_next_hop()
+                    else:
+                        self._explain_answers()
                 finally:
                     self._stop_command()
                     self._finishing(primary.table)
@@ -349,6 +351,28 @@ class TraceSession:
         if words:
             self.report.warnings.append(words)
 
+    def _explain_answers(self) -> None:
+        """What the answers leave open and the namespace's routing can tell, said once."""
+        if self.packets_accepted:
+            self._check_next_hop()
+        if self._reverse_check is not None:
+            self._explain_reverse_check(*self._reverse_check)
+
+    def _explain_reverse_check(self, check: str, path: PacketPath) -> None:
+        """A packet dropped by a rule's reverse-path check (or for want of one passing): which
+        route back the check found, the one thing the rule's text cannot say."""
+        headers = path.first_packet
+        if headers is None or headers.src is None:
+            return
+        try:
+            back = route_back(headers.src, path.mark if " mark " in check else None)
+        except OSError:
+            return
+        iif = (path.interfaces or self.report.interfaces).get(path.interface_index("iif") or -1)
+        words = explain_reverse_check(check, back, headers.src, iif)
+        if words:
+            self.report.warnings.append(words)
+
     def _check_next_hop(self) -> None:
         """Packets of the flow were let through. Where the next hop toward its destination has
         not answered ARP, the kernel drops them seconds later (NEIGH_FAILED): maybe after the
@@ -472,6 +496,8 @@ class TraceSession:
             if not self._wanted(path) or (count and self.packets_seen >= count):
                 continue
             self._annotate(run, path)
+            if self._reverse_check is None and (check := reverse_path_check(path)):
+                self._reverse_check = (check, path)
             self.packets_seen += 1
             if path.complete and path.verdict == "accept" and path.kernel_drop is None:
                 self.packets_accepted += 1
