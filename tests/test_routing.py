@@ -118,8 +118,8 @@ def test_which_drops_routing_is_asked_about_and_what():
 
 
 def test_strict_mode_names_the_interface_replies_would_leave_through_and_the_way_out():
-    facts = ReversePathFacts(1, ("net.ipv4.conf.r-client.rp_filter = 1",), route="10.88.0.0/24 via 10.77.2.2 dev r-server",
-                             oifs=("r-server",))
+    facts = ReversePathFacts(1, ("net.ipv4.conf.r-client.rp_filter = 1",),
+                             back=RouteBack(route="10.88.0.0/24 via 10.77.2.2 dev r-server", oifs=("r-server",)))
     assert facts.explain(drop(**RPFILTER), "r-client") == (
         "reverse-path filter (strict, net.ipv4.conf.r-client.rp_filter = 1): replies would leave through r-server "
         "(10.88.0.0/24 via 10.77.2.2 dev r-server), not r-client where it came in; loose mode (rp_filter = 2; the "
@@ -129,7 +129,7 @@ def test_strict_mode_names_the_interface_replies_would_leave_through_and_the_way
 def test_an_interface_setting_that_conf_all_overrides_is_named_as_overridden():
     """The trap: `rp_filter = 0` on the interface does nothing while conf.all says 1."""
     facts = ReversePathFacts(1, ("net.ipv4.conf.all.rp_filter = 1",), "net.ipv4.conf.r-client.rp_filter = 0",
-                             route="default via 10.77.2.2 dev r-server", oifs=("r-server",))
+                             RouteBack(route="default via 10.77.2.2 dev r-server", oifs=("r-server",)))
     assert facts.explain(drop(**RPFILTER), "r-client").startswith(
         "reverse-path filter (strict, net.ipv4.conf.all.rp_filter = 1, which overrides net.ipv4.conf.r-client.rp_filter"
         " = 0): replies would leave through r-server")
@@ -140,7 +140,7 @@ def test_an_interface_setting_that_conf_all_overrides_is_named_as_overridden():
 
 def test_no_route_back_is_a_drop_in_either_mode():
     for mode, word in ((1, "strict"), (2, "loose")):
-        facts = ReversePathFacts(mode, (f"net.ipv4.conf.all.rp_filter = {mode}",), error=errno.ENETUNREACH)
+        facts = ReversePathFacts(mode, (f"net.ipv4.conf.all.rp_filter = {mode}",), back=RouteBack(errno.ENETUNREACH))
         assert facts.explain(drop(**RPFILTER), "r-client") == (
             f"reverse-path filter ({word}, net.ipv4.conf.all.rp_filter = {mode}): no route leads back to its source "
             f"(`ip route get` answers no route), so replies could not be sent; a route back to it lets it in")
@@ -149,18 +149,18 @@ def test_no_route_back_is_a_drop_in_either_mode():
 def test_a_route_back_that_the_filter_accepts_now_leaves_the_reasons_own_words():
     """Loose mode with a route back, or strict with one through the interface it came in on:
     the routes changed since the drop, and nothing is made up."""
-    loose = ReversePathFacts(2, ("net.ipv4.conf.all.rp_filter = 2",), route="default via 10.77.2.2 dev r-server",
-                             oifs=("r-server",))
+    loose = ReversePathFacts(2, ("net.ipv4.conf.all.rp_filter = 2",),
+                             back=RouteBack(route="default via 10.77.2.2 dev r-server", oifs=("r-server",)))
     assert loose.explain(drop(**RPFILTER), "r-client") is None
-    strict = ReversePathFacts(1, ("net.ipv4.conf.all.rp_filter = 1",), route="10.88.0.0/24 dev r-client",
-                              oifs=("r-client",))
+    strict = ReversePathFacts(1, ("net.ipv4.conf.all.rp_filter = 1",),
+                              back=RouteBack(route="10.88.0.0/24 dev r-client", oifs=("r-client",)))
     record = kernel_drop_record(drop(**RPFILTER), 3, {3: "r-client"}, routing=lambda drop, index, name, mark: strict)
     assert "routing" not in record and record["explain"].startswith("reverse-path filter: replies to 10.88.0.5")
 
 
 def test_drops_counts_a_spoofing_flood_from_many_sources_under_one_line():
-    facts = ReversePathFacts(1, ("net.ipv4.conf.r-client.rp_filter = 1",), route="default via 10.77.2.2 dev r-server",
-                             oifs=("r-server",))
+    facts = ReversePathFacts(1, ("net.ipv4.conf.r-client.rp_filter = 1",),
+                             back=RouteBack(route="default via 10.77.2.2 dev r-server", oifs=("r-server",)))
     tally = DropTally()
     for n in range(20):
         path = PacketPath(n, complete=True, verdict="accept")

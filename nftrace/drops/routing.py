@@ -14,9 +14,11 @@ says the answer in plain words.
 Two more drops are routing's answer to a question the packet raised, and say nothing of it:
 IP_RPFILTER (the reverse-path filter: which route replies would take, and which setting made
 that a drop) and PKT_TOO_BIG (larger than the MTU toward its destination: which interface,
-which MTU). Both are asked of routing the same way (ReversePathFacts, MtuFacts).
+which MTU). Both are asked of routing the same way (ReversePathFacts, MtuFacts). A rule's own
+reverse-path check (nft's `fib saddr . iif oif missing`) is named by the rule; the route back
+it found is the same question (RouteBack, explain_reverse_check).
 
-Pure: the facts come in as `RoutingFacts`.
+Pure: the facts come in as RoutingFacts, ReversePathFacts, MtuFacts and RouteBack.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ FORWARDING_DROPS = frozenset({("ip6_forward", "IP_INADDRERRORS")})
 # The error of a route lookup → the type of route (or rule) that refused the packet.
 REFUSALS = {errno.EINVAL: "blackhole", errno.EHOSTUNREACH: "unreachable", errno.EACCES: "prohibit",
             errno.ENETUNREACH: "no route"}
-# Questions asked of routing: each packet's once, a few new ones a second (RouteQuestions).
 # The questions: which route refused the packet, which route replies to it would take, and
 # which MTU it met on the way out.
 REFUSAL, REVERSE_PATH, PATH_MTU = "refusal", "reverse path", "path mtu"
+# Questions asked of routing: each packet's once, a few new ones a second (RouteQuestions).
 ANSWERS_REMEMBERED = 1024
 QUESTIONS_PER_SECOND = 10.0
 QUESTIONS_BURST = 50.0
@@ -123,7 +125,6 @@ class RoutingFacts:
         return f"routing {effect} (`ip route get` answers {cause})"
 
 
-
 RP_FILTER_MODES = {1: "strict", 2: "loose"}
 # nft's reverse-path check: the route to the packet's source (with its mark; through the interface
 # it came in on), `missing` or `exists`.
@@ -139,6 +140,10 @@ class RouteBack:
     route: Optional[str] = None  # as `ip route` prints it
     oifs: tuple = ()  # the interfaces it leaves through
 
+    def none_words(self) -> str:
+        """No route back, as `ip route get` answered."""
+        return f"`ip route get` answers {REFUSALS.get(self.error, os.strerror(self.error))}"
+
 
 @dataclass(frozen=True)
 class ReversePathFacts:
@@ -153,17 +158,16 @@ class ReversePathFacts:
     mode: int  # 1 strict, 2 loose
     sysctls: tuple  # the settings that put it in force (the higher of conf.all and conf.IIF), as sysctl prints them
     overridden: Optional[str] = None  # conf.IIF's lower setting, where conf.all's is in force
-    error: int = 0  # errno of the lookup of the route back; 0: it finds one
-    route: Optional[str] = None  # the route back, as `ip route` prints it
-    oifs: tuple = ()  # the interfaces it leaves through
+    back: RouteBack = RouteBack()
 
     def explains(self, iif: Optional[str]) -> bool:
         """The facts make the drop: no route back, or (strict) one through another interface."""
-        return self.error != 0 or (self.mode == 1 and iif is not None and iif not in self.oifs)
+        return self.back.error != 0 or (self.mode == 1 and iif is not None and iif not in self.back.oifs)
 
     def to_json(self) -> dict:
         return {"cause": REVERSE_PATH, "mode": RP_FILTER_MODES.get(self.mode, str(self.mode)),
-                "sysctls": list(self.sysctls), "overrides": self.overridden, "route": self.route, "oifs": list(self.oifs)}
+                "sysctls": list(self.sysctls), "overrides": self.overridden, "route": self.back.route,
+                "oifs": list(self.back.oifs)}
 
     def explain(self, drop: KernelDrop, iif: Optional[str]) -> Optional[str]:
         """The filter's decision in words without the packet's addresses (`drops` counts every
@@ -173,11 +177,11 @@ class ReversePathFacts:
             return None
         setting = " and ".join(self.sysctls) + (f", which overrides {self.overridden}" if self.overridden else "")
         what = f"reverse-path filter ({RP_FILTER_MODES.get(self.mode, self.mode)}, {setting})"
-        if self.error:
-            answer = REFUSALS.get(self.error, os.strerror(self.error))
-            return (f"{what}: no route leads back to its source (`ip route get` answers {answer}), so replies "
-                    f"could not be sent; a route back to it lets it in")
-        return (f"{what}: replies would leave through {', '.join(self.oifs)} ({self.route}), not {iif} where it "
+        back = self.back
+        if back.error:
+            return (f"{what}: no route leads back to its source ({back.none_words()}), so replies could not be "
+                    f"sent; a route back to it lets it in")
+        return (f"{what}: replies would leave through {', '.join(back.oifs)} ({back.route}), not {iif} where it "
                 f"came in; loose mode (rp_filter = 2; the kernel takes the higher of conf.all and conf.{iif}) "
                 f"or a route back through {iif} lets it in")
 
@@ -207,7 +211,6 @@ class MtuFacts:
                 f"where that ICMP is dropped on its way back, the flow's large packets vanish (a path MTU black hole)")
 
 
-
 def reverse_path_check(path) -> Optional[str]:
     """The fib reverse-path check that dropped the packet (`fib saddr . iif oif missing drop`,
     firewalld's IPv6 filter), or whose failure left it to a drop (`fib saddr . mark . iif oif
@@ -228,15 +231,14 @@ def reverse_path_check(path) -> Optional[str]:
     return None
 
 
-def explain_reverse_check(check: str, back: Optional["RouteBack"], src, iif: Optional[str]) -> Optional[str]:
+def explain_reverse_check(check: str, back: Optional[RouteBack], src, iif: Optional[str]) -> Optional[str]:
     """What the reverse-path check of a rule found (`back`: the route back, as rp_filter's): no
     route back, or (a check with `iif`) one through another interface; None where the route
     back now passes the check (the routes changed since)."""
     if back is None:
         return None
     if back.error:
-        answer = REFUSALS.get(back.error, os.strerror(back.error))
-        return f"the reverse-path check `{check}` finds no route back to {src} (`ip route get` answers {answer})"
+        return f"the reverse-path check `{check}` finds no route back to {src} ({back.none_words()})"
     if " iif " not in f" {check} " or iif is None or iif in back.oifs:
         return None
     return (f"the reverse-path check `{check}` finds the route back to {src} through {', '.join(back.oifs)} "

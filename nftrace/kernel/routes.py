@@ -142,8 +142,7 @@ def _reverse_path(sock: socket.socket, src, iif: Optional[str], mark: Optional[i
     lower = settings.get(iif, mode) if iif else mode
     overridden = f"net.ipv4.conf.{iif}.rp_filter = {lower}" if lower < mode else None
     vmark = any(_sysctl_number(f"ipv4/conf/{name}/src_valid_mark") for name in ("all", iif) if name)
-    back = _route_back(sock, src, mark if vmark else None)
-    return ReversePathFacts(mode, in_force, overridden, back.error, back.route, back.oifs)
+    return ReversePathFacts(mode, in_force, overridden, _route_back(sock, src, mark if vmark else None))
 
 
 def route_back(src: ipaddress._BaseAddress, mark: Optional[int] = None) -> RouteBack:

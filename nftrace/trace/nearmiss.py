@@ -26,9 +26,9 @@ when an expression before it cannot be evaluated, nobody knows, and none is mark
 `unknown` the expressions that cannot be evaluated from the trace (limit, quota, numgen,
 socket, fib, meta time, ...): never guessed, but found by elimination where it is the only
 one and every other expression matched (`by_elimination`: `tcp dport 22 limit rate 2/minute
-accept` did not match an ssh packet, so its limit was spent). A candidate whose expressions all matched
-(the evaluation disagrees with the kernel, e.g. state that changed between the packet and
-the listing) is left out rather than explained wrongly.
+accept` did not match an ssh packet, so its limit was spent). A candidate whose expressions
+all matched (the evaluation disagrees with the kernel, e.g. state that changed between the
+packet and the listing) is left out rather than explained wrongly.
 
 Ranking: fewest failed expressions first, then fewest unknown ones, then rules that the flow's
 own values missed before those that want another protocol or family, and those before the
