@@ -225,6 +225,9 @@ class MergedPathBuilder:
     - every line that the kernel wrote before a trace event is read by then: a path that
       trace events finished waits for the lines read after them, and a legacy DROP finishes
       its path at once;
+    - so that a DROP does not finish a path before the trace events the kernel wrote ahead of
+      it (nftrace's conntrack chain at prerouting), the session reads the trace events once
+      more after reading lines, before feeding them;
     - a line can be read before the trace event of its packet's mark chain (the packet
       came between the two reads): it waits for the next batch of trace events, and is
       given up, counted, after PENDING_SECONDS.

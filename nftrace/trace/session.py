@@ -528,7 +528,10 @@ class TraceSession:
                 if part.monitor is not None:
                     self._dispatch(run, part, self._read_events(part, limit=None), stopping=True)
             if run.legacy is not None:
-                self._finished(run, primary, primary.builder.feed_legacy(run.legacy.read(), time.monotonic()))
+                lines = run.legacy.read()
+                if lines and primary.monitor is not None and primary in run.live:  # as in _follow
+                    self._dispatch(run, primary, self._read_events(primary, limit=None), stopping=True)
+                self._finished(run, primary, primary.builder.feed_legacy(lines, time.monotonic()))
             if correlator is not None:
                 drained_at = time.monotonic()
                 if all(part.monitor.drained for part in run.live if part.monitor is not None):
@@ -656,7 +659,14 @@ class TraceSession:
             if legacy is not None:
                 # Read after the trace events: the TRACE lines written before them are all here.
                 # Read on every round, lines or not: each read observes the legacy tables.
-                self._finished(run, primary, primary.builder.feed_legacy(legacy.read(), time.monotonic()))
+                lines = legacy.read()
+                if lines and primary.monitor is not None and primary in run.live:
+                    # And the other way round: trace events written before these lines (the
+                    # packet's conntrack chain at prerouting, say) may have come after the read
+                    # above; a legacy DROP closes its packet, so they are read first.
+                    if self._dispatch(run, primary, self._read_events(primary)):
+                        return
+                self._finished(run, primary, primary.builder.feed_legacy(lines, time.monotonic()))
             if correlator is not None:
                 if all_drained:
                     correlator.note_drained(drained_at)
