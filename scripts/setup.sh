@@ -18,6 +18,11 @@ PACKAGES=(nftables libnftables1 python3-nftables iptables python3-iptables iprou
 if [ "${NFTRACE_SETUP_DOCKER:-0}" = 1 ]; then
     PACKAGES+=(docker.io busybox-static)
 fi
+# NFTRACE_SETUP_CLEAN_ROOTS=1 (.ci/run): debootstrap, which scripts/clean-root.sh builds the clean
+# Debian roots with (CI proves the README's commands in them).
+if [ "${NFTRACE_SETUP_CLEAN_ROOTS:-0}" = 1 ]; then
+    PACKAGES+=(debootstrap)
+fi
 
 # `setup.sh --packages`: the Debian packages, one a line (vagrant/build-box.sh puts them in its box).
 if [ "${1:-}" = --packages ]; then
