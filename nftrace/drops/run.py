@@ -119,6 +119,9 @@ class DropsSession(TraceSession):
     def _explain_answers(self) -> None:
         """A tally of drops, many flows at once: nothing to say of one packet (see TraceSession)."""
 
+    def _note_answer(self, path) -> None:
+        """Nor anything to keep for it, on the way of every dropped packet."""
+
     def _near_miss_annotator(self, part, plan):
         """Near misses answer `why` about one flow; a tally of drops has no use for them."""
         return None

@@ -358,6 +358,12 @@ class TraceSession:
         if self._reverse_check is not None:
             self._explain_reverse_check(*self._reverse_check)
 
+    def _note_answer(self, path: PacketPath) -> None:
+        """Keep what _explain_answers needs of the answers: the first packet that a rule's
+        reverse-path check dropped."""
+        if self._reverse_check is None and (check := reverse_path_check(path)):
+            self._reverse_check = (check, path)
+
     def _explain_reverse_check(self, check: str, path: PacketPath) -> None:
         """A packet dropped by a rule's reverse-path check (or for want of one passing): which
         route back the check found, the one thing the rule's text cannot say."""
@@ -496,8 +502,7 @@ class TraceSession:
             if not self._wanted(path) or (count and self.packets_seen >= count):
                 continue
             self._annotate(run, path)
-            if self._reverse_check is None and (check := reverse_path_check(path)):
-                self._reverse_check = (check, path)
+            self._note_answer(path)
             self.packets_seen += 1
             if path.complete and path.verdict == "accept" and path.kernel_drop is None:
                 self.packets_accepted += 1
