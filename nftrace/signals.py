@@ -54,15 +54,24 @@ class _State:
         self.first: Optional[int] = None  # the first stop signal since the handler went in
         self.held = 0  # undo steps running now
         self.pending = False  # the first signal came while held and has not been raised yet
+        self.deciding = False  # a handler is reading which signal came first
         self._wakeup: Optional[tuple[int, int]] = None  # the C-level handler writes each signal number here
         self._previous_wakeup = -1
 
     def handle(self, signum, _frame) -> None:
-        arrived = self._arrivals()
-        if self.first is not None:
-            return  # a stop is already under way: this signal asks for nothing more
-        # `signum` is not necessarily the first to arrive: see _arrivals.
-        self.first = arrived[0] if arrived else signum
+        if self.deciding:
+            # Python ran this handler inside another one (it may, between any two bytecodes):
+            # that one has read, or will read, the wakeup fd, and decides which came first.
+            return
+        self.deciding = True
+        try:
+            arrived = self._arrivals()
+            if self.first is not None:
+                return  # a stop is already under way: this signal asks for nothing more
+            # `signum` is not necessarily the first to arrive: see _arrivals.
+            self.first = arrived[0] if arrived else signum
+        finally:
+            self.deciding = False
         if self.held:
             self.pending = True  # raised when the undoing is done
             return

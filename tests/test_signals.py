@@ -82,6 +82,27 @@ def test_the_first_signal_to_arrive_counts_even_when_python_runs_the_handler_of_
     assert signal_of(stop.value) == signal.SIGTERM
 
 
+def test_a_later_signal_whose_handler_runs_inside_the_first_ones_does_not_take_its_place(monkeypatch):
+    """Python runs a handler between any two bytecodes, another handler too: a SIGHUP that
+    arrives just after the Ctrl-C's handler read the wakeup fd (and so finds only itself
+    there) runs inside it. The run still ends as the Ctrl-C says (a CI run once said SIGHUP)."""
+    from nftrace import signals
+
+    read = signals._State._arrivals
+
+    def read_then_a_sighup_arrives(state):
+        arrived = read(state)
+        if arrived == [signal.SIGINT]:
+            signal.raise_signal(signal.SIGHUP)  # its handler runs as this call returns
+        return arrived
+
+    monkeypatch.setattr(signals._State, "_arrivals", read_then_a_sighup_arrives)
+    with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:
+        with SignalsAsExceptions():
+            signal.raise_signal(signal.SIGINT)
+    assert signal_of(stop.value) == signal.SIGINT
+
+
 def test_the_first_of_several_signals_that_arrive_during_an_undo_step_is_the_one_raised_after_it():
     done = []
     with pytest.raises((Interrupted, KeyboardInterrupt)) as stop:

@@ -108,11 +108,32 @@ def send(process: subprocess.Popen, signum: int) -> bool:
     return True
 
 
+def wait_until_taken(process: subprocess.Popen, signum: int, seconds: float = 5.0) -> None:
+    """Until the kernel has handed the signal to one of the process's threads.
+
+    Two signals pending together (sent before the process had the CPU again) are handed over
+    in an order of the kernel's, not the order they were sent in: no process can tell which
+    came first then, and the test would ask the impossible. So the gap starts once the first
+    one has left the process's pending set (ShdPnd in /proc/PID/status)."""
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except OSError:
+            return  # gone meanwhile
+        pending = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("ShdPnd:"))
+        if not pending & (1 << (signum - 1)):
+            return
+        time.sleep(0.0005)
+
+
 def stop_impatiently(process: subprocess.Popen, rng: random.Random, barrage: bool) -> tuple:
     """A first stop signal, then a second one after a random gap (or a barrage of them until the
     process is gone); returns the first signal and whether it reached the process."""
     first, second = rng.choice(STOP_SIGNALS), rng.choice(STOP_SIGNALS)
     sent = send(process, first)
+    if sent:
+        wait_until_taken(process, first)
     time.sleep(rng.uniform(0, MAX_GAP))
     send(process, second)
     while barrage and process.poll() is None:
