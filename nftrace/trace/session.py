@@ -533,10 +533,7 @@ class TraceSession:
                 if part.monitor is not None:
                     self._dispatch(run, part, self._read_events(part, limit=None), stopping=True)
             if run.legacy is not None:
-                lines = run.legacy.read()
-                if lines and primary.monitor is not None and primary in run.live:  # as in _follow
-                    self._dispatch(run, primary, self._read_events(primary, limit=None), stopping=True)
-                self._finished(run, primary, primary.builder.feed_legacy(lines, time.monotonic()))
+                self._read_legacy(run, stopping=True)
             if correlator is not None:
                 drained_at = time.monotonic()
                 if all(part.monitor.drained for part in run.live if part.monitor is not None):
@@ -591,6 +588,20 @@ class TraceSession:
                 where = f" in {part.shown}" if len(run.parts) > 1 else ""
                 raise TraceTableGone(f"nftrace's table inet {part.table.name}{where} was deleted by someone else; "
                                      "stopping")
+        return False
+
+    def _read_legacy(self, run: "_Run", stopping: bool = False) -> bool:
+        """Feed the legacy TRACE lines written since the last read; True once --count packets
+        are out. Trace events written before these lines (the packet's conntrack chain at
+        prerouting, say) may have come after the last read of events, and a legacy DROP closes
+        its packet: so they are read first."""
+        primary = run.primary
+        lines = run.legacy.read()
+        if lines and primary.monitor is not None and primary in run.live:
+            events = self._read_events(primary, limit=None if stopping else READ_BATCH)
+            if self._dispatch(run, primary, events, stopping=stopping):
+                return True
+        self._finished(run, primary, primary.builder.feed_legacy(lines, time.monotonic()))
         return False
 
     def _read_events(self, part: NamespacePart, limit: Optional[int] = READ_BATCH) -> Iterable[MonitorItem]:
@@ -661,17 +672,10 @@ class TraceSession:
                 if drained or monitor.behind_losses:
                     part.builder.socket_drained()
                 all_drained = all_drained and drained
-            if legacy is not None:
-                # Read after the trace events: the TRACE lines written before them are all here.
-                # Read on every round, lines or not: each read observes the legacy tables.
-                lines = legacy.read()
-                if lines and primary.monitor is not None and primary in run.live:
-                    # And the other way round: trace events written before these lines (the
-                    # packet's conntrack chain at prerouting, say) may have come after the read
-                    # above; a legacy DROP closes its packet, so they are read first.
-                    if self._dispatch(run, primary, self._read_events(primary)):
-                        return
-                self._finished(run, primary, primary.builder.feed_legacy(lines, time.monotonic()))
+            # Read after the trace events: the TRACE lines written before them are all here.
+            # Read on every round, lines or not: each read observes the legacy tables.
+            if legacy is not None and self._read_legacy(run):
+                return
             if correlator is not None:
                 if all_drained:
                     correlator.note_drained(drained_at)
