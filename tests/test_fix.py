@@ -346,6 +346,106 @@ def test_a_flow_whose_answers_are_dropped_too_gets_a_rule_for_them_and_no_more(l
     assert_others_keep_their_verdicts(router, scenario, wanted)
 
 
+# -- IPv6: the sender's neighbour solicitation comes first ------------------------------------------
+
+ND_DROPPED = """
+table inet filter {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+    }
+}
+"""
+ND_DROPPED_FORWARD_OPEN = """
+table inet filter {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+    }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+    }
+}
+"""
+ND_DROPPED_LEGACY = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+"""
+WEB6 = {"name": "web over IPv6", "from": "fd77:1::2", "to": "fd77:2::2", "proto": "tcp", "dport": 443,
+        "expect": "drop"}
+
+
+def forget_neighbours(lab: Lab) -> None:
+    """As after a reboot: the client must ask for the router's link-layer address again."""
+    for namespace in (lab.topology.client, lab.topology.router):
+        subprocess.run(["ip", "-n", namespace, "neigh", "flush", "all"], check=True)
+
+
+def test_an_ipv6_flow_whose_neighbour_solicitation_is_dropped_gets_neighbour_discovery_let_in_too(lab, tmp_path):
+    """A rule in the forward chain alone lets the flow through in the sandbox and changes nothing
+    in real traffic: the input chain drops the client's neighbour solicitation for the router,
+    so no packet of the flow is ever sent (nor the server's advertisement, when the router asks
+    for its address). The fix lets neighbour discovery in and proves that the solicitation comes
+    in; pasted, the flow connects."""
+    scenario = own_scenario(tmp_path, "nd", ND_DROPPED, [WEB6])
+    router = lab(scenario)
+    web = scenario.flows[0]
+    fix = propose(router, web, "accept")
+    flow_rule, discovery = fix["commands"]
+    assert discovery.endswith("nft 'add rule inet filter input icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }"
+                              " accept comment \"nftrace fix " + fix_date(discovery) + ": accept neighbour discovery\"'")
+    assert fix["after"]["neighbour_solicitation"]["verdict"] == "accept"
+    assert fix["after"]["neighbour_solicitation"]["decided_by"]["new"] is True
+    assert "neighbour discovery in: every neighbour's solicitations and advertisements" in fix["scope"]
+    paste([flow_rule])
+    forget_neighbours(router)
+    assert real_traffic(router, web) == "timeout"
+    paste([discovery])
+    forget_neighbours(router)
+    assert real_traffic(router, web) == "connected"
+
+
+def test_a_flow_the_ruleset_lets_through_still_gets_neighbour_discovery_let_in_where_it_is_dropped(lab, tmp_path):
+    """Not "nothing to change": without its sender's neighbour solicitation the flow never comes."""
+    scenario = own_scenario(tmp_path, "nd-forward-open", ND_DROPPED_FORWARD_OPEN, [WEB6])
+    router = lab(scenario)
+    web = scenario.flows[0]
+    fix = propose(router, web, "accept")
+    assert fix["needed"] is True and len(fix["commands"]) == 1 and "nd-neighbor-solicit" in fix["commands"][0]
+    assert fix["after"]["verdict"] == "accept" and fix["after"]["neighbour_solicitation"]["verdict"] == "accept"
+    paste(fix["commands"])
+    forget_neighbours(router)
+    assert real_traffic(router, web) == "connected"
+
+
+def test_neighbour_discovery_dropped_by_legacy_ip6tables_gets_a_rule_for_each_message(lab, tmp_path):
+    scenario = own_scenario(tmp_path, "nd-legacy", "table inet unused {\n}\n", [WEB6])
+    router = lab(scenario)
+    subprocess.run(["ip", "netns", "exec", router.topology.router, "ip6tables-legacy-restore"], input=ND_DROPPED_LEGACY,
+                   text=True, check=True)
+    web = scenario.flows[0]
+    fix = propose(router, web, "accept")
+    assert len(fix["commands"]) == 3
+    for command, message in zip(fix["commands"][1:], ("neighbour-solicitation", "neighbour-advertisement")):
+        assert "ip6tables" in command and f"-p ipv6-icmp -m icmp6 --icmpv6-type {message}" in command
+    assert fix["after"]["neighbour_solicitation"]["verdict"] == "accept"
+    paste(fix["commands"])
+    forget_neighbours(router)
+    assert real_traffic(router, web) == "connected"
+
+
+def fix_date(command: str) -> str:
+    return command.split("nftrace fix ", 1)[1].split(":", 1)[0]
+
+
 # -- where no command can name the chain, and whose chains they are ----------------------------------
 
 ANONYMOUS = """

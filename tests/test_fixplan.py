@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from nftrace.dryrun.fixplan import (Change, FlowMatch, NoChange, Placement, element_change, flow_match,
-                                    placement_for, rule_change)
+                                    neighbour_discovery_changes, placement_for, rule_change)
 from nftrace.dryrun.managers import manager_of
 from nftrace.flow import parse_flow
 from nftrace.trace.events import PacketHeaders
@@ -197,6 +197,23 @@ def test_legacy_rules_name_the_legacy_tool_where_iptables_means_iptables_nft():
     assert shlex.split(change.command())[:4] == ["iptables-legacy", "-t", "nat", "-A"]
 
 
+def test_a_dropped_neighbour_solicitation_gets_the_standard_rule_for_both_messages_where_it_was_dropped():
+    change, = neighbour_discovery_changes(path_of(step("input", type="policy", hook="input")), DATE)
+    assert shlex.split(change.command()) == [
+        "nft", "add rule inet filter input icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept "
+               "comment \"nftrace fix 2025-06-01: accept neighbour discovery\""]
+    assert "every neighbour's solicitations and advertisements" in change.scope
+
+
+def test_neighbour_discovery_in_legacy_ip6tables_takes_a_rule_for_each_message():
+    decided = step("INPUT", handle=None, number=1, backend="iptables-legacy", family="ip6", hook="input",
+                   iptables="-A INPUT -j DROP")
+    commands = [shlex.split(change.command()) for change in neighbour_discovery_changes(path_of(decided), DATE)]
+    assert [command[:4] + command[6:10] for command in commands] == [
+        ["ip6tables", "-I", "INPUT", "1", "-m", "icmp6", "--icmpv6-type", "neighbour-solicitation"],
+        ["ip6tables", "-I", "INPUT", "1", "-m", "icmp6", "--icmpv6-type", "neighbour-advertisement"]]
+
+
 def test_iptables_nft_tables_are_edited_with_iptables():
     decided = step("FORWARD", type="policy", family="ip", iptables=":FORWARD DROP")
     change = rule_change(FLOW, path_of(decided), "accept", DATE, legacy_is_default=False)
@@ -353,6 +370,23 @@ def test_a_proven_fix_says_its_commands_its_proof_and_its_scope():
     assert text[2].startswith("proven in a sandbox copy: ACCEPT by inet filter forward rule (new): ip saddr 10.77.1.2")
     assert text[3] == ("scope: the new rule matches only 10.77.1.2 -> 10.77.2.2 tcp dport 25; the 3 flows of "
                        "office.expect.toml keep their verdicts")
+
+
+def test_a_fix_that_lets_neighbour_discovery_in_says_the_solicitation_comes_in_and_what_else_it_lets_in():
+    from nftrace.dryrun.fix import FixAnswer, render_fix
+
+    flow_rule = rule_change(FLOW, path_of(step("forward", type="policy")), "accept", DATE)
+    discovery, = neighbour_discovery_changes(path_of(step("input", type="policy", hook="input")), DATE)
+    solicitation = path_of(step("input", text=discovery.rule, verdict="accept", hook="input"), verdict="accept")
+    answer = FixAnswer("accept", proven=True, changes=[flow_rule, discovery],
+                       after=path_of(step("forward", text=flow_rule.rule, verdict="accept"), verdict="accept"),
+                       solicitation=solicitation)
+    assert answer.to_json()["after"]["neighbour_solicitation"]["decided_by"]["new"] is True
+    text = render_fix(answer).splitlines()
+    assert text[4].startswith("  and the sender's neighbour solicitation comes in first: ACCEPT by inet filter input "
+                              "rule (new): icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept")
+    assert text[5] == ("scope: the new rule matches only 10.77.1.2 -> 10.77.2.2 tcp dport 25; the new rule lets "
+                       "neighbour discovery in: every neighbour's solicitations and advertisements")
 
 
 def test_a_fix_that_could_not_be_proven_prints_no_command_and_says_why():

@@ -29,7 +29,7 @@ from ..lab.expectations import ExpectationFile, FlowExpectation
 from ..trace.paths import PacketPath
 from ..trace.report import TraceReport, decided_by_json
 from .fixplan import (VERDICTS, Change, NoChange, element_change, flow_match, is_fix_rule, kernel_drop_words,
-                      reversed_flow, rule_change)
+                      neighbour_discovery_changes, reversed_flow, rule_change)
 from .managers import manager_of
 from .sandbox import default_iptables_kind
 from ..kernel.runner import CommandFailed, first_line
@@ -71,6 +71,7 @@ class FixAnswer:
     netns: Optional[str] = None
     after: Optional[PacketPath] = None
     reply: Optional[PacketPath] = None  # the other side's answer, after the change
+    solicitation: Optional[PacketPath] = None  # the sender's neighbour solicitation, after the change
     kept: int = 0
     keep_file: Optional[str] = None
     broken: Optional[dict] = None  # the --keep flow that a fix would have changed
@@ -86,13 +87,16 @@ class FixAnswer:
     @property
     def scope(self) -> str:
         """What the changes let through or stop besides the flow: nothing, for rules."""
-        rules = [change.match_text for change in self.changes if change.kind == "rule"]
+        # A rule for the flow says what it matches; other changes (a set element, neighbour
+        # discovery) say what else they let in.
+        rules = [change.match_text for change in self.changes if change.kind == "rule" and change.match_text]
         parts = []
         if rules:
             parts.append(f"the new rule{'s' if len(rules) > 1 else ''} match{'' if len(rules) > 1 else 'es'} only "
                          + " and ".join(dict.fromkeys(rules)))
-        parts += [change.scope for change in self.changes if change.kind != "rule" and change.scope]
-        return "; ".join(parts)
+        parts += [change.scope for change in self.changes if not (change.kind == "rule" and change.match_text)
+                  and change.scope]
+        return "; ".join(dict.fromkeys(parts))
 
     def after_json(self) -> Optional[dict]:
         if self.after is None:
@@ -100,6 +104,8 @@ class FixAnswer:
         after = _outcome_json(self.after)
         if self.reply is not None:
             after["reply"] = _outcome_json(self.reply)
+        if self.solicitation is not None:
+            after["neighbour_solicitation"] = _outcome_json(self.solicitation)
         return after
 
     def to_json(self) -> dict:
@@ -156,6 +162,9 @@ class FixProver:
         self.near_misses = near_misses
         self.legacy_is_default = default_iptables_kind() == "iptables-legacy"
         self.baseline: dict = {}  # --keep flow name -> verdict before any change
+        # A dry run's packet comes from the wire only after its sender's neighbour solicitation
+        # (IPv6): the proof lets that in too. A live packet was seen, so its sender's was let in.
+        self.solicit_first = False
         self._interfaces: dict = {}  # the sandbox's interface names, as the last trace saw them
 
     # -- entry ------------------------------------------------------------------------------------
@@ -215,7 +224,7 @@ class FixProver:
         if asked == "accept" and path.complete and path.verdict == "accept" and path.kernel_drop:
             raise StrategyFailed(f"the ruleset lets it through already, and the kernel drops it after netfilter: "
                                  f"{kernel_drop_words(path)}; no ruleset change can let it through")
-        if self._has_verdict(path):
+        if self._has_verdict(path) and not (asked == "accept" and self._solicitation_dropped(dry, probe)):
             answer.needed = False
             answer.after = path
             if live_verdict is not None and live_verdict != asked:
@@ -262,11 +271,49 @@ class FixProver:
         else:
             raise StrategyFailed(f"after {MAX_CHANGES} changes the packet is still {_word(path.verdict)} by "
                                  f"{_location(path)}")
+        if asked == "accept" and self.solicit_first:
+            self._let_solicitation_in(dry, probe, answer)
         answer.after = path
         if self.request.keep:
             self._check_keep(dry, answer)
         answer.proven = True
         answer.reason = None
+
+    def _solicitation_dropped(self, dry: DryRun, probe: Flow) -> bool:
+        """Whether the neighbour solicitation that the flow's first packet waits for is dropped:
+        then a flow that the ruleset lets through still needs a change."""
+        if not self.solicit_first:
+            return False
+        traced = dry.trace_solicitation(probe)
+        return traced is not None and traced.verdict == "drop"
+
+    def _let_solicitation_in(self, dry: DryRun, probe: Flow, answer: FixAnswer) -> None:
+        """Where the ruleset drops the neighbour solicitation that the flow's first packet waits
+        for, no packet of the flow comes at all, let through or not: neighbour discovery is let
+        in where the solicitation was dropped, and the solicitation traced again, as many times
+        as chains drop it."""
+        before = None
+        for _ in range(MAX_CHANGES + 1):
+            traced = dry.trace_solicitation(probe)
+            if traced is None or traced.verdict == "accept":
+                answer.solicitation = traced.path if traced is not None else None
+                return
+            if traced.path is None:
+                raise StrategyFailed("the sender's neighbour solicitation was not seen in the sandbox copy")
+            if before is not None and decider_key(traced.path) == before:
+                raise StrategyFailed(f"the sender's neighbour solicitation is still dropped, by "
+                                     f"{_location(traced.path)}")
+            before = decider_key(traced.path)
+            try:
+                changes = neighbour_discovery_changes(traced.path, self.request.date, self.legacy_is_default,
+                                                      iptables_nft_tables(dry))
+            except NoChange as reason:
+                raise StrategyFailed(f"the sender's neighbour solicitation is dropped, and neighbour discovery "
+                                     f"cannot be let in: {reason}") from None
+            for change in changes:
+                self._apply(dry, change)
+                self._record(change, traced.path, answer, traced.asked)
+        raise StrategyFailed(f"after {MAX_CHANGES} changes the sender's neighbour solicitation is still dropped")
 
     def _record(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Optional[Flow] = None) -> None:
         if len(answer.changes) >= MAX_CHANGES:
@@ -516,6 +563,10 @@ def render_fix(answer: FixAnswer) -> str:
     if answer.reply is not None:
         reply = answer.reply
         lines.append(f"  and the answer comes back: {reply.verdict.upper()} by {_decided_text(reply.decided_by)}")
+    if answer.solicitation is not None and answer.solicitation.decided_by is not None \
+            and is_new_step(answer.solicitation.decided_by):
+        lines.append(f"  and the sender's neighbour solicitation comes in first: ACCEPT by "
+                     f"{_decided_text(answer.solicitation.decided_by)}")
     scope = answer.scope
     if answer.keep_file:
         scope += f"; the {answer.kept} flows of {answer.keep_file} keep their verdicts"
@@ -554,6 +605,7 @@ def fix_packets(paths: list, flow: Flow, request: FixRequest, dry_request: DryRu
     `path.fix`. `dry` is the dry run's open sandbox (its one packet is `paths[0]`); for a live
     run, `interfaces` names the live packets' interfaces and sandboxes are made here."""
     prover = FixProver(dry_request, flow, request, *([near_misses] if near_misses else []))
+    prover.solicit_first = dry is not None
     answers: dict = {}
     for path in paths:
         key = decider_key(path)

@@ -393,6 +393,38 @@ def rule_change(flow: Flow, path: PacketPath, verdict: str, date: str, legacy_is
                   legacy_iptables_is_default=legacy_is_default)
 
 
+# Neighbour discovery as iptables and nft name its two messages.
+ND_TYPES = (("nd-neighbor-solicit", "neighbour-solicitation"), ("nd-neighbor-advert", "neighbour-advertisement"))
+
+
+def neighbour_discovery_changes(path: PacketPath, date: str, legacy_is_default: bool = True,
+                                iptables_nft_tables: Collection = ()) -> list[Change]:
+    """Rules that let neighbour discovery in, where the path of a solicitation was dropped.
+
+    Not the solicitation alone, and not on its interface alone: having answered it, the box
+    checks the sender's address again later with solicitations of its own, and to forward the
+    flow it asks for its next hop's address on the way out; the advertisements that answer
+    both come in through the same input chains, and without them the neighbours go unreachable
+    (RFC 4890 asks a firewall to let both messages in). So the rule matches both, from every
+    neighbour: the standard rule, not the flow's. The sandbox proves the solicitation's way in.
+    """
+    placement = placement_for(path, iptables_nft_tables, "accept")
+    comment = f"{COMMENT_PREFIX} {date}: accept neighbour discovery"
+    summary = f"accept neighbour discovery in {placement.describe()}"
+    scope = "the new rule lets neighbour discovery in: every neighbour's solicitations and advertisements"
+    common = dict(placement=placement, scope=scope, legacy_iptables_is_default=legacy_is_default)
+    if placement.backend == "nft" and not placement.iptables_nft:
+        if not _PLAIN_NAME_RE.match(placement.chain):
+            raise NoChange(f"the chain name {placement.chain!r} cannot be written in an nft command")
+        types = ", ".join(nft for nft, _ in ND_TYPES)
+        return [Change("rule", "accept", summary, rule=f'icmpv6 type {{ {types} }} accept comment "{comment}"',
+                       **common)]
+    return [Change("rule", "accept", summary, iptables_args=("-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", name,
+                                                             "-m", "comment", "--comment", comment, "-j", "ACCEPT"),
+                   **common)
+            for _, name in ND_TYPES]
+
+
 def element_change(near_miss, verdict: str) -> Optional[Change]:
     """The packet's value added to the named set of a near miss that failed on that lookup alone
     and gives `verdict`; None when the near miss is not such a rule."""

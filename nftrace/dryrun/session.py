@@ -260,6 +260,26 @@ class DryRunRequest:
     state: str = "new"
 
 
+@dataclass
+class SolicitationTrace:
+    """A neighbour solicitation traced in the sandbox: `asked` is it as a flow (from the asker to
+    the target's solicited-node group, on the input interface); `path` None if it was not seen."""
+
+    asked: Flow
+    asker: str
+    target: str
+    iif: str
+    path: Optional[PacketPath]
+
+    @property
+    def verdict(self) -> Optional[str]:
+        return self.path.verdict if self.path is not None and self.path.complete else None
+
+    def to_json(self) -> dict:
+        return {"src": self.asker, "target": self.target, "iif": self.iif, "verdict": self.verdict,
+                "answer": summary(self.path) if self.path is not None else None}
+
+
 class DryRun:
     """One sandbox copy of the target; `trace()` answers for one flow at a time in it."""
 
@@ -448,19 +468,33 @@ class DryRun:
         route back names) has found this namespace's link-layer address: a neighbour
         solicitation, to the solicited-node group, that input chains see like any packet. A
         ruleset that drops it makes every packet of the flow vanish before it is sent, whatever
-        the flow's own answer says. The solicitation is sent into the sandbox and traced before
-        the flow's packet; what became of it goes in `dry_run.neighbour_solicitation`, and a drop
-        is a warning. Nothing is asked for IPv4 (ARP is not inet's), a local sender or an
-        established connection (its neighbour is known)."""
+        the flow's own answer says. The solicitation is traced before the flow's packet; what
+        became of it goes in `dry_run.neighbour_solicitation`, and a drop is a warning."""
+        traced = self.trace_solicitation(flow)
+        if traced is None:
+            return
+        self.solicitation = traced.to_json()
+        if traced.verdict == "drop":
+            report.warnings.append(
+                f"{traced.asker} must first find {traced.target}'s link-layer address, and the ruleset drops its "
+                f"neighbour solicitation on {traced.iif} ({self.solicitation['answer']}): in real traffic no packet "
+                f"of the flow comes at all, whatever the answer says; let icmpv6 type "
+                f"{{ nd-neighbor-solicit, nd-neighbor-advert }} in")
+
+    def trace_solicitation(self, flow: Flow) -> Optional[SolicitationTrace]:
+        """The neighbour solicitation that the flow's first packet waits for (see
+        check_neighbour_discovery), sent into the sandbox and traced. None where none is asked:
+        IPv4 (ARP is not inet's), a local sender, an established connection (its neighbour is
+        known)."""
         injection = self.plan(flow)
         if injection.family != 6 or injection.local or self.request.state != "new":
-            return
+            return None
         route_back = route_towards(self.request.netns, injection.src) if flow.iif is None else None
         on_link = route_back is None or not route_back.gateway or route_back.dev != injection.iif
         asker = injection.src if on_link else route_back.gateway
         target = neighbour_target(self.netstate.interface(injection.iif), asker)
         if target is None:
-            return
+            return None
         group = solicited_node(target)
         solicitation = replace(injection, src=asker, dst=group, proto="icmpv6", sport=None, dport=None,
                                nd_target=target, dst_mac=multicast_mac(group))
@@ -468,16 +502,7 @@ class DryRun:
         paths: list = []
         self._trace_injection(asked, solicitation, TraceReport(flow=asked, netns=self.request.netns), paths.append,
                               drop_reasons=False, near_misses=False)
-        path = paths[0] if paths else None
-        verdict = path.verdict if path is not None and path.complete else None
-        self.solicitation = {"src": asker, "target": target, "iif": injection.iif, "verdict": verdict,
-                             "answer": summary(path) if path is not None else None}
-        if verdict == "drop":
-            report.warnings.append(
-                f"{asker} must first find {target}'s link-layer address, and the ruleset drops its neighbour "
-                f"solicitation on {injection.iif} ({self.solicitation['answer']}): in real traffic no packet of the "
-                f"flow comes at all, whatever the answer says; let icmpv6 type {{ nd-neighbor-solicit, "
-                f"nd-neighbor-advert }} in")
+        return SolicitationTrace(asked, asker, target, injection.iif, paths[0] if paths else None)
 
     def _forget_connections(self) -> None:
         """Each flow of `nftrace test` starts with an empty conntrack table, as a single dry run does."""
