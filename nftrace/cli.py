@@ -173,7 +173,7 @@ def why(
         def proving(dry):
             from .dryrun.fix import fix_packets
 
-            fixes.extend(fix_packets(packets, flow, fixing, request, dry=dry))
+            fixes.extend(fix_packets(packets, flow, fixing, request, dry=dry, interfaces=report.interfaces))
         session = DryRunSession(options, report, request, with_sandbox=proving if fixing is not None else None)
     else:
         session = TraceSession(options, report)

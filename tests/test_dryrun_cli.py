@@ -341,6 +341,38 @@ def test_a_neighbour_solicitation_let_in_has_no_warning_and_ipv4_asks_none(route
     assert dry(router, *WEB, "--ruleset", str(candidate)).json["dry_run"]["neighbour_solicitation"] is None
 
 
+ND_FROM_LAN_ONLY = ND_BLOCKED.replace(
+    "ct state established,related accept",
+    'ct state established,related accept\n        iifname "r-client" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept')
+
+
+def test_a_flow_whose_next_hops_neighbour_advertisement_is_dropped_is_said_to_go_no_further(router, tmp_path):
+    """The client's solicitation comes in on the LAN side, but on the way out the router asks
+    for the server's address, and the input chain drops the server's answer."""
+    candidate = tmp_path / "nd-lan-only.nft"
+    candidate.write_text(ND_FROM_LAN_ONLY)
+    result = dry(router, *WEB6, "--ruleset", str(candidate))
+    assert result.returncode == 0, result.stderr
+    assert result.packets[0]["verdict"] == "accept"
+    assert result.json["dry_run"]["neighbour_solicitation"]["verdict"] == "accept"
+    assert result.json["dry_run"]["next_hop_advertisement"] == {
+        "src": "fd77:2::2", "target": "fd77:2::1", "iif": "r-server", "verdict": "drop",
+        "answer": "dropped by inet candidate input policy drop"}
+    assert any(warning.startswith(f"to send the flow on through r-server, netns {router} must first find fd77:2::2's "
+                                  "link-layer address, and the ruleset drops the neighbour advertisement that "
+                                  "answers (dropped by inet candidate input policy drop)")
+               for warning in result.json["warnings"]), result.json["warnings"]
+
+
+def test_a_flow_to_the_box_itself_waits_for_no_next_hop(router, tmp_path):
+    candidate = tmp_path / "nd-lan-only.nft"
+    candidate.write_text(ND_FROM_LAN_ONLY)
+    result = dry(router, "--from", "fd77:1::2", "--to", "fd77:1::1", "--proto", "tcp", "--dport", "22",
+                 "--ruleset", str(candidate))
+    assert result.returncode == 0, result.stderr
+    assert result.json["dry_run"]["next_hop_advertisement"] is None
+
+
 def test_a_source_behind_a_gateway_is_asked_for_by_the_gateway(router, tmp_path):
     in_netns(router, ["ip", "-6", "route", "replace", "fd99::/64", "via", "fd77:1::2", "dev", "r-client"])
     candidate = tmp_path / "nd-blocked.nft"

@@ -191,6 +191,21 @@ def test_a_neighbour_solicitation_goes_to_the_solicited_node_group_with_the_send
     assert frame[14 + 7] == 255  # hop limit: a receiver ignores neighbour discovery with any other
 
 
+def test_a_neighbour_advertisement_answers_for_its_target_unicast_with_its_mac():
+    from nftrace.dryrun.inject import _pseudo_header
+
+    injection = Injection("fd77:2::2", "fd77:2::1", "icmpv6", iif="eth1", netns="h", peer="p3",
+                          src_mac="02:00:00:00:00:07", dst_mac="02:00:00:00:00:01", nd_target="fd77:2::2",
+                          nd_advert=True)
+    frame = ethernet_frame(injection)
+    message = frame[14 + 40:]
+    assert (message[0], message[4:8], message[8:24], message[24:32]) == (
+        136, bytes.fromhex("60000000"), bytes.fromhex("fd770002000000000000000000000002"),
+        bytes.fromhex("0201 020000000007"))  # solicited, override; option 2: the target's link-layer address
+    assert internet_checksum(_pseudo_header("fd77:2::2", "fd77:2::1", 58, len(message)) + message) == 0
+    assert frame[14 + 7] == 255
+
+
 def test_the_address_a_neighbour_resolves_is_on_its_prefix_else_link_local():
     from nftrace.dryrun.session import neighbour_target
 

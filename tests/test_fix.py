@@ -371,6 +371,9 @@ table inet filter {
     }
 }
 """
+ND_FROM_LAN_ONLY = ND_DROPPED_FORWARD_OPEN.replace(
+    "ct state established,related accept",
+    'ct state established,related accept\n        iifname "r-client" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept')
 ND_DROPPED_LEGACY = """*filter
 :INPUT DROP [0:0]
 :FORWARD DROP [0:0]
@@ -384,7 +387,7 @@ WEB6 = {"name": "web over IPv6", "from": "fd77:1::2", "to": "fd77:2::2", "proto"
 
 
 def forget_neighbours(lab: Lab) -> None:
-    """As after a reboot: the client must ask for the router's link-layer address again."""
+    """As after a reboot: client and router must find their neighbours' link-layer addresses again."""
     for namespace in (lab.topology.client, lab.topology.router):
         subprocess.run(["ip", "-n", namespace, "neigh", "flush", "all"], check=True)
 
@@ -404,6 +407,7 @@ def test_an_ipv6_flow_whose_neighbour_solicitation_is_dropped_gets_neighbour_dis
                               " accept comment \"nftrace fix " + fix_date(discovery) + ": accept neighbour discovery\"'")
     assert fix["after"]["neighbour_solicitation"]["verdict"] == "accept"
     assert fix["after"]["neighbour_solicitation"]["decided_by"]["new"] is True
+    assert fix["after"]["next_hop_advertisement"]["decided_by"]["new"] is True  # the same rule
     assert "neighbour discovery in: every neighbour's solicitations and advertisements" in fix["scope"]
     paste([flow_rule])
     forget_neighbours(router)
@@ -421,6 +425,24 @@ def test_a_flow_the_ruleset_lets_through_still_gets_neighbour_discovery_let_in_w
     fix = propose(router, web, "accept")
     assert fix["needed"] is True and len(fix["commands"]) == 1 and "nd-neighbor-solicit" in fix["commands"][0]
     assert fix["after"]["verdict"] == "accept" and fix["after"]["neighbour_solicitation"]["verdict"] == "accept"
+    paste(fix["commands"])
+    forget_neighbours(router)
+    assert real_traffic(router, web) == "connected"
+
+
+def test_a_flow_whose_next_hops_neighbour_advertisement_is_dropped_gets_neighbour_discovery_let_in(lab, tmp_path):
+    """Neighbour discovery is let in from the LAN only: the router never learns the server's
+    link-layer address, and the flow, let through by the forward chain, goes no further."""
+    scenario = own_scenario(tmp_path, "nd-lan-only", ND_FROM_LAN_ONLY, [WEB6])
+    router = lab(scenario)
+    web = scenario.flows[0]
+    forget_neighbours(router)
+    assert real_traffic(router, web) == "timeout"
+    fix = propose(router, web, "accept")
+    assert len(fix["commands"]) == 1 and "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }" in fix["commands"][0]
+    assert fix["after"]["neighbour_solicitation"]["decided_by"]["new"] is False  # let in already
+    assert fix["after"]["reply"]["verdict"] == "accept"  # the flow's answer, not one to neighbour discovery
+    assert fix["after"]["next_hop_advertisement"]["decided_by"]["new"] is True
     paste(fix["commands"])
     forget_neighbours(router)
     assert real_traffic(router, web) == "connected"

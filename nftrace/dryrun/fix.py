@@ -71,7 +71,10 @@ class FixAnswer:
     netns: Optional[str] = None
     after: Optional[PacketPath] = None
     reply: Optional[PacketPath] = None  # the other side's answer, after the change
-    solicitation: Optional[PacketPath] = None  # the sender's neighbour solicitation, after the change
+    # Neighbour discovery the flow waits for, after the change: the sender's solicitation, the
+    # next hop's advertisement.
+    solicitation: Optional[PacketPath] = None
+    advertisement: Optional[PacketPath] = None
     kept: int = 0
     keep_file: Optional[str] = None
     broken: Optional[dict] = None  # the --keep flow that a fix would have changed
@@ -106,6 +109,8 @@ class FixAnswer:
             after["reply"] = _outcome_json(self.reply)
         if self.solicitation is not None:
             after["neighbour_solicitation"] = _outcome_json(self.solicitation)
+        if self.advertisement is not None:
+            after["next_hop_advertisement"] = _outcome_json(self.advertisement)
         return after
 
     def to_json(self) -> dict:
@@ -162,17 +167,19 @@ class FixProver:
         self.near_misses = near_misses
         self.legacy_is_default = default_iptables_kind() == "iptables-legacy"
         self.baseline: dict = {}  # --keep flow name -> verdict before any change
-        # A dry run's packet comes from the wire only after its sender's neighbour solicitation
-        # (IPv6): the proof lets that in too. A live packet was seen, so its sender's was let in.
-        self.solicit_first = False
+        # A dry run's IPv6 packet comes from the wire only after its sender's neighbour
+        # solicitation, and goes on only after its next hop's advertisement: the proof lets them
+        # in too. A live packet was seen, so its neighbours had found each other.
+        self.neighbours_first = False
         self._interfaces: dict = {}  # the sandbox's interface names, as the last trace saw them
 
     # -- entry ------------------------------------------------------------------------------------
 
     def prove(self, probe: Flow, dry: Optional[DryRun] = None, first: Optional[PacketPath] = None,
-              live_verdict: Optional[str] = None) -> FixAnswer:
+              live_verdict: Optional[str] = None, first_interfaces: Optional[dict] = None) -> FixAnswer:
         """`probe` is one concrete packet of the flow (what the sandbox sends); `dry` an open
-        sandbox to start in (a dry run's own), else one is made; `first` its path there."""
+        sandbox to start in (a dry run's own), else one is made; `first` its path there, and
+        `first_interfaces` the names of the interfaces that path went through."""
         answer = FixAnswer(self.request.verdict, netns=self.dry_request.netns,
                            keep_file=str(self.request.keep.path) if self.request.keep else None)
         made = None  # a sandbox of our own, closed here
@@ -180,6 +187,8 @@ class FixProver:
             if dry is None:
                 dry = made = self._open()
                 first = None
+            elif first is not None:
+                self._interfaces = dict(first_interfaces or {})
             try:
                 self._attempt(dry, probe, first, True, answer, live_verdict)
                 return answer
@@ -224,7 +233,7 @@ class FixProver:
         if asked == "accept" and path.complete and path.verdict == "accept" and path.kernel_drop:
             raise StrategyFailed(f"the ruleset lets it through already, and the kernel drops it after netfilter: "
                                  f"{kernel_drop_words(path)}; no ruleset change can let it through")
-        if self._has_verdict(path) and not (asked == "accept" and self._solicitation_dropped(dry, probe)):
+        if self._has_verdict(path) and not (asked == "accept" and self._neighbour_discovery_dropped(dry, probe)):
             answer.needed = False
             answer.after = path
             if live_verdict is not None and live_verdict != asked:
@@ -271,49 +280,49 @@ class FixProver:
         else:
             raise StrategyFailed(f"after {MAX_CHANGES} changes the packet is still {_word(path.verdict)} by "
                                  f"{_location(path)}")
-        if asked == "accept" and self.solicit_first:
-            self._let_solicitation_in(dry, probe, answer)
+        if asked == "accept" and self.neighbours_first:
+            answer.solicitation = self._let_neighbour_in(dry, answer, lambda: dry.trace_solicitation(probe),
+                                                         "the sender's neighbour solicitation")
+            answer.advertisement = self._let_neighbour_in(dry, answer, lambda: dry.trace_advertisement(probe),
+                                                          "the next hop's neighbour advertisement")
         answer.after = path
         if self.request.keep:
             self._check_keep(dry, answer)
         answer.proven = True
         answer.reason = None
 
-    def _solicitation_dropped(self, dry: DryRun, probe: Flow) -> bool:
-        """Whether the neighbour solicitation that the flow's first packet waits for is dropped:
-        then a flow that the ruleset lets through still needs a change."""
-        if not self.solicit_first:
+    def _neighbour_discovery_dropped(self, dry: DryRun, probe: Flow) -> bool:
+        """Whether the ruleset drops neighbour discovery that the flow waits for: then a flow
+        that it lets through still needs a change."""
+        if not self.neighbours_first:
             return False
-        traced = dry.trace_solicitation(probe)
-        return traced is not None and traced.verdict == "drop"
+        return any(traced is not None and traced.verdict == "drop"
+                   for traced in (dry.trace_solicitation(probe), dry.trace_advertisement(probe)))
 
-    def _let_solicitation_in(self, dry: DryRun, probe: Flow, answer: FixAnswer) -> None:
-        """Where the ruleset drops the neighbour solicitation that the flow's first packet waits
-        for, no packet of the flow comes at all, let through or not: neighbour discovery is let
-        in where the solicitation was dropped, and the solicitation traced again, as many times
-        as chains drop it."""
+    def _let_neighbour_in(self, dry: DryRun, answer: FixAnswer, trace: Callable, what: str) -> Optional[PacketPath]:
+        """Where the ruleset drops a neighbour discovery message that the flow waits for, the flow
+        never gets through, let through or not: neighbour discovery is let in where the message
+        was dropped, and the message traced again (`trace`), as many times as chains drop it.
+        Returns its path, once it came in."""
         before = None
         for _ in range(MAX_CHANGES + 1):
-            traced = dry.trace_solicitation(probe)
+            traced = trace()
             if traced is None or traced.verdict == "accept":
-                answer.solicitation = traced.path if traced is not None else None
-                return
+                return traced.path if traced is not None else None
             if traced.path is None:
-                raise StrategyFailed("the sender's neighbour solicitation was not seen in the sandbox copy")
+                raise StrategyFailed(f"{what} was not seen in the sandbox copy")
             if before is not None and decider_key(traced.path) == before:
-                raise StrategyFailed(f"the sender's neighbour solicitation is still dropped, by "
-                                     f"{_location(traced.path)}")
+                raise StrategyFailed(f"{what} is still dropped, by {_location(traced.path)}")
             before = decider_key(traced.path)
             try:
                 changes = neighbour_discovery_changes(traced.path, self.request.date, self.legacy_is_default,
                                                       iptables_nft_tables(dry))
             except NoChange as reason:
-                raise StrategyFailed(f"the sender's neighbour solicitation is dropped, and neighbour discovery "
-                                     f"cannot be let in: {reason}") from None
+                raise StrategyFailed(f"{what} is dropped, and neighbour discovery cannot be let in: {reason}") from None
             for change in changes:
                 self._apply(dry, change)
                 self._record(change, traced.path, answer, traced.asked)
-        raise StrategyFailed(f"after {MAX_CHANGES} changes the sender's neighbour solicitation is still dropped")
+        raise StrategyFailed(f"after {MAX_CHANGES} changes {what} is still dropped")
 
     def _record(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Optional[Flow] = None) -> None:
         if len(answer.changes) >= MAX_CHANGES:
@@ -563,10 +572,10 @@ def render_fix(answer: FixAnswer) -> str:
     if answer.reply is not None:
         reply = answer.reply
         lines.append(f"  and the answer comes back: {reply.verdict.upper()} by {_decided_text(reply.decided_by)}")
-    if answer.solicitation is not None and answer.solicitation.decided_by is not None \
-            and is_new_step(answer.solicitation.decided_by):
-        lines.append(f"  and the sender's neighbour solicitation comes in first: ACCEPT by "
-                     f"{_decided_text(answer.solicitation.decided_by)}")
+    for path, what in ((answer.solicitation, "the sender's neighbour solicitation comes in first"),
+                       (answer.advertisement, "the next hop's neighbour advertisement comes in")):
+        if path is not None and is_new_step(path.decided_by):  # let in by the fix
+            lines.append(f"  and {what}: ACCEPT by {_decided_text(path.decided_by)}")
     scope = answer.scope
     if answer.keep_file:
         scope += f"; the {answer.kept} flows of {answer.keep_file} keep their verdicts"
@@ -603,15 +612,15 @@ def fix_packets(paths: list, flow: Flow, request: FixRequest, dry_request: DryRu
                 near_misses: Optional[Callable[[PacketPath, DryRun], list]] = None) -> list[FixAnswer]:
     """A fix for each distinct fate among the packets (most runs have one): each packet gets
     `path.fix`. `dry` is the dry run's open sandbox (its one packet is `paths[0]`); for a live
-    run, `interfaces` names the live packets' interfaces and sandboxes are made here."""
+    run, sandboxes are made here. `interfaces` names the interfaces of the packets' paths."""
     prover = FixProver(dry_request, flow, request, *([near_misses] if near_misses else []))
-    prover.solicit_first = dry is not None
+    prover.neighbours_first = dry is not None
     answers: dict = {}
     for path in paths:
         key = decider_key(path)
         if key not in answers:
             if dry is not None:
-                answers[key] = prover.prove(flow, dry=dry, first=path)
+                answers[key] = prover.prove(flow, dry=dry, first=path, first_interfaces=interfaces)
             else:
                 live = path.verdict if path.complete else None
                 answers[key] = prover.prove(probe_of(path, interfaces or {}, flow), live_verdict=live)

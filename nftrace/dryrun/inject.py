@@ -56,8 +56,11 @@ class Injection:
     seq: int = 0
     ack: int = 0
     # A neighbour solicitation for this address (proto icmpv6, dst its solicited-node address):
-    # what the sender asks before its first packet to this host or through it.
+    # what the sender asks before its first packet to this host or through it. With `nd_advert`,
+    # the neighbour advertisement of this address instead, to dst: a neighbour's answer to the
+    # box's own solicitation (of the next hop it forwards to, say).
     nd_target: Optional[str] = None
+    nd_advert: bool = False
 
     @property
     def family(self) -> int:
@@ -156,6 +159,15 @@ def neighbour_solicitation(src: str, target: str, src_mac: str) -> bytes:
     return _with_checksum(message, 2, src, solicited_node(target), PROTOCOL_NUMBERS["icmpv6"])
 
 
+def neighbour_advertisement(src: str, dst: str, target: str, src_mac: str) -> bytes:
+    """ICMPv6 type 136 (RFC 4861 4.4) for `target`, solicited and overriding, with its link-layer
+    address: how a neighbour answers a solicitation."""
+    solicited_override = 0x60000000
+    message = struct.pack("!BBHI16s", 136, 0, 0, solicited_override, ipaddress.IPv6Address(target).packed)
+    message += struct.pack("!BB6s", 2, 1, _mac_bytes(src_mac))  # option 2: target link-layer address
+    return _with_checksum(message, 2, src, dst, PROTOCOL_NUMBERS["icmpv6"])
+
+
 def solicited_node(address: str) -> str:
     """ff02::1:ffXX:XXXX, the multicast group a neighbour solicitation for `address` goes to."""
     low = ipaddress.IPv6Address(address).packed[13:]
@@ -189,6 +201,8 @@ def transport(injection: Injection) -> bytes:
         return udp_datagram(i.src, i.dst, i.sport, i.dport)
     if i.proto == "icmp":
         return icmp_echo(i.icmp_id, reply=reply)
+    if i.proto == "icmpv6" and i.nd_target and i.nd_advert:
+        return neighbour_advertisement(i.src, i.dst, i.nd_target, i.src_mac)
     if i.proto == "icmpv6" and i.nd_target:
         return neighbour_solicitation(i.src, i.nd_target, i.src_mac)
     if i.proto == "icmpv6":

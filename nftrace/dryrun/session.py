@@ -47,6 +47,7 @@ EPHEMERAL_PORTS = (32768, 60999)
 # A crafted packet's events all arrive within microseconds: a short idle time ends a packet
 # that the kernel dropped outside netfilter without making the user wait.
 DRY_RUN_IDLE_SECONDS = 0.5
+ND_ADVICE = "let icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } in"
 CONNTRACK_TIMEOUT = 120
 
 NOT_COPIED = (
@@ -261,12 +262,14 @@ class DryRunRequest:
 
 
 @dataclass
-class SolicitationTrace:
-    """A neighbour solicitation traced in the sandbox: `asked` is it as a flow (from the asker to
-    the target's solicited-node group, on the input interface); `path` None if it was not seen."""
+class NeighbourTrace:
+    """A neighbour discovery message traced in the sandbox: the solicitation of the flow's sender
+    (from `src` for `target`, to its solicited-node group) or the advertisement of the next hop
+    (from `src` for itself, to `target`, the address of this namespace that asked). `asked` is
+    it as a flow, on the interface it comes in on; `path` None if it was not seen."""
 
     asked: Flow
-    asker: str
+    src: str
     target: str
     iif: str
     path: Optional[PacketPath]
@@ -276,7 +279,7 @@ class SolicitationTrace:
         return self.path.verdict if self.path is not None and self.path.complete else None
 
     def to_json(self) -> dict:
-        return {"src": self.asker, "target": self.target, "iif": self.iif, "verdict": self.verdict,
+        return {"src": self.src, "target": self.target, "iif": self.iif, "verdict": self.verdict,
                 "answer": summary(self.path) if self.path is not None else None}
 
 
@@ -298,7 +301,9 @@ class DryRun:
         self._drops: Optional[KernelDropWatcher] = None
         self._drops_problem: Optional[str] = None
         self.last_injection: Optional[Injection] = None
-        self.solicitation: Optional[dict] = None  # check_neighbour_discovery's finding, for describe()
+        # check_neighbour_discovery's findings, for describe()
+        self.solicitation: Optional[dict] = None
+        self.advertisement: Optional[dict] = None
 
     # -- the sandbox ------------------------------------------------------------------------
 
@@ -396,6 +401,7 @@ class DryRun:
                          "local": injection.local},
             "not_copied": list(NOT_COPIED) + list(sandbox.not_copied),
             "neighbour_solicitation": self.solicitation,
+            "next_hop_advertisement": self.advertisement,
         }
 
     def trace(self, flow: Flow, report: TraceReport, on_packet: Callable[[PacketPath], None], *,
@@ -464,24 +470,34 @@ class DryRun:
         return session.packets_seen
 
     def check_neighbour_discovery(self, flow: Flow, report: TraceReport) -> None:
-        """An IPv6 packet from the wire comes only after its sender (the source, or the gateway the
-        route back names) has found this namespace's link-layer address: a neighbour
-        solicitation, to the solicited-node group, that input chains see like any packet. A
-        ruleset that drops it makes every packet of the flow vanish before it is sent, whatever
-        the flow's own answer says. The solicitation is traced before the flow's packet; what
-        became of it goes in `dry_run.neighbour_solicitation`, and a drop is a warning."""
-        traced = self.trace_solicitation(flow)
-        if traced is None:
-            return
-        self.solicitation = traced.to_json()
-        if traced.verdict == "drop":
-            report.warnings.append(
-                f"{traced.asker} must first find {traced.target}'s link-layer address, and the ruleset drops its "
-                f"neighbour solicitation on {traced.iif} ({self.solicitation['answer']}): in real traffic no packet "
-                f"of the flow comes at all, whatever the answer says; let icmpv6 type "
-                f"{{ nd-neighbor-solicit, nd-neighbor-advert }} in")
+        """IPv6 packets go only between neighbours that have found each other's link-layer
+        address, and the messages that find it pass the input chains like any packet:
+        - a packet from the wire comes only after its sender (the source, or the gateway the route
+          back names) has sent a neighbour solicitation for this namespace's address;
+        - a packet forwarded or sent on leaves only after its next hop has answered this
+          namespace's own solicitation with a neighbour advertisement.
+        A ruleset that drops either makes the flow vanish, whatever its own answer says. Both are
+        traced before the flow's packet; what became of them goes in `dry_run`
+        (`neighbour_solicitation`, `next_hop_advertisement`), and a drop is a warning."""
+        solicitation = self.trace_solicitation(flow)
+        if solicitation is not None:
+            self.solicitation = solicitation.to_json()
+            if solicitation.verdict == "drop":
+                report.warnings.append(
+                    f"{solicitation.src} must first find {solicitation.target}'s link-layer address, and the ruleset "
+                    f"drops its neighbour solicitation on {solicitation.iif} ({self.solicitation['answer']}): in real "
+                    f"traffic no packet of the flow comes at all, whatever the answer says; {ND_ADVICE}")
+        advertisement = self.trace_advertisement(flow)
+        if advertisement is not None:
+            self.advertisement = advertisement.to_json()
+            if advertisement.verdict == "drop":
+                report.warnings.append(
+                    f"to send the flow on through {advertisement.iif}, {self.netstate.where} must first find "
+                    f"{advertisement.src}'s link-layer address, and the ruleset drops the neighbour advertisement "
+                    f"that answers ({self.advertisement['answer']}): in real traffic the flow's packets go no "
+                    f"further, whatever the answer says; {ND_ADVICE}")
 
-    def trace_solicitation(self, flow: Flow) -> Optional[SolicitationTrace]:
+    def trace_solicitation(self, flow: Flow) -> Optional[NeighbourTrace]:
         """The neighbour solicitation that the flow's first packet waits for (see
         check_neighbour_discovery), sent into the sandbox and traced. None where none is asked:
         IPv4 (ARP is not inet's), a local sender, an established connection (its neighbour is
@@ -499,10 +515,43 @@ class DryRun:
         solicitation = replace(injection, src=asker, dst=group, proto="icmpv6", sport=None, dport=None,
                                nd_target=target, dst_mac=multicast_mac(group))
         asked = Flow(ipaddress.ip_network(asker), ipaddress.ip_network(group), "icmpv6", iif=injection.iif)
+        return NeighbourTrace(asked, asker, target, injection.iif, self._trace_neighbour(asked, solicitation))
+
+    def trace_advertisement(self, flow: Flow) -> Optional[NeighbourTrace]:
+        """The next hop's neighbour advertisement that the flow's packets wait for on their way
+        out (see check_neighbour_discovery), sent into the sandbox from the next hop (the route's
+        gateway, or the destination on its link) and traced. The route is the destination's
+        as the flow gives it (not after a DNAT). None where none is asked: IPv4, a packet
+        delivered here, an established connection, an interface without neighbours."""
+        if flow.ip_version != 6 or self.request.state != "new":
+            return None
+        route = route_towards(self.request.netns, str(flow.dst.network_address))
+        peers = self.sandbox.peers
+        if route is None or route.local or route.dev not in peers:
+            return None
+        next_hop = route.gateway or str(flow.dst.network_address)
+        interface = self.netstate.interface(route.dev)
+        asker = neighbour_target(interface, next_hop)
+        if asker is None:
+            return None
+        advertisement = Injection(next_hop, asker, "icmpv6", iif=route.dev, netns=self.sandbox.helper,
+                                  peer=peers[route.dev].peer,
+                                  src_mac=self.netstate.neighbours.get((route.dev, next_hop)) or random_mac(),
+                                  dst_mac=peers[route.dev].mac, mtu=interface.mtu, nd_target=next_hop, nd_advert=True)
+        asked = Flow(ipaddress.ip_network(next_hop), ipaddress.ip_network(asker), "icmpv6", iif=route.dev)
+        return NeighbourTrace(asked, next_hop, asker, route.dev, self._trace_neighbour(asked, advertisement))
+
+    def _trace_neighbour(self, asked: Flow, injection: Injection) -> Optional[PacketPath]:
+        """Trace a neighbour discovery message; the flow's packet stays the one traced last
+        (trace_reply answers it)."""
         paths: list = []
-        self._trace_injection(asked, solicitation, TraceReport(flow=asked, netns=self.request.netns), paths.append,
-                              drop_reasons=False, near_misses=False)
-        return SolicitationTrace(asked, asker, target, injection.iif, paths[0] if paths else None)
+        flow_packet = self.last_injection
+        try:
+            self._trace_injection(asked, injection, TraceReport(flow=asked, netns=self.request.netns), paths.append,
+                                  drop_reasons=False, near_misses=False)
+        finally:
+            self.last_injection = flow_packet
+        return paths[0] if paths else None
 
     def _forget_connections(self) -> None:
         """Each flow of `nftrace test` starts with an empty conntrack table, as a single dry run does."""
