@@ -150,6 +150,21 @@ def load_ruleset(ns: str, text: str) -> None:
     in_netns(ns, ["nft", "-f", "-"], input=text)
 
 
+def closed_to_neighbour_discovery(table: str) -> str:
+    """A ruleset whose input chain lets in only what conntrack knows, so no neighbour discovery
+    (which conntrack does not track), and whose forward chain lets everything through."""
+    return f"""table inet {table} {{
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+    }}
+}}
+"""
+
+
 def ruleset_state(ns: str) -> str:
     """The ruleset as `nft -s list ruleset` prints it: what must be identical before and after."""
     return in_netns(ns, ["nft", "-s", "list", "ruleset"]).stdout

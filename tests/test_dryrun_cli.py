@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, lab_topology, nftrace
+from conftest import REPO, closed_to_neighbour_discovery, lab_topology, nftrace
 from nftrace.lab.topology import in_netns
 from nftrace.dryrun.sandbox import NETNS_RUN_DIR, SANDBOX_PREFIX, load_ruleset_file, read_candidate
 
@@ -299,17 +299,7 @@ def test_a_locally_sent_packet_without_a_route_is_the_senders_error_and_routings
 # -- IPv6: the sender's neighbour solicitation comes first --------------------------------------
 
 
-ND_BLOCKED = """flush ruleset
-table inet candidate {
-    chain input {
-        type filter hook input priority filter; policy drop;
-        ct state established,related accept
-    }
-    chain forward {
-        type filter hook forward priority filter; policy accept;
-    }
-}
-"""
+ND_BLOCKED = "flush ruleset\n" + closed_to_neighbour_discovery("candidate")
 ND_ALLOWED = ND_BLOCKED.replace("ct state established,related accept",
                                 "ct state established,related accept\n        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept")
 WEB6 = ("--from", "fd77:1::2", "--to", "fd77:2::2", "--proto", "tcp", "--dport", "443")

@@ -14,7 +14,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import nftrace, ruleset_state, unique_name
+from conftest import closed_to_neighbour_discovery, nftrace, ruleset_state, unique_name
 from nftrace.lab.expectations import FlowExpectation, load_expectations
 from nftrace.lab.lab import Lab, Scenario, find_scenario, traffic_command, why_arguments
 
@@ -348,29 +348,8 @@ def test_a_flow_whose_answers_are_dropped_too_gets_a_rule_for_them_and_no_more(l
 
 # -- IPv6: the sender's neighbour solicitation comes first ------------------------------------------
 
-ND_DROPPED = """
-table inet filter {
-    chain input {
-        type filter hook input priority filter; policy drop;
-        ct state established,related accept
-    }
-    chain forward {
-        type filter hook forward priority filter; policy drop;
-        ct state established,related accept
-    }
-}
-"""
-ND_DROPPED_FORWARD_OPEN = """
-table inet filter {
-    chain input {
-        type filter hook input priority filter; policy drop;
-        ct state established,related accept
-    }
-    chain forward {
-        type filter hook forward priority filter; policy accept;
-    }
-}
-"""
+ND_DROPPED_FORWARD_OPEN = closed_to_neighbour_discovery("filter")
+ND_DROPPED = ND_DROPPED_FORWARD_OPEN.replace("policy accept;", "policy drop;\n        ct state established,related accept")
 ND_FROM_LAN_ONLY = ND_DROPPED_FORWARD_OPEN.replace(
     "ct state established,related accept",
     'ct state established,related accept\n        iifname "r-client" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept')

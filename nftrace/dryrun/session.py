@@ -278,9 +278,13 @@ class NeighbourTrace:
     def verdict(self) -> Optional[str]:
         return self.path.verdict if self.path is not None and self.path.complete else None
 
+    @property
+    def answer(self) -> Optional[str]:
+        return summary(self.path) if self.path is not None else None
+
     def to_json(self) -> dict:
         return {"src": self.src, "target": self.target, "iif": self.iif, "verdict": self.verdict,
-                "answer": summary(self.path) if self.path is not None else None}
+                "answer": self.answer}
 
 
 class DryRun:
@@ -479,23 +483,19 @@ class DryRun:
         A ruleset that drops either makes the flow vanish, whatever its own answer says. Both are
         traced before the flow's packet; what became of them goes in `dry_run`
         (`neighbour_solicitation`, `next_hop_advertisement`), and a drop is a warning."""
-        solicitation = self.trace_solicitation(flow)
-        if solicitation is not None:
-            self.solicitation = solicitation.to_json()
-            if solicitation.verdict == "drop":
-                report.warnings.append(
-                    f"{solicitation.src} must first find {solicitation.target}'s link-layer address, and the ruleset "
-                    f"drops its neighbour solicitation on {solicitation.iif} ({self.solicitation['answer']}): in real "
-                    f"traffic no packet of the flow comes at all, whatever the answer says; {ND_ADVICE}")
-        advertisement = self.trace_advertisement(flow)
-        if advertisement is not None:
-            self.advertisement = advertisement.to_json()
-            if advertisement.verdict == "drop":
-                report.warnings.append(
-                    f"to send the flow on through {advertisement.iif}, {self.netstate.where} must first find "
-                    f"{advertisement.src}'s link-layer address, and the ruleset drops the neighbour advertisement "
-                    f"that answers ({self.advertisement['answer']}): in real traffic the flow's packets go no "
-                    f"further, whatever the answer says; {ND_ADVICE}")
+        solicitation, advertisement = self.trace_solicitation(flow), self.trace_advertisement(flow)
+        self.solicitation = solicitation.to_json() if solicitation is not None else None
+        self.advertisement = advertisement.to_json() if advertisement is not None else None
+        dropped = []
+        if solicitation is not None and solicitation.verdict == "drop":
+            dropped.append(f"{solicitation.src} must first find {solicitation.target}'s link-layer address, and the "
+                           f"ruleset drops its neighbour solicitation on {solicitation.iif} ({solicitation.answer}): in "
+                           f"real traffic no packet of the flow comes at all")
+        if advertisement is not None and advertisement.verdict == "drop":
+            dropped.append(f"to send the flow on through {advertisement.iif}, {self.netstate.where} must first find "
+                           f"{advertisement.src}'s link-layer address, and the ruleset drops the neighbour advertisement "
+                           f"that answers ({advertisement.answer}): in real traffic the flow's packets go no further")
+        report.warnings += [f"{words}, whatever the answer says; {ND_ADVICE}" for words in dropped]
 
     def trace_solicitation(self, flow: Flow) -> Optional[NeighbourTrace]:
         """The neighbour solicitation that the flow's first packet waits for (see
