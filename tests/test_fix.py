@@ -412,12 +412,14 @@ def test_a_flow_the_ruleset_lets_through_still_gets_neighbour_discovery_let_in_w
 def test_a_flow_whose_next_hops_neighbour_advertisement_is_dropped_gets_neighbour_discovery_let_in(lab, tmp_path):
     """Neighbour discovery is let in from the LAN only: the router never learns the server's
     link-layer address, and the flow, let through by the forward chain, goes no further."""
-    scenario = own_scenario(tmp_path, "nd-lan-only", ND_FROM_LAN_ONLY, [WEB6])
+    web4 = {**WEB6, "name": "web over IPv4", "from": "10.77.1.2", "to": "10.77.2.2", "expect": "accept"}
+    scenario = own_scenario(tmp_path, "nd-lan-only", ND_FROM_LAN_ONLY, [WEB6, web4])
     router = lab(scenario)
-    web = scenario.flows[0]
+    web = flow_named(scenario, "web over IPv6")
     forget_neighbours(router)
     assert real_traffic(router, web) == "timeout"
-    fix = propose(router, web, "accept")
+    fix = propose(router, web, "accept", keep=keep_file(tmp_path, scenario, web))
+    assert fix["kept"] == 1
     assert len(fix["commands"]) == 1 and "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }" in fix["commands"][0]
     assert fix["after"]["neighbour_solicitation"]["decided_by"]["new"] is False  # let in already
     assert fix["after"]["reply"]["verdict"] == "accept"  # the flow's answer, not one to neighbour discovery

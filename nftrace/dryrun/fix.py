@@ -245,6 +245,10 @@ class FixProver:
             return
         if self.request.keep and not self.baseline:
             self.baseline = self._keep_verdicts(dry, answer)
+            if self._has_verdict(path):
+                # Let through already (neighbour discovery is what needs a change): its answer,
+                # traced next, answers the packet traced last, which must be the flow's again.
+                path = self._trace(dry, probe) or path
         answer.changes, answer.managers = [], []
         reply_before = None
         for _ in range(MAX_CHANGES + 1):
