@@ -133,10 +133,16 @@ outside() {
     child=
     cleanup() {
         # What still runs in the root (the command, when a signal ended this script, or a
-        # listener it left) is killed, by pid; the half in the mount namespace then unmounts
-        # and ends, and the namespace with it.
+        # listener it left) is killed, by pid, and so is debootstrap when a signal came while
+        # it built the root (its first stage runs outside it, unpacking in it); the half in the
+        # mount namespace then unmounts and ends, and the namespace with it.
+        pkill -KILL -f -- "debootstrap .*$root" 2>/dev/null || true
         for proc in /proc/[0-9]*; do
-            if [ "$(readlink "$proc/root" 2>/dev/null)" = "$root" ]; then kill -KILL "${proc#/proc/}" 2>/dev/null || true; fi
+            proc_root=$(readlink "$proc/root" 2>/dev/null || true)
+            proc_cwd=$(readlink "$proc/cwd" 2>/dev/null || true)
+            if [ "$proc_root" = "$root" ] || [ "${proc_cwd#"$root"}" != "$proc_cwd" ]; then
+                kill -KILL "${proc#/proc/}" 2>/dev/null || true
+            fi
         done
         if [ -n "$child" ]; then wait "$child" 2>/dev/null || true; fi
         if [ -n "$keep" ]; then
