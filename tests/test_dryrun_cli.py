@@ -345,6 +345,10 @@ def test_a_flow_whose_next_hops_neighbour_advertisement_is_dropped_is_said_to_go
     assert result.returncode == 0, result.stderr
     assert result.packets[0]["verdict"] == "accept"
     assert result.json["dry_run"]["neighbour_solicitation"]["verdict"] == "accept"
+    assert result.json["dry_run"]["neighbour_answer"]["verdict"] == "accept"  # nothing filters the way out
+    assert result.json["dry_run"]["next_hop_solicitation"] == {
+        "src": "fd77:2::1", "target": "fd77:2::2", "oif": "r-server", "verdict": "accept",
+        "answer": "accepted: no chain of the ruleset gave a verdict on its path (output, postrouting)"}
     assert result.json["dry_run"]["next_hop_advertisement"] == {
         "src": "fd77:2::2", "target": "fd77:2::1", "iif": "r-server", "verdict": "drop",
         "answer": "dropped by inet candidate input policy drop"}
@@ -352,6 +356,21 @@ def test_a_flow_whose_next_hops_neighbour_advertisement_is_dropped_is_said_to_go
                                   "link-layer address, and the ruleset drops the neighbour advertisement that "
                                   "answers (dropped by inet candidate input policy drop)")
                for warning in result.json["warnings"]), result.json["warnings"]
+
+
+def test_neighbour_discovery_that_the_output_chain_drops_is_said_both_ways(router, tmp_path):
+    candidate = tmp_path / "nd-output-closed.nft"
+    candidate.write_text(ND_ALLOWED.replace("    chain forward {", "    chain output {\n        type filter hook output "
+                                            "priority filter; policy drop;\n    }\n    chain forward {"))
+    result = dry(router, *WEB6, "--ruleset", str(candidate))
+    assert result.returncode == 0, result.stderr
+    warnings = result.json["warnings"]
+    assert any(warning.startswith(f"fd77:1::2 must first find fd77:1::1's link-layer address, and the ruleset drops "
+                                  f"the neighbour advertisement netns {router} answers with, out through r-client "
+                                  "(dropped by inet candidate output policy drop)") for warning in warnings), warnings
+    assert any(warning.startswith(f"to send the flow on through r-server, netns {router} must first find fd77:2::2's "
+                                  "link-layer address, and the ruleset drops its neighbour solicitation out through "
+                                  "r-server (dropped by inet candidate output policy drop)") for warning in warnings)
 
 
 def test_a_flow_to_the_box_itself_waits_for_no_next_hop(router, tmp_path):

@@ -387,7 +387,7 @@ def test_an_ipv6_flow_whose_neighbour_solicitation_is_dropped_gets_neighbour_dis
     assert fix["after"]["neighbour_solicitation"]["verdict"] == "accept"
     assert fix["after"]["neighbour_solicitation"]["decided_by"]["new"] is True
     assert fix["after"]["next_hop_advertisement"]["decided_by"]["new"] is True  # the same rule
-    assert "neighbour discovery in: every neighbour's solicitations and advertisements" in fix["scope"]
+    assert "neighbour discovery through: every neighbour's solicitations and advertisements" in fix["scope"]
     paste([flow_rule])
     forget_neighbours(router)
     assert real_traffic(router, web) == "timeout"
@@ -424,6 +424,30 @@ def test_a_flow_whose_next_hops_neighbour_advertisement_is_dropped_gets_neighbou
     assert fix["after"]["neighbour_solicitation"]["decided_by"]["new"] is False  # let in already
     assert fix["after"]["reply"]["verdict"] == "accept"  # the flow's answer, not one to neighbour discovery
     assert fix["after"]["next_hop_advertisement"]["decided_by"]["new"] is True
+    paste(fix["commands"])
+    forget_neighbours(router)
+    assert real_traffic(router, web) == "connected"
+
+
+ND_OUTPUT_CLOSED = ND_FROM_LAN_ONLY.replace('iifname "r-client" icmpv6', "icmpv6").replace(
+    "    chain forward {",
+    "    chain output {\n        type filter hook output priority filter; policy drop;\n"
+    "        ct state established,related accept\n    }\n    chain forward {")
+
+
+def test_neighbour_discovery_the_router_sends_itself_is_let_out_where_the_output_chain_drops_it(lab, tmp_path):
+    """Neighbour discovery comes in, but the output chain drops what the router sends itself:
+    its answer to the client's solicitation, and its own solicitation for the server."""
+    scenario = own_scenario(tmp_path, "nd-output-closed", ND_OUTPUT_CLOSED, [WEB6])
+    router = lab(scenario)
+    web = scenario.flows[0]
+    forget_neighbours(router)
+    assert real_traffic(router, web) == "timeout"
+    fix = propose(router, web, "accept")
+    assert len(fix["commands"]) == 1 and "add rule inet filter output icmpv6 type" in fix["commands"][0]
+    after = fix["after"]
+    assert (after["neighbour_answer"]["decided_by"]["new"], after["next_hop_solicitation"]["decided_by"]["new"]) == (
+        True, True)
     paste(fix["commands"])
     forget_neighbours(router)
     assert real_traffic(router, web) == "connected"

@@ -374,19 +374,23 @@ def test_a_proven_fix_says_its_commands_its_proof_and_its_scope():
 
 def test_a_fix_that_lets_neighbour_discovery_in_says_the_solicitation_comes_in_and_what_else_it_lets_in():
     from nftrace.dryrun.fix import FixAnswer, render_fix
+    from nftrace.dryrun.session import NeighbourTrace
 
     flow_rule = rule_change(FLOW, path_of(step("forward", type="policy")), "accept", DATE)
     discovery, = neighbour_discovery_changes(path_of(step("input", type="policy", hook="input")), DATE)
-    solicitation = path_of(step("input", text=discovery.rule, verdict="accept", hook="input"), verdict="accept")
+    solicitation = NeighbourTrace("solicitation", parse_flow("fd77:1::2", "ff02::1:ff00:1", "icmpv6", None, None,
+                                                            "r-client"), "fd77:1::2", "fd77:1::1", "r-client",
+                                  path_of(step("input", text=discovery.rule, verdict="accept", hook="input"),
+                                          verdict="accept"))
     answer = FixAnswer("accept", proven=True, changes=[flow_rule, discovery],
                        after=path_of(step("forward", text=flow_rule.rule, verdict="accept"), verdict="accept"),
-                       solicitation=solicitation)
+                       neighbours={"neighbour_solicitation": solicitation})
     assert answer.to_json()["after"]["neighbour_solicitation"]["decided_by"]["new"] is True
     text = render_fix(answer).splitlines()
-    assert text[4].startswith("  and the sender's neighbour solicitation comes in first: ACCEPT by inet filter input "
+    assert text[4].startswith("  and the sender's neighbour solicitation comes in: ACCEPT by inet filter input "
                               "rule (new): icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept")
     assert text[5] == ("scope: the new rule matches only 10.77.1.2 -> 10.77.2.2 tcp dport 25; the new rule lets "
-                       "neighbour discovery in: every neighbour's solicitations and advertisements")
+                       "neighbour discovery through: every neighbour's solicitations and advertisements")
 
 
 def test_a_fix_that_could_not_be_proven_prints_no_command_and_says_why():

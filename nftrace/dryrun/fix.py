@@ -35,7 +35,7 @@ from .sandbox import default_iptables_kind
 from ..kernel.runner import CommandFailed, first_line
 from ..kernel.system import interface_name
 from ..protocols import protocol_name
-from .session import DryRun, DryRunRequest
+from .session import NEIGHBOUR_FIELDS, DryRun, DryRunRequest
 from .testing import load_all
 
 MAX_CHANGES = 6  # base chains that may each decide the packet's fate along one path
@@ -71,10 +71,9 @@ class FixAnswer:
     netns: Optional[str] = None
     after: Optional[PacketPath] = None
     reply: Optional[PacketPath] = None  # the other side's answer, after the change
-    # Neighbour discovery the flow waits for, after the change: the sender's solicitation, the
-    # next hop's advertisement.
-    solicitation: Optional[PacketPath] = None
-    advertisement: Optional[PacketPath] = None
+    # Neighbour discovery the flow waits for, after the change (dry runs of IPv6 flows):
+    # NEIGHBOUR_FIELDS -> its NeighbourTrace.
+    neighbours: dict = field(default_factory=dict)
     kept: int = 0
     keep_file: Optional[str] = None
     broken: Optional[dict] = None  # the --keep flow that a fix would have changed
@@ -107,10 +106,7 @@ class FixAnswer:
         after = _outcome_json(self.after)
         if self.reply is not None:
             after["reply"] = _outcome_json(self.reply)
-        if self.solicitation is not None:
-            after["neighbour_solicitation"] = _outcome_json(self.solicitation)
-        if self.advertisement is not None:
-            after["next_hop_advertisement"] = _outcome_json(self.advertisement)
+        after.update((name, _outcome_json(traced.path)) for name, traced in self.neighbours.items())
         return after
 
     def to_json(self) -> dict:
@@ -285,10 +281,10 @@ class FixProver:
             raise StrategyFailed(f"after {MAX_CHANGES} changes the packet is still {_word(path.verdict)} by "
                                  f"{_location(path)}")
         if asked == "accept" and self.neighbours_first:
-            answer.solicitation = self._let_neighbour_in(dry, answer, lambda: dry.trace_solicitation(probe),
-                                                         "the sender's neighbour solicitation")
-            answer.advertisement = self._let_neighbour_in(dry, answer, lambda: dry.trace_advertisement(probe),
-                                                          "the next hop's neighbour advertisement")
+            for name, trace in NEIGHBOUR_FIELDS.items():
+                traced = self._let_neighbour_through(dry, answer, trace, probe)
+                if traced is not None:
+                    answer.neighbours[name] = traced
         answer.after = path
         if self.request.keep:
             self._check_keep(dry, answer)
@@ -301,18 +297,19 @@ class FixProver:
         if not self.neighbours_first:
             return False
         return any(traced is not None and traced.verdict == "drop"
-                   for traced in (dry.trace_solicitation(probe), dry.trace_advertisement(probe)))
+                   for traced in (trace(dry, probe) for trace in NEIGHBOUR_FIELDS.values()))
 
-    def _let_neighbour_in(self, dry: DryRun, answer: FixAnswer, trace: Callable, what: str) -> Optional[PacketPath]:
+    def _let_neighbour_through(self, dry: DryRun, answer: FixAnswer, trace: Callable, probe: Flow):
         """Where the ruleset drops a neighbour discovery message that the flow waits for, the flow
-        never gets through, let through or not: neighbour discovery is let in where the message
-        was dropped, and the message traced again (`trace`), as many times as chains drop it.
-        Returns its path, once it came in."""
+        never gets through, let through or not: neighbour discovery is let through where the
+        message was dropped, and the message traced again (`trace`), as many times as chains
+        drop it. Returns its NeighbourTrace once it got through (None: none is asked)."""
         before = None
         for _ in range(MAX_CHANGES + 1):
-            traced = trace()
+            traced = trace(dry, probe)
             if traced is None or traced.verdict == "accept":
-                return traced.path if traced is not None else None
+                return traced
+            what = traced.name
             if traced.path is None:
                 raise StrategyFailed(f"{what} was not seen in the sandbox copy")
             if before is not None and decider_key(traced.path) == before:
@@ -325,15 +322,16 @@ class FixProver:
                 raise StrategyFailed(f"{what} is dropped, and neighbour discovery cannot be let in: {reason}") from None
             for change in changes:
                 self._apply(dry, change)
-                self._record(change, traced.path, answer, traced.asked)
+                self._record(change, traced.path, answer, traced.asked, hint=False)
         raise StrategyFailed(f"after {MAX_CHANGES} changes {what} is still dropped")
 
-    def _record(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Optional[Flow] = None) -> None:
+    def _record(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Optional[Flow] = None,
+                hint: bool = True) -> None:
         if len(answer.changes) >= MAX_CHANGES:
             raise StrategyFailed(f"more than {MAX_CHANGES} changes would be needed; the last decider is "
                                  f"{_location(path)}")
         answer.changes.append(change)
-        self._note_manager(change, path, answer, flow or self.flow)
+        self._note_manager(change, path, answer, flow or self.flow, hint)
 
     def _retrace(self, dry: DryRun, probe: Flow, change: Change) -> PacketPath:
         path = self._trace(dry, probe)
@@ -387,13 +385,19 @@ class FixProver:
         except NoChange as reason:
             raise StrategyFailed(str(reason)) from None
 
-    def _note_manager(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Flow) -> None:
+    def _note_manager(self, change: Change, path: PacketPath, answer: FixAnswer, flow: Flow, hint: bool = True) -> None:
+        """The manager's note on a change in its chains, with its own way to make it (`hint`: the
+        managers' hints are for a flow; a change that is not one, neighbour discovery, has none)."""
         placement = change.placement or change.used_in  # a manager rewrites its sets as it does its chains
         if placement is None:
             return
         on_path = {step.chain for step in path.steps
                    if (step.backend, step.family, step.table) == (placement.backend, placement.family, placement.table)}
         note = manager_of(placement, flow_match(flow, path, placement), self.request.verdict, on_path)
+        if note is not None and not hint:
+            if any(noted.note == note.note for noted in answer.managers):
+                return
+            note = replace(note, hint=None)
         if note is not None and note not in answer.managers:
             answer.managers.append(note)
 
@@ -576,10 +580,9 @@ def render_fix(answer: FixAnswer) -> str:
     if answer.reply is not None:
         reply = answer.reply
         lines.append(f"  and the answer comes back: {reply.verdict.upper()} by {_decided_text(reply.decided_by)}")
-    for path, what in ((answer.solicitation, "the sender's neighbour solicitation comes in first"),
-                       (answer.advertisement, "the next hop's neighbour advertisement comes in")):
-        if path is not None and is_new_step(path.decided_by):  # let in by the fix
-            lines.append(f"  and {what}: ACCEPT by {_decided_text(path.decided_by)}")
+    for traced in answer.neighbours.values():
+        if is_new_step(traced.path.decided_by):  # let through by the fix
+            lines.append(f"  and {traced.what}: ACCEPT by {_decided_text(traced.path.decided_by)}")
     scope = answer.scope
     if answer.keep_file:
         scope += f"; the {answer.kept} flows of {answer.keep_file} keep their verdicts"

@@ -399,19 +399,18 @@ ND_TYPES = (("nd-neighbor-solicit", "neighbour-solicitation"), ("nd-neighbor-adv
 
 def neighbour_discovery_changes(path: PacketPath, date: str, legacy_is_default: bool = True,
                                 iptables_nft_tables: Collection = ()) -> list[Change]:
-    """Rules that let neighbour discovery in, where the path of a solicitation was dropped.
+    """Rules that let neighbour discovery through, where the path of one of its messages was
+    dropped (on its way in, or out for what the box sends itself).
 
-    Not the solicitation alone, and not on its interface alone: having answered it, the box
-    checks the sender's address again later with solicitations of its own, and to forward the
-    flow it asks for its next hop's address on the way out; the advertisements that answer
-    both come in through the same input chains, and without them the neighbours go unreachable
-    (RFC 4890 asks a firewall to let both messages in). So the rule matches both, from every
-    neighbour: the standard rule, not the flow's. The sandbox proves the solicitation's way in.
+    Not that message alone, and not on its interface alone: neighbours ask each other again
+    later, in both directions, and without the answers they go unreachable (RFC 4890 asks a
+    firewall to let both messages through). So the rule matches both, from and to every
+    neighbour: the standard rule, not the flow's. The sandbox proves each message's way.
     """
     placement = placement_for(path, iptables_nft_tables, "accept")
     comment = f"{COMMENT_PREFIX} {date}: accept neighbour discovery"
     summary = f"accept neighbour discovery in {placement.describe()}"
-    scope = "the new rule lets neighbour discovery in: every neighbour's solicitations and advertisements"
+    scope = "the new rule lets neighbour discovery through: every neighbour's solicitations and advertisements"
     common = dict(placement=placement, scope=scope, legacy_iptables_is_default=legacy_is_default)
     if placement.backend == "nft" and not placement.iptables_nft:
         if not _PLAIN_NAME_RE.match(placement.chain):

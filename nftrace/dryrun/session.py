@@ -263,15 +263,16 @@ class DryRunRequest:
 
 @dataclass
 class NeighbourTrace:
-    """A neighbour discovery message traced in the sandbox: the solicitation of the flow's sender
-    (from `src` for `target`, to its solicited-node group) or the advertisement of the next hop
-    (from `src` for itself, to `target`, the address of this namespace that asked). `asked` is
-    it as a flow, on the interface it comes in on; `path` None if it was not seen."""
+    """A neighbour discovery message that the flow waits for, traced in the sandbox (`kind`: see
+    NEIGHBOUR_FIELDS): from `src`, about `target` (the address a solicitation asks for, or to
+    which an advertisement answers), through `interface` (in, or out for what this namespace
+    sends). `asked` is it as a flow; `path` None if it was not seen."""
 
+    kind: str
     asked: Flow
     src: str
     target: str
-    iif: str
+    interface: str
     path: Optional[PacketPath]
 
     @property
@@ -282,9 +283,39 @@ class NeighbourTrace:
     def answer(self) -> Optional[str]:
         return summary(self.path) if self.path is not None else None
 
+    @property
+    def name(self) -> str:
+        return {"solicitation": "the sender's neighbour solicitation",
+                "answer": "the neighbour advertisement that answers it",
+                "next hop solicitation": "the solicitation for the next hop",
+                "next hop advertisement": "the next hop's neighbour advertisement"}[self.kind]
+
+    @property
+    def what(self) -> str:
+        """`the sender's neighbour solicitation comes in`: what it is, and which way it goes."""
+        return f"{self.name} {'comes in' if self.asked.iif else 'goes out'}"
+
     def to_json(self) -> dict:
-        return {"src": self.src, "target": self.target, "iif": self.iif, "verdict": self.verdict,
-                "answer": self.answer}
+        return {"src": self.src, "target": self.target, "iif" if self.asked.iif else "oif": self.interface,
+                "verdict": self.verdict, "answer": self.answer}
+
+    def dropped_words(self, where: str) -> str:
+        """What a drop of it does to the flow, in a warning's words."""
+        answer, dev = self.answer, self.interface
+        if self.kind == "solicitation":
+            return (f"{self.src} must first find {self.target}'s link-layer address, and the ruleset drops its "
+                    f"neighbour solicitation on {dev} ({answer}): in real traffic no packet of the flow comes at all")
+        if self.kind == "answer":
+            return (f"{self.target} must first find {self.src}'s link-layer address, and the ruleset drops the "
+                    f"neighbour advertisement {where} answers with, out through {dev} ({answer}): in real traffic no "
+                    f"packet of the flow comes at all")
+        if self.kind == "next hop solicitation":
+            return (f"to send the flow on through {dev}, {where} must first find {self.target}'s link-layer "
+                    f"address, and the ruleset drops its neighbour solicitation out through {dev} ({answer}): in "
+                    f"real traffic the flow's packets go no further")
+        return (f"to send the flow on through {dev}, {where} must first find {self.src}'s link-layer address, and "
+                f"the ruleset drops the neighbour advertisement that answers ({answer}): in real traffic the flow's "
+                f"packets go no further")
 
 
 class DryRun:
@@ -305,9 +336,8 @@ class DryRun:
         self._drops: Optional[KernelDropWatcher] = None
         self._drops_problem: Optional[str] = None
         self.last_injection: Optional[Injection] = None
-        # check_neighbour_discovery's findings, for describe()
-        self.solicitation: Optional[dict] = None
-        self.advertisement: Optional[dict] = None
+        # check_neighbour_discovery's findings, for describe(): NEIGHBOUR_FIELDS -> JSON or None
+        self.neighbours: dict = dict.fromkeys(NEIGHBOUR_FIELDS)
 
     # -- the sandbox ------------------------------------------------------------------------
 
@@ -404,8 +434,7 @@ class DryRun:
                          "sport": injection.sport, "dport": injection.dport, "iif": injection.iif,
                          "local": injection.local},
             "not_copied": list(NOT_COPIED) + list(sandbox.not_copied),
-            "neighbour_solicitation": self.solicitation,
-            "next_hop_advertisement": self.advertisement,
+            **self.neighbours,
         }
 
     def trace(self, flow: Flow, report: TraceReport, on_packet: Callable[[PacketPath], None], *,
@@ -475,33 +504,27 @@ class DryRun:
 
     def check_neighbour_discovery(self, flow: Flow, report: TraceReport) -> None:
         """IPv6 packets go only between neighbours that have found each other's link-layer
-        address, and the messages that find it pass the input chains like any packet:
+        address, and the messages that find it pass the chains like any packet:
         - a packet from the wire comes only after its sender (the source, or the gateway the route
-          back names) has sent a neighbour solicitation for this namespace's address;
-        - a packet forwarded or sent on leaves only after its next hop has answered this
-          namespace's own solicitation with a neighbour advertisement.
-        A ruleset that drops either makes the flow vanish, whatever its own answer says. Both are
-        traced before the flow's packet; what became of them goes in `dry_run`
-        (`neighbour_solicitation`, `next_hop_advertisement`), and a drop is a warning."""
-        solicitation, advertisement = self.trace_solicitation(flow), self.trace_advertisement(flow)
-        self.solicitation = solicitation.to_json() if solicitation is not None else None
-        self.advertisement = advertisement.to_json() if advertisement is not None else None
+          back names) has sent a neighbour solicitation for this namespace's address (input
+          chains), and this namespace has answered it with an advertisement (output chains);
+        - a packet forwarded or sent on leaves only after this namespace has sent a solicitation
+          for its next hop (output chains) and the next hop has answered (input chains).
+        A ruleset that drops any of them makes the flow vanish, whatever its own answer says.
+        They are traced before the flow's packet; what became of them goes in `dry_run`
+        (NEIGHBOUR_FIELDS), and a drop is a warning."""
         dropped = []
-        if solicitation is not None and solicitation.verdict == "drop":
-            dropped.append(f"{solicitation.src} must first find {solicitation.target}'s link-layer address, and the "
-                           f"ruleset drops its neighbour solicitation on {solicitation.iif} ({solicitation.answer}): in "
-                           f"real traffic no packet of the flow comes at all")
-        if advertisement is not None and advertisement.verdict == "drop":
-            dropped.append(f"to send the flow on through {advertisement.iif}, {self.netstate.where} must first find "
-                           f"{advertisement.src}'s link-layer address, and the ruleset drops the neighbour advertisement "
-                           f"that answers ({advertisement.answer}): in real traffic the flow's packets go no further")
+        for field, trace in NEIGHBOUR_FIELDS.items():
+            traced = trace(self, flow)
+            self.neighbours[field] = traced.to_json() if traced is not None else None
+            if traced is not None and traced.verdict == "drop":
+                dropped.append(traced.dropped_words(self.netstate.where))
         report.warnings += [f"{words}, whatever the answer says; {ND_ADVICE}" for words in dropped]
 
-    def trace_solicitation(self, flow: Flow) -> Optional[NeighbourTrace]:
-        """The neighbour solicitation that the flow's first packet waits for (see
-        check_neighbour_discovery), sent into the sandbox and traced. None where none is asked:
-        IPv4 (ARP is not inet's), a local sender, an established connection (its neighbour is
-        known)."""
+    def _solicitation(self, flow: Flow) -> Optional[tuple]:
+        """(the sender's solicitation as an Injection, the asker, the address it asks for), or
+        None where none is asked: IPv4 (ARP is not inet's), a local sender, an established
+        connection (its neighbour is known)."""
         injection = self.plan(flow)
         if injection.family != 6 or injection.local or self.request.state != "new":
             return None
@@ -514,32 +537,74 @@ class DryRun:
         group = solicited_node(target)
         solicitation = replace(injection, src=asker, dst=group, proto="icmpv6", sport=None, dport=None,
                                nd_target=target, dst_mac=multicast_mac(group))
-        asked = Flow(ipaddress.ip_network(asker), ipaddress.ip_network(group), "icmpv6", iif=injection.iif)
-        return NeighbourTrace(asked, asker, target, injection.iif, self._trace_neighbour(asked, solicitation))
+        return solicitation, asker, target
 
-    def trace_advertisement(self, flow: Flow) -> Optional[NeighbourTrace]:
-        """The next hop's neighbour advertisement that the flow's packets wait for on their way
-        out (see check_neighbour_discovery), sent into the sandbox from the next hop (the route's
-        gateway, or the destination on its link) and traced. The route is the destination's
-        as the flow gives it (not after a DNAT). None where none is asked: IPv4, a packet
-        delivered here, an established connection, an interface without neighbours."""
+    def trace_solicitation(self, flow: Flow) -> Optional[NeighbourTrace]:
+        """The sender's solicitation that the flow's first packet waits for, sent into the
+        sandbox and traced (see check_neighbour_discovery)."""
+        found = self._solicitation(flow)
+        if found is None:
+            return None
+        solicitation, asker, target = found
+        asked = Flow(ipaddress.ip_network(asker), ipaddress.ip_network(solicitation.dst), "icmpv6",
+                     iif=solicitation.iif)
+        return NeighbourTrace("solicitation", asked, asker, target, solicitation.iif,
+                              self._trace_neighbour(asked, solicitation))
+
+    def trace_answer(self, flow: Flow) -> Optional[NeighbourTrace]:
+        """The advertisement this namespace answers the sender's solicitation with: the
+        solicitation is sent again, and the kernel's own answer traced on its way out."""
+        found = self._solicitation(flow)
+        if found is None:
+            return None
+        solicitation, asker, target = found
+        asked = Flow(ipaddress.ip_network(target), ipaddress.ip_network(asker), "icmpv6", oif=solicitation.iif)
+        return NeighbourTrace("answer", asked, target, asker, solicitation.iif,
+                              self._trace_neighbour(asked, solicitation))
+
+    def _next_hop(self, flow: Flow) -> Optional[tuple]:
+        """(output interface, next hop, this namespace's address there) of a flow forwarded or
+        sent on, by the route of its destination as given (not after a DNAT); None for IPv4, a
+        packet delivered here, an established connection, an interface without neighbours."""
         if flow.ip_version != 6 or self.request.state != "new":
             return None
         route = route_towards(self.request.netns, str(flow.dst.network_address))
-        peers = self.sandbox.peers
-        if route is None or route.local or route.dev not in peers:
+        if route is None or route.local or route.dev not in self.sandbox.peers:
             return None
         next_hop = route.gateway or str(flow.dst.network_address)
-        interface = self.netstate.interface(route.dev)
-        asker = neighbour_target(interface, next_hop)
-        if asker is None:
+        own = neighbour_target(self.netstate.interface(route.dev), next_hop)
+        return (route.dev, next_hop, own) if own is not None else None
+
+    def trace_next_hop_solicitation(self, flow: Flow) -> Optional[NeighbourTrace]:
+        """This namespace's solicitation for the flow's next hop: the flow's packet is sent (the
+        sandbox has no neighbours, so forwarding it makes the kernel ask) and the kernel's
+        solicitation traced on its way out. Not seen where the flow's packet is dropped."""
+        found = self._next_hop(flow)
+        if found is None:
             return None
-        advertisement = Injection(next_hop, asker, "icmpv6", iif=route.dev, netns=self.sandbox.helper,
-                                  peer=peers[route.dev].peer,
-                                  src_mac=self.netstate.neighbours.get((route.dev, next_hop)) or random_mac(),
-                                  dst_mac=peers[route.dev].mac, mtu=interface.mtu, nd_target=next_hop, nd_advert=True)
-        asked = Flow(ipaddress.ip_network(next_hop), ipaddress.ip_network(asker), "icmpv6", iif=route.dev)
-        return NeighbourTrace(asked, next_hop, asker, route.dev, self._trace_neighbour(asked, advertisement))
+        dev, next_hop, own = found
+        self.sandbox.run(["ip", "neigh", "flush", "dev", dev], check=False)  # asked again, at once
+        group = solicited_node(next_hop)
+        # From whichever address the kernel picks (the link-local one, for a forwarded packet).
+        asked = Flow(ipaddress.ip_network("::/0"), ipaddress.ip_network(group), "icmpv6", oif=dev)
+        return NeighbourTrace("next hop solicitation", asked, own, next_hop, dev,
+                              self._trace_neighbour(asked, self.plan(flow)))
+
+    def trace_advertisement(self, flow: Flow) -> Optional[NeighbourTrace]:
+        """The next hop's advertisement that the flow's packets wait for on their way out, sent
+        into the sandbox from the next hop (the route's gateway, or the destination on its link)
+        to this namespace's address there, and traced (see check_neighbour_discovery)."""
+        found = self._next_hop(flow)
+        if found is None:
+            return None
+        dev, next_hop, own = found
+        peer, interface = self.sandbox.peers[dev], self.netstate.interface(dev)
+        advertisement = Injection(next_hop, own, "icmpv6", iif=dev, netns=self.sandbox.helper, peer=peer.peer,
+                                  src_mac=self.netstate.neighbours.get((dev, next_hop)) or random_mac(),
+                                  dst_mac=peer.mac, mtu=interface.mtu, nd_target=next_hop, nd_advert=True)
+        asked = Flow(ipaddress.ip_network(next_hop), ipaddress.ip_network(own), "icmpv6", iif=dev)
+        return NeighbourTrace("next hop advertisement", asked, next_hop, own, dev,
+                              self._trace_neighbour(asked, advertisement))
 
     def _trace_neighbour(self, asked: Flow, injection: Injection) -> Optional[PacketPath]:
         """Trace a neighbour discovery message; the flow's packet stays the one traced last
@@ -559,6 +624,13 @@ class DryRun:
             return
         for family in ("ipv4", "ipv6"):
             self.sandbox.run(["conntrack", "-F", "-f", family], check=False)
+
+
+# The neighbour discovery a dry run checks, in the order it happens: the `dry_run` field of
+# each, and what traces it.
+NEIGHBOUR_FIELDS = {"neighbour_solicitation": DryRun.trace_solicitation, "neighbour_answer": DryRun.trace_answer,
+                    "next_hop_solicitation": DryRun.trace_next_hop_solicitation,
+                    "next_hop_advertisement": DryRun.trace_advertisement}
 
 
 class DryRunSession:
