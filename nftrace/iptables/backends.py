@@ -30,6 +30,7 @@ from .xtstate import RulesetObserver
 from ..kernel.system import interface_names
 from ..signals import SignalsHeld, UndoStack, undo_after
 from ..trace.paths import PacketPathBuilder, PathBuilder
+from ..trace.shapes import PathShapes
 
 BACKENDS = ("auto", "nft", "iptables")
 
@@ -226,7 +227,9 @@ def make_path_builder(plan: BackendPlan, snapshot, legacy: Optional[LegacyTracin
     if not plan.nft:
         return LegacyPathBuilder(legacy.history, keep=keep, idle_seconds=idle_seconds,
                                  last_tables=last_tables_on_exit_hooks(legacy.tables()))
-    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds, **devices)
+    # Legacy TRACE lines join a packet's nftables path while it is built: every one is built.
+    shapes = PathShapes() if legacy is None else None
+    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds, shapes=shapes, **devices)
     if legacy is None:
         return builder
     return MergedPathBuilder(builder, snapshot, legacy.history)

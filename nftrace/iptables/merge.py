@@ -284,6 +284,9 @@ class MergedPathBuilder:
     def socket_drained(self) -> None:
         self.builder.socket_drained()
 
+    def forget_shapes(self) -> None:
+        self.builder.forget_shapes()
+
     def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
         self._held.extend(self.builder.close_vanished(vanished))
         return self._release()
@@ -388,6 +391,9 @@ class LegacyPathBuilder:
 
     def socket_drained(self) -> None:
         """Nothing to do: an overflow marks the packets open then (see mark_loss)."""
+
+    def forget_shapes(self) -> None:
+        """Nothing to do: legacy paths are always built (trace/shapes.py is for nftables events)."""
 
     def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list:
         """Close the open packets the kernel dropped after netfilter let them through."""

@@ -180,6 +180,10 @@ class TraceEvent:
     packet: Optional[PacketHeaders] = None
     ct: Optional[ConntrackInfo] = None
     queue_num: Optional[int] = field(default=None, compare=False)
+    # What the path builder reads of the event, as one hashable key: the same for events that
+    # differ only in trace id, IPv4 id and TCP sequence numbers (trace/shapes.py). None: not
+    # known (an event not decoded from a template).
+    shape: object = field(default=None, compare=False, repr=False)
 
     @property
     def starts_base_chain(self) -> bool:
@@ -402,7 +406,7 @@ class TraceTemplate:
         """The event of a packet that sends nothing about itself here (not a base chain's first)."""
         s = self.static
         return TraceEvent(trace_id, s.family, s.table, s.chain, s.type, s.verdict, s.handle, s.target, s.nfproto,
-                          s.iif, s.oif, s.mark, s.packet, s.ct, s.queue_num)
+                          s.iif, s.oif, s.mark, s.packet, s.ct, s.queue_num, self)
 
     def with_packet(self, trace_id: int, packet_attributes: dict, family: int) -> TraceEvent:
         """The event with what its packet part says (`packet_attributes`, read after the
@@ -417,10 +421,16 @@ class TraceTemplate:
         network = get("NFTA_TRACE_NETWORK_HEADER")
         packet = parse_packet_headers(s.nfproto, network, get("NFTA_TRACE_TRANSPORT_HEADER")) if network else None
         ct_state = get("NFTA_TRACE_CT_STATE")
-        ct = None if ct_state is None else _conntrack(ct_state, get("NFTA_TRACE_CT_DIRECTION"), get("NFTA_TRACE_CT_ID"),
-                                                      get("NFTA_TRACE_CT_STATUS"))
+        ct_direction, ct_id, ct_status = get("NFTA_TRACE_CT_DIRECTION"), get("NFTA_TRACE_CT_ID"), get("NFTA_TRACE_CT_STATUS")
+        ct = None if ct_state is None else _conntrack(ct_state, ct_direction, ct_id, ct_status)
+        iif, oif = get("NFTA_TRACE_IIF"), get("NFTA_TRACE_OIF")
+        shape = (self, iif, oif, ct_state, ct_direction, ct_id, ct_status)
+        if packet is not None:
+            # The addresses as sent (hashing bytes is cheaper than hashing address objects).
+            shape += (network[12:20] if network[0] >> 4 == 4 else network[8:40], packet.proto, packet.length,
+                      packet.sport, packet.dport, packet.icmp_type, packet.icmp_code, packet.tcp_flags)
         return TraceEvent(trace_id, s.family, s.table, s.chain, s.type, s.verdict, s.handle, s.target, s.nfproto,
-                          get("NFTA_TRACE_IIF"), get("NFTA_TRACE_OIF"), s.mark, packet, ct, s.queue_num)
+                          iif, oif, s.mark, packet, ct, s.queue_num, shape)
 
 
 def trace_layout(raw: bytes) -> Optional[tuple]:

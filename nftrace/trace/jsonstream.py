@@ -6,6 +6,11 @@ import json
 
 from .report import packet_json
 
+# Stands for the trace id in a packet's JSON kept for its shape (never in a rule's text: a
+# JSON string holds no control character unescaped, so no text encodes to this).
+_TRACE_ID_MARK = "\x00trace id\x00"
+_TRACE_ID_JSON = json.dumps(_TRACE_ID_MARK)
+
 
 class JsonStream:
     """One JSON document on stdout, written as packets complete, so memory stays flat.
@@ -23,6 +28,7 @@ class JsonStream:
         self.report = report
         self.count = 0
         self.started = False
+        self._shaped = ShapedJson()
 
     def _start(self) -> None:
         header = json.dumps(self.report.header_json())
@@ -32,7 +38,8 @@ class JsonStream:
     def packet(self, path) -> None:
         if not self.started:
             self._start()
-        self.out.write(("  " if self.count == 0 else ", ") + json.dumps(packet_json(path, self.report.interfaces)) + "\n")
+        text = self._shaped.text(path, self.report.interfaces)
+        self.out.write(("  " if self.count == 0 else ", ") + text + "\n")
         self.count += 1
 
     def flush(self) -> None:
@@ -43,3 +50,36 @@ class JsonStream:
             self._start()
         self.out.write("], " + json.dumps(self.report.trailer_json())[1:] + "\n")
         self.out.flush()
+
+
+class ShapedJson:
+    """The JSON of packets whose paths were made from a known shape (trace/shapes.py): written
+    once per shape, with the trace id left open, and reused while what the path's shape does not
+    say is the same (namespace, interface names, near misses, rule annotations) and nothing was
+    added to the path (kernel drop, fix, parts in other namespaces)."""
+
+    MAX_SHAPES = 1024
+
+    def __init__(self) -> None:
+        self._kept: dict = {}  # ShapeNode -> (what it was written for, the JSON's parts around the trace id)
+
+    def text(self, path, interfaces: dict) -> str:
+        shape = path.shape
+        if shape is None or path.kernel_drop is not None or path.fix is not None or path.segments:
+            return json.dumps(packet_json(path, interfaces))
+        written_for = (path.netns, path.interfaces, interfaces.get(path.interface_index("iif")),
+                       interfaces.get(path.interface_index("oif")), tuple(step.iptables for step in path.steps),
+                       tuple(map(id, path.near_misses)))
+        kept = self._kept.get(shape)
+        if kept is not None and kept[0] == written_for:
+            return f'"{path.trace_id:08x}"'.join(kept[1])
+        document = packet_json(path, interfaces)
+        text = json.dumps(document)
+        document["trace_id"] = document["namespaces"][0]["trace_id"] = _TRACE_ID_MARK
+        parts = json.dumps(document).split(_TRACE_ID_JSON)
+        if len(parts) == 3:
+            if len(self._kept) >= self.MAX_SHAPES:
+                self._kept.clear()
+            # The near misses themselves are kept too: their ids stay theirs while kept.
+            self._kept[shape] = (written_for, parts, path.near_misses)
+        return text

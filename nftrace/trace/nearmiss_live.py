@@ -211,8 +211,12 @@ class NearMissAnnotator:
             return
         # Before the first evaluation no rule is read, so the key holds every field; the rules
         # read since say which the next keys need.
-        key = (self.source.generation, path_signature(path, frozenset(book.tested_fields) if book.chains else
-                                                      frozenset(VARYING_FIELDS)))
+        # A path made from a known shape has the signature of every other path of that shape.
+        if path.shape is not None:
+            key = (self.source.generation, path.shape)
+        else:
+            key = (self.source.generation, path_signature(path, frozenset(book.tested_fields) if book.chains else
+                                                          frozenset(VARYING_FIELDS)))
         found = self._cache.get(key)
         if found is None:
             try:

@@ -91,6 +91,8 @@ class PacketPathBuilder(Protocol):
 
     def socket_drained(self) -> None: ...
 
+    def forget_shapes(self) -> None: ...
+
     def close_vanished(self, vanished: Callable[[PacketPath], bool]) -> list: ...
 
     def release_looped(self) -> list: ...
@@ -220,6 +222,9 @@ class PacketPath:
     # filled in when the answer is delivered, not on the event path.
     near_misses: list = field(default_factory=list)
     fix: Optional[object] = None  # --fix: the proven change (nftrace.dryrun.fix.FixAnswer)
+    # Made from the path of an earlier packet whose events had the same shapes (trace/shapes.py):
+    # what is made of a path alone may be reused from that packet's (ShapeNode; None: built).
+    shape: Optional[object] = None
 
     @property
     def first_packet(self) -> Optional[PacketHeaders]:
@@ -263,6 +268,18 @@ class _PacketState:
     finished: bool = False
     ignored: bool = False
     closed: bool = False
+    # Its events so far, while its path is a function of them alone (trace/shapes.py).
+    shaped: Optional[list] = None
+
+
+@dataclass(slots=True)
+class _KnownShape:
+    """A packet whose events so far have shapes met before: nothing is built unless they leave
+    the known shapes (then its events are fed to the builder from the first)."""
+
+    node: object  # shapes.ShapeNode
+    events: list
+    times: list
 
 
 @functools.lru_cache(maxsize=256)
@@ -292,8 +309,13 @@ class PathBuilder:
 
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
                  idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1}),
-                 bridges: frozenset = frozenset(), egress: frozenset = frozenset(), bridge_out: bool = False):
+                 bridges: frozenset = frozenset(), egress: frozenset = frozenset(), bridge_out: bool = False,
+                 shapes=None):
         self.lookup = lookup
+        # trace/shapes.PathShapes: packets whose events have shapes met before get a copy of
+        # that packet's path (None: every path is built).
+        self.shapes = shapes
+        self._known: OrderedDict[int, _KnownShape] = OrderedDict()
         self.keep = keep
         self.idle_seconds = idle_seconds
         # `lo` is ifindex 1 in every network namespace.
@@ -316,6 +338,62 @@ class PathBuilder:
 
     def feed(self, event: TraceEvent, now: float = 0.0) -> list:
         """Add one event; return the packets it finished (a new packet can finish an old one)."""
+        if self.shapes is None:
+            return self._feed(event, now)
+        trace_id = event.trace_id
+        known = self._known.get(trace_id)
+        if known is None:
+            node = self._known_start(event)
+            if node is None:
+                return self._feed(event, now)
+            self._finished.pop(trace_id, None)  # the id is reused by a new packet
+            known = self._known[trace_id] = _KnownShape(node, [event], [now])
+        else:
+            node = known.node.children.get(event.shape) if event.shape is not None else None
+            if node is None:
+                return self._build_known(trace_id) + self._feed(event, now)
+            known.node = node
+            known.events.append(event)
+            known.times.append(now)
+            self._known.move_to_end(trace_id)
+        if node.path is None:
+            return []
+        del self._known[trace_id]
+        self._finished[trace_id] = now
+        self._finished.move_to_end(trace_id)
+        first_seen = next((when for when in known.times if when), 0.0)
+        return [self.shapes.build(node, known.events, first_seen, now)]
+
+    def _known_start(self, event: TraceEvent):
+        """The shape node of a packet's first event, where the builder would start a packet
+        that depends on its events alone (see _feed)."""
+        if event.shape is None or not event.starts_base_chain or self.loss_pending or event.trace_id in self._open \
+                or event.iif in self.rejoin_ifindexes:
+            return None
+        return self.shapes.start(event.shape)
+
+    def _build_known(self, trace_id: int) -> list:
+        """Feed the builder a packet's events that had known shapes (they left them, or
+        something needs its state): it then holds what it would have held."""
+        known = self._known.pop(trace_id)
+        done = []
+        for event, when in zip(known.events, known.times):
+            done.extend(self._feed(event, when))
+        return done
+
+    def _build_every_known(self) -> list:
+        done = []
+        while self._known:
+            done.extend(self._build_known(next(iter(self._known))))
+        return done
+
+    def forget_shapes(self) -> None:
+        """The ruleset changed: paths made from now on must read the new one."""
+        if self.shapes is not None:
+            self._build_every_known()  # their steps so far read the old ruleset, as they came
+            self.shapes.forget()
+
+    def _feed(self, event: TraceEvent, now: float) -> list:
         done = []
         trace_id = event.trace_id
         state = self._open.get(trace_id)
@@ -338,6 +416,8 @@ class PathBuilder:
             state = _PacketState(event.trace_id, PacketPath(event.trace_id), now)
             if self.loss_pending:
                 state.path.incomplete_reason = "events lost"
+            elif self.shapes is not None and event.iif not in self.rejoin_ifindexes:
+                state.shaped = []
             looped = self._looped.pop(_header_key(event.packet), None) if event.iif in self.rejoin_ifindexes else None
             if looped is not None:
                 # The packet comes back in through loopback, or up from a bridge's ports to the
@@ -353,6 +433,11 @@ class PathBuilder:
             return done
         state.path.first_seen = state.path.first_seen or now
         state.path.last_seen = now
+        if state.shaped is not None:
+            if event.shape is None:
+                state.shaped = None
+            else:
+                state.shaped.append(event)
         self._apply(state, event)
         if not state.checked and state.path.first_packet is not None:
             state.checked = True
@@ -361,7 +446,10 @@ class PathBuilder:
                 state.path = PacketPath(event.trace_id)
                 return done
         if state.finished:
-            done.extend(self._close(state, forget=False))
+            finished = self._close(state, forget=False)
+            if finished and state.shaped is not None and state.path.incomplete_reason is None:
+                self.shapes.record(state.shaped, state.path)
+            done.extend(finished)
         return done
 
     def feed_legacy(self, items: Iterable, now: float = 0.0) -> list:
@@ -371,6 +459,15 @@ class PathBuilder:
     def expire(self, now: float) -> list:
         """Close packets that went quiet: whatever happened next, netfilter did not see it."""
         done = []
+        known = self._known
+        while known:
+            trace_id = next(iter(known))
+            if now - known[trace_id].times[-1] < self.idle_seconds:
+                break
+            done.extend(self._build_known(trace_id))
+            state = self._open.pop(trace_id, None)
+            if state is not None:
+                done.extend(self._close(state))
         packets = self._open
         while packets:
             trace_id = next(iter(packets))
@@ -397,7 +494,7 @@ class PathBuilder:
 
     def flush(self) -> list:
         """Close every open packet (end of the run)."""
-        done = []
+        done = self._build_every_known()
         for state in list(self._open.values()):
             done.extend(self._close(state, wait_for_loop=False))
         self._finished.clear()
@@ -416,7 +513,7 @@ class PathBuilder:
         is no idle wait. They end complete, with netfilter's verdict and no deciding step (see
         verdict_before_kernel_drop). One that may have lost events is not: its events, not the
         packet, may be what is missing, and the drop another packet's."""
-        done = []
+        done = self._build_every_known()
         for state in list(self._open.values()):
             if state.closed or state.ignored or state.finished or state.path.first_packet is None \
                     or state.path.incomplete_reason == "events lost":
@@ -439,6 +536,7 @@ class PathBuilder:
         (`socket_drained`), may miss events of its own: all of them end incomplete rather
         than with a verdict that could be wrong.
         """
+        self._build_every_known()  # they finish nothing: their ends are yet to come
         self.loss_pending = True
         for state in self._open.values():
             if not state.closed:
@@ -451,15 +549,17 @@ class PathBuilder:
 
     @property
     def open_packets(self) -> int:
-        return sum(1 for state in self._open.values() if not state.closed and not state.ignored)
+        return len(self._known) + sum(1 for state in self._open.values() if not state.closed and not state.ignored)
 
     def open_paths(self) -> list:
         """Paths of this run's packets still being traced, oldest first: where steps that other
         sources saw (legacy iptables TRACE lines) belong."""
+        self._build_every_known()
         return [state.path for state in self._open.values() if state.checked and not state.closed and not state.ignored]
 
     def finish_packet(self, path: PacketPath) -> list:
         """Another source saw the packet's end (a legacy iptables DROP): close its path now."""
+        self._build_every_known()
         state = self._open.get(path.trace_id)
         if state is None or state.path is not path or state.closed:
             return []
@@ -468,13 +568,15 @@ class PathBuilder:
 
     def building(self, trace_id: int) -> bool:
         """Whether the packet of this trace id is being built (its next events belong to it)."""
+        if trace_id in self._known:
+            return True
         state = self._open.get(trace_id)
         return state is not None and not state.closed
 
     @property
     def tracked_ids(self) -> int:
         """Trace ids held in memory: packets being built, and finished ones not yet expired."""
-        return len(self._open) + len(self._finished)
+        return len(self._known) + len(self._open) + len(self._finished)
 
     # -- one event -------------------------------------------------------------------------
 

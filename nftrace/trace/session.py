@@ -35,6 +35,7 @@ from .nearmiss_live import LiveRuleBook, NearMissAnnotator, nft_lister
 from .crossing import CrossingJoiner, assign_namespace
 from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
+from .shapes import PathShapes
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from ..kernel.routes import route_back, routing_facts, sending_facts, unanswered_next_hop
 from .report import TraceReport
@@ -276,7 +277,8 @@ class TraceSession:
             devices = self._follow_devices(part)
             part.table.observe(nat_hooks(part.snapshot))
             part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
-            part.builder = PathBuilder(part.snapshot, keep=keep, idle_seconds=self.options.idle_seconds, **devices)
+            part.builder = PathBuilder(part.snapshot, keep=keep, idle_seconds=self.options.idle_seconds,
+                                       shapes=PathShapes(), **devices)
             if part.call(legacy_tables, self.options.flow.nft_family):
                 self.report.warnings.append(f"legacy iptables tables of {part.shown} are not traced: a trace across "
                                             "namespaces follows nftables (iptables-nft included) in each")
@@ -577,6 +579,7 @@ class TraceSession:
             elif stopping:
                 continue
             elif isinstance(item, RulesetChanged):
+                builder.forget_shapes()
                 part.call(part.snapshot.refresh_from, part.nft)
                 part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
                 legacy_nat = self._legacy_nat(run.legacy) if part is run.primary else False
