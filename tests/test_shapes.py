@@ -18,7 +18,6 @@ from test_paths import SNAPSHOT
 from test_properties import arbitrary_events, interleaved_packets
 
 from nftrace.flow import parse_flow
-from nftrace.kernel.monitor import decode_monitor_datagram
 from nftrace.trace.events import TraceEvent, decode_trace_message
 from nftrace.trace.jsonstream import JsonStream
 from nftrace.trace.paths import PathBuilder
