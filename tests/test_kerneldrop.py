@@ -459,6 +459,22 @@ def test_a_flood_of_one_flow_with_rule_drops_leaves_no_drop_unpaired_and_no_note
     assert correlator.vanished(accepted_at_input(20.0, 20.0, tcp(sport=40000, dport=5001))) is None
 
 
+def test_a_flood_the_kernel_does_not_drop_files_nothing_by_headers_until_a_drop_comes():
+    """Held and answered packets are filed by their headers for a drop to find them; a flood
+    without drops costs no filing. A drop that comes late still finds its answered packet."""
+    correlator = DropCorrelator()
+    answered = []
+    for number in range(2000):
+        at = 10.0 + number * 0.001
+        answered += correlator.hold([accepted_at_input(at, at, tcp(sport=40000 + number % 7))], now=at)
+    answered += correlator.release(now=13.0)
+    assert len(answered) == 2000
+    indexes = (correlator._held_index, correlator._answered_index, correlator._echo_index)
+    assert [index._items for index in indexes] == [{}, {}, {}]
+    correlator.add_drops([drop(at=11.9995, sport=40003)])
+    assert len(correlator.notes) == 1 and "40003" in correlator.notes[0]
+
+
 # -- one meaning for the verdict: netfilter's, whatever the kernel did next -----------------------
 
 

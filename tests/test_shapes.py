@@ -246,3 +246,18 @@ def test_events_differing_only_in_trace_id_and_ip_id_have_one_shape():
     assert again.shape == event.shape
     other[network + 19] ^= 0x01  # the destination address
     assert decode_trace_message(bytes(other)).shape != event.shape
+
+
+def test_kernel_drop_pairing_reads_a_shapes_headers_once():
+    from nftrace.drops.correlator import DropCorrelator
+
+    stream = [(event, 1.0) for number in (1, 2, 3) for event in later_packet(accepted_packet(1), number, number)]
+    paths, _ = build(stream, shapes=True)
+    correlator = DropCorrelator()
+    signatures = [correlator._signature(path) for path in paths]
+    assert [signature.trace_id for signature in signatures] == [1, 2, 3]
+    read = {(signature.headers, signature.keys, signature.iif, signature.dropped_by_rule, signature.left_netfilter)
+            for signature in signatures}
+    assert len(read) == 1 and len(correlator._shapes) == 1
+    (headers_read, _, iif, dropped_by_rule, left_netfilter), = read
+    assert headers_read[0][3:] == (40000, 22) and iif == 2 and not dropped_by_rule and left_netfilter

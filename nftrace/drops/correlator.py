@@ -48,6 +48,8 @@ REMEMBER_MAX = 4096
 # A drop is compared with this many items on each side of its time, among those filed under
 # its headers.
 NEIGHBOURS = 4
+# Shapes whose headers are kept (PacketSignature.of).
+SHAPES_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,22 @@ class PacketSignature:
     earliest: float = float("-inf")
 
     @classmethod
-    def of(cls, path: PacketPath, earliest: Optional[float] = None) -> "PacketSignature":
+    def of(cls, path: PacketPath, earliest: Optional[float] = None, shapes: Optional[dict] = None) -> "PacketSignature":
+        """`shapes`: what was read of paths made from a known shape (trace/shapes.py), by shape:
+        every path of one shape has the same headers, interfaces and verdict."""
+        read = shapes.get(path.shape) if shapes is not None and path.shape is not None else None
+        if read is None:
+            read = cls._read(path)
+            if shapes is not None and path.shape is not None:
+                if len(shapes) >= SHAPES_KEPT:
+                    shapes.clear()
+                shapes[path.shape] = read
+        headers, keys, dropped_by_rule, iif, left_netfilter = read
+        return cls(path.trace_id, headers, path.first_seen, path.last_seen or path.first_seen, dropped_by_rule, iif,
+                   keys, left_netfilter, path.first_seen - MATCH_EARLY_SECONDS if earliest is None else earliest)
+
+    @staticmethod
+    def _read(path: PacketPath) -> tuple:
         headers, keys = [], []
         for observation in path.observations:
             packet = observation.packet
@@ -81,10 +98,8 @@ class PacketSignature:
             if key not in keys:
                 keys.append(key)
                 headers.append(fields)
-        return cls(path.trace_id, tuple(headers), path.first_seen, path.last_seen or path.first_seen,
-                   path.verdict == "drop" and path.decided_by is not None, path.interface_index("iif"), tuple(keys),
-                   path.complete and path.verdict == "accept" and path.vanished_after is None,
-                   path.first_seen - MATCH_EARLY_SECONDS if earliest is None else earliest)
+        return (tuple(headers), tuple(keys), path.verdict == "drop" and path.decided_by is not None,
+                path.interface_index("iif"), path.complete and path.verdict == "accept" and path.vanished_after is None)
 
     def matches(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
         """Same packet: the headers it had at some hook (before or after NAT), a time that fits.
@@ -160,12 +175,24 @@ def _may_be_dropped_later(path: PacketPath) -> bool:
 class _ByHeaders:
     """Items filed under every header key of their packet, each key's items in the order of
     their packet's last event: a drop is compared only with what had its headers, and among
-    those with the few nearest to it in time."""
+    those with the few nearest to it in time.
+
+    Filing waits until a drop needs the index: under a flood that the kernel does not drop,
+    nearly every item leaves before any drop comes, and is never filed."""
 
     def __init__(self):
         self._items: dict = {}  # key -> ([last_seen], [item]), both in time order
+        self._unfiled: dict = {}  # id -> item, added since the index was last read
 
     def add(self, item) -> None:
+        self._unfiled[id(item)] = item
+
+    def _file_every_item(self) -> None:
+        for item in self._unfiled.values():
+            self._file(item)
+        self._unfiled.clear()
+
+    def _file(self, item) -> None:
         when = item.signature.last_seen
         for key in item.signature.keys:
             times, items = self._items.setdefault(key, ([], []))
@@ -174,6 +201,8 @@ class _ByHeaders:
             items.insert(index, item)
 
     def remove(self, item) -> None:
+        if self._unfiled.pop(id(item), None) is not None:
+            return
         when = item.signature.last_seen
         for key in item.signature.keys:
             filed = self._items.get(key)
@@ -191,6 +220,8 @@ class _ByHeaders:
 
     def near(self, key: tuple, when: float) -> list:
         """The items filed under `key` nearest to `when`: NEIGHBOURS on each side."""
+        if self._unfiled:
+            self._file_every_item()
         filed = self._items.get(key)
         if filed is None:
             return []
@@ -313,6 +344,7 @@ class DropCorrelator:
         self._echoes: deque = deque()  # dropped by a rule: their NETFILTER_DROP is still to come
         self._echo_index = _ByHeaders()
         self._drained: list = []  # when the trace sockets were read empty, the last REMEMBER_SECONDS
+        self._shapes: dict = {}  # ShapeNode -> what PacketSignature.of read of its paths
 
     def note_drained(self, now: float) -> None:
         """The trace sockets were read empty at `now`: every event of a packet dropped before
@@ -334,10 +366,10 @@ class DropCorrelator:
         empty before its first event was read."""
         drained = self._drained
         if not drained:
-            return PacketSignature.of(path)  # not read empty yet this run: MATCH_EARLY_SECONDS
+            return PacketSignature.of(path, shapes=self._shapes)  # not read empty yet this run: MATCH_EARLY_SECONDS
         index = bisect.bisect_right(drained, path.first_seen)
         # Read empty before the oldest time remembered: its drop is older than any remembered.
-        return PacketSignature.of(path, drained[index - 1] if index else float("-inf"))
+        return PacketSignature.of(path, drained[index - 1] if index else float("-inf"), self._shapes)
 
     @property
     def holding(self) -> int:
