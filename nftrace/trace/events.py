@@ -365,7 +365,7 @@ def decode_trace_message(raw: bytes) -> TraceEvent:
     trace_id, template, packet_at, end = layout
     if packet_at >= end:
         return template.event(trace_id)
-    return template.with_packet(trace_id, read_attributes(raw, packet_at, end, TRACE_DECODER), raw[16])
+    return template.with_packet_part(trace_id, raw, packet_at, end)
 
 
 # The kernel puts NFPROTO, TYPE and then ID first (nf_tables_trace.c: nft_trace_notify), so the
@@ -401,6 +401,13 @@ class TraceTemplate:
     attributes: dict  # as read_attributes read them: name -> value
     family: int  # nfgenmsg.nfgen_family
     static: TraceEvent  # the event without packet information, trace id 0
+    # Where the network and transport headers' copies lay in packet parts met after it.
+    layouts: list = field(default_factory=list)
+    # No attribute of a packet part came before the trace id (the kernel sends none there).
+    packet_free: bool = True
+
+    def __post_init__(self) -> None:
+        self.packet_free = not self.attributes.keys() & PACKET_ATTRIBUTES
 
     def event(self, trace_id: int) -> TraceEvent:
         """The event of a packet that sends nothing about itself here (not a base chain's first)."""
@@ -408,11 +415,33 @@ class TraceTemplate:
         return TraceEvent(trace_id, s.family, s.table, s.chain, s.type, s.verdict, s.handle, s.target, s.nfproto,
                           s.iif, s.oif, s.mark, s.packet, s.ct, s.queue_num, self)
 
+    def with_packet_part(self, trace_id: int, raw: bytes, packet_at: int, end: int) -> TraceEvent:
+        """The event of a message whose packet part starts at `packet_at`. A packet part met
+        before but for what tells one packet from the next (`KnownPacketPart`) is not read
+        again: only those fields are."""
+        for layout in self.layouts:
+            key = packet_part_key(self, raw, packet_at, end, layout)
+            known = _packet_parts.get(key)
+            if known is not None:
+                return known.event(self.static, trace_id, raw, packet_at, layout)
+        event = self.with_packet(trace_id, read_attributes(raw, packet_at, end, TRACE_DECODER), raw[16])
+        if event.shape is None:
+            return event  # read in full (attributes a packet part does not hold): not kept
+        layout = header_spans(raw, packet_at, end)
+        if layout not in self.layouts:
+            if len(self.layouts) >= _LAYOUTS_PER_TEMPLATE:
+                del self.layouts[0]
+            self.layouts.append(layout)
+        if len(_packet_parts) >= _PACKET_PART_CACHE_SIZE:
+            _packet_parts.clear()
+        _packet_parts[packet_part_key(self, raw, packet_at, end, layout)] = KnownPacketPart.of(event)
+        return event
+
     def with_packet(self, trace_id: int, packet_attributes: dict, family: int) -> TraceEvent:
         """The event with what its packet part says (`packet_attributes`, read after the
         template's): as event_from_attributes would make it from both (the first occurrence
         of an attribute wins, as everywhere)."""
-        if not packet_attributes.keys() <= PACKET_ATTRIBUTES:
+        if not (self.packet_free and packet_attributes.keys() <= PACKET_ATTRIBUTES):
             merged = dict(packet_attributes)
             merged.update(self.attributes)
             return event_from_attributes(family, merged | {"NFTA_TRACE_ID": trace_id})
@@ -431,6 +460,100 @@ class TraceTemplate:
                       packet.sport, packet.dport, packet.icmp_type, packet.icmp_code, packet.tcp_flags)
         return TraceEvent(trace_id, s.family, s.table, s.chain, s.type, s.verdict, s.handle, s.target, s.nfproto,
                           iif, oif, s.mark, packet, ct, s.queue_num, shape)
+
+
+_NETWORK_NUMBER = [name for name, _ in TRACE_ATTRIBUTES].index("NFTA_TRACE_NETWORK_HEADER")
+_TRANSPORT_NUMBER = [name for name, _ in TRACE_ATTRIBUTES].index("NFTA_TRACE_TRANSPORT_HEADER")
+_LAYOUTS_PER_TEMPLATE = 4
+_PACKET_PART_CACHE_SIZE = 4096
+_packet_parts: dict = {}
+
+
+def header_spans(raw: bytes, offset: int, end: int) -> tuple:
+    """(start, end) of the network header's copy and of the transport header's, relative to
+    `offset`, as read_attributes reads them (the first of each; (0, 0) for one not sent)."""
+    spans = {_NETWORK_NUMBER: (0, 0), _TRANSPORT_NUMBER: (0, 0)}
+    header = _ATTRIBUTE_HEADER.unpack_from
+    at = offset
+    while at + 4 <= end:
+        length, number = header(raw, at)
+        if length < 4:
+            length = 4
+        elif at + length > end:
+            length = end - at
+        number &= NLA_TYPE_MASK
+        if spans.get(number) == (0, 0):
+            spans[number] = (at + 4 - offset, at + length - offset)
+        at += (length + 3) & ~3
+    return spans[_NETWORK_NUMBER], spans[_TRANSPORT_NUMBER]
+
+
+def packet_part_key(template: TraceTemplate, raw: bytes, packet_at: int, end: int, layout: tuple) -> tuple:
+    """What a packet part says, but for the fields that tell one packet from the next: its
+    bytes with the two header copies left out, and of those copies what parse_packet_headers
+    reads, except the IPv4 id and TCP sequence numbers. Two messages with equal keys have their
+    attributes at the same places (their headers are among the bytes compared), and read the
+    same but for those fields."""
+    (network_at, network_end), (transport_at, transport_end) = layout
+    network = raw[packet_at + network_at:packet_at + network_end]
+    transport = raw[packet_at + transport_at:packet_at + transport_end]
+    first, second = sorted(((network_at, network_end), (transport_at, transport_end)))
+    outside = (raw[packet_at:packet_at + first[0]] + raw[packet_at + first[1]:packet_at + second[0]]
+               + raw[packet_at + second[1]:end])
+    return template, end - packet_at, outside, _read_part(network, transport)
+
+
+def _read_part(network: bytes, transport: bytes) -> bytes:
+    """The bytes of the header copies that parse_packet_headers reads for the fields that do not
+    change from packet to packet of a flow."""
+    if len(network) >= 20 and network[0] >> 4 == 4:
+        proto, read = network[9], network[:4] + network[6:10] + network[12:20]
+    elif len(network) >= 40 and network[0] >> 4 == 6:
+        proto, read = network[6], network[:40]
+    else:
+        return network + b"|" + transport  # no headers read from these: nothing to leave out
+    if proto == IPPROTO_TCP:
+        return read + transport[:4] + transport[12:14]
+    if proto in PORT_PROTOCOL_NUMBERS:
+        return read + transport[:4]
+    if proto in ICMP_PROTOCOL_NUMBERS:
+        return read + transport[:2]
+    return read
+
+
+@dataclass(slots=True, eq=False)
+class KnownPacketPart:
+    """What a packet part met before said, for the next message whose key is the same."""
+
+    headers: Optional[tuple]  # PacketHeaders' fields but ip_id, tcp_seq, tcp_ack (None: no headers)
+    ip_id: bool  # read from the network header (IPv4)
+    tcp_numbers: bool  # read from the transport header (TCP, 14 bytes or more)
+    iif: Optional[int]
+    oif: Optional[int]
+    ct: Optional[ConntrackInfo]
+    shape: tuple
+
+    @classmethod
+    def of(cls, event: TraceEvent) -> "KnownPacketPart":
+        p = event.packet
+        headers = None if p is None else (p.src, p.dst, p.proto, p.length, p.sport, p.dport, p.icmp_type,
+                                          p.icmp_code, p.tcp_flags)
+        return cls(headers, p is not None and p.ip_id is not None, p is not None and p.tcp_seq is not None,
+                   event.iif, event.oif, event.ct, event.shape)
+
+    def event(self, s: TraceEvent, trace_id: int, raw: bytes, packet_at: int, layout: tuple) -> TraceEvent:
+        """The event of a message with this key: its own trace id, IPv4 id and TCP numbers, read
+        where parse_packet_headers reads them."""
+        packet = None
+        if self.headers is not None:
+            ip_id = tcp_seq = tcp_ack = None
+            if self.ip_id:
+                ip_id = _U16.unpack_from(raw, packet_at + layout[0][0] + 4)[0]
+            if self.tcp_numbers:
+                tcp_seq, tcp_ack = _SEQ_ACK.unpack_from(raw, packet_at + layout[1][0] + 4)
+            packet = PacketHeaders(*self.headers, ip_id, tcp_seq, tcp_ack)
+        return TraceEvent(trace_id, s.family, s.table, s.chain, s.type, s.verdict, s.handle, s.target, s.nfproto,
+                          self.iif, self.oif, s.mark, packet, self.ct, s.queue_num, self.shape)
 
 
 def trace_layout(raw: bytes) -> Optional[tuple]:
