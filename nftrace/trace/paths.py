@@ -361,7 +361,7 @@ class PathBuilder:
         del self._known[trace_id]
         self._finished[trace_id] = now
         self._finished.move_to_end(trace_id)
-        first_seen = next((when for when in known.times if when), 0.0)
+        first_seen = known.times[0] or next((when for when in known.times if when), 0.0)  # as _feed sets it
         return [self.shapes.build(node, known.events, first_seen, now)]
 
     def _known_start(self, event: TraceEvent):

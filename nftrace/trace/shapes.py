@@ -54,6 +54,8 @@ class PathShapes:
     def record(self, events: list, path: PacketPath) -> None:
         """The builder finished `path` from `events` (all with a shape): keep a copy of it for
         the next packet whose events have the same shapes."""
+        if path.segments or path.legacy_observations or path.kernel_drop or path.near_misses or path.fix:
+            return  # not the builder's alone
         packets = {id(event.packet): number for number, event in enumerate(events) if event.packet is not None}
         sources = []
         for observation in path.observations:
