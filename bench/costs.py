@@ -166,7 +166,7 @@ class DecodeResult:
     events: int
     pyroute2_per_second: float
     compact_per_second: float
-    pipeline_per_second: float  # decode + path building + JSON, per event
+    pipeline_per_second: float  # decode + path building + JSON, per event, as the live path does them
     pipeline_packets_per_second: float
 
 
@@ -184,6 +184,7 @@ def decode_cost(datagrams: list, events: int, snapshot=None) -> DecodeResult:
     from nftrace.trace.paths import PathBuilder
     from nftrace.trace.report import TraceReport
     from nftrace.trace.ruleset import RulesetSnapshot
+    from nftrace.trace.shapes import PathShapes
 
     corpus = (datagrams * (events // len(datagrams) + 1))[:events]
     reference = corpus[: max(len(datagrams), events // 10)]
@@ -202,7 +203,7 @@ def decode_cost(datagrams: list, events: int, snapshot=None) -> DecodeResult:
         flow = parse_flow("10.77.1.2", "10.77.2.2", "udp", None, None, None, None)
         with open(os.devnull, "w") as sink:
             stream = JsonStream(sink, TraceReport(flow=flow))
-            builder = PathBuilder(snapshot or RulesetSnapshot(), keep=lambda path: True)
+            builder = PathBuilder(snapshot or RulesetSnapshot(), keep=lambda path: True, shapes=PathShapes())
             clock = time.monotonic
             for datagram in corpus:
                 for path in builder.feed(decode_trace_message(datagram), clock()):
