@@ -132,6 +132,8 @@ outside() {
 
     child=
     cleanup() {
+        # A second signal (a CI runner passes its own on) must not cut the removal short.
+        trap '' INT TERM HUP
         # What still runs in the root (the command, when a signal ended this script, or a
         # listener it left) is killed, by pid, and so is debootstrap when a signal came while
         # it built the root (its first stage runs outside it, unpacking in it); the half in the
