@@ -475,6 +475,49 @@ def test_a_flood_the_kernel_does_not_drop_files_nothing_by_headers_until_a_drop_
     assert len(correlator.notes) == 1 and "40003" in correlator.notes[0]
 
 
+def test_a_drop_after_a_long_flood_files_what_is_still_held_or_answered_and_nothing_gone():
+    """Items wait to be filed at the end of their own queue: after 20,000 packets without a drop
+    nothing is filed; the first drop files the packets still held and those answered that are
+    still remembered, not the thousands released or forgotten before, and finds its packet."""
+    correlator = DropCorrelator(hold_seconds=0.3)
+    for number in range(20000):
+        at = 10.0 + number * 0.001
+        path = accepted_at_input(at, at, tcp(sport=40000 + number % 7))
+        path.trace_id = number
+        correlator.hold([path], now=at)
+        if number % 50 == 0:
+            correlator.note_drained(at)
+            correlator.release(now=at)
+    held, answered = correlator._held_index, correlator._answered_index
+    assert held._items == {} and answered._items == {}
+    last = 10.0 + 19999 * 0.001
+    correlator.add_drops([drop("NO_SOCKET", at=last + 0.0001, sport=40000 + 19999 % 7)])
+
+    def filed(index) -> int:
+        return sum(len(items) for _, items in index._items.values())
+
+    assert filed(held) == correlator.holding - 1  # the one the drop went to left the index
+    assert filed(answered) == 0  # not needed yet
+    correlator.add_drops([drop("NO_SOCKET", at=10.0 + 19000 * 0.001 + 0.0001, sport=40000 + 19000 % 7)])
+    assert filed(answered) == 4096 - 1  # REMEMBER_MAX of them remembered; the one the drop went to left
+    assert len(correlator.notes) == 1 and "40002" in correlator.notes[0]
+    # 100 packets more, one dropped by a rule (held in order, waiting for nothing), then a drop:
+    # filed are the packets waiting now (not the two the drops went to, nor that one), each once.
+    step = rule_step("input", "tcp dport 22 drop", verdict="drop", chain="input")
+    for number in range(20000, 20100):
+        at = 10.0 + number * 0.001
+        path = accepted_at_input(at, at, tcp(sport=40000 + number % 7))
+        if number == 20050:
+            path.verdict, path.decided_by, path.steps = "drop", step, [step]
+        path.trace_id = number
+        correlator.hold([path], now=at)
+    correlator.add_drops([drop("NO_SOCKET", at=at + 0.0001, sport=40000 + 20099 % 7)])
+    assert filed(held) == sum(1 for item in correlator._held if item.waiting) == correlator.holding - 3
+    dropped = [path for path in correlator.release(now=at + 1.0) if path.kernel_drop is not None]
+    assert [(path.trace_id, path.kernel_drop["reason"]) for path in dropped] == [(19999, "NO_SOCKET"),
+                                                                                 (20099, "NO_SOCKET")]
+
+
 # -- one meaning for the verdict: netfilter's, whatever the kernel did next -----------------------
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -52,9 +53,12 @@ NEIGHBOURS = 4
 SHAPES_KEPT = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class PacketSignature:
-    """What pairing a drop with a packet needs, and all that is kept of an answered packet."""
+    """What pairing a drop with a packet needs, and all that is kept of an answered packet.
+
+    Made for every packet a flood finishes, and never changed once made (not frozen: a frozen
+    dataclass costs a microsecond more to make)."""
 
     trace_id: int
     headers: tuple  # (src, dst, proto, sport, dport) at each hook where they were seen, NAT included
@@ -178,21 +182,30 @@ class _ByHeaders:
     those with the few nearest to it in time.
 
     Filing waits until a drop needs the index: under a flood that the kernel does not drop,
-    nearly every item leaves before any drop comes, and is never filed."""
+    nearly every item leaves before any drop comes, and is never filed. The items not filed
+    yet are the last ones of their owner's queue (`queue`: items are appended to it and leave
+    it from the front only), those that left the index meanwhile known by `listed`: so a
+    packet costs a count here, and nothing that a flood keeps out of the cache is touched."""
 
-    def __init__(self):
+    def __init__(self, queue: deque, listed: Callable[[object], bool]):
         self._items: dict = {}  # key -> ([last_seen], [item]), both in time order
-        self._unfiled: dict = {}  # id -> item, added since the index was last read
+        self._queue = queue
+        self._listed = listed  # whether an item of the queue is still to be found here
+        self._unfiled = 0  # items appended to the queue since the index was last read
 
     def add(self, item) -> None:
-        self._unfiled[id(item)] = item
+        """`item` was appended to the queue (whether it is `listed` or not)."""
+        self._unfiled += 1
 
     def _file_every_item(self) -> None:
-        for item in self._unfiled.values():
-            self._file(item)
-        self._unfiled.clear()
+        latest = list(islice(reversed(self._queue), self._unfiled))  # a deque's middle is slow to index
+        for item in reversed(latest):  # in the order they came
+            if self._listed(item):
+                self._file(item)
+        self._unfiled = 0
 
     def _file(self, item) -> None:
+        item.filed = True
         when = item.signature.last_seen
         for key in item.signature.keys:
             times, items = self._items.setdefault(key, ([], []))
@@ -201,8 +214,10 @@ class _ByHeaders:
             items.insert(index, item)
 
     def remove(self, item) -> None:
-        if self._unfiled.pop(id(item), None) is not None:
-            return
+        """`item` is no longer to be found (call before it stops being `listed`)."""
+        if not item.filed:
+            return  # never filed: `listed` keeps it out when it is
+        item.filed = False
         when = item.signature.last_seen
         for key in item.signature.keys:
             filed = self._items.get(key)
@@ -291,23 +306,25 @@ class _Drops:
         return (drop for drop in self._arrived if id(drop) in self._live)
 
 
-@dataclass(eq=False)
+@dataclass(slots=True, eq=False)
 class _Held:
     """A finished packet whose answer waits for a possible kernel drop."""
 
     path: PacketPath
     signature: PacketSignature
     until: float
-    waiting: bool = True  # filed by headers, waiting for a drop
+    waiting: bool = True  # in the index by headers, waiting for a drop
+    filed: bool = False  # _ByHeaders' own
 
 
-@dataclass(eq=False)
+@dataclass(slots=True, eq=False)
 class _Answered:
     """What is kept of a packet answered as accepted: enough to place a late drop."""
 
     signature: PacketSignature
     at: float
     settled: bool = False  # a drop came for it since: out of the index
+    filed: bool = False  # _ByHeaders' own
 
 
 class DropCorrelator:
@@ -337,12 +354,12 @@ class DropCorrelator:
         # (`drops` still counts it).
         self.on_late: Optional[Callable[[PacketSignature, dict], None]] = None
         self._held: deque = deque()  # in the order the packets finished
-        self._held_index = _ByHeaders()
+        self._held_index = _ByHeaders(self._held, lambda held: held.waiting)
         self._drops = _Drops()  # not yet paired
         self._answered: deque = deque()  # answered as accepted
-        self._answered_index = _ByHeaders()
+        self._answered_index = _ByHeaders(self._answered, lambda answered: not answered.settled)
         self._echoes: deque = deque()  # dropped by a rule: their NETFILTER_DROP is still to come
-        self._echo_index = _ByHeaders()
+        self._echo_index = _ByHeaders(self._echoes, lambda echo: not echo.settled)
         self._drained: list = []  # when the trace sockets were read empty, the last REMEMBER_SECONDS
         self._shapes: dict = {}  # ShapeNode -> what PacketSignature.of read of its paths
 
@@ -446,22 +463,29 @@ class DropCorrelator:
             held = _Held(path, signature, now, waiting=False)
             if drop is None and _may_be_dropped_later(path):
                 held.until, held.waiting = now + self.hold_seconds, True
-                self._held_index.add(held)
             self._held.append(held)
-        return self.release(now)
+            self._held_index.add(held)
+        ready = self._ready(now)
+        return self._answer(ready, now) if ready else ready
 
     def release(self, now: float, everything: bool = False) -> list:
-        """Held paths whose drop came or whose wait is over (all of them at the end of a run)."""
-        ready = []
-        while self._held:
-            head = self._held[0]
-            if not (everything or not head.waiting or head.until <= now):
-                break
-            self._held.popleft()
-            self._stop_waiting(head)
-            ready.append(head)
+        """Held paths whose drop came or whose wait is over (all of them at the end of a run);
+        what is remembered for pairing is forgotten when too old (here, not in `hold`, which
+        is called for every packet)."""
+        ready = self._ready(now, everything)
         self._forget(now)
         return self._answer(ready, now)
+
+    def _ready(self, now: float, everything: bool = False) -> list:
+        ready, held = [], self._held
+        while held:
+            head = held[0]
+            if not (everything or not head.waiting or head.until <= now):
+                break
+            held.popleft()
+            self._stop_waiting(head)
+            ready.append(head)
+        return ready
 
     def _stop_waiting(self, held: _Held) -> None:
         if held.waiting:
