@@ -55,9 +55,9 @@ MESSAGES = recorded_messages()
 
 def encode(attrs: list, family: int = 1) -> bytes:
     """An NFT_MSG_TRACE as pyroute2 encodes it from (name, value) pairs."""
-    from nftrace.trace.events import nft_trace_msg
+    from nftrace.trace.events import pyroute2_trace_message_class
 
-    msg = nft_trace_msg()
+    msg = pyroute2_trace_message_class()()
     msg["header"]["type"] = TRACE_MESSAGE_TYPE
     msg["nfgen_family"] = family
     msg["attrs"] = attrs
@@ -105,6 +105,37 @@ def test_attribute_numbers_follow_the_kernel_header():
     numbers = {name: number for number, (name, _) in enumerate(TRACE_ATTRIBUTES)}
     assert (numbers["NFTA_TRACE_TABLE"], numbers["NFTA_TRACE_ID"], numbers["NFTA_TRACE_CT_STATE"]) == (1, 6, 21)
     assert [name for name, _ in VERDICT_ATTRIBUTES].index("NFTA_VERDICT_CHAIN") == 2
+
+
+def test_netlink_numbers_written_in_nftrace_are_pyroute2s():
+    """kernel/netlink.py writes the kernel's numbers itself, not to import pyroute2 at start-up."""
+    from pyroute2 import netlink as pyroute2_netlink
+    from pyroute2.netlink import nfnetlink
+    from pyroute2.netlink.nfnetlink import nftsocket
+
+    from nftrace.kernel import netlink
+
+    names = ["NETLINK_ADD_MEMBERSHIP", "NETLINK_NETFILTER", "NLA_F_NESTED", "NLA_F_NET_BYTEORDER", "NLM_F_ACK",
+             "NLM_F_REQUEST", "NLMSG_ERROR", "SOL_NETLINK", "NFNL_SUBSYS_NFTABLES", "NFNL_SUBSYS_ULOG",
+             "NFNLGRP_NFTABLES", "NFNLGRP_NFTRACE", "NFPROTO_ARP", "NFPROTO_BRIDGE", "NFPROTO_INET", "NFPROTO_IPV4",
+             "NFPROTO_IPV6", "NFPROTO_NETDEV", "NFT_MSG_DELTABLE", "NFT_MSG_NEWGEN", "NFT_MSG_TRACE"]
+    for name in names:
+        theirs = next(getattr(module, name) for module in (nftsocket, nfnetlink, pyroute2_netlink)
+                      if hasattr(module, name))
+        assert getattr(netlink, name) == theirs, name
+
+
+def test_what_a_trace_loads_at_start_up_leaves_pyroute2_for_later():
+    """Importing pyroute2's package costs a tenth of a second before the trace rules can go in:
+    its message classes are imported when first used (a ruleset change, routing asked about a
+    kernel drop, legacy TRACE lines, the reference decoder)."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, nftrace.cli, nftrace.trace.session, nftrace.drops.run; "
+                             "print(sorted(name for name in sys.modules if name.split('.')[0] == 'pyroute2'))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 def test_queue_verdict_keeps_its_queue_number_both_ways():

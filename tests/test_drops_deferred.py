@@ -17,7 +17,7 @@ from pathlib import Path
 from nftrace.drops.deferred import DeferredPackets
 from nftrace.kernel.monitor import EventsLost, ReadEarlier
 from nftrace.kernel.netlink import decode_datagram
-from nftrace.trace.events import TRACE_MESSAGE_TYPE, decode_trace_message, nft_trace_msg
+from nftrace.trace.events import TRACE_MESSAGE_TYPE, decode_trace_message, pyroute2_trace_message_class
 from nftrace.trace.paths import PathBuilder
 from nftrace.trace.report import packet_json
 from nftrace.trace.ruleset import RulesetSnapshot
@@ -177,7 +177,7 @@ def kernel_message(trace_id: int, chain: str, verdict: int, oif: int = 0, handle
             + ipaddress.ip_address("10.77.1.1").packed
         attrs += [("NFTA_TRACE_OIF", oif), ("NFTA_TRACE_OIFTYPE", 772), ("NFTA_TRACE_NETWORK_HEADER", network),
                   ("NFTA_TRACE_TRANSPORT_HEADER", struct.pack(">HHHH", 40000, 53, 8, 0))]
-    msg = nft_trace_msg()
+    msg = pyroute2_trace_message_class()()
     msg["header"]["type"] = TRACE_MESSAGE_TYPE
     msg["nfgen_family"] = 1
     msg["attrs"] = attrs

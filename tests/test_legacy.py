@@ -13,8 +13,8 @@ from nftrace.iptables.backends import BackendPlan, parse_backend, plan_backend
 from nftrace.errors import EnvironmentProblem, InputError
 from nftrace.flow import parse_flow
 from nftrace.iptables.legacy import LegacyRuleset, own_rule_pid, table_priority
-from nftrace.iptables.nflog import (PACKET_MESSAGE_TYPE, decode_nflog_datagram, nflog_packet_msg, packet_from_payload,
-                           parse_trace_prefix)
+from nftrace.iptables.nflog import (PACKET_MESSAGE_TYPE, decode_nflog_datagram, packet_from_payload,
+                                    parse_trace_prefix, pyroute2_message_classes)
 from nftrace.trace.paths import PacketPath, Step
 from nftrace.trace.ruleset import RulesetSnapshot
 from nftrace.iptables.xtnft import IptablesNftText
@@ -136,7 +136,7 @@ TCP_SYN = bytes.fromhex("4500003c7cd940004006a7460a4d01020a4d0101") + bytes.from
 
 def nflog_datagram(prefix: str, payload: bytes = TCP_SYN, hook: int = 1, family: int = socket.AF_INET,
                    extra: tuple = ()) -> bytes:
-    msg = nflog_packet_msg()
+    msg = pyroute2_message_classes().packet()
     msg["header"]["type"] = PACKET_MESSAGE_TYPE
     msg["nfgen_family"] = family
     msg["attrs"] = [("NFULA_PACKET_HDR", {"hw_protocol": 0x0800, "hook": hook, "pad": 0}),

@@ -503,7 +503,7 @@ def test_second_run_in_the_namespace_is_refused_and_sigterm_undoes_the_first(leg
 # What a listener received on NFLOG group 0, every message's prefix (TRACE line or not).
 LISTEN_WHILE_LOGGING = """
 import json, socket, time
-from nftrace.iptables.nflog import PACKET_MESSAGE_TYPE, NflogListener, nflog_packet_msg, read_logger
+from nftrace.iptables.nflog import PACKET_MESSAGE_TYPE, NflogListener, pyroute2_message_classes, read_logger
 from nftrace.kernel.netlink import decode_datagram
 with NflogListener(("ip",)) as listener:
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -518,7 +518,7 @@ with NflogListener(("ip",)) as listener:
             break
         for msg_type, raw in decode_datagram(datagram):
             if msg_type == PACKET_MESSAGE_TYPE:
-                msg = nflog_packet_msg(raw)
+                msg = pyroute2_message_classes().packet(raw)
                 msg.decode()
                 prefixes.append(msg.get_attr("NFULA_PREFIX"))
     print(json.dumps({"logger": read_logger("ip"), "prefixes": prefixes}))

@@ -17,12 +17,14 @@ first records it in a state file under /run/nftrace: a run killed with SIGKILL l
 file behind, and `nftrace cleanup` (or the next run in the namespace) puts the old logger back.
 Runs that share a namespace (a `why` beside a `drops`) record the same old logger, and the last
 of them to leave puts it back.
-Everything else about the wire is declared once, as pyroute2 message classes.
+Everything else about the wire is declared once, as pyroute2 message classes (made when
+first used).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -31,10 +33,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
-
-from pyroute2.netlink import nla
-from pyroute2.netlink.nfnetlink import nfgen_msg
+from typing import Iterator, NamedTuple, Optional, Union
 
 from ..errors import EnvironmentProblem, KernelError
 from ..trace.events import PacketHeaders, parse_packet_headers
@@ -73,63 +72,77 @@ NFNETLINK_LOG = "nfnetlink_log"
 _PREFIX_RE = re.compile(r"^TRACE: ([^:]+):([^:]+):(rule|return|policy):(\d+)\s*$")
 
 
-class nflog_config_msg(nfgen_msg):
-    """NFULNL_MSG_CONFIG: res_id is the group, nfgen_family the protocol family for PF_BIND."""
-
-    prefix = "NFULA_CFG_"
-    nla_map = (
-        ("NFULA_CFG_UNSPEC", "none"),
-        ("NFULA_CFG_CMD", "cfg_cmd"),
-        ("NFULA_CFG_MODE", "cfg_mode"),
-        ("NFULA_CFG_NLBUFSIZ", "be32"),
-        ("NFULA_CFG_TIMEOUT", "be32"),
-        ("NFULA_CFG_QTHRESH", "be32"),
-        ("NFULA_CFG_FLAGS", "be16"),
-    )
-
-    class cfg_cmd(nla):
-        fields = (("command", "B"),)
-
-    class cfg_mode(nla):
-        fields = (("copy_range", ">I"), ("copy_mode", "B"), ("pad", "B"))
+class NflogMessages(NamedTuple):
+    config: type  # NFULNL_MSG_CONFIG
+    packet: type  # NFULNL_MSG_PACKET
 
 
-class nflog_packet_msg(nfgen_msg):
-    """NFULNL_MSG_PACKET, the NFULA_* attributes of include/uapi/linux/netfilter/nfnetlink_log.h."""
+@functools.lru_cache(maxsize=None)
+def pyroute2_message_classes() -> NflogMessages:
+    """NFULNL_MSG_CONFIG and NFULNL_MSG_PACKET as pyroute2 classes, made when legacy TRACE is first
+    read: importing pyroute2 costs a run without legacy tables a tenth of a second
+    (kernel/netlink.py)."""
+    from pyroute2.netlink import nla
+    from pyroute2.netlink.nfnetlink import nfgen_msg
 
-    prefix = "NFULA_"
-    nla_map = (
-        ("NFULA_UNSPEC", "none"),
-        ("NFULA_PACKET_HDR", "packet_hdr"),
-        ("NFULA_MARK", "be32"),
-        ("NFULA_TIMESTAMP", "timestamp"),
-        ("NFULA_IFINDEX_INDEV", "be32"),
-        ("NFULA_IFINDEX_OUTDEV", "be32"),
-        ("NFULA_IFINDEX_PHYSINDEV", "be32"),
-        ("NFULA_IFINDEX_PHYSOUTDEV", "be32"),
-        ("NFULA_HWADDR", "cdata"),
-        ("NFULA_PAYLOAD", "cdata"),
-        ("NFULA_PREFIX", "asciiz"),
-        ("NFULA_UID", "be32"),
-        ("NFULA_SEQ", "be32"),
-        ("NFULA_SEQ_GLOBAL", "be32"),
-        ("NFULA_GID", "be32"),
-        ("NFULA_HWTYPE", "be16"),
-        ("NFULA_HWHEADER", "cdata"),
-        ("NFULA_HWLEN", "be16"),
-        ("NFULA_CT", "cdata"),
-        ("NFULA_CT_INFO", "be32"),
-        ("NFULA_VLAN", "cdata"),
-        ("NFULA_L2HDR", "cdata"),
-    )
+    class nflog_config_msg(nfgen_msg):
+        """NFULNL_MSG_CONFIG: res_id is the group, nfgen_family the protocol family for PF_BIND."""
 
-    class packet_hdr(nla):
-        fields = (("hw_protocol", ">H"), ("hook", "B"), ("pad", "B"))
+        prefix = "NFULA_CFG_"
+        nla_map = (
+            ("NFULA_CFG_UNSPEC", "none"),
+            ("NFULA_CFG_CMD", "cfg_cmd"),
+            ("NFULA_CFG_MODE", "cfg_mode"),
+            ("NFULA_CFG_NLBUFSIZ", "be32"),
+            ("NFULA_CFG_TIMEOUT", "be32"),
+            ("NFULA_CFG_QTHRESH", "be32"),
+            ("NFULA_CFG_FLAGS", "be16"),
+        )
 
-    class timestamp(nla):
-        """struct nfulnl_msg_packet_timestamp: CLOCK_REALTIME."""
+        class cfg_cmd(nla):
+            fields = (("command", "B"),)
 
-        fields = (("sec", ">Q"), ("usec", ">Q"))
+        class cfg_mode(nla):
+            fields = (("copy_range", ">I"), ("copy_mode", "B"), ("pad", "B"))
+
+    class nflog_packet_msg(nfgen_msg):
+        """NFULNL_MSG_PACKET, the NFULA_* attributes of include/uapi/linux/netfilter/nfnetlink_log.h."""
+
+        prefix = "NFULA_"
+        nla_map = (
+            ("NFULA_UNSPEC", "none"),
+            ("NFULA_PACKET_HDR", "packet_hdr"),
+            ("NFULA_MARK", "be32"),
+            ("NFULA_TIMESTAMP", "timestamp"),
+            ("NFULA_IFINDEX_INDEV", "be32"),
+            ("NFULA_IFINDEX_OUTDEV", "be32"),
+            ("NFULA_IFINDEX_PHYSINDEV", "be32"),
+            ("NFULA_IFINDEX_PHYSOUTDEV", "be32"),
+            ("NFULA_HWADDR", "cdata"),
+            ("NFULA_PAYLOAD", "cdata"),
+            ("NFULA_PREFIX", "asciiz"),
+            ("NFULA_UID", "be32"),
+            ("NFULA_SEQ", "be32"),
+            ("NFULA_SEQ_GLOBAL", "be32"),
+            ("NFULA_GID", "be32"),
+            ("NFULA_HWTYPE", "be16"),
+            ("NFULA_HWHEADER", "cdata"),
+            ("NFULA_HWLEN", "be16"),
+            ("NFULA_CT", "cdata"),
+            ("NFULA_CT_INFO", "be32"),
+            ("NFULA_VLAN", "cdata"),
+            ("NFULA_L2HDR", "cdata"),
+        )
+
+        class packet_hdr(nla):
+            fields = (("hw_protocol", ">H"), ("hook", "B"), ("pad", "B"))
+
+        class timestamp(nla):
+            """struct nfulnl_msg_packet_timestamp: CLOCK_REALTIME."""
+
+            fields = (("sec", ">Q"), ("usec", ">Q"))
+
+    return NflogMessages(nflog_config_msg, nflog_packet_msg)
 
 
 @dataclass(frozen=True)
@@ -183,7 +196,7 @@ def packet_from_payload(payload: Optional[bytes]) -> Optional[PacketHeaders]:
 
 def decode_nflog_message(raw: bytes) -> Optional[LegacyTraceEvent]:
     """One NFULNL_MSG_PACKET → a LegacyTraceEvent, or None when it is not a TRACE line."""
-    msg = nflog_packet_msg(raw)
+    msg = pyroute2_message_classes().packet(raw)
     msg.decode()
     get = msg.get_attr
     parsed = parse_trace_prefix(get("NFULA_PREFIX"))
@@ -435,7 +448,7 @@ class NflogListener:
         Messages of LOG rules may already arrive on the socket: they are skipped here.
         """
         self._seq += 1
-        msg = nflog_config_msg()
+        msg = pyroute2_message_classes().config()
         msg["header"]["type"] = CONFIG_MESSAGE_TYPE
         msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
         msg["header"]["sequence_number"] = self._seq

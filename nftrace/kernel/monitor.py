@@ -23,14 +23,13 @@ sk_buff, so each datagram read is counted as its length and SKB_OVERHEAD, less t
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import socket
 import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
-
-from pyroute2.netlink.nfnetlink.nftsocket import nft_gen_msg, nft_table_msg
 
 from ..errors import KernelError
 from ..trace.events import TRACE_MESSAGE_TYPE, TraceEvent, decode_trace_message
@@ -41,9 +40,6 @@ from .sockfilter import Program, attach
 
 DELTABLE_TYPE = message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_DELTABLE)
 NEWGEN_TYPE = message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN)
-# The one attribute of each ruleset notice that nftrace reads, from pyroute2's maps of them.
-_GENERATION = compact_table(nft_gen_msg.nla_map, wanted={"NFTA_GEN_ID"})
-_TABLE_NAME = compact_table(nft_table_msg.nla_map, wanted={"NFTA_TABLE_NAME"})
 # Receive buffer of a monitor made without a size (nftrace's runs size theirs with rcvbuf.py).
 UNSIZED_RCVBUF = 64 * 1024 * 1024
 # Datagrams read per call of read(): enough to make the wake-up cost nothing, few enough that
@@ -286,12 +282,22 @@ class TraceMonitor:
         self.close()
 
 
+@functools.lru_cache(maxsize=None)
+def _ruleset_notice_tables() -> tuple:
+    """The one attribute of each ruleset notice that nftrace reads, from pyroute2's maps of them
+    (imported with the first notice: netlink.py says why)."""
+    from pyroute2.netlink.nfnetlink.nftsocket import nft_gen_msg, nft_table_msg
+
+    return (compact_table(nft_gen_msg.nla_map, wanted={"NFTA_GEN_ID"}),
+            compact_table(nft_table_msg.nla_map, wanted={"NFTA_TABLE_NAME"}))
+
+
 def decode_monitor_datagram(datagram: bytes) -> Iterator[MonitorItem]:
     for msg_type, raw in decode_datagram(datagram):
         if msg_type == TRACE_MESSAGE_TYPE:
             yield decode_trace_message(raw)
         elif msg_type == NEWGEN_TYPE:
-            yield RulesetChanged(read_message(raw, _GENERATION).get("NFTA_GEN_ID"))
+            yield RulesetChanged(read_message(raw, _ruleset_notice_tables()[0]).get("NFTA_GEN_ID"))
         elif msg_type == DELTABLE_TYPE:
-            name = read_message(raw, _TABLE_NAME).get("NFTA_TABLE_NAME") or ""
+            name = read_message(raw, _ruleset_notice_tables()[1]).get("NFTA_TABLE_NAME") or ""
             yield TableDeleted(raw[16], name if isinstance(name, str) else name.decode("utf-8", "replace"))

@@ -1,5 +1,10 @@
-"""Netlink as nftrace reads it: the constants (pyroute2's, never retyped), datagrams split into
-messages, and attributes read from an nla_map-style description.
+"""Netlink as nftrace reads it: the constants, datagrams split into messages, and attributes
+read from an nla_map-style description.
+
+The constants are the kernel's numbers, written here rather than imported from pyroute2:
+importing any part of pyroute2 imports its whole package first (0.1 s, a third of nftrace's
+start-up), so its message classes are imported where they are used, when they are; a test
+checks every number here against pyroute2's.
 
 Pure: nothing here opens a socket, so recorded datagrams read exactly like live ones. The
 sockets are in monitor.py (trace events, ruleset changes) and iptables/nflog.py (TRACE lines).
@@ -15,12 +20,6 @@ from __future__ import annotations
 import struct
 from typing import Iterable, Iterator, Optional
 
-from pyroute2.netlink import (NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER, NLA_F_NESTED, NLA_F_NET_BYTEORDER,
-                              NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, SOL_NETLINK)
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, NFNL_SUBSYS_ULOG, NFNLGRP_NFTABLES, NFNLGRP_NFTRACE
-from pyroute2.netlink.nfnetlink.nftsocket import (NFPROTO_ARP, NFPROTO_BRIDGE, NFPROTO_INET, NFPROTO_IPV4,
-                                                  NFPROTO_IPV6, NFPROTO_NETDEV, NFT_MSG_DELTABLE, NFT_MSG_NEWGEN,
-                                                  NFT_MSG_TRACE)
 
 __all__ = [
     "NETLINK_ADD_MEMBERSHIP", "NETLINK_NETFILTER", "NLM_F_ACK", "NLM_F_REQUEST", "NLMSG_ERROR", "SOL_NETLINK",
@@ -30,6 +29,26 @@ __all__ = [
     "compact_table", "decode_datagram", "message_type", "read_attributes",
 ]
 
+# linux/netlink.h
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NLM_F_REQUEST = 1
+NLM_F_ACK = 4
+NLMSG_ERROR = 2
+NLA_F_NESTED = 0x8000
+NLA_F_NET_BYTEORDER = 0x4000
+# linux/netfilter/nfnetlink.h
+NFNL_SUBSYS_ULOG = 4
+NFNL_SUBSYS_NFTABLES = 10
+NFNLGRP_NFTABLES = 7
+NFNLGRP_NFTRACE = 9
+# linux/netfilter/nf_tables.h
+NFT_MSG_DELTABLE = 2
+NFT_MSG_NEWGEN = 15
+NFT_MSG_TRACE = 17
+# linux/netfilter.h
+NFPROTO_INET, NFPROTO_IPV4, NFPROTO_ARP, NFPROTO_NETDEV, NFPROTO_BRIDGE, NFPROTO_IPV6 = 1, 2, 3, 5, 7, 10
 # asm-generic/socket.h; Python's socket module does not name it.
 SO_RCVBUFFORCE = 33
 NLA_TYPE_MASK = 0xFFFF & ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)

@@ -2,9 +2,9 @@
 
 The wire format is described once, declaratively, as two nla_map-style attribute maps
 (`TRACE_ATTRIBUTES`, `VERDICT_ATTRIBUTES`). Two decoders are made from them: pyroute2's
-message class (`nft_trace_msg`, the reference, every attribute) and a compact table that
-reads only the attributes a `TraceEvent` is made of (the live path: an order of magnitude
-faster, which is what lets nftrace drain a flood). Both end in `event_from_attributes`, and
+message class (`pyroute2_trace_message_class`, the reference, every attribute) and a compact
+table that reads only the attributes a `TraceEvent` is made of (the live path: an order of
+magnitude faster, which is what lets nftrace drain a flood). Both end in `event_from_attributes`, and
 the tests decode the same recorded datagrams both ways and compare.
 Nothing here opens a socket, so recorded datagrams decode exactly like live ones.
 """
@@ -16,9 +16,6 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 from typing import Optional
-
-from pyroute2.netlink import nla
-from pyroute2.netlink.nfnetlink import nfgen_msg
 
 from ..kernel.netlink import (NFGENMSG_END, NFNL_SUBSYS_NFTABLES, NFPROTO_NAMES, NFT_MSG_TRACE, NLA_TYPE_MASK,
                               NLMSG_HEADER_SIZE, compact_table, message_type, read_attributes, read_message)
@@ -113,15 +110,22 @@ USED_ATTRIBUTES = frozenset({
 })
 
 
-class nft_trace_msg(nfgen_msg):
-    """NFT_MSG_TRACE as a pyroute2 message class (the reference decoder), made from the map."""
+@functools.lru_cache(maxsize=None)
+def pyroute2_trace_message_class():
+    """NFT_MSG_TRACE as a pyroute2 message class (the reference decoder), made from the map;
+    pyroute2 is imported when the reference is first used (kernel/netlink.py says why)."""
+    from pyroute2.netlink import nla
+    from pyroute2.netlink.nfnetlink import nfgen_msg
 
-    prefix = "NFTA_TRACE_"
-    nla_map = TRACE_ATTRIBUTES
+    class nft_trace_msg(nfgen_msg):
+        prefix = "NFTA_TRACE_"
+        nla_map = TRACE_ATTRIBUTES
 
-    class verdict(nla):
-        prefix = "NFTA_VERDICT_"
-        nla_map = VERDICT_ATTRIBUTES
+        class verdict(nla):
+            prefix = "NFTA_VERDICT_"
+            nla_map = VERDICT_ATTRIBUTES
+
+    return nft_trace_msg
 
 
 # The records below are made by the million under a flood: plain dataclasses with slots
@@ -320,7 +324,8 @@ def _used_names(attributes) -> list:
 
 
 def decode_trace_event(msg) -> TraceEvent:
-    """Turn one NFT_MSG_TRACE decoded by pyroute2 (`nft_trace_msg`) into a TraceEvent."""
+    """Turn one NFT_MSG_TRACE decoded by pyroute2's class (`pyroute2_trace_message_class`) into a
+    TraceEvent."""
     attrs = {}
     for name in _used_names(TRACE_ATTRIBUTES):
         value = msg.get_attr(name)
@@ -339,7 +344,7 @@ def decode_trace_event(msg) -> TraceEvent:
 
 def decode_trace_message_pyroute2(raw: bytes) -> TraceEvent:
     """The reference: pyroute2 decodes every attribute of the map (about 60 µs an event)."""
-    msg = nft_trace_msg(raw)
+    msg = pyroute2_trace_message_class()(raw)
     msg.decode()
     return decode_trace_event(msg)
 

@@ -37,7 +37,6 @@ from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
 from .shapes import PathShapes
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
-from ..kernel.routes import route_back, routing_facts, sending_facts, unanswered_next_hop
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
 from ..signals import Interrupted, SignalsAsExceptions, UndoStack, stop_signal
@@ -114,6 +113,18 @@ class _Run:
 
     def part(self, label: Optional[str]) -> NamespacePart:
         return next((part for part in self.parts if part.label == label), self.parts[0])
+
+
+def _routes():
+    """kernel/routes.py, imported when routing is first asked about: it imports pyroute2, whose
+    package costs a run a tenth of a second before its trace rules go in (kernel/netlink.py)."""
+    from ..kernel import routes
+
+    return routes
+
+
+def _routing_facts(*args, **kwargs):
+    return _routes().routing_facts(*args, **kwargs)
 
 
 class TraceSession:
@@ -354,7 +365,7 @@ class TraceSession:
         if flow.iif or src is None or dst is None:
             return
         try:
-            facts = sending_facts(src, dst)
+            facts = _routes().sending_facts(src, dst)
         except OSError:
             return
         words = explain_unsent(facts) if facts is not None else None
@@ -381,7 +392,7 @@ class TraceSession:
         if headers is None or headers.src is None:
             return
         try:
-            back = route_back(headers.src, path.mark if " mark " in check else None)
+            back = _routes().route_back(headers.src, path.mark if " mark " in check else None)
         except OSError:
             return
         iif = (path.interfaces or self.report.interfaces).get(path.interface_index("iif") or -1)
@@ -398,7 +409,7 @@ class TraceSession:
         if self.report.dry_run is not None or dst is None:
             return
         try:
-            unanswered = unanswered_next_hop(dst)
+            unanswered = _routes().unanswered_next_hop(dst)
         except OSError:
             return
         if unanswered is not None:
@@ -428,7 +439,7 @@ class TraceSession:
         if watcher is self._shared_drops:
             watcher.read()  # drops of the packets of earlier sessions, not of this one's
         self._drops = watcher
-        self._correlator = DropCorrelator(interfaces=self.report.interfaces, routing=RouteQuestions(routing_facts))
+        self._correlator = DropCorrelator(interfaces=self.report.interfaces, routing=RouteQuestions(_routing_facts))
 
     def _read_drops(self) -> list:
         """Drop lines available now; must be read before the netlink socket is drained (see drops/correlator.py)."""
