@@ -138,6 +138,18 @@ def test_what_a_trace_loads_at_start_up_leaves_pyroute2_for_later():
     assert loaded == "[]"
 
 
+def test_a_run_without_pyroute2_is_refused_at_its_start(monkeypatch):
+    import importlib.util
+
+    from nftrace.errors import EnvironmentProblem
+    from nftrace.kernel.netlink import require_pyroute2
+
+    require_pyroute2()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EnvironmentProblem, match="pyroute2 is missing"):
+        require_pyroute2()
+
+
 def test_queue_verdict_keeps_its_queue_number_both_ways():
     raw = encode([("NFTA_TRACE_TABLE", "fw"), ("NFTA_TRACE_CHAIN", "forward"), ("NFTA_TRACE_ID", 7),
                   ("NFTA_TRACE_TYPE", 3), ("NFTA_TRACE_RULE_HANDLE", 12),

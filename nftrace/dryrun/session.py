@@ -39,6 +39,7 @@ from ..trace.ruleset import RulesetSnapshot
 from .sandbox import CandidateRuleset, Sandbox, read_candidate
 from ..trace.session import TraceOptions, TraceSession
 from ..signals import SignalsAsExceptions, UndoStack, undo_after
+from ..kernel.netlink import require_pyroute2
 from ..kernel.system import namespace_path, require_net_admin
 
 STATES = ("new", "established")
@@ -343,6 +344,7 @@ class DryRun:
 
     def open(self) -> None:
         require_net_admin()
+        require_pyroute2()
         if self.request.netns:
             namespace_path(self.request.netns)
         if self.request.state == "established" and shutil.which("conntrack") is None:

@@ -17,8 +17,11 @@ trace events an order of magnitude faster than pyroute2's classes (they stay the
 
 from __future__ import annotations
 
+import importlib.util
 import struct
 from typing import Iterable, Iterator, Optional
+
+from ..errors import EnvironmentProblem
 
 
 __all__ = [
@@ -64,6 +67,13 @@ _FIXED_FORMATS = {"uint8": "B", "be16": ">H", "be32": ">I", "sbe32": ">i", "be64
 _NLA_HEADER = struct.Struct("=HH")
 _NLMSG_HEADER = struct.Struct("=IH")
 _NLMSG_LENGTH = struct.Struct("=I")
+
+
+def require_pyroute2() -> None:
+    """pyroute2 is imported when first used, maybe in the middle of a run: a run makes sure at
+    its start that it can be, rather than fail there."""
+    if importlib.util.find_spec("pyroute2") is None:
+        raise EnvironmentProblem("pyroute2 is missing: pip install pyroute2 (or reinstall nftrace)")
 
 
 def message_type(subsystem: int, message: int) -> int:

@@ -36,6 +36,7 @@ from .crossing import CrossingJoiner, assign_namespace
 from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
 from .shapes import PathShapes
+from ..kernel.netlink import require_pyroute2
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
@@ -155,6 +156,7 @@ class TraceSession:
         rcvbuf = options.rcvbuf or receive_buffer_size(options.max_rate)
         with SignalsAsExceptions():
             require_net_admin()
+            require_pyroute2()
             with UndoStack() as undo:
                 parts = self._enter_namespaces(undo)
                 primary = parts[0]
