@@ -80,8 +80,8 @@ class NflogMessages(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def pyroute2_message_classes() -> NflogMessages:
     """NFULNL_MSG_CONFIG and NFULNL_MSG_PACKET as pyroute2 classes, made when legacy TRACE is first
-    read: importing pyroute2 costs a run without legacy tables a tenth of a second
-    (kernel/netlink.py)."""
+    listened for: importing pyroute2 would cost a run without legacy tables a tenth of a second
+    at its start (kernel/netlink.py)."""
     from pyroute2.netlink import nla
     from pyroute2.netlink.nfnetlink import nfgen_msg
 
