@@ -465,8 +465,7 @@ class DropCorrelator:
                 held.until, held.waiting = now + self.hold_seconds, True
             self._held.append(held)
             self._held_index.add(held)
-        ready = self._ready(now)
-        return self._answer(ready, now) if ready else ready
+        return self._answer(self._ready(now), now)
 
     def release(self, now: float, everything: bool = False) -> list:
         """Held paths whose drop came or whose wait is over (all of them at the end of a run);
