@@ -9,7 +9,6 @@ reports kernel drops (drops/bpftrace.py) is stopped the same way, and dies with 
 
 from __future__ import annotations
 
-import gc
 import select
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from ..kernel.monitor import (READ_BATCH, EventsLost, MonitorItem, ReadEarlier, 
                               TraceMonitor)
 from ..kernel.nft import NftContext
 from .nearmiss_live import LiveRuleBook, NearMissAnnotator, nft_lister
+from .collection import CollectionBetweenReads
 from .crossing import CrossingJoiner, assign_namespace
 from .parts import NamespacePart
 from .paths import PacketPath, PathBuilder
@@ -49,8 +49,6 @@ from ..iptables.xtnft import IptablesNftText
 
 COMMAND_GRACE_SECONDS = 0.5
 POLL_SECONDS = 0.2
-# Allocations between two collections of the youngest objects while events are read (Python: 700).
-YOUNG_COLLECTION_EVERY = 20_000
 
 
 @dataclass
@@ -103,6 +101,7 @@ class _Run:
     on_packet: Callable[[PacketPath], None]
     on_batch: Optional[Callable[[], None]]
     deadline: Optional[float]  # --timeout, on the monotonic clock, from when tracing is ready
+    collection: CollectionBetweenReads = field(default_factory=CollectionBetweenReads)
 
     @property
     def primary(self) -> NamespacePart:
@@ -188,17 +187,8 @@ class TraceSession:
                 joiner = CrossingJoiner(self._keep, {part.label: part.snapshot for part in parts}) \
                     if len(parts) > 1 else None
                 run = _Run(parts, legacy, joiner, on_packet, on_batch, deadline=None)
-                thresholds = gc.get_threshold()
                 try:
-                    # What setting up made (imports, the CLI, the snapshot) lives as long as the
-                    # run: out of the collector's way, a full collection under a flood takes
-                    # milliseconds, not a tenth of a second (the socket's buffer may hold no more).
-                    gc.collect()
-                    gc.freeze()
-                    # Under a flood each packet makes a few dozen short-lived objects that their
-                    # reference counts free (paths hold no cycles): collecting the youngest every
-                    # 700 allocations cost 6 to 11 % of the bench flood's CPU.
-                    gc.set_threshold(YOUNG_COLLECTION_EVERY, *thresholds[1:])
+                    run.collection.start()
                     self._await_drop_watcher(drops)
                     # --timeout (drops: --duration) counts from here, where nftrace says it is
                     # tracing and the traffic command starts, not from before bpftrace's start
@@ -212,7 +202,7 @@ class TraceSession:
                     else:
                         self._explain_answers()
                 finally:
-                    gc.set_threshold(*thresholds)
+                    run.collection.stop()
                     self._stop_command()
                     self._finishing(primary.table)
                     self.report.lost_events = sum((part.monitor.dropped_messages() or part.monitor.overruns)
@@ -715,6 +705,7 @@ class TraceSession:
                 self._deliver(run, joiner.expire(time.monotonic()))
             if correlator is not None:
                 self._deliver(run, correlator.release(time.monotonic()), held=True)
+            run.collection.between_reads(caught_up=all_drained)
             if run.on_batch is not None:
                 run.on_batch()
 
