@@ -327,6 +327,21 @@ def test_firewalld_reverse_path_filter_is_its_setting_not_a_zone_rule():
     assert note.hint.startswith("IPv6_rpfilter=no in /etc/firewalld/firewalld.conf")
 
 
+def test_firewalld_zone_drop_gets_its_rich_rule_though_every_arriving_packet_ran_the_reverse_path_filter():
+    note = manager_of(placement("firewalld", "filter_IN_public", base="filter_INPUT"), MATCH, "accept",
+                      {"filter_PREROUTING", "filter_INPUT", "filter_INPUT_ZONES", "filter_IN_public"})
+    assert note.hint.startswith("firewall-cmd --zone=public --add-rich-rule=")
+
+
+def test_nixos_reverse_path_filter_option_only_for_a_packet_dropped_under_it():
+    dropped_there = manager_of(placement("nixos-fw", "rpfilter-allow", hook="prerouting", base="rpfilter"), MATCH,
+                               "accept", {"rpfilter", "rpfilter-allow"})
+    assert dropped_there.hint.startswith("networking.firewall.extraReversePathFilterRules = ")
+    dropped_at_input = manager_of(placement("nixos-fw", "input-allow", base="input"), MATCH, "accept",
+                                  {"rpfilter", "input", "input-allow"})
+    assert dropped_at_input.hint.startswith("networking.firewall.allowedTCPPorts = [ 9090 ]")
+
+
 def test_fw4_gets_a_uci_rule_for_the_zone_the_packet_came_from():
     note = manager_of(placement("fw4", "handle_reject", base="input"), MATCH, "accept",
                       {"input", "input_wan", "handle_reject"})

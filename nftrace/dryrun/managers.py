@@ -45,7 +45,7 @@ def manager_of(placement: Placement, match: FlowMatch, verdict: str,
     table, chain = placement.table, placement.chain
     chains = {chain, placement.base_chain or chain, *path_chains}
     if table == "firewalld":
-        return _firewalld(chains, match, verdict)
+        return _firewalld(placement, chains, match, verdict)
     if any(_UFW_CHAIN_RE.match(name) for name in chains):
         return _ufw(placement, match, verdict)
     if table == "docker-bridges" or any(_DOCKER_CHAIN_RE.match(name) for name in chains):
@@ -61,7 +61,7 @@ def manager_of(placement: Placement, match: FlowMatch, verdict: str,
     if table == "fw4":
         return _fw4(placement, chains, match, verdict)
     if table == "nixos-fw":
-        return _nixos(placement, chains, match, verdict)
+        return _nixos(placement, match, verdict)
     return None
 
 
@@ -76,10 +76,17 @@ def _rich_rule(match: FlowMatch, verdict: str) -> str:
     return " ".join(parts)
 
 
-def _firewalld(chains: set, match: FlowMatch, verdict: str) -> ManagerNote:
+def _under(placement: Placement, chain: str) -> bool:
+    """Whether the change goes into `chain` or under it (the base chain the packet ran under
+    there). Not whether the packet met it: every packet that arrives runs the managers'
+    reverse-path filters, and passes them unless they dropped it."""
+    return chain in (placement.chain, placement.base_chain)
+
+
+def _firewalld(placement: Placement, chains: set, match: FlowMatch, verdict: str) -> ManagerNote:
     note = ("firewalld owns table inet firewalld and writes it again on every reload (firewall-cmd --reload, "
             "a restart): a direct edit is lost then")
-    if "filter_PREROUTING" in chains and verdict == "accept":  # what drops there is its IPv6 reverse-path filter
+    if _under(placement, "filter_PREROUTING") and verdict == "accept":  # what drops there: its IPv6 reverse-path filter
         return ManagerNote("firewalld", note, "IPv6_rpfilter=no in /etc/firewalld/firewalld.conf (firewalld 2.x also "
                                               "takes loose: a route back through any interface), then "
                                               "firewall-cmd --reload; no zone or rich rule comes before it")
@@ -149,14 +156,15 @@ def _fw4(placement: Placement, chains: set, match: FlowMatch, verdict: str) -> M
     return ManagerNote("fw4", note, f"uci add firewall rule && {sets} && uci commit firewall && fw4 reload")
 
 
-def _nixos(placement: Placement, chains: set, match: FlowMatch, verdict: str) -> ManagerNote:
-    """NixOS's options by the chain the packet met: the reverse-path filter (chain rpfilter, at
-    prerouting), input or forward; each takes rules in nft's words, but for open ports."""
+def _nixos(placement: Placement, match: FlowMatch, verdict: str) -> ManagerNote:
+    """NixOS's options by the chain the change goes under: the reverse-path filter (chain
+    rpfilter, at prerouting), input or forward; each takes rules in nft's words, but for open
+    ports."""
     note = ("NixOS generates table inet nixos-fw from configuration.nix (networking.firewall): nixos-rebuild "
             "replaces a direct edit")
     rule = f"{match.nft(placement.family)} {verdict}"
     rebuild = "(configuration.nix, then nixos-rebuild switch)"
-    if "rpfilter" in chains and verdict == "accept":
+    if (_under(placement, "rpfilter") or _under(placement, "rpfilter-allow")) and verdict == "accept":
         return ManagerNote("nixos", note, f"networking.firewall.extraReversePathFilterRules = ''{rule}''; {rebuild}; "
                                           f"or checkReversePath = \"loose\" for every source with any route back")
     if placement.hook == "forward":
