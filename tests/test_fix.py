@@ -576,6 +576,39 @@ def test_a_drop_asked_of_a_packet_no_chain_filtered_gets_a_base_chain_of_its_own
     assert live_verdict(router, flow_named(scenario, "mail, routed through no chain")) == "accept"
 
 
+KUBE_PROXY = """
+table ip kube-proxy {
+    set cluster-ips { type ipv4_addr; elements = { 172.30.0.41 } }
+    chain filter-input {
+        type filter hook input priority -110; policy accept;
+        ct state new ip daddr @cluster-ips reject
+    }
+    chain filter-forward {
+        type filter hook forward priority -110; policy accept;
+        ct state new ip daddr @cluster-ips reject
+    }
+}
+"""
+KUBE_FLOWS = [{"name": "ssh to the node", "from": "10.77.1.2", "to": "10.77.1.1", "proto": "tcp", "dport": 22,
+               "expect": "accept"},
+              {"name": "web through the node", "from": "10.77.1.2", "to": "10.77.2.2", "proto": "tcp", "dport": 80,
+               "expect": "accept"}]
+
+
+def test_a_drop_asked_of_a_packet_kube_proxy_let_through_goes_in_a_table_kube_proxy_does_not_rewrite(lab, tmp_path):
+    scenario = own_scenario(tmp_path, "kube", KUBE_PROXY, KUBE_FLOWS)
+    router = lab(scenario)
+    ssh = flow_named(scenario, "ssh to the node")
+    fix = propose(router, ssh, "drop")
+    (command,) = fix["commands"]
+    assert "'add table inet filter; add chain inet filter input { type filter hook input priority filter; " \
+           "policy accept; }; add rule inet filter input " in command and "kube-proxy" not in command
+    assert fix["managers"] == []
+    paste(fix["commands"])
+    assert live_verdict(router, ssh) == "drop"
+    assert live_verdict(router, flow_named(scenario, "web through the node")) == "accept"
+
+
 # -- iptables-nft ----------------------------------------------------------------------------------
 
 def test_iptables_nft_tables_are_changed_with_iptables_by_position_and_at_the_end(lab, tmp_path):

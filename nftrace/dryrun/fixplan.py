@@ -244,14 +244,15 @@ def placement_for(path: PacketPath, iptables_nft_tables: Collection = (), verdic
     A drop asked for a packet that netfilter let through goes before the step that let it
     through, also when the kernel dropped the packet later (no socket, no route: there is no
     deciding step), so that the firewall drops it whatever the kernel would do next; where no
-    chain that filters let it through, in a base chain of its own (`verdict`: the one asked).
+    chain that filters let it through, or kube-proxy's (which it writes again within seconds),
+    in a base chain of its own (`verdict`: the one asked): a drop there is as final.
 
     `iptables_nft_tables`: (family, table) of the tables iptables-nft writes; a step of one of
     them with an iptables form says so too, but a policy has none."""
     step = path.decided_by
     if verdict == "drop" and path.complete and path.verdict == "accept":
         step = step or deciding_accept(path.steps)
-        if step is None or accept_tier(step) == NAT_TIER:
+        if step is None or accept_tier(step) == NAT_TIER or kube_proxy_owns(step.table, step.chain):
             return _new_base_chain(path)
     if step is None:
         raise NoChange(_undecided_reason(path, verdict))
@@ -280,6 +281,14 @@ def placement_for(path: PacketPath, iptables_nft_tables: Collection = (), verdic
     if step.backend != "nft" and number is None:
         raise NoChange(f"the rule that decided ({step.location()}) has no number to put a rule before")
     return Placement(chain=chain, handle=handle, rule_number=number, **common)
+
+
+_KUBE_CHAIN_RE = re.compile(r"^KUBE-")
+
+
+def kube_proxy_owns(table: str, chain: str) -> bool:
+    """kube-proxy's nftables table, or its KUBE-* chains of iptables."""
+    return table == "kube-proxy" or bool(_KUBE_CHAIN_RE.match(chain))
 
 
 def _new_base_chain(path: PacketPath) -> Placement:
@@ -431,6 +440,8 @@ def element_change(near_miss, verdict: str) -> Optional[Change]:
         return None
     if getattr(near_miss, "unknown", None):
         return None  # an expression that could not be evaluated may fail too
+    if verdict == "drop" and kube_proxy_owns(near_miss.table, near_miss.chain):
+        return None  # kube-proxy writes its sets again within seconds; a drop lasts in a chain of its own
     mismatches = list(getattr(near_miss, "mismatches", []) or [])
     if len(mismatches) != 1 or not verdict_gives(near_miss.verdict, verdict):
         return None

@@ -16,14 +16,13 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from .fixplan import FlowMatch, Placement
+from .fixplan import FlowMatch, Placement, kube_proxy_owns
 
 _FIREWALLD_ZONE_RE = re.compile(r"^filter_IN_(?!policy_)(.+?)(?:_(?:pre|log|deny|allow|post))?$")
 _FW4_ZONE_RE = re.compile(r"^(input|forward|output)_(.+)$")
 _UFW_CHAIN_RE = re.compile(r"^ufw6?-")
 _DOCKER_CHAIN_RE = re.compile(r"^DOCKER(?!-USER$)(-|$)")
 _LIBVIRT_CHAIN_RE = re.compile(r"^LIBVIRT_")
-_KUBE_CHAIN_RE = re.compile(r"^KUBE-")
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def manager_of(placement: Placement, match: FlowMatch, verdict: str,
         return ManagerNote("libvirt", f"libvirt writes table {placement.family} {table} again when a virtual "
                                       f"network starts (virsh net-start, libvirtd restart): a direct edit is lost "
                                       f"then; put the rule in a table of your own, or in the network's definition")
-    if table == "kube-proxy" or any(_KUBE_CHAIN_RE.match(name) for name in chains):
+    if any(kube_proxy_owns(table, name) for name in chains):
         return ManagerNote("kube-proxy", f"kube-proxy resynchronises table {placement.family} {table} within "
                                          f"seconds: a direct edit does not last; change the Service or a "
                                          f"NetworkPolicy instead")
