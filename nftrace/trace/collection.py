@@ -45,7 +45,6 @@ class CollectionBetweenReads:
         self.young_objects = young_objects
         self.busy_seconds = busy_seconds
         self.clock = clock
-        self.passes = 0
         self._last_pass = 0.0
         self._was_enabled = False
 
@@ -76,5 +75,4 @@ class CollectionBetweenReads:
         generation = generation_to_collect(counts, gc.get_threshold())
         gc.collect(generation)
         self._last_pass = now
-        self.passes += 1
         return generation
