@@ -76,6 +76,20 @@ def test_a_reason_is_explained_in_the_packets_words_only_while_they_share_them()
     assert (reason["packets"], reason["explain"]) == (4, "nothing listens on their destination ports in this namespace")
 
 
+def test_ipv6_multicast_not_for_this_host_counts_apart_from_the_kernels_other_unspecified_drops():
+    def freed(location, explanation):
+        return path(verdict="accept", decided_by=step(verdict="accept"),
+                    kernel_drop={"reason": "NOT_SPECIFIED", "location": location, "explain": explanation})
+
+    multicast = "multicast to a group that nothing here has joined: not for this host"
+    tally = DropTally()
+    tally.add(freed("ip6_mc_input+0x15e", multicast), INTERFACES)
+    tally.add(freed("kfree_skb_list+0x10", "the kernel freed it without saying why"), INTERFACES)
+    tally.add(freed("ip6_mc_input+0x15e", multicast), INTERFACES)
+    assert [(reason["reason"], reason["packets"], reason["explain"]) for reason in tally.kernel_drops_json()] == [
+        ("NOT_SPECIFIED", 2, multicast), ("NOT_SPECIFIED", 1, "the kernel freed it without saying why")]
+
+
 def test_every_reason_explained_with_a_packets_values_has_words_for_many_packets():
     from nftrace.drops.reasons import REASON_EXPLANATIONS, explain_many
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 
@@ -140,6 +141,17 @@ def test_a_datagram_whose_ttl_runs_out_is_said_so_not_an_invalid_header(lab, ser
     drop = result.packets[0]["kernel_drop"]
     assert drop["reason"] == "IP_INHDR"
     assert drop["explain"].startswith(words)
+
+
+def test_ipv6_multicast_for_a_group_the_router_has_not_joined_is_said_to_be_not_for_it(lab):
+    send = ("import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); "
+            "s.sendto(b'x', ('ff02::4242', 5000, 0, socket.if_nametoindex('eth0')))")
+    result = why(lab, "--from", "fe80::/10", "--to", "ff02::4242", "--proto", "udp", "--dport", "5000",
+                 command=["ip", "netns", "exec", lab.client, sys.executable, "-c", send])
+    packet = result.packets[0]
+    assert (packet["verdict"], packet["kernel_drop"]["reason"]) == ("accept", "NOT_SPECIFIED")
+    assert packet["kernel_drop"]["explain"].startswith("multicast to a group that nothing here has joined: not for "
+                                                       "this host")
 
 
 def test_without_bpftrace_drop_reasons_are_unavailable_once_and_the_trace_goes_on(lab):

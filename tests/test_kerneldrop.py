@@ -159,6 +159,14 @@ def test_the_code_that_freed_the_packet_tells_a_ttl_run_out_from_an_invalid_head
     assert explain(KernelDrop(10.0, "IP_INHDR", "ip_rcv_core+0x1b2", CLIENT, ROUTER, 17)) == "invalid IP header"
 
 
+def test_ipv6_multicast_for_a_group_nothing_here_joined_is_said_so_not_freed_without_a_reason():
+    mld = KernelDrop(10.0, "NOT_SPECIFIED", "ip6_mc_input+0x15e", ipaddress.ip_address("fe80::1"),
+                     ipaddress.ip_address("ff02::16"), 0)
+    assert explain(mld).startswith("multicast to a group that nothing here has joined: not for this host")
+    assert explain(KernelDrop(10.0, "NOT_SPECIFIED", "kfree_skb_list+0x10", CLIENT, ROUTER, 17)) == \
+        "the kernel freed it without saying why"
+
+
 def test_unlisted_tcp_reason_falls_back_to_its_family():
     assert explain(drop("TCP_OFO_DROP")) == "TCP's own checks refused it"
 

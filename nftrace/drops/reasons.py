@@ -86,7 +86,19 @@ LOCATION_EXPLANATIONS = {
     ("ip6_forward", "IP_INHDR"): "its hop limit ran out here: it came in with hop limit 1 and cannot be forwarded "
                                  "(the sender gets ICMPv6 time exceeded; traceroute does it on purpose, a routing "
                                  "loop by accident)",
+    # IPv6 multicast input: no socket or interface here is a member of the group, and no
+    # multicast routing forwards it (ip6_mc_input). Every IPv6 link carries such packets.
+    ("ip6_mc_input", "NOT_SPECIFIED"): "multicast to a group that nothing here has joined: not for this host (an "
+                                       "IPv6 link carries such packets all the time: MLD reports to ff02::16, "
+                                       "solicitations for the routers or for other hosts' addresses)",
 }
+
+
+def location_cause(location: Optional[str], reason: str) -> Optional[str]:
+    """The function that freed the packet, where it tells one cause of the reason from the
+    others (LOCATION_EXPLANATIONS); None otherwise. `drops` counts such drops apart."""
+    function = function_of(location or "")
+    return function if (function, reason) in LOCATION_EXPLANATIONS else None
 # Families of reasons: when a reason has no sentence of its own, its prefix gives one.
 REASON_PREFIX_EXPLANATIONS = (
     ("TCP_MD5", "TCP MD5 signature check failed"),

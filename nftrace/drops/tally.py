@@ -25,7 +25,7 @@ from ..protocols import protocol_name
 from ..trace.paths import PacketPath, Step
 from ..trace.report import decided_by_json
 from ..kernel.system import interface_name
-from .reasons import explain_many
+from .reasons import explain_many, location_cause
 
 FLOWS_KEPT = 4096
 TOP_FLOWS = 5
@@ -182,11 +182,14 @@ class DropTally:
         self.packets += 1
 
     def _reason_entry(self, kernel_drop: dict) -> "ReasonDrops":
-        """The entry that counts a kernel drop: one per reason, and per refusal of routing
-        (drops/routing.py: a blackhole route and a prohibit route are both NOT_SPECIFIED)."""
+        """The entry that counts a kernel drop: one per reason, per refusal of routing
+        (drops/routing.py: a blackhole route and a prohibit route are both NOT_SPECIFIED), and
+        per cause that the code which freed the packet tells (reasons.location_cause: IPv6
+        multicast not for this host is NOT_SPECIFIED too)."""
         reason = kernel_drop.get("reason") or "unknown"
         routing = kernel_drop.get("routing")
-        key = (reason, kernel_drop.get("explain")) if routing else reason
+        cause = location_cause(kernel_drop.get("location"), reason)
+        key = (reason, kernel_drop.get("explain")) if routing else (reason, cause) if cause else reason
         entry = self.reasons.get(key)
         if entry is None:
             entry = self.reasons[key] = ReasonDrops(reason=reason, routing=routing)
