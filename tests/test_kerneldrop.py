@@ -167,6 +167,11 @@ def test_ipv6_multicast_for_a_group_nothing_here_joined_is_said_so_not_freed_wit
         "the kernel freed it without saying why"
 
 
+def test_a_packet_purged_with_its_sockets_queue_is_said_so():
+    # Seen on every real-world ruleset's `drops` run: a server that closes a connection unread.
+    assert explain(drop("QUEUE_PURGE")).startswith("the queue it waited in was emptied at once (its socket closed")
+
+
 def test_unlisted_tcp_reason_falls_back_to_its_family():
     assert explain(drop("TCP_OFO_DROP")) == "TCP's own checks refused it"
 
