@@ -362,6 +362,21 @@ def test_dnat_is_reported_at_prerouting_with_its_rule():
     }]
 
 
+def test_a_legacy_iptables_dnat_target_is_the_rule_that_rewrote_not_the_connections_mapping():
+    dnat = Step("prerouting", "ip", "nat", "DOCKER", "rule", None, 1,
+                "-A DOCKER ! -i bridge1 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.77.2.2:80", "accept",
+                backend="iptables-legacy")
+    changes = nat_rewrites([observation("prerouting", tcp(dport=8080), chain="mark_prerouting"),
+                            observation("prerouting", tcp(dst=SERVER, dport=80))], [dnat])
+    assert (changes[0]["kind"], changes[0]["rule"]) == ("dnat", dnat.location())
+    masquerade = Step("postrouting", "ip", "nat", "POSTROUTING", "rule", None, 2,
+                      "-A POSTROUTING -s 10.77.1.0/24 ! -o docker0 -j MASQUERADE", "accept", backend="iptables-legacy")
+    changes = nat_rewrites([observation("forward", tcp(dst=SERVER)),
+                            observation("postrouting", tcp(src=ipaddress.ip_address("10.77.2.1"), dst=SERVER))],
+                           [masquerade])
+    assert changes[0]["kind"] == "masquerade"
+
+
 def test_masquerade_is_reported_at_postrouting():
     masquerade = rule_step("postrouting", 'oifname "r-server" masquerade', family="ip", table="nat", chain="post")
     before, after = tcp(dst=SERVER), tcp(src=ipaddress.ip_address("10.77.2.1"), dst=SERVER)

@@ -212,7 +212,8 @@ def test_legacy_forward_accept_then_masquerade(legacy_lab):
     assert packet["decided_by"]["text"] == "-A FORWARD -i r-client -o r-server -p tcp -m tcp --dport 443 -j ACCEPT"
     masquerade = next(s for s in packet["steps"] if s["table"] == "nat" and s["chain"] == "POSTROUTING")
     assert (masquerade["rule_number"], masquerade["verdict"]) == (1, "accept")
-    assert {"field": "src", "to": f"{ROUTER_SERVER_V4}:{packet['packet']['sport']}"}.items() <= packet["nat"][-1].items()
+    assert {"hook": "postrouting", "field": "src", "to": f"{ROUTER_SERVER_V4}:{packet['packet']['sport']}",
+            "kind": "masquerade"}.items() <= packet["nat"][-1].items()
 
 
 def test_legacy_dnat_is_followed_to_the_forward_rule(legacy_lab):
@@ -221,7 +222,10 @@ def test_legacy_dnat_is_followed_to_the_forward_rule(legacy_lab):
     assert dnat["text"] == "-A PREROUTING -d 10.77.1.1/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.77.2.2:80"
     assert packet["decided_by"]["text"] == "-A FORWARD -d 10.77.2.2/32 -p tcp -m tcp --dport 80 -j ACCEPT"
     assert packet["hooks"] == ["prerouting", "forward", "postrouting"]
-    assert any(change["field"] == "dst" and change["to"] == f"{SERVER_V4}:80" for change in packet["nat"])
+    (rewrite,) = [change for change in packet["nat"] if change["field"] == "dst"]
+    assert (rewrite["to"], rewrite["kind"]) == (f"{SERVER_V4}:80", "dnat")
+    assert rewrite["rule"] == ("iptables nat PREROUTING rule 1: -A PREROUTING -d 10.77.1.1/32 -p tcp -m tcp "
+                               "--dport 8080 -j DNAT --to-destination 10.77.2.2:80")
 
 
 def test_legacy_output_drop_of_a_locally_sent_packet(legacy_lab):

@@ -77,6 +77,22 @@ def test_a_dnat_without_an_observation_at_prerouting_is_still_read_at_prerouting
     assert (path.verdict, path.decided_by.chain, path.decided_by.handle) == ("accept", "forward", 2)
 
 
+def test_snat_that_ran_before_the_first_chain_seen_at_postrouting_is_postroutings_not_forwards():
+    # A connection's later packet: conntrack applies its masquerade at postrouting (no NAT
+    # chain runs), or a legacy nat table does, before nftrace's observation chain, the first
+    # chain seen there. The end of forward, derived from that chain's event, shows the new
+    # source; forward rewrites nothing, so the change is postrouting's.
+    rewritten = PacketHeaders(ipaddress.ip_address("10.77.2.1"), ipaddress.ip_address("10.77.2.2"), 6, 60, 40000, 80)
+    [path] = build([
+        event(OWN, "mark_prerouting", handle=2, packet=headers(), iif=2),
+        event("fw", "forward", handle=2, packet=headers(), iif=2, oif=3, ct=NEW),
+        event(OWN, "obs_postrouting", handle=5, packet=rewritten, iif=2, oif=3, ct=NEW),
+    ])
+    assert [o.hook for o in path.observations if o.derived] == ["prerouting", "forward"]
+    assert [(change["hook"], change["field"], change["to"], change["kind"]) for change in path.nat] == [
+        ("postrouting", "src", "10.77.2.1:40000", None)]
+
+
 def test_a_packet_marked_by_this_run_says_so():
     [path] = build([
         event(OTHER, "mark_prerouting", handle=2, packet=headers(), iif=2),

@@ -891,8 +891,10 @@ def _same_endpoint(one: PacketHeaders, other: PacketHeaders, side: str) -> bool:
 
 
 # NAT statements as nft lists them (`dnat ip to 10.0.0.2:80`, `masquerade`, `redirect to :8080`),
-# not the `ct status dnat` match.
-_NAT_STATEMENT_RE = re.compile(r"\b(snat|dnat)\b(?=\s+(?:ip6?\s+)?(?:prefix\s+)?to\b)|\b(masquerade|redirect)\b")
+# not the `ct status dnat` match; and iptables' NAT targets (`-j DNAT --to-destination ...`, a
+# legacy table's rule as iptables-save writes it).
+_NAT_STATEMENT_RE = re.compile(r"\b(snat|dnat)\b(?=\s+(?:ip6?\s+)?(?:prefix\s+)?to\b)|\b(masquerade|redirect)\b"
+                               r"|-j\s+(SNAT|DNAT|MASQUERADE|REDIRECT)\b")
 _NAT_KINDS = {"src": ("snat", "masquerade"), "dst": ("dnat", "redirect")}
 
 
@@ -902,37 +904,48 @@ def _nat_rule(steps: list, hook: Optional[str], side: str) -> tuple[Optional[str
         if step.hook != hook or step.type != "rule" or not step.text:
             continue
         for match in _NAT_STATEMENT_RE.finditer(step.text):
-            kind = match.group(1) or match.group(2)
+            kind = (match.group(1) or match.group(2) or match.group(3)).lower()
             if kind in _NAT_KINDS[side]:
                 return kind, step
     return None, None
 
 
+# The hooks where NAT rewrites each side: DNAT and redirect before routing (prerouting, and
+# output for locally sent packets), SNAT and masquerade after it (postrouting, and input).
+_REWRITTEN_AT = {"dst": ("prerouting", "output"), "src": ("postrouting", "input")}
+
+
 def nat_rewrites(observations: list, steps: list = ()) -> list:
     """Each change of source or destination between consecutive hook observations.
 
-    nftrace's observation chain runs last on every hook, so a change shows at the hook that
-    made it. `kind` and `rule` name the NAT rule on that hook (dnat, snat, masquerade,
-    redirect); null means that no rule ran: the packet's connection already had its NAT
-    mapping (every packet after a connection's first, and its replies), and conntrack applied it.
+    nftrace's observation chain runs last on every hook where NAT can happen, so a change
+    shows at the hook that made it. A derived observation (the end of a hook, as the next
+    hook's first chain saw the packet) counts only for a side that its hook can rewrite: NAT
+    that ran unseen at the next hook before that chain (a legacy nat table; conntrack's
+    mapping for a connection's later packets) would otherwise show at the hook before, such
+    as forward, which rewrites nothing. `kind` and `rule` name the NAT rule on that hook
+    (dnat, snat, masquerade, redirect; an nft statement or an iptables target); null means
+    that no rule ran: the packet's connection already had its NAT mapping (every packet after
+    a connection's first, and its replies), and conntrack applied it.
     """
     changes = []
-    previous = None
+    previous = {"src": None, "dst": None}
     for observation in observations:
         packet = observation.packet
         if packet is None:
             continue
-        if previous is not None:
-            for side in ("src", "dst"):
-                if _same_endpoint(previous, packet, side):
-                    continue  # the common case, decided without making text
-                before, after = _endpoint(previous, side), _endpoint(packet, side)
-                if before != after:
-                    kind, step = _nat_rule(steps, observation.hook, side)
-                    changes.append({"hook": observation.hook, "field": side, "from": before, "to": after,
-                                    "kind": kind,
-                                    "rule": step.location() if step else None})
-        previous = packet
+        for side in ("src", "dst"):
+            if observation.derived and observation.hook not in _REWRITTEN_AT[side]:
+                continue
+            before_packet, previous[side] = previous[side], packet
+            if before_packet is None or _same_endpoint(before_packet, packet, side):
+                continue  # the common case, decided without making text
+            before, after = _endpoint(before_packet, side), _endpoint(packet, side)
+            if before != after:
+                kind, step = _nat_rule(steps, observation.hook, side)
+                changes.append({"hook": observation.hook, "field": side, "from": before, "to": after,
+                                "kind": kind,
+                                "rule": step.location() if step else None})
     return changes
 
 
