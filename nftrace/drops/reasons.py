@@ -122,13 +122,6 @@ LOCATION_EXPLANATIONS = {
                                        "IPv6 link carries such packets all the time: MLD reports to ff02::16, "
                                        "solicitations for the routers or for other hosts' addresses)",
 }
-
-
-def location_cause(location: Optional[str], reason: str) -> Optional[str]:
-    """The function that freed the packet, where it tells one cause of the reason from the
-    others (LOCATION_EXPLANATIONS); None otherwise. `drops` counts such drops apart."""
-    function = function_of(location or "")
-    return function if (function, reason) in LOCATION_EXPLANATIONS else None
 # Families of reasons: when a reason has no sentence of its own, its prefix gives one.
 REASON_PREFIX_EXPLANATIONS = (
     ("TCP_MD5", "TCP MD5 signature check failed"),
@@ -250,6 +243,13 @@ class _SafeFormat(dict):
 def function_of(location: str) -> str:
     """`ip_error+0x94` → `ip_error`."""
     return location.split("+", 1)[0]
+
+
+def location_cause(location: Optional[str], reason: str) -> Optional[str]:
+    """The function that freed the packet, where it tells one cause of the reason from the
+    others (LOCATION_EXPLANATIONS); None otherwise. `drops` counts such drops apart."""
+    function = function_of(location or "")
+    return function if (function, reason) in LOCATION_EXPLANATIONS else None
 
 
 def explain(drop: KernelDrop, iif: Optional[str] = None) -> str:
