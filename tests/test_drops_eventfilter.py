@@ -44,8 +44,10 @@ from nftrace.flow import parse_flow
 from nftrace.kernel.monitor import TraceMonitor
 from nftrace.kernel.nft import NftContext
 from nftrace.kernel.tracetable import TraceTable
-every, filtered = TraceMonitor(), TraceMonitor()
+from nftrace.drops.eventstash import EventStash
+every, filtered, stashed = TraceMonitor(), TraceMonitor(), TraceMonitor()
 filtered.keep_only(drops_event_filter(), "drops' filter")
+stashed.hold_back(EventStash({1}))
 nft = NftContext()
 table = TraceTable(nft, parse_flow("0.0.0.0/0", "0.0.0.0/0"), max_rate=0)
 table.install()
@@ -54,9 +56,10 @@ listing = nft.list_ruleset()
 print("ready", flush=True)
 sys.stdin.readline()
 time.sleep(0.5)
-read = {"every": [], "filtered": []}
-for name, monitor in (("every", every), ("filtered", filtered)):
+read = {}
+for name, monitor in (("every", every), ("filtered", filtered), ("stashed", stashed)):
     read[name] = [d.hex() for d in monitor.read_raw() if d is not None]
+read["dumped"] = [[d.hex() for d in packet.datagrams] for packet in stashed.stash.dump()]
 table.remove()
 json.dump({"listing": listing, **read}, sys.stdout)
 """
@@ -91,17 +94,19 @@ def captured():
         data = json.loads(out)
     every = [decode_trace_message(bytes.fromhex(d)) for d in data["every"]]
     filtered = [decode_trace_message(bytes.fromhex(d)) for d in data["filtered"]]
-    return every, filtered, RulesetSnapshot(data["listing"])
+    stashed = [decode_trace_message(bytes.fromhex(d)) for d in data["stashed"]]
+    dumped = [[decode_trace_message(bytes.fromhex(d)) for d in packet] for packet in data["dumped"]]
+    return every, filtered, RulesetSnapshot(data["listing"]), stashed, dumped
 
 
 def test_the_kernel_keeps_exactly_the_events_drops_needs(captured):
-    every, filtered, _ = captured
+    every, filtered, *_ = captured
     assert filtered == [event for event in every if needed(event)]
     assert len(filtered) < len(every)
 
 
 def test_the_discarded_events_are_the_ones_that_say_a_packet_went_on(captured):
-    every, filtered, _ = captured
+    every, filtered, *_ = captured
     discarded = [event for event in every if event not in filtered]
     kinds = {(event.type, event.verdict) for event in discarded}
     # an accept in a called chain, the end of a chain's rules, a base chain's accept policy
@@ -119,8 +124,41 @@ def _paths(events, snapshot) -> dict:
 
 
 def test_every_packet_keeps_its_verdict_and_its_deciding_rule(captured):
-    every, filtered, snapshot = captured
+    every, filtered, snapshot, *_ = captured
     full, lean = _paths(every, snapshot), _paths(filtered, snapshot)
+    assert full.keys() == lean.keys()
+    assert _same_answers(full, lean) >= 5  # 9090, 2323 (reject), 5353, 4444, 8443, and their retries
+
+
+def _dropped_ids(events, snapshot) -> set:
+    return {trace_id for (_, trace_id), path in _paths(events, snapshot).items() if path.verdict == "drop"}
+
+
+def test_the_kernel_stash_hands_over_exactly_the_events_of_dropped_packets(captured):
+    """eventstash.py: what the classic filter keeps, of the packets that ended in a drop, and
+    nothing of the others."""
+    every, filtered, snapshot, stashed, _ = captured
+    dropped = _dropped_ids(every, snapshot)
+    assert len(dropped) >= 5
+    assert stashed == [event for event in filtered if event.trace_id in dropped]
+    full, lean = _paths(every, snapshot), _paths(stashed, snapshot)
+    assert _same_answers({key: path for key, path in full.items() if key[1] in dropped}, lean) == len(dropped)
+
+
+def test_the_kernel_stash_keeps_the_accepted_packets_until_asked(captured):
+    """After a kernel drop that no packet explains, `drops` takes what is stashed: the
+    accepted packets, each with the events the classic filter keeps."""
+    every, filtered, snapshot, stashed, dumped = captured
+    dropped = _dropped_ids(every, snapshot)
+    accepted = {event.trace_id for event in every} - dropped
+    assert {packet[0].trace_id for packet in dumped} == accepted
+    for packet in dumped:
+        assert packet == [event for event in filtered if event.trace_id == packet[0].trace_id]
+
+
+def _same_answers(full: dict, lean: dict) -> int:
+    """Every packet of `full` has in `lean` the same verdict, and a dropped one the same
+    deciding rule and hooks; returns how many were dropped."""
     assert full.keys() == lean.keys()
     dropped = 0
     for key, path in full.items():
@@ -131,7 +169,7 @@ def test_every_packet_keeps_its_verdict_and_its_deciding_rule(captured):
             assert (mine.family, mine.table, mine.chain, mine.handle, mine.text, mine.hook, mine.type) == \
                 (theirs.family, theirs.table, theirs.chain, theirs.handle, theirs.text, theirs.hook, theirs.type), key
             assert lean[key].hooks == path.hooks, key
-    assert dropped >= 5  # 9090, 2323 (reject), 5353, 4444, 8443, and their retries
+    return dropped
 
 
 def test_a_program_jumps_to_its_labels_and_refuses_what_it_cannot_encode():
@@ -152,3 +190,4 @@ def test_a_program_jumps_to_its_labels_and_refuses_what_it_cannot_encode():
 
 def test_drops_filter_fits_in_classic_bpf():
     assert 0 < len(drops_event_filter()) < 4096  # BPF_MAXINSNS
+

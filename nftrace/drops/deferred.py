@@ -105,6 +105,25 @@ class DeferredPackets:
     def held(self) -> int:
         return len(self._open) + len(self._accepted)
 
+    def straight(self, now: float) -> bool:
+        """Every event goes straight on now (after `suspend`)."""
+        return now < self._straight_until
+
+    def hold(self, packets: Iterable) -> None:
+        """Hold packets whose events the kernel stashed (eventstash.StashedPacket), as if
+        their events had been read here: accepted, or still open."""
+        for stashed in packets:
+            layout = trace_layout(stashed.datagrams[0])
+            if layout is None:
+                continue
+            packet = _Packet(layout[0], stashed.first, stashed.last)
+            packet.datagrams = list(stashed.datagrams)
+            self._order.append(packet)
+            if stashed.accepted:
+                self._accepted.append(packet)
+            else:
+                self._open[packet.trace_id] = packet
+
     def suspend(self, now: float, seconds: float = REMEMBER_SECONDS) -> None:
         """Everything held goes on at the next read, and every event for `seconds` from now."""
         self._release = True

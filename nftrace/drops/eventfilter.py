@@ -32,8 +32,8 @@ from ..kernel.sockfilter import Program
 from ..kernel.tracetable import TRACE_TABLE_PREFIX
 from ..trace.events import TRACE_ATTRIBUTES, TRACE_MESSAGE_TYPE, TRACE_TYPES, VERDICT_ATTRIBUTES, VERDICT_NAMES
 
-_TRACE = {name: number for number, (name, _) in enumerate(TRACE_ATTRIBUTES)}
-_VERDICT_CODE = next(number for number, (name, _) in enumerate(VERDICT_ATTRIBUTES) if name == "NFTA_VERDICT_CODE")
+TRACE_NUMBERS = {name: number for number, (name, _) in enumerate(TRACE_ATTRIBUTES)}
+VERDICT_CODE = next(number for number, (name, _) in enumerate(VERDICT_ATTRIBUTES) if name == "NFTA_VERDICT_CODE")
 _TYPE_NUMBERS = {name: number for number, name in TRACE_TYPES.items()}
 _VERDICT_NUMBERS = {name: number for number, name in VERDICT_NAMES.items()}
 # Verdicts after which the packet goes on: their rule events are not needed.
@@ -76,7 +76,7 @@ def drops_event_filter() -> Program:
     program.jump_if_equal(_TYPE_NUMBERS["return"], true="discard")
     # A rule event: the verdict code, the first attribute of the nest (nft_verdict_dump).
     _noted(program, "NFTA_TRACE_VERDICT")
-    program.load_byte_at_x(4 + 2).jump_if_equal(_VERDICT_CODE, false="keep").load_word_at_x(4 + 4)
+    program.load_byte_at_x(4 + 2).jump_if_equal(VERDICT_CODE, false="keep").load_word_at_x(4 + 4)
     for verdict in GOING_ON:
         program.jump_if_equal(_VERDICT_NUMBERS[verdict], true="discard")
     program.jump("keep")
@@ -96,9 +96,9 @@ def _walk_step(program: Program, step: int) -> None:
     program.load_length().subtract(4).jump_if_at_least_x(false=walked)  # no attribute header left
     program.load_byte_at_x(2)  # the type's low byte (the high one holds the nested/byte-order flags)
     for name in FIRST_EVENT_ATTRIBUTES:
-        program.jump_if_equal(_TRACE[name], true=keep)
+        program.jump_if_equal(TRACE_NUMBERS[name], true=keep)
     for name, slot in _NOTED.items():
-        program.jump_if_equal(_TRACE[name], true=f"{noted}_{slot}")
+        program.jump_if_equal(TRACE_NUMBERS[name], true=f"{noted}_{slot}")
     program.jump(advance)
     for slot in _NOTED.values():
         program.label(f"{noted}_{slot}").store_x(slot).jump(advance)

@@ -14,6 +14,7 @@ same guarantees on every exit path); what differs is here:
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional
 
@@ -25,10 +26,15 @@ from ..kernel.monitor import READ_BATCH
 from ..kernel.tracetable import TraceTable
 from ..trace.paths import PacketPath
 from ..trace.session import TraceOptions, TraceSession, open_nftables
+from . import eventstash
 from .deferred import DeferredPackets
 from .eventfilter import drops_event_filter
 from .report import DropsReport
 from .tally import TraceCounts
+
+# NFTRACE_CLASSIC_FILTER=1: the classic socket filter even where eBPF works (tests, comparison).
+CLASSIC_FILTER_ENV = "NFTRACE_CLASSIC_FILTER"
+STASH_POLL_SECONDS = 0.05
 
 
 class DropsSession(TraceSession):
@@ -41,8 +47,9 @@ class DropsSession(TraceSession):
         super().__init__(options, report)
         self.started: Optional[float] = None
         self._deferred: Optional[DeferredPackets] = None
+        self._stashes: list = []  # the kernel's stashes of events (eventstash.py), one per monitor
+        self._stash_lost = 0
         self._remembered = 0  # the correlator's drops remembered, when held packets were last built for them
-        self._filtered: set = set()  # monitors whose kernel side keeps only the events drops reads
 
     def run(self, on_drop: Callable[[PacketPath], None], on_ready: Callable[[], None] = lambda: None,
             on_batch: Optional[Callable[[], None]] = None) -> None:
@@ -61,22 +68,56 @@ class DropsSession(TraceSession):
         finally:
             if self.started is not None:
                 report.duration = time.monotonic() - self.started
+            if self._stash_lost:
+                report.lost_events += self._stash_lost
+                report.warnings.append(f"{self._stash_lost:,} trace events were lost: the kernel's queue of dropped "
+                                       "packets for nftrace was full (nftrace fell behind); those packets are not "
+                                       "counted")
             if self._deferred is not None:
                 self._deferred.finish()
 
+    def _build(self, part, plan, legacy, several) -> None:
+        """Where paths are plain (no bridge, no egress device followed: their hooks can follow
+        postrouting), packets wait in DeferredPackets, and the kernel filters the events
+        before any is queued: from before `drops` says it is watching."""
+        super()._build(part, plan, legacy, several)
+        builder = part.builder
+        if part.monitor is not None and self._deferred is None and not (builder.bridges or builder.egress):
+            self._deferred = DeferredPackets(builder, on_unbuilt=self.report.tally.not_built)
+            self._filter_events(part.monitor, builder)
+
     def _read_events(self, part, limit=READ_BATCH):
         """The events of packets that can be drops (see deferred.py), of the events the answer
-        needs (eventfilter.py); where paths can go on past postrouting (bridges, egress
-        chains), every event."""
-        builder = part.builder
-        if self._deferred is None and not (builder.bridges or builder.egress):
-            self._deferred = DeferredPackets(builder, on_unbuilt=self.report.tally.not_built)
+        needs (eventfilter.py, eventstash.py); where paths can go on past postrouting, every event."""
         if self._deferred is None:
             return super()._read_events(part, limit)
-        if part.monitor not in self._filtered:
-            part.monitor.keep_only(drops_event_filter(), "the filter of the trace events drops reads")
-            self._filtered.add(part.monitor)
-        return self._deferred.read(part.monitor.read_raw(limit), time.monotonic())
+        monitor, now = part.monitor, time.monotonic()
+        if monitor.stash is not None:
+            monitor.stash.everything(self._deferred.straight(now))
+            self.report.tally.not_built(monitor.stash.newly_accepted())
+        return self._deferred.read(monitor.read_raw(limit), now)
+
+    def _filter_events(self, monitor, builder) -> None:
+        """The kernel keeps each packet's events until it is known to be a possible drop
+        (eventstash.py), or, where eBPF cannot do that, drops the events `drops` does not
+        read (eventfilter.py)."""
+        if os.environ.get(CLASSIC_FILTER_ENV) != "1" and eventstash.available() is None:
+            try:
+                stash = eventstash.EventStash(builder.rejoin_ifindexes)
+                monitor.hold_back(stash)
+                self._stashes.append(stash)
+                return
+            except KernelError:
+                pass  # the classic filter does the same, with more events to read
+        monitor.keep_only(drops_event_filter(), "the filter of the trace events drops reads")
+
+    def _wait(self, sources: list, timeout: float) -> list:
+        """A stash's records come without waking a select: it is looked at every STASH_POLL_SECONDS."""
+        stashing = [source for source in sources if getattr(source, "stash", None) is not None]
+        if not stashing:
+            return super()._wait(sources, timeout)
+        readable = super()._wait(sources, min(timeout, STASH_POLL_SECONDS))
+        return readable + [source for source in stashing if source not in readable and not source.stash.empty]
 
     def _release_for_drops(self, run) -> bool:
         """A kernel drop that nothing built explains may be of a packet held back: after
@@ -86,15 +127,26 @@ class DropsSession(TraceSession):
         now = time.monotonic()
         unexplained = self._correlator.unexplained() if self._deferred is not None else None
         if unexplained == "kernel":
+            self._take_stashed(everything=True)
             self._deferred.suspend(now)
         elif unexplained == "netfilter" and self._correlator.remembered != self._remembered:
             self._remembered = self._correlator.remembered  # once per drop: the others are echoes of lost events
+            self._take_stashed(everything=False)
             self._deferred.release_open()
         else:
             return False
         for part in run.live:
             self._dispatch(run, part, self._deferred.read((), now), stopping=True)
         return True
+
+    def _take_stashed(self, everything: bool) -> None:
+        """What the kernel stashes is held here from now (as if read): the packets it holds may
+        be the one dropped. `everything`: and kept events go on the socket for a while
+        (deferred.suspend), so that a packet is never half stashed, half read."""
+        for stash in self._stashes:
+            if everything:
+                stash.everything(True)
+            self._deferred.hold(stash.dump())
 
     def _plan(self):
         nft = open_nftables()
@@ -133,6 +185,7 @@ class DropsSession(TraceSession):
         return super()._wanted(path)
 
     def _finishing(self, table: Optional[TraceTable]) -> None:
+        self._stash_lost = sum(stash.lost_events for stash in self._stashes)  # while the stashes are open
         if table is None or not table.installed:
             return
         try:

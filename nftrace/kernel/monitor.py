@@ -184,6 +184,7 @@ class TraceMonitor:
         self._buffer = bytearray(1 << 20)
         self._view = memoryview(self._buffer)
         self._inode = os.fstat(self.sock.fileno()).st_ino
+        self.stash = None  # see hold_back
 
     def _join(self, group: int) -> None:
         try:
@@ -198,6 +199,13 @@ class TraceMonitor:
     def keep_only(self, program: Program, what: str) -> None:
         """From now on the kernel queues only the datagrams `program` keeps (sockfilter.py)."""
         attach(self.sock, program, what)
+
+    def hold_back(self, stash) -> None:
+        """From now on the kernel stashes trace events (drops/eventstash.py: EventStash), and
+        this monitor hands over the records it queues ahead of the socket's datagrams; it
+        closes the stash with the socket."""
+        stash.attach(self.sock)
+        self.stash = stash
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -217,12 +225,14 @@ class TraceMonitor:
     def drained(self) -> bool:
         """Nothing is queued on the socket now (reads come in batches: a backlog may remain)."""
         ready, _, _ = select.select([self.sock], [], [], 0)
-        return not ready
+        return not ready and (self.stash is None or self.stash.empty)
 
     def read_raw(self, limit: Optional[int] = None) -> Iterator[Optional[bytes]]:
         """The datagrams queued now (at most `limit`; None: until the socket is empty), in
         batches of at most READ_BATCH, each with a None in front of it where events were lost
         since the previous batch (see the module); reading goes on."""
+        if self.stash is not None:
+            yield from self.stash.read()
         left = limit
         while left is None or left > 0:
             wanted = READ_BATCH if left is None else min(left, READ_BATCH)
@@ -274,6 +284,8 @@ class TraceMonitor:
 
     def close(self) -> None:
         self.sock.close()
+        if self.stash is not None:
+            self.stash.close()
 
     def __enter__(self) -> "TraceMonitor":
         return self
