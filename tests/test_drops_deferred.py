@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 from nftrace.drops.deferred import DeferredPackets
+from nftrace.drops.eventstash import ACCEPTED, RECORD_HEADER, RECORD_SIZE, StashedPacket, split_record
 from nftrace.kernel.monitor import EventsLost, ReadEarlier
 from nftrace.kernel.netlink import decode_datagram
 from nftrace.trace.events import TRACE_MESSAGE_TYPE, decode_trace_message, pyroute2_trace_message_class
@@ -220,3 +221,31 @@ def test_a_netfilter_drop_nothing_explains_sends_the_open_packets_on_and_keeps_t
     [item] = deferred.read((), 1.5)
     assert isinstance(item, ReadEarlier) and {event.trace_id for event in item.events} == {5}
     assert deferred.held == 2
+
+
+def test_a_record_from_the_kernel_stash_reads_back_as_its_events_and_times():
+    events = recorded()[:3]
+    body = b"".join(events)
+    header = RECORD_HEADER.pack(len(body), len(events), ACCEPTED, 0, 2_500_000_000, 2_750_000_000)
+    record = (header + body).ljust(RECORD_SIZE, b"\0")
+    assert split_record(record) == (events, 2.5, 2.75, True)
+
+
+def test_packets_the_kernel_stashed_are_held_as_if_read_and_a_kernel_drop_sends_them_on():
+    """eventstash.py: an accepted packet's events stay in the kernel; when a kernel drop that
+    nothing explains asks for them, they are held here with the times the kernel noted."""
+    datagrams = recorded()
+    by_packet: dict = {}
+    for raw in datagrams:
+        by_packet.setdefault(decode_trace_message(raw).trace_id, []).append(raw)
+    stashed = [StashedPacket(events, first=1.0 + n, last=1.5 + n, accepted=True)
+               for n, events in enumerate(by_packet.values())]
+    builder = PathBuilder(SNAPSHOT)
+    deferred = DeferredPackets(builder)
+    deferred.hold(stashed)
+    assert deferred.held == len(stashed)
+    deferred.suspend(9.0)
+    items = list(deferred.read((), 9.0))
+    assert [(item.first, item.last) for item in items] == [(packet.first, packet.last) for packet in stashed]
+    paths = feed(builder, items, 9.0) + builder.flush()
+    assert sorted(map(json.dumps, as_json(paths))) == sorted(map(json.dumps, as_json(build_all(datagrams))))

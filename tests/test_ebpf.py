@@ -90,6 +90,18 @@ def test_load_map_takes_two_slots_that_jumps_count():
                                   + insn(0x85, imm=MAP_LOOKUP_ELEM) + insn(0x95))
 
 
+def test_load_imm64_splits_a_64_bit_constant_over_two_slots():
+    assert Program().load_imm64(R1, 0x8877665544332211).assemble() == (
+        insn(0x18, R1, imm=0x44332211) + insn(0, imm=-0x778899AB))  # 0x88776655 as a signed 32-bit field
+
+
+def test_atomic_add_is_the_atomic_class_with_add_in_imm():
+    assert Program().atomic_add(8, R0, 8, R1).atomic_add(4, R0, 0, R1).assemble() == (
+        insn(0xDB, R0, R1, off=8) + insn(0xC3, R0, R1))
+    with pytest.raises(ValueError):
+        Program().atomic_add(2, R0, 0, R1)
+
+
 def test_an_undefined_label_is_an_error():
     with pytest.raises(ValueError, match="undefined label 'nowhere'"):
         Program().jump("nowhere").assemble()
