@@ -116,7 +116,7 @@ def why(
     color: str = typer.Option("auto", "--color", "--colour", metavar="auto|always|never",
                               help="Colour the answer: on a terminal (auto, off with NO_COLOR), always, or never."),
     drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
-                                      help="Also say why the kernel dropped a packet after netfilter (needs bpftrace)."),
+                                      help="Also say why the kernel dropped a packet after netfilter (eBPF, or bpftrace)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="No live traffic: trace one crafted packet of the flow in a sandbox copy of the namespace, which is never touched."),
     ruleset_file: Optional[Path] = typer.Option(None, "--ruleset", metavar="FILE", help="With --dry-run: load FILE (nft, or iptables-save text) in the sandbox instead of the current ruleset."),
     ruleset_kind: Optional[str] = typer.Option(None, "--ruleset-kind", metavar="KIND", help="With --ruleset: nft, iptables-legacy or iptables-nft (default: guessed from the file)."),
@@ -268,7 +268,7 @@ def drops(
     max_rate: int = typer.Option(100, "--max-rate", min=0, metavar="PPS", help="Kernel-side limit on traced packets per second (0: no limit)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     drop_reasons: bool = typer.Option(True, "--drop-reasons/--no-drop-reasons",
-                                      help="Also count packets the kernel dropped after netfilter, by reason (needs bpftrace)."),
+                                      help="Also count packets the kernel dropped after netfilter, by reason (eBPF, or bpftrace)."),
 ):
     """What is this firewall dropping right now? Every dropping rule, with counts and flows."""
     from .drops.render import CLEAR, LiveTable, drop_line, render_summary

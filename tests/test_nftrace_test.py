@@ -154,7 +154,7 @@ def test_a_flow_that_cannot_enter_is_an_error_row_and_the_others_still_run(route
 
 
 def test_each_flow_gets_the_kernel_drop_of_its_own_packet(router, tmp_path):
-    """The sandbox's one bpftrace (it takes seconds to start) serves every flow of the run:
+    """The sandbox's one drop watcher (bpftrace takes seconds to start) serves every flow of the run:
     each packet the kernel drops after netfilter is answered with its own drop."""
     from nftrace.dryrun.testing import load_all, run_files
 

@@ -22,7 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 from ..errors import EnvironmentProblem
 from ..kernel import runner
@@ -301,11 +301,3 @@ class KernelDropWatcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def start_drop_watcher(warn: Callable[[str], None]) -> Optional[KernelDropWatcher]:
-    """A watcher for the current namespace, or None after one warning saying why not."""
-    try:
-        return KernelDropWatcher.start()
-    except DropReasonsUnavailable as err:
-        warn(f"kernel drop reasons unavailable: {err}")
-        return None

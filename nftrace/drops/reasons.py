@@ -1,7 +1,8 @@
-"""Kernel drop reasons: the lines the bpftrace program prints, and what each reason means.
+"""Kernel drop reasons: what each reason means, and the lines the bpftrace program prints.
 
-Pure: nothing here runs a process or reads the kernel. `bpftrace.py` runs the program that
-prints these lines; `correlator.py` pairs the drops with packet paths.
+Pure: nothing here runs a process or reads the kernel. `dropwatch.py` watches the kernel's
+drops with nftrace's own program (or `bpftrace.py`, which prints these lines); `correlator.py`
+pairs the drops with packet paths.
 """
 
 from __future__ import annotations

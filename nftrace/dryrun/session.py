@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher
+from ..drops.dropwatch import start_watcher
 from ..errors import EnvironmentProblem, InputError
 from ..flow import PORT_PROTOCOLS, Flow
 from .inject import Injection, multicast_mac, random_mac, solicited_node
@@ -394,8 +395,8 @@ class DryRun:
         self.close()
 
     def _drop_watcher(self, report: TraceReport) -> Optional[KernelDropWatcher]:
-        """One bpftrace watches the sandbox for every flow traced in it: it takes seconds to
-        start (it reads the kernel's BTF), which `nftrace test` would otherwise pay per flow.
+        """One drop watcher watches the sandbox for every flow traced in it: bpftrace, where it is
+        the watcher, takes seconds to start, which `nftrace test` would otherwise pay per flow.
         One that died after it was ready is started again; one that never got ready is not."""
         watcher = self._drops
         if watcher is not None and watcher.ended:
@@ -406,7 +407,7 @@ class DryRun:
         if self._drops is None and self._drops_problem is None:
             try:
                 inode = os.stat(namespace_path(self.sandbox.name)).st_ino
-                self._drops = KernelDropWatcher.start(netns_inode=inode)
+                self._drops = start_watcher(inode)
             except DropReasonsUnavailable as err:
                 self._drops_problem = str(err)
         if self._drops_problem is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import mmap
 import os
 import re
 import socket
@@ -29,9 +30,11 @@ R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)  # R10: the read-only fr
 
 # linux/bpf.h enum bpf_func_id
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, KTIME_GET_NS = 1, 2, 3, 5
-SKB_LOAD_BYTES, MAP_PUSH_ELEM = 26, 87
+SKB_LOAD_BYTES, MAP_PUSH_ELEM, PROBE_READ_KERNEL, RINGBUF_OUTPUT = 26, 87, 113, 130
 # linux/bpf.h enum bpf_map_type
-MAP_HASH, MAP_ARRAY, MAP_LRU_HASH, MAP_QUEUE = 1, 2, 9, 22
+MAP_HASH, MAP_ARRAY, MAP_LRU_HASH, MAP_QUEUE, MAP_RINGBUF = 1, 2, 9, 22, 27
+# linux/bpf.h enum bpf_prog_type
+PROG_TYPE_SOCKET_FILTER, PROG_TYPE_RAW_TRACEPOINT = 1, 17
 
 SO_ATTACH_BPF = 50  # asm-generic/socket.h; Python's socket module does not name it
 
@@ -239,7 +242,7 @@ def _jump_op(op: str) -> int:
 # The bpf() syscall: linux/bpf.h enum bpf_cmd, and the parts of union bpf_attr used here.
 _MAP_CREATE, _MAP_LOOKUP, _MAP_UPDATE, _MAP_DELETE, _MAP_NEXT_KEY, _PROG_LOAD = 0, 1, 2, 3, 4, 5
 _MAP_LOOKUP_AND_DELETE = 21
-_PROG_TYPE_SOCKET_FILTER = 1
+_RAW_TRACEPOINT_OPEN = 17
 _SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280}
 _LOG_SIZE = 1 << 20
 _NAME = b"nftrace"  # what `bpftool map` and `bpftool prog` show
@@ -263,10 +266,15 @@ class _ProgLoad(ctypes.Structure):
                 ("prog_name", ctypes.c_char * 16)]
 
 
+class _RawTracepoint(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32)]
+
+
 class _Attr(ctypes.Union):
     """union bpf_attr, zero-padded: the kernel takes a shorter one and checks a longer one's tail is 0."""
 
-    _fields_ = [("create", _MapCreate), ("element", _Element), ("prog", _ProgLoad), ("padding", ctypes.c_uint8 * 144)]
+    _fields_ = [("create", _MapCreate), ("element", _Element), ("prog", _ProgLoad), ("raw_tracepoint", _RawTracepoint),
+                ("padding", ctypes.c_uint8 * 144)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -370,11 +378,11 @@ class Map:
         self.close()
 
 
-def _prog_load(instructions: bytes, log: Optional[ctypes.Array]) -> int:
+def _prog_load(instructions: bytes, log: Optional[ctypes.Array], prog_type: int) -> int:
     code = ctypes.create_string_buffer(instructions, len(instructions))
     license_ = ctypes.create_string_buffer(b"GPL")  # helpers such as ktime_get_ns are GPL-only
     logging = {} if log is None else {"log_level": 1, "log_size": len(log), "log_buf": _address(log)}
-    prog = _ProgLoad(prog_type=_PROG_TYPE_SOCKET_FILTER, insn_cnt=len(instructions) // _INSTRUCTION.size,
+    prog = _ProgLoad(prog_type=prog_type, insn_cnt=len(instructions) // _INSTRUCTION.size,
                      insns=_address(code), license=_address(license_), prog_name=_NAME, **logging)
     return _bpf(_PROG_LOAD, _Attr(prog=prog))
 
@@ -390,19 +398,19 @@ def _verifier_reason(log: str) -> str:
     return verdicts[-1] if verdicts else ""
 
 
-def load(program: Program, what: str) -> int:
-    """Load `program` as a socket filter; its fd, for `attach`, which the caller closes.
+def load(program: Program, what: str, prog_type: int = PROG_TYPE_SOCKET_FILTER) -> int:
+    """Load `program` (a socket filter, or another type); its fd, which the caller closes.
 
     The verifier's log costs time and a buffer, so it is asked for only when a first load fails:
     the second, logged, load explains the first one's failure."""
     instructions = program.assemble()
     try:
-        return _prog_load(instructions, None)
+        return _prog_load(instructions, None, prog_type)
     except OSError as err:
         failure = err
     log = ctypes.create_string_buffer(_LOG_SIZE)
     try:
-        return _prog_load(instructions, log)  # accepted this time: nothing to explain
+        return _prog_load(instructions, log, prog_type)  # accepted this time: nothing to explain
     except OSError:
         pass
     reason = _verifier_reason(log.value.decode(errors="replace"))
@@ -417,6 +425,71 @@ def attach(sock: socket.socket, prog_fd: int, what: str) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, prog_fd)
     except OSError as err:
         raise KernelError(f"cannot attach {what}: {err.strerror}", err.errno) from None
+
+
+def attach_raw_tracepoint(name: str, prog_fd: int, what: str) -> int:
+    """Run a loaded raw-tracepoint program at the kernel's tracepoint `name` (no tracefs
+    needed); the fd returned holds it there until closed."""
+    tracepoint = ctypes.create_string_buffer(name.encode())
+    try:
+        return _bpf(_RAW_TRACEPOINT_OPEN, _Attr(raw_tracepoint=_RawTracepoint(name=_address(tracepoint),
+                                                                               prog_fd=prog_fd)))
+    except OSError as err:
+        raise KernelError(f"cannot attach {what} to {name}: {err.strerror}", err.errno) from None
+
+
+class RingBuffer:
+    """A ring buffer map that a program writes records to (bpf_ringbuf_output) and nftrace
+    reads in place, through the kernel's pages mapped into this process: no syscall per
+    record, and its fd wakes a select() when records come.
+
+    The kernel maps the consumer position (one page, writable), then the producer position
+    (one page) and the data twice in a row, so that a record that wraps reads as one piece.
+    A record is an 8-byte header (length, with busy and discarded bits; page offset) and its
+    bytes, rounded up to 8."""
+
+    _BUSY, _DISCARDED = 1 << 31, 1 << 30
+    _HEADER = struct.Struct("=II")
+
+    def __init__(self, size: int, what: str) -> None:
+        page = mmap.PAGESIZE
+        if size < page or size & (size - 1):
+            raise ValueError("a ring buffer's size is a power of 2, at least a page")
+        self.map = Map(MAP_RINGBUF, 0, 0, size, what)
+        self.fd, self.size = self.map.fd, size
+        try:
+            self._consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+            self._producer = mmap.mmap(self.fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        except OSError as err:
+            self.map.close()
+            raise KernelError(f"cannot map {what}: {err.strerror}", err.errno) from None
+        self._data = page
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def records(self) -> list[bytes]:
+        """Every record committed now, taken out of the buffer."""
+        records = []
+        consumer = struct.unpack_from("=Q", self._consumer, 0)[0]
+        producer = struct.unpack_from("=Q", self._producer, 0)[0]
+        mask = self.size - 1
+        while consumer < producer:
+            at = self._data + (consumer & mask)
+            length, _ = self._HEADER.unpack_from(self._producer, at)
+            if length & self._BUSY:
+                break  # still being written: the rest comes at the next read
+            size = length & ~(self._BUSY | self._DISCARDED)
+            if not length & self._DISCARDED:
+                records.append(self._producer[at + 8:at + 8 + size])
+            consumer += (size + 8 + 7) & ~7
+        struct.pack_into("=Q", self._consumer, 0, consumer)
+        return records
+
+    def close(self) -> None:
+        for mapped in (self._consumer, self._producer):
+            mapped.close()
+        self.map.close()
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,8 +3,9 @@
 Everything that changes the kernel is undone by an UndoStack (signals.py), and SIGTERM/SIGHUP
 end a run as Ctrl-C does, through it; a second signal never cuts the undoing short, and a
 failing undo step never hides the error that ended the run. SIGKILL is covered by the trace
-table's `flags owner`. The optional bpftrace that
-reports kernel drops (drops/bpftrace.py) is stopped the same way, and dies with nftrace on SIGKILL.
+table's `flags owner`. The watcher of kernel drops (drops/dropwatch.py: an eBPF program, held
+by file descriptors that die with nftrace; or a bpftrace process) is stopped the same way, and
+goes with nftrace on SIGKILL.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from ..iptables.backends import BackendPlan, LegacyTracing, SilencedTraceLines, 
 from ..errors import EnvironmentProblem, KernelError, TraceTableGone
 from .events import TraceEvent
 from ..flow import Flow, one_address
-from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher, start_drop_watcher
+from ..drops.bpftrace import DropReasonsUnavailable, KernelDropWatcher
+from ..drops.dropwatch import start_drop_watcher
 from ..drops.correlator import DropCorrelator
 from ..drops.routing import (RouteQuestions, explain_reverse_check, explain_unanswered, explain_unsent,
                              reverse_path_check)
@@ -61,7 +63,7 @@ class TraceOptions:
     command: list = field(default_factory=list)
     idle_seconds: float = 2.0
     rcvbuf: Optional[int] = None  # None: sized from max_rate, or NFTRACE_RCVBUF (rcvbuf.py)
-    drop_reasons: bool = True  # watch the kernel's drops of traced packets (bpftrace), if it can
+    drop_reasons: bool = True  # watch the kernel's drops of traced packets (drops/dropwatch.py), if it can
     backend: str = "auto"  # auto | nft | iptables (see backends.py)
     counted: bool = False  # count matched and traced packets in the trace table (`drops`)
     near_misses: bool = True  # explain each answer with its near misses (a dry run's helpers may not need them)
@@ -409,8 +411,9 @@ class TraceSession:
             self.report.warnings.append(explain_unanswered(hop, self.report.interfaces.get(oif), state))
 
     def _drop_watcher(self):
-        """bpftrace on the kernel's drops, started now so that its startup overlaps the setup;
-        without it (not installed, no BTF, --no-drop-reasons) the trace goes on after one warning."""
+        """The kernel's drops watched (drops/dropwatch.py), from now: bpftrace's startup, where it
+        is the watcher, overlaps the setup; without one (no eBPF, no bpftrace, no BTF,
+        --no-drop-reasons) the trace goes on after one warning."""
         if not self.options.drop_reasons:
             return nullcontext()
         if self._shared_drops is not None:
@@ -419,7 +422,7 @@ class TraceSession:
         return watcher if watcher is not None else nullcontext()
 
     def _await_drop_watcher(self, watcher: Optional[KernelDropWatcher]) -> None:
-        """Traffic starts only once bpftrace watches, so that no drop of it goes unseen."""
+        """Traffic starts only once the kernel's drops are watched, so that no drop of it goes unseen."""
         if watcher is None:
             return
         try:

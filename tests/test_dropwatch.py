@@ -1,0 +1,94 @@
+"""nftrace's own kernel drop watcher (drops/dropwatch.py): the drops of traced packets in one
+namespace, with their reason, location and headers, as bpftrace's program gave them.
+
+A namespace traces its locally sent packets (`meta nftrace set 1` at output) to a closed UDP
+port: the kernel frees each with NO_SOCKET. An untraced packet and a traced packet of another
+namespace must not be reported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, in_netns, load_ruleset, unavailable
+from nftrace.drops.dropwatch import RECORD, parse_record
+
+TRACE_OUTPUT = """
+table inet t {
+    chain out { type filter hook output priority 0; udp dport 9999 meta nftrace set 1; }
+}
+"""
+
+WATCH = r"""
+import json, sys, time
+from nftrace.drops.dropwatch import EbpfDropWatcher
+watcher = EbpfDropWatcher.start()
+print("ready", flush=True)
+sys.stdin.readline()
+time.sleep(0.3)
+drops = watcher.read()
+watcher.close()
+json.dump([[d.reason, str(d.src), str(d.dst), d.proto, d.dport, d.time, d.code_location()] for d in drops], sys.stdout)
+"""
+
+SEND = """
+import socket
+for port in (9999, 9998):
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", port))
+"""
+
+
+def record(network: bytes, ports: bytes = b"\0\x35\x23\x0f", reason: int = 3) -> bytes:
+    return RECORD.pack(5_000_000_000, 0xFFFFFFFF81000000, reason, 0, network.ljust(40, b"\0"), ports)
+
+
+def test_an_ipv4_record_gives_the_packet_its_reason_and_ports():
+    header = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]) + bytes([10, 0, 0, 5]) + bytes([10, 0, 0, 9])
+    drop = parse_record(record(header), {3: "NO_SOCKET"})
+    assert (drop.time, drop.reason, drop.location, drop.proto, drop.sport, drop.dport) == (
+        5.0, "NO_SOCKET", "0xffffffff81000000", 17, 53, 8975)
+    assert (drop.src, drop.dst) == (ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("10.0.0.9"))
+
+
+def test_an_ipv6_record_reads_next_header_and_addresses():
+    src, dst = ipaddress.ip_address("fe80::1"), ipaddress.ip_address("ff02::16")
+    header = bytes([0x60, 0, 0, 0, 0, 8, 58, 1]) + src.packed + dst.packed
+    drop = parse_record(record(header, reason=99), {})
+    assert (drop.src, drop.dst, drop.proto, drop.sport, drop.dport, drop.reason) == (src, dst, 58, None, None,
+                                                                                     "reason-99")
+
+
+def test_a_record_of_neither_ip_version_is_no_drop():
+    assert parse_record(record(b"\x00" * 40), {}) is None
+
+
+@pytest.mark.kernel
+def test_the_watcher_reports_traced_drops_of_its_namespace_only(netns):
+    here, elsewhere = netns("dw"), netns("dwo")
+    for name in (here, elsewhere):
+        load_ruleset(name, TRACE_OUTPUT)
+    watcher = subprocess.Popen(["ip", "netns", "exec", here, sys.executable, "-c", WATCH], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO)})
+    try:
+        line = watcher.stdout.readline().strip()
+        if line != "ready":
+            unavailable(f"nftrace's kernel drop watcher cannot start here: {watcher.stderr.read().strip()}")
+        started = time.monotonic()
+        for name in (here, elsewhere):
+            in_netns(name, [sys.executable, "-c", SEND])
+        out, err = watcher.communicate("done\n", timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    assert watcher.returncode == 0, err
+    [(reason, src, dst, proto, dport, when, location)] = json.loads(out)
+    # Port 9998 was not traced, the other namespace's 9999 is not this one's.
+    assert (reason, src, dst, proto, dport) == ("NO_SOCKET", "127.0.0.1", "127.0.0.1", 17, 9999)
+    assert started <= when <= time.monotonic()  # CLOCK_MONOTONIC, as time.monotonic()
+    assert "udp" in location and "+0x" in location  # the function that freed it, from /proc/kallsyms
