@@ -175,7 +175,6 @@ class TraceSession:
                 if plan.nft:
                     for part in parts:
                         self._listen(part, undo, rcvbuf)
-                drops = undo.enter_context(self._drop_watcher())
                 legacy = None
                 if plan.silenced:
                     undo.enter_context(SilencedTraceLines(plan.silenced, self.report.warnings))
@@ -186,6 +185,10 @@ class TraceSession:
                     if plan.nft:
                         self._mark(part, undo, relaxed=len(parts) > 1, legacy=legacy is not None)
                     self._build(part, plan, legacy, several=len(parts) > 1)
+                # After the trace rules, which go in first (their start-up time is the one an
+                # admin waits for); nftrace's own watcher is attached at once, bpftrace (where
+                # it is the watcher) is waited for below.
+                drops = undo.enter_context(self._drop_watcher())
                 joiner = CrossingJoiner(self._keep, {part.label: part.snapshot for part in parts}) \
                     if len(parts) > 1 else None
                 run = _Run(parts, legacy, joiner, on_packet, on_batch, deadline=None)
@@ -411,9 +414,8 @@ class TraceSession:
             self.report.warnings.append(explain_unanswered(hop, self.report.interfaces.get(oif), state))
 
     def _drop_watcher(self):
-        """The kernel's drops watched (drops/dropwatch.py), from now: bpftrace's startup, where it
-        is the watcher, overlaps the setup; without one (no eBPF, no bpftrace, no BTF,
-        --no-drop-reasons) the trace goes on after one warning."""
+        """The kernel's drops watched (drops/dropwatch.py), from now; without a watcher (no eBPF,
+        no bpftrace, no BTF, --no-drop-reasons) the trace goes on after one warning."""
         if not self.options.drop_reasons:
             return nullcontext()
         if self._shared_drops is not None:
