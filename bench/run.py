@@ -117,7 +117,7 @@ def flood_table(flood: FloodResult) -> list[str]:
     lines += aligned(rows)
     helper_cpu, helper_rss = _helper_usage(mine)
     if helper_cpu is not None:
-        lines.append(f"  (nftrace's figures include its bpftrace for kernel drop reasons, on by default: "
+        lines.append(f"  (nftrace's figures include the processes it ran (bpftrace, where it watches kernel drops): "
                      f"{helper_cpu:.2f} CPU s, {mib(helper_rss)} peak; nftrace's own process: "
                      f"{mine.own_cpu_seconds:.2f} CPU s, {mib(mine.own_max_rss_bytes)} peak)")
     memory = memory_while_streaming(flood)
@@ -135,7 +135,8 @@ def _own_peak(tool) -> Optional[int]:
 
 
 def _helper_usage(tool) -> tuple[Optional[float], Optional[int]]:
-    """CPU and peak memory of the children nftrace reaped (bpftrace), when it had any."""
+    """CPU and peak memory of the children nftrace reaped (bpftrace where it watches kernel
+    drops; a forked child's peak counts the parent's pages it shared), when it had any."""
     if tool.finished is None or tool.own_cpu_seconds is None:
         return None, None
     cpu = tool.finished.cpu_seconds - tool.own_cpu_seconds
@@ -198,7 +199,7 @@ def drops_table(drops: DropsFloodResult) -> list[str]:
     lines += aligned(rows)
     helper_cpu, helper_rss = _helper_usage(mine)
     if helper_cpu is not None:
-        lines.append(f"  (nftrace's figures include its bpftrace: {helper_cpu:.2f} CPU s, {mib(helper_rss)} peak; "
+        lines.append(f"  (nftrace's figures include the processes it ran: {helper_cpu:.2f} CPU s, {mib(helper_rss)} peak; "
                      f"nftrace's own process: {mine.own_cpu_seconds:.2f} CPU s, {mib(mine.own_max_rss_bytes)} peak)")
     memory = _memory_growth(mine.rss_while_streaming)
     if memory is not None:

@@ -82,12 +82,15 @@ class Btf:
         type_start, str_start = hdr_len + type_off, hdr_len + str_off
         if type_start + type_len > len(data) or str_start + str_len > len(data) or type_len % 4:
             raise BtfError("BTF is truncated: its sections run past the end")
-        words = array.array("I", data[type_start:type_start + type_len])
+        # Straight from the file's bytes: a slice first would be one more 5 MB copy, and freed
+        # big blocks raise glibc's mmap threshold, so the next one stays in the heap after use.
+        words = array.array("I")
+        words.frombytes(memoryview(data)[type_start:type_start + type_len])
         if sys.byteorder != "little":
             words.byteswap()
         self._words = words
         self._strings = data[str_start:str_start + str_len]
-        self._starts, self._by_name = self._index(words)
+        self._starts, self._name_offsets, self._named_ids = self._index(words)
 
     @classmethod
     def load(cls, path: str = BTF_PATH) -> Btf:
@@ -99,13 +102,12 @@ class Btf:
         return cls(data)
 
     @staticmethod
-    def _index(words: array.array) -> tuple[array.array, dict[int, list[int]]]:
+    def _index(words: array.array) -> tuple[array.array, array.array, array.array]:
         """Where each type starts (a word index), for ids 1 onwards, and the ids of the structs,
-        unions and enums that use each name offset: the one pass over all types, kept to a few
-        operations per type because it runs on every nftrace start (and in an array, not a list
-        of 126,000 int objects, which added 5 MiB to nftrace's peak memory)."""
-        starts = array.array("I")
-        named: dict[int, list[int]] = {}
+        unions and enums with their name offsets: the one pass over all types, kept to a few
+        operations per type because it runs on every nftrace start; in arrays, not lists and
+        dictionaries of 140,000 int objects, which stayed in nftrace's memory after (5 MiB)."""
+        starts, name_offsets, named_ids = array.array("I"), array.array("I"), array.array("I")
         append, fixed, per_item, named_kinds = starts.append, _FIXED_WORDS, _WORDS_PER_ITEM, _NAMED_KINDS
         at, end = 0, len(words)
         try:
@@ -114,7 +116,8 @@ class Btf:
                 info = words[at + 1]
                 kind = info >> 24 & 0x1F
                 if kind in named_kinds:
-                    named.setdefault(words[at], []).append(len(starts))
+                    name_offsets.append(words[at])
+                    named_ids.append(len(starts))
                 at += 3 + fixed[kind] + per_item[kind] * (info & 0xFFFF)
         except IndexError:
             if at + 1 >= end:
@@ -122,7 +125,7 @@ class Btf:
             raise BtfError(f"BTF type {len(starts)} has kind {kind}, which nftrace cannot read") from None
         if at != end:
             raise BtfError(f"BTF type {len(starts)} runs past the type section")
-        return starts, named
+        return starts, name_offsets, named_ids
 
     def _name(self, name_off: int) -> str:
         return self._strings[name_off:self._strings.index(b"\0", name_off)].decode()
@@ -142,7 +145,15 @@ class Btf:
         at = self._strings.find(b"\0" + name.encode() + b"\0")
         if at < 0:
             return []
-        return [type_id for type_id in self._by_name.get(at + 1, ()) if self._type(type_id)[1] in kinds]
+        found, index = [], -1
+        while True:
+            try:
+                index = self._name_offsets.index(at + 1, index + 1)
+            except ValueError:
+                break
+            if self._type(self._named_ids[index])[1] in kinds:
+                found.append(self._named_ids[index])
+        return found
 
     def _defined(self, name: str, kinds: tuple[int, ...]) -> int | None:
         """The first type of `kinds` called `name` that has members or values: the definition,
