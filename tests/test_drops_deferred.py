@@ -14,8 +14,12 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+
 from nftrace.drops.deferred import DeferredPackets
-from nftrace.drops.eventstash import ACCEPTED, RECORD_HEADER, RECORD_SIZE, StashedPacket, split_record
+from nftrace.drops.eventstash import (ACCEPTED, RECORD_HEADER, RECORD_SIZE, StashedPacket, queue_records,
+                                     split_record)
+from nftrace.errors import InputError
 from nftrace.kernel.monitor import EventsLost, ReadEarlier
 from nftrace.kernel.netlink import decode_datagram
 from nftrace.trace.events import TRACE_MESSAGE_TYPE, decode_trace_message, pyroute2_trace_message_class
@@ -249,3 +253,14 @@ def test_packets_the_kernel_stashed_are_held_as_if_read_and_a_kernel_drop_sends_
     assert [(item.first, item.last) for item in items] == [(packet.first, packet.last) for packet in stashed]
     paths = feed(builder, items, 9.0) + builder.flush()
     assert sorted(map(json.dumps, as_json(paths))) == sorted(map(json.dumps, as_json(build_all(datagrams))))
+
+
+def test_the_stash_queue_size_is_a_number_of_records_or_a_clear_error(monkeypatch):
+    monkeypatch.delenv("NFTRACE_STASH_RECORDS", raising=False)
+    assert queue_records() == 4096
+    monkeypatch.setenv("NFTRACE_STASH_RECORDS", "32")
+    assert queue_records() == 32
+    for bad in ("abc", "0", "-5", "99999999"):
+        monkeypatch.setenv("NFTRACE_STASH_RECORDS", bad)
+        with pytest.raises(InputError, match=f"^NFTRACE_STASH_RECORDS: '{bad}' is not a number of records"):
+            queue_records()

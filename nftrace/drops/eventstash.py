@@ -39,6 +39,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
+from ..errors import InputError, KernelError
 from ..kernel import ebpf
 from ..kernel.ebpf import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10
 from ..kernel.netlink import NFGENMSG_END, NLA_TYPE_MASK
@@ -295,14 +296,15 @@ class EventStash:
 
     def __init__(self, loopback: Iterable[int]):
         what = "nftrace's event stash"
+        records = queue_records()
         self._maps: list = []
-        self.stash = self._map(ebpf.MAP_LRU_HASH, 4, RECORD_SIZE, STASH_PACKETS, what)
-        blank = self._map(ebpf.MAP_ARRAY, 4, RECORD_SIZE, 1, what)
-        records = int(os.environ.get(QUEUE_RECORDS_ENV) or QUEUE_RECORDS)
-        self.queue = self._map(ebpf.MAP_QUEUE, 0, RECORD_SIZE, records, what)
-        self.config = self._map(ebpf.MAP_ARRAY, 4, 8, 1, what)
-        self.counters = self._map(ebpf.MAP_ARRAY, 4, 8, 2, what)
+        self.program_fd: Optional[int] = None
         try:
+            self.stash = self._map(ebpf.MAP_LRU_HASH, 4, RECORD_SIZE, STASH_PACKETS, what)
+            blank = self._map(ebpf.MAP_ARRAY, 4, RECORD_SIZE, 1, what)
+            self.queue = self._map(ebpf.MAP_QUEUE, 0, RECORD_SIZE, records, what)
+            self.config = self._map(ebpf.MAP_ARRAY, 4, 8, 1, what)
+            self.counters = self._map(ebpf.MAP_ARRAY, 4, 8, 2, what)
             self.program_fd = ebpf.load(stash_program(self.stash, blank, self.queue, self.config, self.counters,
                                                       loopback), "the filter that stashes trace events")
         except BaseException:
@@ -353,7 +355,11 @@ class EventStash:
         """Every packet stashed now (taken out of the stash), in the order of its first event."""
         packets = []
         for key in self.stash.keys():
-            record = self.stash.lookup_and_delete(key)
+            try:
+                record = self.stash.lookup_and_delete(key)
+            except KernelError:  # hash maps take it from Linux 5.14
+                record = self.stash.lookup(key)
+                self.stash.delete(key)
             if record is not None:
                 datagrams, first, last, accepted = split_record(record)
                 if datagrams:
@@ -365,9 +371,18 @@ class EventStash:
         for made in self._maps:
             made.close()
         self._maps = []
-        if getattr(self, "program_fd", None) is not None:
+        if self.program_fd is not None:
             os.close(self.program_fd)
             self.program_fd = None
+
+
+def queue_records() -> int:
+    configured = os.environ.get(QUEUE_RECORDS_ENV)
+    if not configured:
+        return QUEUE_RECORDS
+    if not configured.isdigit() or not 0 < int(configured) <= 1 << 20:
+        raise InputError(f"{QUEUE_RECORDS_ENV}: '{configured}' is not a number of records (1 to 1048576)")
+    return int(configured)
 
 
 def available() -> Optional[str]:
