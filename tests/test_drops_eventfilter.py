@@ -1,10 +1,12 @@
 """The kernel keeps, for `nftrace drops`, exactly the trace events its answer needs.
 
-Two trace sockets listen side by side in a router namespace while real flows cross its
+Three trace sockets listen side by side in a router namespace while real flows cross its
 ruleset (jumps, gotos, a verdict map, returns, accepts, rule drops, a reject, policy drops):
-one unfiltered, one with drops' socket filter. The filtered socket must receive exactly the
-events that `needed` (the rule, stated in Python) picks out of the unfiltered one, and those
-events must still give every packet the verdict and the deciding rule that all its events give.
+one unfiltered, one with drops' classic socket filter, one with its kernel stash. The filtered
+socket must receive exactly the events that `needed` (the rule, stated in Python) picks out of
+the unfiltered one, and those events must still give every packet the verdict and the
+deciding rule that all its events give; the stash must hand over those of the dropped packets
+only, and hold those of the accepted ones.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 
@@ -76,8 +79,16 @@ def needed(event) -> bool:
     return event.verdict not in ("accept", "continue", "jump", "goto", "return")
 
 
+class Captured(NamedTuple):
+    every: list  # the unfiltered socket's events
+    filtered: list  # the classic filter's
+    snapshot: RulesetSnapshot
+    stashed: list  # the stash's records (and socket), as events
+    dumped: list  # the stash's packets left at the end, each a list of events
+
+
 @pytest.fixture(scope="module")
-def captured():
+def captured() -> Captured:
     with lab_topology("evfilter", lambda topo: load_ruleset(topo.router, ROUTER_RULESET)) as lab:
         listeners = subprocess.Popen(["ip", "netns", "exec", lab.router, sys.executable, "-c", LISTENERS],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -96,17 +107,17 @@ def captured():
     filtered = [decode_trace_message(bytes.fromhex(d)) for d in data["filtered"]]
     stashed = [decode_trace_message(bytes.fromhex(d)) for d in data["stashed"]]
     dumped = [[decode_trace_message(bytes.fromhex(d)) for d in packet] for packet in data["dumped"]]
-    return every, filtered, RulesetSnapshot(data["listing"]), stashed, dumped
+    return Captured(every, filtered, RulesetSnapshot(data["listing"]), stashed, dumped)
 
 
 def test_the_kernel_keeps_exactly_the_events_drops_needs(captured):
-    every, filtered, *_ = captured
+    every, filtered = captured.every, captured.filtered
     assert filtered == [event for event in every if needed(event)]
     assert len(filtered) < len(every)
 
 
 def test_the_discarded_events_are_the_ones_that_say_a_packet_went_on(captured):
-    every, filtered, *_ = captured
+    every, filtered = captured.every, captured.filtered
     discarded = [event for event in every if event not in filtered]
     kinds = {(event.type, event.verdict) for event in discarded}
     # an accept in a called chain, the end of a chain's rules, a base chain's accept policy
@@ -124,7 +135,7 @@ def _paths(events, snapshot) -> dict:
 
 
 def test_every_packet_keeps_its_verdict_and_its_deciding_rule(captured):
-    every, filtered, snapshot, *_ = captured
+    every, filtered, snapshot = captured.every, captured.filtered, captured.snapshot
     full, lean = _paths(every, snapshot), _paths(filtered, snapshot)
     assert full.keys() == lean.keys()
     assert _same_answers(full, lean) >= 5  # 9090, 2323 (reject), 5353, 4444, 8443, and their retries
@@ -137,7 +148,7 @@ def _dropped_ids(events, snapshot) -> set:
 def test_the_kernel_stash_hands_over_exactly_the_events_of_dropped_packets(captured):
     """eventstash.py: what the classic filter keeps, of the packets that ended in a drop, and
     nothing of the others."""
-    every, filtered, snapshot, stashed, _ = captured
+    every, filtered, snapshot, stashed = captured.every, captured.filtered, captured.snapshot, captured.stashed
     dropped = _dropped_ids(every, snapshot)
     assert len(dropped) >= 5
     assert stashed == [event for event in filtered if event.trace_id in dropped]
@@ -148,7 +159,7 @@ def test_the_kernel_stash_hands_over_exactly_the_events_of_dropped_packets(captu
 def test_the_kernel_stash_keeps_the_accepted_packets_until_asked(captured):
     """After a kernel drop that no packet explains, `drops` takes what is stashed: the
     accepted packets, each with the events the classic filter keeps."""
-    every, filtered, snapshot, stashed, dumped = captured
+    every, filtered, snapshot, dumped = captured.every, captured.filtered, captured.snapshot, captured.dumped
     dropped = _dropped_ids(every, snapshot)
     accepted = {event.trace_id for event in every} - dropped
     assert {packet[0].trace_id for packet in dumped} == accepted
@@ -190,4 +201,3 @@ def test_a_program_jumps_to_its_labels_and_refuses_what_it_cannot_encode():
 
 def test_drops_filter_fits_in_classic_bpf():
     assert 0 < len(drops_event_filter()) < 4096  # BPF_MAXINSNS
-
