@@ -28,19 +28,21 @@ table inet t {
 WATCH = r"""
 import json, sys, time
 from nftrace.drops.dropwatch import EbpfDropWatcher
-watcher = EbpfDropWatcher.start()
+watcher = EbpfDropWatcher.start(ring_bytes=int(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()
 time.sleep(0.3)
-drops = watcher.read()
+drops, lost = watcher.read(), watcher.lost
 watcher.close()
-json.dump([[d.reason, str(d.src), str(d.dst), d.proto, d.dport, d.time, d.code_location()] for d in drops], sys.stdout)
+json.dump({"lost": lost, "drops": [[d.reason, str(d.src), str(d.dst), d.proto, d.dport, d.time, d.code_location()]
+                                   for d in drops]}, sys.stdout)
 """
 
 SEND = """
-import socket
-for port in (9999, 9998):
-    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", port))
+import socket, sys
+for _ in range(int(sys.argv[1])):
+    for port in (9999, 9998):
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", port))
 """
 
 
@@ -68,27 +70,46 @@ def test_a_record_of_neither_ip_version_is_no_drop():
     assert parse_record(record(b"\x00" * 40), {}) is None
 
 
-@pytest.mark.kernel
-def test_the_watcher_reports_traced_drops_of_its_namespace_only(netns):
-    here, elsewhere = netns("dw"), netns("dwo")
-    for name in (here, elsewhere):
-        load_ruleset(name, TRACE_OUTPUT)
-    watcher = subprocess.Popen(["ip", "netns", "exec", here, sys.executable, "-c", WATCH], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO)})
+def watch(here: str, senders: dict, ring_bytes: int = 1 << 22) -> tuple[dict, float]:
+    """(what the watcher in `here` read once every namespace in `senders` sent its packets
+    (to 9999, traced, and 9998, not), when the sending started)."""
+    watcher = subprocess.Popen(["ip", "netns", "exec", here, sys.executable, "-c", WATCH, str(ring_bytes)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={"PYTHONPATH": str(REPO)})
     try:
         line = watcher.stdout.readline().strip()
         if line != "ready":
             unavailable(f"nftrace's kernel drop watcher cannot start here: {watcher.stderr.read().strip()}")
         started = time.monotonic()
-        for name in (here, elsewhere):
-            in_netns(name, [sys.executable, "-c", SEND])
+        for name, count in senders.items():
+            in_netns(name, [sys.executable, "-c", SEND, str(count)])
         out, err = watcher.communicate("done\n", timeout=30)
     finally:
         if watcher.poll() is None:
             watcher.kill()
     assert watcher.returncode == 0, err
-    [(reason, src, dst, proto, dport, when, location)] = json.loads(out)
+    return json.loads(out), started
+
+
+@pytest.mark.kernel
+def test_the_watcher_reports_traced_drops_of_its_namespace_only(netns):
+    here, elsewhere = netns("dw"), netns("dwo")
+    for name in (here, elsewhere):
+        load_ruleset(name, TRACE_OUTPUT)
+    read, started = watch(here, {here: 1, elsewhere: 1})
+    assert read["lost"] == 0
+    [(reason, src, dst, proto, dport, when, location)] = read["drops"]
     # Port 9998 was not traced, the other namespace's 9999 is not this one's.
     assert (reason, src, dst, proto, dport) == ("NO_SOCKET", "127.0.0.1", "127.0.0.1", 17, 9999)
     assert started <= when <= time.monotonic()  # CLOCK_MONOTONIC, as time.monotonic()
     assert "udp" in location and "+0x" in location  # the function that freed it, from /proc/kallsyms
+
+
+@pytest.mark.kernel
+def test_drops_that_find_the_ring_full_are_counted_not_lost_silently(netns):
+    """A ring of one page holds 51 records: 200 drops unread, the rest counted."""
+    here = netns("dwf")
+    load_ruleset(here, TRACE_OUTPUT)
+    read, _ = watch(here, {here: 200}, ring_bytes=4096)
+    assert 0 < len(read["drops"]) < 200 and read["lost"] > 0
+    assert len(read["drops"]) + read["lost"] == 200

@@ -35,7 +35,7 @@ from .reasons import KernelDrop
 WATCHER_ENV = "NFTRACE_DROP_WATCHER"  # "bpftrace": bpftrace even where nftrace's own program loads
 TRACEPOINT = "kfree_skb"  # its arguments: skb, location, reason (and, since 6.12, the receiving socket)
 REASON_PREFIX = "SKB_DROP_REASON_"
-RING_BYTES = 1 << 22  # 4 MiB: 58,000 drops not read yet
+RING_BYTES = 1 << 22  # 4 MiB: 52,000 drops not read yet (80 bytes each, with the ring's header)
 RECORD = struct.Struct("=QQII40s4s4x")  # time, location, reason, unused, network header, transport's first 4 bytes
 NETWORK_HEADER = 40
 
@@ -55,8 +55,9 @@ def _read(p: ebpf.Program, size: int, into: int, pointer: int, offset: int, fail
     p.call(ebpf.PROBE_READ_KERNEL).jump_if_imm("!=", R0, 0, failed)
 
 
-def watch_program(fields: dict, netns_inode: int, ring: ebpf.RingBuffer) -> ebpf.Program:
-    """The raw-tracepoint program (see the module); `fields`: _FIELDS' names → btf.Field."""
+def watch_program(fields: dict, netns_inode: int, ring: ebpf.RingBuffer, lost: ebpf.Map) -> ebpf.Program:
+    """The raw-tracepoint program (see the module); `fields`: _FIELDS' names → btf.Field;
+    `lost`: an array map of one counter, the drops that found the ring full."""
     p = ebpf.Program()
     p.mov(R6, R1).load(8, R7, R6, 0)  # the tracepoint's arguments; R7: the skb
     trace = fields["nf_trace"]
@@ -94,7 +95,9 @@ def watch_program(fields: dict, netns_inode: int, ring: ebpf.RingBuffer) -> ebpf
     _read(p, 4, _RECORD_AT + 24 + NETWORK_HEADER, R8, 0, "emit")
     p.label("emit")
     p.load_map(R1, ring.fd).mov(R2, R10).add_imm(R2, _RECORD_AT).mov_imm(R3, RECORD.size).mov_imm(R4, 0)
-    p.call(ebpf.RINGBUF_OUTPUT)
+    p.call(ebpf.RINGBUF_OUTPUT).jump_if_imm("==", R0, 0, "out")
+    p.store_imm(4, R10, _WORD, 0).load_map(R1, lost.fd).mov(R2, R10).add_imm(R2, _WORD).call(ebpf.MAP_LOOKUP_ELEM)
+    p.jump_if_imm("==", R0, 0, "out").mov_imm(R1, 1).atomic_add(8, R0, 0, R1)
     p.label("out").mov_imm(R0, 0).exit()
     return p
 
@@ -121,14 +124,14 @@ class EbpfDropWatcher:
 
     ready = True
 
-    def __init__(self, ring: ebpf.RingBuffer, program_fd: int, link_fd: int, reason_names: dict):
-        self.ring, self._program_fd, self._link_fd = ring, program_fd, link_fd
+    def __init__(self, ring: ebpf.RingBuffer, lost: ebpf.Map, program_fd: int, link_fd: int, reason_names: dict):
+        self.ring, self._lost, self._program_fd, self._link_fd = ring, lost, program_fd, link_fd
         self.reason_names = reason_names
         self.symbols = KernelSymbols()
         self.ended = False
 
     @classmethod
-    def start(cls, netns_inode: Optional[int] = None) -> "EbpfDropWatcher":
+    def start(cls, netns_inode: Optional[int] = None, ring_bytes: int = RING_BYTES) -> "EbpfDropWatcher":
         try:
             btf = Btf.load()
             fields = {name: btf.field(*where) for name, where in _FIELDS.items()}
@@ -137,25 +140,35 @@ class EbpfDropWatcher:
         except BtfError as err:
             raise DropReasonsUnavailable(str(err)) from None
         inode = current_netns() if netns_inode is None else netns_inode
-        ring = program_fd = None
+        ring = lost = program_fd = None
         try:
-            ring = ebpf.RingBuffer(RING_BYTES, "nftrace's ring of kernel drops")
-            program_fd = ebpf.load(watch_program(fields, inode, ring), "the kernel drop watcher",
+            ring = ebpf.RingBuffer(ring_bytes, "nftrace's ring of kernel drops")
+            lost = ebpf.Map(ebpf.MAP_ARRAY, 4, 8, 1, "nftrace's count of kernel drops not recorded")
+            program_fd = ebpf.load(watch_program(fields, inode, ring, lost), "the kernel drop watcher",
                                    ebpf.PROG_TYPE_RAW_TRACEPOINT)
             link_fd = ebpf.attach_raw_tracepoint(TRACEPOINT, program_fd, "the kernel drop watcher")
         except KernelError as err:
             if program_fd is not None:
                 os.close(program_fd)
-            if ring is not None:
-                ring.close()
+            for made in (ring, lost):
+                if made is not None:
+                    made.close()
             raise DropReasonsUnavailable(str(err)) from None
-        return cls(ring, program_fd, link_fd, reasons)
+        return cls(ring, lost, program_fd, link_fd, reasons)
 
     def fileno(self) -> int:
         return self.ring.fileno()
 
     def wait_ready(self, timeout: float = 0.0) -> None:
         """Attached when started."""
+
+    @property
+    def lost(self) -> int:
+        """Drops that found the ring full (nftrace fell behind reading it): not recorded."""
+        if self.ended:
+            return 0
+        value = self._lost.lookup(b"\0\0\0\0")
+        return struct.unpack("=Q", value)[0] if value else 0
 
     def failure(self) -> str:
         return "the kernel drop watcher stopped"
@@ -174,6 +187,7 @@ class EbpfDropWatcher:
         os.close(self._link_fd)
         os.close(self._program_fd)
         self.ring.close()
+        self._lost.close()
 
     def __enter__(self) -> "EbpfDropWatcher":
         return self
