@@ -1,14 +1,16 @@
-"""eBPF socket filters with maps: filters that loop and remember what earlier datagrams held.
+"""eBPF programs with maps: socket filters that loop and remember what earlier datagrams held
+(drops/eventstash.py), and a program at a kernel tracepoint (drops/dropwatch.py).
 
 Classic BPF (sockfilter.py) has no loops and forgets everything between datagrams. An eBPF
-socket filter may loop (bounded: the verifier must see that the loop ends) and keeps state in
-maps, which nftrace also reads and writes from here. The kernel checks every program before
-it runs (the verifier); when it refuses one, its log says why, and the last line of that log
-is what the user sees.
+program may loop (bounded: the verifier must see that the loop ends) and keeps state in maps,
+which nftrace also reads and writes from here, or hands records over through a ring buffer
+read in place. The kernel checks every program before it runs (the verifier); when it
+refuses one, its log says why, and the last line of that log is what the user sees.
 
 Programs are written with registers and labels (`Program.jump_if_imm("==", R0, 0, "out")`)
-and assembled into the kernel's `struct bpf_insn` array here; assembling is pure. The kernel
-is reached only through the bpf() syscall (maps, `load`) and `attach`.
+and assembled into the kernel's `struct bpf_insn` array here; assembling is pure, and needs
+no compiler on the machine. The kernel is reached only through the bpf() syscall (maps,
+`load`, `attach_raw_tracepoint`), `attach` and the ring buffer's mapped pages.
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ class _Slot:
 
 
 class Program:
-    """An eBPF program under construction (BPF_PROG_TYPE_SOCKET_FILTER): instruction slots and
-    the labels between them. Methods named `..._imm` take an immediate, the others a register;
-    ALU operations are 64-bit unless named `...32`."""
+    """An eBPF program under construction: instruction slots and the labels between them.
+    Methods named `..._imm` take an immediate, the others a register; ALU operations are
+    64-bit unless named `...32`."""
 
     def __init__(self) -> None:
         self._slots: list[_Slot] = []
