@@ -172,6 +172,8 @@ class KernelDropWatcher:
     also dies with nftrace, whatever kills nftrace.
     """
 
+    lost = 0  # drops it could not report: bpftrace's perf buffer loses them without a count here
+
     def __init__(self, process: subprocess.Popen):
         self.process = process
         self.ready = False

@@ -117,7 +117,7 @@ class DeferredPackets:
             if layout is None:
                 continue
             packet = _Packet(layout[0], stashed.first, stashed.last)
-            packet.datagrams = list(stashed.datagrams)
+            packet.datagrams = stashed.datagrams
             self._order.append(packet)
             if stashed.accepted:
                 self._accepted.append(packet)

@@ -55,9 +55,9 @@ def _read(p: ebpf.Program, size: int, into: int, pointer: int, offset: int, fail
     p.call(ebpf.PROBE_READ_KERNEL).jump_if_imm("!=", R0, 0, failed)
 
 
-def watch_program(fields: dict, netns_inode: int, ring: ebpf.RingBuffer, lost: ebpf.Map) -> ebpf.Program:
+def watch_program(fields: dict, netns_inode: int, ring: ebpf.RingBuffer, lost: ebpf.Counters) -> ebpf.Program:
     """The raw-tracepoint program (see the module); `fields`: _FIELDS' names → btf.Field;
-    `lost`: an array map of one counter, the drops that found the ring full."""
+    `lost`: one counter, the drops that found the ring full."""
     p = ebpf.Program()
     p.mov(R6, R1).load(8, R7, R6, 0)  # the tracepoint's arguments; R7: the skb
     trace = fields["nf_trace"]
@@ -96,8 +96,7 @@ def watch_program(fields: dict, netns_inode: int, ring: ebpf.RingBuffer, lost: e
     p.label("emit")
     p.load_map(R1, ring.fd).mov(R2, R10).add_imm(R2, _RECORD_AT).mov_imm(R3, RECORD.size).mov_imm(R4, 0)
     p.call(ebpf.RINGBUF_OUTPUT).jump_if_imm("==", R0, 0, "out")
-    p.store_imm(4, R10, _WORD, 0).load_map(R1, lost.fd).mov(R2, R10).add_imm(R2, _WORD).call(ebpf.MAP_LOOKUP_ELEM)
-    p.jump_if_imm("==", R0, 0, "out").mov_imm(R1, 1).atomic_add(8, R0, 0, R1)
+    lost.add(p, 0, None, _WORD)
     p.label("out").mov_imm(R0, 0).exit()
     return p
 
@@ -124,7 +123,7 @@ class EbpfDropWatcher:
 
     ready = True
 
-    def __init__(self, ring: ebpf.RingBuffer, lost: ebpf.Map, program_fd: int, link_fd: int, reason_names: dict):
+    def __init__(self, ring: ebpf.RingBuffer, lost: ebpf.Counters, program_fd: int, link_fd: int, reason_names: dict):
         self.ring, self._lost, self._program_fd, self._link_fd = ring, lost, program_fd, link_fd
         self.reason_names = reason_names
         self.symbols = KernelSymbols()
@@ -143,7 +142,7 @@ class EbpfDropWatcher:
         ring = lost = program_fd = None
         try:
             ring = ebpf.RingBuffer(ring_bytes, "nftrace's ring of kernel drops")
-            lost = ebpf.Map(ebpf.MAP_ARRAY, 4, 8, 1, "nftrace's count of kernel drops not recorded")
+            lost = ebpf.Counters(1, "nftrace's count of kernel drops not recorded")
             program_fd = ebpf.load(watch_program(fields, inode, ring, lost), "the kernel drop watcher",
                                    ebpf.PROG_TYPE_RAW_TRACEPOINT)
             link_fd = ebpf.attach_raw_tracepoint(TRACEPOINT, program_fd, "the kernel drop watcher")
@@ -165,10 +164,7 @@ class EbpfDropWatcher:
     @property
     def lost(self) -> int:
         """Drops that found the ring full (nftrace fell behind reading it): not recorded."""
-        if self.ended:
-            return 0
-        value = self._lost.lookup(b"\0\0\0\0")
-        return struct.unpack("=Q", value)[0] if value else 0
+        return 0 if self.ended else self._lost.read(0)
 
     def failure(self) -> str:
         return "the kernel drop watcher stopped"

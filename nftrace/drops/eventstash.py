@@ -102,7 +102,7 @@ def _jump_if_u32(program: ebpf.Program, register: int, value: int, target: str, 
     program.mov32_imm(R4, value).jump_if(op, register, R4, target)
 
 
-def stash_program(stash: ebpf.Map, blank: ebpf.Map, queue: ebpf.Map, config: ebpf.Map, counters: ebpf.Map,
+def stash_program(stash: ebpf.Map, blank: ebpf.Map, queue: ebpf.Map, config: ebpf.Map, counters: ebpf.Counters,
                   loopback: Iterable[int]) -> ebpf.Program:
     """The socket filter (see the module). `blank` is an array map with one zeroed value, to
     start a stash from (a program's stack is too small for one)."""
@@ -153,7 +153,7 @@ def stash_program(stash: ebpf.Map, blank: ebpf.Map, queue: ebpf.Map, config: ebp
     p.load_map(R1, stash.fd).mov(R2, R10).add_imm(R2, _KEY).call(ebpf.MAP_DELETE_ELEM).jump("discard")
     p.label("accepted")
     p.load(4, R0, R9, 8).or_imm(R0, ACCEPTED).store(4, R9, 8, R0)
-    _count(p, counters, PACKETS_ACCEPTED, None)
+    counters.add(p, PACKETS_ACCEPTED, None, _READ)
     p.label("discard").mov_imm(R0, 0).exit()
     p.label("pass").load(4, R0, R6, 0).exit()
     return p
@@ -244,28 +244,14 @@ def _find_stash(p: ebpf.Program, stash: ebpf.Map, blank: ebpf.Map) -> None:
     p.label("found")
 
 
-def _push(p: ebpf.Program, queue: ebpf.Map, counters: ebpf.Map) -> None:
+def _push(p: ebpf.Program, queue: ebpf.Map, counters: ebpf.Counters) -> None:
     """The stash (R9) goes to the queue as a record; if the queue is full, its events are counted lost."""
     p.load_map(R1, queue.fd).mov(R2, R9).mov_imm(R3, 0).call(ebpf.MAP_PUSH_ELEM)
     label = f"pushed_{len(p)}"
     p.jump_if_imm("==", R0, 0, label)
     p.load(4, R7, R9, 4)  # (R7 is free again: the event's length is read anew)
-    _count(p, counters, LOST_EVENTS, R7)
+    counters.add(p, LOST_EVENTS, R7, _READ)
     p.label(label).load(4, R7, R6, 0)
-
-
-def _count(p: ebpf.Program, counters: ebpf.Map, index: int, amount: Optional[int]) -> None:
-    """counters[index] += amount (a register; None: 1), atomically."""
-    p.store_imm(4, R10, _READ, index).load_map(R1, counters.fd).mov(R2, R10).add_imm(R2, _READ)
-    p.call(ebpf.MAP_LOOKUP_ELEM)
-    label = f"counted_{len(p)}"
-    p.jump_if_imm("==", R0, 0, label)
-    if amount is None:
-        p.mov_imm(R1, 1)
-    else:
-        p.mov(R1, amount)
-    p.atomic_add(8, R0, 0, R1)
-    p.label(label)
 
 
 @dataclass
@@ -304,7 +290,8 @@ class EventStash:
             blank = self._map(ebpf.MAP_ARRAY, 4, RECORD_SIZE, 1, what)
             self.queue = self._map(ebpf.MAP_QUEUE, 0, RECORD_SIZE, records, what)
             self.config = self._map(ebpf.MAP_ARRAY, 4, 8, 1, what)
-            self.counters = self._map(ebpf.MAP_ARRAY, 4, 8, 2, what)
+            self.counters = ebpf.Counters(2, what)
+            self._maps.append(self.counters)
             self.program_fd = ebpf.load(stash_program(self.stash, blank, self.queue, self.config, self.counters,
                                                       loopback), "the filter that stashes trace events")
         except BaseException:
@@ -321,17 +308,13 @@ class EventStash:
     def attach(self, sock) -> None:
         ebpf.attach(sock, self.program_fd, "the filter that stashes trace events")
 
-    def _counter(self, index: int) -> int:
-        value = self.counters.lookup(struct.pack("=I", index))
-        return struct.unpack("=Q", value)[0] if value else 0
-
     @property
     def lost_events(self) -> int:
-        return self._counter(LOST_EVENTS)
+        return self.counters.read(LOST_EVENTS)
 
     def newly_accepted(self) -> int:
         """Packets netfilter let through since the last call (never handed over: not drops)."""
-        accepted = self._counter(PACKETS_ACCEPTED)
+        accepted = self.counters.read(PACKETS_ACCEPTED)
         new, self._accepted_seen = accepted - self._accepted_seen, accepted
         return new
 
@@ -384,7 +367,3 @@ def queue_records() -> int:
         raise InputError(f"{QUEUE_RECORDS_ENV}: '{configured}' is not a number of records (1 to 1048576)")
     return int(configured)
 
-
-def available() -> Optional[str]:
-    """None if `drops` can stash events in the kernel here; else why not."""
-    return ebpf.available()

@@ -101,14 +101,14 @@ class DropsSession(TraceSession):
         """The kernel keeps each packet's events until it is known to be a possible drop
         (eventstash.py), or, where eBPF cannot do that, drops the events `drops` does not
         read (eventfilter.py)."""
-        if os.environ.get(CLASSIC_FILTER_ENV) != "1" and eventstash.available() is None:
+        if os.environ.get(CLASSIC_FILTER_ENV) != "1":
             try:
                 stash = eventstash.EventStash(builder.rejoin_ifindexes)
                 monitor.hold_back(stash)
                 self._stashes.append(stash)
                 return
             except KernelError:
-                pass  # the classic filter does the same, with more events to read
+                pass  # no eBPF here: the classic filter does the same, with more events to read
         monitor.keep_only(drops_event_filter(), "the filter of the trace events drops reads")
 
     def _wait(self, sources: list, timeout: float) -> list:

@@ -440,6 +440,33 @@ def attach_raw_tracepoint(name: str, prog_fd: int, what: str) -> int:
         raise KernelError(f"cannot attach {what} to {name}: {err.strerror}", err.errno) from None
 
 
+class Counters:
+    """An array map of 64-bit counters that a program adds to (`add`, atomically: CPUs share
+    them) and nftrace reads (`read`)."""
+
+    def __init__(self, count: int, what: str) -> None:
+        self.map = Map(MAP_ARRAY, 4, 8, count, what)
+
+    def add(self, program: Program, index: int, amount: Optional[int], scratch: int) -> None:
+        """Emit `counters[index] += amount` (a register; None: 1). It uses R0-R2, and the 4-byte
+        stack slot at R10 + `scratch` for the key."""
+        done = f"counted_{len(program)}"
+        program.store_imm(4, R10, scratch, index).load_map(R1, self.map.fd).mov(R2, R10).add_imm(R2, scratch)
+        program.call(MAP_LOOKUP_ELEM).jump_if_imm("==", R0, 0, done)
+        if amount is None:
+            program.mov_imm(R1, 1)
+        else:
+            program.mov(R1, amount)
+        program.atomic_add(8, R0, 0, R1).label(done)
+
+    def read(self, index: int) -> int:
+        value = self.map.lookup(struct.pack("=I", index))
+        return struct.unpack("=Q", value)[0] if value else 0
+
+    def close(self) -> None:
+        self.map.close()
+
+
 class RingBuffer:
     """A ring buffer map that a program writes records to (bpf_ringbuf_output) and nftrace
     reads in place, through the kernel's pages mapped into this process: no syscall per

@@ -217,7 +217,7 @@ class TraceSession:
                         self.report.warnings.append(loss_warning(self.report.lost_events, rcvbuf, options.max_rate))
                     if self._correlator is not None:
                         self.report.warnings.extend(self._correlator.notes)
-                    unrecorded = getattr(self._drops, "lost", 0)  # nftrace's own watcher counts them
+                    unrecorded = self._drops.lost if self._drops is not None else 0
                     if unrecorded:
                         self.report.warnings.append(f"{unrecorded:,} kernel drops of traced packets were not recorded "
                                                     "(nftrace fell behind reading them): those packets show no "
