@@ -134,6 +134,17 @@ def stop_signal() -> Optional[int]:
     return _state.first
 
 
+def raise_if_stopped() -> None:
+    """Raise the stop again if a stop signal came and its exception never reached the caller.
+
+    Python runs a signal handler between any two bytecodes, inside a weakref callback or a
+    finaliser too, where it prints "Exception ignored" and drops what the handler raised (seen
+    in CI: a Ctrl-C that `why` never stopped for, until its --timeout). A loop that must stop
+    calls this on every round; while undo steps run (held), the signal waits for them."""
+    if _state.first is not None and not _state.held:
+        raise interruption(_state.first)
+
+
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 

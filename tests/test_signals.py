@@ -14,7 +14,7 @@ import time
 import pytest
 
 from nftrace.signals import (Interrupted, SignalsAsExceptions, SignalsHeld, UndoStack, cleanup_failures,
-                             undo_after)
+                             raise_if_stopped, undo_after)
 
 
 def signal_of(stop: BaseException) -> int:
@@ -30,6 +30,29 @@ def test_a_signal_during_an_undo_step_waits_for_it_and_is_raised_after():
                 signal.raise_signal(signal.SIGTERM)
                 done.append("undone")
     assert done == ["undone"] and stop.value.signum == signal.SIGTERM
+
+
+def test_a_stop_whose_exception_a_weakref_callback_swallowed_is_raised_again_by_the_loop():
+    """Python drops what a handler raises inside a weakref callback ("Exception ignored in"):
+    the read loop's raise_if_stopped() raises it again."""
+    import weakref
+
+    class Thing:
+        pass
+
+    def callback(_ref):
+        signal.raise_signal(signal.SIGTERM)  # its handler runs here, and its exception is dropped
+
+    rounds = []
+    with pytest.raises(Interrupted) as stop:
+        with SignalsAsExceptions():
+            thing = Thing()
+            ref = weakref.ref(thing, callback)
+            del thing  # the callback runs, and Python ignores the exception raised in it
+            rounds.append(ref() is None)
+            raise_if_stopped()
+            rounds.append("not stopped")
+    assert rounds == [True] and stop.value.signum == signal.SIGTERM
 
 
 def test_only_the_first_signal_counts_the_second_does_not_cut_the_cleanup_short():

@@ -42,7 +42,7 @@ from ..kernel.netlink import require_pyroute2
 from ..kernel.rcvbuf import loss_warning, receive_buffer_size
 from .report import TraceReport
 from .ruleset import RulesetSnapshot
-from ..signals import Interrupted, SignalsAsExceptions, UndoStack, stop_signal
+from ..signals import Interrupted, SignalsAsExceptions, UndoStack, raise_if_stopped, stop_signal
 from ..kernel.netns import NamespaceRequest
 from ..kernel.nsexec import NamespaceCaller
 from ..kernel.system import enter_namespace_fd, interface_index, interface_links, interface_names, require_net_admin
@@ -659,6 +659,7 @@ class TraceSession:
         legacy, deadline = run.legacy, run.deadline
         command_done_at = None
         while True:
+            raise_if_stopped()
             now = time.monotonic()
             if options.count and self.packets_seen >= options.count:
                 return
