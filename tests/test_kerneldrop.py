@@ -205,6 +205,42 @@ def test_accepted_packet_without_drop_is_answered_after_the_hold():
     assert path.kernel_drop is None
 
 
+def test_a_held_packet_waits_until_the_drops_were_read_after_its_hold_ended():
+    correlator = DropCorrelator(hold_seconds=0.3)
+    path = accepted_at_input()
+    correlator.hold([path], now=10.0)
+    correlator.note_drops_read(10.25)
+    assert correlator.release(now=10.4) == []  # a drop made at 10.3 may still be unread
+    correlator.note_drops_read(10.31)
+    assert correlator.release(now=10.4) == [path]
+
+
+def test_a_packet_whose_events_were_queued_long_before_they_were_read_waits_from_then():
+    """Under a backlog, its drop (if any) came just after its events were queued: long read."""
+    correlator = DropCorrelator(hold_seconds=0.3)
+    path = accepted_at_input(first=12.0, last=12.0)
+    correlator.note_drops_read(11.99)
+    assert correlator.hold([path], now=12.0, queued_by=11.5) == [path]
+
+
+def test_a_packet_queued_long_before_still_gets_a_drop_read_since():
+    correlator = DropCorrelator(hold_seconds=0.3)
+    path = accepted_at_input(first=12.0, last=12.0)
+    correlator.add_drops([drop(at=11.501)])
+    correlator.note_drops_read(11.99)
+    assert correlator.hold([path], now=12.0, queued_by=11.5) == [path]
+    assert path.kernel_drop["reason"] == "NO_SOCKET"
+
+
+def test_a_bound_later_than_the_reading_changes_nothing():
+    correlator = DropCorrelator(hold_seconds=0.3)
+    path = accepted_at_input()
+    correlator.note_drops_read(10.0)
+    assert correlator.hold([path], now=10.0, queued_by=11.0) == []
+    correlator.note_drops_read(10.31)
+    assert correlator.release(now=10.31) == [path]
+
+
 def test_end_of_run_releases_every_held_packet():
     correlator = DropCorrelator()
     path = accepted_at_input()

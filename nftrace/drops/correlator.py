@@ -342,6 +342,10 @@ class DropCorrelator:
 
     Per batch of drops: `add_drops`, then `PathBuilder.close_vanished(vanished)` and `hold`,
     then `release`; so a drop goes to an open packet before an answered one is considered.
+    A caller that says when it last read the drops (`note_drops_read`) has a held packet
+    released only once they were read after its wait ended; and one that knows when a
+    packet's events were queued (kernel/queuetime.py: long before they were read, under a
+    backlog) has its wait counted from then.
     """
 
     def __init__(self, interfaces: Optional[dict] = None, hold_seconds: float = HOLD_SECONDS,
@@ -362,6 +366,11 @@ class DropCorrelator:
         self._echo_index = _ByHeaders(self._echoes, lambda echo: not echo.settled)
         self._drained: list = []  # when the trace sockets were read empty, the last REMEMBER_SECONDS
         self._shapes: dict = {}  # ShapeNode -> what PacketSignature.of read of its paths
+        self._drops_read_at: Optional[float] = None  # None: when `release` is called
+
+    def note_drops_read(self, when: float) -> None:
+        """Every drop made before `when` has been read and given to add_drops."""
+        self._drops_read_at = when
 
     def note_drained(self, now: float) -> None:
         """The trace sockets were read empty at `now`: every event of a packet dropped before
@@ -443,8 +452,10 @@ class DropCorrelator:
             return None
         return self._remembered_drop(self._signature(path), before=self.last_drained)
 
-    def hold(self, paths: Iterable, now: float) -> list:
-        """Pair each finished path with a remembered drop; return those whose answer is ready."""
+    def hold(self, paths: Iterable, now: float, queued_by: Optional[float] = None) -> list:
+        """Pair each finished path with a remembered drop; return those whose answer is ready.
+        `queued_by`: the paths' events were all queued by then (their drops came soon after)."""
+        waited_from = now if queued_by is None else min(now, queued_by)
         for path in paths:
             signature = self._signature(path)
             drop = self._remembered_drop(signature) if len(self._drops) else None
@@ -462,7 +473,7 @@ class DropCorrelator:
                     self._echo_index.add(waiting)
             held = _Held(path, signature, now, waiting=False)
             if drop is None and _may_be_dropped_later(path):
-                held.until, held.waiting = now + self.hold_seconds, True
+                held.until, held.waiting = waited_from + self.hold_seconds, True
             self._held.append(held)
             self._held_index.add(held)
         return self._answer(self._ready(now), now)
@@ -477,6 +488,8 @@ class DropCorrelator:
 
     def _ready(self, now: float, everything: bool = False) -> list:
         ready, held = [], self._held
+        if self._drops_read_at is not None:
+            now = min(now, self._drops_read_at)
         while held:
             head = held[0]
             if not (everything or not head.waiting or head.until <= now):

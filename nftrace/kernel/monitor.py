@@ -28,6 +28,7 @@ import os
 import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -185,6 +186,13 @@ class TraceMonitor:
         self._view = memoryview(self._buffer)
         self._inode = os.fstat(self.sock.fileno()).st_ino
         self.stash = None  # see hold_back
+        self.filtered = False  # a filter of nftrace's chooses what is queued
+        # See time_queue: the bound on when the datagrams of the batch being read were queued.
+        self.queued_by: Optional[float] = None
+        self._queue_counter = None  # queuetime.QueueCounter
+        self._queue_clock = None  # queuetime.QueueClock
+        self._datagrams_read = 0
+        self._dropped = 0
 
     def _join(self, group: int) -> None:
         try:
@@ -199,6 +207,7 @@ class TraceMonitor:
     def keep_only(self, program: Program, what: str) -> None:
         """From now on the kernel queues only the datagrams `program` keeps (sockfilter.py)."""
         attach(self.sock, program, what)
+        self.filtered = True
 
     def hold_back(self, stash) -> None:
         """From now on the kernel stashes trace events (drops/eventstash.py: EventStash), and
@@ -206,6 +215,33 @@ class TraceMonitor:
         closes the stash with the socket."""
         stash.attach(self.sock)
         self.stash = stash
+        self.filtered = True
+
+    def time_queue(self) -> bool:
+        """Count the datagrams offered to the socket from now (kernel/queuetime.py), so that
+        `queued_by` bounds when each batch read was queued; False where that cannot be (no
+        eBPF here, or a filter of nftrace's is on the socket)."""
+        if self.filtered or self._queue_counter is not None:
+            return self._queue_counter is not None
+        from .queuetime import QueueClock, QueueCounter  # eBPF: loaded only where kernel drops are paired
+
+        try:
+            counter = QueueCounter()
+        except KernelError:
+            return False
+        try:
+            counter.attach(self.sock)
+        except KernelError:
+            counter.close()
+            return False
+        self._queue_counter, self._queue_clock = counter, QueueClock()
+        return True
+
+    def sample_queue(self) -> None:
+        """Note how many datagrams were offered to the socket by now (once per round of reads)."""
+        if self._queue_counter is not None:
+            offered = self._queue_counter.offered()
+            self._queue_clock.sample(offered, time.monotonic())
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -245,6 +281,11 @@ class TraceMonitor:
             self.overruns += overruns
             size = sum(map(len, batch)) + SKB_OVERHEAD * len(batch)
             queued, drops = self._meminfo()
+            self._datagrams_read += len(batch)
+            if self._queue_counter is not None:
+                # The batch's last datagram was offered at this place at the latest (those the
+                # kernel dropped came before it or after), and every other one before it.
+                self.queued_by = self._queue_clock.queued_by(self._datagrams_read + drops)
             if self.losses.observe(drops, queued, size, overruns > 0):
                 yield None
             self.losses.advance(size)
@@ -286,6 +327,8 @@ class TraceMonitor:
         self.sock.close()
         if self.stash is not None:
             self.stash.close()
+        if self._queue_counter is not None:
+            self._queue_counter.close()
 
     def __enter__(self) -> "TraceMonitor":
         return self

@@ -195,6 +195,12 @@ class TraceSession:
                 try:
                     run.collection.start()
                     self._await_drop_watcher(drops)
+                    if self._correlator is not None and joiner is None:
+                        # A packet read late waits for its kernel drop from when it was queued
+                        # (a joined packet's parts were queued on several sockets: from its reading).
+                        for part in parts:
+                            if part.monitor is not None:
+                                part.monitor.time_queue()
                     # --timeout (drops: --duration) counts from here, where nftrace says it is
                     # tracing and the traffic command starts, not from before bpftrace's start
                     # (half a second), which took that much from the time asked for.
@@ -495,15 +501,16 @@ class TraceSession:
             ended = f"exited with status {status}" if status > 0 else f"was killed by signal {-status}"
             self.report.warnings.append(f"the traffic command {ended} before any packet of the flow was seen")
 
-    def _finished(self, run: "_Run", part: NamespacePart, paths: list, held: bool = False) -> None:
+    def _finished(self, run: "_Run", part: NamespacePart, paths: list, held: bool = False,
+                  queued_by: Optional[float] = None) -> None:
         """Paths a part's builder finished: said where they ran, and, across namespaces, joined
-        into packets first."""
+        into packets first. `queued_by`: their events were queued by then (TraceMonitor.queued_by)."""
         if not paths:
             return
         for path in paths:
             assign_namespace(path, part.label)
         if run.joiner is None:
-            self._deliver(run, paths, held)
+            self._deliver(run, paths, held, queued_by)
             return
         now = time.monotonic()
         answers = []
@@ -512,14 +519,14 @@ class TraceSession:
             answers += run.joiner.add(path, now)
         self._deliver(run, answers, held)
 
-    def _deliver(self, run: "_Run", paths: list, held: bool = False) -> None:
+    def _deliver(self, run: "_Run", paths: list, held: bool = False, queued_by: Optional[float] = None) -> None:
         """Hand finished paths to the caller, up to --count; a path netfilter accepted waits
         (held by the correlator) for a kernel drop that would change its answer."""
         if not paths:
             return  # most events finish no packet: nothing to hold, nothing to release
         correlator = self._correlator
         if correlator is not None and not held:
-            paths = correlator.hold(paths, time.monotonic())
+            paths = correlator.hold(paths, time.monotonic(), queued_by)
         count = self.options.count
         for path in paths:
             if not self._wanted(path) or (count and self.packets_seen >= count):
@@ -562,6 +569,7 @@ class TraceSession:
                 if all(part.monitor.drained for part in run.live if part.monitor is not None):
                     correlator.note_drained(drained_at)
                 correlator.add_drops(self._read_drops())
+                correlator.note_drops_read(drained_at)
                 self._release_for_drops(run)
                 self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
             if run.joiner is not None:
@@ -587,9 +595,12 @@ class TraceSession:
         ruleset snapshot, and a deleted table no longer stops anything).
         """
         count, builder = self.options.count, part.builder
+        monitor = part.monitor if run.joiner is None else None
         for item in items:
             if isinstance(item, TraceEvent):
-                self._finished(run, part, builder.feed(item, time.monotonic()))
+                paths = builder.feed(item, time.monotonic())
+                if paths:
+                    self._finished(run, part, paths, queued_by=monitor.queued_by if monitor is not None else None)
                 if not stopping and count and self.packets_seen >= count:
                     return True
             elif isinstance(item, ReadEarlier):
@@ -682,6 +693,9 @@ class TraceSession:
                     return
             wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - now)
             readable = self._wait(monitors + ([legacy] if legacy is not None else []), wait)
+            for monitor in monitors:
+                monitor.sample_queue()  # before the drops are read: see kernel/queuetime.py
+            drops_read_at = time.monotonic()
             drops = self._read_drops()
             for part in run.live:
                 if part.monitor is not None and (part.monitor in readable or drops):
@@ -706,6 +720,7 @@ class TraceSession:
                     correlator.note_drained(drained_at)
                 if drops:
                     correlator.add_drops(drops)
+                correlator.note_drops_read(drops_read_at)
                 if self._release_for_drops(run) or drops:
                     self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
             for part in run.live:
