@@ -28,7 +28,7 @@ from collections import deque
 from typing import Optional
 
 from . import ebpf
-from .ebpf import R0, R1, R10
+from .ebpf import R0, R1, R6
 
 _OFFERED = 0  # the counter's index
 
@@ -39,9 +39,9 @@ class QueueCounter:
     def __init__(self) -> None:
         self.counters = ebpf.Counters(1, "the count of trace datagrams")
         try:
-            program = ebpf.Program().mov(ebpf.R6, R1)
+            program = ebpf.Program().mov(R6, R1)
             self.counters.add(program, _OFFERED, None, -4)
-            program.load(4, R0, ebpf.R6, 0).exit()  # __sk_buff.len: the whole datagram
+            program.load(4, R0, R6, 0).exit()  # __sk_buff.len: the whole datagram
             self._fd: Optional[int] = ebpf.load(program, "the counter of trace datagrams")
         except BaseException:
             self.counters.close()
