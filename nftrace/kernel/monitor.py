@@ -192,7 +192,6 @@ class TraceMonitor:
         self._queue_counter = None  # queuetime.QueueCounter
         self._queue_clock = None  # queuetime.QueueClock
         self._datagrams_read = 0
-        self._dropped = 0
 
     def _join(self, group: int) -> None:
         try:
