@@ -58,8 +58,24 @@ def test_sandbox_names_become_the_targets_by_place_in_the_ruleset():
     inner = Step("forward", "inet", "f", "__chain91", "rule", 21, None, None, "drop", depth=1)
     path = PacketPath(1, steps=[jump, inner], decided_by=inner)
     names.translate(path)
-    assert (jump.target, inner.chain, inner.handle, inner.rule_number) == ("__chain4", "__chain4", 10, 2)
+    translated_jump, translated_inner = path.steps
+    assert (translated_jump.target, translated_inner.chain, translated_inner.handle,
+            translated_inner.rule_number) == ("__chain4", "__chain4", 10, 2)
+    assert path.decided_by is translated_inner
     assert path.decided_by.location().startswith("inet f __chain4 rule handle 10")
+
+
+def test_translating_replaces_steps_and_leaves_the_ones_other_paths_share_alone():
+    """Paths made from one shape share their steps (trace/shapes.py)."""
+    chains = [KernelChain("inet", "f", "fwd", [7], {7: "__chain3"}), KernelChain("inet", "f", "__chain3", [4])]
+    sandbox = [KernelChain("inet", "f", "fwd", [7], {7: "__chain90"}), KernelChain("inet", "f", "__chain90", [40])]
+    names = TargetNames("", chains, "", sandbox)
+    inner = Step("forward", "inet", "f", "__chain90", "rule", 40, None, None, "drop", depth=1)
+    first, second = PacketPath(1, steps=[inner], decided_by=inner), PacketPath(2, steps=[inner], decided_by=inner)
+    names.translate(first)
+    names.translate(second)
+    assert inner.chain == "__chain90" and inner.handle == 40
+    assert [(path.steps[0].chain, path.steps[0].handle) for path in (first, second)] == [("__chain3", 4)] * 2
 
 
 # -- against the kernel -------------------------------------------------------------------------

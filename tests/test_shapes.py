@@ -124,12 +124,14 @@ def test_a_path_made_from_a_shape_has_its_own_packet_headers_and_trace_id():
     assert (later.first_seen, later.last_seen) == (2.0, 2.0)
 
 
-def test_a_path_made_from_a_shape_is_the_callers_own():
+def test_a_path_made_from_a_shape_is_the_callers_own_but_for_its_steps():
+    """Steps are shared by the paths of a shape: what callers set on one (its namespace, its
+    iptables form) is the same for all of them; a step that must differ is replaced."""
     stream = [(event, 1.0) for event in accepted_packet(1) + accepted_packet(2) + accepted_packet(3)]
     builder = PathBuilder(SNAPSHOT, shapes=PathShapes())
     paths = [path for event, now in stream for path in builder.feed(event, now)]
     for path in paths[:2]:  # what callers do to a path they are given: none of it reaches the next
-        path.steps[0].netns = "elsewhere"
+        path.steps[0] = replace(path.steps[0], netns="elsewhere")
         path.observations[0].mark = 9
         path.hooks.append("output")
         path.nat.append({"hook": "input"})
@@ -137,6 +139,8 @@ def test_a_path_made_from_a_shape_is_the_callers_own():
     assert paths[2].steps[0].netns is None and paths[2].observations[0].mark is None
     assert paths[2].hooks == ["prerouting", "input"] and paths[2].nat == [] and paths[2].kernel_drop is None
     assert paths[2].decided_by is paths[2].steps[-1]
+    assert paths[2].steps[-1] is paths[1].steps[-1]
+    assert paths[0].steps[-1] is not paths[1].steps[-1]  # the first was built, the others made from its shape
 
 
 def test_events_that_leave_the_known_shapes_are_built_from_the_packets_first():

@@ -76,23 +76,31 @@ class TargetNames:
 
     def translate(self, path: PacketPath, sandbox: Optional[RulesetSnapshot] = None) -> None:
         """Give each nftables step of a sandbox path the target's names and handles; rules of
-        anonymous chains get their text from the sandbox's snapshot (one that knows them)."""
+        anonymous chains get their text from the sandbox's snapshot (one that knows them).
+        Steps are replaced, not changed: paths of one shape share theirs (trace/shapes.py)."""
+        steps = []
         for step in path.steps:
-            if step.backend != "nft":
-                continue  # legacy rules are named by chain and number, the same in every copy
-            sandbox_chain = step.chain
-            if step.text is None and step.handle is not None and sandbox is not None:
-                rule = sandbox.rule(step.family, step.table, sandbox_chain, step.handle)
-                step.text = rule.text if rule is not None else None
-            step.chain = self.chain(step.family, step.table, sandbox_chain)
-            step.target = self.chain(step.family, step.table, step.target)
-            if step.type == "rule" or (step.type == "return" and step.handle is not None):
-                step.handle, step.rule_number = self.handle(step.family, step.table, sandbox_chain, step.handle,
-                                                            step.rule_number)
+            translated = step if step.backend != "nft" else self._step(step, sandbox)
+            if step is path.decided_by:
+                path.decided_by = translated
+            steps.append(translated)
+        path.steps = steps
         path.near_misses = [self._near_miss(item) for item in path.near_misses]
         if path.nat:
             # The NAT rewrites name their rule by location: say it in the target's words too.
             path.nat = nat_rewrites(path.observations, path.steps)
+
+    def _step(self, step, sandbox: Optional[RulesetSnapshot]):
+        """An nftables step named as the target names it (legacy rules are named by chain and
+        number, the same in every copy)."""
+        sandbox_chain, text, handle, number = step.chain, step.text, step.handle, step.rule_number
+        if text is None and handle is not None and sandbox is not None:
+            rule = sandbox.rule(step.family, step.table, sandbox_chain, handle)
+            text = rule.text if rule is not None else None
+        if step.type == "rule" or (step.type == "return" and handle is not None):
+            handle, number = self.handle(step.family, step.table, sandbox_chain, handle, number)
+        return replace(step, text=text, chain=self.chain(step.family, step.table, sandbox_chain),
+                       target=self.chain(step.family, step.table, step.target), handle=handle, rule_number=number)
 
     def _near_miss(self, item):
         """A near miss (trace/nearmiss.py) named as the target names its rule."""

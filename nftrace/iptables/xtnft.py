@@ -61,6 +61,8 @@ class IptablesNftText:
 
     def annotate(self, path: PacketPath) -> PacketPath:
         """Give each nftables rule step of an iptables-nft chain its iptables form."""
+        if not self.chains:
+            return path  # no iptables-nft chain here (a packet's steps are not looked at)
         for step in path.steps:
             if (step.backend == "nft" and step.type == "rule" and step.rule_number and not step.rule_deleted
                     and step.iptables is None):

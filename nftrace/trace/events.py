@@ -568,20 +568,21 @@ def trace_layout(raw: bytes) -> Optional[tuple]:
     if raw[_ID_OFFSET:_ID_OFFSET + 4] != _ID_HEADER:
         return None
     end = min(len(raw), _MESSAGE_LENGTH.unpack_from(raw, 0)[0])
-    # Most events carry no packet part: the whole message past the id is then the key.
-    template = _templates.get(raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_END:end])
-    if template is not None:
-        return _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0], template, end, end
     header = _ATTRIBUTE_HEADER.unpack_from
     # Where the packet part starts is found by reading attribute headers; for a template met
     # before, it is where it was then: right if the bytes before it are the template's and a
-    # packet attribute starts there.
+    # packet attribute starts there. Tried first: it spares a message with a packet part
+    # (most of a packet's events) the lookup of its whole length below.
     prefix = raw[_ID_END:_ID_END + _BOUNDARY_PREFIX]
     for offset in _boundaries.get(prefix, ()):
         if offset + 4 <= end and header(raw, offset)[1] & NLA_TYPE_MASK in _PACKET_NUMBERS:
             template = _templates.get(raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_END:offset])
             if template is not None:
                 return _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0], template, offset, end
+    # An event without a packet part: the whole message past the id is the key.
+    template = _templates.get(raw[NLMSG_HEADER_SIZE:_ID_OFFSET] + raw[_ID_END:end])
+    if template is not None:
+        return _ID_VALUE.unpack_from(raw, _ID_OFFSET + 4)[0], template, end, end
     offset = _ID_END
     while offset + 4 <= end:
         length, number = header(raw, offset)

@@ -114,7 +114,10 @@ class _Run:
         return [part for part in self.parts if not part.ended]
 
     def part(self, label: Optional[str]) -> NamespacePart:
-        return next((part for part in self.parts if part.label == label), self.parts[0])
+        parts = self.parts
+        if len(parts) == 1:
+            return parts[0]
+        return next((part for part in parts if part.label == label), parts[0])
 
 
 def _routes():

@@ -82,7 +82,7 @@ class PathShapes:
         if node.path is None:
             node.sources, node.decided = tuple(sources), decided
             node.path = self._copy(node, path, [event.packet for event in events], path.trace_id,
-                                   path.first_seen, path.last_seen)
+                                   path.first_seen, path.last_seen, own_steps=True)
 
     def start(self, shape) -> Optional[ShapeNode]:
         return self.root.children.get(shape)
@@ -95,12 +95,20 @@ class PathShapes:
 
     @staticmethod
     def _copy(node: ShapeNode, path: PacketPath, packets: list, trace_id: int, first_seen: float,
-              last_seen: float) -> PacketPath:
-        """A path of its own (callers annotate what they are given): new steps, observations
-        and lists; the records they hold (headers, conntrack) are never changed once made."""
-        steps = [Step(s.hook, s.family, s.table, s.chain, s.type, s.handle, s.rule_number, s.text, s.verdict,
-                      s.target, s.depth, s.rule_deleted, s.iptables, s.in_nat_chain, s.backend, s.netns)
-                 for s in path.steps]
+              last_seen: float, own_steps: bool = False) -> PacketPath:
+        """A path of its own (callers annotate what they are given): new observations and lists;
+        the records they hold (headers, conntrack) are never changed once made.
+
+        Its steps are the shape's own (`own_steps`: new ones, for the shape's path itself): what
+        callers set on a step (its namespace, its iptables form) is the same for every path of
+        a shape, and a step that must differ is replaced in its path, not changed
+        (dryrun/names.py). Copying them was a tenth of the work of a flood's packet."""
+        if own_steps:
+            steps = [Step(s.hook, s.family, s.table, s.chain, s.type, s.handle, s.rule_number, s.text, s.verdict,
+                          s.target, s.depth, s.rule_deleted, s.iptables, s.in_nat_chain, s.backend, s.netns)
+                     for s in path.steps]
+        else:
+            steps = list(path.steps)
         observations = [HookObservation(o.hook, o.table, o.chain, packets[source] if source >= 0 else None,
                                         o.iif, o.oif, o.mark, o.ct, o.own, o.netns, o.family, o.derived)
                         for o, source in zip(path.observations, node.sources)]
