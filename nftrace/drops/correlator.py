@@ -456,6 +456,7 @@ class DropCorrelator:
         """Pair each finished path with a remembered drop; return those whose answer is ready.
         `queued_by`: the paths' events were all queued by then (their drops came soon after)."""
         waited_from = now if queued_by is None else min(now, queued_by)
+        ready = []
         for path in paths:
             signature = self._signature(path)
             drop = self._remembered_drop(signature) if len(self._drops) else None
@@ -471,12 +472,18 @@ class DropCorrelator:
                     waiting = _Answered(signature, now)
                     self._echoes.append(waiting)
                     self._echo_index.add(waiting)
-            held = _Held(path, signature, now, waiting=False)
-            if drop is None and _may_be_dropped_later(path):
-                held.until, held.waiting = waited_from + self.hold_seconds, True
+            waiting = drop is None and _may_be_dropped_later(path)
+            until = waited_from + self.hold_seconds
+            if not self._held and (not waiting or until <= self._cutoff(now)):
+                # Its wait is over already (under a backlog, nearly every packet's) and nothing
+                # waits before it: answered without being filed.
+                self._remember_answered(path, signature, now)
+                ready.append(path)
+                continue
+            held = _Held(path, signature, until if waiting else now, waiting=waiting)
             self._held.append(held)
             self._held_index.add(held)
-        return self._answer(self._ready(now), now)
+        return ready + self._answer(self._ready(now), now) if self._held else ready
 
     def release(self, now: float, everything: bool = False) -> list:
         """Held paths whose drop came or whose wait is over (all of them at the end of a run);
@@ -486,10 +493,13 @@ class DropCorrelator:
         self._forget(now)
         return self._answer(ready, now)
 
+    def _cutoff(self, now: float) -> float:
+        """A wait that ended before this is over: the drops were read since."""
+        return now if self._drops_read_at is None else min(now, self._drops_read_at)
+
     def _ready(self, now: float, everything: bool = False) -> list:
         ready, held = [], self._held
-        if self._drops_read_at is not None:
-            now = min(now, self._drops_read_at)
+        now = self._cutoff(now)
         while held:
             head = held[0]
             if not (everything or not head.waiting or head.until <= now):
@@ -512,20 +522,23 @@ class DropCorrelator:
         """Remember what a late drop could still belong to: packets answered as accepted. A
         drop remembered before the answer that fits it late is noted now."""
         for held in ready:
-            path = held.path
-            if path.complete and path.kernel_drop is None and path.verdict == "accept":
-                answered = _Answered(held.signature, now)
-                if len(self._drops):
-                    late = self._late_drop(held.signature)
-                    if late is not None:
-                        self._drops.forget(late)
-                        self._settle(answered, late, filed=False)
-                        continue
-                self._answered.append(answered)
-                self._answered_index.add(answered)
-        while len(self._answered) > REMEMBER_MAX:
-            self._expire_answered()
+            self._remember_answered(held.path, held.signature, now)
         return [held.path for held in ready]
+
+    def _remember_answered(self, path: PacketPath, signature: PacketSignature, now: float) -> None:
+        if not (path.complete and path.kernel_drop is None and path.verdict == "accept"):
+            return
+        answered = _Answered(signature, now)
+        if len(self._drops):
+            late = self._late_drop(signature)
+            if late is not None:
+                self._drops.forget(late)
+                self._settle(answered, late, filed=False)
+                return
+        self._answered.append(answered)
+        self._answered_index.add(answered)
+        if len(self._answered) > REMEMBER_MAX:
+            self._expire_answered()
 
     def _expire_answered(self) -> None:
         answered = self._answered.popleft()

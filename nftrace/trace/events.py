@@ -567,7 +567,9 @@ def trace_layout(raw: bytes) -> Optional[tuple]:
     for a message not laid out as the kernel lays them out (it is then decoded in full)."""
     if raw[_ID_OFFSET:_ID_OFFSET + 4] != _ID_HEADER:
         return None
-    end = min(len(raw), _MESSAGE_LENGTH.unpack_from(raw, 0)[0])
+    end = _MESSAGE_LENGTH.unpack_from(raw, 0)[0]
+    if end > len(raw):
+        end = len(raw)
     header = _ATTRIBUTE_HEADER.unpack_from
     # Where the packet part starts is found by reading attribute headers; for a template met
     # before, it is where it was then: right if the bytes before it are the template's and a
