@@ -232,6 +232,16 @@ def test_a_packet_queued_long_before_still_gets_a_drop_read_since():
     assert path.kernel_drop["reason"] == "NO_SOCKET"
 
 
+def test_a_packet_whose_wait_is_over_still_comes_out_behind_one_that_waits():
+    correlator = DropCorrelator(hold_seconds=0.3)
+    waiting, late_read = accepted_at_input(first=12.0, last=12.0), accepted_at_input(first=12.0, last=12.0)
+    correlator.note_drops_read(12.0)
+    assert correlator.hold([waiting], now=12.0) == []
+    assert correlator.hold([late_read], now=12.01, queued_by=11.0) == []
+    correlator.note_drops_read(12.31)
+    assert correlator.release(now=12.31) == [waiting, late_read]
+
+
 def test_a_bound_later_than_the_reading_changes_nothing():
     correlator = DropCorrelator(hold_seconds=0.3)
     path = accepted_at_input()
