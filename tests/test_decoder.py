@@ -221,7 +221,7 @@ def another_packet(raw: bytes, number: int) -> bytes:
     other[at:at + 4] = (event.trace_id ^ number).to_bytes(4, "big")
     layout = trace_layout(raw)
     packet_at = layout[2]
-    (network_at, _), (transport_at, transport_end) = header_spans(raw, packet_at, layout[3])
+    (network_at, _), (transport_at, transport_end), _ = header_spans(raw, packet_at, layout[3])
     network_at += packet_at
     if event.packet.src.version == 4:
         other[network_at + 4:network_at + 6] = number.to_bytes(2, "big")  # id

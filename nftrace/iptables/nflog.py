@@ -460,7 +460,8 @@ class NflogListener:
         while True:
             if not select.select([self.sock], [], [], 5.0)[0]:
                 raise KernelError("nfnetlink_log did not answer a configuration request")
-            for datagram in read_datagrams(self.sock, self._buffer, "nfnetlink_log replies"):
+            # One at a time: what comes after the reply stays queued for `read`.
+            for datagram in read_datagrams(self.sock, self._buffer, "nfnetlink_log replies", limit=1):
                 for msg_type, raw in decode_datagram(datagram or b""):
                     if msg_type == NLMSG_ERROR and struct.unpack_from("=I", raw, 8)[0] == self._seq:
                         code = -struct.unpack_from("=i", raw, 16)[0]

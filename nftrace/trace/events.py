@@ -476,7 +476,8 @@ _packet_parts: dict = {}
 
 def header_spans(raw: bytes, offset: int, end: int) -> tuple:
     """(start, end) of the network header's copy and of the transport header's, relative to
-    `offset`, as read_attributes reads them (the first of each; (0, 0) for one not sent)."""
+    `offset`, as read_attributes reads them (the first of each; (0, 0) for one not sent); then
+    the three spans around them, in order (the last one's end left open)."""
     spans = {_NETWORK_NUMBER: (0, 0), _TRANSPORT_NUMBER: (0, 0)}
     header = _ATTRIBUTE_HEADER.unpack_from
     at = offset
@@ -490,7 +491,9 @@ def header_spans(raw: bytes, offset: int, end: int) -> tuple:
         if spans.get(number) == (0, 0):
             spans[number] = (at + 4 - offset, at + length - offset)
         at += (length + 3) & ~3
-    return spans[_NETWORK_NUMBER], spans[_TRANSPORT_NUMBER]
+    network, transport = spans[_NETWORK_NUMBER], spans[_TRANSPORT_NUMBER]
+    first, second = sorted((network, transport))
+    return network, transport, (first[0], first[1], second[0], second[1])
 
 
 def packet_part_key(template: TraceTemplate, raw: bytes, packet_at: int, end: int, layout: tuple) -> tuple:
@@ -499,12 +502,11 @@ def packet_part_key(template: TraceTemplate, raw: bytes, packet_at: int, end: in
     reads, except the IPv4 id and TCP sequence numbers. Two messages with equal keys have their
     attributes at the same places (their headers are among the bytes compared), and read the
     same but for those fields."""
-    (network_at, network_end), (transport_at, transport_end) = layout
+    (network_at, network_end), (transport_at, transport_end), (first_at, first_end, second_at, second_end) = layout
     network = raw[packet_at + network_at:packet_at + network_end]
     transport = raw[packet_at + transport_at:packet_at + transport_end]
-    first, second = sorted(((network_at, network_end), (transport_at, transport_end)))
-    outside = (raw[packet_at:packet_at + first[0]] + raw[packet_at + first[1]:packet_at + second[0]]
-               + raw[packet_at + second[1]:end])
+    outside = (raw[packet_at:packet_at + first_at] + raw[packet_at + first_end:packet_at + second_at]
+               + raw[packet_at + second_end:end])
     return template, end - packet_at, outside, _read_part(network, transport)
 
 

@@ -67,10 +67,11 @@ class ShapedJson:
         shape = path.shape
         if shape is None or path.kernel_drop is not None or path.fix is not None or path.segments:
             return json.dumps(packet_json(path, interfaces))
-        written_for = (path.netns, path.interfaces, interfaces.get(path.interface_index("iif")),
-                       interfaces.get(path.interface_index("oif")), tuple(step.iptables for step in path.steps),
-                       tuple(map(id, path.near_misses)))
         kept = self._kept.get(shape)
+        # Every path of a shape has its interfaces (their indexes: their names may change).
+        iif, oif = kept[3] if kept is not None else (path.interface_index("iif"), path.interface_index("oif"))
+        written_for = (path.netns, path.interfaces, interfaces.get(iif), interfaces.get(oif),
+                       tuple([step.iptables for step in path.steps]), tuple(map(id, path.near_misses)))
         if kept is not None and kept[0] == written_for:
             return f'"{path.trace_id:08x}"'.join(kept[1])
         document = packet_json(path, interfaces)
@@ -81,5 +82,5 @@ class ShapedJson:
             if len(self._kept) >= self.MAX_SHAPES:
                 self._kept.clear()
             # The near misses themselves are kept too: their ids stay theirs while kept.
-            self._kept[shape] = (written_for, parts, path.near_misses)
+            self._kept[shape] = (written_for, parts, path.near_misses, (iif, oif))
         return text
