@@ -282,11 +282,12 @@ class TraceMonitor:
             wanted = READ_BATCH if left is None else min(left, READ_BATCH)
             read = read_datagrams(self.sock, self._view, limit=wanted)
             batch = [datagram for datagram in read if datagram is not None]
-            overruns = len(read) - len(batch)  # ENOBUFS reads: each counted as one of the batch's reads
+            received = len(batch)
+            overruns = len(read) - received  # ENOBUFS reads: each counted as one of the batch's reads
             self.overruns += overruns
-            size = sum(map(len, batch)) + SKB_OVERHEAD * len(batch)
+            size = sum(map(len, batch)) + SKB_OVERHEAD * received
             queued, drops = self._meminfo()
-            self._datagrams_read += len(batch)
+            self._datagrams_read += received
             if self._queue_counter is not None:
                 # The batch's last datagram was offered at this place at the latest (those the
                 # kernel dropped came before it or after), and every other one before it.
@@ -298,7 +299,7 @@ class TraceMonitor:
             if len(read) < wanted:
                 return  # read empty
             if left is not None:
-                left -= len(batch) + overruns
+                left -= len(read)
 
     def _meminfo(self) -> tuple[int, int]:
         """(bytes queued, messages dropped) as the kernel counts them for this socket."""

@@ -102,7 +102,7 @@ class PathShapes:
         Its steps are the shape's own (`own_steps`: new ones, for the shape's path itself): what
         callers set on a step (its namespace, its iptables form) is the same for every path of
         a shape, and a step that must differ is replaced in its path, not changed
-        (dryrun/names.py). Copying them was a tenth of the work of a flood's packet."""
+        (dryrun/names.py). Copying them was a few per cent of the work of a flood's packet."""
         if own_steps:
             steps = [Step(s.hook, s.family, s.table, s.chain, s.type, s.handle, s.rule_number, s.text, s.verdict,
                           s.target, s.depth, s.rule_deleted, s.iptables, s.in_nat_chain, s.backend, s.netns)
