@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 
@@ -32,10 +33,13 @@ watcher = EbpfDropWatcher.start(ring_bytes=int(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()
 time.sleep(0.3)
-drops, lost = watcher.read(), watcher.lost
+limit = int(sys.argv[2]) if len(sys.argv) > 2 else None
+first = watcher.read(limit)
+drops, lost = first + watcher.read(), watcher.lost
 watcher.close()
-json.dump({"lost": lost, "drops": [[d.reason, str(d.src), str(d.dst), d.proto, d.dport, d.time, d.code_location()]
-                                   for d in drops]}, sys.stdout)
+json.dump({"lost": lost, "first": len(first),
+           "drops": [[d.reason, str(d.src), str(d.dst), d.proto, d.dport, d.time, d.code_location()] for d in drops]},
+          sys.stdout)
 """
 
 SEND = """
@@ -70,10 +74,12 @@ def test_a_record_of_neither_ip_version_is_no_drop():
     assert parse_record(record(b"\x00" * 40), {}) is None
 
 
-def watch(here: str, senders: dict, ring_bytes: int = 1 << 22) -> tuple[dict, float]:
+def watch(here: str, senders: dict, ring_bytes: int = 1 << 22, first_read: Optional[int] = None) -> tuple[dict, float]:
     """(what the watcher in `here` read once every namespace in `senders` sent its packets
-    (to 9999, traced, and 9998, not), when the sending started)."""
-    watcher = subprocess.Popen(["ip", "netns", "exec", here, sys.executable, "-c", WATCH, str(ring_bytes)],
+    (to 9999, traced, and 9998, not), when the sending started). `first_read`: the watcher
+    reads at most that many first, then the rest."""
+    limit = [] if first_read is None else [str(first_read)]
+    watcher = subprocess.Popen(["ip", "netns", "exec", here, sys.executable, "-c", WATCH, str(ring_bytes), *limit],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={"PYTHONPATH": str(REPO)})
     try:
@@ -113,3 +119,14 @@ def test_drops_that_find_the_ring_full_are_counted_not_lost_silently(netns):
     read, _ = watch(here, {here: 200}, ring_bytes=4096)
     assert 0 < len(read["drops"]) < 200 and read["lost"] > 0
     assert len(read["drops"]) + read["lost"] == 200
+
+
+@pytest.mark.kernel
+def test_a_read_with_a_limit_leaves_the_other_drops_in_the_ring_in_order(netns):
+    """Under a backlog nftrace reads no more drops than it can keep for pairing."""
+    here = netns("dwl")
+    load_ruleset(here, TRACE_OUTPUT)
+    read, _ = watch(here, {here: 10}, first_read=4)
+    times = [drop[5] for drop in read["drops"]]
+    assert (read["first"], len(read["drops"]), read["lost"]) == (4, 10, 0)
+    assert times == sorted(times)

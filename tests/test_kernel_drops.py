@@ -96,6 +96,19 @@ def test_udp_to_closed_port_over_ipv6_is_dropped_no_socket(lab):
     assert (drop["reason"], drop["explain"]) == ("NO_SOCKET", "nothing listens on udp/5353 in this namespace")
 
 
+def test_a_backlog_of_packets_the_kernel_drops_gets_every_drop_paired_with_its_packet(lab):
+    """A burst read behind the kernel: its drops are read long before its packets' events, more
+    of them than the pairing keeps in hand (4,096), and older than a second when their packets
+    come; each packet still gets its drop (the watcher's ring holds the rest back, and the
+    socket's datagram count says when each packet was queued), none a late note."""
+    burst = 8000
+    result = why(lab, "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "udp", "--dport", "5009",
+                 command=traffic(lab.client, "udp", ROUTER_CLIENT_V4, "5009", "--count", str(burst),
+                                 "--rate", "0"), count=burst, extra=["--max-rate", "0"])
+    assert [packet["kernel_drop"] and packet["kernel_drop"]["reason"] for packet in result.packets] == ["NO_SOCKET"] * burst
+    assert result.json["warnings"] == []
+
+
 def test_human_answer_says_the_kernel_dropped_it(lab):
     result = nftrace("--netns", lab.router, "why", "--from", CLIENT_V4, "--to", ROUTER_CLIENT_V4, "--proto", "tcp",
                      "--dport", "8081", "--count", "1", "--timeout", "15", "--", *tcp_to(lab, ROUTER_CLIENT_V4, 8081))

@@ -12,7 +12,7 @@ import pytest
 
 from nftrace.trace.events import ConntrackInfo, PacketHeaders, TraceEvent
 from nftrace.drops.bpftrace import KernelSymbols, bpftrace_program
-from nftrace.drops.correlator import DropCorrelator, attach_drop
+from nftrace.drops.correlator import REMEMBER_MAX, DropCorrelator, attach_drop
 from nftrace.drops.reasons import KernelDrop, explain, has_reason_field, parse_drop_line, parse_reason_names
 from nftrace.trace.paths import HookObservation, PacketPath, PathBuilder, Step, finalise_path, nat_rewrites
 from nftrace.trace.report import accepted_by_connection, conntrack_json, packet_json, summary
@@ -240,6 +240,56 @@ def test_a_packet_whose_wait_is_over_still_comes_out_behind_one_that_waits():
     assert correlator.hold([late_read], now=12.01, queued_by=11.0) == []
     correlator.note_drops_read(12.31)
     assert correlator.release(now=12.31) == [waiting, late_read]
+
+
+def test_a_backlog_s_packets_take_the_oldest_drops_that_fit_in_the_order_they_come():
+    """Read seconds after they were queued, the packets of one flow come in the order their
+    drops were made; the drops were read long before (the nearest to the reading would be the
+    newest, a later packet's, and leave the oldest to no one)."""
+    correlator = DropCorrelator(hold_seconds=0.3)
+    correlator.add_drops([KernelDrop(10.0 + n / 1000, "NO_SOCKET", f"tcp_v4_rcv+0x{n}", CLIENT, ROUTER, 6, 40000, 8081)
+                          for n in range(6)])
+    correlator.note_drops_read(11.0)
+    packets = [accepted_at_input(first=14.0, last=14.0) for _ in range(6)]
+    ready = correlator.hold(packets, now=14.0, queued_after=9.99, queued_by=10.01)
+    assert ready == packets
+    assert [path.kernel_drop["location"] for path in packets] == [f"tcp_v4_rcv+0x{n}" for n in range(6)]
+
+
+def test_a_backlog_s_packet_takes_no_drop_made_before_it_was_queued():
+    correlator = DropCorrelator(hold_seconds=0.3)
+    correlator.add_drops([drop(at=9.5)])
+    correlator.note_drops_read(11.0)
+    path = accepted_at_input(first=14.0, last=14.0)
+    correlator.hold([path], now=14.0, queued_after=9.99, queued_by=10.01)
+    assert path.kernel_drop is None
+
+
+def test_drops_are_read_no_further_than_there_is_room_to_keep_them():
+    correlator = DropCorrelator()
+    assert correlator.room == REMEMBER_MAX
+    correlator.add_drops([drop(at=10.0 + n / 10000, sport=n) for n in range(REMEMBER_MAX)])
+    assert correlator.room == 0
+
+
+def test_making_room_forgets_only_drops_older_than_a_whole_round_of_reads_since_an_empty_socket():
+    correlator = DropCorrelator()
+    correlator.add_drops([drop(at=10.0), drop(at=12.0)])
+    correlator.note_drained(11.0)
+    assert correlator.forget_stale() == 0  # one empty read only: a packet closed as vanished may still want it
+    correlator.note_drained(11.5)
+    assert correlator.forget_stale() == 1
+    assert correlator.room == REMEMBER_MAX - 1
+
+
+def test_a_drop_whose_packet_may_still_be_unread_is_not_forgotten_for_its_age():
+    correlator = DropCorrelator()
+    correlator.add_drops([drop(at=10.0)])
+    assert correlator.release(now=30.0) == []
+    assert correlator.room == REMEMBER_MAX - 1  # the sockets were never read empty since
+    correlator.note_drained(20.0)
+    correlator.release(now=30.0)
+    assert correlator.room == REMEMBER_MAX
 
 
 def test_a_bound_later_than_the_reading_changes_nothing():

@@ -49,6 +49,16 @@ def test_samples_before_the_one_found_are_forgotten():
     assert len(clock._samples) == 1
 
 
+def test_a_datagram_was_queued_after_the_last_sample_that_did_not_count_it():
+    clock = QueueClock()
+    assert clock.queued_after(1) is None
+    clock.sample(10, 1.0)
+    clock.sample(25, 2.0)
+    assert clock.queued_after(11) == 1.0
+    assert clock.queued_by(30) is None
+    assert clock.queued_after(31) == 2.0  # remembered once the samples before it are forgotten
+
+
 @pytest.mark.kernel
 def test_the_counter_counts_every_datagram_and_keeps_each_whole():
     sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -237,8 +237,9 @@ class KernelDropWatcher:
         detail = next((line for line in lines if "ERROR" in line), lines[-1] if lines else f"exit status {code}")
         return f"bpftrace failed: {detail.strip()}"
 
-    def read(self) -> list:
-        """Every drop line available now, without blocking."""
+    def read(self, limit: Optional[int] = None) -> list:
+        """Every drop line available now, without blocking (`limit` is not kept to: a pipe holds
+        too few lines for bpftrace to wait on)."""
         while not self.ended:
             try:
                 chunk = os.read(self.fileno(), 65536)

@@ -72,9 +72,15 @@ class PacketSignature:
     left_netfilter: bool = False
     # The earliest its drop can have happened: its events were queued after this.
     earliest: float = float("-inf")
+    # Read from a backlog: its events were queued by then (kernel/queuetime.py), long before they
+    # were read; its drop came soon after. Under a backlog the drops are read long before their
+    # packets, which come in the order the drops were made: among packets of the same headers,
+    # the oldest drop that fits is this one's (the nearest to its reading would be a later one's).
+    queued_by: Optional[float] = None
 
     @classmethod
-    def of(cls, path: PacketPath, earliest: Optional[float] = None, shapes: Optional[dict] = None) -> "PacketSignature":
+    def of(cls, path: PacketPath, earliest: Optional[float] = None, shapes: Optional[dict] = None,
+           queued_by: Optional[float] = None) -> "PacketSignature":
         """`shapes`: what was read of paths made from a known shape (trace/shapes.py), by shape:
         every path of one shape has the same headers, interfaces and verdict."""
         read = shapes.get(path.shape) if shapes is not None and path.shape is not None else None
@@ -86,7 +92,8 @@ class PacketSignature:
                 shapes[path.shape] = read
         headers, keys, dropped_by_rule, iif, left_netfilter = read
         return cls(path.trace_id, headers, path.first_seen, path.last_seen or path.first_seen, dropped_by_rule, iif,
-                   keys, left_netfilter, path.first_seen - MATCH_EARLY_SECONDS if earliest is None else earliest)
+                   keys, left_netfilter, path.first_seen - MATCH_EARLY_SECONDS if earliest is None else earliest,
+                   queued_by)
 
     @staticmethod
     def _read(path: PacketPath) -> tuple:
@@ -123,7 +130,8 @@ class PacketSignature:
     def fits(self, drop: KernelDrop, late_seconds: float = MATCH_LATE_SECONDS) -> bool:
         if drop.key not in self.keys:
             return False
-        return self.earliest <= drop.time <= self.last_seen + late_seconds
+        latest = self.last_seen if self.queued_by is None else min(self.last_seen, self.queued_by)
+        return self.earliest <= drop.time <= latest + late_seconds
 
     def distance(self, drop: KernelDrop) -> float:
         if drop.time < self.first_seen:
@@ -296,6 +304,17 @@ class _Drops:
             found += drops[max(low, middle - NEIGHBOURS):min(high, middle + NEIGHBOURS)]
         return found
 
+    def oldest_fitting(self, signature: PacketSignature) -> list:
+        """The oldest drops under the signature's headers from its earliest time on."""
+        found = []
+        for key in signature.keys:
+            filed = self._by_key.get(key)
+            if filed is not None:
+                times, drops = filed
+                low = bisect.bisect_left(times, signature.earliest)
+                found += drops[low:low + 2 * NEIGHBOURS]
+        return found
+
     def oldest(self) -> Optional[KernelDrop]:
         while self._arrived and id(self._arrived[0]) not in self._live:
             self._arrived.popleft()
@@ -369,8 +388,9 @@ class DropCorrelator:
         self._drops_read_at: Optional[float] = None  # None: when `release` is called
 
     def note_drops_read(self, when: float) -> None:
-        """Every drop made before `when` has been read and given to add_drops."""
-        self._drops_read_at = when
+        """Every drop made before `when` has been read (and is given to add_drops next)."""
+        if self._drops_read_at is None or when > self._drops_read_at:
+            self._drops_read_at = when
 
     def note_drained(self, now: float) -> None:
         """The trace sockets were read empty at `now`: every event of a packet dropped before
@@ -387,19 +407,44 @@ class DropCorrelator:
     def last_drained(self) -> float:
         return self._drained[-1] if self._drained else float("-inf")
 
-    def _signature(self, path: PacketPath) -> PacketSignature:
+    def _signature(self, path: PacketPath, queued_by: Optional[float] = None,
+                   queued_after: Optional[float] = None) -> PacketSignature:
         """The path's signature, its drop no earlier than the last time the sockets were read
-        empty before its first event was read."""
+        empty before its first event was read, nor than `queued_after`."""
         drained = self._drained
-        if not drained:
-            return PacketSignature.of(path, shapes=self._shapes)  # not read empty yet this run: MATCH_EARLY_SECONDS
+        if not drained:  # not read empty yet this run: MATCH_EARLY_SECONDS, unless known better
+            return PacketSignature.of(path, queued_after, self._shapes, queued_by)
         index = bisect.bisect_right(drained, path.first_seen)
         # Read empty before the oldest time remembered: its drop is older than any remembered.
-        return PacketSignature.of(path, drained[index - 1] if index else float("-inf"), self._shapes)
+        earliest = drained[index - 1] if index else float("-inf")
+        if queued_after is not None and queued_after > earliest:
+            earliest = queued_after
+        return PacketSignature.of(path, earliest, self._shapes, queued_by)
 
     @property
     def holding(self) -> int:
         return len(self._held)
+
+    @property
+    def room(self) -> int:
+        """Drops that can still be remembered unpaired before the oldest is forgotten. Under a
+        backlog the drops are read long before their packets' events: a reader takes no more
+        than this, and leaves the rest where they wait (the watcher's ring), so that no drop is
+        forgotten before its packet is read."""
+        return max(0, REMEMBER_MAX - len(self._drops))
+
+    def forget_stale(self) -> int:
+        """Forget the unpaired drops that no packet can be paired with any more, to make room:
+        those made before the trace sockets were read empty, a whole round of reads ago (every
+        event of their packets had been read: the packets were held, answered, or closed as
+        vanished since, or their events were lost). How many were forgotten."""
+        if len(self._drained) < 2:
+            return 0
+        fence, forgotten = self._drained[-2], 0
+        while (oldest := self._drops.oldest()) is not None and oldest.time < fence:
+            self._drops.forget(oldest)
+            forgotten += 1
+        return forgotten
 
     def add_drops(self, drops: Iterable[KernelDrop]) -> None:
         for drop in drops:
@@ -452,13 +497,16 @@ class DropCorrelator:
             return None
         return self._remembered_drop(self._signature(path), before=self.last_drained)
 
-    def hold(self, paths: Iterable, now: float, queued_by: Optional[float] = None) -> list:
+    def hold(self, paths: Iterable, now: float, queued_after: Optional[float] = None,
+             queued_by: Optional[float] = None) -> list:
         """Pair each finished path with a remembered drop; return those whose answer is ready.
-        `queued_by`: the paths' events were all queued by then (their drops came soon after)."""
+        `queued_by`: the paths' events were all queued by then (their drops came soon after);
+        `queued_after`: their last events were queued after then (so were their drops)."""
         waited_from = now if queued_by is None else min(now, queued_by)
+        backlog = waited_from if now - waited_from > self.hold_seconds else None  # see PacketSignature.queued_by
         ready = []
         for path in paths:
-            signature = self._signature(path)
+            signature = self._signature(path, backlog, queued_after)
             drop = self._remembered_drop(signature) if len(self._drops) else None
             if drop is not None:
                 self._drops.forget(drop)
@@ -515,6 +563,9 @@ class DropCorrelator:
             self._held_index.remove(held)
 
     def _remembered_drop(self, signature: PacketSignature, before: float = float("inf")) -> Optional[KernelDrop]:
+        if signature.queued_by is not None:
+            candidates = [drop for drop in self._drops.oldest_fitting(signature) if signature.matches(drop)]
+            return min(candidates, key=lambda drop: drop.time) if candidates else None
         candidates = [drop for drop in self._drops.near(signature) if drop.time < before and signature.matches(drop)]
         return min(candidates, key=signature.distance) if candidates else None
 
@@ -573,7 +624,8 @@ class DropCorrelator:
     def _forget(self, now: float) -> None:
         while True:
             oldest = self._drops.oldest()
-            if oldest is None or now - oldest.time < REMEMBER_SECONDS:
+            # Never one whose packet may still be unread (a backlog can be longer than that).
+            if oldest is None or now - oldest.time < REMEMBER_SECONDS or oldest.time >= self.last_drained:
                 break
             self._drops.forget(oldest)
         while self._answered and now - self._answered[0].at >= REMEMBER_SECONDS:

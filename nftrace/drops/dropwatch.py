@@ -169,11 +169,12 @@ class EbpfDropWatcher:
     def failure(self) -> str:
         return "the kernel drop watcher stopped"
 
-    def read(self) -> list:
-        """Every drop recorded since the last read."""
+    def read(self, limit: Optional[int] = None) -> list:
+        """The drops recorded since the last read (at most `limit`: the others wait in the ring,
+        which holds RING_BYTES of them)."""
         if self.ended:
             return []
-        drops = (parse_record(record, self.reason_names, self.symbols) for record in self.ring.records())
+        drops = (parse_record(record, self.reason_names, self.symbols) for record in self.ring.records(limit))
         return [drop for drop in drops if drop is not None]
 
     def close(self) -> None:

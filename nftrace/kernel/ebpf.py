@@ -497,13 +497,14 @@ class RingBuffer:
     def fileno(self) -> int:
         return self.fd
 
-    def records(self) -> list[bytes]:
-        """Every record committed now, taken out of the buffer."""
+    def records(self, limit: Optional[int] = None) -> list[bytes]:
+        """The records committed now (at most `limit`), taken out of the buffer; the rest stay
+        for the next call."""
         records = []
         consumer = struct.unpack_from("=Q", self._consumer, 0)[0]
         producer = struct.unpack_from("=Q", self._producer, 0)[0]
         mask = self.size - 1
-        while consumer < producer:
+        while consumer < producer and (limit is None or len(records) < limit):
             at = self._data + (consumer & mask)
             length, _ = self._HEADER.unpack_from(self._producer, at)
             if length & self._BUSY:

@@ -191,7 +191,8 @@ class TraceMonitor:
         self._inode = os.fstat(self.sock.fileno()).st_ino
         self.stash = None  # see hold_back
         self.filtered = False  # a filter of nftrace's chooses what is queued
-        # See time_queue: the bound on when the datagrams of the batch being read were queued.
+        # See time_queue: the bounds on when the datagrams of the batch being read were queued.
+        self.queued_after: Optional[float] = None
         self.queued_by: Optional[float] = None
         self._queue_counter = None  # queuetime.QueueCounter
         self._queue_clock = None  # queuetime.QueueClock
@@ -282,6 +283,7 @@ class TraceMonitor:
             wanted = READ_BATCH if left is None else min(left, READ_BATCH)
             read = read_datagrams(self.sock, self._view, limit=wanted)
             batch = [datagram for datagram in read if datagram is not None]
+            first = self._datagrams_read + 1  # at least the first offered after those read before
             received = len(batch)
             overruns = len(read) - received  # ENOBUFS reads: each counted as one of the batch's reads
             self.overruns += overruns
@@ -290,7 +292,9 @@ class TraceMonitor:
             self._datagrams_read += received
             if self._queue_counter is not None:
                 # The batch's last datagram was offered at this place at the latest (those the
-                # kernel dropped came before it or after), and every other one before it.
+                # kernel dropped came before it or after), and every other one before it; its
+                # first one at `first` at the earliest.
+                self.queued_after = self._queue_clock.queued_after(first)
                 self.queued_by = self._queue_clock.queued_by(self._datagrams_read + drops)
             if self.losses.observe(drops, queued, size, overruns > 0):
                 batch.insert(0, None)

@@ -14,7 +14,10 @@ samples the count once per round of reads (`QueueClock.sample`): every datagram 
 then was queued before that moment. The socket is read in the order datagrams were queued,
 and a datagram the kernel dropped for lack of room was counted first (the filter runs
 before the room is checked): so the n-th datagram read, plus those dropped so far, was the
-n-th offered at the latest, queued before the first sample whose count reached n.
+n-th offered at the latest, queued before the first sample whose count reached n; and it was
+at least the n-th offered (those dropped only push it later), queued after the last sample
+whose count was below n. Both bounds place a backlog's packets in time, where their reading
+cannot: the kernel drops that follow them are paired by those times (drops/correlator.py).
 
 Where no eBPF program can be loaded, or another filter is on the socket (`drops` has its
 own), nothing bounds it: the time a packet was read stands in, as before.
@@ -65,6 +68,7 @@ class QueueClock:
 
     def __init__(self) -> None:
         self._samples: deque = deque()  # (offered, when), both rising
+        self._before: Optional[float] = None  # the time of the latest sample forgotten
 
     def sample(self, offered: int, when: float) -> None:
         """`offered` datagrams were counted before `when` (read the count first)."""
@@ -75,7 +79,16 @@ class QueueClock:
         """When the `offered`-th datagram (counting from 1) had been queued, at the latest; None
         if no sample counted it yet. Positions asked for never go down: samples before the one
         found are forgotten."""
+        self._forget_below(offered)
+        return self._samples[0][1] if self._samples else None
+
+    def queued_after(self, offered: int) -> Optional[float]:
+        """When the `offered`-th datagram had not been queued yet: the time of the latest
+        sample that did not count it (None: no such sample). Positions asked for never go down."""
+        self._forget_below(offered)
+        return self._before
+
+    def _forget_below(self, offered: int) -> None:
         samples = self._samples
         while samples and samples[0][0] < offered:
-            samples.popleft()
-        return samples[0][1] if samples else None
+            self._before = samples.popleft()[1]

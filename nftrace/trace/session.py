@@ -453,11 +453,25 @@ class TraceSession:
         self._correlator = DropCorrelator(interfaces=self.report.interfaces, routing=RouteQuestions(_routing_facts))
 
     def _read_drops(self) -> list:
-        """Drop lines available now; must be read before the netlink socket is drained (see drops/correlator.py)."""
+        """Drop lines available now; must be read before the netlink socket is drained (see
+        drops/correlator.py). No more than the correlator has room for: under a backlog, the
+        rest wait in the watcher's ring until their packets are read."""
         watcher = self._drops
         if watcher is None:
             return []
-        drops = watcher.read()
+        correlator = self._correlator
+        if correlator is not None and not correlator.room:
+            correlator.forget_stale()
+        limit = None if correlator is None else correlator.room
+        started = time.monotonic()
+        drops = watcher.read(limit)
+        if correlator is not None:
+            # Every drop made before the read started is in hand, unless the read stopped at the
+            # limit: then those up to the last one read.
+            if limit is None or len(drops) != limit:
+                correlator.note_drops_read(started)
+            elif drops:
+                correlator.note_drops_read(drops[-1].time)
         if watcher.ended:
             watcher.close()
             self.report.warnings.append(f"kernel drop reasons unavailable from here on: {watcher.failure()}")
@@ -505,15 +519,16 @@ class TraceSession:
             self.report.warnings.append(f"the traffic command {ended} before any packet of the flow was seen")
 
     def _finished(self, run: "_Run", part: NamespacePart, paths: list, held: bool = False,
-                  queued_by: Optional[float] = None) -> None:
+                  queued: tuple = (None, None)) -> None:
         """Paths a part's builder finished: said where they ran, and, across namespaces, joined
-        into packets first. `queued_by`: their events were queued by then (TraceMonitor.queued_by)."""
+        into packets first. `queued`: when their events were queued, at the earliest and at the
+        latest (TraceMonitor.queued_after, queued_by), where that is known."""
         if not paths:
             return
         for path in paths:
             assign_namespace(path, part.label)
         if run.joiner is None:
-            self._deliver(run, paths, held, queued_by)
+            self._deliver(run, paths, held, queued)
             return
         now = time.monotonic()
         answers = []
@@ -522,14 +537,14 @@ class TraceSession:
             answers += run.joiner.add(path, now)
         self._deliver(run, answers, held)
 
-    def _deliver(self, run: "_Run", paths: list, held: bool = False, queued_by: Optional[float] = None) -> None:
+    def _deliver(self, run: "_Run", paths: list, held: bool = False, queued: tuple = (None, None)) -> None:
         """Hand finished paths to the caller, up to --count; a path netfilter accepted waits
         (held by the correlator) for a kernel drop that would change its answer."""
         if not paths:
             return  # most events finish no packet: nothing to hold, nothing to release
         correlator = self._correlator
         if correlator is not None and not held:
-            paths = correlator.hold(paths, time.monotonic(), queued_by)
+            paths = correlator.hold(paths, time.monotonic(), *queued)
         count = self.options.count
         for path in paths:
             if not self._wanted(path) or (count and self.packets_seen >= count):
@@ -572,7 +587,6 @@ class TraceSession:
                 if all(part.monitor.drained for part in run.live if part.monitor is not None):
                     correlator.note_drained(drained_at)
                 correlator.add_drops(self._read_drops())
-                correlator.note_drops_read(drained_at)
                 self._release_for_drops(run)
                 self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
             if run.joiner is not None:
@@ -603,7 +617,8 @@ class TraceSession:
             if isinstance(item, TraceEvent):
                 paths = builder.feed(item, time.monotonic())
                 if paths:
-                    self._finished(run, part, paths, queued_by=monitor.queued_by if monitor is not None else None)
+                    self._finished(run, part, paths, queued=(monitor.queued_after, monitor.queued_by)
+                                   if monitor is not None else (None, None))
                 if not stopping and count and self.packets_seen >= count:
                     return True
             elif isinstance(item, ReadEarlier):
@@ -698,7 +713,6 @@ class TraceSession:
             readable = self._wait(monitors + ([legacy] if legacy is not None else []), wait)
             for monitor in monitors:
                 monitor.sample_queue()  # before the drops are read: see kernel/queuetime.py
-            drops_read_at = time.monotonic()
             drops = self._read_drops()
             for part in run.live:
                 if part.monitor is not None and (part.monitor in readable or drops):
@@ -723,7 +737,6 @@ class TraceSession:
                     correlator.note_drained(drained_at)
                 if drops:
                     correlator.add_drops(drops)
-                correlator.note_drops_read(drops_read_at)
                 if self._release_for_drops(run) or drops:
                     self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
             for part in run.live:
