@@ -262,6 +262,26 @@ def test_a_packet_the_kernel_drops_after_netfilter_counts_under_its_reason(lab, 
     assert all(packet["kernel_drop"]["reason"] == "NO_SOCKET" for packet in document["packets"])
 
 
+def test_a_burst_the_kernel_drops_is_counted_packet_for_packet(lab):
+    """20,000 datagrams at once to a closed port: more accepted packets than the kernel keeps
+    stashed, more drops than the pairing keeps in hand; each is counted under NO_SOCKET, by the
+    packet it was paired with or, for one whose packet was never built, by the drop's own
+    headers."""
+    burst = 20000
+    in_netns(lab.router, ["nft", "insert", "rule", "inet", "fw", "input", "udp", "dport", "8082", "accept"])
+    try:
+        run = Drops(lab, "--proto", "udp", "--dport", "8082", "--max-rate", "0", "--duration", "6", "--json")
+        send(lab, 8082, ROUTER_CLIENT_V4, burst, rate=0)
+        code, out, err = run.finish()
+    finally:
+        handle = handle_of(lab.router, "input", "udp dport 8082")
+        in_netns(lab.router, ["nft", "delete", "rule", "inet", "fw", "input", "handle", str(handle)])
+    assert code == 0, err
+    document = json.loads(out)
+    assert [(reason["reason"], reason["packets"]) for reason in document["kernel_drops"]] == [("NO_SOCKET", burst)]
+    assert document["warnings"] == []
+
+
 def test_duration_counts_from_when_drops_says_it_is_watching(lab):
     """bpftrace takes half a second to start: `--duration 3` once watched for 2.5 s."""
     document = Drops(lab, "--duration", "3", "--json").document()

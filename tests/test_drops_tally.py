@@ -260,3 +260,19 @@ def test_a_kernel_drop_reported_after_its_packet_was_answered_still_counts_under
     assert (reason["reason"], reason["packets"]) == ("NO_SOCKET", 1)
     assert reason["flows"][0]["iif"] == "eth0" and reason["flows"][0]["dport"] == 22
     assert len(correlator.notes) == 1
+
+
+def test_a_kernel_drop_whose_packet_was_never_built_counts_under_its_reason_by_its_own_headers():
+    from nftrace.drops.correlator import DropCorrelator
+    from nftrace.drops.reasons import KernelDrop
+
+    tally = DropTally()
+    correlator = DropCorrelator()
+    correlator.on_unpaired = lambda drop, kernel_drop: tally.add_unpaired(drop, kernel_drop)
+    correlator.add_drops([KernelDrop(11.0, "NO_SOCKET", "udp_rcv", ipaddress.ip_address("10.0.0.5"),
+                                     ipaddress.ip_address("10.0.0.9"), 17, 40000, 53)])
+    correlator.forget_unpaired()
+    [reason] = tally.kernel_drops_json()
+    assert (reason["reason"], reason["packets"]) == ("NO_SOCKET", 1)
+    [flow] = reason["flows"]
+    assert (flow["src"], flow["dst"], flow["proto"], flow["dport"], flow["iif"]) == ("10.0.0.5", "10.0.0.9", "udp", 53, None)

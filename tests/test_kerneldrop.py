@@ -292,6 +292,20 @@ def test_a_drop_whose_packet_may_still_be_unread_is_not_forgotten_for_its_age():
     assert correlator.room == REMEMBER_MAX
 
 
+def test_a_drop_forgotten_without_a_packet_is_told_of_and_a_netfilter_drop_is_not():
+    correlator = DropCorrelator()
+    told = []
+    correlator.on_unpaired = lambda forgotten, record: told.append((forgotten.reason, record["explain"]))
+    path = accepted_at_input()
+    correlator.add_drops([drop(at=10.001), drop(at=11.0, dport=9999), drop("NETFILTER_DROP", at=11.5, dport=7)])
+    correlator.hold([path], now=10.0)
+    correlator.release(now=10.5)
+    correlator.forget_unpaired()
+    assert path.kernel_drop["reason"] == "NO_SOCKET"
+    assert told == [("NO_SOCKET", "nothing listens on tcp/9999 in this namespace")]
+    assert correlator.room == REMEMBER_MAX
+
+
 def test_a_bound_later_than_the_reading_changes_nothing():
     correlator = DropCorrelator(hold_seconds=0.3)
     path = accepted_at_input()

@@ -376,6 +376,11 @@ class DropCorrelator:
         # Told of every drop that came after its packet's answer, as kernel_drop_record says it
         # (`drops` still counts it).
         self.on_late: Optional[Callable[[PacketSignature, dict], None]] = None
+        # Told of every drop after netfilter (not a NETFILTER_DROP) forgotten without a packet
+        # to pair it with (its packet was never built: `drops` kept its events in the kernel
+        # and lost them, say), as kernel_drop_record says it: `drops` still counts it, by the
+        # drop's own headers.
+        self.on_unpaired: Optional[Callable[[KernelDrop, dict], None]] = None
         self._held: deque = deque()  # in the order the packets finished
         self._held_index = _ByHeaders(self._held, lambda held: held.waiting)
         self._drops = _Drops()  # not yet paired
@@ -442,9 +447,19 @@ class DropCorrelator:
             return 0
         fence, forgotten = self._drained[-2], 0
         while (oldest := self._drops.oldest()) is not None and oldest.time < fence:
-            self._drops.forget(oldest)
+            self._forget_unpaired(oldest)
             forgotten += 1
         return forgotten
+
+    def forget_unpaired(self) -> None:
+        """The end of a run: every drop still unpaired is forgotten (and told of)."""
+        while (oldest := self._drops.oldest()) is not None:
+            self._forget_unpaired(oldest)
+
+    def _forget_unpaired(self, drop: KernelDrop) -> None:
+        self._drops.forget(drop)
+        if self.on_unpaired is not None and drop.reason != "NETFILTER_DROP":
+            self.on_unpaired(drop, kernel_drop_record(drop, None, self.interfaces, self.routing))
 
     def add_drops(self, drops: Iterable[KernelDrop]) -> None:
         for drop in drops:
@@ -467,7 +482,7 @@ class DropCorrelator:
                 continue
             self._drops.add(drop)
         while len(self._drops) > REMEMBER_MAX:
-            self._drops.forget(self._drops.oldest())
+            self._forget_unpaired(self._drops.oldest())
 
     def unexplained(self) -> Optional[str]:
         """Whether a drop is remembered that no packet built so far accounts for, though every
@@ -627,7 +642,7 @@ class DropCorrelator:
             # Never one whose packet may still be unread (a backlog can be longer than that).
             if oldest is None or now - oldest.time < REMEMBER_SECONDS or oldest.time >= self.last_drained:
                 break
-            self._drops.forget(oldest)
+            self._forget_unpaired(oldest)
         while self._answered and now - self._answered[0].at >= REMEMBER_SECONDS:
             self._expire_answered()
         while self._echoes and (now - self._echoes[0].at >= REMEMBER_SECONDS or len(self._echoes) > REMEMBER_MAX):

@@ -167,6 +167,8 @@ class DropsSession(TraceSession):
             report = self.report
             self._correlator.on_late = lambda signature, kernel_drop: report.tally.add_late(
                 signature, kernel_drop, report.interfaces, time.monotonic())
+            self._correlator.on_unpaired = lambda drop, kernel_drop: report.tally.add_unpaired(
+                drop, kernel_drop, time.monotonic())
 
     def _explain_answers(self) -> None:
         """A tally of drops, many flows at once: nothing to say of one packet (see TraceSession)."""

@@ -175,9 +175,17 @@ class DropTally:
         """A kernel drop (correlator.kernel_drop_record) that came after its packet was answered
         as accepted (the kernel was slow to report it, or dropped the packet seconds later):
         counted under its reason, with the packet's flow as the correlator kept it."""
-        src, dst, proto, sport, dport = signature.headers[0]
+        self._add_kernel_drop(kernel_drop, *signature.headers[0], interface_name(interfaces, signature.iif), now)
+
+    def add_unpaired(self, drop, kernel_drop: dict, now: float = 0.0) -> None:
+        """A kernel drop of a traced packet that was never built (its events were lost, or
+        evicted from the kernel's stash before a drop asked for it): counted under its reason,
+        with the flow its own record gives (no input interface)."""
+        self._add_kernel_drop(kernel_drop, drop.src, drop.dst, drop.proto, drop.sport, drop.dport, None, now)
+
+    def _add_kernel_drop(self, kernel_drop: dict, src, dst, proto, sport, dport, iif: Optional[str], now: float) -> None:
         flow = FlowKey(str(src) if src is not None else None, str(dst) if dst is not None else None,
-                       protocol_name(proto), sport, dport, interface_name(interfaces, signature.iif))
+                       protocol_name(proto), sport, dport, iif)
         self._reason_entry(kernel_drop).add(flow, now)
         self.packets += 1
 

@@ -452,17 +452,18 @@ class TraceSession:
         self._drops = watcher
         self._correlator = DropCorrelator(interfaces=self.report.interfaces, routing=RouteQuestions(_routing_facts))
 
-    def _read_drops(self) -> list:
+    def _read_drops(self, everything: bool = False) -> list:
         """Drop lines available now; must be read before the netlink socket is drained (see
         drops/correlator.py). No more than the correlator has room for: under a backlog, the
-        rest wait in the watcher's ring until their packets are read."""
+        rest wait in the watcher's ring until their packets are read (`everything`: the run
+        ends, every trace event has been read)."""
         watcher = self._drops
         if watcher is None:
             return []
         correlator = self._correlator
         if correlator is not None and not correlator.room:
             correlator.forget_stale()
-        limit = None if correlator is None else correlator.room
+        limit = None if correlator is None or everything else correlator.room
         started = time.monotonic()
         drops = watcher.read(limit)
         if correlator is not None:
@@ -586,7 +587,7 @@ class TraceSession:
                 drained_at = time.monotonic()
                 if all(part.monitor.drained for part in run.live if part.monitor is not None):
                     correlator.note_drained(drained_at)
-                correlator.add_drops(self._read_drops())
+                correlator.add_drops(self._read_drops(everything=True))
                 self._release_for_drops(run)
                 self._finished(run, primary, primary.builder.close_vanished(correlator.vanished))
             if run.joiner is not None:
@@ -597,6 +598,8 @@ class TraceSession:
                 self._finished(run, part, part.builder.release_looped(), held=True)
             if run.joiner is not None:
                 self._deliver(run, run.joiner.flush(), held=True)
+            if correlator is not None:
+                correlator.forget_unpaired()
             raise
         for part in run.live:
             self._finished(run, part, part.builder.flush())
@@ -604,6 +607,7 @@ class TraceSession:
             self._deliver(run, run.joiner.flush())
         if correlator is not None:
             self._deliver(run, correlator.release(time.monotonic(), everything=True), held=True)
+            correlator.forget_unpaired()
 
     def _dispatch(self, run: "_Run", part: NamespacePart, items: Iterable[MonitorItem], stopping: bool = False) -> bool:
         """Feed what a part's monitor read to its path builder; True once --count packets are out.
