@@ -238,21 +238,28 @@ def test_a_concurrent_why_sees_only_its_own_flow(lab):
     assert by_chain == {"forward": 20, "clients": 100}
 
 
+def drops_at_closed_port(lab, port: int, count: int, rate: int, duration: int, env: Optional[dict] = None) -> dict:
+    """`drops` on `count` datagrams to a port of the router that its ruleset lets in and nothing
+    listens on (the kernel drops each after netfilter: NO_SOCKET); its JSON document."""
+    in_netns(lab.router, ["nft", "insert", "rule", "inet", "fw", "input", "udp", "dport", str(port), "accept"])
+    try:
+        run = Drops(lab, "--proto", "udp", "--dport", str(port), "--max-rate", "0", "--duration", str(duration),
+                    "--json", env=env)
+        send(lab, port, ROUTER_CLIENT_V4, count, rate=rate)
+        code, out, err = run.finish()
+    finally:
+        handle = handle_of(lab.router, "input", f"udp dport {port}")
+        in_netns(lab.router, ["nft", "delete", "rule", "inet", "fw", "input", "handle", str(handle)])
+    assert code == 0, err
+    return json.loads(out)
+
+
 @pytest.mark.parametrize("watcher", ["nftrace's own", "bpftrace"])
 def test_a_packet_the_kernel_drops_after_netfilter_counts_under_its_reason(lab, watcher):
     """Kernel drops are watched by nftrace's own eBPF program, or by bpftrace where it cannot
     load (NFTRACE_DROP_WATCHER=bpftrace chooses it here)."""
-    in_netns(lab.router, ["nft", "insert", "rule", "inet", "fw", "input", "udp", "dport", "8081", "accept"])
     env = {"NFTRACE_DROP_WATCHER": "bpftrace"} if watcher == "bpftrace" else {}
-    try:
-        run = Drops(lab, "--proto", "udp", "--dport", "8081", "--max-rate", "0", "--duration", "5", "--json", env=env)
-        send(lab, 8081, ROUTER_CLIENT_V4, 10, rate=100)
-        code, out, err = run.finish()
-    finally:
-        handle = handle_of(lab.router, "input", "udp dport 8081")
-        in_netns(lab.router, ["nft", "delete", "rule", "inet", "fw", "input", "handle", str(handle)])
-    assert code == 0, err
-    document = json.loads(out)
+    document = drops_at_closed_port(lab, 8081, 10, rate=100, duration=5, env=env)
     if any("kernel drop reasons unavailable" in warning for warning in document["warnings"]):
         pytest.skip("bpftrace cannot watch kernel drops here")
     assert document["rules"] == []
@@ -268,16 +275,7 @@ def test_a_burst_the_kernel_drops_is_counted_packet_for_packet(lab):
     packet it was paired with or, for one whose packet was never built, by the drop's own
     headers."""
     burst = 20000
-    in_netns(lab.router, ["nft", "insert", "rule", "inet", "fw", "input", "udp", "dport", "8082", "accept"])
-    try:
-        run = Drops(lab, "--proto", "udp", "--dport", "8082", "--max-rate", "0", "--duration", "6", "--json")
-        send(lab, 8082, ROUTER_CLIENT_V4, burst, rate=0)
-        code, out, err = run.finish()
-    finally:
-        handle = handle_of(lab.router, "input", "udp dport 8082")
-        in_netns(lab.router, ["nft", "delete", "rule", "inet", "fw", "input", "handle", str(handle)])
-    assert code == 0, err
-    document = json.loads(out)
+    document = drops_at_closed_port(lab, 8082, burst, rate=0, duration=6)
     assert [(reason["reason"], reason["packets"]) for reason in document["kernel_drops"]] == [("NO_SOCKET", burst)]
     assert document["warnings"] == []
 
