@@ -79,6 +79,8 @@ def test_benchmark_runs_end_to_end_on_a_small_flood(tmp_path):
     assert flood["nftrace"]["silent_loss"] is False
     assert flood["monitor"]["complete"] > 0  # nft monitor's output was read
     assert data["default_rate"]["nftrace"]["kernel_drops"] == 0
+    assert data["paced"]["nftrace"]["complete"] == data["paced"]["sent"] == 2000
+    assert "Paced flood" in table
     assert data["snapshots"][0]["rules"] >= 1000
     for run in ("nftrace", "capped"):  # its own receive buffer, then 16 MiB
         drops = data["drops"][run]

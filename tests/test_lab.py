@@ -166,3 +166,22 @@ class TestLabAgainstTheKernel:
         assert result.stdout.strip() == f"loaded scenario docker (docker.rules, iptables-nft) into {name}"
         assert "-A LAN_IN" not in in_netns(name, ["iptables-legacy-save"]).stdout
         assert "chain DOCKER-USER" in ruleset_state(name)
+
+
+def test_a_paced_sender_sends_at_the_rate_asked_never_faster():
+    """The lab's traffic at --rate keeps to the rate on average, where a sleep per datagram
+    (each longer than asked) fell far short of it; never faster (a burst only makes up for a
+    sender that fell behind, by at most CATCH_UP_SECONDS)."""
+    import socket
+    import time
+
+    from nftrace.lab.traffic import CATCH_UP_SECONDS, udp_send
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        receiver.bind(("127.0.0.1", 0))
+        started = time.monotonic()
+        sent = udp_send("127.0.0.1", receiver.getsockname()[1], count=300, rate=3000)
+        took = time.monotonic() - started
+    assert sent == 300
+    assert took >= 299 / 3000 - CATCH_UP_SECONDS
