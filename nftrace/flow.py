@@ -42,6 +42,11 @@ class Flow:
         """The nftables keyword for the L3 protocol: `ip` or `ip6` (`inet` for both)."""
         return {4: "ip", 6: "ip6"}.get(self.ip_version, "inet")
 
+    @property
+    def nfprotos(self) -> tuple[int, ...]:
+        """The kernel's numbers (NFPROTO_IPV4, NFPROTO_IPV6) of the IP protocols it may have."""
+        return {4: (2,), 6: (10,)}.get(self.ip_version, (2, 10))
+
     def matches(self, src, dst, proto: Optional[int], sport: Optional[int], dport: Optional[int]) -> bool:
         """Whether a packet with these header fields belongs to the flow.
 

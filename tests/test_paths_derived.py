@@ -8,6 +8,7 @@ Pure: hand-written trace events, as the kernel sends them for such a table.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from nftrace.trace.events import ConntrackInfo, PacketHeaders, TraceEvent
 from nftrace.trace.paths import HookObservation, PathBuilder, _ct_before_hook
@@ -164,3 +165,83 @@ def test_ct_before_hook_strips_only_the_nat_bits_the_hook_itself_sets():
     assert _ct_before_hook(dnat, "postrouting", True, []) == dnat
     assert _ct_before_hook(dnat, "output", True, []) == ConntrackInfo("new", "original", 7, ())
     assert _ct_before_hook(None, "postrouting", True, before) is None
+
+
+# -- postrouting left unobserved (kernel/tracetable.hook_ends) --------------------------------------
+
+OUT_LISTING = f"""table inet fw {{ # handle 2
+\tchain early {{ # handle 1
+\t\ttype filter hook forward priority filter - 10; policy accept;
+\t\tct state invalid drop # handle 2
+\t}}
+\tchain forward {{ # handle 3
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tiifname "eth0" jump clients # handle 4
+\t}}
+\tchain clients {{ # handle 5
+\t\ttcp dport 80 accept # handle 6
+\t}}
+}}
+table inet {OWN} {{ # handle 3
+}}
+"""
+ENDS = {("forward", 2): ("inet", "fw", "forward"), ("output", 2): ("inet", OWN, "mark_output")}
+
+
+def build_unobserved(events, hook_ends=ENDS):
+    builder = PathBuilder(RulesetSnapshot(OUT_LISTING), hook_ends=hook_ends)
+    paths = []
+    for when, item in enumerate(events):
+        paths += builder.feed(replace(item, nfproto=2), when * 0.001)
+    return paths, builder
+
+
+FORWARDED = [
+    event(OWN, "mark_prerouting", handle=2, packet=headers(), iif=2),
+    event("fw", "early", "accept", packet=headers(), iif=2, oif=3, ct=NEW),
+    event("fw", "forward", "jump", handle=4, packet=headers(), iif=2, oif=3, ct=NEW),
+    event("fw", "clients", handle=6),
+]
+
+
+def test_a_packet_that_the_last_forward_chain_accepts_has_left_when_nothing_runs_at_postrouting():
+    [path], _ = build_unobserved(FORWARDED)
+    assert (path.complete, path.verdict, path.hooks) == (True, "accept", ["prerouting", "forward", "postrouting"])
+    assert (path.decided_by.chain, path.decided_by.handle) == ("clients", 6)
+    assert [(entry["hook"], entry["state"]) for entry in conntrack_json(path)] == [
+        ("prerouting", "new"), ("forward", "new"), ("postrouting", "new")]
+    leaving = path.observations[-1]
+    assert (leaving.hook, leaving.oif, leaving.derived, leaving.packet) == ("postrouting", 3, True, headers())
+
+
+def test_an_accept_by_an_earlier_chain_of_the_hook_is_not_the_end():
+    paths, builder = build_unobserved(FORWARDED[:2])
+    assert paths == [] and builder.open_packets == 1
+
+
+def test_an_observation_at_postrouting_that_follows_the_end_starts_no_packet():
+    """The table's observation chain is removed once the ruleset is known; packets traced
+    before pass it, and a concurrent run's stays."""
+    late = event(OWN, "obs_postrouting", handle=5, packet=headers(), iif=2, oif=3, ct=NEW)
+    paths, builder = build_unobserved(FORWARDED + [late, replace(late, table=OTHER)])
+    assert len(paths) == 1 and builder.flush() == []
+
+
+def test_a_locally_sent_packet_leaves_at_the_last_chain_of_output_nftraces_mark_chain_here():
+    [path], _ = build_unobserved([event(OWN, "mark_output", handle=2, packet=headers(), oif=3)])
+    assert (path.complete, path.verdict, path.hooks) == (True, "accept", ["output", "postrouting"])
+
+
+def test_a_packet_sent_to_loopback_still_waits_for_its_way_back_in():
+    local = PacketHeaders(ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.0.1"), 6, 60, 40000, 80)
+    paths, builder = build_unobserved([event(OWN, "mark_output", handle=2, packet=local, oif=1)])
+    assert paths == []
+    (path,) = builder.flush()
+    assert path.hooks == ["output", "postrouting"]
+
+
+def test_without_hook_ends_the_same_events_wait_for_postrouting():
+    paths, builder = build_unobserved(FORWARDED, hook_ends=None)
+    assert paths == []
+    (path,) = builder.expire(10.0)
+    assert (path.complete, path.incomplete_reason) == (False, "went idle")

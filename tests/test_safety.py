@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, load_ruleset, nftrace, ruleset_state, traffic
-from nftrace.lab.topology import CLIENT_V4, ROUTER_CLIENT_V4, in_netns
+from nftrace.lab.topology import CLIENT_V4, ROUTER_CLIENT_V4, SERVER_V4, in_netns
 
 pytestmark = pytest.mark.kernel
 
@@ -400,3 +400,63 @@ def test_rules_added_and_chains_flushed_mid_trace_read_right(router):
         ("drop", "rule", 'tcp dport 22 counter reject comment "inserted mid-trace"'),
         ("accept", "policy", None),
     ]
+
+
+FORWARDING = """
+table inet fw {
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        udp dport 7000 counter accept
+    }
+}
+"""
+
+
+def trace_chains(ns: str) -> list[str]:
+    """The chains of the running nftrace's table."""
+    table = next(line.split()[2] for line in nft_tables(ns).splitlines() if "nftrace_" in line)
+    listing = in_netns(ns, ["nft", "list", "table", "inet", table]).stdout
+    return re.findall(r"chain (\S+) \{", listing)
+
+
+def test_postrouting_goes_unobserved_until_a_chain_there_could_decide(topology):
+    """With nothing at postrouting, the last forward chain's accept ends a forwarded packet's
+    path, and nftrace's table leaves postrouting alone (an event per packet less). A chain
+    added there mid-trace is followed from then on: the observation comes back, and a drop
+    there is the answer."""
+    load_ruleset(topology.router, FORWARDING)
+    run = JsonRun(start_nftrace(topology.router, "--from", CLIENT_V4, "--to", SERVER_V4, "--proto", "udp",
+                                "--dport", "7000", "--timeout", "30", "--count", "0", "--json"))
+
+    def datagram(answers: int):
+        in_netns(topology.client, [sys.executable, "-m", "nftrace.lab.traffic", "udp", SERVER_V4, "7000",
+                                   "--count", "1"])
+        return run.wait_for(lambda packets: len(packets) >= answers)[-1]
+
+    def observed_at_postrouting(wanted: bool):
+        deadline = time.monotonic() + 10
+        while ("obs_postrouting" in trace_chains(topology.router)) != wanted:
+            assert time.monotonic() < deadline, trace_chains(topology.router)
+            time.sleep(0.05)
+
+    observed_at_postrouting(False)
+    first = datagram(1)
+    assert (first["verdict"], first["complete"], first["hooks"]) == ("accept", True, ["prerouting", "forward",
+                                                                                      "postrouting"])
+    assert first["decided_by"]["text"] == "udp dport 7000 counter accept"
+    assert first["namespaces"][0]["oif"] == "r-server"
+    in_netns(topology.router, ["nft", "add", "table", "inet", "late"])
+    in_netns(topology.router, ["nft", "add", "chain", "inet", "late", "post",
+                               "{ type filter hook postrouting priority 0; policy accept; }"])
+    in_netns(topology.router, ["nft", "add", "rule", "inet", "late", "post", "udp", "dport", "7000", "drop"])
+    observed_at_postrouting(True)
+    second = datagram(2)
+    assert (second["verdict"], second["decided_by"]["chain"], second["decided_by"]["text"]) == (
+        "drop", "post", "udp dport 7000 drop")
+    in_netns(topology.router, ["nft", "delete", "table", "inet", "late"])
+    observed_at_postrouting(False)
+    third = datagram(3)
+    assert (third["verdict"], third["decided_by"]["text"]) == ("accept", "udp dport 7000 counter accept")
+    packets = run.stop()["packets"]
+    assert len(packets) == 3
+    assert "nftrace_" not in nft_tables(topology.router)

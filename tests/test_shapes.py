@@ -34,10 +34,10 @@ def shaped(event: TraceEvent) -> TraceEvent:
     return replace(event, shape=fields)
 
 
-def build(stream, shapes: bool, loss_at=(), idle_at=None, snapshot=SNAPSHOT) -> tuple[list, PathBuilder]:
+def build(stream, shapes: bool, loss_at=(), idle_at=None, snapshot=SNAPSHOT, hook_ends=None) -> tuple[list, PathBuilder]:
     """Feed `stream` ((event, time) pairs); the kernel reports a loss before each index in
     `loss_at`; expiry runs at `idle_at`. The paths finished, in order, and the builder."""
-    builder = PathBuilder(snapshot, idle_seconds=1.0, shapes=PathShapes() if shapes else None)
+    builder = PathBuilder(snapshot, idle_seconds=1.0, shapes=PathShapes() if shapes else None, hook_ends=hook_ends)
     paths = []
     for index, (event, now) in enumerate(stream):
         if index in loss_at:
@@ -191,6 +191,16 @@ def test_any_event_stream_gives_the_same_answers_both_ways(events, losses):
     same_answers([(event, index * 0.01) for index, event in enumerate(events * 2)], loss_at=set(losses))
 
 
+# Chains of the generated events taken for the last of their hooks, postrouting unobserved.
+HOOK_ENDS = {("input", 2): ("inet", "fw", "input"), ("prerouting", 2): ("inet", "nftrace_100_abcdef", "mark_prerouting")}
+
+
+@settings(max_examples=200)
+@given(st.lists(arbitrary_events.map(lambda event: shaped(replace(event, nfproto=2))), max_size=60))
+def test_any_event_stream_gives_the_same_answers_both_ways_where_packets_leave_unobserved(events):
+    same_answers([(event, index * 0.01) for index, event in enumerate(events * 2)], hook_ends=HOOK_ENDS)
+
+
 @settings(max_examples=200)
 @given(interleaved_packets(), st.integers(0, 3))
 def test_interleaved_packets_met_again_give_the_same_answers_both_ways(case, rounds):
@@ -266,3 +276,45 @@ def test_kernel_drop_pairing_reads_a_shapes_headers_once():
     assert len(read) == 1 and len(correlator._shapes) == 1
     (headers_read, _, iif, dropped_by_rule, left_netfilter), = read
     assert headers_read[0][3:] == (40000, 22) and iif == 2 and not dropped_by_rule and left_netfilter
+
+
+class CountedWrites(io.StringIO):
+    """An unbuffered stdout (PYTHONUNBUFFERED): each write is a write(2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_batch_of_packets_is_one_write_even_to_an_unbuffered_stdout():
+    paths, _ = build([(event, 1.0) for number in range(1, 101) for event in later_packet(accepted_packet(1), number, 1)],
+                     shapes=True)
+    out = CountedWrites()
+    stream = JsonStream(out, TraceReport(flow=parse_flow("10.0.0.5", "10.0.0.9", "tcp", None, 22)))
+    for path in paths[:50]:
+        stream.packet(path)
+    stream.flush()
+    assert out.writes == 2  # the document's head, then the batch
+    assert out.getvalue().count("\n") == 51  # every packet of the batch is out, one per line
+    for path in paths[50:]:
+        stream.packet(path)
+    stream.finish()
+    assert out.writes == 3
+    assert len(json.loads(out.getvalue())["packets"]) == 100
+
+
+def test_a_backlog_released_at_once_is_written_in_pieces_not_held_whole():
+    paths, _ = build([(event, 1.0) for number in range(1, 101) for event in later_packet(accepted_packet(1), number, 1)],
+                     shapes=True)
+    out = CountedWrites()
+    stream = JsonStream(out, TraceReport(flow=parse_flow("10.0.0.5", "10.0.0.9", "tcp", None, 22)))
+    stream.HELD_CHARACTERS = 10 * len(json.dumps(packet_json(paths[0], {})))
+    for path in paths:
+        stream.packet(path)
+    assert 9 <= out.writes <= 11  # the head, and one write each 10 packets or so, before any flush
+    stream.finish()
+    assert len(json.loads(out.getvalue())["packets"]) == 100

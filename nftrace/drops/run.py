@@ -40,6 +40,10 @@ STASH_POLL_SECONDS = 0.05
 class DropsSession(TraceSession):
     """One `nftrace drops` run; `run(on_drop, ...)` calls `on_drop` for each dropped packet."""
 
+    # The kernel's stash and event filter keep no accept but nftrace's observations: an
+    # accepted packet is known by its observation at the exit hook.
+    exit_unobserved = False
+
     def __init__(self, options: TraceOptions, report: DropsReport):
         options.counted = True
         options.count = 0

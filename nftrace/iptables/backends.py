@@ -221,15 +221,18 @@ def clean_up_legacy() -> list[str]:
 
 
 def make_path_builder(plan: BackendPlan, snapshot, legacy: Optional[LegacyTracing],
-                      keep: Callable, idle_seconds: float, **devices) -> PacketPathBuilder:
+                      keep: Callable, idle_seconds: float, hook_ends: Optional[dict] = None,
+                      **devices) -> PacketPathBuilder:
     """The path builder for the plan: nftables events, legacy TRACE lines, or both merged.
-    `devices`: the bridges and egress devices nftables paths follow (PathBuilder)."""
+    `devices`: the bridges and egress devices nftables paths follow; `hook_ends`: where
+    packets leave unobserved (both PathBuilder's)."""
     if not plan.nft:
         return LegacyPathBuilder(legacy.history, keep=keep, idle_seconds=idle_seconds,
                                  last_tables=last_tables_on_exit_hooks(legacy.tables()))
     # Legacy TRACE lines join a packet's nftables path while it is built: every one is built.
     shapes = PathShapes() if legacy is None else None
-    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds, shapes=shapes, **devices)
+    builder = PathBuilder(snapshot, keep=keep, idle_seconds=idle_seconds, shapes=shapes, hook_ends=hook_ends,
+                          **devices)
     if legacy is None:
         return builder
     return MergedPathBuilder(builder, snapshot, legacy.history)

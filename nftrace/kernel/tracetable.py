@@ -8,7 +8,8 @@ observation chains that show the packet where nothing else can.
   that netfilter let the packet through, and shows it as it leaves) and on the hooks where
   NAT may rewrite it unseen (prerouting and output, when the namespace has NAT chains there:
   a packet that vanishes after a DNAT is known by its new headers). Everywhere else the
-  first chain of the next hook shows the packet as the hook left it (trace/paths.py);
+  first chain of the next hook shows the packet as the hook left it (trace/paths.py); and
+  postrouting's goes once the ruleset is known to run nothing there (hook_ends);
 - conntrack chains, right after conntrack on prerouting and output, where legacy iptables
   tables are traced: the mark chain runs before conntrack, and a legacy table that drops the
   packet sends no trace event, so without them no event of such a packet carries its
@@ -200,6 +201,78 @@ def observation_hooks(nat_hooks) -> tuple[str, ...]:
                                                                                  and hook in nat_hooks))
 
 
+# The IP protocols (NFPROTO_IPV4, NFPROTO_IPV6) and the table families whose chains see them.
+IP_PROTOCOL_FAMILIES = {2: ("inet", "ip"), 10: ("inet", "ip6")}
+# The selectors before `set` that write metadata, not headers: `meta mark set`, `ct mark set`,
+# `ct original zone set` (every trace event carries the mark).
+_METADATA = ("meta", "ct")
+
+
+def rule_writes_headers(text: str) -> bool:
+    """Whether a rule, as nft lists it, may rewrite the packet's headers: a payload or header
+    field set (`ip dscp set cs1`, `@nh,8,8 set 1`, `tcp option maxseg size set rt mtu`), or
+    an iptables target that nft cannot show (`xt target TCPMSS`)."""
+    if "xt target" in text:
+        return True
+    if " set " not in text:
+        return False  # most rules: read once per ruleset change, a big ruleset's are many
+    words = text.split()
+    for index, word in enumerate(words):
+        if word != "set" or index == 0:
+            continue
+        if words[index - 1].startswith("@"):
+            return True
+        if words[max(0, index - 3)] not in _METADATA and words[max(0, index - 2)] not in _METADATA:
+            return True
+    return False
+
+
+def _writes_headers(snapshot: "RulesetSnapshot") -> bool:
+    def texts(rules):
+        for rule in rules:
+            yield rule.text
+            yield from texts(rule.inline)
+    return any(rule_writes_headers(text) for text in texts(snapshot.rules.values()))
+
+
+def hook_ends(snapshot: "RulesetSnapshot", own_chains: list, nfprotos: tuple = (2, 10)) -> Optional[dict]:
+    """Where nftrace need not observe IP postrouting, the base chain that ends forward and
+    output for each IP protocol in `nfprotos`: {(hook, nfproto): (family, table, chain)}.
+    None where it must observe it.
+
+    A packet that the last base chain of forward or of output accepts goes to postrouting.
+    Where no base chain of the IP families runs there, nothing of netfilter sees it again: the
+    packet has left as it left that chain, and an observation chain would cost an event per
+    packet to say only that (under a flood, a fifth of the events). That holds when the last
+    chain is known: one chain at the highest priority of its hook (the kernel runs chains of
+    equal priority in the order they were added, which a listing does not give), whose
+    priority reads as a number, counting nftrace's own chains there (`own_chains`: family,
+    table, chain, hook, priority); a forward hook without chains leaves a forwarded packet
+    unseen after prerouting. And when no rule may rewrite the packet's headers, which only
+    an event at postrouting would show. Legacy tables, bridges and egress chains are the
+    caller's to rule out (their packets' ends are not an accept of an IP hook)."""
+    from ..trace.ruleset import priority_value  # the snapshot's module imports this one
+
+    if snapshot.has_base_chains("inet", ("postrouting",)) or snapshot.has_base_chains("ip", ("postrouting",)) \
+            or snapshot.has_base_chains("ip6", ("postrouting",)) or _writes_headers(snapshot):
+        return None
+    chains = [(chain.family, chain.table, chain.name, chain.hook, priority_value(chain.priority, chain.family))
+              for chain in snapshot.chains.values() if chain.is_base and not is_trace_table(chain.table)]
+    chains += list(own_chains)
+    ends = {}
+    for hook in ("forward", "output"):
+        for nfproto in nfprotos:
+            on_hook = [chain for chain in chains if chain[3] == hook and chain[0] in IP_PROTOCOL_FAMILIES[nfproto]]
+            if not on_hook or any(chain[4] is None for chain in on_hook):
+                return None
+            last = max(chain[4] for chain in on_hook)
+            at_last = [chain for chain in on_hook if chain[4] == last]
+            if len(at_last) != 1:
+                return None
+            ends[(hook, nfproto)] = at_last[0][:3]
+    return ends
+
+
 def nat_hooks(snapshot: "RulesetSnapshot", legacy_nat: bool = False) -> frozenset:
     """Hooks with NAT chains: nftables base chains of type nat (iptables-nft's included), and
     every NAT hook when a legacy iptables nat table exists."""
@@ -320,12 +393,38 @@ class TraceTable:
     def observe(self, nat: frozenset) -> None:
         """Add the observation chains that NAT on these hooks calls for (see observation_hooks);
         called once the ruleset is known, and again when it changes. Chains are only added:
-        one observation too many costs an event, one too few a fact."""
-        missing = [hook for hook in observation_hooks(nat) if hook not in self.observed]
+        one observation too many costs an event, one too few a fact. (Postrouting's is
+        observe_exit's.)"""
+        missing = [hook for hook in observation_hooks(nat) if hook not in self.observed and hook != "postrouting"]
         if missing:
             self.nft.run_json([command for hook in missing
                                for command in _observe_chain_commands(self.family, self.name, hook)])
             self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in missing)
+
+    def own_chains(self) -> list[tuple]:
+        """The mark and observation chains of the inet table (family, table, chain, hook,
+        priority), for hook_ends. (Its conntrack chains are there for legacy tables, which
+        keep postrouting observed.)"""
+        return [(self.family, self.name, f"{MARK_CHAIN_PREFIX}{hook}", hook, MARK_PRIORITY)
+                for hook in mark_hooks(self.flow)] + \
+            [(self.family, self.name, f"{OBSERVE_CHAIN_PREFIX}{hook}", hook, OBSERVE_PRIORITY) for hook in self.observed]
+
+    def observe_exit(self, snapshot: "RulesetSnapshot", allowed: bool) -> Optional[dict]:
+        """Observe IP postrouting only where hook_ends finds it needed (or not `allowed`: the
+        caller knows of legacy tables, bridges or egress chains); return hook_ends' answer for
+        the path builder (None: observed). Called once the ruleset is known, after `observe`,
+        and again when it changes. A chain removed costs nothing to a packet on its way (the
+        builder lets a late observation go); one added comes after packets that passed without
+        it, so the caller stops counting on the ends before calling this."""
+        ends = hook_ends(snapshot, self.own_chains(), self.flow.nfprotos) if allowed else None
+        chain = f"{OBSERVE_CHAIN_PREFIX}postrouting"
+        if ends is None and "postrouting" not in self.observed:
+            self.nft.run_json(_observe_chain_commands(self.family, self.name, "postrouting"))
+            self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook == "postrouting")
+        elif ends is not None and "postrouting" in self.observed:
+            self.nft.run_json([{"delete": {"chain": {"family": self.family, "table": self.name, "name": chain}}}])
+            self.observed = tuple(hook for hook in self.observed if hook != "postrouting")
+        return ends
 
     def counts(self) -> tuple[int, int]:
         """(matched, traced) packets so far, from the table's counters (see `counted`)."""

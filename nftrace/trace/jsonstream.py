@@ -18,10 +18,15 @@ class JsonStream:
     Each packet is one complete line as soon as it is known (lines after the first start
     with ", "), so a reader can follow a long run line by line. Nothing is written before
     the first packet, so an error found while setting up leaves stdout empty; once
-    started, the document is always closed, even on Ctrl-C. Lines are flushed after each
+    started, the document is always closed, even on Ctrl-C. Lines are written after each
     batch of events read (`flush`), not one by one: under a flood a write(2) per packet
     costs more than the packet's decoding; when events trickle in, a batch is one packet.
+    They are held here, not in `out`'s buffer, which PYTHONUNBUFFERED (set in many container
+    images) turns into a write(2) per packet; past HELD_CHARACTERS (a backlog's packets
+    released at once) they are written before the batch ends, so memory stays flat.
     """
+
+    HELD_CHARACTERS = 1 << 18
 
     def __init__(self, out, report):
         self.out = out
@@ -29,6 +34,8 @@ class JsonStream:
         self.count = 0
         self.started = False
         self._shaped = ShapedJson()
+        self._lines: list[str] = []
+        self._held = 0  # characters in _lines
 
     def _start(self) -> None:
         header = json.dumps(self.report.header_json())
@@ -39,17 +46,27 @@ class JsonStream:
         if not self.started:
             self._start()
         text = self._shaped.text(path, self.report.interfaces)
-        self.out.write(("  " if self.count == 0 else ", ") + text + "\n")
+        self._lines.append(("  " if self.count == 0 else ", ") + text + "\n")
         self.count += 1
+        self._held += len(text)
+        if self._held > self.HELD_CHARACTERS:
+            self._write()
+
+    def _write(self) -> None:
+        if self._lines:
+            self.out.write("".join(self._lines))
+            self._lines.clear()
+            self._held = 0
 
     def flush(self) -> None:
+        self._write()
         self.out.flush()
 
     def finish(self) -> None:
         if not self.started:
             self._start()
-        self.out.write("], " + json.dumps(self.report.trailer_json())[1:] + "\n")
-        self.out.flush()
+        self._lines.append("], " + json.dumps(self.report.trailer_json())[1:] + "\n")
+        self.flush()
 
 
 class ShapedJson:

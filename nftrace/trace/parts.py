@@ -32,6 +32,9 @@ class NamespacePart:
     interfaces: Optional[dict] = None
     iptables_nft: Any = None
     near_misses: Any = None
+    # Its table may leave IP postrouting unobserved (kernel/tracetable.hook_ends): one namespace,
+    # nftables alone, no bridge or egress chain.
+    exit_unobserved: bool = False
     ended: bool = False  # its namespace went away: nothing more is read from it
 
     @property

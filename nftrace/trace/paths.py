@@ -22,7 +22,9 @@ What the kernel does not say, and how it is rebuilt (see shared KERNEL-FACTS):
   falling off the end of a chain is a rule event without handle (older kernels: a return
   event); a goto pushes nothing, so the end of a goto'd chain goes back past it;
 - when a packet is done: a drop, queue or stolen verdict, or nftrace's observation chain
-  at input or postrouting (netfilter has let it through); else it ends when it goes idle.
+  at input or postrouting (netfilter has let it through), or, where nothing runs at
+  postrouting and nftrace does not observe it, an accept by the last chain of forward or
+  output (`hook_ends`); else it ends when it goes idle.
 
 nftrace's own chains end on an `accept` rule, so that each sends one event per packet (a base
 chain that falls off its end sends two: the end of its rules, and its policy); streams where
@@ -260,6 +262,7 @@ class _PacketState:
     hook: Optional[str] = None  # hook of the running base chain, None while unknown
     base_type: Optional[str] = None  # type (filter, nat, route) of the running base chain
     hook_end_seen: bool = False  # nftrace's observation chain ended the latest IP hook
+    base: Optional[tuple] = None  # (family, table, chain) of the running base chain
     marks_seen: set = field(default_factory=set)
     passed: set = field(default_factory=set)  # (family, hook) of the base chains run so far
     family_hooks: dict = field(default_factory=dict)  # family -> latest hook of a chain of that family
@@ -310,8 +313,13 @@ class PathBuilder:
     def __init__(self, lookup: RuleLookup, keep: Optional[Callable[[PacketPath], bool]] = None,
                  idle_seconds: float = 2.0, loopback_ifindexes: frozenset = frozenset({1}),
                  bridges: frozenset = frozenset(), egress: frozenset = frozenset(), bridge_out: bool = False,
-                 shapes=None):
+                 shapes=None, hook_ends: Optional[dict] = None):
         self.lookup = lookup
+        # Where nftrace does not observe IP postrouting (nothing runs there), the base chain
+        # that runs last on forward and on output, by (hook, nfproto): a packet it accepts has
+        # left netfilter (kernel/tracetable.hook_ends). None: postrouting is observed. Set
+        # again when the ruleset changes.
+        self.hook_ends = hook_ends
         # trace/shapes.PathShapes: packets whose events have shapes met before get a copy of
         # that packet's path (None: every path is built).
         self.shapes = shapes
@@ -368,9 +376,17 @@ class PathBuilder:
         """The shape node of a packet's first event, where the builder would start a packet
         that depends on its events alone (see _feed)."""
         if event.shape is None or not event.starts_base_chain or self.loss_pending or event.trace_id in self._open \
-                or event.iif in self.rejoin_ifindexes:
+                or event.iif in self.rejoin_ifindexes or self._late_observation(event):
             return None
         return self.shapes.start(event.shape)
+
+    def _late_observation(self, event: TraceEvent) -> bool:
+        """An event of an observation chain of nftrace's at IP postrouting (this run's, before
+        it was removed, or a concurrent run's), where packets end before it (hook_ends): it
+        follows a packet already finished, and starts none."""
+        return bool(self.hook_ends) and event.chain.startswith(OBSERVE_CHAIN_PREFIX) \
+            and is_trace_table(event.table) and _own_chain_hook(event.chain) == "postrouting" \
+            and _hook_family(event.family) == "inet"
 
     def _build_known(self, trace_id: int) -> list:
         """Feed the builder a packet's events that had known shapes (they left them, or
@@ -399,7 +415,7 @@ class PathBuilder:
         state = self._open.get(trace_id)
         if state is None:
             if trace_id in self._finished:
-                if not event.starts_base_chain:
+                if not event.starts_base_chain or self._late_observation(event):
                     # A late event of a packet already finished: swallowed.
                     self._finished[trace_id] = now
                     self._finished.move_to_end(trace_id)
@@ -611,6 +627,7 @@ class PathBuilder:
             if state.hook is not None:
                 self._enter_hook(state, state.hook, event)
             state.stack = JumpStack(event.chain)
+            state.base = (event.family, event.table, event.chain)
             path.observations.append(
                 HookObservation(state.hook, event.table, event.chain, event.packet, event.iif, event.oif,
                                 event.mark, event.ct, own, family=event.family)
@@ -634,6 +651,27 @@ class PathBuilder:
                 state.finished = True
                 path.complete = True
                 path.verdict = "accept"
+        if self.hook_ends and event.verdict == "accept" and not state.finished \
+                and self.hook_ends.get((state.hook, event.nfproto)) == state.base:
+            self._leave_unobserved(state)
+
+    @staticmethod
+    def _leave_unobserved(state: _PacketState) -> None:
+        """The last chain of forward or output accepted the packet, and nothing of netfilter
+        runs at postrouting: it is through, as that hook's first chain saw it (see hook_ends).
+        Its ends of hook and postrouting are derived from that chain's first event."""
+        path = state.path
+        seen = next((observation for observation in reversed(path.observations) if observation.packet is not None),
+                    None)
+        if seen is not None:
+            mark = path.observations[-1].mark
+            for hook in (state.hook, "postrouting"):
+                path.observations.append(HookObservation(hook, seen.table, seen.chain, seen.packet, seen.iif, seen.oif,
+                                                         mark, seen.ct, own=True, family=seen.family, derived=True))
+        path.hooks.append("postrouting")
+        state.finished = True
+        path.complete = True
+        path.verdict = "accept"
 
     def _through(self, state: _PacketState, event: TraceEvent) -> bool:
         """Whether netfilter is done with the packet once nftrace's observation chain at this

@@ -51,6 +51,8 @@ from ..iptables.xtnft import IptablesNftText
 
 COMMAND_GRACE_SECONDS = 0.5
 POLL_SECONDS = 0.2
+# Rounds of reading start at most this often while nftrace keeps up (see _follow).
+ROUND_SECONDS = 0.01
 
 
 @dataclass
@@ -134,6 +136,9 @@ def _routing_facts(*args, **kwargs):
 
 class TraceSession:
     """One live trace. `run(on_packet)` calls `on_packet` for each packet of the flow."""
+
+    # Its packets may leave through an unobserved postrouting (kernel/tracetable.hook_ends).
+    exit_unobserved = True
 
     def __init__(self, options: TraceOptions, report: TraceReport, drop_watcher: Optional[KernelDropWatcher] = None):
         """`drop_watcher`: a watcher of the traced namespace that the caller started and keeps
@@ -299,10 +304,15 @@ class TraceSession:
         keep = self._keep_either_end if several else self._keep
         if part.caller is None:
             devices = self._follow_devices(part) if plan.nft else {}
+            ends = None
             if plan.nft:
                 part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)))
+                part.exit_unobserved = self.exit_unobserved and not several and legacy is None \
+                    and not devices["bridges"] and not devices["egress"]
+                ends = self._observe_exit(part)
             part.iptables_nft = IptablesNftText.read(part.snapshot) if plan.nft else None
-            part.builder = make_path_builder(plan, part.snapshot, legacy, keep, self.options.idle_seconds, **devices)
+            part.builder = make_path_builder(plan, part.snapshot, legacy, keep, self.options.idle_seconds,
+                                             hook_ends=ends, **devices)
         else:
             devices = self._follow_devices(part)
             part.table.observe(nat_hooks(part.snapshot))
@@ -314,6 +324,15 @@ class TraceSession:
                                             "namespaces follows nftables (iptables-nft included) in each")
         if self.options.near_misses:
             part.near_misses = self._near_miss_annotator(part, plan if part.caller is None else None)
+
+    @staticmethod
+    def _observe_exit(part: NamespacePart) -> Optional[dict]:
+        """Whether the part's table observes IP postrouting (see TraceTable.observe_exit); the
+        path builder's `hook_ends`. A trace across namespaces, legacy tables (now or read from
+        /proc again after a change), bridges and egress chains keep it observed."""
+        allowed = part.exit_unobserved and not part.snapshot.egress_devices() \
+            and not any(legacy_tables(family) for family in ("ip", "ip6"))
+        return part.table.observe_exit(part.snapshot, allowed)
 
     def _follow_devices(self, part: NamespacePart) -> dict:
         """Bridged frames and egress chains: mark and observe them where the namespace has
@@ -638,6 +657,9 @@ class TraceSession:
                 part.iptables_nft = part.call(IptablesNftText.read, part.snapshot)
                 legacy_nat = self._legacy_nat(run.legacy) if part is run.primary else False
                 part.table.observe(nat_hooks(part.snapshot, legacy_nat=legacy_nat))
+                if part.exit_unobserved:
+                    builder.hook_ends = None  # packets from now on may pass a new chain at postrouting
+                    builder.hook_ends = self._observe_exit(part)
                 if part.near_misses is not None:
                     part.near_misses.invalidate()
             elif isinstance(item, TableDeleted) and item.name == part.table.name:
@@ -690,10 +712,19 @@ class TraceSession:
         """Read events until --count, --timeout, or the traffic command is done and settled."""
         options, correlator, primary, joiner = self.options, self._correlator, run.primary, run.joiner
         legacy, deadline = run.legacy, run.deadline
-        command_done_at = None
+        command_done_at, round_started, caught_up = None, 0.0, False
         while True:
             raise_if_stopped()
             now = time.monotonic()
+            if caught_up and now - round_started < ROUND_SECONDS:
+                # Events that trickle in are read a round at a time, not one wake-up each: a
+                # round costs system calls (the queue count, the drop ring, the write) whatever
+                # it reads, at a few thousand packets a second most of nftrace's CPU. A backlog
+                # is read without a pause; an answer comes at most this much later.
+                time.sleep(ROUND_SECONDS - (now - round_started))
+                raise_if_stopped()
+                now = time.monotonic()
+            round_started = now
             if options.count and self.packets_seen >= options.count:
                 return
             if deadline is not None and now >= deadline:
@@ -732,6 +763,7 @@ class TraceSession:
                 if drained or monitor.behind_losses:
                     part.builder.socket_drained()
                 all_drained = all_drained and drained
+            caught_up = all_drained
             # Read after the trace events: the TRACE lines written before them are all here.
             # Read on every round, lines or not: each read observes the legacy tables.
             if legacy is not None and self._read_legacy(run):
