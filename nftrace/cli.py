@@ -585,19 +585,23 @@ def run() -> None:
     Stop signals are exceptions from here to the exit, and only the first one counts: a second
     one while the first one's cleanup or exit message is under way changes nothing.
     """
-    with SignalsAsExceptions(until_exit=True):
-        try:
-            result = app(standalone_mode=False)
-        except typer.TyperException as err:  # usage errors (typer >= 0.28 derives them all from it)
-            typer.echo(f"nftrace: {err.format_message()}", err=True)
-            sys.exit(2)
-        except (typer.Abort, KeyboardInterrupt, Interrupted) as stop:
-            sys.exit(_stopped(stop))
-        except typer.Exit as done:
-            sys.exit(done.exit_code)
-        except Exception as err:  # noqa: BLE001 - a bug: one line, not a screen of traceback
-            typer.echo(report_bug(err), err=True)
-            for note in cleanup_failures(err):
-                typer.echo(f"nftrace: {note}", err=True)
-            sys.exit(EXIT_BUG)
-        sys.exit(result if isinstance(result, int) else 0)
+    try:
+        with SignalsAsExceptions(until_exit=True):
+            try:
+                result = app(standalone_mode=False)
+            except typer.TyperException as err:  # usage errors (typer >= 0.28 derives them all from it)
+                typer.echo(f"nftrace: {err.format_message()}", err=True)
+                sys.exit(2)
+            except (typer.Abort, KeyboardInterrupt, Interrupted) as stop:
+                sys.exit(_stopped(stop))
+            except typer.Exit as done:
+                sys.exit(done.exit_code)
+            except Exception as err:  # noqa: BLE001 - a bug: one line, not a screen of traceback
+                typer.echo(report_bug(err), err=True)
+                for note in cleanup_failures(err):
+                    typer.echo(f"nftrace: {note}", err=True)
+                sys.exit(EXIT_BUG)
+            sys.exit(result if isinstance(result, int) else 0)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        # A stop signal as the run ended, everything already undone (SignalsAsExceptions).
+        sys.exit(_stopped(stop))

@@ -108,9 +108,24 @@ class _State:
             self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         self.installed += 1
 
-    def uninstall(self, exiting: bool = False) -> None:
+    def uninstall(self, exiting: bool = False) -> Optional[int]:
+        """Give the handlers back once the last block is left. `exiting`: the process ends next;
+        returns a stop signal that arrived while the handlers were still nftrace's and that
+        Python had not run the handler of yet (it runs them between two bytecodes; once the
+        handler is given back, it would never run, and the process would end as if no signal
+        had come). Meanwhile stop signals are blocked: one sent then is taken as the handler
+        given back says (ignored after a stop; otherwise the default: death by it)."""
         self.installed -= 1
+        late = None
         if self.installed == 0:
+            if exiting:
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                if self.first is None:
+                    self.deciding = True  # a handler that Python runs now leaves the decision here
+                    arrived = self._arrivals()
+                    self.deciding = False
+                    if arrived:
+                        self.first = late = arrived[0]
             stopping = exiting and self.first is not None
             for signum, handler in self.previous.items():
                 # On the way out after a stop signal: no later one may change how the process ends.
@@ -124,6 +139,9 @@ class _State:
             for fd in self._wakeup or ():
                 os.close(fd)
             self._wakeup, self._previous_wakeup = None, -1
+            if exiting:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        return late
 
 
 _state = _State()
@@ -154,7 +172,8 @@ class SignalsAsExceptions:
     block; later ones do not interrupt the cleanup it started.
 
     `until_exit` (the command line's entry point): when the block is left after a stop signal,
-    later ones stay ignored, so that the exit status is the first one's to the very end."""
+    later ones stay ignored, so that the exit status is the first one's to the very end; and
+    one that came as the block was left, before Python ran its handler, is raised then."""
 
     def __init__(self, until_exit: bool = False):
         self.until_exit = until_exit
@@ -164,7 +183,9 @@ class SignalsAsExceptions:
         return self
 
     def __exit__(self, *exc) -> None:
-        _state.uninstall(exiting=self.until_exit)
+        late = _state.uninstall(exiting=self.until_exit)
+        if late is not None:
+            raise interruption(late)
 
 
 class SignalsHeld:

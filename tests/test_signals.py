@@ -210,3 +210,23 @@ def test_an_undo_step_in_another_thread_neither_holds_nor_raises_the_main_thread
             finally:
                 release.set()
                 thread.join(5)
+
+
+def test_a_signal_that_came_as_the_run_ended_before_its_handler_ran_still_ends_it():
+    """Python runs a handler between two bytecodes, later than its signal arrives: one that came
+    just as the command line's block was left would be lost with the handler given back, and the
+    process would end with status 0 (seen in CI: a SIGHUP at the very end of a dry run)."""
+    import os
+
+    from nftrace.signals import STOP_SIGNALS, _state
+
+    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        with pytest.raises(Interrupted) as stop:
+            with SignalsAsExceptions(until_exit=True):
+                os.write(_state._wakeup[1], bytes([signal.SIGHUP]))  # what the C-level handler does first
+        assert stop.value.signum == signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # and no later one changes the ending
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
