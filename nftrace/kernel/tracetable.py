@@ -414,8 +414,9 @@ class TraceTable:
         caller knows of legacy tables, bridges or egress chains); return hook_ends' answer for
         the path builder (None: observed). Called once the ruleset is known, after `observe`,
         and again when it changes. A chain removed costs nothing to a packet on its way (the
-        builder lets a late observation go); one added comes after packets that passed without
-        it, so the caller stops counting on the ends before calling this."""
+        builder lets a late observation go). One added comes with the change that calls for
+        it: a packet that met the new chain at postrouting before nftrace read that change
+        (the moments of its commit) is answered as through, without what the chain did."""
         ends = hook_ends(snapshot, self.own_chains(), self.flow.nfprotos) if allowed else None
         chain = f"{OBSERVE_CHAIN_PREFIX}postrouting"
         if ends is None and "postrouting" not in self.observed:

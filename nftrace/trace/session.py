@@ -658,7 +658,6 @@ class TraceSession:
                 legacy_nat = self._legacy_nat(run.legacy) if part is run.primary else False
                 part.table.observe(nat_hooks(part.snapshot, legacy_nat=legacy_nat))
                 if part.exit_unobserved:
-                    builder.hook_ends = None  # packets from now on may pass a new chain at postrouting
                     builder.hook_ends = self._observe_exit(part)
                 if part.near_misses is not None:
                     part.near_misses.invalidate()
