@@ -245,3 +245,14 @@ def test_without_hook_ends_the_same_events_wait_for_postrouting():
     assert paths == []
     (path,) = builder.expire(10.0)
     assert (path.complete, path.incomplete_reason) == (False, "went idle")
+
+
+def test_a_chain_met_at_postrouting_after_the_end_is_the_finished_packets_not_a_new_one():
+    """A chain added at postrouting is met by packets before nftrace reads the change (the
+    moments of its commit): their events there come after their end. Only a mark chain starts a
+    packet under a finished one's id."""
+    late = event("late", "post", "drop", handle=2, packet=headers(), iif=2, oif=3, ct=NEW)
+    paths, builder = build_unobserved(FORWARDED + [late])
+    assert len(paths) == 1 and paths[0].verdict == "accept" and builder.flush() == []
+    again, _ = build_unobserved(FORWARDED + FORWARDED)  # the id reused by the next packet: two
+    assert len(again) == 2

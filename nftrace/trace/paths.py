@@ -376,17 +376,17 @@ class PathBuilder:
         """The shape node of a packet's first event, where the builder would start a packet
         that depends on its events alone (see _feed)."""
         if event.shape is None or not event.starts_base_chain or self.loss_pending or event.trace_id in self._open \
-                or event.iif in self.rejoin_ifindexes or self._late_observation(event):
+                or event.iif in self.rejoin_ifindexes or (event.trace_id in self._finished and self._late(event)):
             return None
         return self.shapes.start(event.shape)
 
-    def _late_observation(self, event: TraceEvent) -> bool:
-        """An event of an observation chain of nftrace's at IP postrouting (this run's, before
-        it was removed, or a concurrent run's), where packets end before it (hook_ends): it
-        follows a packet already finished, and starts none."""
-        return bool(self.hook_ends) and event.chain.startswith(OBSERVE_CHAIN_PREFIX) \
-            and is_trace_table(event.table) and _own_chain_hook(event.chain) == "postrouting" \
-            and _hook_family(event.family) == "inet"
+    def _late(self, event: TraceEvent) -> bool:
+        """A base chain's first event under the id of a finished packet that starts no new one.
+        Where packets end at the last chain of forward or output (hook_ends), only a mark chain
+        of nftrace's starts one (every packet it traces passes one first); a chain at
+        postrouting after the end is the finished packet's: nftrace's observation before it was
+        removed, a concurrent run's, one added there in the moments before the change is read."""
+        return bool(self.hook_ends) and not (is_trace_table(event.table) and event.chain.startswith(MARK_CHAIN_PREFIX))
 
     def _build_known(self, trace_id: int) -> list:
         """Feed the builder a packet's events that had known shapes (they left them, or
@@ -415,7 +415,7 @@ class PathBuilder:
         state = self._open.get(trace_id)
         if state is None:
             if trace_id in self._finished:
-                if not event.starts_base_chain or self._late_observation(event):
+                if not event.starts_base_chain or self._late(event):
                     # A late event of a packet already finished: swallowed.
                     self._finished[trace_id] = now
                     self._finished.move_to_end(trace_id)
