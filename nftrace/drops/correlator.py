@@ -443,18 +443,18 @@ class DropCorrelator:
         those made before the trace sockets were read empty, a whole round of reads ago (every
         event of their packets had been read: the packets were held, answered, or closed as
         vanished since, or their events were lost). How many were forgotten."""
-        if len(self._drained) < 2:
-            return 0
-        fence, forgotten = self._drained[-2], 0
+        return self._forget_unpaired_before(self._drained[-2]) if len(self._drained) >= 2 else 0
+
+    def forget_unpaired(self) -> None:
+        """The end of a run: every drop still unpaired is forgotten (and told of)."""
+        self._forget_unpaired_before(float("inf"))
+
+    def _forget_unpaired_before(self, fence: float) -> int:
+        forgotten = 0
         while (oldest := self._drops.oldest()) is not None and oldest.time < fence:
             self._forget_unpaired(oldest)
             forgotten += 1
         return forgotten
-
-    def forget_unpaired(self) -> None:
-        """The end of a run: every drop still unpaired is forgotten (and told of)."""
-        while (oldest := self._drops.oldest()) is not None:
-            self._forget_unpaired(oldest)
 
     def _forget_unpaired(self, drop: KernelDrop) -> None:
         self._drops.forget(drop)

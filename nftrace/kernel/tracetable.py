@@ -196,9 +196,9 @@ def _observe_chain_commands(family: str, name: str, hook: str, suffix: str = "",
 
 
 def observation_hooks(nat_hooks) -> tuple[str, ...]:
-    """The hooks that get an observation chain, given the hooks where the namespace has NAT."""
-    return tuple(hook for hook in OBSERVE_HOOKS if hook in EXIT_OBSERVE_HOOKS or (hook in NAT_OBSERVE_HOOKS
-                                                                                 and hook in nat_hooks))
+    """The hooks that get an observation chain for NAT, given the hooks where the namespace has
+    NAT (the exit hooks' come with the table: see TraceTable.observe_exit for postrouting's)."""
+    return tuple(hook for hook in NAT_OBSERVE_HOOKS if hook in nat_hooks)
 
 
 # The IP protocols (NFPROTO_IPV4, NFPROTO_IPV6) and the table families whose chains see them.
@@ -253,12 +253,12 @@ def hook_ends(snapshot: "RulesetSnapshot", own_chains: list, nfprotos: tuple = (
     caller's to rule out (their packets' ends are not an accept of an IP hook)."""
     from ..trace.ruleset import priority_value  # the snapshot's module imports this one
 
-    if snapshot.has_base_chains("inet", ("postrouting",)) or snapshot.has_base_chains("ip", ("postrouting",)) \
-            or snapshot.has_base_chains("ip6", ("postrouting",)) or _writes_headers(snapshot):
-        return None
     chains = [(chain.family, chain.table, chain.name, chain.hook, priority_value(chain.priority, chain.family))
               for chain in snapshot.chains.values() if chain.is_base and not is_trace_table(chain.table)]
-    chains += list(own_chains)
+    if any(chain[3] == "postrouting" and chain[0] in ("inet", "ip", "ip6") for chain in chains) \
+            or _writes_headers(snapshot):
+        return None
+    chains += own_chains
     ends = {}
     for hook in ("forward", "output"):
         for nfproto in nfprotos:
@@ -393,13 +393,14 @@ class TraceTable:
     def observe(self, nat: frozenset) -> None:
         """Add the observation chains that NAT on these hooks calls for (see observation_hooks);
         called once the ruleset is known, and again when it changes. Chains are only added:
-        one observation too many costs an event, one too few a fact. (Postrouting's is
-        observe_exit's.)"""
-        missing = [hook for hook in observation_hooks(nat) if hook not in self.observed and hook != "postrouting"]
+        one observation too many costs an event, one too few a fact."""
+        missing = [hook for hook in observation_hooks(nat) if hook not in self.observed]
         if missing:
-            self.nft.run_json([command for hook in missing
-                               for command in _observe_chain_commands(self.family, self.name, hook)])
-            self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in missing)
+            self._add_observations(missing)
+
+    def _add_observations(self, hooks: list) -> None:
+        self.nft.run_json([command for hook in hooks for command in _observe_chain_commands(self.family, self.name, hook)])
+        self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook in hooks)
 
     def own_chains(self) -> list[tuple]:
         """The mark and observation chains of the inet table (family, table, chain, hook,
@@ -418,11 +419,10 @@ class TraceTable:
         it: a packet that met the new chain at postrouting before nftrace read that change
         (the moments of its commit) is answered as through, without what the chain did."""
         ends = hook_ends(snapshot, self.own_chains(), self.flow.nfprotos) if allowed else None
-        chain = f"{OBSERVE_CHAIN_PREFIX}postrouting"
         if ends is None and "postrouting" not in self.observed:
-            self.nft.run_json(_observe_chain_commands(self.family, self.name, "postrouting"))
-            self.observed = tuple(hook for hook in OBSERVE_HOOKS if hook in self.observed or hook == "postrouting")
+            self._add_observations(["postrouting"])
         elif ends is not None and "postrouting" in self.observed:
+            chain = f"{OBSERVE_CHAIN_PREFIX}postrouting"
             self.nft.run_json([{"delete": {"chain": {"family": self.family, "table": self.name, "name": chain}}}])
             self.observed = tuple(hook for hook in self.observed if hook != "postrouting")
         return ends

@@ -33,7 +33,7 @@ class NamespacePart:
     iptables_nft: Any = None
     near_misses: Any = None
     # Its table may leave IP postrouting unobserved (kernel/tracetable.hook_ends): one namespace,
-    # nftables alone, no bridge or egress chain.
+    # nftables alone, no bridge (egress chains and legacy tables are looked for on each change).
     exit_unobserved: bool = False
     ended: bool = False  # its namespace went away: nothing more is read from it
 

@@ -308,7 +308,7 @@ class TraceSession:
             if plan.nft:
                 part.table.observe(nat_hooks(part.snapshot, legacy_nat=self._legacy_nat(legacy)))
                 part.exit_unobserved = self.exit_unobserved and not several and legacy is None \
-                    and not devices["bridges"] and not devices["egress"]
+                    and not devices["bridges"]
                 ends = self._observe_exit(part)
             part.iptables_nft = IptablesNftText.read(part.snapshot) if plan.nft else None
             part.builder = make_path_builder(plan, part.snapshot, legacy, keep, self.options.idle_seconds,
