@@ -242,16 +242,19 @@ def test_a_packet_whose_wait_is_over_still_comes_out_behind_one_that_waits():
     assert correlator.release(now=12.31) == [waiting, late_read]
 
 
-def test_a_backlog_s_packets_take_the_oldest_drops_that_fit_in_the_order_they_come():
-    """Read seconds after they were queued, the packets of one flow come in the order their
-    drops were made; the drops were read long before (the nearest to the reading would be the
-    newest, a later packet's, and leave the oldest to no one)."""
+@pytest.mark.parametrize("read_behind", [4.0, 0.1])
+def test_packets_read_behind_the_kernel_take_the_oldest_drops_that_fit_in_the_order_they_come(read_behind):
+    """Read after they were queued (seconds after, under a backlog; or a tenth of a second, less
+    than a packet's wait, but more than the gap between two packets), the packets of one flow
+    come in the order their drops were made, drops read before them (the nearest to the
+    reading would be the newest, a later packet's, and leave the oldest to no one)."""
     correlator = DropCorrelator(hold_seconds=0.3)
     correlator.add_drops([KernelDrop(10.0 + n / 1000, "NO_SOCKET", f"tcp_v4_rcv+0x{n}", CLIENT, ROUTER, 6, 40000, 8081)
                           for n in range(6)])
-    correlator.note_drops_read(11.0)
-    packets = [accepted_at_input(first=14.0, last=14.0) for _ in range(6)]
-    ready = correlator.hold(packets, now=14.0, queued_after=9.99, queued_by=10.01)
+    read = 10.0 + read_behind
+    correlator.note_drops_read(read)
+    packets = [accepted_at_input(first=read, last=read) for _ in range(6)]
+    ready = correlator.hold(packets, now=read, queued_after=9.99, queued_by=10.01)
     assert ready == packets
     assert [path.kernel_drop["location"] for path in packets] == [f"tcp_v4_rcv+0x{n}" for n in range(6)]
 

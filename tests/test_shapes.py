@@ -11,6 +11,7 @@ import io
 import json
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pathkit import DATA, first, headers, mark, observe, recorded, rule
@@ -318,3 +319,37 @@ def test_a_backlog_released_at_once_is_written_in_pieces_not_held_whole():
     assert 9 <= out.writes <= 11  # the head, and one write each 10 packets or so, before any flush
     stream.finish()
     assert len(json.loads(out.getvalue())["packets"]) == 100
+
+
+class InterruptedAfterWriting(io.StringIO):
+    """A stdout whose write is followed by Ctrl-C: the handler runs as the write returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupt_next_write = False
+
+    def write(self, text):
+        written = super().write(text)
+        if self.interrupt_next_write:
+            self.interrupt_next_write = False
+            raise KeyboardInterrupt
+        return written
+
+
+def test_a_batch_whose_write_ctrl_c_followed_is_not_written_again_at_the_end():
+    """A reader that stops nftrace as soon as it sees a packet (Ctrl-C right after the write)
+    gets that packet once, not again when the document is closed."""
+    paths, _ = build([(event, 1.0) for number in range(1, 4) for event in later_packet(accepted_packet(1), number, 1)],
+                     shapes=True)
+    out = InterruptedAfterWriting()
+    stream = JsonStream(out, TraceReport(flow=parse_flow("10.0.0.5", "10.0.0.9", "tcp", None, 22)))
+    stream.packet(paths[0])
+    stream.flush()
+    stream.packet(paths[1])
+    out.interrupt_next_write = True
+    with pytest.raises(KeyboardInterrupt):
+        stream.flush()
+    stream.packet(paths[2])  # answered on the way out
+    stream.finish()
+    assert [packet["trace_id"] for packet in json.loads(out.getvalue())["packets"]] == ["00000001", "00000002",
+                                                                                     "00000003"]

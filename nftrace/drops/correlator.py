@@ -72,10 +72,12 @@ class PacketSignature:
     left_netfilter: bool = False
     # The earliest its drop can have happened: its events were queued after this.
     earliest: float = float("-inf")
-    # Read from a backlog: its events were queued by then (kernel/queuetime.py), long before they
-    # were read; its drop came soon after. Under a backlog the drops are read long before their
-    # packets, which come in the order the drops were made: among packets of the same headers,
-    # the oldest drop that fits is this one's (the nearest to its reading would be a later one's).
+    # Its events were queued by then (kernel/queuetime.py), maybe long before they were read; its
+    # drop came soon after. Packets of the same headers are read in the order their drops were
+    # made, and each takes its drop as it comes: the oldest drop that fits is this one's. The
+    # nearest to its reading is a later packet's as soon as the reading lags the kernel by more
+    # than the gap between two packets (a burst read a tenth of a second behind took the newest
+    # drops, packet after packet, and left the oldest to no one).
     queued_by: Optional[float] = None
 
     @classmethod
@@ -518,10 +520,10 @@ class DropCorrelator:
         `queued_by`: the paths' events were all queued by then (their drops came soon after);
         `queued_after`: their last events were queued after then (so were their drops)."""
         waited_from = now if queued_by is None else min(now, queued_by)
-        backlog = waited_from if now - waited_from > self.hold_seconds else None  # see PacketSignature.queued_by
+        bound = None if queued_by is None else waited_from  # see PacketSignature.queued_by
         ready = []
         for path in paths:
-            signature = self._signature(path, backlog, queued_after)
+            signature = self._signature(path, bound, queued_after)
             drop = self._remembered_drop(signature) if len(self._drops) else None
             if drop is not None:
                 self._drops.forget(drop)

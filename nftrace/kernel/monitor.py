@@ -180,9 +180,10 @@ def read_datagrams(sock: socket.socket, buffer, what: str = "trace events",
 class TraceMonitor:
     """Receives trace events; counts every event the kernel had to drop for lack of room."""
 
-    def __init__(self, rcvbuf: int = UNSIZED_RCVBUF):
+    def __init__(self, rcvbuf: int = UNSIZED_RCVBUF, counted: bool = False):
+        """`counted`: count the datagrams offered to the socket (see time_queue), from before
+        it joins any group."""
         self.sock = open_netfilter_socket(rcvbuf)
-        self._join(NFNLGRP_NFTRACE)
         self.rcvbuf = rcvbuf
         self.overruns = 0
         self.losses = LossWindow()
@@ -194,9 +195,14 @@ class TraceMonitor:
         # See time_queue: the bounds on when the datagrams of the batch being read were queued.
         self.queued_after: Optional[float] = None
         self.queued_by: Optional[float] = None
-        self._queue_counter = None  # queuetime.QueueCounter
+        self._queue_counter = self._count_datagrams() if counted else None  # queuetime.QueueCounter
         self._queue_clock = None  # queuetime.QueueClock
         self._datagrams_read = 0
+        try:
+            self._join(NFNLGRP_NFTRACE)
+        except KernelError:
+            self.close()
+            raise
 
     def _join(self, group: int) -> None:
         try:
@@ -210,6 +216,7 @@ class TraceMonitor:
 
     def keep_only(self, program: Program, what: str) -> None:
         """From now on the kernel queues only the datagrams `program` keeps (sockfilter.py)."""
+        self._stop_counting()
         attach(self.sock, program, what)
         self.filtered = True
 
@@ -217,33 +224,50 @@ class TraceMonitor:
         """From now on the kernel stashes trace events (drops/eventstash.py: EventStash), and
         this monitor hands over the records it queues ahead of the socket's datagrams; it
         closes the stash with the socket."""
+        self._stop_counting()
         stash.attach(self.sock)
         self.stash = stash
         self.filtered = True
 
-    def time_queue(self) -> bool:
-        """Count the datagrams offered to the socket from now (kernel/queuetime.py), so that
-        `queued_by` bounds when each batch read was queued; False where that cannot be (no
-        eBPF here, or a filter of nftrace's is on the socket)."""
-        if self.filtered or self._queue_counter is not None:
-            return self._queue_counter is not None
-        from .queuetime import QueueClock, QueueCounter  # eBPF: loaded only where kernel drops are paired
+    def _count_datagrams(self):
+        """The socket's datagram counter, attached; None where there is no eBPF here."""
+        from .queuetime import QueueCounter  # eBPF: loaded only where kernel drops are paired
 
         try:
             counter = QueueCounter()
         except KernelError:
-            return False
+            return None
         try:
             counter.attach(self.sock)
         except KernelError:
             counter.close()
+            return None
+        return counter
+
+    def _stop_counting(self) -> None:
+        """Another filter of nftrace's replaces the counter on the socket."""
+        if self._queue_counter is not None:
+            self._queue_counter.close()
+            self._queue_counter = self._queue_clock = None
+
+    def time_queue(self) -> bool:
+        """Sample the datagram count from now on (kernel/queuetime.py), so that `queued_by`
+        bounds when each batch read was queued; False where that cannot be: the monitor was not
+        `counted` (or no eBPF here), or a filter of nftrace's replaced the counter. The count
+        starts before the socket joins a group: a datagram it missed (a ruleset change queued
+        before it, a traced packet's event) would put every datagram read after it one place
+        ahead of the count, and the last batch of a backlog after every sample: unbounded."""
+        if self._queue_counter is None:
             return False
-        self._queue_counter, self._queue_clock = counter, QueueClock()
+        if self._queue_clock is None:
+            from .queuetime import QueueClock
+
+            self._queue_clock = QueueClock()
         return True
 
     def sample_queue(self) -> None:
         """Note how many datagrams were offered to the socket by now (once per round of reads)."""
-        if self._queue_counter is not None:
+        if self._queue_clock is not None:
             offered = self._queue_counter.offered()
             self._queue_clock.sample(offered, time.monotonic())
 
@@ -290,7 +314,7 @@ class TraceMonitor:
             size = sum(map(len, batch)) + SKB_OVERHEAD * received
             queued, drops = self._meminfo()
             self._datagrams_read += received
-            if self._queue_counter is not None:
+            if self._queue_clock is not None:
                 # The batch's last datagram was offered at this place at the latest (those the
                 # kernel dropped came before it or after), and every other one before it; its
                 # first one at `first` at the earliest.

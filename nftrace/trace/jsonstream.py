@@ -53,10 +53,14 @@ class JsonStream:
             self._write()
 
     def _write(self) -> None:
+        """The held lines, handed to `out` exactly once. They are let go before the write: a
+        Ctrl-C handled as an unbuffered write returns (a reader that saw the packet and stopped
+        nftrace at once) would otherwise leave them held, and `finish` write them again. Python
+        runs a signal's handler after a call, not between these assignments and the write."""
         if self._lines:
-            self.out.write("".join(self._lines))
-            self._lines.clear()
-            self._held = 0
+            text = "".join(self._lines)
+            self._lines, self._held = [], 0
+            self.out.write(text)
 
     def flush(self) -> None:
         self._write()

@@ -182,7 +182,7 @@ class TraceSession:
                     part.interfaces = part.call(interface_names)
                 if plan.nft:
                     for part in parts:
-                        self._listen(part, undo, rcvbuf)
+                        self._listen(part, undo, rcvbuf, counted=self.options.drop_reasons and len(parts) == 1)
                 legacy = None
                 if plan.silenced:
                     undo.enter_context(SilencedTraceLines(plan.silenced, self.report.warnings))
@@ -272,8 +272,9 @@ class TraceSession:
         except EnvironmentProblem as err:
             raise EnvironmentProblem(f"{part.shown}: {err}") from None
 
-    def _listen(self, part: NamespacePart, undo: UndoStack, rcvbuf: int) -> None:
-        """The part's trace-event socket, open before its trace rules go in."""
+    def _listen(self, part: NamespacePart, undo: UndoStack, rcvbuf: int, counted: bool) -> None:
+        """The part's trace-event socket, open before its trace rules go in; `counted` where
+        kernel drops may be paired with its packets (see the use of time_queue below)."""
         # Tables only until the trace rules are in: a full listing of a big ruleset takes
         # long, and it is taken once they are in anyway.
         part.snapshot = RulesetSnapshot.take_tables(part.nft)
@@ -281,7 +282,7 @@ class TraceSession:
         if removed:
             where = f" in {part.shown}" if part.caller is not None or len(self.report.namespaces) > 1 else ""
             self.report.warnings.append(f"removed trace tables left by killed nftrace runs{where}: {', '.join(removed)}")
-        part.monitor = undo.enter_context(part.call(TraceMonitor, rcvbuf))
+        part.monitor = undo.enter_context(part.call(TraceMonitor, rcvbuf, counted))
 
     def _mark(self, part: NamespacePart, undo: UndoStack, relaxed: bool, legacy: bool = False) -> None:
         """The part's trace rules; its snapshot, now with them in. --iif and --oif name interfaces
