@@ -191,7 +191,6 @@ class TraceMonitor:
         self._view = memoryview(self._buffer)
         self._inode = os.fstat(self.sock.fileno()).st_ino
         self.stash = None  # see hold_back
-        self.filtered = False  # a filter of nftrace's chooses what is queued
         # See time_queue: the bounds on when the datagrams of the batch being read were queued.
         self.queued_after: Optional[float] = None
         self.queued_by: Optional[float] = None
@@ -218,7 +217,6 @@ class TraceMonitor:
         """From now on the kernel queues only the datagrams `program` keeps (sockfilter.py)."""
         self._stop_counting()
         attach(self.sock, program, what)
-        self.filtered = True
 
     def hold_back(self, stash) -> None:
         """From now on the kernel stashes trace events (drops/eventstash.py: EventStash), and
@@ -227,7 +225,6 @@ class TraceMonitor:
         self._stop_counting()
         stash.attach(self.sock)
         self.stash = stash
-        self.filtered = True
 
     def _count_datagrams(self):
         """The socket's datagram counter, attached; None where there is no eBPF here."""
